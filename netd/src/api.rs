@@ -1,0 +1,313 @@
+//! The HTTP/JSON API under `/v1/`. A request travels: handler -> `state` (validate and
+//! commit to the store) -> `reconcile` (make the kernel match) -> response. The handler
+//! waits for the reconcile so that when `task attach` returns, the task's interfaces work.
+//! Every error is `{ "error": ..., "code": ... }` with a 4xx status for bad requests, and
+//! a rejected request has changed nothing.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::datapath::DatapathStatus;
+use crate::model::Task;
+use crate::netns;
+use crate::reconcile::Reconciler;
+use crate::state::{self, Error, NetworkCreate, Pools, ServiceCreate, State, TaskAttach};
+use crate::store::Store;
+
+pub struct Daemon {
+    pub store: Arc<dyn Store>,
+    pub node: String,
+    pub pools: Pools,
+    pub reconciler: Arc<Reconciler>,
+    pub datapath: DatapathStatus,
+    pub api: String,
+}
+
+type Ctx = AxState<Arc<Daemon>>;
+
+/// An API error: HTTP status, a stable machine code, and a sentence for the user.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, code) = match &e {
+            Error::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Error::InUse(_) => (StatusCode::CONFLICT, "in_use"),
+            Error::Exhausted(_) => (StatusCode::CONFLICT, "exhausted"),
+            Error::Unsupported(_) => (StatusCode::BAD_REQUEST, "unsupported"),
+            Error::Contention => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            Error::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+            Error::Kernel(_) => (StatusCode::INTERNAL_SERVER_ERROR, "kernel"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.message, "code": self.code })),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Parses a JSON body strictly (unknown fields are errors, via `deny_unknown_fields`).
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+async fn load(d: &Daemon) -> Result<State, ApiError> {
+    Ok(State::load(d.store.as_ref()).await?)
+}
+
+/// Runs a reconcile step so the kernel matches what was just committed.
+async fn converge(d: &Daemon) -> Result<crate::reconcile::Report, ApiError> {
+    d.reconciler.run_once().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "kernel",
+            format!("{e:#}"),
+        )
+    })
+}
+
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/networks", get(network_ls).post(network_create))
+        .route(
+            "/v1/networks/{name}",
+            get(network_inspect).delete(network_rm),
+        )
+        .route("/v1/services", get(service_ls).post(service_create))
+        .route(
+            "/v1/services/{name}",
+            get(service_inspect).delete(service_rm),
+        )
+        .route("/v1/tasks", get(task_ls).post(task_attach))
+        .route("/v1/tasks/{id}", get(task_inspect).delete(task_detach))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
+        })
+        .with_state(d)
+}
+
+async fn status(AxState(d): Ctx) -> ApiResult<Value> {
+    let report = d.reconciler.last_report();
+    Ok(Json(json!({
+        "node": d.node,
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": d.store.describe(),
+        "api": d.api,
+        "datapath": d.datapath,
+        "kernel": kernel_facts(),
+        "reconcile": { "errors": report.errors, "task_errors": report.task_errors },
+    })))
+}
+
+/// What the kernel offers that later datapaths depend on, as found at run time.
+fn kernel_facts() -> Value {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    json!({
+        "release": release,
+        "btf": std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+        "bpffs_mounted": std::fs::read_to_string("/proc/mounts")
+            .map(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")))
+            .unwrap_or(false),
+        "cgroup2": std::path::Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists()
+            || std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists(),
+    })
+}
+
+async fn nodes(AxState(d): Ctx) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    let nodes: Vec<Value> = st
+        .nodes
+        .values()
+        .map(|n| {
+            json!({
+                "name": n.name,
+                "address": n.address,
+                "gwbridge_subnet": n.gwbridge_subnet,
+                // Single-node store: the node answering is the one that is alive.
+                "status": if n.name == d.node { "ready" } else { "unknown" },
+                "tasks": st.tasks.values().filter(|t| t.node == n.name).count(),
+            })
+        })
+        .collect();
+    Ok(Json(json!(nodes)))
+}
+
+async fn network_ls(AxState(d): Ctx) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    Ok(Json(json!(st.networks.values().collect::<Vec<_>>())))
+}
+
+async fn network_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    let net = st.network(&name)?;
+    let mut v = json!(net);
+    let tasks: Vec<Value> = st
+        .tasks
+        .values()
+        .flat_map(|t| {
+            t.endpoints
+                .iter()
+                .filter(|e| e.network == name)
+                .map(move |e| json!({"task": t.name, "node": t.node, "ip": e.ip, "mac": e.mac}))
+        })
+        .collect();
+    v["tasks"] = json!(tasks);
+    Ok(Json(v))
+}
+
+async fn network_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
+    let req: NetworkCreate = body(&bytes)?;
+    let net = state::create_network(d.store.as_ref(), &d.pools, req).await?;
+    converge(&d).await?;
+    Ok((StatusCode::CREATED, Json(net)).into_response())
+}
+
+async fn network_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
+    let net = state::remove_network(d.store.as_ref(), &name).await?;
+    converge(&d).await?;
+    Ok(Json(json!(net)))
+}
+
+async fn service_ls(AxState(d): Ctx) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    let list: Vec<Value> = st
+        .services
+        .values()
+        .map(|s| {
+            let mut v = json!(s);
+            v["replicas"] = json!(st.tasks.values().filter(|t| t.service == s.name).count());
+            v
+        })
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+async fn service_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    let svc = st.service(&name)?;
+    let mut v = json!(svc);
+    let tasks: Vec<Value> = st
+        .tasks
+        .values()
+        .filter(|t| t.service == name)
+        .map(|t| task_view(&d, t))
+        .collect();
+    v["tasks"] = json!(tasks);
+    Ok(Json(v))
+}
+
+async fn service_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
+    let req: ServiceCreate = body(&bytes)?;
+    let svc = state::create_service(d.store.as_ref(), req).await?;
+    Ok((StatusCode::CREATED, Json(svc)).into_response())
+}
+
+async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
+    let svc = state::remove_service(d.store.as_ref(), &name).await?;
+    converge(&d).await?;
+    Ok(Json(json!(svc)))
+}
+
+/// A task as the API shows it: its record plus how its node sees it.
+fn task_view(d: &Daemon, t: &Task) -> Value {
+    let mut v = json!(t);
+    v["state"] = json!(if t.node != d.node {
+        "remote".to_string()
+    } else {
+        match d.reconciler.last_report().task_errors.get(&t.id) {
+            Some(e) => format!("error: {e}"),
+            None => "running".to_string(),
+        }
+    });
+    v
+}
+
+async fn task_ls(AxState(d): Ctx) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    Ok(Json(json!(st
+        .tasks
+        .values()
+        .map(|t| task_view(&d, t))
+        .collect::<Vec<_>>())))
+}
+
+async fn task_inspect(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    Ok(Json(task_view(&d, st.task(&id)?)))
+}
+
+async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
+    let req: TaskAttach = body(&bytes)?;
+    let local = req.node.as_deref().is_none_or(|n| n == d.node);
+    if local {
+        netns::check_netns_path(std::path::Path::new(&req.netns))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e))?;
+    }
+    let task = state::attach_task(d.store.as_ref(), &d.node, req).await?;
+    if local {
+        let report = converge(&d).await?;
+        if let Some(e) = report.task_errors.get(&task.id) {
+            // Undo: the caller is told it failed, so nothing may remain of it.
+            let _ = state::detach_task(d.store.as_ref(), &task.id).await;
+            let _ = converge(&d).await;
+            return Err(Error::Kernel(format!("attaching task {}: {e}", task.name)).into());
+        }
+    }
+    Ok((StatusCode::CREATED, Json(task_view(&d, &task))).into_response())
+}
+
+async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {
+    let task = state::detach_task(d.store.as_ref(), &id).await?;
+    converge(&d).await?;
+    Ok(Json(json!(task)))
+}

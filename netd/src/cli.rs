@@ -1,0 +1,418 @@
+//! The `netd` command line: Docker-like verbs, each one API request through `client`.
+//! Table output by default (for people), `--output json` (for scripts) prints exactly what
+//! the API returned.
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::client::Client;
+use crate::daemon::{DaemonArgs, DEFAULT_API};
+use crate::model::parse_publish;
+
+#[derive(Debug, Parser)]
+#[command(name = "netd", version, about = "Per-node data-plane daemon for container clusters")]
+pub struct Cli {
+    /// Where the API is: unix:PATH or tcp:ADDR.
+    #[arg(long, global = true, env = "NETD_API", default_value = DEFAULT_API)]
+    pub api: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Daemon(DaemonArgs),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Attach and detach tasks (network namespaces).
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// List nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Show the daemon's state: node, store, datapath and kernel features.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    Create {
+        name: String,
+        #[arg(long, default_value = "overlay", value_parser = ["overlay", "bridge"])]
+        driver: String,
+        #[arg(long)]
+        subnet: Option<String>,
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long)]
+        attachable: bool,
+        #[arg(long)]
+        internal: bool,
+    },
+    #[command(alias = "list")]
+    Ls,
+    Inspect { name: String },
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    Create {
+        name: String,
+        #[arg(long = "network", required = true)]
+        networks: Vec<String>,
+        #[arg(long, default_value = "vip", value_parser = ["vip", "dnsrr"])]
+        endpoint_mode: String,
+        /// PUB:TARGET[/tcp|/udp][,mode=ingress|host]
+        #[arg(long)]
+        publish: Vec<String>,
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+    },
+    #[command(alias = "list")]
+    Ls,
+    Inspect { name: String },
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    Attach {
+        service: String,
+        /// The task's network namespace: /run/netns/NAME or /proc/PID/ns/net.
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        node: Option<String>,
+    },
+    Detach {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    #[command(alias = "list")]
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    #[command(alias = "list")]
+    Ls,
+}
+
+/// Runs one client command and prints its result.
+pub fn run(cli: &Cli) -> Result<()> {
+    let c = Client::new(&cli.api);
+    let out = cli.output;
+    match &cli.command {
+        Command::Daemon(_) => bail!("the daemon is started by main"),
+        Command::Status => {
+            let v = c.get("/v1/status")?;
+            print_record(out, &v);
+        }
+        Command::Node(NodeCmd::Ls) => {
+            let v = c.get("/v1/nodes")?;
+            print_table(
+                out,
+                &v,
+                &[("NAME", "name"), ("ADDRESS", "address"), ("STATUS", "status"), ("TASKS", "tasks")],
+            );
+        }
+        Command::Network(cmd) => network(&c, out, cmd)?,
+        Command::Service(cmd) => service(&c, out, cmd)?,
+        Command::Task(cmd) => task(&c, out, cmd)?,
+    }
+    Ok(())
+}
+
+fn network(c: &Client, out: Output, cmd: &NetworkCmd) -> Result<()> {
+    match cmd {
+        NetworkCmd::Create {
+            name,
+            driver,
+            subnet,
+            gateway,
+            attachable,
+            internal,
+        } => {
+            let v = c.post(
+                "/v1/networks",
+                &json!({"name": name, "driver": driver, "subnet": subnet, "gateway": gateway,
+                        "attachable": attachable, "internal": internal}),
+            )?;
+            print_created(out, &v);
+        }
+        NetworkCmd::Ls => {
+            let v = c.get("/v1/networks")?;
+            print_table(
+                out,
+                &v,
+                &[
+                    ("NETWORK ID", "id"),
+                    ("NAME", "name"),
+                    ("DRIVER", "driver"),
+                    ("SUBNET", "subnet"),
+                    ("GATEWAY", "gateway"),
+                    ("VNI", "vni"),
+                ],
+            );
+        }
+        NetworkCmd::Inspect { name } => {
+            let v = c.get(&format!("/v1/networks/{}", path_segment(name)))?;
+            print_record(out, &v);
+        }
+        NetworkCmd::Rm { names } => {
+            for n in names {
+                let v = c.delete(&format!("/v1/networks/{}", path_segment(n)))?;
+                print_removed(out, &v, "name");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn service(c: &Client, out: Output, cmd: &ServiceCmd) -> Result<()> {
+    match cmd {
+        ServiceCmd::Create {
+            name,
+            networks,
+            endpoint_mode,
+            publish,
+            aliases,
+        } => {
+            let publish = publish
+                .iter()
+                .map(|p| parse_publish(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let v = c.post(
+                "/v1/services",
+                &json!({"name": name, "networks": networks, "endpoint_mode": endpoint_mode,
+                        "publish": publish, "aliases": aliases}),
+            )?;
+            print_created(out, &v);
+        }
+        ServiceCmd::Ls => {
+            let v = c.get("/v1/services")?;
+            print_table(
+                out,
+                &v,
+                &[
+                    ("ID", "id"),
+                    ("NAME", "name"),
+                    ("MODE", "endpoint_mode"),
+                    ("REPLICAS", "replicas"),
+                    ("NETWORKS", "networks"),
+                    ("VIPS", "vips"),
+                ],
+            );
+        }
+        ServiceCmd::Inspect { name } => {
+            let v = c.get(&format!("/v1/services/{}", path_segment(name)))?;
+            print_record(out, &v);
+        }
+        ServiceCmd::Rm { names } => {
+            for n in names {
+                let v = c.delete(&format!("/v1/services/{}", path_segment(n)))?;
+                print_removed(out, &v, "name");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn task(c: &Client, out: Output, cmd: &TaskCmd) -> Result<()> {
+    let columns = [
+        ("ID", "id"),
+        ("NAME", "name"),
+        ("SERVICE", "service"),
+        ("NODE", "node"),
+        ("STATE", "state"),
+        ("ADDRESSES", "addresses"),
+    ];
+    match cmd {
+        TaskCmd::Attach {
+            service,
+            netns,
+            name,
+            node,
+        } => {
+            let v = c.post(
+                "/v1/tasks",
+                &json!({"service": service, "netns": netns, "name": name, "node": node}),
+            )?;
+            print_table(out, &with_addresses(json!([v])), &columns);
+        }
+        TaskCmd::Detach { ids } => {
+            for id in ids {
+                let v = c.delete(&format!("/v1/tasks/{}", path_segment(id)))?;
+                print_removed(out, &v, "name");
+            }
+        }
+        TaskCmd::Ls => {
+            let v = c.get("/v1/tasks")?;
+            print_table(out, &with_addresses(v), &columns);
+        }
+    }
+    Ok(())
+}
+
+/// Adds a compact `addresses` column (`eth0=198.19.0.2/24 ...`) to task records.
+fn with_addresses(mut tasks: Value) -> Value {
+    if let Some(list) = tasks.as_array_mut() {
+        for t in list {
+            let addrs: Vec<String> = t["endpoints"]
+                .as_array()
+                .map(|eps| {
+                    eps.iter()
+                        .map(|e| {
+                            format!(
+                                "{}={}/{}",
+                                e["ifname"].as_str().unwrap_or("?"),
+                                e["ip"].as_str().unwrap_or("?"),
+                                e["prefix"]
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            t["addresses"] = json!(addrs.join(" "));
+        }
+    }
+    tasks
+}
+
+/// Percent-encodes anything but unreserved characters, so a name can't escape its path.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| format!("{k}={}", cell(v)))
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    }
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+fn print_table(out: Output, rows: &Value, columns: &[(&str, &str)]) {
+    if out == Output::Json {
+        return print_json(rows);
+    }
+    let rows: Vec<Vec<String>> = rows
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| columns.iter().map(|(_, k)| cell(&r[*k])).collect())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}   "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(columns.iter().map(|(h, _)| *h).collect());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_record(out: Output, v: &Value) {
+    if out == Output::Json {
+        return print_json(v);
+    }
+    if let Some(obj) = v.as_object() {
+        let width = obj.keys().map(|k| k.len()).max().unwrap_or(0);
+        for (k, val) in obj {
+            match val {
+                Value::Array(items) if items.iter().any(Value::is_object) => {
+                    println!("{k}:");
+                    for item in items {
+                        println!("  - {}", cell(item));
+                    }
+                }
+                Value::Object(inner) if inner.values().any(Value::is_object) => {
+                    println!("{k}:");
+                    for (ik, iv) in inner {
+                        println!("  {ik}: {}", cell(iv));
+                    }
+                }
+                _ => println!("{k:<width$}  {}", cell(val)),
+            }
+        }
+    } else {
+        print_json(v);
+    }
+}
+
+fn print_created(out: Output, v: &Value) {
+    match out {
+        Output::Json => print_json(v),
+        Output::Table => println!("{}", cell(&v["id"])),
+    }
+}
+
+fn print_removed(out: Output, v: &Value, key: &str) {
+    match out {
+        Output::Json => print_json(v),
+        Output::Table => println!("{}", cell(&v[key])),
+    }
+}

@@ -1,0 +1,165 @@
+//! The CLI's only way to netd: a small blocking HTTP/1.1 client over the API's unix socket
+//! or TCP address (`--api` / `NETD_API`, as `DOCKER_HOST` works for docker). One request
+//! per connection keeps it simple and the CLI has nothing to pipeline.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+pub struct Client {
+    api: String,
+}
+
+/// An error the API returned, kept apart so the CLI can print it cleanly.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+impl Client {
+    pub fn new(api: &str) -> Self {
+        Client {
+            api: api.to_string(),
+        }
+    }
+
+    fn connect(&self) -> Result<Box<dyn Stream>> {
+        let timeout = Some(Duration::from_secs(120));
+        if let Some(path) = self.api.strip_prefix("unix:") {
+            let s = UnixStream::connect(path).with_context(|| {
+                format!("cannot reach netd at {path}: is `netd daemon` running? (set --api or NETD_API)")
+            })?;
+            s.set_read_timeout(timeout)?;
+            Ok(Box::new(s))
+        } else if let Some(addr) = self.api.strip_prefix("tcp:") {
+            let s = TcpStream::connect(addr)
+                .with_context(|| format!("cannot reach netd at {addr}"))?;
+            s.set_read_timeout(timeout)?;
+            Ok(Box::new(s))
+        } else {
+            bail!("--api must be unix:PATH or tcp:ADDR, got {:?}", self.api)
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value> {
+        self.request("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.request("POST", path, Some(body))
+    }
+
+    pub fn delete(&self, path: &str) -> Result<Value> {
+        self.request("DELETE", path, None)
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut stream = self.connect()?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: netd\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            payload.len()
+        );
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(payload.as_bytes())?;
+        let mut raw = vec![];
+        stream
+            .read_to_end(&mut raw)
+            .context("read the API response")?;
+        let (status, body) = parse_response(&raw)?;
+        let value: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body)
+                .with_context(|| format!("API answered {status} with a non-JSON body"))?
+        };
+        if status >= 400 {
+            return Err(ApiError {
+                status,
+                code: value["code"].as_str().unwrap_or("unknown").to_string(),
+                message: value["error"]
+                    .as_str()
+                    .unwrap_or("request failed")
+                    .to_string(),
+            }
+            .into());
+        }
+        Ok(value)
+    }
+}
+
+/// Splits an HTTP/1.1 response into status and (de-chunked) body.
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("truncated HTTP response from netd"))?;
+    let head = std::str::from_utf8(&raw[..split]).context("non-UTF-8 response head")?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("malformed HTTP status line from netd"))?;
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = &raw[split + 4..];
+    if !chunked {
+        return Ok((status, body.to_vec()));
+    }
+    let mut out = vec![];
+    let mut rest = body;
+    loop {
+        let eol = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("truncated chunked body"))?;
+        let size_text = std::str::from_utf8(&rest[..eol]).context("chunk size")?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .context("chunk size")?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Ok((status, out));
+        }
+        if rest.len() < size + 2 {
+            bail!("truncated chunked body");
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_chunked_bodies() {
+        let (s, b) = parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((s, b.as_slice()), (201, &b"{}"[..]));
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n";
+        let (s, b) = parse_response(raw).unwrap();
+        assert_eq!((s, b.as_slice()), (200, &b"[1,2]"[..]));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! `netd daemon`: opens the store, registers the node, reconciles the kernel once before
+//! serving (so a restarted daemon has checked everything before it answers), then serves
+//! the API and keeps reconciling on every store change and on a timer. Kernel objects are
+//! left in place on exit: traffic keeps flowing while netd is down or restarting.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ipnetwork::Ipv4Network;
+
+use crate::api::{self, Daemon};
+use crate::datapath::{self, Mode};
+use crate::model::{self, Node};
+use crate::reconcile::{NodeConfig, Reconciler};
+use crate::state::{self, Pools};
+use crate::store;
+
+pub const DEFAULT_API: &str = "unix:/run/netd/netd.sock";
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Where desired state lives: local:DIR (embedded, crash-safe).
+    #[arg(long, default_value = "local:/var/lib/netd")]
+    pub store: String,
+    /// This node's name (a DNS label); defaults to the host name.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// This node's underlay address, announced to the cluster.
+    #[arg(long)]
+    pub advertise_addr: Option<Ipv4Addr>,
+    /// Load-balancing datapath: auto, ebpf or userspace.
+    #[arg(long, default_value = "auto")]
+    pub datapath: Mode,
+    /// Pool that network subnets are carved from when none is given (Docker: 10.0.0.0/8).
+    #[arg(long, default_value = "10.0.0.0/8")]
+    pub address_pool: Ipv4Network,
+    /// Prefix length of the subnets carved from the pool.
+    #[arg(long, default_value_t = 24)]
+    pub pool_size: u8,
+    /// Subnet of this node's gwbridge (Docker's docker_gwbridge: 172.18.0.0/16).
+    #[arg(long, default_value = "172.18.0.0/16")]
+    pub gwbridge_subnet: Ipv4Network,
+    /// UDP port of VXLAN.
+    #[arg(long, default_value_t = 4789)]
+    pub vxlan_port: u16,
+    /// MTU of the underlay; overlays get 50 bytes less for the VXLAN header.
+    #[arg(long, default_value_t = 1500)]
+    pub underlay_mtu: u32,
+    /// Seconds between reconciles when nothing changes (repairs drift).
+    #[arg(long, default_value_t = 10)]
+    pub resync: u64,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
+}
+
+pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
+    let node = args.node.clone().unwrap_or_else(hostname);
+    model::validate_dns_label("node", &node).map_err(anyhow::Error::msg)?;
+    if args.pool_size < args.address_pool.prefix() || args.pool_size > 30 {
+        bail!(
+            "--pool-size {} does not fit in --address-pool {}",
+            args.pool_size,
+            args.address_pool
+        );
+    }
+    let store: Arc<dyn store::Store> =
+        Arc::from(store::open(&args.store).with_context(|| format!("open store {}", args.store))?);
+    state::register_node(
+        store.as_ref(),
+        Node {
+            name: node.clone(),
+            address: args.advertise_addr,
+            gwbridge_subnet: args.gwbridge_subnet,
+            started_at: model::now_secs(),
+        },
+    )
+    .await
+    .context("register node")?;
+
+    let reconciler = Arc::new(Reconciler::new(
+        store.clone(),
+        NodeConfig {
+            name: node.clone(),
+            gwbridge_subnet: args.gwbridge_subnet,
+            vxlan_port: args.vxlan_port,
+            overlay_mtu: args.underlay_mtu - 50,
+            bridge_mtu: args.underlay_mtu,
+        },
+    ));
+    let report = reconciler.run_once().await.context("initial reconcile")?;
+    tracing::info!(
+        node,
+        errors = report.errors.len() + report.task_errors.len(),
+        "initial reconcile done"
+    );
+    tokio::spawn(
+        reconciler
+            .clone()
+            .run_forever(Duration::from_secs(args.resync.max(1))),
+    );
+
+    let daemon = Arc::new(Daemon {
+        store,
+        node: node.clone(),
+        pools: Pools {
+            pool: args.address_pool,
+            size: args.pool_size,
+        },
+        reconciler,
+        datapath: datapath::unavailable(args.datapath),
+        api: api_spec.to_string(),
+    });
+    let app = api::router(daemon);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down; kernel state stays in place");
+    };
+    if let Some(path) = api_spec.strip_prefix("unix:") {
+        let path = Path::new(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        // The store lock guarantees no other daemon owns this state; a socket file left
+        // behind is from a dead predecessor.
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("bind API socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .context("chmod API socket")?;
+        tracing::info!(node, api = api_spec, "netd is serving");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serve API")?;
+        let _ = std::fs::remove_file(path);
+    } else if let Some(addr) = api_spec.strip_prefix("tcp:") {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind API address {addr}"))?;
+        tracing::info!(node, api = api_spec, "netd is serving");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serve API")?;
+    } else {
+        bail!("--api must be unix:PATH or tcp:ADDR, got {api_spec:?}");
+    }
+    Ok(())
+}

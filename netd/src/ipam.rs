@@ -1,0 +1,230 @@
+//! Address management as pure functions over what is already taken. The store makes the
+//! choices stick (each address is a create-if-absent key), so these functions only need to
+//! pick the lowest free candidate; a freed address is therefore the first to come back.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use thiserror::Error;
+
+/// VNIs below 4096 collide with VLAN ids in tooling, so Docker starts overlays at 4096.
+pub const FIRST_VNI: u32 = 4096;
+/// The VXLAN header carries 24 bits of VNI.
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum IpamError {
+    #[error("subnet {0} is too small: a network needs at least a /30")]
+    TooSmall(Ipv4Network),
+    #[error("subnet {0} is not a network address (host bits set); did you mean {1}?")]
+    HostBits(String, Ipv4Network),
+    #[error("subnet {0} overlaps {1} ({2})")]
+    Overlap(Ipv4Network, Ipv4Network, String),
+    #[error("gateway {0} is not a usable host address of subnet {1}")]
+    GatewayOutside(Ipv4Addr, Ipv4Network),
+    #[error("address pool {0} has no free /{1} subnet left")]
+    PoolExhausted(Ipv4Network, u8),
+    #[error("subnet {0} has no free address left")]
+    SubnetExhausted(Ipv4Network),
+    #[error("no free VXLAN network identifier left")]
+    VniExhausted,
+}
+
+/// Parses a user's CIDR and insists it is a network address, so `10.1.2.3/24` is refused
+/// rather than silently widened.
+pub fn parse_subnet(text: &str) -> Result<Ipv4Network, String> {
+    let net: Ipv4Network = text
+        .parse()
+        .map_err(|e| format!("invalid subnet {text:?}: {e}"))?;
+    let canonical = Ipv4Network::new(net.network(), net.prefix())
+        .map_err(|e| format!("invalid subnet {text:?}: {e}"))?;
+    if canonical.ip() != net.ip() {
+        return Err(IpamError::HostBits(text.to_string(), canonical).to_string());
+    }
+    check_size(net).map_err(|e| e.to_string())?;
+    Ok(net)
+}
+
+fn check_size(net: Ipv4Network) -> Result<(), IpamError> {
+    if net.prefix() > 30 {
+        return Err(IpamError::TooSmall(net));
+    }
+    Ok(())
+}
+
+/// Whether two networks share any address.
+pub fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+/// Refuses `subnet` if it overlaps any of `taken` (each with a label for the message).
+pub fn check_free(subnet: Ipv4Network, taken: &[(Ipv4Network, String)]) -> Result<(), IpamError> {
+    check_size(subnet)?;
+    for (other, owner) in taken {
+        if overlaps(subnet, *other) {
+            return Err(IpamError::Overlap(subnet, *other, owner.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// The first `/size` subnet of `pool` that overlaps nothing in `taken`.
+pub fn allocate_subnet(
+    pool: Ipv4Network,
+    size: u8,
+    taken: &[(Ipv4Network, String)],
+) -> Result<Ipv4Network, IpamError> {
+    let exhausted = IpamError::PoolExhausted(pool, size);
+    if size < pool.prefix() || size > 30 {
+        return Err(exhausted);
+    }
+    let step = 1u64 << (32 - size);
+    let start = u64::from(u32::from(pool.network()));
+    let end = start + (1u64 << (32 - pool.prefix()));
+    let mut at = start;
+    while at < end {
+        let candidate =
+            Ipv4Network::new(Ipv4Addr::from(at as u32), size).map_err(|_| exhausted.clone())?;
+        if let Some((other, _)) = taken.iter().find(|(o, _)| overlaps(candidate, *o)) {
+            // Skip past whichever of the two is larger, keeping alignment to `size`.
+            let other_end = u64::from(u32::from(other.broadcast())) + 1;
+            at = (at + step).max(other_end.div_ceil(step) * step);
+            continue;
+        }
+        return Ok(candidate);
+    }
+    Err(exhausted)
+}
+
+/// Host addresses of a subnet: everything but the network and broadcast addresses.
+fn hosts(subnet: Ipv4Network) -> impl Iterator<Item = Ipv4Addr> {
+    let first = u32::from(subnet.network()) + 1;
+    let last = u32::from(subnet.broadcast()).saturating_sub(1);
+    (first..=last).map(Ipv4Addr::from)
+}
+
+/// The gateway a network gets when the user names none: its first host address.
+pub fn default_gateway(subnet: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+pub fn check_gateway(subnet: Ipv4Network, gateway: Ipv4Addr) -> Result<(), IpamError> {
+    if hosts(subnet).any(|h| h == gateway) {
+        Ok(())
+    } else {
+        Err(IpamError::GatewayOutside(gateway, subnet))
+    }
+}
+
+/// The lowest host address of `subnet` not in `used` (the gateway belongs in `used`).
+pub fn allocate_ip(subnet: Ipv4Network, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr, IpamError> {
+    hosts(subnet)
+        .find(|ip| !used.contains(ip))
+        .ok_or(IpamError::SubnetExhausted(subnet))
+}
+
+/// The lowest VNI from 4096 up that is not in `used`.
+pub fn allocate_vni(used: &BTreeSet<u32>) -> Result<u32, IpamError> {
+    (FIRST_VNI..=MAX_VNI)
+        .find(|v| !used.contains(v))
+        .ok_or(IpamError::VniExhausted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn subnets_come_from_the_pool_in_order_and_skip_taken_ones() {
+        let pool = net("10.0.0.0/8");
+        let mut taken = vec![];
+        let a = allocate_subnet(pool, 24, &taken).unwrap();
+        assert_eq!(a, net("10.0.0.0/24"));
+        taken.push((a, "a".into()));
+        taken.push((net("10.0.1.128/25"), "user".into()));
+        let b = allocate_subnet(pool, 24, &taken).unwrap();
+        assert_eq!(b, net("10.0.2.0/24"));
+        // A big taken block is skipped in one go.
+        taken.push((net("10.0.0.0/12"), "big".into()));
+        assert_eq!(
+            allocate_subnet(pool, 24, &taken).unwrap(),
+            net("10.16.0.0/24")
+        );
+    }
+
+    #[test]
+    fn pool_exhaustion_is_reported() {
+        let pool = net("198.19.0.0/23");
+        let taken = vec![
+            (net("198.19.0.0/24"), "a".into()),
+            (net("198.19.1.0/24"), "b".into()),
+        ];
+        assert_eq!(
+            allocate_subnet(pool, 24, &taken),
+            Err(IpamError::PoolExhausted(pool, 24))
+        );
+    }
+
+    #[test]
+    fn overlap_is_refused_both_ways() {
+        let taken = vec![(net("198.19.0.0/24"), "front".into())];
+        assert!(check_free(net("198.19.0.128/25"), &taken).is_err());
+        assert!(check_free(net("198.19.0.0/16"), &taken).is_err());
+        assert!(check_free(net("198.19.1.0/24"), &taken).is_ok());
+    }
+
+    #[test]
+    fn parse_rejects_host_bits_and_tiny_subnets() {
+        assert!(parse_subnet("198.19.0.0/24").is_ok());
+        assert!(parse_subnet("198.19.0.5/24")
+            .unwrap_err()
+            .contains("198.19.0.0/24"));
+        assert!(parse_subnet("198.19.0.0/31").is_err());
+        assert!(parse_subnet("nonsense").is_err());
+        assert!(parse_subnet("198.19.0.0/33").is_err());
+    }
+
+    #[test]
+    fn addresses_are_unique_and_freed_ones_come_back() {
+        let subnet = net("198.19.0.0/29"); // hosts .1 - .6
+        let mut used = BTreeSet::from([default_gateway(subnet)]);
+        let mut got = vec![];
+        while let Ok(ip) = allocate_ip(subnet, &used) {
+            assert!(used.insert(ip), "{ip} handed out twice");
+            got.push(ip);
+        }
+        assert_eq!(got.len(), 5);
+        assert_eq!(
+            allocate_ip(subnet, &used),
+            Err(IpamError::SubnetExhausted(subnet))
+        );
+        used.remove(&Ipv4Addr::new(198, 19, 0, 4));
+        assert_eq!(
+            allocate_ip(subnet, &used).unwrap(),
+            Ipv4Addr::new(198, 19, 0, 4)
+        );
+    }
+
+    #[test]
+    fn gateway_must_be_a_host_of_the_subnet() {
+        let subnet = net("198.19.0.0/24");
+        assert!(check_gateway(subnet, Ipv4Addr::new(198, 19, 0, 254)).is_ok());
+        assert!(check_gateway(subnet, Ipv4Addr::new(198, 19, 0, 0)).is_err());
+        assert!(check_gateway(subnet, Ipv4Addr::new(198, 19, 0, 255)).is_err());
+        assert!(check_gateway(subnet, Ipv4Addr::new(198, 19, 1, 1)).is_err());
+    }
+
+    #[test]
+    fn vnis_start_at_4096() {
+        let mut used = BTreeSet::new();
+        assert_eq!(allocate_vni(&used).unwrap(), 4096);
+        used.insert(4096);
+        used.insert(4098);
+        assert_eq!(allocate_vni(&used).unwrap(), 4097);
+    }
+}

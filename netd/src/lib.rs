@@ -1,0 +1,22 @@
+//! netd: the networking half of Docker Swarm mode as a per-node daemon.
+//!
+//! A request enters through [`api`] (or the [`cli`], which is a client of it), is
+//! validated and committed by [`state`] to the [`store`], and is made real in the kernel
+//! by [`reconcile`], which uses [`netns`], [`netlink`] and [`nftables`]. [`ipam`] picks
+//! addresses; [`naming`] names every kernel object netd owns; [`datapath`] is the seam for
+//! VIP load balancing. See docs/architecture.md for the whole picture.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod datapath;
+pub mod ipam;
+pub mod model;
+pub mod naming;
+pub mod netlink;
+pub mod netns;
+pub mod nftables;
+pub mod reconcile;
+pub mod state;
+pub mod store;

@@ -1,0 +1,265 @@
+//! The desired-state records netd keeps in its store, shared by the API, the CLI and the
+//! reconciler. They are plain serde types so the store can hold them as JSON and the CLI
+//! can print them without a second schema.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+/// Network drivers. `overlay` spans nodes over VXLAN; `bridge` is local to one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    Overlay,
+    Bridge,
+}
+
+impl Driver {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Driver::Overlay => "overlay",
+            Driver::Bridge => "bridge",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    pub driver: Driver,
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    /// VXLAN network identifier; only overlays have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    pub attachable: bool,
+    pub internal: bool,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    Vip,
+    Dnsrr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    Ingress,
+    Host,
+}
+
+/// A published port as Docker writes it: `PUB:TARGET[/proto][,mode=ingress|host]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub published: u16,
+    pub target: u16,
+    pub protocol: Protocol,
+    pub mode: PublishMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    pub name: String,
+    /// Network names, in the order the user gave them (the first is the task's eth0).
+    pub networks: Vec<String>,
+    pub endpoint_mode: EndpointMode,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<PortSpec>,
+    /// One virtual IP per network (vip mode only), keyed by network name.
+    #[serde(default)]
+    pub vips: BTreeMap<String, Ipv4Addr>,
+    pub created_at: u64,
+}
+
+/// One interface of a task: on a service network or on the node's gwbridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Short random id; every kernel object of this endpoint is named after it.
+    pub id: String,
+    /// Network name, or [`GWBRIDGE`] for the egress interface.
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub mac: String,
+    /// Interface name inside the task netns (eth0, eth1, ...).
+    pub ifname: String,
+}
+
+/// The pseudo network name of a task's egress endpoint on the node-local gwbridge.
+pub const GWBRIDGE: &str = "gwbridge";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub name: String,
+    pub service: String,
+    pub node: String,
+    pub netns: String,
+    pub endpoints: Vec<Endpoint>,
+    /// Gateway of the default route set in the task, if it has egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_gateway: Option<Ipv4Addr>,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub address: Option<Ipv4Addr>,
+    pub gwbridge_subnet: Ipv4Network,
+    pub started_at: u64,
+}
+
+/// Why a name was refused; the text goes to the user as is.
+pub fn validate_dns_label(kind: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!(
+            "{kind} name {name:?} must be 1 to 63 characters long (a DNS label)"
+        ));
+    }
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !ok_chars || name.starts_with('-') || name.ends_with('-') {
+        return Err(format!(
+            "{kind} name {name:?} is not a DNS label: use letters, digits and '-', \
+             not starting or ending with '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Docker derives a task's MAC from its IP (02:42 + the four address bytes), so the MAC is
+/// stable across restarts and remote nodes can program neighbour entries without asking.
+pub fn mac_for_ip(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `PUB:TARGET[/tcp|/udp][,mode=ingress|host]`.
+pub fn parse_publish(spec: &str) -> Result<PortSpec, String> {
+    let mut parts = spec.split(',');
+    let ports = parts.next().unwrap_or_default();
+    let mut mode = PublishMode::Ingress;
+    for opt in parts {
+        mode = match opt {
+            "mode=ingress" => PublishMode::Ingress,
+            "mode=host" => PublishMode::Host,
+            other => return Err(format!("publish {spec:?}: unknown option {other:?}")),
+        };
+    }
+    let (ports, protocol) = match ports.split_once('/') {
+        None => (ports, Protocol::Tcp),
+        Some((p, "tcp")) => (p, Protocol::Tcp),
+        Some((p, "udp")) => (p, Protocol::Udp),
+        Some((_, other)) => {
+            return Err(format!(
+                "publish {spec:?}: protocol must be tcp or udp, not {other:?}"
+            ))
+        }
+    };
+    let (published, target) = ports
+        .split_once(':')
+        .ok_or_else(|| format!("publish {spec:?}: expected PUBLISHED:TARGET"))?;
+    let port = |s: &str, what: &str| -> Result<u16, String> {
+        match s.parse::<u32>() {
+            Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+            _ => Err(format!(
+                "publish {spec:?}: {what} port {s:?} must be a number from 1 to 65535"
+            )),
+        }
+    };
+    Ok(PortSpec {
+        published: port(published, "published")?,
+        target: port(target, "target")?,
+        protocol,
+        mode,
+    })
+}
+
+/// Seconds since the epoch, for `created_at` fields.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random lowercase hex id of `len` characters.
+pub fn random_id(len: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        for ok in ["web", "a", "web-1", "A1b2", &"x".repeat(63)] {
+            assert!(validate_dns_label("service", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-web",
+            "web-",
+            "we_b",
+            "web.1",
+            "wéb",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(validate_dns_label("service", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn publish_specs() {
+        let p = parse_publish("4567:80").unwrap();
+        assert_eq!((p.published, p.target), (4567, 80));
+        assert_eq!(p.protocol, Protocol::Tcp);
+        assert_eq!(p.mode, PublishMode::Ingress);
+        let p = parse_publish("53:5353/udp,mode=host").unwrap();
+        assert_eq!(p.protocol, Protocol::Udp);
+        assert_eq!(p.mode, PublishMode::Host);
+        for bad in [
+            "80", "0:80", "80:0", "70000:80", "80:80/sctp", "80:80,mode=x", "a:b",
+        ] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mac_from_ip() {
+        let mac = mac_for_ip(Ipv4Addr::new(198, 19, 0, 2));
+        assert_eq!(format_mac(&mac), "02:42:c6:13:00:02");
+    }
+}

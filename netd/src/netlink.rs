@@ -1,0 +1,316 @@
+//! Small, idempotent rtnetlink operations: each "ensure" reads the kernel first and changes
+//! only what differs, so applying the same desired state twice touches nothing. Every
+//! function works on a handle already bound to the right namespace (see `netns`).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+
+/// What netd needs to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub kind: Option<String>,
+    pub controller: Option<u32>,
+    pub mtu: u32,
+    pub up: bool,
+    pub mac: Vec<u8>,
+    pub alias: Option<String>,
+}
+
+impl Link {
+    fn from_message(msg: LinkMessage) -> Self {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            kind: None,
+            controller: None,
+            mtu: 0,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            mac: vec![],
+            alias: None,
+        };
+        for attr in msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n,
+                LinkAttribute::Controller(c) => link.controller = Some(c),
+                LinkAttribute::Mtu(m) => link.mtu = m,
+                LinkAttribute::Address(a) => link.mac = a,
+                LinkAttribute::IfAlias(a) => link.alias = Some(a),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        if let LinkInfo::Kind(k) = info {
+                            link.kind = Some(kind_name(&k));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+fn kind_name(kind: &InfoKind) -> String {
+    match kind {
+        InfoKind::Bridge => "bridge".into(),
+        InfoKind::Veth => "veth".into(),
+        InfoKind::Vxlan => "vxlan".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+pub async fn links(handle: &Handle) -> Result<Vec<Link>> {
+    let msgs: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("list links")?;
+    Ok(msgs.into_iter().map(Link::from_message).collect())
+}
+
+pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<Link>> {
+    Ok(links(handle).await?.into_iter().find(|l| l.name == name))
+}
+
+pub async fn require_link(handle: &Handle, name: &str) -> Result<Link> {
+    link_by_name(handle, name)
+        .await?
+        .with_context(|| format!("link {name} vanished"))
+}
+
+pub async fn delete_link(handle: &Handle, index: u32) -> Result<()> {
+    handle
+        .link()
+        .del(index)
+        .execute()
+        .await
+        .with_context(|| format!("delete link #{index}"))
+}
+
+async fn set(handle: &Handle, msg: LinkMessage, what: &str) -> Result<()> {
+    handle
+        .link()
+        .set(msg)
+        .execute()
+        .await
+        .with_context(|| what.to_string())
+}
+
+pub async fn set_up(handle: &Handle, link: &Link) -> Result<()> {
+    if !link.up {
+        set(
+            handle,
+            LinkUnspec::new_with_index(link.index).up().build(),
+            &format!("set {} up", link.name),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn set_mtu(handle: &Handle, link: &Link, mtu: u32) -> Result<()> {
+    if link.mtu != mtu {
+        set(
+            handle,
+            LinkUnspec::new_with_index(link.index).mtu(mtu).build(),
+            &format!("set mtu {mtu} on {}", link.name),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn set_controller(handle: &Handle, link: &Link, controller: u32) -> Result<()> {
+    if link.controller != Some(controller) {
+        set(
+            handle,
+            LinkUnspec::new_with_index(link.index)
+                .controller(controller)
+                .build(),
+            &format!("enslave {} to #{controller}", link.name),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Moves a link into the namespace open at `ns`; it keeps its name and loses its addresses.
+pub async fn move_to_netns(handle: &Handle, link: &Link, ns: BorrowedFd<'_>) -> Result<()> {
+    set(
+        handle,
+        LinkUnspec::new_with_index(link.index)
+            .setns_by_fd(ns.as_raw_fd())
+            .build(),
+        &format!("move {} to another netns", link.name),
+    )
+    .await
+}
+
+/// Renames a link and sets its MAC, MTU and alias in one go; the link must be down.
+pub async fn configure_down(
+    handle: &Handle,
+    link: &Link,
+    name: &str,
+    mac: [u8; 6],
+    mtu: u32,
+    alias: &str,
+) -> Result<()> {
+    set(
+        handle,
+        LinkUnspec::new_with_index(link.index)
+            .down()
+            .name(name)
+            .address(mac.to_vec())
+            .mtu(mtu)
+            .alias(alias)
+            .build(),
+        &format!("configure {} as {name}", link.name),
+    )
+    .await
+}
+
+/// A bridge with `name`, the given MTU and MAC, up; created if absent.
+pub async fn ensure_bridge(handle: &Handle, name: &str, mtu: u32) -> Result<Link> {
+    let link = match link_by_name(handle, name).await? {
+        Some(l) => l,
+        None => {
+            handle
+                .link()
+                .add(LinkBridge::new(name).mtu(mtu).build())
+                .execute()
+                .await
+                .with_context(|| format!("create bridge {name}"))?;
+            require_link(handle, name).await?
+        }
+    };
+    set_mtu(handle, &link, mtu).await?;
+    set_up(handle, &link).await?;
+    Ok(link)
+}
+
+pub async fn create_veth(handle: &Handle, name: &str, peer: &str) -> Result<()> {
+    handle
+        .link()
+        .add(LinkVeth::new(name, peer).build())
+        .execute()
+        .await
+        .with_context(|| format!("create veth {name}/{peer}"))
+}
+
+/// A VXLAN device as Docker's overlay driver makes it: fixed VNI and UDP port, no
+/// learning (remote endpoints are programmed from cluster state), ARP proxy on.
+pub async fn create_vxlan(handle: &Handle, name: &str, vni: u32, port: u16, mtu: u32) -> Result<()> {
+    handle
+        .link()
+        .add(
+            LinkVxlan::new(name, vni)
+                .port(port)
+                .learning(false)
+                .proxy(true)
+                .l2miss(true)
+                .l3miss(true)
+                .mtu(mtu)
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("create vxlan {name} (VNI {vni}, port {port})"))
+}
+
+pub async fn ipv4_addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+    let msgs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .context("list addresses")?;
+    let mut out = vec![];
+    for m in msgs {
+        // The kernel may answer for other links despite the filter on older versions.
+        if m.header.index != index {
+            continue;
+        }
+        for a in m.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                out.push((ip, m.header.prefix_len));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Makes `ip/prefix` present on the link (other addresses are left alone).
+pub async fn ensure_address(handle: &Handle, link: &Link, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+    if ipv4_addresses(handle, link.index)
+        .await?
+        .contains(&(ip, prefix))
+    {
+        return Ok(());
+    }
+    handle
+        .address()
+        .add(link.index, IpAddr::V4(ip), prefix)
+        .execute()
+        .await
+        .with_context(|| format!("add {ip}/{prefix} to {}", link.name))
+}
+
+/// The gateway of the IPv4 default route in the main table, with its output interface.
+pub async fn default_route(handle: &Handle) -> Result<Option<(Ipv4Addr, Option<u32>)>> {
+    let routes: Vec<_> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .context("list routes")?;
+    for r in routes {
+        if r.header.destination_prefix_length != 0 || r.header.table != 254 {
+            continue;
+        }
+        let mut gw = None;
+        let mut oif = None;
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        if let Some(gw) = gw {
+            return Ok(Some((gw, oif)));
+        }
+    }
+    Ok(None)
+}
+
+/// Sets the default route via `gateway` on `link`, unless it is already so.
+pub async fn ensure_default_route(handle: &Handle, link: &Link, gateway: Ipv4Addr) -> Result<()> {
+    if default_route(handle).await? == Some((gateway, Some(link.index))) {
+        return Ok(());
+    }
+    handle
+        .route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gateway)
+                .output_interface(link.index)
+                .build(),
+        )
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("default route via {gateway} dev {}", link.name))
+}

@@ -1,0 +1,240 @@
+//! Network namespaces: naming them, creating and removing them the way `ip netns` does
+//! (a bind mount of the namespace under /run/netns), and running netlink work inside one.
+//!
+//! `setns` changes the namespace of the calling *thread*. Doing it on a tokio worker would
+//! leak the namespace into unrelated tasks, so every piece of work inside a namespace gets
+//! a fresh OS thread that enters it, runs a single-threaded runtime with its own netlink
+//! socket, and exits. Sockets opened there stay bound to that namespace.
+
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+
+/// Where named namespaces live, as for `ip netns`.
+pub const NETNS_DIR: &str = "/run/netns";
+/// `statfs` magic of nsfs: how we tell a namespace file from any other file.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Which namespace a piece of work runs in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Netns {
+    /// The daemon's own namespace: the node's "root" namespace (in the lab, the node netns).
+    Home,
+    /// A namespace file: /run/netns/NAME, /proc/PID/ns/net, ...
+    Path(PathBuf),
+}
+
+impl Netns {
+    pub fn named(name: &str) -> Self {
+        Netns::Path(Path::new(NETNS_DIR).join(name))
+    }
+
+    pub fn open(&self) -> Result<Option<File>> {
+        match self {
+            Netns::Home => Ok(None),
+            Netns::Path(p) => {
+                let f = File::open(p).with_context(|| format!("open netns {}", p.display()))?;
+                Ok(Some(f))
+            }
+        }
+    }
+}
+
+/// Checks that `path` exists and is a network namespace, with a message a user can act on.
+pub fn check_netns_path(path: &Path) -> Result<(), String> {
+    let file = File::open(path).map_err(|e| format!("netns {}: {e}", path.display()))?;
+    let st = nix::sys::statfs::fstatfs(file.as_fd())
+        .map_err(|e| format!("netns {}: {e}", path.display()))?;
+    #[allow(clippy::unnecessary_cast)]
+    if st.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Err(format!(
+            "{} is not a network namespace (expected a file like /run/netns/NAME or /proc/PID/ns/net)",
+            path.display()
+        ));
+    }
+    // A namespace file may be of another kind (mnt, pid...): ask the kernel.
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
+    let kind = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), NS_GET_NSTYPE) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(format!("{} is a namespace, but not a network namespace", path.display()));
+    }
+    Ok(())
+}
+
+/// `_IO(0xb7, 0x3)` from linux/nsfs.h.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Runs `work` on a fresh thread inside `ns`, with a netlink handle bound to that namespace.
+pub async fn with_netlink<F, Fut, R>(ns: &Netns, work: F) -> Result<R>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<R>> + 'static,
+    R: Send + 'static,
+{
+    let fd = ns.open()?;
+    let label = format!("{ns:?}");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("netd-netns".into())
+        .spawn(move || {
+            let result = (|| {
+                if let Some(fd) = fd {
+                    setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("enter {label}"))?;
+                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("netns runtime")?;
+                rt.block_on(async move {
+                    let (conn, handle, _) =
+                        rtnetlink::new_connection().context("open netlink socket")?;
+                    tokio::spawn(conn);
+                    work(handle).await
+                })
+            })();
+            let _ = tx.send(result);
+        })
+        .context("spawn netns thread")?;
+    rx.await.map_err(|_| anyhow!("netns worker thread died"))?
+}
+
+/// Runs a blocking closure on a fresh thread inside `ns` (for sysctl writes and sockets).
+pub async fn run_in<F, R>(ns: &Netns, work: F) -> Result<R>
+where
+    F: FnOnce() -> Result<R> + Send + 'static,
+    R: Send + 'static,
+{
+    let fd = ns.open()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("netd-netns".into())
+        .spawn(move || {
+            let result = (|| {
+                if let Some(fd) = fd {
+                    setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).context("enter netns")?;
+                }
+                work()
+            })();
+            let _ = tx.send(result);
+        })
+        .context("spawn netns thread")?;
+    rx.await.map_err(|_| anyhow!("netns worker thread died"))?
+}
+
+/// Makes /run/netns a shared mount point, as `ip netns add` does, so namespaces we mount
+/// there are visible in every mount namespace (including `ip netns exec` shells).
+fn prepare_netns_dir() -> Result<()> {
+    fs::create_dir_all(NETNS_DIR).context("create /run/netns")?;
+    let shared = || {
+        mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    if shared().is_err() {
+        // Not a mount point yet: bind it onto itself, then share it.
+        mount(
+            Some(NETNS_DIR),
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .context("bind /run/netns")?;
+        shared().context("make /run/netns shared")?;
+    }
+    Ok(())
+}
+
+/// Creates the named namespace `name` (no-op if it already exists and is a namespace).
+pub fn create_named(name: &str) -> Result<()> {
+    let path = Path::new(NETNS_DIR).join(name);
+    if check_netns_path(&path).is_ok() {
+        return Ok(());
+    }
+    prepare_netns_dir()?;
+    let path2 = path.clone();
+    std::thread::Builder::new()
+        .name("netd-netns-add".into())
+        .spawn(move || -> Result<()> {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o444)
+                .open(&path2)
+                .with_context(|| format!("create {}", path2.display()))?;
+            unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+            let tid = nix::unistd::gettid();
+            let own = format!("/proc/self/task/{tid}/ns/net");
+            mount(
+                Some(own.as_str()),
+                &path2,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind-mount new netns on {}", path2.display()))?;
+            Ok(())
+        })
+        .context("spawn netns creator")?
+        .join()
+        .map_err(|_| anyhow!("netns creator thread panicked"))?
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&path);
+        })?;
+    Ok(())
+}
+
+/// Removes the named namespace; the kernel frees it (and every interface in it) once no
+/// process or mount holds it any more.
+pub fn delete_named(name: &str) -> Result<()> {
+    let path = Path::new(NETNS_DIR).join(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    match umount2(&path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => bail!("unmount {}: {e}", path.display()),
+    }
+    fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))
+}
+
+/// Names of namespaces under /run/netns starting with `prefix`.
+pub fn list_named(prefix: &str) -> Result<Vec<String>> {
+    let mut out = vec![];
+    let entries = match fs::read_dir(NETNS_DIR) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).context("read /run/netns"),
+    };
+    for entry in entries {
+        let name = entry.context("read /run/netns")?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(prefix) {
+            out.push(name.into_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Writes a sysctl in the namespace of the calling thread (/proc/sys/net is per netns).
+pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let current = fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    if current.trim() == value {
+        return Ok(());
+    }
+    fs::write(&path, value).with_context(|| format!("write {path}"))
+}

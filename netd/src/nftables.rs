@@ -1,0 +1,225 @@
+//! The node's nftables rules: masquerade for egress, and the isolation rules that keep
+//! tasks from reaching each other through the gwbridge or across bridge networks.
+//!
+//! The whole ruleset is rendered from desired state and replaced in one `nft -f`
+//! transaction. Its hash is stored as the table comment, so a reconcile that would render
+//! the same rules reads the comment and changes nothing (a restart must not touch the
+//! kernel). netd owns the tables named `netd` and nothing else.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use ipnetwork::Ipv4Network;
+
+pub const TABLE: &str = "netd";
+
+/// One node-local bridge whose traffic needs rules.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BridgeRules {
+    pub ifname: String,
+    pub subnet: Ipv4Network,
+    /// Internal networks have no egress and no route to anything else.
+    pub internal: bool,
+}
+
+/// Everything the node's rules depend on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Ruleset {
+    /// The gwbridge, when some local task uses it.
+    pub gwbridge: Option<BridgeRules>,
+    /// The bridge-driver networks present on this node.
+    pub bridges: Vec<BridgeRules>,
+}
+
+impl Ruleset {
+    pub fn is_empty(&self) -> bool {
+        self.gwbridge.is_none() && self.bridges.is_empty()
+    }
+
+    pub fn hash_hex(&self) -> String {
+        let mut h = DefaultHasher::new();
+        self.hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+
+    /// The `nft -f` script that replaces netd's tables with this ruleset.
+    pub fn render(&self) -> String {
+        let tag = self.hash_hex();
+        let mut nat = vec![];
+        let mut forward = vec![];
+        let mut bridged = vec![];
+        let all: Vec<&BridgeRules> = self.gwbridge.iter().chain(self.bridges.iter()).collect();
+        for b in &all {
+            if !b.internal {
+                nat.push(format!(
+                    "ip saddr {} oifname != \"{}\" masquerade",
+                    b.subnet, b.ifname
+                ));
+            }
+        }
+        if let Some(gw) = &self.gwbridge {
+            // Docker's icc=false for the gwbridge: tasks use it for egress only, never to
+            // reach each other, neither routed through the node ...
+            forward.push(format!(
+                "iifname \"{0}\" oifname \"{0}\" drop",
+                gw.ifname
+            ));
+            // ... nor bridged between ports.
+            bridged.push(format!("meta ibrname \"{}\" drop", gw.ifname));
+        }
+        // No routed path between two netd bridges (gwbridge included): networks are
+        // isolated from one another as in Docker.
+        for a in &all {
+            for b in &all {
+                if a.ifname != b.ifname {
+                    forward.push(format!(
+                        "iifname \"{}\" oifname \"{}\" drop",
+                        a.ifname, b.ifname
+                    ));
+                }
+            }
+            if a.internal {
+                forward.push(format!("iifname \"{0}\" oifname != \"{0}\" drop", a.ifname));
+                forward.push(format!("oifname \"{0}\" iifname != \"{0}\" drop", a.ifname));
+            }
+        }
+        let indent = |rules: &[String]| {
+            rules
+                .iter()
+                .map(|r| format!("\t\t{r}\n"))
+                .collect::<String>()
+        };
+        format!(
+            "add table ip {TABLE}\ndelete table ip {TABLE}\n\
+             table ip {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
+             \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{}\t}}\n\
+             \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n}}\n\
+             add table bridge {TABLE}\ndelete table bridge {TABLE}\n\
+             table bridge {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
+             \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n}}\n",
+            indent(&nat),
+            indent(&forward),
+            indent(&bridged),
+        )
+    }
+}
+
+fn nft(script: &str) -> Result<String> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run nft (is the nftables package installed?)")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())
+        .context("write to nft")?;
+    let out = child.wait_with_output().context("wait for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft failed: {}\nscript:\n{script}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The hash tag of the ruleset currently in the kernel, if netd's table exists.
+fn current_tag() -> Result<Option<String>> {
+    let out = Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .output()
+        .context("run nft list")?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("comment \"netd:")
+            .and_then(|s| s.strip_suffix('"'))
+            .map(str::to_string)
+    }))
+}
+
+/// Makes the kernel's netd tables match `rules` (removing them when there are none).
+/// Returns whether anything changed. Runs in the caller's netns (nft inherits it).
+pub fn apply(rules: &Ruleset) -> Result<bool> {
+    let current = current_tag()?;
+    if rules.is_empty() {
+        if current.is_none() {
+            return Ok(false);
+        }
+        nft(&format!(
+            "add table ip {TABLE}\ndelete table ip {TABLE}\nadd table bridge {TABLE}\ndelete table bridge {TABLE}\n"
+        ))?;
+        return Ok(true);
+    }
+    if current.as_deref() == Some(rules.hash_hex().as_str()) {
+        return Ok(false);
+    }
+    nft(&rules.render())?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bridge(name: &str, subnet: &str, internal: bool) -> BridgeRules {
+        BridgeRules {
+            ifname: name.into(),
+            subnet: subnet.parse().unwrap(),
+            internal,
+        }
+    }
+
+    #[test]
+    fn gwbridge_gets_masquerade_and_no_task_to_task_path() {
+        let r = Ruleset {
+            gwbridge: Some(bridge("netd_gwbridge", "198.18.1.0/24", false)),
+            bridges: vec![],
+        };
+        let s = r.render();
+        assert!(s.contains("ip saddr 198.18.1.0/24 oifname != \"netd_gwbridge\" masquerade"));
+        assert!(s.contains("iifname \"netd_gwbridge\" oifname \"netd_gwbridge\" drop"));
+        assert!(s.contains("meta ibrname \"netd_gwbridge\" drop"));
+        assert!(s.contains(&format!("comment \"netd:{}\"", r.hash_hex())));
+    }
+
+    #[test]
+    fn bridges_are_isolated_and_internal_ones_have_no_egress() {
+        let r = Ruleset {
+            gwbridge: None,
+            bridges: vec![
+                bridge("ndbra", "198.19.0.0/24", false),
+                bridge("ndbrb", "198.19.1.0/24", true),
+            ],
+        };
+        let s = r.render();
+        assert!(s.contains("iifname \"ndbra\" oifname \"ndbrb\" drop"));
+        assert!(s.contains("iifname \"ndbrb\" oifname \"ndbra\" drop"));
+        assert!(s.contains("198.19.0.0/24 oifname != \"ndbra\" masquerade"));
+        assert!(!s.contains("198.19.1.0/24 oifname"));
+        assert!(s.contains("iifname \"ndbrb\" oifname != \"ndbrb\" drop"));
+    }
+
+    #[test]
+    fn the_tag_changes_with_the_rules() {
+        let a = Ruleset {
+            gwbridge: Some(bridge("netd_gwbridge", "198.18.1.0/24", false)),
+            bridges: vec![],
+        };
+        let mut b = a.clone();
+        b.bridges.push(bridge("ndbrx", "198.19.0.0/24", false));
+        assert_ne!(a.hash_hex(), b.hash_hex());
+        assert_eq!(a.hash_hex(), a.clone().hash_hex());
+    }
+}

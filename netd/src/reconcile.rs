@@ -1,0 +1,502 @@
+//! One reconcile step turns the kernel of this node into what the store says it should
+//! be. The kernel is the source of truth for what exists: every step reads links,
+//! addresses, routes, namespaces and nftables, changes only what differs, then sweeps the
+//! netd-named objects nothing desires. Running it twice changes nothing the second time,
+//! which is what lets netd restart (even after `kill -9`) without touching live traffic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use ipnetwork::Ipv4Network;
+use rtnetlink::Handle;
+use tokio::sync::Mutex;
+
+use crate::model::{Driver, Endpoint, Network, Task, GWBRIDGE};
+use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
+use crate::netlink::{self, Link};
+use crate::netns::{self, Netns};
+use crate::nftables::{self, BridgeRules, Ruleset};
+use crate::state::State;
+use crate::store::Store;
+
+/// This node's fixed settings, from the daemon's command line.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub gwbridge_subnet: Ipv4Network,
+    pub vxlan_port: u16,
+    /// Underlay MTU minus the 50 bytes of VXLAN encapsulation.
+    pub overlay_mtu: u32,
+    pub bridge_mtu: u32,
+}
+
+/// What the last reconcile could not do, per task id; surfaced by `netd task ls`.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub task_errors: BTreeMap<String, String>,
+    pub errors: Vec<String>,
+}
+
+pub struct Reconciler {
+    store: Arc<dyn Store>,
+    cfg: NodeConfig,
+    /// One step at a time: two concurrent steps would race to create the same objects.
+    step: Mutex<()>,
+    last: std::sync::Mutex<Report>,
+}
+
+/// Where a task endpoint's host-side veth lives and what it plugs into.
+#[derive(Debug, Clone)]
+struct Attachment {
+    parent: Netns,
+    bridge: String,
+    mtu: u32,
+}
+
+impl Reconciler {
+    pub fn new(store: Arc<dyn Store>, cfg: NodeConfig) -> Self {
+        Reconciler {
+            store,
+            cfg,
+            step: Mutex::new(()),
+            last: std::sync::Mutex::new(Report::default()),
+        }
+    }
+
+    pub fn last_report(&self) -> Report {
+        self.last.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Re-runs whenever the store changes, and every `interval` to repair drift.
+    pub async fn run_forever(self: Arc<Self>, interval: Duration) {
+        let mut changes = self.store.subscribe();
+        loop {
+            if let Err(e) = self.run_once().await {
+                tracing::warn!("reconcile: {e:#}");
+            }
+            tokio::select! {
+                r = changes.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    pub async fn run_once(&self) -> Result<Report> {
+        let _guard = self.step.lock().await;
+        let st = State::load(self.store.as_ref())
+            .await
+            .context("read desired state")?;
+        let report = self.step(&st).await;
+        if let Ok(mut last) = self.last.lock() {
+            *last = report.clone();
+        }
+        for (task, e) in &report.task_errors {
+            tracing::warn!(task, "{e}");
+        }
+        for e in &report.errors {
+            tracing::warn!("{e}");
+        }
+        Ok(report)
+    }
+
+    fn attachment(&self, st: &State, ep: &Endpoint) -> Option<Attachment> {
+        if ep.network == GWBRIDGE {
+            return Some(Attachment {
+                parent: Netns::Home,
+                bridge: GWBRIDGE_IF.into(),
+                mtu: self.cfg.bridge_mtu,
+            });
+        }
+        let net = st.networks.get(&ep.network)?;
+        Some(match net.driver {
+            Driver::Overlay => Attachment {
+                parent: Netns::named(&naming::sandbox_netns(&self.cfg.name, &net.id)),
+                bridge: SANDBOX_BRIDGE.into(),
+                mtu: self.cfg.overlay_mtu,
+            },
+            Driver::Bridge => Attachment {
+                parent: Netns::Home,
+                bridge: naming::bridge_if(&net.id),
+                mtu: self.cfg.bridge_mtu,
+            },
+        })
+    }
+
+    async fn step(&self, st: &State) -> Report {
+        let mut report = Report::default();
+        let node = &self.cfg.name;
+        let tasks: Vec<&Task> = st.tasks.values().filter(|t| &t.node == node).collect();
+        let needs_gwbridge = tasks
+            .iter()
+            .any(|t| t.endpoints.iter().any(|e| e.network == GWBRIDGE));
+        let bridges: Vec<&Network> = st
+            .networks
+            .values()
+            .filter(|n| n.driver == Driver::Bridge)
+            .collect();
+        let overlays: BTreeMap<&str, &Network> = tasks
+            .iter()
+            .flat_map(|t| t.endpoints.iter())
+            .filter_map(|e| st.networks.get(&e.network))
+            .filter(|n| n.driver == Driver::Overlay)
+            .map(|n| (n.id.as_str(), n))
+            .collect();
+
+        // 1. Node-level bridges, then the overlay sandboxes the local tasks need.
+        if let Err(e) = self
+            .ensure_node_bridges(needs_gwbridge, &bridges)
+            .await
+        {
+            report.errors.push(format!("node bridges: {e:#}"));
+        }
+        let mut broken_sandboxes = BTreeSet::new();
+        for net in overlays.values() {
+            if let Err(e) = self.ensure_sandbox(net).await {
+                report
+                    .errors
+                    .push(format!("sandbox of network {}: {e:#}", net.name));
+                broken_sandboxes.insert(net.name.clone());
+            }
+        }
+
+        // 2. Task endpoints.
+        for task in &tasks {
+            if let Some(bad) = task
+                .endpoints
+                .iter()
+                .find(|e| broken_sandboxes.contains(&e.network))
+            {
+                report.task_errors.insert(
+                    task.id.clone(),
+                    format!("sandbox of network {} is not ready", bad.network),
+                );
+                continue;
+            }
+            if let Err(e) = self.ensure_task(st, task).await {
+                report.task_errors.insert(task.id.clone(), format!("{e:#}"));
+            }
+        }
+
+        // 3. Node firewall: masquerade and isolation.
+        let rules = Ruleset {
+            gwbridge: needs_gwbridge.then(|| BridgeRules {
+                ifname: GWBRIDGE_IF.into(),
+                subnet: self.cfg.gwbridge_subnet,
+                internal: false,
+            }),
+            bridges: bridges
+                .iter()
+                .map(|n| BridgeRules {
+                    ifname: naming::bridge_if(&n.id),
+                    subnet: n.subnet,
+                    internal: n.internal,
+                })
+                .collect(),
+        };
+        match tokio::task::spawn_blocking(move || nftables::apply(&rules)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => report.errors.push(format!("nftables: {e:#}")),
+            Err(e) => report.errors.push(format!("nftables: {e}")),
+        }
+
+        // 4. Sweep what nothing desires any more.
+        let mut wanted: BTreeMap<Netns, BTreeSet<String>> = BTreeMap::new();
+        for task in &tasks {
+            for ep in &task.endpoints {
+                if let Some(a) = self.attachment(st, ep) {
+                    wanted
+                        .entry(a.parent)
+                        .or_default()
+                        .insert(naming::endpoint_if(&ep.id));
+                }
+            }
+        }
+        let wanted_sandboxes: BTreeSet<String> = overlays
+            .keys()
+            .map(|id| naming::sandbox_netns(node, id))
+            .collect();
+        let wanted_bridges: BTreeSet<String> =
+            bridges.iter().map(|n| naming::bridge_if(&n.id)).collect();
+        if let Err(e) = self
+            .sweep(&wanted, &wanted_sandboxes, &wanted_bridges, needs_gwbridge)
+            .await
+        {
+            report.errors.push(format!("sweep: {e:#}"));
+        }
+        report
+    }
+
+    async fn ensure_node_bridges(&self, gwbridge: bool, bridges: &[&Network]) -> Result<()> {
+        let mut want: Vec<(String, Ipv4Addr, u8)> = bridges
+            .iter()
+            .map(|n| (naming::bridge_if(&n.id), n.gateway, n.subnet.prefix()))
+            .collect();
+        if gwbridge {
+            let s = self.cfg.gwbridge_subnet;
+            want.push((
+                GWBRIDGE_IF.into(),
+                crate::ipam::default_gateway(s),
+                s.prefix(),
+            ));
+        }
+        if want.is_empty() {
+            return Ok(());
+        }
+        let mtu = self.cfg.bridge_mtu;
+        netns::with_netlink(&Netns::Home, move |h| async move {
+            for (name, gw, prefix) in want {
+                let br = netlink::ensure_bridge(&h, &name, mtu).await?;
+                netlink::ensure_address(&h, &br, gw, prefix).await?;
+            }
+            Ok(())
+        })
+        .await?;
+        // Egress from the bridges is routed by the node.
+        netns::run_in(&Netns::Home, || {
+            netns::write_sysctl("net.ipv4.ip_forward", "1")
+        })
+        .await
+    }
+
+    /// The sandbox of an overlay network: a netns holding `br0` (the gateway) and
+    /// `vxlan0`, created in the node netns so its UDP socket lives on the underlay.
+    async fn ensure_sandbox(&self, net: &Network) -> Result<()> {
+        let name = naming::sandbox_netns(&self.cfg.name, &net.id);
+        let create_name = name.clone();
+        tokio::task::spawn_blocking(move || netns::create_named(&create_name))
+            .await
+            .map_err(|e| anyhow!("{e}"))??;
+        let sandbox = Netns::named(&name);
+        let mtu = self.cfg.overlay_mtu;
+        let (gw, prefix) = (net.gateway, net.subnet.prefix());
+        let has_vxlan = netns::with_netlink(&sandbox, move |h| async move {
+            if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
+                netlink::set_up(&h, &lo).await?;
+            }
+            let br = netlink::ensure_bridge(&h, SANDBOX_BRIDGE, mtu).await?;
+            netlink::ensure_address(&h, &br, gw, prefix).await?;
+            Ok(netlink::link_by_name(&h, SANDBOX_VXLAN).await?.is_some())
+        })
+        .await?;
+        if !has_vxlan {
+            let vni = net.vni.context("overlay network without a VNI")?;
+            let tmp = naming::vxlan_tmp_if(&net.id);
+            let port = self.cfg.vxlan_port;
+            let fd = sandbox.open()?.context("sandbox netns file")?;
+            netns::with_netlink(&Netns::Home, move |h| async move {
+                if let Some(stale) = netlink::link_by_name(&h, &tmp).await? {
+                    netlink::delete_link(&h, stale.index).await?;
+                }
+                netlink::create_vxlan(&h, &tmp, vni, port, mtu).await?;
+                let link = netlink::require_link(&h, &tmp).await?;
+                netlink::move_to_netns(&h, &link, fd.as_fd()).await
+            })
+            .await?;
+            let tmp = naming::vxlan_tmp_if(&net.id);
+            netns::with_netlink(&sandbox, move |h| async move {
+                let link = netlink::require_link(&h, &tmp).await?;
+                h.link()
+                    .set(
+                        rtnetlink::LinkUnspec::new_with_index(link.index)
+                            .name(SANDBOX_VXLAN)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .context("rename vxlan")?;
+                Ok(())
+            })
+            .await?;
+        }
+        netns::with_netlink(&sandbox, move |h| async move {
+            let br = netlink::require_link(&h, SANDBOX_BRIDGE).await?;
+            let vx = netlink::require_link(&h, SANDBOX_VXLAN).await?;
+            netlink::set_controller(&h, &vx, br.index).await?;
+            netlink::set_up(&h, &vx).await
+        })
+        .await
+    }
+
+    async fn ensure_task(&self, st: &State, task: &Task) -> Result<()> {
+        let task_ns = PathBuf::from(&task.netns);
+        netns::check_netns_path(&task_ns).map_err(|e| anyhow!("{e}"))?;
+        let task_ns = Netns::Path(task_ns);
+        for ep in &task.endpoints {
+            let a = self
+                .attachment(st, ep)
+                .with_context(|| format!("network {} of endpoint {} is gone", ep.network, ep.id))?;
+            self.ensure_endpoint(&task_ns, ep, &a)
+                .await
+                .with_context(|| format!("endpoint {} on {}", ep.ifname, ep.network))?;
+        }
+        let endpoints = task.endpoints.clone();
+        let gateway = task.default_gateway;
+        netns::with_netlink(&task_ns, move |h| async move {
+            if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
+                netlink::set_up(&h, &lo).await?;
+            }
+            if let Some(gw) = gateway {
+                let ep = endpoints
+                    .iter()
+                    .find(|e| {
+                        Ipv4Network::new(e.ip, e.prefix).is_ok_and(|n| n.contains(gw))
+                    })
+                    .context("no endpoint reaches the default gateway")?;
+                let link = netlink::require_link(&h, &ep.ifname).await?;
+                netlink::ensure_default_route(&h, &link, gw).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ensure_endpoint(&self, task_ns: &Netns, ep: &Endpoint, a: &Attachment) -> Result<()> {
+        let host_if = naming::endpoint_if(&ep.id);
+        let exists = {
+            let host_if = host_if.clone();
+            netns::with_netlink(&a.parent, move |h| async move {
+                Ok(netlink::link_by_name(&h, &host_if).await?.is_some())
+            })
+            .await?
+        };
+        if !exists {
+            // Create the pair in the node netns, then move each end where it belongs.
+            let tmp = naming::task_tmp_if(&ep.id);
+            let task_fd = task_ns.open()?.context("task netns")?;
+            let parent_fd = a.parent.open()?;
+            let host_if = host_if.clone();
+            netns::with_netlink(&Netns::Home, move |h| async move {
+                for stale in [&host_if, &tmp] {
+                    if let Some(l) = netlink::link_by_name(&h, stale).await? {
+                        netlink::delete_link(&h, l.index).await?;
+                    }
+                }
+                netlink::create_veth(&h, &host_if, &tmp).await?;
+                let t = netlink::require_link(&h, &tmp).await?;
+                netlink::move_to_netns(&h, &t, task_fd.as_fd()).await?;
+                if let Some(fd) = parent_fd {
+                    let l = netlink::require_link(&h, &host_if).await?;
+                    netlink::move_to_netns(&h, &l, fd.as_fd()).await?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        let (bridge, mtu) = (a.bridge.clone(), a.mtu);
+        netns::with_netlink(&a.parent, move |h| async move {
+            let br = netlink::require_link(&h, &bridge).await?;
+            let l = netlink::require_link(&h, &host_if).await?;
+            netlink::set_mtu(&h, &l, mtu).await?;
+            netlink::set_controller(&h, &l, br.index).await?;
+            netlink::set_up(&h, &l).await
+        })
+        .await?;
+        let ep = ep.clone();
+        netns::with_netlink(task_ns, move |h| async move {
+            configure_task_side(&h, &ep, mtu).await
+        })
+        .await
+    }
+
+    async fn sweep(
+        &self,
+        wanted: &BTreeMap<Netns, BTreeSet<String>>,
+        wanted_sandboxes: &BTreeSet<String>,
+        wanted_bridges: &BTreeSet<String>,
+        gwbridge: bool,
+    ) -> Result<()> {
+        let prefix = naming::sandbox_prefix(&self.cfg.name);
+        let existing = tokio::task::spawn_blocking(move || netns::list_named(&prefix))
+            .await
+            .map_err(|e| anyhow!("{e}"))??;
+        for name in existing {
+            if !wanted_sandboxes.contains(&name) {
+                tracing::info!("removing sandbox {name}");
+                tokio::task::spawn_blocking(move || netns::delete_named(&name))
+                    .await
+                    .map_err(|e| anyhow!("{e}"))??;
+                continue;
+            }
+            let ns = Netns::named(&name);
+            let keep = wanted.get(&ns).cloned().unwrap_or_default();
+            netns::with_netlink(&ns, move |h| async move {
+                sweep_links(&h, |l| {
+                    l.name.starts_with(naming::ENDPOINT_PREFIX) && !keep.contains(&l.name)
+                })
+                .await
+            })
+            .await?;
+        }
+        let keep = wanted.get(&Netns::Home).cloned().unwrap_or_default();
+        let bridges = wanted_bridges.clone();
+        netns::with_netlink(&Netns::Home, move |h| async move {
+            sweep_links(&h, |l| {
+                let n = l.name.as_str();
+                (n.starts_with(naming::ENDPOINT_PREFIX) && !keep.contains(n))
+                    || n.starts_with(naming::TASK_TMP_PREFIX)
+                    || n.starts_with(naming::VXLAN_TMP_PREFIX)
+                    || (n.starts_with(naming::BRIDGE_PREFIX) && !bridges.contains(n))
+                    || (n == GWBRIDGE_IF && !gwbridge)
+            })
+            .await
+        })
+        .await
+    }
+}
+
+async fn sweep_links(h: &Handle, stale: impl Fn(&Link) -> bool) -> Result<()> {
+    for l in netlink::links(h).await? {
+        if stale(&l) {
+            tracing::info!("removing stale link {}", l.name);
+            netlink::delete_link(h, l.index).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Names, addresses and brings up the task's end of an endpoint, found by its alias (it
+/// keeps that across renames) or by its temporary name right after creation. Nothing is
+/// touched when it is already right: bringing a link down would cut live connections.
+async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32) -> Result<()> {
+    let alias = naming::endpoint_alias(&ep.id);
+    let tmp = naming::task_tmp_if(&ep.id);
+    let links = netlink::links(h).await?;
+    let link = links
+        .iter()
+        .find(|l| l.alias.as_deref() == Some(alias.as_str()))
+        .or_else(|| links.iter().find(|l| l.name == tmp))
+        .with_context(|| format!("the task side of endpoint {} is missing", ep.id))?
+        .clone();
+    let mac = crate::model::mac_for_ip(ep.ip);
+    let configured = link.name == ep.ifname
+        && link.mac == mac
+        && link.mtu == mtu
+        && link.alias.as_deref() == Some(alias.as_str());
+    let link = if configured {
+        link
+    } else {
+        if let Some(clash) = links
+            .iter()
+            .find(|l| l.name == ep.ifname && l.index != link.index)
+        {
+            anyhow::bail!(
+                "the task netns already has an interface named {} (#{})",
+                clash.name,
+                clash.index
+            );
+        }
+        netlink::configure_down(h, &link, &ep.ifname, mac, mtu, &alias).await?;
+        netlink::require_link(h, &ep.ifname).await?
+    };
+    netlink::ensure_address(h, &link, ep.ip, ep.prefix).await?;
+    netlink::set_up(h, &link).await
+}

@@ -1,0 +1,784 @@
+//! Typed operations on the desired state. Each operation reads the whole state at one
+//! revision, validates the request against it, and commits its writes in one transaction
+//! whose compares fail if anything it relied on changed meanwhile; then it starts over.
+//! Uniqueness (names, addresses, VNIs) rests on create-if-absent keys, so it holds for
+//! any number of concurrent writers, on one node or many.
+//!
+//! Key layout (all under `/netd/`):
+//! - `networks/NAME`, `services/NAME`, `tasks/ID`, `nodes/NAME`: JSON records
+//! - `tasknames/NAME`: the id of the task with that name
+//! - `ipam/NETWORK-ID/IP`, `gwipam/NODE/IP`, `vni/VNI`: who holds an address or a VNI
+//! - `meta/networks`: rewritten by every network create/rm and compared by service
+//!   create, so a network cannot vanish under a service being created on it
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ipam::{self, IpamError};
+use crate::model::{
+    self, Driver, Endpoint, EndpointMode, Network, Node, PortSpec, Service, Task, GWBRIDGE,
+};
+use crate::store::{Compare, Op, Store, StoreError};
+
+pub const ROOT: &str = "/netd/";
+const META_NETWORKS: &str = "/netd/meta/networks";
+/// Names netd uses itself.
+const RESERVED_NETWORKS: &[&str] = &[GWBRIDGE, "ingress", "host", "none"];
+const MAX_RETRIES: usize = 32;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    InUse(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the store is too busy: gave up after {MAX_RETRIES} conflicting attempts")]
+    Contention,
+    #[error("{0}")]
+    Kernel(String),
+}
+
+impl From<IpamError> for Error {
+    fn from(e: IpamError) -> Self {
+        match e {
+            IpamError::PoolExhausted(..) | IpamError::SubnetExhausted(_) | IpamError::VniExhausted => {
+                Error::Exhausted(e.to_string())
+            }
+            IpamError::Overlap(..) => Error::Conflict(e.to_string()),
+            _ => Error::Invalid(e.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Address configuration of this daemon, from its command line.
+#[derive(Debug, Clone)]
+pub struct Pools {
+    pub pool: Ipv4Network,
+    pub size: u8,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: String,
+    #[serde(default)]
+    pub driver: Option<Driver>,
+    #[serde(default)]
+    pub subnet: Option<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub attachable: bool,
+    #[serde(default)]
+    pub internal: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCreate {
+    pub name: String,
+    #[serde(default)]
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub endpoint_mode: Option<EndpointMode>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<PortSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskAttach {
+    pub service: String,
+    pub netns: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+/// The whole desired state at one store revision, with each key's revision for compares.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    pub revision: u64,
+    pub networks: BTreeMap<String, Network>,
+    pub services: BTreeMap<String, Service>,
+    pub tasks: BTreeMap<String, Task>,
+    pub nodes: BTreeMap<String, Node>,
+    /// Network id -> addresses held in it.
+    pub ipam: HashMap<String, BTreeSet<Ipv4Addr>>,
+    /// Node name -> gwbridge addresses held on it.
+    pub gwipam: HashMap<String, BTreeSet<Ipv4Addr>>,
+    pub vnis: BTreeSet<u32>,
+    revs: HashMap<String, u64>,
+}
+
+fn key(kind: &str, name: &str) -> String {
+    format!("{ROOT}{kind}/{name}")
+}
+
+fn decode<T: DeserializeOwned>(k: &str, v: &[u8]) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| {
+        Error::Store(StoreError::Corrupt {
+            path: k.to_string(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own plain structs cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl State {
+    pub async fn load(store: &dyn Store) -> Result<State> {
+        let snap = store.list(ROOT).await?;
+        let mut st = State {
+            revision: snap.revision,
+            ..State::default()
+        };
+        for kv in snap.kvs {
+            let rest = &kv.key[ROOT.len()..];
+            let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
+            match kind {
+                "networks" => {
+                    st.networks
+                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
+                }
+                "services" => {
+                    st.services
+                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
+                }
+                "tasks" => {
+                    st.tasks.insert(name.to_string(), decode(&kv.key, &kv.value)?);
+                }
+                "nodes" => {
+                    st.nodes.insert(name.to_string(), decode(&kv.key, &kv.value)?);
+                }
+                "ipam" | "gwipam" => {
+                    if let Some((owner, ip)) = name.split_once('/') {
+                        if let Ok(ip) = ip.parse() {
+                            let map = if kind == "ipam" { &mut st.ipam } else { &mut st.gwipam };
+                            map.entry(owner.to_string()).or_default().insert(ip);
+                        }
+                    }
+                }
+                "vni" => {
+                    if let Ok(v) = name.parse() {
+                        st.vnis.insert(v);
+                    }
+                }
+                _ => {}
+            }
+            st.revs.insert(kv.key, kv.mod_revision);
+        }
+        Ok(st)
+    }
+
+    /// A compare that holds only if `key` is as this snapshot saw it.
+    fn unchanged(&self, key: &str) -> Compare {
+        match self.revs.get(key) {
+            Some(rev) => Compare::Revision(key.to_string(), *rev),
+            None => Compare::Absent(key.to_string()),
+        }
+    }
+
+    pub fn network(&self, name: &str) -> Result<&Network> {
+        self.networks
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("network {name:?} not found")))
+    }
+
+    pub fn service(&self, name: &str) -> Result<&Service> {
+        self.services
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("service {name:?} not found")))
+    }
+
+    /// Finds a task by id, unique id prefix, or name.
+    pub fn task(&self, id_or_name: &str) -> Result<&Task> {
+        if let Some(t) = self.tasks.get(id_or_name) {
+            return Ok(t);
+        }
+        if let Some(t) = self.tasks.values().find(|t| t.name == id_or_name) {
+            return Ok(t);
+        }
+        let by_prefix: Vec<_> = self
+            .tasks
+            .values()
+            .filter(|t| !id_or_name.is_empty() && t.id.starts_with(id_or_name))
+            .collect();
+        match by_prefix.as_slice() {
+            [t] => Ok(t),
+            [] => Err(Error::NotFound(format!("task {id_or_name:?} not found"))),
+            _ => Err(Error::Invalid(format!(
+                "task id prefix {id_or_name:?} is ambiguous"
+            ))),
+        }
+    }
+
+    /// Every subnet in use, labelled for error messages (networks and node gwbridges).
+    fn taken_subnets(&self) -> Vec<(Ipv4Network, String)> {
+        let mut taken: Vec<_> = self
+            .networks
+            .values()
+            .map(|n| (n.subnet, format!("network {}", n.name)))
+            .collect();
+        for node in self.nodes.values() {
+            let label = format!("the gwbridge of node {}", node.name);
+            if !taken.iter().any(|(s, _)| *s == node.gwbridge_subnet) {
+                taken.push((node.gwbridge_subnet, label));
+            }
+        }
+        taken
+    }
+}
+
+/// Runs `attempt` until its transaction commits; `attempt` returns the writes to make and
+/// the value to hand back once they stick.
+async fn commit<T, F>(store: &dyn Store, mut attempt: F) -> Result<T>
+where
+    F: FnMut(&State) -> Result<(Vec<Compare>, Vec<Op>, T)>,
+{
+    for _ in 0..MAX_RETRIES {
+        let state = State::load(store).await?;
+        let (compares, ops, out) = attempt(&state)?;
+        if store.txn(compares, ops).await? {
+            return Ok(out);
+        }
+    }
+    Err(Error::Contention)
+}
+
+pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
+    commit(store, |st| {
+        let k = key("nodes", &node.name);
+        let mut rec = node.clone();
+        if let Some(old) = st.nodes.get(&node.name) {
+            // Keep the gwbridge subnet stable: tasks already hold addresses in it.
+            if old.gwbridge_subnet != node.gwbridge_subnet
+                && st.gwipam.get(&node.name).is_some_and(|s| !s.is_empty())
+            {
+                return Err(Error::Conflict(format!(
+                    "node {} has tasks on gwbridge subnet {}; it cannot change to {}",
+                    node.name, old.gwbridge_subnet, node.gwbridge_subnet
+                )));
+            }
+            rec.started_at = node.started_at;
+        }
+        Ok((vec![st.unchanged(&k)], vec![Op::Put(k, encode(&rec))], ()))
+    })
+    .await
+}
+
+pub async fn create_network(store: &dyn Store, pools: &Pools, req: NetworkCreate) -> Result<Network> {
+    model::validate_dns_label("network", &req.name).map_err(Error::Invalid)?;
+    if RESERVED_NETWORKS.contains(&req.name.as_str()) {
+        return Err(Error::Invalid(format!(
+            "network name {:?} is reserved by netd",
+            req.name
+        )));
+    }
+    let driver = req.driver.unwrap_or(Driver::Overlay);
+    let subnet = match &req.subnet {
+        Some(s) => Some(ipam::parse_subnet(s).map_err(Error::Invalid)?),
+        None => None,
+    };
+    let gateway: Option<Ipv4Addr> = match &req.gateway {
+        Some(g) => Some(
+            g.parse()
+                .map_err(|_| Error::Invalid(format!("invalid gateway address {g:?}")))?,
+        ),
+        None => None,
+    };
+    if gateway.is_some() && subnet.is_none() {
+        return Err(Error::Invalid("--gateway needs --subnet".into()));
+    }
+    if let (Some(subnet), Some(gw)) = (subnet, gateway) {
+        ipam::check_gateway(subnet, gw)?;
+    }
+    let id = model::random_id(12);
+    commit(store, |st| {
+        if st.networks.contains_key(&req.name) {
+            return Err(Error::Conflict(format!(
+                "network {:?} already exists",
+                req.name
+            )));
+        }
+        let taken = st.taken_subnets();
+        let subnet = match subnet {
+            Some(s) => {
+                ipam::check_free(s, &taken)?;
+                s
+            }
+            None => ipam::allocate_subnet(pools.pool, pools.size, &taken)?,
+        };
+        let gateway = gateway.unwrap_or_else(|| ipam::default_gateway(subnet));
+        let vni = match driver {
+            Driver::Overlay => Some(ipam::allocate_vni(&st.vnis)?),
+            Driver::Bridge => None,
+        };
+        let net = Network {
+            id: id.clone(),
+            name: req.name.clone(),
+            driver,
+            subnet,
+            gateway,
+            vni,
+            attachable: req.attachable,
+            internal: req.internal,
+            created_at: model::now_secs(),
+        };
+        let nk = key("networks", &net.name);
+        let gk = key("ipam", &format!("{}/{gateway}", net.id));
+        let mut compares = vec![
+            Compare::Absent(nk.clone()),
+            st.unchanged(META_NETWORKS),
+            Compare::Absent(gk.clone()),
+        ];
+        let mut ops = vec![
+            Op::Put(nk, encode(&net)),
+            Op::Put(gk, b"\"gateway\"".to_vec()),
+            Op::Put(META_NETWORKS.into(), encode(&st.revision)),
+        ];
+        if let Some(v) = vni {
+            let vk = key("vni", &v.to_string());
+            compares.push(Compare::Absent(vk.clone()));
+            ops.push(Op::Put(vk, encode(&net.name)));
+        }
+        // The node gwbridges are part of `taken`: a node changing its gwbridge subnet
+        // concurrently must make this attempt retry.
+        for name in st.nodes.keys() {
+            compares.push(st.unchanged(&key("nodes", name)));
+        }
+        Ok((compares, ops, net))
+    })
+    .await
+}
+
+pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Network> {
+    commit(store, |st| {
+        let net = st.network(name)?.clone();
+        if let Some(svc) = st.services.values().find(|s| s.networks.contains(&net.name)) {
+            return Err(Error::InUse(format!(
+                "network {name:?} is in use by service {:?}; remove the service first",
+                svc.name
+            )));
+        }
+        if let Some(t) = st
+            .tasks
+            .values()
+            .find(|t| t.endpoints.iter().any(|e| e.network == net.name))
+        {
+            return Err(Error::InUse(format!(
+                "network {name:?} still has task {:?} attached",
+                t.name
+            )));
+        }
+        let nk = key("networks", name);
+        let mut ops = vec![
+            Op::Delete(nk.clone()),
+            Op::Put(META_NETWORKS.into(), encode(&st.revision)),
+        ];
+        for ip in st.ipam.get(&net.id).into_iter().flatten() {
+            ops.push(Op::Delete(key("ipam", &format!("{}/{ip}", net.id))));
+        }
+        if let Some(v) = net.vni {
+            ops.push(Op::Delete(key("vni", &v.to_string())));
+        }
+        Ok((vec![st.unchanged(&nk), st.unchanged(META_NETWORKS)], ops, net))
+    })
+    .await
+}
+
+pub async fn create_service(store: &dyn Store, req: ServiceCreate) -> Result<Service> {
+    model::validate_dns_label("service", &req.name).map_err(Error::Invalid)?;
+    for a in &req.aliases {
+        model::validate_dns_label("alias", a).map_err(Error::Invalid)?;
+    }
+    if req.networks.is_empty() {
+        return Err(Error::Invalid(format!(
+            "service {:?} needs at least one --network",
+            req.name
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for n in &req.networks {
+        if !seen.insert(n) {
+            return Err(Error::Invalid(format!("network {n:?} given twice")));
+        }
+    }
+    if !req.publish.is_empty() {
+        return Err(Error::Unsupported(
+            "published ports need the ingress routing mesh, which this netd does not have yet"
+                .into(),
+        ));
+    }
+    let mode = req.endpoint_mode.unwrap_or(EndpointMode::Vip);
+    let id = model::random_id(12);
+    commit(store, |st| {
+        if st.services.contains_key(&req.name) {
+            return Err(Error::Conflict(format!(
+                "service {:?} already exists",
+                req.name
+            )));
+        }
+        let sk = key("services", &req.name);
+        let mut compares = vec![Compare::Absent(sk.clone()), st.unchanged(META_NETWORKS)];
+        let mut ops = vec![];
+        let mut vips = BTreeMap::new();
+        for n in &req.networks {
+            let net = st.network(n)?;
+            compares.push(st.unchanged(&key("networks", n)));
+            if mode == EndpointMode::Vip {
+                let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
+                let vip = ipam::allocate_ip(net.subnet, &used)?;
+                let ik = key("ipam", &format!("{}/{vip}", net.id));
+                compares.push(Compare::Absent(ik.clone()));
+                ops.push(Op::Put(ik, encode(&format!("vip:{}", req.name))));
+                vips.insert(n.clone(), vip);
+            }
+        }
+        let svc = Service {
+            id: id.clone(),
+            name: req.name.clone(),
+            networks: req.networks.clone(),
+            endpoint_mode: mode,
+            aliases: req.aliases.clone(),
+            publish: req.publish.clone(),
+            vips,
+            created_at: model::now_secs(),
+        };
+        ops.push(Op::Put(sk, encode(&svc)));
+        Ok((compares, ops, svc))
+    })
+    .await
+}
+
+/// The store writes that release everything a task holds.
+fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
+    let mut ops = vec![
+        Op::Delete(key("tasks", &task.id)),
+        Op::Delete(key("tasknames", &task.name)),
+    ];
+    for ep in &task.endpoints {
+        if ep.network == GWBRIDGE {
+            ops.push(Op::Delete(key("gwipam", &format!("{}/{}", task.node, ep.ip))));
+        } else if let Some(net) = st.networks.get(&ep.network) {
+            ops.push(Op::Delete(key("ipam", &format!("{}/{}", net.id, ep.ip))));
+        }
+    }
+    ops
+}
+
+/// Removes a service and detaches all its tasks (as `docker service rm` does).
+pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Service> {
+    commit(store, |st| {
+        let svc = st.service(name)?.clone();
+        let sk = key("services", name);
+        let mut compares = vec![st.unchanged(&sk)];
+        let mut ops = vec![Op::Delete(sk)];
+        for (net, vip) in &svc.vips {
+            if let Some(n) = st.networks.get(net) {
+                ops.push(Op::Delete(key("ipam", &format!("{}/{vip}", n.id))));
+            }
+        }
+        for t in st.tasks.values().filter(|t| t.service == svc.name) {
+            compares.push(st.unchanged(&key("tasks", &t.id)));
+            ops.extend(task_release_ops(st, t));
+        }
+        Ok((compares, ops, svc))
+    })
+    .await
+}
+
+/// Records a task attachment. `local_node` is the daemon's own node; the kernel work is
+/// done by the reconciler of the task's node.
+pub async fn attach_task(store: &dyn Store, local_node: &str, req: TaskAttach) -> Result<Task> {
+    if let Some(n) = &req.name {
+        model::validate_dns_label("task", n).map_err(Error::Invalid)?;
+    }
+    if !req.netns.starts_with('/') {
+        return Err(Error::Invalid(format!(
+            "--netns must be an absolute path, got {:?}",
+            req.netns
+        )));
+    }
+    let node_name = req.node.clone().unwrap_or_else(|| local_node.to_string());
+    let id = model::random_id(16);
+    commit(store, |st| {
+        let svc = st.service(&req.service)?;
+        let node = st.nodes.get(&node_name).ok_or_else(|| {
+            Error::NotFound(format!("node {node_name:?} is not part of this cluster"))
+        })?;
+        if let Some(other) = st
+            .tasks
+            .values()
+            .find(|t| t.node == node_name && t.netns == req.netns)
+        {
+            return Err(Error::Conflict(format!(
+                "netns {} is already attached as task {:?}",
+                req.netns, other.name
+            )));
+        }
+        let name = match &req.name {
+            Some(n) => n.clone(),
+            None => {
+                let slots: BTreeSet<String> = st.tasks.values().map(|t| t.name.clone()).collect();
+                (1..)
+                    .map(|i| format!("{}-{i}", svc.name))
+                    .find(|n| !slots.contains(n))
+                    .unwrap_or_default()
+            }
+        };
+        if st.tasks.values().any(|t| t.name == name) {
+            return Err(Error::Conflict(format!("task name {name:?} is taken")));
+        }
+        let tk = key("tasks", &id);
+        let nk = key("tasknames", &name);
+        let mut compares = vec![
+            Compare::Absent(tk.clone()),
+            Compare::Absent(nk.clone()),
+            st.unchanged(&key("services", &svc.name)),
+            st.unchanged(&key("nodes", &node_name)),
+        ];
+        let mut ops = vec![Op::Put(nk, encode(&id))];
+        let mut endpoints = vec![];
+        let mut default_gateway = None;
+        let mut needs_gwbridge = false;
+        for netname in &svc.networks {
+            let net = st.network(netname)?;
+            compares.push(st.unchanged(&key("networks", netname)));
+            let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
+            let ip = ipam::allocate_ip(net.subnet, &used)?;
+            let ik = key("ipam", &format!("{}/{ip}", net.id));
+            compares.push(Compare::Absent(ik.clone()));
+            ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
+            if !net.internal {
+                match net.driver {
+                    // A bridge network gives egress itself, as Docker's bridge does.
+                    Driver::Bridge if default_gateway.is_none() => {
+                        default_gateway = Some(net.gateway)
+                    }
+                    Driver::Overlay => needs_gwbridge = true,
+                    Driver::Bridge => {}
+                }
+            }
+            endpoints.push(endpoint(endpoints.len(), netname, ip, net.subnet.prefix()));
+        }
+        if default_gateway.is_none() && needs_gwbridge {
+            let subnet = node.gwbridge_subnet;
+            let gw = ipam::default_gateway(subnet);
+            let mut used = st.gwipam.get(&node_name).cloned().unwrap_or_default();
+            used.insert(gw);
+            let ip = ipam::allocate_ip(subnet, &used)?;
+            let ik = key("gwipam", &format!("{node_name}/{ip}"));
+            compares.push(Compare::Absent(ik.clone()));
+            ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
+            endpoints.push(endpoint(endpoints.len(), GWBRIDGE, ip, subnet.prefix()));
+            default_gateway = Some(gw);
+        }
+        let task = Task {
+            id: id.clone(),
+            name,
+            service: svc.name.clone(),
+            node: node_name.clone(),
+            netns: req.netns.clone(),
+            endpoints,
+            default_gateway,
+            created_at: model::now_secs(),
+        };
+        ops.push(Op::Put(tk, encode(&task)));
+        Ok((compares, ops, task))
+    })
+    .await
+}
+
+fn endpoint(index: usize, network: &str, ip: Ipv4Addr, prefix: u8) -> Endpoint {
+    Endpoint {
+        id: model::random_id(10),
+        network: network.to_string(),
+        ip,
+        prefix,
+        mac: model::format_mac(&model::mac_for_ip(ip)),
+        ifname: format!("eth{index}"),
+    }
+}
+
+pub async fn detach_task(store: &dyn Store, id_or_name: &str) -> Result<Task> {
+    commit(store, |st| {
+        let task = st.task(id_or_name)?.clone();
+        let compares = vec![st.unchanged(&key("tasks", &task.id))];
+        let ops = task_release_ops(st, &task);
+        Ok((compares, ops, task))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStore;
+
+    fn pools() -> Pools {
+        Pools {
+            pool: "198.19.0.0/16".parse().unwrap(),
+            size: 24,
+        }
+    }
+
+    async fn setup() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        register_node(
+            &store,
+            Node {
+                name: "n1".into(),
+                address: None,
+                gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
+                started_at: 0,
+            },
+        )
+        .await
+        .unwrap();
+        (dir, store)
+    }
+
+    fn net(name: &str) -> NetworkCreate {
+        NetworkCreate {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn networks_get_distinct_subnets_and_vnis() {
+        let (_d, s) = setup().await;
+        let a = create_network(&s, &pools(), net("a")).await.unwrap();
+        let b = create_network(&s, &pools(), net("b")).await.unwrap();
+        assert_ne!(a.subnet, b.subnet);
+        assert_eq!(a.vni, Some(4096));
+        assert_eq!(b.vni, Some(4097));
+        assert_eq!(a.gateway, "198.19.0.1".parse::<Ipv4Addr>().unwrap());
+        assert!(matches!(
+            create_network(&s, &pools(), net("a")).await,
+            Err(Error::Conflict(_))
+        ));
+        // The gwbridge subnet of a node counts as taken.
+        let mut r = net("c");
+        r.subnet = Some("198.18.1.0/25".into());
+        assert!(matches!(create_network(&s, &pools(), r).await, Err(Error::Conflict(_))));
+    }
+
+    #[tokio::test]
+    async fn concurrent_attaches_never_share_an_address() {
+        let (_d, s) = setup().await;
+        create_network(&s, &pools(), net("front")).await.unwrap();
+        create_service(
+            &s,
+            ServiceCreate {
+                name: "web".into(),
+                networks: vec!["front".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let s = std::sync::Arc::new(s);
+        let mut handles = vec![];
+        for i in 0..20 {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                attach_task(
+                    s.as_ref(),
+                    "n1",
+                    TaskAttach {
+                        service: "web".into(),
+                        netns: format!("/run/netns/x{i}"),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+            }));
+        }
+        let mut ips = BTreeSet::new();
+        let mut names = BTreeSet::new();
+        for h in handles {
+            let t = h.await.unwrap();
+            assert!(ips.insert(t.endpoints[0].ip));
+            assert!(ips.insert(t.endpoints[1].ip), "gwbridge ip reused");
+            assert!(names.insert(t.name));
+        }
+        assert_eq!(ips.len(), 40);
+    }
+
+    #[tokio::test]
+    async fn a_network_in_use_cannot_be_removed_and_detach_frees_addresses() {
+        let (_d, s) = setup().await;
+        create_network(&s, &pools(), net("front")).await.unwrap();
+        let svc = create_service(
+            &s,
+            ServiceCreate {
+                name: "web".into(),
+                networks: vec!["front".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let t = attach_task(
+            &s,
+            "n1",
+            TaskAttach {
+                service: "web".into(),
+                netns: "/run/netns/a".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(t.name, "web-1");
+        assert!(matches!(remove_network(&s, "front").await, Err(Error::InUse(_))));
+        let ip = t.endpoints[0].ip;
+        assert_ne!(Some(&ip), svc.vips.get("front"));
+        detach_task(&s, "web-1").await.unwrap();
+        let t2 = attach_task(
+            &s,
+            "n1",
+            TaskAttach {
+                service: "web".into(),
+                netns: "/run/netns/b".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(t2.endpoints[0].ip, ip, "a freed address comes back");
+        remove_service(&s, "web").await.unwrap();
+        let st = State::load(&s).await.unwrap();
+        assert!(st.tasks.is_empty());
+        remove_network(&s, "front").await.unwrap();
+        let st = State::load(&s).await.unwrap();
+        assert!(st.ipam.is_empty() && st.gwipam.is_empty() && st.vnis.is_empty());
+    }
+}
