@@ -8,9 +8,13 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoBridgePort, InfoKind, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+};
 
 /// What netd needs to know about a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +27,8 @@ pub struct Link {
     pub up: bool,
     pub mac: Vec<u8>,
     pub alias: Option<String>,
+    /// Bridge port flag: an isolated port cannot forward to another isolated port.
+    pub isolated: bool,
 }
 
 impl Link {
@@ -36,6 +42,7 @@ impl Link {
             up: msg.header.flags.contains(LinkFlags::Up),
             mac: vec![],
             alias: None,
+            isolated: false,
         };
         for attr in msg.attributes {
             match attr {
@@ -46,8 +53,14 @@ impl Link {
                 LinkAttribute::IfAlias(a) => link.alias = Some(a),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(k) = info {
-                            link.kind = Some(kind_name(&k));
+                        match info {
+                            LinkInfo::Kind(k) => link.kind = Some(kind_name(&k)),
+                            LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                                link.isolated = port
+                                    .iter()
+                                    .any(|p| matches!(p, InfoBridgePort::Isolated(true)));
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -140,6 +153,20 @@ pub async fn set_controller(handle: &Handle, link: &Link, controller: u32) -> Re
             &format!("enslave {} to #{controller}", link.name),
         )
         .await?;
+    }
+    Ok(())
+}
+
+/// Sets a bridge port's isolation (Docker's icc=false for the gwbridge, done by the
+/// bridge itself: isolated ports only talk to the bridge and non-isolated ports).
+pub async fn set_isolated(handle: &Handle, link: &Link, isolated: bool) -> Result<()> {
+    if link.isolated != isolated {
+        handle
+            .link()
+            .set_port(LinkBridgePort::new(link.index).isolated(isolated).build())
+            .execute()
+            .await
+            .with_context(|| format!("set isolated={isolated} on {}", link.name))?;
     }
     Ok(())
 }

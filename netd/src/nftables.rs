@@ -50,7 +50,6 @@ impl Ruleset {
         let tag = self.hash_hex();
         let mut nat = vec![];
         let mut forward = vec![];
-        let mut bridged = vec![];
         let all: Vec<&BridgeRules> = self.gwbridge.iter().chain(self.bridges.iter()).collect();
         for b in &all {
             if !b.internal {
@@ -62,13 +61,12 @@ impl Ruleset {
         }
         if let Some(gw) = &self.gwbridge {
             // Docker's icc=false for the gwbridge: tasks use it for egress only, never to
-            // reach each other, neither routed through the node ...
+            // reach each other routed through the node. (Bridged between ports, the
+            // bridge itself stops them: its ports are isolated.)
             forward.push(format!(
                 "iifname \"{0}\" oifname \"{0}\" drop",
                 gw.ifname
             ));
-            // ... nor bridged between ports.
-            bridged.push(format!("meta ibrname \"{}\" drop", gw.ifname));
         }
         // No routed path between two netd bridges (gwbridge included): networks are
         // isolated from one another as in Docker.
@@ -96,13 +94,9 @@ impl Ruleset {
             "add table ip {TABLE}\ndelete table ip {TABLE}\n\
              table ip {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
              \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{}\t}}\n\
-             \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n}}\n\
-             add table bridge {TABLE}\ndelete table bridge {TABLE}\n\
-             table bridge {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n}}\n",
             indent(&nat),
             indent(&forward),
-            indent(&bridged),
         )
     }
 }
@@ -158,7 +152,7 @@ pub fn apply(rules: &Ruleset) -> Result<bool> {
             return Ok(false);
         }
         nft(&format!(
-            "add table ip {TABLE}\ndelete table ip {TABLE}\nadd table bridge {TABLE}\ndelete table bridge {TABLE}\n"
+            "add table ip {TABLE}\ndelete table ip {TABLE}\n"
         ))?;
         return Ok(true);
     }
@@ -190,7 +184,6 @@ mod tests {
         let s = r.render();
         assert!(s.contains("ip saddr 198.18.1.0/24 oifname != \"netd_gwbridge\" masquerade"));
         assert!(s.contains("iifname \"netd_gwbridge\" oifname \"netd_gwbridge\" drop"));
-        assert!(s.contains("meta ibrname \"netd_gwbridge\" drop"));
         assert!(s.contains(&format!("comment \"netd:{}\"", r.hash_hex())));
     }
 

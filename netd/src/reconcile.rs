@@ -56,6 +56,8 @@ struct Attachment {
     parent: Netns,
     bridge: String,
     mtu: u32,
+    /// Ports of the gwbridge are isolated from each other: egress only.
+    isolated: bool,
 }
 
 impl Reconciler {
@@ -114,6 +116,7 @@ impl Reconciler {
                 parent: Netns::Home,
                 bridge: GWBRIDGE_IF.into(),
                 mtu: self.cfg.bridge_mtu,
+                isolated: true,
             });
         }
         let net = st.networks.get(&ep.network)?;
@@ -122,11 +125,13 @@ impl Reconciler {
                 parent: Netns::named(&naming::sandbox_netns(&self.cfg.name, &net.id)),
                 bridge: SANDBOX_BRIDGE.into(),
                 mtu: self.cfg.overlay_mtu,
+                isolated: false,
             },
             Driver::Bridge => Attachment {
                 parent: Netns::Home,
                 bridge: naming::bridge_if(&net.id),
                 mtu: self.cfg.bridge_mtu,
+                isolated: false,
             },
         })
     }
@@ -391,12 +396,15 @@ impl Reconciler {
             })
             .await?;
         }
-        let (bridge, mtu) = (a.bridge.clone(), a.mtu);
+        let (bridge, mtu, isolated) = (a.bridge.clone(), a.mtu, a.isolated);
         netns::with_netlink(&a.parent, move |h| async move {
             let br = netlink::require_link(&h, &bridge).await?;
             let l = netlink::require_link(&h, &host_if).await?;
             netlink::set_mtu(&h, &l, mtu).await?;
             netlink::set_controller(&h, &l, br.index).await?;
+            // Port flags only exist once the link is enslaved: read it again.
+            let l = netlink::require_link(&h, &host_if).await?;
+            netlink::set_isolated(&h, &l, isolated).await?;
             netlink::set_up(&h, &l).await
         })
         .await?;

@@ -1,0 +1,487 @@
+//! The lab: a virtual netd cluster on one Linux machine. Each node is a network namespace
+//! plugged into a shared underlay bridge (itself in a lab namespace, so nothing touches
+//! the machine's root namespace), running its own `netd daemon`. Tasks are namespaces
+//! running real servers. Everything the lab makes carries its unique prefix and is
+//! removed by [`Lab::teardown`], which also runs on drop (so after a failed test too).
+//!
+//! Addresses (all in 198.18.0.0/15): underlay 198.18.0.0/24 (nodes .11 up, external hosts
+//! .100 up), each node's gwbridge 198.18.1.0/24, network subnets from 198.19.0.0/16.
+
+pub mod whoami;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+pub const UNDERLAY_PREFIX: u8 = 24;
+pub const GWBRIDGE_SUBNET: &str = "198.18.1.0/24";
+pub const ADDRESS_POOL: &str = "198.19.0.0/16";
+/// Every lab prefix starts with this, so `netd-lab cleanup` can find leftovers.
+pub const LAB_MARK: &str = "nlab";
+
+pub fn underlay_ip(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, host)
+}
+
+/// Runs a command, failing with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}{}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// Where the workspace's binaries are: next to the running test binary's parent dir, or
+/// named by NETD_BIN / NETD_LAB_BIN.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Ok(p) = std::env::var(&var) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("current exe")?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("cannot find the {name} binary: run `cargo build --workspace --bins` or set {var}")
+}
+
+pub struct NodeHandle {
+    pub name: String,
+    /// The node's network namespace name (under /run/netns).
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub daemon: Option<Child>,
+}
+
+impl NodeHandle {
+    pub fn api(&self) -> String {
+        format!("unix:{}", self.dir.join("netd.sock").display())
+    }
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub hub: String,
+    pub nodes: Vec<NodeHandle>,
+    /// Namespaces the lab made besides nodes and hub (tasks, external hosts).
+    netns: Vec<String>,
+    children: Vec<Child>,
+    netd: PathBuf,
+    lab_bin: PathBuf,
+    torn_down: bool,
+}
+
+impl Lab {
+    /// A lab with `nodes` nodes, each running netd. `tag` (a few letters) makes the names
+    /// of parallel labs distinct and recognisable.
+    pub fn start(tag: &str, nodes: usize) -> Result<Lab> {
+        let rnd: u32 = rand::random::<u32>() % 0xfffff;
+        let prefix = format!("{LAB_MARK}{tag}{rnd:05x}");
+        let dir = std::env::temp_dir().join(format!("netd-lab-{prefix}"));
+        fs::create_dir_all(&dir).context("create lab dir")?;
+        let mut lab = Lab {
+            hub: format!("{prefix}-hub"),
+            prefix,
+            dir,
+            nodes: vec![],
+            netns: vec![],
+            children: vec![],
+            netd: binary("netd")?,
+            lab_bin: binary("netd-lab")?,
+            torn_down: false,
+        };
+        // If anything below fails, Drop tears down what was made.
+        ip(&["netns", "add", &lab.hub])?;
+        ip(&["-n", &lab.hub, "link", "add", "ul", "type", "bridge"])?;
+        ip(&["-n", &lab.hub, "link", "set", "ul", "up"])?;
+        for i in 0..nodes {
+            lab.add_node(i)?;
+        }
+        for i in 0..nodes {
+            lab.start_daemon(i)?;
+        }
+        Ok(lab)
+    }
+
+    /// Plugs a new namespace `name` into the underlay with address .`host`.
+    fn plug_underlay(&self, name: &str, host: u8) -> Result<()> {
+        let hub_side = format!("u{host}");
+        ip(&["netns", "add", name])?;
+        ip(&[
+            "-n", &self.hub, "link", "add", &hub_side, "type", "veth", "peer", "name", "eth0",
+            "netns", name,
+        ])?;
+        ip(&["-n", &self.hub, "link", "set", &hub_side, "master", "ul", "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{}/{UNDERLAY_PREFIX}", underlay_ip(host)),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", name, "link", "set", "eth0", "up"])
+    }
+
+    fn add_node(&mut self, i: usize) -> Result<()> {
+        let name = format!("{}n{}", self.prefix, i + 1);
+        let host = 11 + i as u8;
+        let dir = self.dir.join(&name);
+        fs::create_dir_all(&dir)?;
+        self.nodes.push(NodeHandle {
+            netns: name.clone(),
+            name: name.clone(),
+            ip: underlay_ip(host),
+            dir,
+            daemon: None,
+        });
+        self.plug_underlay(&name, host)
+    }
+
+    /// A host on the underlay that is not a node (a client, or an egress target).
+    pub fn add_host(&mut self, tag: &str, host: u8) -> Result<String> {
+        let name = format!("{}-{tag}", self.prefix);
+        self.netns.push(name.clone());
+        self.plug_underlay(&name, host)?;
+        Ok(name)
+    }
+
+    /// An empty namespace to attach as a task; returns (name, path).
+    pub fn add_task_netns(&mut self, tag: &str) -> Result<(String, String)> {
+        let name = format!("{}-{tag}", self.prefix);
+        self.netns.push(name.clone());
+        ip(&["netns", "add", &name])?;
+        Ok((name.clone(), format!("/run/netns/{name}")))
+    }
+
+    /// Starts (or restarts) node `i`'s daemon and waits until its API answers.
+    pub fn start_daemon(&mut self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("netd.log"))?;
+        let mut cmd = Command::new(&self.netd);
+        cmd.args([
+            "daemon",
+            "--store",
+            &format!("local:{}", node.dir.join("state").display()),
+            "--api",
+            &node.api(),
+            "--node",
+            &node.name,
+            "--advertise-addr",
+            &node.ip.to_string(),
+            "--address-pool",
+            ADDRESS_POOL,
+            "--gwbridge-subnet",
+            GWBRIDGE_SUBNET,
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        let child = spawn_in_netns(&mut cmd, &node.netns)?;
+        self.nodes[i].daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.cli(i, &["status"]).is_ok() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.nodes[i].daemon.as_mut().map(|c| c.try_wait()) {
+                bail!(
+                    "netd on {} exited with {status}: {}",
+                    self.nodes[i].name,
+                    self.daemon_log(i)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("netd on {} did not come up: {}", self.nodes[i].name, self.daemon_log(i));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn daemon_log(&self, i: usize) -> String {
+        fs::read_to_string(self.nodes[i].dir.join("netd.log")).unwrap_or_default()
+    }
+
+    /// Stops node `i`'s daemon: gracefully (SIGTERM) or with SIGKILL.
+    pub fn stop_daemon(&mut self, i: usize, kill: bool) -> Result<()> {
+        if let Some(mut child) = self.nodes[i].daemon.take() {
+            let sig = if kill {
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                nix::sys::signal::Signal::SIGTERM
+            };
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, sig);
+            child.wait().context("wait for netd")?;
+        }
+        Ok(())
+    }
+
+    /// Runs the `netd` CLI against node `i`; Err carries the CLI's stderr.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.netd)
+            .args(args)
+            .env("NETD_API", self.nodes[i].api())
+            .output()
+            .context("run netd CLI")?;
+        if !out.status.success() {
+            bail!(
+                "netd {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs the CLI with `--output json` and parses what it printed (also on failure,
+    /// where it prints the API error as JSON).
+    pub fn cli_json(&self, i: usize, args: &[&str]) -> Result<Value> {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let out = Command::new(&self.netd)
+            .args(&full)
+            .env("NETD_API", self.nodes[i].api())
+            .output()
+            .context("run netd CLI")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(&text).map_err(|e| {
+            anyhow!(
+                "netd {} printed no JSON ({e}): {text} {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if !out.status.success() && v.get("error").is_none() {
+            bail!("netd {} failed without an API error: {v}", args.join(" "));
+        }
+        Ok(v)
+    }
+
+    /// Spawns a long-running process inside namespace `netns`; killed at teardown.
+    pub fn spawn_in(&mut self, netns: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = spawn_in_netns(&mut cmd, netns)?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Makes a task namespace running `netd-lab whoami` on `port` (TCP and UDP); returns
+    /// its namespace path. Waits until the server listens.
+    pub fn whoami_task(&mut self, tag: &str, port: u16) -> Result<String> {
+        let (name, path) = self.add_task_netns(tag)?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        let bin = self.lab_bin.clone();
+        self.spawn_in(
+            &name,
+            &bin,
+            &["whoami", "--port", &port.to_string(), "--name", tag],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let probe = in_netns(&name, move || {
+                Ok(TcpStream::connect_timeout(
+                    &SocketAddr::from(([127, 0, 0, 1], port)),
+                    Duration::from_millis(200),
+                )
+                .is_ok())
+            })?;
+            if probe {
+                return Ok(path);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("whoami in {name} did not start")
+    }
+
+    /// Runs a command in `netns` to completion (ping, curl, ...).
+    pub fn exec_in(&self, netns: &str, args: &[&str]) -> Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", netns])
+            .args(args)
+            .output()
+            .context("ip netns exec")
+    }
+
+    /// Removes everything the lab made: processes, namespaces (and with them every link
+    /// in them), sandboxes the daemons made, the lab directory.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        for i in 0..self.nodes.len() {
+            let _ = self.stop_daemon(i, true);
+        }
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = cleanup_prefix(&self.prefix);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Deletes every namespace whose name contains lab prefix `prefix` (the lab's own and the
+/// netd sandboxes of its nodes, `netd-PREFIXnN-...`) and kills processes inside them.
+pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
+    let mut removed = vec![];
+    let entries = match fs::read_dir("/run/netns") {
+        Ok(e) => e,
+        Err(_) => return Ok(removed),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with(prefix) || name.starts_with(&format!("netd-{prefix}"));
+        if !ours {
+            continue;
+        }
+        // Processes still inside (a crashed test's servers) would keep it alive.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        if ip(&["netns", "del", &name]).is_ok() {
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
+/// Starts `cmd` with its network namespace switched to `netns` (and nothing else: the
+/// daemon must share our mount namespace so the netns it mounts are visible to all).
+pub fn spawn_in_netns(cmd: &mut Command, netns: &str) -> Result<Child> {
+    let file = fs::File::open(format!("/run/netns/{netns}"))
+        .with_context(|| format!("open netns {netns}"))?;
+    // SAFETY: the closure only calls setns(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("spawn {:?} in {netns}", cmd.get_program()))
+}
+
+/// Runs `f` on a thread inside namespace `netns`. Sockets it opens stay in that namespace,
+/// so a test can hold a connection from a task across a netd restart.
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let file = fs::File::open(format!("/run/netns/{netns}"))
+        .with_context(|| format!("open netns {netns}"))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("setns")?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("netns thread panicked"))?
+}
+
+/// Opens a TCP connection from inside `netns`.
+pub fn connect_from(netns: &str, addr: SocketAddr) -> Result<TcpStream> {
+    in_netns(netns, move || {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .with_context(|| format!("connect to {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(s)
+    })
+}
+
+/// One HTTP/1.1 keep-alive GET on an open connection; returns the body.
+pub fn http_get(stream: &mut TcpStream) -> Result<String> {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")?;
+    let mut buf = vec![];
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).context("read HTTP response")?;
+        if n == 0 {
+            bail!("connection closed mid-response");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(split) = text.find("\r\n\r\n") {
+            let len: usize = text[..split]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .ok_or_else(|| anyhow!("no content-length"))?;
+            if buf.len() >= split + 4 + len {
+                return Ok(text[split + 4..split + 4 + len].to_string());
+            }
+        }
+    }
+}
+
+/// A fresh connection from `netns` to `addr`, one GET, the body.
+pub fn http_get_from(netns: &str, addr: SocketAddr) -> Result<String> {
+    let mut s = connect_from(netns, addr)?;
+    http_get(&mut s)
+}
+
+/// One UDP request from `netns` to `addr`; returns the reply and the address it came from.
+pub fn udp_ask_from(netns: &str, addr: SocketAddr) -> Result<(String, SocketAddr)> {
+    in_netns(netns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send_to(b"who", addr)?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf).context("UDP reply")?;
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+    })
+}
+
+/// Pulls `Key: value` out of a whoami body.
+pub fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(": ")))
+}
