@@ -11,7 +11,11 @@ use crate::daemon::{DaemonArgs, DEFAULT_API};
 use crate::model::parse_publish;
 
 #[derive(Debug, Parser)]
-#[command(name = "netd", version, about = "Per-node data-plane daemon for container clusters")]
+#[command(
+    name = "netd",
+    version,
+    about = "Per-node data-plane daemon for container clusters"
+)]
 pub struct Cli {
     /// Where the API is: unix:PATH or tcp:ADDR.
     #[arg(long, global = true, env = "NETD_API", default_value = DEFAULT_API)]
@@ -66,7 +70,9 @@ pub enum NetworkCmd {
     },
     #[command(alias = "list")]
     Ls,
-    Inspect { name: String },
+    Inspect {
+        name: String,
+    },
     #[command(alias = "remove")]
     Rm {
         #[arg(required = true)]
@@ -90,7 +96,9 @@ pub enum ServiceCmd {
     },
     #[command(alias = "list")]
     Ls,
-    Inspect { name: String },
+    Inspect {
+        name: String,
+    },
     #[command(alias = "remove")]
     Rm {
         #[arg(required = true)]
@@ -139,7 +147,12 @@ pub fn run(cli: &Cli) -> Result<()> {
             print_table(
                 out,
                 &v,
-                &[("NAME", "name"), ("ADDRESS", "address"), ("STATUS", "status"), ("TASKS", "tasks")],
+                &[
+                    ("NAME", "name"),
+                    ("ADDRESS", "address"),
+                    ("STATUS", "status"),
+                    ("TASKS", "tasks"),
+                ],
             );
         }
         Command::Network(cmd) => network(&c, out, cmd)?,

@@ -3,8 +3,8 @@
 //! per connection keeps it simple and the CLI has nothing to pipeline.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -49,8 +49,8 @@ impl Client {
             s.set_read_timeout(timeout)?;
             Ok(Box::new(s))
         } else if let Some(addr) = self.api.strip_prefix("tcp:") {
-            let s = TcpStream::connect(addr)
-                .with_context(|| format!("cannot reach netd at {addr}"))?;
+            let s =
+                TcpStream::connect(addr).with_context(|| format!("cannot reach netd at {addr}"))?;
             s.set_read_timeout(timeout)?;
             Ok(Box::new(s))
         } else {
@@ -155,7 +155,8 @@ mod tests {
 
     #[test]
     fn plain_and_chunked_bodies() {
-        let (s, b) = parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        let (s, b) =
+            parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}").unwrap();
         assert_eq!((s, b.as_slice()), (201, &b"{}"[..]));
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n";
         let (s, b) = parse_response(raw).unwrap();

@@ -134,9 +134,7 @@ pub fn validate_dns_label(kind: &str, name: &str) -> Result<(), String> {
             "{kind} name {name:?} must be 1 to 63 characters long (a DNS label)"
         ));
     }
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     if !ok_chars || name.starts_with('-') || name.ends_with('-') {
         return Err(format!(
             "{kind} name {name:?} is not a DNS label: use letters, digits and '-', \
@@ -251,7 +249,13 @@ mod tests {
         assert_eq!(p.protocol, Protocol::Udp);
         assert_eq!(p.mode, PublishMode::Host);
         for bad in [
-            "80", "0:80", "80:0", "70000:80", "80:80/sctp", "80:80,mode=x", "a:b",
+            "80",
+            "0:80",
+            "80:0",
+            "70000:80",
+            "80:80/sctp",
+            "80:80,mode=x",
+            "a:b",
         ] {
             assert!(parse_publish(bad).is_err(), "{bad}");
         }

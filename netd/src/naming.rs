@@ -61,7 +61,12 @@ mod tests {
     #[test]
     fn interface_names_fit_ifnamsiz() {
         let id = "0123456789abcdef";
-        for n in [endpoint_if(id), task_tmp_if(id), vxlan_tmp_if(id), bridge_if(id)] {
+        for n in [
+            endpoint_if(id),
+            task_tmp_if(id),
+            vxlan_tmp_if(id),
+            bridge_if(id),
+        ] {
             assert!(n.len() <= 15, "{n}");
         }
         assert!(GWBRIDGE_IF.len() <= 15);

@@ -236,7 +236,13 @@ pub async fn create_veth(handle: &Handle, name: &str, peer: &str) -> Result<()> 
 
 /// A VXLAN device as Docker's overlay driver makes it: fixed VNI and UDP port, no
 /// learning (remote endpoints are programmed from cluster state), ARP proxy on.
-pub async fn create_vxlan(handle: &Handle, name: &str, vni: u32, port: u16, mtu: u32) -> Result<()> {
+pub async fn create_vxlan(
+    handle: &Handle,
+    name: &str,
+    vni: u32,
+    port: u16,
+    mtu: u32,
+) -> Result<()> {
     handle
         .link()
         .add(

@@ -62,7 +62,10 @@ pub fn check_netns_path(path: &Path) -> Result<(), String> {
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
     let kind = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), NS_GET_NSTYPE) };
     if kind != libc::CLONE_NEWNET {
-        return Err(format!("{} is a namespace, but not a network namespace", path.display()));
+        return Err(format!(
+            "{} is a namespace, but not a network namespace",
+            path.display()
+        ));
     }
     Ok(())
 }

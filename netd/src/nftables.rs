@@ -63,10 +63,7 @@ impl Ruleset {
             // Docker's icc=false for the gwbridge: tasks use it for egress only, never to
             // reach each other routed through the node. (Bridged between ports, the
             // bridge itself stops them: its ports are isolated.)
-            forward.push(format!(
-                "iifname \"{0}\" oifname \"{0}\" drop",
-                gw.ifname
-            ));
+            forward.push(format!("iifname \"{0}\" oifname \"{0}\" drop", gw.ifname));
         }
         // No routed path between two netd bridges (gwbridge included): networks are
         // isolated from one another as in Docker.
@@ -151,9 +148,7 @@ pub fn apply(rules: &Ruleset) -> Result<bool> {
         if current.is_none() {
             return Ok(false);
         }
-        nft(&format!(
-            "add table ip {TABLE}\ndelete table ip {TABLE}\n"
-        ))?;
+        nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
         return Ok(true);
     }
     if current.as_deref() == Some(rules.hash_hex().as_str()) {

@@ -157,10 +157,7 @@ impl Reconciler {
             .collect();
 
         // 1. Node-level bridges, then the overlay sandboxes the local tasks need.
-        if let Err(e) = self
-            .ensure_node_bridges(needs_gwbridge, &bridges)
-            .await
-        {
+        if let Err(e) = self.ensure_node_bridges(needs_gwbridge, &bridges).await {
             report.errors.push(format!("node bridges: {e:#}"));
         }
         let mut broken_sandboxes = BTreeSet::new();
@@ -352,9 +349,7 @@ impl Reconciler {
             if let Some(gw) = gateway {
                 let ep = endpoints
                     .iter()
-                    .find(|e| {
-                        Ipv4Network::new(e.ip, e.prefix).is_ok_and(|n| n.contains(gw))
-                    })
+                    .find(|e| Ipv4Network::new(e.ip, e.prefix).is_ok_and(|n| n.contains(gw)))
                     .context("no endpoint reaches the default gateway")?;
                 let link = netlink::require_link(&h, &ep.ifname).await?;
                 netlink::ensure_default_route(&h, &link, gw).await?;

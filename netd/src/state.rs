@@ -56,9 +56,9 @@ pub enum Error {
 impl From<IpamError> for Error {
     fn from(e: IpamError) -> Self {
         match e {
-            IpamError::PoolExhausted(..) | IpamError::SubnetExhausted(_) | IpamError::VniExhausted => {
-                Error::Exhausted(e.to_string())
-            }
+            IpamError::PoolExhausted(..)
+            | IpamError::SubnetExhausted(_)
+            | IpamError::VniExhausted => Error::Exhausted(e.to_string()),
             IpamError::Overlap(..) => Error::Conflict(e.to_string()),
             _ => Error::Invalid(e.to_string()),
         }
@@ -169,15 +169,21 @@ impl State {
                         .insert(name.to_string(), decode(&kv.key, &kv.value)?);
                 }
                 "tasks" => {
-                    st.tasks.insert(name.to_string(), decode(&kv.key, &kv.value)?);
+                    st.tasks
+                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
                 }
                 "nodes" => {
-                    st.nodes.insert(name.to_string(), decode(&kv.key, &kv.value)?);
+                    st.nodes
+                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
                 }
                 "ipam" | "gwipam" => {
                     if let Some((owner, ip)) = name.split_once('/') {
                         if let Ok(ip) = ip.parse() {
-                            let map = if kind == "ipam" { &mut st.ipam } else { &mut st.gwipam };
+                            let map = if kind == "ipam" {
+                                &mut st.ipam
+                            } else {
+                                &mut st.gwipam
+                            };
                             map.entry(owner.to_string()).or_default().insert(ip);
                         }
                     }
@@ -290,7 +296,11 @@ pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
     .await
 }
 
-pub async fn create_network(store: &dyn Store, pools: &Pools, req: NetworkCreate) -> Result<Network> {
+pub async fn create_network(
+    store: &dyn Store,
+    pools: &Pools,
+    req: NetworkCreate,
+) -> Result<Network> {
     model::validate_dns_label("network", &req.name).map_err(Error::Invalid)?;
     if RESERVED_NETWORKS.contains(&req.name.as_str()) {
         return Err(Error::Invalid(format!(
@@ -378,7 +388,11 @@ pub async fn create_network(store: &dyn Store, pools: &Pools, req: NetworkCreate
 pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Network> {
     commit(store, |st| {
         let net = st.network(name)?.clone();
-        if let Some(svc) = st.services.values().find(|s| s.networks.contains(&net.name)) {
+        if let Some(svc) = st
+            .services
+            .values()
+            .find(|s| s.networks.contains(&net.name))
+        {
             return Err(Error::InUse(format!(
                 "network {name:?} is in use by service {:?}; remove the service first",
                 svc.name
@@ -405,7 +419,11 @@ pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Network> {
         if let Some(v) = net.vni {
             ops.push(Op::Delete(key("vni", &v.to_string())));
         }
-        Ok((vec![st.unchanged(&nk), st.unchanged(META_NETWORKS)], ops, net))
+        Ok((
+            vec![st.unchanged(&nk), st.unchanged(META_NETWORKS)],
+            ops,
+            net,
+        ))
     })
     .await
 }
@@ -482,7 +500,10 @@ fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
     ];
     for ep in &task.endpoints {
         if ep.network == GWBRIDGE {
-            ops.push(Op::Delete(key("gwipam", &format!("{}/{}", task.node, ep.ip))));
+            ops.push(Op::Delete(key(
+                "gwipam",
+                &format!("{}/{}", task.node, ep.ip),
+            )));
         } else if let Some(net) = st.networks.get(&ep.network) {
             ops.push(Op::Delete(key("ipam", &format!("{}/{}", net.id, ep.ip))));
         }
@@ -686,7 +707,10 @@ mod tests {
         // The gwbridge subnet of a node counts as taken.
         let mut r = net("c");
         r.subnet = Some("198.18.1.0/25".into());
-        assert!(matches!(create_network(&s, &pools(), r).await, Err(Error::Conflict(_))));
+        assert!(matches!(
+            create_network(&s, &pools(), r).await,
+            Err(Error::Conflict(_))
+        ));
     }
 
     #[tokio::test]
@@ -758,7 +782,10 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(t.name, "web-1");
-        assert!(matches!(remove_network(&s, "front").await, Err(Error::InUse(_))));
+        assert!(matches!(
+            remove_network(&s, "front").await,
+            Err(Error::InUse(_))
+        ));
         let ip = t.endpoints[0].ip;
         assert_ne!(Some(&ip), svc.vips.get("front"));
         detach_task(&s, "web-1").await.unwrap();

@@ -136,7 +136,9 @@ impl Lab {
             "-n", &self.hub, "link", "add", &hub_side, "type", "veth", "peer", "name", "eth0",
             "netns", name,
         ])?;
-        ip(&["-n", &self.hub, "link", "set", &hub_side, "master", "ul", "up"])?;
+        ip(&[
+            "-n", &self.hub, "link", "set", &hub_side, "master", "ul", "up",
+        ])?;
         ip(&["-n", name, "link", "set", "lo", "up"])?;
         ip(&[
             "-n",
@@ -221,7 +223,11 @@ impl Lab {
                 );
             }
             if Instant::now() > deadline {
-                bail!("netd on {} did not come up: {}", self.nodes[i].name, self.daemon_log(i));
+                bail!(
+                    "netd on {} did not come up: {}",
+                    self.nodes[i].name,
+                    self.daemon_log(i)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -334,6 +340,50 @@ impl Lab {
             .context("ip netns exec")
     }
 
+    /// Everything netd can have changed in the kernel of node `i` (its netns, its
+    /// sandboxes, its tasks' netns): links with their details, addresses, routes and
+    /// the nftables ruleset. Two equal snapshots mean the kernel was not touched.
+    pub fn kernel_snapshot(&self, i: usize) -> Result<String> {
+        let node = &self.nodes[i];
+        let mut namespaces = vec![node.netns.clone()];
+        let sandbox_prefix = format!("netd-{}-", node.name);
+        let mut others: Vec<String> = fs::read_dir("/run/netns")?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&sandbox_prefix) || self.netns.contains(n))
+            .collect();
+        others.sort();
+        namespaces.extend(others);
+        let mut out = String::new();
+        for ns in &namespaces {
+            out.push_str(&format!("### {ns}\n"));
+            for args in [
+                &["-d", "-o", "link", "show"][..],
+                &["-4", "-o", "addr", "show"][..],
+                &["-4", "route", "show", "table", "all"][..],
+            ] {
+                let o = run(Command::new("ip").arg("-n").arg(ns).args(args))?;
+                out.push_str(&without_timers(&String::from_utf8_lossy(&o.stdout)));
+            }
+        }
+        let o = self.exec_in(&node.netns, &["nft", "list", "ruleset"])?;
+        out.push_str(&String::from_utf8_lossy(&o.stdout));
+        Ok(out)
+    }
+
+    /// The address of task `task` on `network` (or "gwbridge"), from `netd task ls`.
+    pub fn task_ip(&self, i: usize, task: &str, network: &str) -> Result<Ipv4Addr> {
+        let tasks = self.cli_json(i, &["task", "ls"])?;
+        tasks
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["name"] == task))
+            .and_then(|t| t["endpoints"].as_array())
+            .and_then(|eps| eps.iter().find(|e| e["network"] == network))
+            .and_then(|e| e["ip"].as_str())
+            .and_then(|ip| ip.parse().ok())
+            .with_context(|| format!("task {task} has no address on {network}: {tasks}"))
+    }
+
     /// Removes everything the lab made: processes, namespaces (and with them every link
     /// in them), sandboxes the daemons made, the lab directory.
     pub fn teardown(&mut self) {
@@ -357,6 +407,41 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Drops what changes on its own: running bridge timers (`gc_timer 12.34`) and the
+/// operational state (a new bridge goes from UNKNOWN to UP when its ports settle).
+fn without_timers(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut skip = false;
+        for tok in line.split_whitespace() {
+            if skip {
+                skip = false;
+                continue;
+            }
+            if tok.ends_with("_timer") || tok == "state" {
+                skip = true;
+                continue;
+            }
+            out.push_str(tok);
+            out.push(' ');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The lines of `a` and `b` that differ, for assertion messages that can be read.
+pub fn diff_lines(a: &str, b: &str) -> String {
+    let mut out = String::new();
+    for l in a.lines().filter(|l| !b.lines().any(|m| m == *l)) {
+        out.push_str(&format!("- {l}\n"));
+    }
+    for l in b.lines().filter(|l| !a.lines().any(|m| m == *l)) {
+        out.push_str(&format!("+ {l}\n"));
+    }
+    out
 }
 
 /// Deletes every namespace whose name contains lab prefix `prefix` (the lab's own and the
@@ -416,8 +501,7 @@ pub fn in_netns<T: Send + 'static>(
     let file = fs::File::open(format!("/run/netns/{netns}"))
         .with_context(|| format!("open netns {netns}"))?;
     std::thread::spawn(move || {
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .context("setns")?;
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
         f()
     })
     .join()

@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 use netd_lab::{field, http_get_from, underlay_ip, Lab, LAB_MARK};
 
 #[derive(Parser)]
-#[command(name = "netd-lab", about = "Virtual netd clusters in network namespaces")]
+#[command(
+    name = "netd-lab",
+    about = "Virtual netd clusters in network namespaces"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -60,19 +63,43 @@ fn show(lab: &Lab, args: &[&str]) -> Result<String> {
 fn demo() -> Result<()> {
     step("Standing up a 1-node virtual cluster (node netns on a lab underlay bridge)");
     let mut lab = Lab::start("demo", 1)?;
-    println!("node {} at {} running netd", lab.nodes[0].name, lab.nodes[0].ip);
+    println!(
+        "node {} at {} running netd",
+        lab.nodes[0].name, lab.nodes[0].ip
+    );
     let outside = lab.add_host("outside", 100)?;
-    lab.spawn_in(&outside, &netd_lab::binary("netd-lab")?, &["whoami", "--port", "80", "--name", "outside"])?;
-    println!("an outside host at {} runs whoami (the egress target)", underlay_ip(100));
+    lab.spawn_in(
+        &outside,
+        &netd_lab::binary("netd-lab")?,
+        &["whoami", "--port", "80", "--name", "outside"],
+    )?;
+    println!(
+        "an outside host at {} runs whoami (the egress target)",
+        underlay_ip(100)
+    );
 
     step("Creating an overlay network and a service");
-    show(&lab, &["network", "create", "front", "--subnet", "198.19.10.0/24"])?;
+    show(
+        &lab,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
     show(&lab, &["service", "create", "web", "--network", "front"])?;
 
     step("Attaching three tasks (each a netns running whoami on port 80)");
     for i in 1..=3 {
         let path = lab.whoami_task(&format!("web{i}"), 80)?;
-        show(&lab, &["task", "attach", "web", "--netns", &path, "--name", &format!("web-{i}")])?;
+        show(
+            &lab,
+            &[
+                "task",
+                "attach",
+                "web",
+                "--netns",
+                &path,
+                "--name",
+                &format!("web-{i}"),
+            ],
+        )?;
     }
     show(&lab, &["task", "ls"])?;
 
@@ -96,7 +123,11 @@ fn demo() -> Result<()> {
 
     step("Task web-1 reaches the outside host through the gwbridge (masqueraded)");
     let body = http_get_from(&from, SocketAddr::from((underlay_ip(100), 80)))?;
-    println!("GET http://{}/ from web-1 ->\n{}", underlay_ip(100), indent(&body));
+    println!(
+        "GET http://{}/ from web-1 ->\n{}",
+        underlay_ip(100),
+        indent(&body)
+    );
     println!("(RemoteAddr is the node's underlay address: egress is masqueraded)");
 
     step("Tearing down: detach, remove, and delete the cluster");

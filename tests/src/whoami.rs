@@ -55,10 +55,7 @@ fn serve_http(mut conn: TcpStream, name: &str) -> Result<()> {
             pending.extend_from_slice(&chunk[..n]);
         };
         pending.drain(..end);
-        let body = format!(
-            "Hostname: {name}\nIP: {}\nRemoteAddr: {peer}\n",
-            local.ip()
-        );
+        let body = format!("Hostname: {name}\nIP: {}\nRemoteAddr: {peer}\n", local.ip());
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()

@@ -60,7 +60,13 @@ impl LocalStore {
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
         // SAFETY: flock on an fd we own; no memory is involved.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
             return Err(StoreError::Locked(dir.display().to_string()));
         }
         let path = dir.join(STATE_FILE);
@@ -152,7 +158,13 @@ impl Store for LocalStore {
                         path: k.clone(),
                         reason: format!("value is not UTF-8: {e}"),
                     })?;
-                    next.keys.insert(k, Entry { value, rev: revision });
+                    next.keys.insert(
+                        k,
+                        Entry {
+                            value,
+                            rev: revision,
+                        },
+                    );
                 }
                 Op::Delete(k) => {
                     next.keys.remove(&k);
@@ -199,12 +211,18 @@ mod tests {
             let snap = s.list("/").await.unwrap();
             let rev = snap.kvs[0].mod_revision;
             assert!(s
-                .txn(vec![Compare::Revision("/a".into(), rev)], vec![put("/a", "3"), put("/b", "x")])
+                .txn(
+                    vec![Compare::Revision("/a".into(), rev)],
+                    vec![put("/a", "3"), put("/b", "x")]
+                )
                 .await
                 .unwrap());
             // A stale revision loses.
             assert!(!s
-                .txn(vec![Compare::Revision("/a".into(), rev)], vec![Op::Delete("/a".into())])
+                .txn(
+                    vec![Compare::Revision("/a".into(), rev)],
+                    vec![Op::Delete("/a".into())]
+                )
                 .await
                 .unwrap());
         }
@@ -213,7 +231,12 @@ mod tests {
         let got: Vec<_> = snap
             .kvs
             .iter()
-            .map(|kv| (kv.key.as_str(), String::from_utf8(kv.value.clone()).unwrap()))
+            .map(|kv| {
+                (
+                    kv.key.as_str(),
+                    String::from_utf8(kv.value.clone()).unwrap(),
+                )
+            })
             .collect();
         assert_eq!(got, vec![("/a", "3".to_string()), ("/b", "x".to_string())]);
         assert_eq!(s.list("/b").await.unwrap().kvs.len(), 1);

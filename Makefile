@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Both install the Debian packages they
+# need first (a fresh machine has none of them) and must run as root: netd creates
+# network namespaces, links and nftables rules.
+
+APT_PACKAGES := nftables iproute2 iputils-ping procps util-linux curl
+CARGO ?= cargo
+TEST_THREADS ?= 2
+
+.PHONY: deps build demo test lint clean-lab
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+# Stands up a virtual cluster in network namespaces, attaches tasks, shows traffic, tears down.
+demo: build
+	./target/debug/netd-lab demo
+
+# Unit tests of every crate, then the lab's integration tests (real netns, real netd).
+test: build clean-lab
+	$(CARGO) test --workspace -- --test-threads $(TEST_THREADS)
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Removes namespaces left by a lab that was killed before it could tear down.
+clean-lab:
+	./target/debug/netd-lab cleanup

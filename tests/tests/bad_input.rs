@@ -1,0 +1,247 @@
+//! Bad input gets a clear error and changes nothing: neither the desired state (what
+//! `ls` shows) nor the kernel. Every case goes through the real CLI or the raw API socket
+//! of a real daemon in the lab.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use anyhow::{Context, Result};
+use netd_lab::Lab;
+use serde_json::Value;
+
+/// Everything a user can list, to compare before and after a rejected request.
+fn listing(lab: &Lab) -> Result<Value> {
+    Ok(serde_json::json!({
+        "networks": lab.cli_json(0, &["network", "ls"])?,
+        "services": lab.cli_json(0, &["service", "ls"])?,
+        "tasks": lab.cli_json(0, &["task", "ls"])?,
+    }))
+}
+
+/// Sends raw bytes as an HTTP body to the daemon's socket; returns (status, JSON body).
+fn raw_post(lab: &Lab, path: &str, body: &[u8]) -> Result<(u16, Value)> {
+    let sock = lab.nodes[0].dir.join("netd.sock");
+    let mut s = UnixStream::connect(&sock).context("connect API socket")?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("status")?;
+    let json = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    Ok((status, serde_json::from_str(json)?))
+}
+
+struct Checker<'a> {
+    lab: &'a Lab,
+    listing: Value,
+    kernel: String,
+}
+
+impl<'a> Checker<'a> {
+    fn new(lab: &'a Lab) -> Result<Self> {
+        Ok(Checker {
+            lab,
+            listing: listing(lab)?,
+            kernel: lab.kernel_snapshot(0)?,
+        })
+    }
+
+    /// Runs a CLI command that must fail with API error `code`, then checks nothing moved.
+    fn rejects(&self, args: &[&str], code: &str) -> Result<()> {
+        let v = self.lab.cli_json(0, args)?;
+        assert_eq!(v["code"], code, "netd {} -> {v}", args.join(" "));
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.len() > 10),
+            "no clear message: {v}"
+        );
+        let status = v["status"].as_u64().unwrap_or(0);
+        assert!((400..500).contains(&status), "status {status} for {args:?}");
+        assert!(
+            self.lab.cli(0, args).is_err(),
+            "CLI exit status is 0 for {args:?}"
+        );
+        self.unchanged(&args.join(" "))
+    }
+
+    fn unchanged(&self, what: &str) -> Result<()> {
+        assert_eq!(listing(self.lab)?, self.listing, "{what} changed the state");
+        let now = self.lab.kernel_snapshot(0)?;
+        assert!(
+            now == self.kernel,
+            "{what} changed the kernel:\n{}",
+            netd_lab::diff_lines(&self.kernel, &now)
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() -> Result<()> {
+    let mut lab = Lab::start("bad", 1)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(
+        0,
+        &["network", "create", "tiny", "--subnet", "198.19.40.0/30"],
+    )?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    // /30: two hosts, the gateway and the service VIP: no address left for a task.
+    lab.cli(0, &["service", "create", "full", "--network", "tiny"])?;
+    let (_, t1) = lab.add_task_netns("t1")?;
+    let (_, t2) = lab.add_task_netns("t2")?;
+    lab.cli(
+        0,
+        &["task", "attach", "web", "--netns", &t1, "--name", "one"],
+    )?;
+    let check = Checker::new(&lab)?;
+
+    // Malformed and unknown-field bodies, straight at the API.
+    for body in [
+        &b"{not json"[..],
+        b"",
+        b"[]",
+        b"{\"name\":\"x\",\"bogus\":1}",
+        b"{\"name\":7}",
+    ] {
+        let (status, v) = raw_post(&lab, "/v1/networks", body)?;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["code"], "invalid_json", "{v}");
+        check.unchanged(&String::from_utf8_lossy(body))?;
+    }
+    let (status, v) = raw_post(
+        &lab,
+        "/v1/tasks",
+        br#"{"service":"web","netns":"/x","extra":true}"#,
+    )?;
+    assert_eq!((status, v["code"].as_str()), (400, Some("invalid_json")));
+
+    // Subnets and gateways.
+    check.rejects(
+        &["network", "create", "n1", "--subnet", "198.19.300.0/24"],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["network", "create", "n1", "--subnet", "198.19.20.5/24"],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["network", "create", "n1", "--subnet", "198.19.20.0/31"],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["network", "create", "n1", "--subnet", "198.19.10.128/25"],
+        "conflict",
+    )?;
+    check.rejects(
+        &["network", "create", "n1", "--subnet", "198.19.0.0/16"],
+        "conflict",
+    )?;
+    check.rejects(
+        &["network", "create", "n1", "--subnet", "198.18.1.0/24"],
+        "conflict",
+    )?;
+    check.rejects(
+        &[
+            "network",
+            "create",
+            "n1",
+            "--subnet",
+            "198.19.30.0/24",
+            "--gateway",
+            "198.19.31.1",
+        ],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["network", "create", "n1", "--gateway", "198.19.31.1"],
+        "invalid_argument",
+    )?;
+
+    // Names.
+    check.rejects(&["network", "create", "front"], "conflict")?;
+    check.rejects(&["network", "create", "bad_name"], "invalid_argument")?;
+    check.rejects(&["network", "create", "gwbridge"], "invalid_argument")?;
+    check.rejects(
+        &["service", "create", "web-", "--network", "front"],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["service", "create", "web", "--network", "front"],
+        "conflict",
+    )?;
+    check.rejects(
+        &["service", "create", "api", "--network", "nowhere"],
+        "not_found",
+    )?;
+    check.rejects(
+        &[
+            "service",
+            "create",
+            "api",
+            "--network",
+            "front",
+            "--alias",
+            "not.a.label",
+        ],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["task", "attach", "web", "--netns", &t2, "--name", "a.b"],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["task", "attach", "web", "--netns", &t2, "--name", "one"],
+        "conflict",
+    )?;
+
+    // Ports need the routing mesh, which this build does not have: refused, not faked.
+    check.rejects(
+        &[
+            "service",
+            "create",
+            "api",
+            "--network",
+            "front",
+            "--publish",
+            "8080:80",
+        ],
+        "unsupported",
+    )?;
+
+    // Netns paths.
+    let missing = format!("/run/netns/{}-missing", lab.prefix);
+    check.rejects(
+        &["task", "attach", "web", "--netns", &missing],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["task", "attach", "web", "--netns", "/etc/hostname"],
+        "invalid_argument",
+    )?;
+    check.rejects(
+        &["task", "attach", "web", "--netns", "relative/path"],
+        "invalid_argument",
+    )?;
+    check.rejects(&["task", "attach", "web", "--netns", &t1], "conflict")?;
+    check.rejects(&["task", "attach", "nosuch", "--netns", &t2], "not_found")?;
+
+    // Removals that must be refused, and things that do not exist.
+    check.rejects(&["network", "rm", "front"], "in_use")?;
+    check.rejects(&["network", "rm", "nope"], "not_found")?;
+    check.rejects(&["service", "rm", "nope"], "not_found")?;
+    check.rejects(&["task", "detach", "nope"], "not_found")?;
+
+    // IPAM exhaustion.
+    check.rejects(&["task", "attach", "full", "--netns", &t2], "exhausted")?;
+    Ok(())
+}
