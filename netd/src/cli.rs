@@ -194,16 +194,8 @@ fn network(c: &Client, out: Output, cmd: &NetworkCmd) -> Result<()> {
                 ],
             );
         }
-        NetworkCmd::Inspect { name } => {
-            let v = c.get(&format!("/v1/networks/{}", path_segment(name)))?;
-            print_record(out, &v);
-        }
-        NetworkCmd::Rm { names } => {
-            for n in names {
-                let v = c.delete(&format!("/v1/networks/{}", path_segment(n)))?;
-                print_removed(out, &v, "name");
-            }
-        }
+        NetworkCmd::Inspect { name } => inspect(c, out, "networks", name)?,
+        NetworkCmd::Rm { names } => remove(c, out, "networks", names)?,
     }
     Ok(())
 }
@@ -244,16 +236,8 @@ fn service(c: &Client, out: Output, cmd: &ServiceCmd) -> Result<()> {
                 ],
             );
         }
-        ServiceCmd::Inspect { name } => {
-            let v = c.get(&format!("/v1/services/{}", path_segment(name)))?;
-            print_record(out, &v);
-        }
-        ServiceCmd::Rm { names } => {
-            for n in names {
-                let v = c.delete(&format!("/v1/services/{}", path_segment(n)))?;
-                print_removed(out, &v, "name");
-            }
-        }
+        ServiceCmd::Inspect { name } => inspect(c, out, "services", name)?,
+        ServiceCmd::Rm { names } => remove(c, out, "services", names)?,
     }
     Ok(())
 }
@@ -280,15 +264,28 @@ fn task(c: &Client, out: Output, cmd: &TaskCmd) -> Result<()> {
             )?;
             print_table(out, &with_addresses(json!([v])), &columns);
         }
-        TaskCmd::Detach { ids } => {
-            for id in ids {
-                let v = c.delete(&format!("/v1/tasks/{}", path_segment(id)))?;
-                print_removed(out, &v, "name");
-            }
-        }
+        TaskCmd::Detach { ids } => remove(c, out, "tasks", ids)?,
         TaskCmd::Ls => {
             let v = c.get("/v1/tasks")?;
             print_table(out, &with_addresses(v), &columns);
+        }
+    }
+    Ok(())
+}
+
+fn inspect(c: &Client, out: Output, collection: &str, name: &str) -> Result<()> {
+    let v = c.get(&format!("/v1/{collection}/{}", path_segment(name)))?;
+    print_record(out, &v);
+    Ok(())
+}
+
+/// Removes each named object in turn, printing each name as it goes (as docker does).
+fn remove(c: &Client, out: Output, collection: &str, names: &[String]) -> Result<()> {
+    for n in names {
+        let v = c.delete(&format!("/v1/{collection}/{}", path_segment(n)))?;
+        match out {
+            Output::Json => print_json(&v),
+            Output::Table => println!("{}", cell(&v["name"])),
         }
     }
     Ok(())
@@ -420,12 +417,5 @@ fn print_created(out: Output, v: &Value) {
     match out {
         Output::Json => print_json(v),
         Output::Table => println!("{}", cell(&v["id"])),
-    }
-}
-
-fn print_removed(out: Output, v: &Value, key: &str) {
-    match out {
-        Output::Json => print_json(v),
-        Output::Table => println!("{}", cell(&v[key])),
     }
 }

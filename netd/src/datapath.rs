@@ -111,28 +111,12 @@ pub fn unavailable(requested: Mode) -> DatapathStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{self, NetworkCreate, Pools, ServiceCreate, TaskAttach};
-    use crate::store::local::LocalStore;
+    use crate::state::{self, fixture, NetworkCreate, ServiceCreate, TaskAttach};
 
     #[tokio::test]
     async fn the_table_lists_each_vip_with_its_task_ips() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = LocalStore::open(dir.path()).unwrap();
-        state::register_node(
-            &s,
-            crate::model::Node {
-                name: "n1".into(),
-                address: None,
-                gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
-                started_at: 0,
-            },
-        )
-        .await
-        .unwrap();
-        let pools = Pools {
-            pool: "198.19.0.0/16".parse().unwrap(),
-            size: 24,
-        };
+        let (_dir, s) = fixture::setup().await;
+        let pools = fixture::pools();
         state::create_network(
             &s,
             &pools,

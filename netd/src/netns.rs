@@ -80,6 +80,26 @@ where
     Fut: Future<Output = Result<R>> + 'static,
     R: Send + 'static,
 {
+    run_in(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("netns runtime")?;
+        rt.block_on(async move {
+            let (conn, handle, _) = rtnetlink::new_connection().context("open netlink socket")?;
+            tokio::spawn(conn);
+            work(handle).await
+        })
+    })
+    .await
+}
+
+/// Runs a blocking closure on a fresh thread inside `ns` (for sysctl writes and sockets).
+pub async fn run_in<F, R>(ns: &Netns, work: F) -> Result<R>
+where
+    F: FnOnce() -> Result<R> + Send + 'static,
+    R: Send + 'static,
+{
     let fd = ns.open()?;
     let label = format!("{ns:?}");
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -90,38 +110,6 @@ where
                 if let Some(fd) = fd {
                     setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
                         .with_context(|| format!("enter {label}"))?;
-                }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("netns runtime")?;
-                rt.block_on(async move {
-                    let (conn, handle, _) =
-                        rtnetlink::new_connection().context("open netlink socket")?;
-                    tokio::spawn(conn);
-                    work(handle).await
-                })
-            })();
-            let _ = tx.send(result);
-        })
-        .context("spawn netns thread")?;
-    rx.await.map_err(|_| anyhow!("netns worker thread died"))?
-}
-
-/// Runs a blocking closure on a fresh thread inside `ns` (for sysctl writes and sockets).
-pub async fn run_in<F, R>(ns: &Netns, work: F) -> Result<R>
-where
-    F: FnOnce() -> Result<R> + Send + 'static,
-    R: Send + 'static,
-{
-    let fd = ns.open()?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("netd-netns".into())
-        .spawn(move || {
-            let result = (|| {
-                if let Some(fd) = fd {
-                    setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).context("enter netns")?;
                 }
                 work()
             })();

@@ -655,19 +655,21 @@ pub async fn detach_task(store: &dyn Store, id_or_name: &str) -> Result<Task> {
     .await
 }
 
+/// A store with one registered node, for unit tests of code built on the state.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixture {
     use super::*;
     use crate::store::local::LocalStore;
 
-    fn pools() -> Pools {
+    pub fn pools() -> Pools {
         Pools {
             pool: "198.19.0.0/16".parse().unwrap(),
             size: 24,
         }
     }
 
-    async fn setup() -> (tempfile::TempDir, LocalStore) {
+    /// Node `n1` with gwbridge 198.18.1.0/24.
+    pub async fn setup() -> (tempfile::TempDir, LocalStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         register_node(
@@ -683,6 +685,12 @@ mod tests {
         .unwrap();
         (dir, store)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::{pools, setup};
+    use super::*;
 
     fn net(name: &str) -> NetworkCreate {
         NetworkCreate {

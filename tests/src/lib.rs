@@ -308,15 +308,28 @@ impl Lab {
     pub fn whoami_task(&mut self, tag: &str, port: u16) -> Result<String> {
         let (name, path) = self.add_task_netns(tag)?;
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        self.start_whoami(&name, tag, port)?;
+        Ok(path)
+    }
+
+    /// A host on the underlay (not a node) running whoami on `port`; returns its netns.
+    pub fn whoami_host(&mut self, tag: &str, host: u8, port: u16) -> Result<String> {
+        let name = self.add_host(tag, host)?;
+        self.start_whoami(&name, tag, port)?;
+        Ok(name)
+    }
+
+    /// Runs `netd-lab whoami` in `netns` and waits until it listens.
+    fn start_whoami(&mut self, netns: &str, tag: &str, port: u16) -> Result<()> {
         let bin = self.lab_bin.clone();
         self.spawn_in(
-            &name,
+            netns,
             &bin,
             &["whoami", "--port", &port.to_string(), "--name", tag],
         )?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            let probe = in_netns(&name, move || {
+            let probe = in_netns(netns, move || {
                 Ok(TcpStream::connect_timeout(
                     &SocketAddr::from(([127, 0, 0, 1], port)),
                     Duration::from_millis(200),
@@ -324,11 +337,11 @@ impl Lab {
                 .is_ok())
             })?;
             if probe {
-                return Ok(path);
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("whoami in {name} did not start")
+        bail!("whoami in {netns} did not start")
     }
 
     /// Runs a command in `netns` to completion (ping, curl, ...).

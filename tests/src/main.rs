@@ -67,12 +67,7 @@ fn demo() -> Result<()> {
         "node {} at {} running netd",
         lab.nodes[0].name, lab.nodes[0].ip
     );
-    let outside = lab.add_host("outside", 100)?;
-    lab.spawn_in(
-        &outside,
-        &netd_lab::binary("netd-lab")?,
-        &["whoami", "--port", "80", "--name", "outside"],
-    )?;
+    lab.whoami_host("outside", 100, 80)?;
     println!(
         "an outside host at {} runs whoami (the egress target)",
         underlay_ip(100)

@@ -3,7 +3,6 @@
 //! tears it down, also when it fails.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use anyhow::Result;
 use netd_lab::{
@@ -114,14 +113,7 @@ fn tasks_on_different_networks_cannot_reach_each_other() -> Result<()> {
 #[test]
 fn egress_through_gwbridge_reaches_an_outside_host_masqueraded() -> Result<()> {
     let mut lab = web_lab("eg", &["a"])?;
-    let outside = lab.add_host("out", 100)?;
-    let bin = netd_lab::binary("netd-lab")?;
-    lab.spawn_in(
-        &outside,
-        &bin,
-        &["whoami", "--port", "80", "--name", "outside"],
-    )?;
-    std::thread::sleep(Duration::from_millis(300));
+    lab.whoami_host("outside", 100, PORT)?;
     let body = http_get_from(&ns(&lab, "a"), addr(underlay_ip(100)))?;
     assert_eq!(field(&body, "Hostname"), Some("outside"));
     let node_ip = lab.nodes[0].ip;
@@ -137,13 +129,7 @@ fn egress_through_gwbridge_reaches_an_outside_host_masqueraded() -> Result<()> {
 #[test]
 fn bridge_networks_connect_their_tasks_and_internal_ones_have_no_egress() -> Result<()> {
     let mut lab = Lab::start("br", 1)?;
-    let outside = lab.add_host("out", 100)?;
-    let bin = netd_lab::binary("netd-lab")?;
-    lab.spawn_in(
-        &outside,
-        &bin,
-        &["whoami", "--port", "80", "--name", "outside"],
-    )?;
+    lab.whoami_host("outside", 100, PORT)?;
     lab.cli(
         0,
         &[
