@@ -278,7 +278,6 @@ where
 pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
     commit(store, |st| {
         let k = key("nodes", &node.name);
-        let mut rec = node.clone();
         if let Some(old) = st.nodes.get(&node.name) {
             // Keep the gwbridge subnet stable: tasks already hold addresses in it.
             if old.gwbridge_subnet != node.gwbridge_subnet
@@ -289,9 +288,8 @@ pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
                     node.name, old.gwbridge_subnet, node.gwbridge_subnet
                 )));
             }
-            rec.started_at = node.started_at;
         }
-        Ok((vec![st.unchanged(&k)], vec![Op::Put(k, encode(&rec))], ()))
+        Ok((vec![st.unchanged(&k)], vec![Op::Put(k, encode(&node))], ()))
     })
     .await
 }

@@ -183,6 +183,14 @@ fn bridge_networks_connect_their_tasks_and_internal_ones_have_no_egress() -> Res
 #[test]
 fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Result<()> {
     let mut lab = web_lab("rs", &["a", "b"])?;
+    // The API socket is for root only.
+    let sock = lab.nodes[0].dir.join("netd.sock");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock)?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "API socket mode {mode:o}");
+    // No load-balancing datapath exists yet, and status says so rather than pretending.
+    let status = lab.cli_json(0, &["status"])?;
+    assert_eq!(status["node"], lab.nodes[0].name.as_str());
+    assert_eq!(status["datapath"]["active"], "none", "{status}");
     let b = lab.task_ip(0, "b", "front")?;
     let mut conn = connect_from(&ns(&lab, "a"), addr(b))?;
     assert_eq!(field(&http_get(&mut conn)?, "Hostname"), Some("b"));
