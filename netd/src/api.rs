@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::datapath::DatapathStatus;
 use crate::model::Task;
 use crate::netns;
-use crate::reconcile::Reconciler;
+use crate::reconcile::{Reconciler, Report};
 use crate::state::{self, Error, NetworkCreate, Pools, ServiceCreate, State, TaskAttach};
 use crate::store::Store;
 
@@ -236,11 +236,12 @@ async fn service_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult
     let st = load(&d).await?;
     let svc = st.service(&name)?;
     let mut v = json!(svc);
+    let report = d.reconciler.last_report();
     let tasks: Vec<Value> = st
         .tasks
         .values()
         .filter(|t| t.service == name)
-        .map(|t| task_view(&d, t))
+        .map(|t| task_view(&d, &report, t))
         .collect();
     v["tasks"] = json!(tasks);
     Ok(Json(v))
@@ -258,13 +259,14 @@ async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Valu
     Ok(Json(json!(svc)))
 }
 
-/// A task as the API shows it: its record plus how its node sees it.
-fn task_view(d: &Daemon, t: &Task) -> Value {
+/// A task as the API shows it: its record plus how its node sees it (from `report`, the
+/// last reconcile's, read once per request).
+fn task_view(d: &Daemon, report: &Report, t: &Task) -> Value {
     let mut v = json!(t);
     v["state"] = json!(if t.node != d.node {
         "remote".to_string()
     } else {
-        match d.reconciler.last_report().task_errors.get(&t.id) {
+        match report.task_errors.get(&t.id) {
             Some(e) => format!("error: {e}"),
             None => "running".to_string(),
         }
@@ -274,16 +276,21 @@ fn task_view(d: &Daemon, t: &Task) -> Value {
 
 async fn task_ls(AxState(d): Ctx) -> ApiResult<Value> {
     let st = load(&d).await?;
+    let report = d.reconciler.last_report();
     Ok(Json(json!(st
         .tasks
         .values()
-        .map(|t| task_view(&d, t))
+        .map(|t| task_view(&d, &report, t))
         .collect::<Vec<_>>())))
 }
 
 async fn task_inspect(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {
     let st = load(&d).await?;
-    Ok(Json(task_view(&d, st.task(&id)?)))
+    Ok(Json(task_view(
+        &d,
+        &d.reconciler.last_report(),
+        st.task(&id)?,
+    )))
 }
 
 async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
@@ -303,7 +310,8 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
             return Err(Error::Kernel(format!("attaching task {}: {e}", task.name)).into());
         }
     }
-    Ok((StatusCode::CREATED, Json(task_view(&d, &task))).into_response())
+    let report = d.reconciler.last_report();
+    Ok((StatusCode::CREATED, Json(task_view(&d, &report, &task))).into_response())
 }
 
 async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {

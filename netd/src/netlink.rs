@@ -91,8 +91,18 @@ pub async fn links(handle: &Handle) -> Result<Vec<Link>> {
     Ok(msgs.into_iter().map(Link::from_message).collect())
 }
 
+/// One link by name, asked of the kernel directly (no dump of every link).
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<Link>> {
-    Ok(links(handle).await?.into_iter().find(|l| l.name == name))
+    let mut found = handle.link().get().match_name(name.to_string()).execute();
+    match found.try_next().await {
+        Ok(msg) => Ok(msg.map(Link::from_message)),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("look up link {name}")),
+    }
 }
 
 pub async fn require_link(handle: &Handle, name: &str) -> Result<Link> {
@@ -143,18 +153,21 @@ pub async fn set_mtu(handle: &Handle, link: &Link, mtu: u32) -> Result<()> {
     Ok(())
 }
 
-pub async fn set_controller(handle: &Handle, link: &Link, controller: u32) -> Result<()> {
-    if link.controller != Some(controller) {
-        set(
-            handle,
-            LinkUnspec::new_with_index(link.index)
-                .controller(controller)
-                .build(),
-            &format!("enslave {} to #{controller}", link.name),
-        )
-        .await?;
+/// Enslaves `link` to `controller`; returns whether it had to (the link's cached port
+/// attributes are then stale).
+pub async fn set_controller(handle: &Handle, link: &Link, controller: u32) -> Result<bool> {
+    if link.controller == Some(controller) {
+        return Ok(false);
     }
-    Ok(())
+    set(
+        handle,
+        LinkUnspec::new_with_index(link.index)
+            .controller(controller)
+            .build(),
+        &format!("enslave {} to #{controller}", link.name),
+    )
+    .await?;
+    Ok(true)
 }
 
 /// Sets a bridge port's isolation (Docker's icc=false for the gwbridge, done by the

@@ -396,9 +396,12 @@ impl Reconciler {
             let br = netlink::require_link(&h, &bridge).await?;
             let l = netlink::require_link(&h, &host_if).await?;
             netlink::set_mtu(&h, &l, mtu).await?;
-            netlink::set_controller(&h, &l, br.index).await?;
-            // Port flags only exist once the link is enslaved: read it again.
-            let l = netlink::require_link(&h, &host_if).await?;
+            // Port flags only exist once the link is enslaved: read it again if it just was.
+            let l = if netlink::set_controller(&h, &l, br.index).await? {
+                netlink::require_link(&h, &host_if).await?
+            } else {
+                l
+            };
             netlink::set_isolated(&h, &l, isolated).await?;
             netlink::set_up(&h, &l).await
         })
