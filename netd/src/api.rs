@@ -173,8 +173,8 @@ async fn nodes(AxState(d): Ctx) -> ApiResult<Value> {
                 "name": n.name,
                 "address": n.address,
                 "gwbridge_subnet": n.gwbridge_subnet,
-                // Single-node store: the node answering is the one that is alive.
-                "status": if n.name == d.node { "ready" } else { "unknown" },
+                // Alive while its daemon holds its lease (etcd) or runs (local store).
+                "status": if st.node_alive(&n.name) { "ready" } else { "down" },
                 "tasks": st.tasks.values().filter(|t| t.node == n.name).count(),
             })
         })
@@ -241,7 +241,7 @@ async fn service_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult
         .tasks
         .values()
         .filter(|t| t.service == name)
-        .map(|t| task_view(&d, &report, t))
+        .map(|t| task_view(&d, &st, &report, t))
         .collect();
     v["tasks"] = json!(tasks);
     Ok(Json(v))
@@ -259,17 +259,21 @@ async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Valu
     Ok(Json(json!(svc)))
 }
 
-/// A task as the API shows it: its record plus how its node sees it (from `report`, the
-/// last reconcile's, read once per request).
-fn task_view(d: &Daemon, report: &Report, t: &Task) -> Value {
+/// A task as the API shows it: its record plus how its node sees it. For a local task
+/// that is `report` (the last reconcile's, read once per request); for a remote one, the
+/// status its node published.
+fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
     let mut v = json!(t);
-    v["state"] = json!(if t.node != d.node {
-        "remote".to_string()
+    let error = if t.node == d.node {
+        Some(report.task_errors.get(&t.id).cloned())
     } else {
-        match report.task_errors.get(&t.id) {
-            Some(e) => format!("error: {e}"),
-            None => "running".to_string(),
-        }
+        st.task_status.get(&t.id).map(|s| s.error.clone())
+    };
+    v["state"] = json!(match error {
+        _ if !st.node_alive(&t.node) => "node down".to_string(),
+        None => "pending".to_string(),
+        Some(None) => "running".to_string(),
+        Some(Some(e)) => format!("error: {e}"),
     });
     v
 }
@@ -280,7 +284,7 @@ async fn task_ls(AxState(d): Ctx) -> ApiResult<Value> {
     Ok(Json(json!(st
         .tasks
         .values()
-        .map(|t| task_view(&d, &report, t))
+        .map(|t| task_view(&d, &st, &report, t))
         .collect::<Vec<_>>())))
 }
 
@@ -288,6 +292,7 @@ async fn task_inspect(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Valu
     let st = load(&d).await?;
     Ok(Json(task_view(
         &d,
+        &st,
         &d.reconciler.last_report(),
         st.task(&id)?,
     )))
@@ -301,17 +306,58 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e))?;
     }
     let task = state::attach_task(d.store.as_ref(), &d.node, req).await?;
-    if local {
-        let report = converge(&d).await?;
-        if let Some(e) = report.task_errors.get(&task.id) {
-            // Undo: the caller is told it failed, so nothing may remain of it.
-            let _ = state::detach_task(d.store.as_ref(), &task.id).await;
-            let _ = converge(&d).await;
-            return Err(Error::Kernel(format!("attaching task {}: {e}", task.name)).into());
+    let failure = if local {
+        converge(&d).await?.task_errors.get(&task.id).cloned()
+    } else {
+        remote_outcome(&d, &task.id).await?
+    };
+    if let Some(e) = failure {
+        // Undo: the caller is told it failed, so nothing may remain of it.
+        let _ = state::detach_task(d.store.as_ref(), &task.id).await;
+        let _ = converge(&d).await;
+        return Err(Error::Kernel(format!("attaching task {}: {e}", task.name)).into());
+    }
+    let st = load(&d).await?;
+    let report = d.reconciler.last_report();
+    Ok((StatusCode::CREATED, Json(task_view(&d, &st, &report, &task))).into_response())
+}
+
+/// How long `task attach --node OTHER` waits for that node to report the kernel work
+/// done. Past it the task stays attached and shows `pending` until the node gets to it.
+const REMOTE_ATTACH_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Waits until the task's node published a status for `id`; `Some(error)` if its
+/// reconcile failed. Our own reconcile runs too, so the new task's endpoints are known
+/// here when this returns.
+async fn remote_outcome(d: &Daemon, id: &str) -> Result<Option<String>, ApiError> {
+    let mut changes = d.store.subscribe();
+    let deadline = tokio::time::Instant::now() + REMOTE_ATTACH_WAIT;
+    loop {
+        let st = load(d).await?;
+        match st.task_status.get(id) {
+            Some(status) => {
+                converge(d).await?;
+                return Ok(status.error.clone());
+            }
+            None if !st.tasks.contains_key(id) => {
+                return Err(Error::NotFound(format!("task {id} was detached meanwhile")).into())
+            }
+            None => {}
+        }
+        // Wake on the next change; the short sleep bounds a missed wake-up.
+        let wait = tokio::time::sleep(std::time::Duration::from_millis(200));
+        if tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                _ = changes.recv() => {}
+                _ = wait => {}
+            }
+        })
+        .await
+        .is_err()
+        {
+            return Ok(None);
         }
     }
-    let report = d.reconciler.last_report();
-    Ok((StatusCode::CREATED, Json(task_view(&d, &report, &task))).into_response())
 }
 
 async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {

@@ -24,13 +24,15 @@ pub const DEFAULT_API: &str = "unix:/run/netd/netd.sock";
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
-    /// Where desired state lives: local:DIR (embedded, crash-safe).
+    /// Where desired state lives: local:DIR (embedded, crash-safe, one node) or
+    /// etcd://HOST:PORT[,HOST:PORT...] (a cluster).
     #[arg(long, default_value = "local:/var/lib/netd")]
     pub store: String,
     /// This node's name (a DNS label); defaults to the host name.
     #[arg(long)]
     pub node: Option<String>,
-    /// This node's underlay address, announced to the cluster.
+    /// This node's underlay address (its VTEP), announced to the cluster. With an etcd
+    /// store it defaults to the source address of the route towards etcd.
     #[arg(long)]
     pub advertise_addr: Option<Ipv4Addr>,
     /// Load-balancing datapath: auto, ebpf or userspace.
@@ -51,6 +53,10 @@ pub struct DaemonArgs {
     /// MTU of the underlay; overlays get 50 bytes less for the VXLAN header.
     #[arg(long, default_value_t = 1500)]
     pub underlay_mtu: u32,
+    /// Seconds the cluster waits after this daemon dies before marking the node down
+    /// and withdrawing its tasks (the etcd lease TTL).
+    #[arg(long, default_value_t = 10)]
+    pub lease_ttl: u64,
     /// Seconds between reconciles when nothing changes (repairs drift).
     #[arg(long, default_value_t = 10)]
     pub resync: u64,
@@ -60,6 +66,23 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "node".into())
+}
+
+/// The address this node's traffic towards `endpoint` (an etcd URL) leaves from: the
+/// underlay address other nodes can reach, when `--advertise-addr` is not given. A
+/// connected UDP socket only asks the routing table; no packet is sent.
+fn source_address_towards(endpoint: &str) -> Result<Ipv4Addr> {
+    let hostport = endpoint.trim_start_matches("http://");
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("bind probe socket")?;
+    sock.connect(hostport)
+        .with_context(|| format!("no route towards etcd {hostport}: give --advertise-addr"))?;
+    match sock.local_addr().context("probe socket address")?.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_loopback() => Ok(ip),
+        other => bail!(
+            "the route towards etcd {hostport} leaves from {other}, which other nodes \
+             cannot reach: give --advertise-addr"
+        ),
+    }
 }
 
 pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
@@ -72,19 +95,37 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             args.address_pool
         );
     }
-    let store: Arc<dyn store::Store> =
-        Arc::from(store::open(&args.store).with_context(|| format!("open store {}", args.store))?);
+    let store: Arc<dyn store::Store> = Arc::from(
+        store::open(&args.store)
+            .await
+            .with_context(|| format!("open store {}", args.store))?,
+    );
+    let address = match args.advertise_addr {
+        Some(a) => Some(a),
+        None => store::etcd::parse_endpoints(&args.store)
+            .ok()
+            .and_then(|e| e.first().cloned())
+            .map(|e| source_address_towards(&e))
+            .transpose()?,
+    };
     state::register_node(
         store.as_ref(),
         Node {
             name: node.clone(),
-            address: args.advertise_addr,
+            address,
             gwbridge_subnet: args.gwbridge_subnet,
             started_at: model::now_secs(),
         },
     )
     .await
     .context("register node")?;
+    state::announce_alive(
+        store.as_ref(),
+        &node,
+        Duration::from_secs(args.lease_ttl.max(2)),
+    )
+    .await
+    .context("announce node liveness")?;
 
     let reconciler = Arc::new(Reconciler::new(
         store.clone(),
@@ -108,6 +149,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             .run_forever(Duration::from_secs(args.resync.max(1))),
     );
 
+    let daemon_store = store.clone();
     let daemon = Arc::new(Daemon {
         store,
         node: node.clone(),
@@ -129,13 +171,27 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
         }
         tracing::info!("shutting down; kernel state stays in place");
     };
+    let serve_result = serve(app, api_spec, &node, shutdown).await;
+    // Tell the cluster at once rather than after the lease TTL.
+    if let Err(e) = daemon_store.withdraw_ephemeral().await {
+        tracing::warn!("withdraw liveness: {e}");
+    }
+    serve_result
+}
+
+async fn serve(
+    app: axum::Router,
+    api_spec: &str,
+    node: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     if let Some(path) = api_spec.strip_prefix("unix:") {
         let path = Path::new(path);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
-        // The store lock guarantees no other daemon owns this state; a socket file left
-        // behind is from a dead predecessor.
+        // A socket file left behind is from a dead predecessor: a live one would hold
+        // the local store's lock, or the node name in the cluster.
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("bind API socket {}", path.display()))?;

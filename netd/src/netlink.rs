@@ -11,7 +11,12 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
     InfoBridgePort, InfoKind, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+use netlink_packet_route::AddressFamily;
+use crate::model::format_mac;
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
@@ -359,4 +364,125 @@ pub async fn ensure_default_route(handle: &Handle, link: &Link, gateway: Ipv4Add
         .execute()
         .await
         .with_context(|| format!("default route via {gateway} dev {}", link.name))
+}
+
+/// A remote task as the overlay's VXLAN device must know it: its address, its MAC, and
+/// the underlay address of the node (VTEP) it lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Peer {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub vtep: Ipv4Addr,
+}
+
+/// The static entries on a VXLAN device: FDB `MAC -> VTEP` (flag `self`, as `bridge fdb
+/// add ... self permanent` makes) and permanent neighbours `IP -> MAC` (the device answers
+/// ARP for them itself, with its `proxy` flag).
+#[derive(Debug, Default)]
+struct VxlanEntries {
+    fdb: Vec<(NeighbourMessage, [u8; 6], Ipv4Addr)>,
+    neigh: Vec<(NeighbourMessage, Ipv4Addr, Vec<u8>)>,
+}
+
+async fn vxlan_entries(handle: &Handle, index: u32) -> Result<VxlanEntries> {
+    let mut out = VxlanEntries::default();
+    for family in [AddressFamily::Bridge, AddressFamily::Inet] {
+        let msgs: Vec<NeighbourMessage> = handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .context("dump neighbours")?;
+        for msg in msgs {
+            if msg.header.ifindex != index || msg.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let mut lladdr = None;
+            let mut dst = None;
+            for attr in &msg.attributes {
+                match attr {
+                    NeighbourAttribute::LinkLayerAddress(a) => lladdr = Some(a.clone()),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                    _ => {}
+                }
+            }
+            let (Some(lladdr), Some(dst)) = (lladdr, dst) else {
+                continue;
+            };
+            if family == AddressFamily::Bridge {
+                if let Ok(mac) = <[u8; 6]>::try_from(lladdr.as_slice()) {
+                    if msg.header.flags.contains(NeighbourFlags::Own) {
+                        out.fdb.push((msg, mac, dst));
+                    }
+                }
+            } else {
+                out.neigh.push((msg, dst, lladdr));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Makes the static FDB and neighbour entries of VXLAN device `vxlan` exactly `peers`:
+/// adds what is missing, replaces what points elsewhere, deletes the rest. Returns how
+/// many entries it changed.
+pub async fn ensure_vxlan_peers(handle: &Handle, vxlan: &Link, peers: &[Peer]) -> Result<usize> {
+    let have = vxlan_entries(handle, vxlan.index).await?;
+    let mut changed = 0;
+    for p in peers {
+        if !have.fdb.iter().any(|(_, m, d)| *m == p.mac && *d == p.vtep) {
+            handle
+                .neighbours()
+                .add_bridge(vxlan.index, &p.mac)
+                .destination(IpAddr::V4(p.vtep))
+                .flags(NeighbourFlags::Own)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| {
+                    format!("fdb {} -> {} on {}", format_mac(&p.mac), p.vtep, vxlan.name)
+                })?;
+            changed += 1;
+        }
+        if !have
+            .neigh
+            .iter()
+            .any(|(_, ip, m)| *ip == p.ip && m.as_slice() == p.mac)
+        {
+            handle
+                .neighbours()
+                .add(vxlan.index, IpAddr::V4(p.ip))
+                .link_layer_address(&p.mac)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("neighbour {} on {}", p.ip, vxlan.name))?;
+            changed += 1;
+        }
+    }
+    for (msg, mac, _) in have.fdb {
+        if !peers.iter().any(|p| p.mac == mac) {
+            handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .with_context(|| format!("delete fdb {}", format_mac(&mac)))?;
+            changed += 1;
+        }
+    }
+    for (msg, ip, _) in have.neigh {
+        if !peers.iter().any(|p| p.ip == ip) {
+            handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .with_context(|| format!("delete neighbour {ip}"))?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }

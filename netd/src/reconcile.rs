@@ -18,10 +18,10 @@ use tokio::sync::Mutex;
 
 use crate::model::{Driver, Endpoint, Network, Task, GWBRIDGE};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
-use crate::netlink::{self, Link};
+use crate::netlink::{self, Link, Peer};
 use crate::netns::{self, Netns};
 use crate::nftables::{self, BridgeRules, Ruleset};
-use crate::state::State;
+use crate::state::{self, State, TaskStatus};
 use crate::store::Store;
 
 /// This node's fixed settings, from the daemon's command line.
@@ -101,6 +101,21 @@ impl Reconciler {
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();
         }
+        let changed: Vec<(String, TaskStatus)> = st
+            .tasks
+            .values()
+            .filter(|t| t.node == self.cfg.name)
+            .map(|t| {
+                let status = TaskStatus {
+                    error: report.task_errors.get(&t.id).cloned(),
+                };
+                (t.id.clone(), status)
+            })
+            .filter(|(id, status)| st.task_status.get(id) != Some(status))
+            .collect();
+        if let Err(e) = state::publish_task_status(self.store.as_ref(), &st, changed).await {
+            tracing::warn!("publish task status: {e}");
+        }
         for (task, e) in &report.task_errors {
             tracing::warn!(task, "{e}");
         }
@@ -170,7 +185,20 @@ impl Reconciler {
             }
         }
 
-        // 2. Task endpoints.
+        // 2. Remote tasks on those overlays, reachable through their node's VTEP.
+        for net in overlays.values() {
+            if broken_sandboxes.contains(&net.name) {
+                continue;
+            }
+            let peers = remote_peers(st, node, &net.name);
+            if let Err(e) = self.ensure_peers(net, peers).await {
+                report
+                    .errors
+                    .push(format!("remote tasks of network {}: {e:#}", net.name));
+            }
+        }
+
+        // 3. Task endpoints.
         for task in &tasks {
             if let Some(bad) = task
                 .endpoints
@@ -188,7 +216,7 @@ impl Reconciler {
             }
         }
 
-        // 3. Node firewall: masquerade and isolation.
+        // 4. Node firewall: masquerade and isolation.
         let rules = Ruleset {
             gwbridge: needs_gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
@@ -210,7 +238,7 @@ impl Reconciler {
             Err(e) => report.errors.push(format!("nftables: {e}")),
         }
 
-        // 4. Sweep what nothing desires any more.
+        // 5. Sweep what nothing desires any more.
         let mut wanted: BTreeMap<Netns, BTreeSet<String>> = BTreeMap::new();
         for task in &tasks {
             for ep in &task.endpoints {
@@ -326,6 +354,19 @@ impl Reconciler {
             netlink::set_up(&h, &vx).await
         })
         .await
+    }
+
+    async fn ensure_peers(&self, net: &Network, peers: Vec<Peer>) -> Result<()> {
+        let sandbox = Netns::named(&naming::sandbox_netns(&self.cfg.name, &net.id));
+        let changed = netns::with_netlink(&sandbox, move |h| async move {
+            let vx = netlink::require_link(&h, SANDBOX_VXLAN).await?;
+            netlink::ensure_vxlan_peers(&h, &vx, &peers).await
+        })
+        .await?;
+        if changed > 0 {
+            tracing::info!(network = net.name, changed, "remote task entries updated");
+        }
+        Ok(())
     }
 
     async fn ensure_task(&self, st: &State, task: &Task) -> Result<()> {
@@ -457,6 +498,33 @@ impl Reconciler {
         })
         .await
     }
+}
+
+/// The tasks of other nodes on overlay `network`, as this node's VXLAN device must know
+/// them. Tasks of a node that is down (no lease) or that announced no underlay address are
+/// left out: their traffic would go nowhere, and leaving them out is what withdraws them.
+pub fn remote_peers(st: &State, local_node: &str, network: &str) -> Vec<Peer> {
+    let mut peers: Vec<Peer> = st
+        .tasks
+        .values()
+        .filter(|t| t.node != local_node && st.node_alive(&t.node))
+        .filter_map(|t| {
+            let vtep = st.nodes.get(&t.node)?.address?;
+            Some(
+                t.endpoints
+                    .iter()
+                    .filter(|e| e.network == network)
+                    .map(move |e| Peer {
+                        ip: e.ip,
+                        mac: crate::model::mac_for_ip(e.ip),
+                        vtep,
+                    }),
+            )
+        })
+        .flatten()
+        .collect();
+    peers.sort();
+    peers
 }
 
 async fn sweep_links(h: &Handle, stale: impl Fn(&Link) -> bool) -> Result<()> {

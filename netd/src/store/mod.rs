@@ -3,7 +3,12 @@
 //! shape is what lets two writers (two nodes, or two API requests) race safely: the loser
 //! re-reads and tries again, so an address or a VNI is never handed out twice.
 
+pub mod etcd;
 pub mod local;
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -21,9 +26,18 @@ pub enum StoreError {
     Corrupt { path: String, reason: String },
     #[error("store {0} is locked by another netd daemon")]
     Locked(String),
-    #[error("unsupported store {0:?}: use local:DIR")]
+    #[error("etcd {op}: {source}")]
+    Etcd {
+        op: &'static str,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    #[error("unsupported store {0:?}: use local:DIR or etcd://HOST:PORT[,HOST:PORT...]")]
     Unsupported(String),
 }
+
+/// Every key netd writes lives under this prefix (etcd watches it).
+pub const ROOT: &str = "/netd/";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
@@ -66,14 +80,166 @@ pub trait Store: Send + Sync {
     /// Fires (with the new revision) after every committed change, so watchers can
     /// re-read; a lagging receiver only needs to re-read once.
     fn subscribe(&self) -> broadcast::Receiver<u64>;
+    /// Publishes `key` for as long as this process lives and reaches the store: when the
+    /// process dies the key vanishes `ttl` later by itself (an etcd lease). This is how
+    /// the other nodes learn that a node is down.
+    async fn put_ephemeral(&self, key: &str, value: Vec<u8>, ttl: Duration)
+        -> Result<(), StoreError>;
+    /// Removes this process's ephemeral keys at once (a graceful stop announces itself
+    /// instead of waiting out the TTL).
+    async fn withdraw_ephemeral(&self) -> Result<(), StoreError>;
     /// A description for `netd status`.
     fn describe(&self) -> String;
 }
 
-/// Opens the store named on the command line (`local:DIR`).
-pub fn open(spec: &str) -> Result<Box<dyn Store>, StoreError> {
+/// Opens the store named on the command line (`local:DIR` or `etcd://…`).
+pub async fn open(spec: &str) -> Result<Box<dyn Store>, StoreError> {
     if let Some(dir) = spec.strip_prefix("local:") {
         return Ok(Box::new(local::LocalStore::open(dir.as_ref())?));
     }
+    if spec.starts_with("etcd://") {
+        return Ok(Box::new(etcd::EtcdStore::connect(spec).await?));
+    }
     Err(StoreError::Unsupported(spec.to_string()))
+}
+
+/// The contract of [`Store`], run against both backends.
+#[cfg(test)]
+mod tests {
+    use super::testing::{store_test, SharedStore};
+    use super::*;
+
+    fn put(k: &str, v: &str) -> Op {
+        Op::Put(k.into(), v.as_bytes().to_vec())
+    }
+
+    async fn values(store: &SharedStore, prefix: &str) -> Vec<(String, String)> {
+        let snap = store.list(prefix).await.unwrap();
+        snap.kvs
+            .into_iter()
+            .map(|kv| (kv.key, String::from_utf8(kv.value).unwrap()))
+            .collect()
+    }
+
+    store_test!(compares_guard_writes, |s: SharedStore| async move {
+        let a = "/netd/t/a".to_string();
+        assert!(s
+            .txn(vec![Compare::Absent(a.clone())], vec![put(&a, "1")])
+            .await
+            .unwrap());
+        // Create-if-absent loses the second time, and writes nothing.
+        assert!(!s
+            .txn(vec![Compare::Absent(a.clone())], vec![put(&a, "2")])
+            .await
+            .unwrap());
+        let rev = s.list(&a).await.unwrap().kvs[0].mod_revision;
+        assert!(rev > 0);
+        assert!(s
+            .txn(
+                vec![Compare::Revision(a.clone(), rev)],
+                vec![put(&a, "3"), put("/netd/t/b", "x")]
+            )
+            .await
+            .unwrap());
+        // A stale revision loses.
+        assert!(!s
+            .txn(
+                vec![Compare::Revision(a.clone(), rev)],
+                vec![Op::Delete(a.clone())]
+            )
+            .await
+            .unwrap());
+        assert_eq!(
+            values(&s, "/netd/t/").await,
+            vec![
+                ("/netd/t/a".to_string(), "3".to_string()),
+                ("/netd/t/b".to_string(), "x".to_string())
+            ]
+        );
+        // A deleted key is absent again.
+        assert!(s
+            .txn(vec![], vec![Op::Delete("/netd/t/b".into())])
+            .await
+            .unwrap());
+        assert!(s
+            .txn(
+                vec![Compare::Absent("/netd/t/b".into())],
+                vec![put("/netd/t/b", "y")]
+            )
+            .await
+            .unwrap());
+    });
+
+    store_test!(lists_are_prefix_scoped_sorted_and_consistent, |s: SharedStore| async move {
+        for k in ["/netd/x/2", "/netd/x/1", "/netd/y/1", "/netd/x10"] {
+            assert!(s.txn(vec![], vec![put(k, "v")]).await.unwrap());
+        }
+        let snap = s.list("/netd/x/").await.unwrap();
+        let keys: Vec<_> = snap.kvs.iter().map(|kv| kv.key.as_str()).collect();
+        assert_eq!(keys, vec!["/netd/x/1", "/netd/x/2"]);
+        // The snapshot's revision covers every key in it.
+        assert!(snap.kvs.iter().all(|kv| kv.mod_revision <= snap.revision));
+        assert!(s.list("/netd/z/").await.unwrap().kvs.is_empty());
+    });
+
+    store_test!(watchers_hear_of_every_commit, |s: SharedStore| async move {
+        let mut rx = s.subscribe();
+        assert!(s.txn(vec![], vec![put("/netd/w", "1")]).await.unwrap());
+        let rev = s.list("/netd/w").await.unwrap().kvs[0].mod_revision;
+        let heard = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match rx.recv().await {
+                    Ok(r) if r >= rev => return r,
+                    Ok(_) => continue,
+                    Err(e) => panic!("change feed closed: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("no change announced within 5 s");
+        assert!(heard >= rev);
+    });
+
+    store_test!(ephemeral_keys_are_listed_and_withdrawn, |s: SharedStore| async move {
+        s.put_ephemeral("/netd/alive/n1", b"{}".to_vec(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(s.txn(vec![], vec![put("/netd/nodes/n1", "{}")]).await.unwrap());
+        assert_eq!(values(&s, "/netd/alive/").await.len(), 1);
+        // Compares see ephemeral keys like any other.
+        assert!(!s
+            .txn(
+                vec![Compare::Absent("/netd/alive/n1".into())],
+                vec![put("/netd/alive/n1", "x")]
+            )
+            .await
+            .unwrap());
+        s.withdraw_ephemeral().await.unwrap();
+        assert!(values(&s, "/netd/alive/").await.is_empty());
+        assert_eq!(values(&s, "/netd/nodes/").await.len(), 1);
+    });
+
+    /// What makes a dead node show as down: its key outlives it by the TTL only.
+    #[test]
+    fn an_ephemeral_key_expires_when_its_holder_is_gone() {
+        testing::run_etcd(|observer: SharedStore| async move {
+            let holder = etcd::EtcdStore::connect(testing::ETCD_SPEC).await.unwrap();
+            holder
+                .put_ephemeral("/netd/alive/n2", b"{}".to_vec(), Duration::from_secs(2))
+                .await
+                .unwrap();
+            // Kept alive well past its TTL while the holder lives.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            assert_eq!(values(&observer, "/netd/alive/").await.len(), 1);
+            drop(holder);
+            let gone_by = std::time::Instant::now() + Duration::from_secs(10);
+            while !values(&observer, "/netd/alive/").await.is_empty() {
+                assert!(
+                    std::time::Instant::now() < gone_by,
+                    "ephemeral key outlived its holder by 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
 }

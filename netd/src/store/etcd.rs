@@ -1,0 +1,353 @@
+//! The cluster store: etcd v3. Every node's netd reads and writes the same key space,
+//! so allocations race through etcd's transactions (compare on create/mod revision) and
+//! each node learns about the others' changes through one watch on `/netd/`.
+//!
+//! Liveness: a node's ephemeral keys are bound to one lease that a background task keeps
+//! alive. If the daemon dies, etcd deletes the keys when the lease's TTL runs out and the
+//! watchers on every other node see it; if etcd itself was away longer than the TTL, the
+//! keeper grants a new lease and puts the keys again.
+//!
+//! Reconnection is tonic's: the client keeps its endpoints and redials, calls fail fast
+//! (per-request timeout) while etcd is unreachable, the watch re-subscribes from the last
+//! revision it saw, so no change is missed across an etcd restart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn,
+    TxnOp, WatchOptions,
+};
+use tokio::sync::{broadcast, Mutex};
+use tokio::task::JoinHandle;
+
+use super::{Compare, KeyValue, Op, Snapshot, Store, StoreError, ROOT};
+
+/// How long one etcd call may take before it fails (etcd down, partitioned).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between attempts to re-establish the watch or the lease.
+const RETRY: Duration = Duration::from_millis(500);
+
+fn etcd_err(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StoreError {
+    move |source| StoreError::Etcd {
+        op,
+        source: Box::new(source),
+    }
+}
+
+/// Ephemeral keys and the lease they are bound to (None until granted, or after it
+/// expired and before the keeper granted a new one).
+#[derive(Default)]
+struct Lease {
+    id: Option<i64>,
+    ttl: i64,
+    keys: BTreeMap<String, Vec<u8>>,
+}
+
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+    changes: broadcast::Sender<u64>,
+    lease: Arc<Mutex<Lease>>,
+    watcher: JoinHandle<()>,
+    keeper: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+/// `etcd://HOST:PORT[,HOST:PORT…]` → the endpoint URLs tonic dials.
+pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, StoreError> {
+    let list = spec
+        .strip_prefix("etcd://")
+        .ok_or_else(|| StoreError::Unsupported(spec.to_string()))?;
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| format!("http://{e}"))
+        .collect();
+    let valid = |e: &String| {
+        e["http://".len()..]
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    };
+    if endpoints.is_empty() || !endpoints.iter().all(valid) {
+        return Err(StoreError::Unsupported(spec.to_string()));
+    }
+    Ok(endpoints)
+}
+
+impl EtcdStore {
+    /// Connects and checks that etcd answers, so a wrong address fails at start with a
+    /// clear error instead of at the first request.
+    pub async fn connect(spec: &str) -> Result<Self, StoreError> {
+        let endpoints = parse_endpoints(spec)?;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        let mut client = Client::connect(&endpoints, Some(options))
+            .await
+            .map_err(etcd_err("connect"))?;
+        let status = client.status().await.map_err(etcd_err("status"))?;
+        let revision = status.header().map(|h| h.revision()).unwrap_or(0);
+        let (changes, _) = broadcast::channel(64);
+        let watcher = tokio::spawn(watch_changes(client.clone(), changes.clone(), revision));
+        Ok(EtcdStore {
+            client,
+            endpoints,
+            changes,
+            lease: Arc::new(Mutex::new(Lease::default())),
+            watcher,
+            keeper: std::sync::Mutex::new(None),
+        })
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.watcher.abort();
+        if let Ok(mut k) = self.keeper.lock() {
+            if let Some(k) = k.take() {
+                k.abort();
+            }
+        }
+    }
+}
+
+/// Follows every change under `/netd/` from `revision` on and announces the new revision.
+/// After a broken stream it re-subscribes from the last revision seen, and announces once
+/// more so that watchers re-read whatever the outage may have hidden.
+async fn watch_changes(client: Client, tx: broadcast::Sender<u64>, mut revision: i64) {
+    loop {
+        let mut c = client.clone();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        match c.watch(ROOT, Some(options)).await {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() {
+                            // History before our revision was compacted away: start
+                            // from now; the announcement below makes watchers re-read.
+                            tracing::warn!(reason = resp.cancel_reason(), "etcd watch canceled");
+                            if let Some(h) = resp.header() {
+                                revision = revision.max(h.revision());
+                            }
+                            break;
+                        }
+                        let newest = resp
+                            .events()
+                            .iter()
+                            .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+                            .max();
+                        if let Some(r) = newest {
+                            revision = revision.max(r);
+                            let _ = tx.send(revision as u64);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("etcd watch: {e}");
+                        break;
+                    }
+                }
+            },
+            Err(e) => tracing::debug!("etcd watch: {e}"),
+        }
+        tokio::time::sleep(RETRY).await;
+        let _ = tx.send(revision as u64);
+    }
+}
+
+/// Grants a lease and puts every ephemeral key on it.
+async fn grant_and_put(client: &Client, lease: &mut Lease) -> Result<i64, StoreError> {
+    let mut c = client.clone();
+    let id = c
+        .lease_grant(lease.ttl, None)
+        .await
+        .map_err(etcd_err("lease grant"))?
+        .id();
+    for (k, v) in &lease.keys {
+        c.put(k.as_str(), v.clone(), Some(PutOptions::new().with_lease(id)))
+            .await
+            .map_err(etcd_err("put ephemeral key"))?;
+    }
+    lease.id = Some(id);
+    Ok(id)
+}
+
+/// Keeps the lease alive at a third of its TTL; re-grants it if etcd let it expire.
+async fn keep_lease(client: Client, lease: Arc<Mutex<Lease>>) {
+    loop {
+        let (id, ttl) = {
+            let mut l = lease.lock().await;
+            let ttl = l.ttl;
+            match l.id {
+                Some(id) => (id, ttl),
+                None => match grant_and_put(&client, &mut l).await {
+                    Ok(id) => {
+                        tracing::info!("etcd lease re-granted; ephemeral keys restored");
+                        (id, ttl)
+                    }
+                    Err(e) => {
+                        drop(l);
+                        tracing::warn!("{e}");
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                },
+            }
+        };
+        let period = Duration::from_millis((ttl.max(1) as u64) * 1000 / 3);
+        let mut c = client.clone();
+        match c.lease_keep_alive(id).await {
+            Ok((mut keeper, mut stream)) => loop {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(period, stream.message()).await {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                    Ok(Ok(Some(_))) => {
+                        tracing::warn!("etcd lease {id:x} expired");
+                        lease.lock().await.id = None;
+                        break;
+                    }
+                    _ => break,
+                }
+                tokio::time::sleep(period).await;
+            },
+            Err(e) => tracing::debug!("etcd lease keep-alive: {e}"),
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn list(&self, prefix: &str) -> Result<Snapshot, StoreError> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(etcd_err("range"))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0) as u64;
+        let mut kvs = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            let key = kv.key_str().map_err(|e| StoreError::Corrupt {
+                path: String::from_utf8_lossy(kv.key()).into_owned(),
+                reason: e.to_string(),
+            })?;
+            kvs.push(KeyValue {
+                key: key.to_string(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision() as u64,
+            });
+        }
+        Ok(Snapshot { revision, kvs })
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool, StoreError> {
+        let when: Vec<EtcdCompare> = compares
+            .into_iter()
+            .map(|c| match c {
+                // A key that never existed (or was deleted) has create revision 0.
+                Compare::Absent(k) => EtcdCompare::create_revision(k, CompareOp::Equal, 0),
+                Compare::Revision(k, rev) => {
+                    EtcdCompare::mod_revision(k, CompareOp::Equal, rev as i64)
+                }
+            })
+            .collect();
+        let then: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|o| match o {
+                Op::Put(k, v) => TxnOp::put(k, v, None),
+                Op::Delete(k) => TxnOp::delete(k, None),
+            })
+            .collect();
+        let mut c = self.client.clone();
+        let resp = c
+            .txn(Txn::new().when(when).and_then(then))
+            .await
+            .map_err(etcd_err("txn"))?;
+        Ok(resp.succeeded())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    async fn put_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut l = self.lease.lock().await;
+        l.ttl = ttl.as_secs().max(2) as i64;
+        l.keys.insert(key.to_string(), value.clone());
+        match l.id {
+            Some(id) => {
+                let mut c = self.client.clone();
+                c.put(key, value, Some(PutOptions::new().with_lease(id)))
+                    .await
+                    .map_err(etcd_err("put ephemeral key"))?;
+            }
+            None => {
+                grant_and_put(&self.client, &mut l).await?;
+            }
+        }
+        drop(l);
+        if let Ok(mut keeper) = self.keeper.lock() {
+            if keeper.is_none() {
+                *keeper = Some(tokio::spawn(keep_lease(
+                    self.client.clone(),
+                    self.lease.clone(),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn withdraw_ephemeral(&self) -> Result<(), StoreError> {
+        if let Ok(mut keeper) = self.keeper.lock() {
+            if let Some(k) = keeper.take() {
+                k.abort();
+            }
+        }
+        let mut l = self.lease.lock().await;
+        l.keys.clear();
+        if let Some(id) = l.id.take() {
+            let mut c = self.client.clone();
+            c.lease_revoke(id).await.map_err(etcd_err("lease revoke"))?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let hosts: Vec<&str> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim_start_matches("http://"))
+            .collect();
+        format!("etcd://{}", hosts.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_parsed_and_bad_specs_refused() {
+        assert_eq!(
+            parse_endpoints("etcd://198.18.0.2:2379,198.18.0.3:2379").unwrap(),
+            vec!["http://198.18.0.2:2379", "http://198.18.0.3:2379"]
+        );
+        for bad in ["etcd://", "etcd://host", "etcd://host:notaport", "etcd://:2379"] {
+            assert!(parse_endpoints(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Runs store-level unit tests against both backends: `local:` in a temp dir, and a real
+//! etcd started for the test inside a namespace of its own (its loopback is private, so
+//! parallel tests never collide and no traffic touches the machine's namespace).
+//!
+//! `store_test!(name, |store| async move { ... })` defines `name::local` and
+//! `name::etcd`, the same body run once against each.
+
+use std::future::Future;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::etcd::EtcdStore;
+use super::local::LocalStore;
+use super::Store;
+use crate::netns::{self, Netns};
+
+pub type SharedStore = Arc<dyn Store>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("test runtime")
+}
+
+pub fn run_local<F, Fut>(test: F)
+where
+    F: FnOnce(SharedStore) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: SharedStore = Arc::new(LocalStore::open(dir.path()).expect("open local store"));
+    runtime().block_on(test(store));
+}
+
+/// An etcd server in a namespace made for it; both go away on drop.
+pub struct EtcdServer {
+    pub netns: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+pub const ETCD_SPEC: &str = "etcd://127.0.0.1:2379";
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        let netns = format!("netdtest-etcd-{:08x}", rand::random::<u32>());
+        netns::create_named(&netns).expect("create etcd test netns");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = std::fs::File::open(format!("{}/{netns}", netns::NETNS_DIR)).expect("netns");
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            "test",
+            "--data-dir",
+            &dir.path().join("data").display().to_string(),
+            "--listen-client-urls",
+            "http://127.0.0.1:2379",
+            "--advertise-client-urls",
+            "http://127.0.0.1:2379",
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "test=http://127.0.0.1:2380",
+            "--max-txn-ops",
+            "10000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        // SAFETY: only setns(2) runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        // Loopback of a new namespace starts down.
+        let ns = Netns::named(&netns);
+        runtime()
+            .block_on(netns::with_netlink(&ns, |h| async move {
+                let lo = crate::netlink::require_link(&h, "lo").await?;
+                crate::netlink::set_up(&h, &lo).await
+            }))
+            .expect("loopback up in etcd netns");
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = netns::delete_named(&netns);
+                panic!("start etcd (apt package etcd-server): {e}");
+            }
+        };
+        EtcdServer {
+            netns,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Runs `test` on a thread inside the server's namespace, with a store connected to
+    /// it (retrying while etcd starts).
+    pub fn run<F, Fut>(&self, test: F)
+    where
+        F: FnOnce(SharedStore) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let file = std::fs::File::open(format!("{}/{}", netns::NETNS_DIR, self.netns))
+            .expect("open etcd netns");
+        let worker = std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("enter etcd netns");
+            let rt = runtime();
+            rt.block_on(async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let store = loop {
+                    match EtcdStore::connect(ETCD_SPEC).await {
+                        Ok(s) => break s,
+                        Err(e) if Instant::now() > deadline => panic!("etcd never answered: {e}"),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                };
+                test(Arc::new(store)).await;
+            });
+        });
+        if let Err(panic) = worker.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = netns::delete_named(&self.netns);
+    }
+}
+
+pub fn run_etcd<F, Fut>(test: F)
+where
+    F: FnOnce(SharedStore) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    EtcdServer::start().run(test);
+}
+
+/// One test body, two tests: `NAME::local` and `NAME::etcd`.
+macro_rules! store_test {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn local() {
+                $crate::store::testing::run_local($body)
+            }
+            #[test]
+            fn etcd() {
+                $crate::store::testing::run_etcd($body)
+            }
+        }
+    };
+}
+pub(crate) use store_test;
