@@ -2,7 +2,7 @@
 # need first (a fresh machine has none of them) and must run as root: netd creates
 # network namespaces, links and nftables rules.
 
-APT_PACKAGES := nftables iproute2 iputils-ping procps util-linux curl
+APT_PACKAGES := nftables iproute2 iputils-ping procps util-linux curl etcd-server protobuf-compiler
 CARGO ?= cargo
 TEST_THREADS ?= 2
 

@@ -319,7 +319,11 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
     }
     let st = load(&d).await?;
     let report = d.reconciler.last_report();
-    Ok((StatusCode::CREATED, Json(task_view(&d, &st, &report, &task))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(task_view(&d, &st, &report, &task)),
+    )
+        .into_response())
 }
 
 /// How long `task attach --node OTHER` waits for that node to report the kernel work

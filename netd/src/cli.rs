@@ -262,7 +262,11 @@ fn task(c: &Client, out: Output, cmd: &TaskCmd) -> Result<()> {
                 "/v1/tasks",
                 &json!({"service": service, "netns": netns, "name": name, "node": node}),
             )?;
-            print_table(out, &with_addresses(json!([v])), &columns);
+            // JSON: the task record itself, as `inspect` prints it.
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => print_table(out, &with_addresses(json!([v])), &columns),
+            }
         }
         TaskCmd::Detach { ids } => remove(c, out, "tasks", ids)?,
         TaskCmd::Ls => {

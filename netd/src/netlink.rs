@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use crate::model::format_mac;
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
@@ -16,7 +17,6 @@ use netlink_packet_route::neighbour::{
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
 use netlink_packet_route::AddressFamily;
-use crate::model::format_mac;
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
@@ -405,6 +405,11 @@ async fn vxlan_entries(handle: &Handle, index: u32) -> Result<VxlanEntries> {
                 match attr {
                     NeighbourAttribute::LinkLayerAddress(a) => lladdr = Some(a.clone()),
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                    // In an AF_BRIDGE (FDB) message the parser cannot tell the VTEP's
+                    // family from the header, so it comes as raw bytes.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                    }
                     _ => {}
                 }
             }

@@ -574,3 +574,92 @@ async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32) -> Result<()> 
     netlink::ensure_address(h, &link, ep.ip, ep.prefix).await?;
     netlink::set_up(h, &link).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Node;
+
+    fn task(id: &str, node: &str, eps: &[(&str, &str)]) -> Task {
+        Task {
+            id: id.into(),
+            name: id.into(),
+            service: "web".into(),
+            node: node.into(),
+            netns: format!("/run/netns/{id}"),
+            endpoints: eps
+                .iter()
+                .enumerate()
+                .map(|(i, (net, ip))| Endpoint {
+                    id: format!("{id}{i}"),
+                    network: net.to_string(),
+                    ip: ip.parse().unwrap(),
+                    prefix: 24,
+                    mac: String::new(),
+                    ifname: format!("eth{i}"),
+                })
+                .collect(),
+            default_gateway: None,
+            created_at: 0,
+        }
+    }
+
+    fn node(name: &str, addr: Option<&str>) -> Node {
+        Node {
+            name: name.into(),
+            address: addr.map(|a| a.parse().unwrap()),
+            gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
+            started_at: 0,
+        }
+    }
+
+    #[test]
+    fn peers_are_the_live_remote_tasks_of_the_network() {
+        let mut st = State::default();
+        for (n, a) in [
+            ("n1", Some("198.18.0.11")),
+            ("n2", Some("198.18.0.12")),
+            ("n3", Some("198.18.0.13")),
+            ("n4", None),
+        ] {
+            st.nodes.insert(n.into(), node(n, a));
+        }
+        st.alive = ["n1", "n2", "n4"].iter().map(|s| s.to_string()).collect();
+        for t in [
+            task("a", "n1", &[("front", "198.19.0.2")]),
+            task(
+                "b",
+                "n2",
+                &[("front", "198.19.0.3"), ("back", "198.19.1.3")],
+            ),
+            task("c", "n2", &[("back", "198.19.1.4")]),
+            // n3 is down, n4 never said where it is: neither is reachable.
+            task("d", "n3", &[("front", "198.19.0.5")]),
+            task("e", "n4", &[("front", "198.19.0.6")]),
+        ] {
+            st.tasks.insert(t.id.clone(), t);
+        }
+        let peers = remote_peers(&st, "n1", "front");
+        assert_eq!(
+            peers,
+            vec![Peer {
+                ip: "198.19.0.3".parse().unwrap(),
+                mac: [0x02, 0x42, 198, 19, 0, 3],
+                vtep: "198.18.0.12".parse().unwrap(),
+            }]
+        );
+        let back: Vec<Ipv4Addr> = remote_peers(&st, "n1", "back")
+            .iter()
+            .map(|p| p.ip)
+            .collect();
+        assert_eq!(
+            back,
+            [
+                "198.19.1.3".parse::<Ipv4Addr>().unwrap(),
+                "198.19.1.4".parse().unwrap()
+            ]
+        );
+        // A node never peers with its own tasks.
+        assert!(remote_peers(&st, "n2", "back").is_empty());
+    }
+}

@@ -318,11 +318,7 @@ pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
 }
 
 /// Announces that this node's daemon is up, for as long as it lives (see `alive/`).
-pub async fn announce_alive(
-    store: &dyn Store,
-    node: &str,
-    ttl: std::time::Duration,
-) -> Result<()> {
+pub async fn announce_alive(store: &dyn Store, node: &str, ttl: std::time::Duration) -> Result<()> {
     let since = encode(&model::now_secs());
     Ok(store.put_ephemeral(&key("alive", node), since, ttl).await?)
 }
@@ -790,91 +786,108 @@ mod tests {
         .unwrap()
     }
 
-    store_test!(networks_get_distinct_subnets_and_vnis, |s: SharedStore| async move {
-        let s = s.as_ref();
-        add_node(s, "n1").await;
-        let a = create_network(s, &pools(), net("a")).await.unwrap();
-        let b = create_network(s, &pools(), net("b")).await.unwrap();
-        assert_ne!(a.subnet, b.subnet);
-        assert_eq!(a.vni, Some(4096));
-        assert_eq!(b.vni, Some(4097));
-        assert_eq!(a.gateway, "198.19.0.1".parse::<Ipv4Addr>().unwrap());
-        assert!(matches!(
-            create_network(s, &pools(), net("a")).await,
-            Err(Error::Conflict(_))
-        ));
-        // The gwbridge subnet of a node counts as taken.
-        let mut r = net("c");
-        r.subnet = Some("198.18.1.0/25".into());
-        assert!(matches!(
-            create_network(s, &pools(), r).await,
-            Err(Error::Conflict(_))
-        ));
-    });
+    store_test!(
+        networks_get_distinct_subnets_and_vnis,
+        |s: SharedStore| async move {
+            let s = s.as_ref();
+            add_node(s, "n1").await;
+            let a = create_network(s, &pools(), net("a")).await.unwrap();
+            let b = create_network(s, &pools(), net("b")).await.unwrap();
+            assert_ne!(a.subnet, b.subnet);
+            assert_eq!(a.vni, Some(4096));
+            assert_eq!(b.vni, Some(4097));
+            assert_eq!(a.gateway, "198.19.0.1".parse::<Ipv4Addr>().unwrap());
+            assert!(matches!(
+                create_network(s, &pools(), net("a")).await,
+                Err(Error::Conflict(_))
+            ));
+            // The gwbridge subnet of a node counts as taken.
+            let mut r = net("c");
+            r.subnet = Some("198.18.1.0/25".into());
+            assert!(matches!(
+                create_network(s, &pools(), r).await,
+                Err(Error::Conflict(_))
+            ));
+        }
+    );
 
-    store_test!(concurrent_allocations_never_collide, |s: SharedStore| async move {
-        for n in ["n1", "n2", "n3"] {
-            add_node(s.as_ref(), n).await;
-        }
-        // Networks (subnets and VNIs) created at the same moment.
-        let mut nets = vec![];
-        for i in 0..6 {
-            let s = s.clone();
-            nets.push(tokio::spawn(async move {
-                create_network(s.as_ref(), &pools(), net(&format!("net{i}")))
+    store_test!(
+        concurrent_allocations_never_collide,
+        |s: SharedStore| async move {
+            for n in ["n1", "n2", "n3"] {
+                add_node(s.as_ref(), n).await;
+            }
+            // Networks (subnets and VNIs) created at the same moment.
+            let mut nets = vec![];
+            for i in 0..6 {
+                let s = s.clone();
+                nets.push(tokio::spawn(async move {
+                    create_network(s.as_ref(), &pools(), net(&format!("net{i}")))
+                        .await
+                        .unwrap()
+                }));
+            }
+            let mut subnets = BTreeSet::new();
+            let mut vnis = BTreeSet::new();
+            for h in nets {
+                let n = h.await.unwrap();
+                assert!(subnets.insert(n.subnet), "subnet {} twice", n.subnet);
+                assert!(vnis.insert(n.vni), "VNI {:?} twice", n.vni);
+            }
+            // Services (VIPs) and tasks (task IPs) on three nodes at the same moment.
+            let mut svcs = vec![];
+            for i in 0..4 {
+                let s = s.clone();
+                svcs.push(tokio::spawn(async move {
+                    create_service(
+                        s.as_ref(),
+                        ServiceCreate {
+                            name: format!("svc{i}"),
+                            networks: vec!["net0".into()],
+                            ..Default::default()
+                        },
+                    )
                     .await
                     .unwrap()
-            }));
-        }
-        let mut subnets = BTreeSet::new();
-        let mut vnis = BTreeSet::new();
-        for h in nets {
-            let n = h.await.unwrap();
-            assert!(subnets.insert(n.subnet), "subnet {} twice", n.subnet);
-            assert!(vnis.insert(n.vni), "VNI {:?} twice", n.vni);
-        }
-        // Services (VIPs) and tasks (task IPs) on three nodes at the same moment.
-        let mut svcs = vec![];
-        for i in 0..4 {
-            let s = s.clone();
-            svcs.push(tokio::spawn(async move {
-                create_service(
-                    s.as_ref(),
-                    ServiceCreate {
-                        name: format!("svc{i}"),
-                        networks: vec!["net0".into()],
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap()
-            }));
-        }
-        let mut ips = BTreeSet::new();
-        for h in svcs {
-            assert!(ips.insert(h.await.unwrap().vips["net0"]), "VIP twice");
-        }
-        let mut tasks = vec![];
-        for i in 0..24 {
-            let s = s.clone();
-            tasks.push(tokio::spawn(async move {
-                let node = format!("n{}", i % 3 + 1);
-                let svc = format!("svc{}", i % 4);
-                attach_task(s.as_ref(), "n1", attach(&svc, &format!("/run/netns/x{i}"), &node))
+                }));
+            }
+            let mut ips = BTreeSet::new();
+            for h in svcs {
+                assert!(ips.insert(h.await.unwrap().vips["net0"]), "VIP twice");
+            }
+            let mut tasks = vec![];
+            for i in 0..24 {
+                let s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let node = format!("n{}", i % 3 + 1);
+                    let svc = format!("svc{}", i % 4);
+                    attach_task(
+                        s.as_ref(),
+                        "n1",
+                        attach(&svc, &format!("/run/netns/x{i}"), &node),
+                    )
                     .await
                     .unwrap()
-            }));
+                }));
+            }
+            let mut names = BTreeSet::new();
+            let mut gw: BTreeSet<(String, Ipv4Addr)> = BTreeSet::new();
+            for h in tasks {
+                let t = h.await.unwrap();
+                assert!(
+                    ips.insert(t.endpoints[0].ip),
+                    "task IP {} twice",
+                    t.endpoints[0].ip
+                );
+                assert!(
+                    gw.insert((t.node.clone(), t.endpoints[1].ip)),
+                    "gwbridge IP twice"
+                );
+                assert!(names.insert(t.name));
+            }
+            assert_eq!(ips.len(), 28);
         }
-        let mut names = BTreeSet::new();
-        let mut gw: BTreeSet<(String, Ipv4Addr)> = BTreeSet::new();
-        for h in tasks {
-            let t = h.await.unwrap();
-            assert!(ips.insert(t.endpoints[0].ip), "task IP {} twice", t.endpoints[0].ip);
-            assert!(gw.insert((t.node.clone(), t.endpoints[1].ip)), "gwbridge IP twice");
-            assert!(names.insert(t.name));
-        }
-        assert_eq!(ips.len(), 28);
-    });
+    );
 
     store_test!(a_down_node_gets_no_tasks, |s: SharedStore| async move {
         add_node(s.as_ref(), "n1").await;

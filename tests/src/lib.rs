@@ -4,8 +4,12 @@
 //! running real servers. Everything the lab makes carries its unique prefix and is
 //! removed by [`Lab::teardown`], which also runs on drop (so after a failed test too).
 //!
-//! Addresses (all in 198.18.0.0/15): underlay 198.18.0.0/24 (nodes .11 up, external hosts
-//! .100 up), each node's gwbridge 198.18.1.0/24, network subnets from 198.19.0.0/16.
+//! A lab made by [`Lab::cluster`] shares its state through a real etcd running in its own
+//! namespace on the underlay (.2); one made by [`Lab::start`] gives each node a local store.
+//!
+//! Addresses (all in 198.18.0.0/15): underlay 198.18.0.0/24 (etcd .2, nodes .11 up,
+//! external hosts .100 up), each node's gwbridge 198.18.1.0/24, network subnets from
+//! 198.19.0.0/16.
 
 pub mod whoami;
 
@@ -24,6 +28,10 @@ use serde_json::Value;
 pub const UNDERLAY_PREFIX: u8 = 24;
 pub const GWBRIDGE_SUBNET: &str = "198.18.1.0/24";
 pub const ADDRESS_POOL: &str = "198.19.0.0/16";
+/// Underlay host number of the lab's etcd.
+pub const ETCD_HOST: u8 = 2;
+/// Lease TTL the lab's daemons use: a dead node is marked down this long after it died.
+pub const LEASE_TTL_SECS: u64 = 5;
 /// Every lab prefix starts with this, so `netd-lab cleanup` can find leftovers.
 pub const LAB_MARK: &str = "nlab";
 
@@ -93,6 +101,8 @@ pub struct Lab {
     children: Vec<Child>,
     netd: PathBuf,
     lab_bin: PathBuf,
+    /// The etcd of a cluster lab: its namespace and, while it runs, its process.
+    etcd: Option<(String, Option<Child>)>,
     torn_down: bool,
 }
 
@@ -100,6 +110,15 @@ impl Lab {
     /// A lab with `nodes` nodes, each running netd. `tag` (a few letters) makes the names
     /// of parallel labs distinct and recognisable.
     pub fn start(tag: &str, nodes: usize) -> Result<Lab> {
+        Self::build(tag, nodes, false)
+    }
+
+    /// A lab whose nodes form one cluster through a real etcd on the underlay.
+    pub fn cluster(tag: &str, nodes: usize) -> Result<Lab> {
+        Self::build(tag, nodes, true)
+    }
+
+    fn build(tag: &str, nodes: usize, etcd: bool) -> Result<Lab> {
         let rnd: u32 = rand::random::<u32>() % 0xfffff;
         let prefix = format!("{LAB_MARK}{tag}{rnd:05x}");
         let dir = std::env::temp_dir().join(format!("netd-lab-{prefix}"));
@@ -113,12 +132,19 @@ impl Lab {
             children: vec![],
             netd: binary("netd")?,
             lab_bin: binary("netd-lab")?,
+            etcd: None,
             torn_down: false,
         };
         // If anything below fails, Drop tears down what was made.
         ip(&["netns", "add", &lab.hub])?;
         ip(&["-n", &lab.hub, "link", "add", "ul", "type", "bridge"])?;
         ip(&["-n", &lab.hub, "link", "set", "ul", "up"])?;
+        if etcd {
+            let name = format!("{}-etcd", lab.prefix);
+            lab.plug_underlay(&name, ETCD_HOST)?;
+            lab.etcd = Some((name, None));
+            lab.start_etcd()?;
+        }
         for i in 0..nodes {
             lab.add_node(i)?;
         }
@@ -126,6 +152,80 @@ impl Lab {
             lab.start_daemon(i)?;
         }
         Ok(lab)
+    }
+
+    /// `etcd://…` of the lab's etcd; None for a lab of local stores.
+    pub fn etcd_spec(&self) -> Option<String> {
+        self.etcd
+            .as_ref()
+            .map(|_| format!("etcd://{}:2379", underlay_ip(ETCD_HOST)))
+    }
+
+    /// Starts (or restarts, on the same data) the lab's etcd and waits until it answers.
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let (netns, _) = self.etcd.as_ref().context("this lab has no etcd")?;
+        let netns = netns.clone();
+        let ip = underlay_ip(ETCD_HOST);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))?;
+        let url = |port: u16| format!("http://{ip}:{port}");
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            "lab",
+            "--data-dir",
+            &self.dir.join("etcd").display().to_string(),
+            "--listen-client-urls",
+            &url(2379),
+            "--advertise-client-urls",
+            &url(2379),
+            "--listen-peer-urls",
+            &url(2380),
+            "--initial-advertise-peer-urls",
+            &url(2380),
+            "--initial-cluster",
+            &format!("lab={}", url(2380)),
+            // `service rm` of a big service releases everything in one transaction.
+            "--max-txn-ops",
+            "10000",
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        let child =
+            spawn_in_netns(&mut cmd, &netns).context("start etcd (Debian package etcd-server)")?;
+        if let Some(e) = self.etcd.as_mut() {
+            e.1 = Some(child);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = in_netns(&netns, move || {
+                Ok(TcpStream::connect_timeout(
+                    &SocketAddr::from((ip, 2379)),
+                    Duration::from_millis(200),
+                )
+                .is_ok())
+            })?;
+            if up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd did not come up: {}",
+                    fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the lab's etcd (SIGTERM, or SIGKILL when `kill`); its data stays.
+    pub fn stop_etcd(&mut self, kill: bool) -> Result<()> {
+        if let Some(child) = self.etcd.as_mut().and_then(|e| e.1.take()) {
+            stop_child(child, kill)?;
+        }
+        Ok(())
     }
 
     /// Plugs a new namespace `name` into the underlay with address .`host`.
@@ -190,11 +290,16 @@ impl Lab {
             .create(true)
             .append(true)
             .open(node.dir.join("netd.log"))?;
+        let store = self
+            .etcd_spec()
+            .unwrap_or_else(|| format!("local:{}", node.dir.join("state").display()));
         let mut cmd = Command::new(&self.netd);
         cmd.args([
             "daemon",
+            "--lease-ttl",
+            &LEASE_TTL_SECS.to_string(),
             "--store",
-            &format!("local:{}", node.dir.join("state").display()),
+            &store,
             "--api",
             &node.api(),
             "--node",
@@ -239,15 +344,8 @@ impl Lab {
 
     /// Stops node `i`'s daemon: gracefully (SIGTERM) or with SIGKILL.
     pub fn stop_daemon(&mut self, i: usize, kill: bool) -> Result<()> {
-        if let Some(mut child) = self.nodes[i].daemon.take() {
-            let sig = if kill {
-                nix::sys::signal::Signal::SIGKILL
-            } else {
-                nix::sys::signal::Signal::SIGTERM
-            };
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, sig);
-            child.wait().context("wait for netd")?;
+        if let Some(child) = self.nodes[i].daemon.take() {
+            stop_child(child, kill)?;
         }
         Ok(())
     }
@@ -344,6 +442,41 @@ impl Lab {
         bail!("whoami in {netns} did not start")
     }
 
+    /// The namespace name of a task or host made with `tag`.
+    pub fn ns(&self, tag: &str) -> String {
+        format!("{}-{tag}", self.prefix)
+    }
+
+    /// Whether one ping from `netns` to `to` gets an answer; `extra` are ping options.
+    pub fn pings(&self, netns: &str, to: Ipv4Addr, extra: &[&str]) -> Result<bool> {
+        let to = to.to_string();
+        let mut args = vec!["ping", "-c", "1", "-W", "1"];
+        args.extend_from_slice(extra);
+        args.push(&to);
+        Ok(self.exec_in(netns, &args)?.status.success())
+    }
+
+    /// Makes a whoami task namespace `tag` and attaches it to `service` through node
+    /// `api`'s API, on node `on` (default: that node). Returns the CLI's JSON.
+    pub fn attach_whoami(
+        &mut self,
+        api: usize,
+        service: &str,
+        tag: &str,
+        on: Option<&str>,
+    ) -> Result<Value> {
+        let path = self.whoami_task(tag, 80)?;
+        let mut args = vec!["task", "attach", service, "--netns", &path, "--name", tag];
+        if let Some(n) = on {
+            args.extend_from_slice(&["--node", n]);
+        }
+        let v = self.cli_json(api, &args)?;
+        if v.get("error").is_some() {
+            bail!("attach {tag}: {v}");
+        }
+        Ok(v)
+    }
+
     /// Runs a command in `netns` to completion (ping, curl, ...).
     pub fn exec_in(&self, netns: &str, args: &[&str]) -> Result<Output> {
         Command::new("ip")
@@ -378,6 +511,17 @@ impl Lab {
                 let o = run(Command::new("ip").arg("-n").arg(ns).args(args))?;
                 out.push_str(&without_timers(&String::from_utf8_lossy(&o.stdout)));
             }
+            // Static entries for remote tasks: VXLAN FDB (`... dst VTEP`) and neighbours.
+            let fdb = run(Command::new("bridge").args(["-n", ns, "fdb", "show"]))?;
+            for l in String::from_utf8_lossy(&fdb.stdout).lines() {
+                if l.contains(" dst ") {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+            let neigh =
+                run(Command::new("ip").args(["-n", ns, "neigh", "show", "nud", "permanent"]))?;
+            out.push_str(&String::from_utf8_lossy(&neigh.stdout));
         }
         let o = self.exec_in(&node.netns, &["nft", "list", "ruleset"])?;
         out.push_str(&String::from_utf8_lossy(&o.stdout));
@@ -407,6 +551,7 @@ impl Lab {
         for i in 0..self.nodes.len() {
             let _ = self.stop_daemon(i, true);
         }
+        let _ = self.stop_etcd(true);
         for mut c in self.children.drain(..) {
             let _ = c.kill();
             let _ = c.wait();
@@ -487,6 +632,19 @@ pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// Stops a process with SIGTERM (or SIGKILL) and reaps it.
+fn stop_child(mut child: Child, kill: bool) -> Result<()> {
+    let sig = if kill {
+        nix::sys::signal::Signal::SIGKILL
+    } else {
+        nix::sys::signal::Signal::SIGTERM
+    };
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, sig);
+    child.wait().context("wait for child")?;
+    Ok(())
 }
 
 /// Starts `cmd` with its network namespace switched to `netns` (and nothing else: the

@@ -30,24 +30,15 @@ fn web_lab(tag: &str, names: &[&str]) -> Result<Lab> {
     Ok(lab)
 }
 
-fn ns(lab: &Lab, tag: &str) -> String {
-    format!("{}-{tag}", lab.prefix)
-}
-
-fn pings(lab: &Lab, from: &str, to: Ipv4Addr) -> Result<bool> {
-    let out = lab.exec_in(from, &["ping", "-c", "1", "-W", "1", &to.to_string()])?;
-    Ok(out.status.success())
-}
-
 #[test]
 fn two_tasks_on_one_overlay_reach_each_other_over_tcp_udp_and_icmp() -> Result<()> {
     let lab = web_lab("ov", &["a", "b"])?;
     let a = lab.task_ip(0, "a", "front")?;
     let b = lab.task_ip(0, "b", "front")?;
-    assert!(pings(&lab, &ns(&lab, "a"), b)?, "a cannot ping b");
-    assert!(pings(&lab, &ns(&lab, "b"), a)?, "b cannot ping a");
+    assert!(lab.pings(&lab.ns("a"), b, &[])?, "a cannot ping b");
+    assert!(lab.pings(&lab.ns("b"), a, &[])?, "b cannot ping a");
 
-    let body = http_get_from(&ns(&lab, "a"), addr(b))?;
+    let body = http_get_from(&lab.ns("a"), addr(b))?;
     assert_eq!(field(&body, "Hostname"), Some("b"));
     // Overlay traffic is not NATed: b sees a's own address.
     assert!(
@@ -57,12 +48,12 @@ fn two_tasks_on_one_overlay_reach_each_other_over_tcp_udp_and_icmp() -> Result<(
         "{body}"
     );
 
-    let (reply, from) = udp_ask_from(&ns(&lab, "b"), addr(a))?;
+    let (reply, from) = udp_ask_from(&lab.ns("b"), addr(a))?;
     assert_eq!(field(&reply, "Hostname"), Some("a"));
     assert_eq!(from, addr(a));
 
     // Docker's overlay numbers: MTU 1450 inside, MAC derived from the IP.
-    let link = lab.exec_in(&ns(&lab, "a"), &["ip", "-o", "link", "show", "eth0"])?;
+    let link = lab.exec_in(&lab.ns("a"), &["ip", "-o", "link", "show", "eth0"])?;
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(link.contains("mtu 1450"), "{link}");
     let o = a.octets();
@@ -86,16 +77,16 @@ fn tasks_on_different_networks_cannot_reach_each_other() -> Result<()> {
     )?;
     let c = lab.task_ip(0, "c", "back")?;
     let c_gw = lab.task_ip(0, "c", "gwbridge")?;
-    let a = ns(&lab, "a");
+    let a = lab.ns("a");
 
     // Neither over the overlays ...
-    assert!(!pings(&lab, &a, c)?, "a reached c's overlay address");
+    assert!(!lab.pings(&a, c, &[])?, "a reached c's overlay address");
     assert!(
         connect_from(&a, addr(c)).is_err(),
         "TCP a -> c over overlay worked"
     );
     // ... nor through the gwbridge they share (bridged or routed).
-    assert!(!pings(&lab, &a, c_gw)?, "a reached c over the gwbridge");
+    assert!(!lab.pings(&a, c_gw, &[])?, "a reached c over the gwbridge");
     assert!(
         connect_from(&a, addr(c_gw)).is_err(),
         "TCP a -> c over gwbridge worked"
@@ -106,7 +97,7 @@ fn tasks_on_different_networks_cannot_reach_each_other() -> Result<()> {
         0,
         &["task", "attach", "db", "--netns", &b_path, "--name", "b"],
     )?;
-    assert!(pings(&lab, &ns(&lab, "b"), c)?);
+    assert!(lab.pings(&lab.ns("b"), c, &[])?);
     Ok(())
 }
 
@@ -114,7 +105,7 @@ fn tasks_on_different_networks_cannot_reach_each_other() -> Result<()> {
 fn egress_through_gwbridge_reaches_an_outside_host_masqueraded() -> Result<()> {
     let mut lab = web_lab("eg", &["a"])?;
     lab.whoami_host("outside", 100, PORT)?;
-    let body = http_get_from(&ns(&lab, "a"), addr(underlay_ip(100)))?;
+    let body = http_get_from(&lab.ns("a"), addr(underlay_ip(100)))?;
     assert_eq!(field(&body, "Hostname"), Some("outside"));
     let node_ip = lab.nodes[0].ip;
     assert!(
@@ -163,18 +154,18 @@ fn bridge_networks_connect_their_tasks_and_internal_ones_have_no_egress() -> Res
     }
     let b = lab.task_ip(0, "b", "lan")?;
     let s = lab.task_ip(0, "s", "vault")?;
-    let body = http_get_from(&ns(&lab, "a"), addr(b))?;
+    let body = http_get_from(&lab.ns("a"), addr(b))?;
     assert_eq!(field(&body, "Hostname"), Some("b"));
     // Egress through the bridge itself, masqueraded.
-    let body = http_get_from(&ns(&lab, "a"), addr(underlay_ip(100)))?;
+    let body = http_get_from(&lab.ns("a"), addr(underlay_ip(100)))?;
     assert_eq!(field(&body, "Hostname"), Some("outside"));
     // Bridge networks are isolated from each other; internal ones have no way out.
     assert!(
-        connect_from(&ns(&lab, "a"), addr(s)).is_err(),
+        connect_from(&lab.ns("a"), addr(s)).is_err(),
         "lan reached vault"
     );
     assert!(
-        connect_from(&ns(&lab, "s"), addr(underlay_ip(100))).is_err(),
+        connect_from(&lab.ns("s"), addr(underlay_ip(100))).is_err(),
         "internal egress"
     );
     Ok(())
@@ -192,7 +183,7 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
     assert_eq!(status["node"], lab.nodes[0].name.as_str());
     assert_eq!(status["datapath"]["active"], "none", "{status}");
     let b = lab.task_ip(0, "b", "front")?;
-    let mut conn = connect_from(&ns(&lab, "a"), addr(b))?;
+    let mut conn = connect_from(&lab.ns("a"), addr(b))?;
     assert_eq!(field(&http_get(&mut conn)?, "Hostname"), Some("b"));
     let before = lab.kernel_snapshot(0)?;
     let tasks_before = lab.cli_json(0, &["task", "ls"])?;
@@ -222,7 +213,7 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
     );
     assert_eq!(field(&http_get(&mut conn)?, "Hostname"), Some("b"));
     assert_eq!(
-        field(&http_get_from(&ns(&lab, "a"), addr(b))?, "Hostname"),
+        field(&http_get_from(&lab.ns("a"), addr(b))?, "Hostname"),
         Some("b")
     );
 
@@ -264,7 +255,7 @@ fn detach_and_rm_remove_everything_netd_made() -> Result<()> {
     assert_eq!(sandboxes().len(), 1, "one overlay with tasks, one sandbox");
 
     lab.cli(0, &["task", "detach", "a"])?;
-    let a_links = lab.exec_in(&ns(&lab, "a"), &["ip", "-o", "link", "show"])?;
+    let a_links = lab.exec_in(&lab.ns("a"), &["ip", "-o", "link", "show"])?;
     assert_eq!(
         String::from_utf8_lossy(&a_links.stdout).lines().count(),
         1,

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn,
-    TxnOp, WatchOptions,
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use tokio::sync::{broadcast, Mutex};
 use tokio::task::JoinHandle;
@@ -171,9 +171,13 @@ async fn grant_and_put(client: &Client, lease: &mut Lease) -> Result<i64, StoreE
         .map_err(etcd_err("lease grant"))?
         .id();
     for (k, v) in &lease.keys {
-        c.put(k.as_str(), v.clone(), Some(PutOptions::new().with_lease(id)))
-            .await
-            .map_err(etcd_err("put ephemeral key"))?;
+        c.put(
+            k.as_str(),
+            v.clone(),
+            Some(PutOptions::new().with_lease(id)),
+        )
+        .await
+        .map_err(etcd_err("put ephemeral key"))?;
     }
     lease.id = Some(id);
     Ok(id)
@@ -346,7 +350,12 @@ mod tests {
             parse_endpoints("etcd://198.18.0.2:2379,198.18.0.3:2379").unwrap(),
             vec!["http://198.18.0.2:2379", "http://198.18.0.3:2379"]
         );
-        for bad in ["etcd://", "etcd://host", "etcd://host:notaport", "etcd://:2379"] {
+        for bad in [
+            "etcd://",
+            "etcd://host",
+            "etcd://host:notaport",
+            "etcd://:2379",
+        ] {
             assert!(parse_endpoints(bad).is_err(), "{bad} accepted");
         }
     }

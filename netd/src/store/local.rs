@@ -209,8 +209,7 @@ impl Store for LocalStore {
         let mut data = self.data.lock().await;
         data.revision += 1;
         let rev = data.revision;
-        data.ephemeral
-            .insert(key.to_string(), Entry { value, rev });
+        data.ephemeral.insert(key.to_string(), Entry { value, rev });
         let _ = self.changes.send(rev);
         Ok(())
     }

@@ -83,8 +83,12 @@ pub trait Store: Send + Sync {
     /// Publishes `key` for as long as this process lives and reaches the store: when the
     /// process dies the key vanishes `ttl` later by itself (an etcd lease). This is how
     /// the other nodes learn that a node is down.
-    async fn put_ephemeral(&self, key: &str, value: Vec<u8>, ttl: Duration)
-        -> Result<(), StoreError>;
+    async fn put_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
     /// Removes this process's ephemeral keys at once (a graceful stop announces itself
     /// instead of waiting out the TTL).
     async fn withdraw_ephemeral(&self) -> Result<(), StoreError>;
@@ -170,17 +174,20 @@ mod tests {
             .unwrap());
     });
 
-    store_test!(lists_are_prefix_scoped_sorted_and_consistent, |s: SharedStore| async move {
-        for k in ["/netd/x/2", "/netd/x/1", "/netd/y/1", "/netd/x10"] {
-            assert!(s.txn(vec![], vec![put(k, "v")]).await.unwrap());
+    store_test!(
+        lists_are_prefix_scoped_sorted_and_consistent,
+        |s: SharedStore| async move {
+            for k in ["/netd/x/2", "/netd/x/1", "/netd/y/1", "/netd/x10"] {
+                assert!(s.txn(vec![], vec![put(k, "v")]).await.unwrap());
+            }
+            let snap = s.list("/netd/x/").await.unwrap();
+            let keys: Vec<_> = snap.kvs.iter().map(|kv| kv.key.as_str()).collect();
+            assert_eq!(keys, vec!["/netd/x/1", "/netd/x/2"]);
+            // The snapshot's revision covers every key in it.
+            assert!(snap.kvs.iter().all(|kv| kv.mod_revision <= snap.revision));
+            assert!(s.list("/netd/z/").await.unwrap().kvs.is_empty());
         }
-        let snap = s.list("/netd/x/").await.unwrap();
-        let keys: Vec<_> = snap.kvs.iter().map(|kv| kv.key.as_str()).collect();
-        assert_eq!(keys, vec!["/netd/x/1", "/netd/x/2"]);
-        // The snapshot's revision covers every key in it.
-        assert!(snap.kvs.iter().all(|kv| kv.mod_revision <= snap.revision));
-        assert!(s.list("/netd/z/").await.unwrap().kvs.is_empty());
-    });
+    );
 
     store_test!(watchers_hear_of_every_commit, |s: SharedStore| async move {
         let mut rx = s.subscribe();
@@ -200,24 +207,30 @@ mod tests {
         assert!(heard >= rev);
     });
 
-    store_test!(ephemeral_keys_are_listed_and_withdrawn, |s: SharedStore| async move {
-        s.put_ephemeral("/netd/alive/n1", b"{}".to_vec(), Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert!(s.txn(vec![], vec![put("/netd/nodes/n1", "{}")]).await.unwrap());
-        assert_eq!(values(&s, "/netd/alive/").await.len(), 1);
-        // Compares see ephemeral keys like any other.
-        assert!(!s
-            .txn(
-                vec![Compare::Absent("/netd/alive/n1".into())],
-                vec![put("/netd/alive/n1", "x")]
-            )
-            .await
-            .unwrap());
-        s.withdraw_ephemeral().await.unwrap();
-        assert!(values(&s, "/netd/alive/").await.is_empty());
-        assert_eq!(values(&s, "/netd/nodes/").await.len(), 1);
-    });
+    store_test!(
+        ephemeral_keys_are_listed_and_withdrawn,
+        |s: SharedStore| async move {
+            s.put_ephemeral("/netd/alive/n1", b"{}".to_vec(), Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert!(s
+                .txn(vec![], vec![put("/netd/nodes/n1", "{}")])
+                .await
+                .unwrap());
+            assert_eq!(values(&s, "/netd/alive/").await.len(), 1);
+            // Compares see ephemeral keys like any other.
+            assert!(!s
+                .txn(
+                    vec![Compare::Absent("/netd/alive/n1".into())],
+                    vec![put("/netd/alive/n1", "x")]
+                )
+                .await
+                .unwrap());
+            s.withdraw_ephemeral().await.unwrap();
+            assert!(values(&s, "/netd/alive/").await.is_empty());
+            assert_eq!(values(&s, "/netd/nodes/").await.len(), 1);
+        }
+    );
 
     /// What makes a dead node show as down: its key outlives it by the TTL only.
     #[test]

@@ -1,0 +1,341 @@
+//! Multi-node overlays, in the lab: three node namespaces on one underlay, each running
+//! netd against a real etcd (its own namespace on the underlay), tasks running whoami on
+//! different nodes, real traffic over VXLAN between them.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use netd_lab::{connect_from, field, http_get_from, udp_ask_from, Lab, LEASE_TTL_SECS};
+use serde_json::Value;
+
+const PORT: u16 = 80;
+
+fn addr(ip: Ipv4Addr) -> SocketAddr {
+    SocketAddr::from((ip, PORT))
+}
+
+/// A 3-node cluster with overlay `front` and service `web` (created through node 1).
+fn cluster(tag: &str) -> Result<Lab> {
+    let lab = Lab::cluster(tag, 3)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    Ok(lab)
+}
+
+fn node_name(lab: &Lab, i: usize) -> String {
+    lab.nodes[i].name.clone()
+}
+
+/// Waits up to `limit` for `check` to hold; the error names what was awaited.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("not within {limit:?}: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The static FDB entries (`MAC dst VTEP`) of `network`'s vxlan0 on node `i`.
+fn fdb(lab: &Lab, i: usize, network: &str) -> Result<BTreeSet<String>> {
+    let net = lab.cli_json(i, &["network", "inspect", network])?;
+    let id = net["id"].as_str().context("network id")?;
+    let sandbox = format!("netd-{}-{id}", lab.nodes[i].name);
+    let out = netd_lab::run(
+        std::process::Command::new("bridge").args(["-n", &sandbox, "fdb", "show", "dev", "vxlan0"]),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let dst = w.iter().position(|x| *x == "dst")?;
+            Some(format!("{} dst {}", w[0], w.get(dst + 1)?))
+        })
+        .collect())
+}
+
+fn mac_of(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+fn node_status(lab: &Lab, asking: usize, node: &str) -> Result<String> {
+    let nodes = lab.cli_json(asking, &["node", "ls"])?;
+    Ok(nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == node))
+        .and_then(|n| n["status"].as_str())
+        .unwrap_or("missing")
+        .to_string())
+}
+
+fn reaches(from: &str, to: Ipv4Addr, name: &str) -> bool {
+    http_get_from(from, addr(to))
+        .map(|body| field(&body, "Hostname") == Some(name))
+        .unwrap_or(false)
+}
+
+#[test]
+fn tasks_on_three_nodes_talk_over_vxlan_with_the_right_mtu() -> Result<()> {
+    let mut lab = cluster("mn")?;
+    // Every node sees every node, with its underlay address, alive.
+    let nodes = lab.cli_json(1, &["node", "ls"])?;
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let rec = nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["name"] == n.name.as_str()))
+            .with_context(|| format!("node {i} missing from {nodes}"))?;
+        assert_eq!(rec["address"], n.ip.to_string());
+        assert_eq!(rec["status"], "ready");
+    }
+    // a on n1 (local attach), b on n2 attached through n1's API, c on n3 through its own.
+    lab.attach_whoami(0, "web", "a", None)?;
+    let b = lab.attach_whoami(0, "web", "b", Some(&node_name(&lab, 1)))?;
+    assert_eq!(b["node"], node_name(&lab, 1).as_str());
+    assert_eq!(b["state"], "running", "{b}");
+    lab.attach_whoami(2, "web", "c", None)?;
+    let ip = |t: &str| lab.task_ip(1, t, "front");
+    let (a, b, c) = (ip("a")?, ip("b")?, ip("c")?);
+
+    // TCP, UDP and ICMP across nodes, in both directions; no NAT on the overlay.
+    for (from, to, name) in [("a", b, "b"), ("a", c, "c"), ("c", a, "a"), ("b", c, "c")] {
+        let body = http_get_from(&lab.ns(from), addr(to))?;
+        assert_eq!(field(&body, "Hostname"), Some(name), "{from} -> {name}");
+        assert!(
+            lab.pings(&lab.ns(from), to, &[])?,
+            "{from} cannot ping {name}"
+        );
+    }
+    let body = http_get_from(&lab.ns("c"), addr(a))?;
+    assert!(
+        field(&body, "RemoteAddr").is_some_and(|r| r.starts_with(&format!("{c}:"))),
+        "{body}"
+    );
+    let (reply, from) = udp_ask_from(&lab.ns("b"), addr(a))?;
+    assert_eq!(field(&reply, "Hostname"), Some("a"));
+    assert_eq!(from, addr(a));
+
+    // The kernel state behind it: n1's vxlan0 sends b's MAC to n2 and c's to n3.
+    let entries = fdb(&lab, 0, "front")?;
+    assert!(
+        entries.contains(&format!("{} dst {}", mac_of(b), lab.nodes[1].ip)),
+        "{entries:?}"
+    );
+    assert!(
+        entries.contains(&format!("{} dst {}", mac_of(c), lab.nodes[2].ip)),
+        "{entries:?}"
+    );
+    assert!(
+        !entries.iter().any(|e| e.starts_with(&mac_of(a))),
+        "own task in fdb"
+    );
+
+    // MTU: 1450 inside. A 1400-byte payload crosses with DF set; 1422 + 28 = 1450 fits
+    // exactly; one byte more does not fit and is refused, not fragmented.
+    let a_ns = lab.ns("a");
+    assert!(lab.pings(&a_ns, b, &["-M", "do", "-s", "1400"])?);
+    assert!(lab.pings(&a_ns, b, &["-M", "do", "-s", "1422"])?);
+    assert!(!lab.pings(&a_ns, b, &["-M", "do", "-s", "1423"])?);
+
+    // A restarted daemon finds its overlay state complete and changes nothing.
+    let snapshot = lab.kernel_snapshot(0)?;
+    lab.stop_daemon(0, true)?;
+    lab.start_daemon(0)?;
+    let again = lab.kernel_snapshot(0)?;
+    assert!(
+        snapshot == again,
+        "{}",
+        netd_lab::diff_lines(&snapshot, &again)
+    );
+
+    // Detaching c withdraws it from the other nodes.
+    lab.cli(0, &["task", "detach", "c"])?;
+    eventually(Duration::from_secs(5), "c's fdb entry gone from n1", || {
+        Ok(!fdb(&lab, 0, "front")?
+            .iter()
+            .any(|e| e.starts_with(&mac_of(c))))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn two_overlays_stay_isolated_across_nodes() -> Result<()> {
+    let mut lab = cluster("mi")?;
+    lab.cli(
+        0,
+        &["network", "create", "back", "--subnet", "198.19.20.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "db", "--network", "back"])?;
+    lab.attach_whoami(0, "web", "a", None)?;
+    lab.attach_whoami(1, "db", "d", None)?;
+    let d = lab.task_ip(0, "d", "back")?;
+    let a_ns = lab.ns("a");
+    assert!(!lab.pings(&a_ns, d, &[])?, "front task reached back task");
+    assert!(
+        connect_from(&a_ns, addr(d)).is_err(),
+        "TCP front -> back worked"
+    );
+    // n1 has no sandbox for `back` at all: nothing local needs it.
+    let back_id = lab.cli_json(0, &["network", "inspect", "back"])?["id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    let sandbox = format!("/run/netns/netd-{}-{back_id}", lab.nodes[0].name);
+    assert!(!std::path::Path::new(&sandbox).exists(), "{sandbox} exists");
+    // A task of `back` on n1 does reach d (the check above is not vacuous).
+    lab.attach_whoami(0, "db", "e", None)?;
+    assert!(reaches(&lab.ns("e"), d, "d"));
+    Ok(())
+}
+
+#[test]
+fn concurrent_attaches_from_three_nodes_never_share_an_address() -> Result<()> {
+    let mut lab = cluster("mc")?;
+    let per_node = 5;
+    let mut paths = vec![];
+    for i in 0..3 {
+        for k in 0..per_node {
+            paths.push((i, lab.add_task_netns(&format!("t{i}{k}"))?.1));
+        }
+    }
+    let netd = netd_lab::binary("netd")?;
+    let apis: Vec<String> = lab.nodes.iter().map(|n| n.api()).collect();
+    // Every attach at the same moment: 5 per node, each through its own node's API.
+    let handles: Vec<_> = paths
+        .into_iter()
+        .map(|(i, path)| {
+            let (netd, api) = (netd.clone(), apis[i].clone());
+            std::thread::spawn(move || -> Result<Value> {
+                let out = std::process::Command::new(netd)
+                    .args([
+                        "--output", "json", "task", "attach", "web", "--netns", &path,
+                    ])
+                    .env("NETD_API", api)
+                    .output()?;
+                if !out.status.success() {
+                    bail!("attach failed: {}", String::from_utf8_lossy(&out.stdout));
+                }
+                Ok(serde_json::from_slice(&out.stdout)?)
+            })
+        })
+        .collect();
+    let mut ips = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for h in handles {
+        let t = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("attach thread panicked"))??;
+        let ip = t["endpoints"][0]["ip"].as_str().context("ip")?.to_string();
+        assert!(ips.insert(ip.clone()), "{ip} handed out twice");
+        assert!(
+            names.insert(t["name"].to_string()),
+            "name {} twice",
+            t["name"]
+        );
+    }
+    assert_eq!(ips.len(), 3 * per_node);
+    // The VIP is not among them either.
+    let vip = lab.cli_json(0, &["service", "inspect", "web"])?["vips"]["front"].clone();
+    assert!(!ips.contains(vip.as_str().context("vip")?));
+    Ok(())
+}
+
+#[test]
+fn a_dead_node_is_withdrawn_and_comes_back_after_restart() -> Result<()> {
+    let mut lab = cluster("md")?;
+    lab.attach_whoami(0, "web", "a", None)?;
+    lab.attach_whoami(1, "web", "b", None)?;
+    let b = lab.task_ip(0, "b", "front")?;
+    let a_ns = lab.ns("a");
+    assert!(reaches(&a_ns, b, "b"));
+    let n2 = node_name(&lab, 1);
+
+    // kill -9: nobody tells the cluster; the lease runs out.
+    let killed = Instant::now();
+    lab.stop_daemon(1, true)?;
+    let limit = Duration::from_secs(LEASE_TTL_SECS + 5);
+    eventually(limit, "n2 marked down on n1", || {
+        Ok(node_status(&lab, 0, &n2)? == "down")
+    })?;
+    eventually(limit, "b withdrawn from n1's vxlan0", || {
+        Ok(!fdb(&lab, 0, "front")?
+            .iter()
+            .any(|e| e.starts_with(&mac_of(b))))
+    })?;
+    assert!(killed.elapsed() <= limit + Duration::from_secs(1));
+    assert!(
+        !reaches(&a_ns, b, "b"),
+        "a still reaches b's withdrawn endpoint"
+    );
+    let tasks = lab.cli_json(0, &["task", "ls"])?;
+    let b_task = tasks
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "b"))
+        .context("b is still a task")?;
+    assert_eq!(b_task["state"], "node down");
+
+    // Restarted, it reconciles and the others take it back.
+    lab.start_daemon(1)?;
+    assert_eq!(node_status(&lab, 0, &n2)?, "ready");
+    eventually(Duration::from_secs(5), "a reaches b again", || {
+        Ok(reaches(&a_ns, b, "b"))
+    })?;
+
+    // A graceful stop withdraws at once, without waiting out the lease.
+    lab.stop_daemon(1, false)?;
+    eventually(
+        Duration::from_secs(2),
+        "n2 down right after SIGTERM",
+        || Ok(node_status(&lab, 0, &n2)? == "down"),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn an_etcd_restart_loses_nothing() -> Result<()> {
+    let mut lab = cluster("me")?;
+    lab.attach_whoami(0, "web", "a", None)?;
+    lab.attach_whoami(1, "web", "b", None)?;
+    let b = lab.task_ip(0, "b", "front")?;
+    let a_ns = lab.ns("a");
+    let before = lab.cli_json(2, &["task", "ls"])?;
+
+    lab.stop_etcd(true)?;
+    // The data plane does not depend on etcd being up.
+    assert!(reaches(&a_ns, b, "b"), "traffic stopped with etcd");
+    // Writes fail with a clear error and change nothing.
+    let e = lab.cli_json(0, &["network", "create", "late"])?;
+    assert_eq!(e["code"], "store", "{e}");
+    lab.start_etcd()?;
+
+    // Everyone reconnects: the state is as it was, every node is up, and the watches
+    // work again (a new task on n3 is programmed on n1).
+    eventually(
+        Duration::from_secs(15),
+        "nodes answer from etcd again",
+        || Ok(lab.cli_json(2, &["task", "ls"]).is_ok_and(|t| t == before)),
+    )?;
+    for i in 0..3 {
+        assert_eq!(node_status(&lab, 0, &node_name(&lab, i))?, "ready");
+    }
+    assert!(lab
+        .cli_json(0, &["network", "inspect", "late"])?
+        .get("error")
+        .is_some());
+    lab.attach_whoami(2, "web", "c", None)?;
+    let c = lab.task_ip(0, "c", "front")?;
+    eventually(Duration::from_secs(5), "a reaches the new task c", || {
+        Ok(reaches(&a_ns, c, "c"))
+    })?;
+    assert!(reaches(&a_ns, b, "b"));
+    Ok(())
+}
