@@ -3,13 +3,15 @@
 # network namespaces, links and nftables rules.
 
 APT_PACKAGES := nftables iproute2 iputils-ping procps util-linux curl etcd-server protobuf-compiler
+# Only `make bench` needs these.
+BENCH_PACKAGES := iperf3
 CARGO ?= cargo
 TEST_THREADS ?= 2
 
-.PHONY: deps build demo test lint clean-lab
+.PHONY: deps build demo test bench lint clean-lab
 
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -27,6 +29,13 @@ demo: build
 # Unit tests of every crate, then the lab's integration tests (real netns, real netd).
 test: build clean-lab
 	$(CARGO) test --workspace -- --test-threads $(TEST_THREADS)
+
+# Side-by-side measurements in a lab cluster (release build); writes bench/results/.
+bench:
+	$(MAKE) deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
+	$(CARGO) build --release --workspace --bins
+	./target/release/netd-lab cleanup
+	./target/release/netd-bench overlay
 
 lint:
 	$(CARGO) fmt --all --check

@@ -1,3 +1,7 @@
-//! netd's benchmarks: load generators and side-by-side comparisons that write their
-//! results, with the command that made them, to bench/results/. Empty in this build:
-//! there is no load-balancing datapath to measure yet.
+//! netd's benchmarks: bounded load generators ([`load`]) and the side-by-side runs built
+//! on the lab that write their results, with the command that made them, to
+//! bench/results/. Every figure is a ratio against another path measured in the same
+//! run, because these machines are too noisy for absolute numbers to mean much.
+
+pub mod load;
+pub mod report;

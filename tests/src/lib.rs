@@ -417,8 +417,8 @@ impl Lab {
         Ok(name)
     }
 
-    /// Runs `netd-lab whoami` in `netns` and waits until it listens.
-    fn start_whoami(&mut self, netns: &str, tag: &str, port: u16) -> Result<()> {
+    /// Runs `netd-lab whoami` in `netns` (answering as `tag`) and waits until it listens.
+    pub fn start_whoami(&mut self, netns: &str, tag: &str, port: u16) -> Result<()> {
         let bin = self.lab_bin.clone();
         self.spawn_in(
             netns,

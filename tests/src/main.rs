@@ -61,28 +61,33 @@ fn show(lab: &Lab, args: &[&str]) -> Result<String> {
 }
 
 fn demo() -> Result<()> {
-    step("Standing up a 1-node virtual cluster (node netns on a lab underlay bridge)");
-    let mut lab = Lab::start("demo", 1)?;
+    step("Standing up a 3-node virtual cluster: node netns on a lab underlay, etcd beside them");
+    let mut lab = Lab::cluster("demo", 3)?;
+    for n in &lab.nodes {
+        println!("node {} at {} running netd", n.name, n.ip);
+    }
     println!(
-        "node {} at {} running netd",
-        lab.nodes[0].name, lab.nodes[0].ip
+        "etcd at {} (its own netns)",
+        underlay_ip(netd_lab::ETCD_HOST)
     );
+    show(&lab, &["node", "ls"])?;
     lab.whoami_host("outside", 100, 80)?;
     println!(
         "an outside host at {} runs whoami (the egress target)",
         underlay_ip(100)
     );
 
-    step("Creating an overlay network and a service");
+    step("Creating an overlay network and a service (through node 1's API)");
     show(
         &lab,
         &["network", "create", "front", "--subnet", "198.19.10.0/24"],
     )?;
     show(&lab, &["service", "create", "web", "--network", "front"])?;
 
-    step("Attaching three tasks (each a netns running whoami on port 80)");
-    for i in 1..=3 {
-        let path = lab.whoami_task(&format!("web{i}"), 80)?;
+    step("Attaching one task per node, all through node 1's API (--node picks the node)");
+    for i in 0..3 {
+        let path = lab.whoami_task(&format!("web{}", i + 1), 80)?;
+        let node = lab.nodes[i].name.clone();
         show(
             &lab,
             &[
@@ -92,7 +97,9 @@ fn demo() -> Result<()> {
                 "--netns",
                 &path,
                 "--name",
-                &format!("web-{i}"),
+                &format!("web-{}", i + 1),
+                "--node",
+                &node,
             ],
         )?;
     }
@@ -107,14 +114,26 @@ fn demo() -> Result<()> {
             .map(str::to_string)
             .context("task address")
     };
-    step("Task web-1 calls web-2 and web-3 over the overlay");
-    let from = format!("{}-web1", lab.prefix);
+    step("Task web-1 (node 1) calls web-2 (node 2) and web-3 (node 3) over VXLAN");
+    let from = lab.ns("web1");
     for target in ["web-2", "web-3"] {
         let addr: SocketAddr = format!("{}:80", ip_of(target)?).parse()?;
         let body = http_get_from(&from, addr)?;
         println!("GET http://{addr}/ from web-1 ->\n{}", indent(&body));
         ensure!(field(&body, "Hostname").is_some(), "no answer");
     }
+    let net = lab.cli_json(0, &["network", "inspect", "front"])?;
+    let sandbox = format!(
+        "netd-{}-{}",
+        lab.nodes[0].name,
+        net["id"].as_str().context("network id")?
+    );
+    println!("$ bridge -n {sandbox} fdb show dev vxlan0   # remote task MAC -> node address");
+    let fdb = lab.exec_in(
+        &lab.nodes[0].netns,
+        &["bridge", "-n", &sandbox, "fdb", "show", "dev", "vxlan0"],
+    )?;
+    print!("{}", indent(&String::from_utf8_lossy(&fdb.stdout)));
 
     step("Task web-1 reaches the outside host through the gwbridge (masqueraded)");
     let body = http_get_from(&from, SocketAddr::from((underlay_ip(100), 80)))?;
@@ -124,6 +143,25 @@ fn demo() -> Result<()> {
         indent(&body)
     );
     println!("(RemoteAddr is the node's underlay address: egress is masqueraded)");
+
+    step("Stopping node 3's daemon: the cluster marks it down and withdraws web-3");
+    lab.stop_daemon(2, false)?;
+    show(&lab, &["node", "ls"])?;
+    step("Starting it again: it reconciles and web-3 is back");
+    lab.start_daemon(2)?;
+    show(&lab, &["node", "ls"])?;
+    let addr: SocketAddr = format!("{}:80", ip_of("web-3")?).parse()?;
+    // Node 1 re-adds web-3 when it sees node 3's lease again: give it a moment.
+    let body = (0..25)
+        .find_map(|_| {
+            let r = http_get_from(&from, addr).ok();
+            if r.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            r
+        })
+        .context("web-3 did not come back")?;
+    println!("GET http://{addr}/ from web-1 ->\n{}", indent(&body));
 
     step("Tearing down: detach, remove, and delete the cluster");
     show(&lab, &["service", "rm", "web"])?;

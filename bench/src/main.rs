@@ -1,0 +1,264 @@
+//! `netd-bench`: side-by-side measurements in a lab cluster; each writes a markdown
+//! table with the command that produced it to bench/results/.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use netd_bench::load;
+use netd_bench::report::{command_line, machine, median, ms, quantile};
+use netd_lab::Lab;
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(name = "netd-bench", about = "netd benchmarks in lab clusters")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cross-node overlay vs plain underlay (throughput, request rate) and attach
+    /// propagation latency, in a 3-node cluster on etcd.
+    Overlay {
+        /// Seconds per throughput or request-rate run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Runs per path; paths alternate and the median run counts.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Keep-alive connections for the request-rate runs.
+        #[arg(long, default_value_t = 2)]
+        conns: usize,
+        /// Attaches to time for the propagation latency.
+        #[arg(long, default_value_t = 100)]
+        attaches: usize,
+        #[arg(long, default_value = "bench/results/overlay.md")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Args::parse().cmd {
+        Cmd::Overlay {
+            seconds,
+            rounds,
+            conns,
+            attaches,
+            out,
+        } => overlay(seconds, rounds, conns, attaches, &out),
+    }
+}
+
+const PORT: u16 = 80;
+const IPERF_PORT: &str = "5201";
+/// Upper bound of any request-rate run, besides its duration.
+const MAX_REQUESTS: u64 = 5_000_000;
+
+fn attach(lab: &mut Lab, api: usize, tag: &str, path: &str) -> Result<Ipv4Addr> {
+    let v = lab.cli_json(
+        api,
+        &["task", "attach", "web", "--netns", path, "--name", tag],
+    )?;
+    if v.get("error").is_some() {
+        bail!("attach {tag}: {v}");
+    }
+    ip_of(&v)
+}
+
+fn ip_of(task: &Value) -> Result<Ipv4Addr> {
+    task["endpoints"][0]["ip"]
+        .as_str()
+        .context("task without address")?
+        .parse()
+        .context("task address")
+}
+
+/// iperf3 TCP throughput from `netns` to `server`, in Gbit/s.
+fn iperf(lab: &Lab, netns: &str, server: Ipv4Addr, seconds: u64) -> Result<f64> {
+    let out = lab.exec_in(
+        netns,
+        &[
+            "iperf3",
+            "-c",
+            &server.to_string(),
+            "-p",
+            IPERF_PORT,
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ],
+    )?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .with_context(|| format!("iperf3 gave no result: {v}"))
+}
+
+struct Pair {
+    label: &'static str,
+    client: String,
+    server: Ipv4Addr,
+    gbps: Vec<f64>,
+    rps: Vec<f64>,
+    p99: Vec<Duration>,
+}
+
+fn overlay(seconds: u64, rounds: usize, conns: usize, attaches: usize, out: &Path) -> Result<()> {
+    let mut lab = Lab::cluster("bench", 3)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+
+    // Overlay pair: server task on n3, client task on n1.
+    let srv_path = lab.whoami_task("srv", PORT)?;
+    let srv = attach(&mut lab, 2, "srv", &srv_path)?;
+    let cli_path = lab.add_task_netns("cli")?.1;
+    attach(&mut lab, 0, "cli", &cli_path)?;
+    let iperf3 = Path::new("iperf3");
+    let srv_ns = lab.ns("srv");
+    lab.spawn_in(&srv_ns, iperf3, &["-s", "-p", IPERF_PORT])?;
+    // Underlay pair: the same programs in the node namespaces n3 and n1 themselves.
+    let (n1_ns, n3_ns, n3_ip) = (
+        lab.nodes[0].netns.clone(),
+        lab.nodes[2].netns.clone(),
+        lab.nodes[2].ip,
+    );
+    lab.start_whoami(&n3_ns, "n3", PORT)?;
+    lab.spawn_in(&n3_ns, iperf3, &["-s", "-p", IPERF_PORT])?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut paths = [
+        Pair {
+            label: "overlay (VXLAN, task n1 -> task n3)",
+            client: lab.ns("cli"),
+            server: srv,
+            gbps: vec![],
+            rps: vec![],
+            p99: vec![],
+        },
+        Pair {
+            label: "underlay (node n1 -> node n3)",
+            client: n1_ns,
+            server: n3_ip,
+            gbps: vec![],
+            rps: vec![],
+            p99: vec![],
+        },
+    ];
+    for round in 0..rounds {
+        for p in paths.iter_mut() {
+            eprintln!("round {}: {}", round + 1, p.label);
+            p.gbps.push(iperf(&lab, &p.client, p.server, seconds)?);
+            let run = load::http_keepalive(
+                &p.client,
+                SocketAddr::from((p.server, PORT)),
+                conns,
+                Duration::from_secs(seconds),
+                MAX_REQUESTS,
+            )?;
+            p.rps.push(run.per_second());
+            p.p99.push(quantile(&run.latencies, 0.99));
+        }
+    }
+
+    // Attach latency: a task attached through n1's API, first reached from a task on n3.
+    let probe_path = lab.add_task_netns("probe")?.1;
+    attach(&mut lab, 2, "probe", &probe_path)?;
+    let probe = lab.ns("probe");
+    // The probe's own ARP retry timer (1 s by default) would otherwise dominate.
+    lab.exec_in(
+        &probe,
+        &["sysctl", "-qw", "net.ipv4.neigh.eth0.retrans_time_ms=10"],
+    )?;
+    let tgt_path = lab.whoami_task("tgt", PORT)?;
+    let mut latencies = vec![];
+    let mut misses = 0;
+    for k in 0..attaches {
+        let ip = attach(&mut lab, 0, "tgt", &tgt_path)?;
+        let addr = SocketAddr::from((ip, PORT));
+        match load::first_connect(&probe, addr, Duration::from_secs(5))? {
+            Some(d) => latencies.push(d),
+            None => misses += 1,
+        }
+        lab.cli(0, &["task", "detach", "tgt"])?;
+        if !load::until_unreachable(&probe, addr, Duration::from_secs(5))? {
+            bail!("attach {k}: task still reachable 5 s after detach");
+        }
+    }
+
+    let mut md = String::new();
+    writeln!(md, "# Overlay: cross-node traffic and attach propagation\n")?;
+    writeln!(md, "Command (from the repository root, as root):\n")?;
+    writeln!(
+        md,
+        "```\ncargo build --release --workspace --bins && ./target/release/{}\n```\n",
+        command_line()
+    )?;
+    writeln!(
+        md,
+        "Machine: {}. A 3-node lab cluster on one machine (node netns on a veth underlay \
+         bridge, etcd in its own netns). Throughput: iperf3, one TCP stream, {seconds} s. Request rate: HTTP/1.1 \
+         keep-alive GETs to `netd-lab whoami` over {conns} connections, {seconds} s. Each path \
+         ran {rounds} times, alternating; the table shows the median run.\n",
+        machine()
+    )?;
+    writeln!(
+        md,
+        "| path | TCP throughput | requests/s | p99 request latency |\n|---|---|---|---|"
+    )?;
+    for p in &paths {
+        writeln!(
+            md,
+            "| {} | {:.2} Gbit/s | {:.0} | {} |",
+            p.label,
+            median(&p.gbps),
+            median(&p.rps),
+            ms(quantile(&p.p99, 0.5))
+        )?;
+    }
+    let (o, u) = (&paths[0], &paths[1]);
+    writeln!(
+        md,
+        "\n**Overlay / underlay**: throughput {:.2}×, request rate {:.2}×.\n",
+        median(&o.gbps) / median(&u.gbps).max(1e-9),
+        median(&o.rps) / median(&u.rps).max(1e-9)
+    )?;
+    writeln!(md, "## Attach propagation\n")?;
+    writeln!(
+        md,
+        "Time from `netd task attach` returning on node n1 (the task is on n1) to the first \
+         successful TCP connect to it from a task on node n3 (connect attempts every 2 ms, \
+         20 ms connect timeout; the probe's ARP retry timer set to 10 ms). Between attaches the \
+         task is detached and the bench waits until n3 can no longer reach it. n3 learns of \
+         the task from its etcd watch when the attach is committed, so it usually programs \
+         its entries while n1 is still building the task's interfaces: what remains after \
+         the attach returns is small.\n"
+    )?;
+    writeln!(
+        md,
+        "| attaches | reached | p50 | p99 | max |\n|---|---|---|---|---|\n| {} | {} | {} | {} | {} |",
+        attaches,
+        latencies.len(),
+        ms(quantile(&latencies, 0.5)),
+        ms(quantile(&latencies, 0.99)),
+        ms(quantile(&latencies, 1.0))
+    )?;
+    if misses > 0 {
+        writeln!(md, "\n{misses} attaches were not reachable within 5 s.")?;
+    }
+    print!("{md}");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, md).with_context(|| format!("write {}", out.display()))?;
+    lab.teardown();
+    Ok(())
+}

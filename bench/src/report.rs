@@ -1,0 +1,79 @@
+//! Summaries and the markdown files in bench/results/.
+
+use std::time::Duration;
+
+/// The `q`-quantile (0..=1) of `samples`, nearest-rank; zero for no samples.
+pub fn quantile(samples: &[Duration], q: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut s = samples.to_vec();
+    s.sort();
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+/// The median of `values` (the middle run of an odd number of runs).
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+/// A latency for a table: µs below a millisecond, ms with one decimal above.
+pub fn ms(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{} µs", d.as_micros())
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    }
+}
+
+/// The machine a result came from (kernel release, CPUs), for the results files.
+pub fn machine() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("Linux {release}, {cpus} CPUs")
+}
+
+/// The command line that produced a result, as the results files quote it.
+pub fn command_line() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    let exe = args
+        .first()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or("netd-bench")
+        .to_string();
+    std::iter::once(exe)
+        .chain(args.into_iter().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_and_medians() {
+        let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(quantile(&d, 0.5), Duration::from_millis(50));
+        assert_eq!(quantile(&d, 0.99), Duration::from_millis(99));
+        assert_eq!(quantile(&d, 1.0), Duration::from_millis(100));
+        assert_eq!(quantile(&[], 0.5), Duration::ZERO);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(ms(Duration::from_micros(250)), "250 µs");
+        assert_eq!(ms(Duration::from_micros(2750)), "2.8 ms");
+    }
+}
