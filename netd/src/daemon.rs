@@ -68,6 +68,24 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "node".into())
 }
 
+/// How long a starting daemon waits for an unreachable etcd (a node booting before etcd
+/// answers) before it gives up.
+const STORE_WAIT: Duration = Duration::from_secs(30);
+
+async fn open_store(spec: &str) -> Result<Arc<dyn store::Store>> {
+    let deadline = tokio::time::Instant::now() + STORE_WAIT;
+    loop {
+        match store::open(spec).await {
+            Ok(s) => return Ok(Arc::from(s)),
+            Err(e @ store::StoreError::Etcd { .. }) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!("{e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The address this node's traffic towards `endpoint` (an etcd URL) leaves from: the
 /// underlay address other nodes can reach, when `--advertise-addr` is not given. A
 /// connected UDP socket only asks the routing table; no packet is sent.
@@ -95,11 +113,9 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             args.address_pool
         );
     }
-    let store: Arc<dyn store::Store> = Arc::from(
-        store::open(&args.store)
-            .await
-            .with_context(|| format!("open store {}", args.store))?,
-    );
+    let store = open_store(&args.store)
+        .await
+        .with_context(|| format!("open store {}", args.store))?;
     let address = match args.advertise_addr {
         Some(a) => Some(a),
         None => store::etcd::parse_endpoints(&args.store)

@@ -234,6 +234,10 @@ fn bad_requests_get_clear_errors_and_change_nothing() -> Result<()> {
     )?;
     check.rejects(&["task", "attach", "web", "--netns", &t1], "conflict")?;
     check.rejects(&["task", "attach", "nosuch", "--netns", &t2], "not_found")?;
+    check.rejects(
+        &["task", "attach", "web", "--netns", &t2, "--node", "nosuch"],
+        "not_found",
+    )?;
 
     // Removals that must be refused, and things that do not exist.
     check.rejects(&["network", "rm", "front"], "in_use")?;

@@ -232,6 +232,25 @@ mod tests {
         }
     );
 
+    /// A broken-and-resumed watch announces a change to make watchers re-read; a watch
+    /// that broke on its own (a request timeout, say) would make every node reconcile
+    /// for nothing, over and over.
+    #[test]
+    fn an_idle_watch_stays_quiet() {
+        testing::run_etcd(|s: SharedStore| async move {
+            let mut rx = s.subscribe();
+            // Longer than the per-request timeout of the etcd client.
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            assert!(
+                matches!(rx.try_recv(), Err(broadcast::error::TryRecvError::Empty)),
+                "the watch announced a change while nothing changed"
+            );
+            assert!(s.txn(vec![], vec![put("/netd/x", "1")]).await.unwrap());
+            let heard = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            assert!(matches!(heard, Ok(Ok(_))), "the watch went deaf: {heard:?}");
+        });
+    }
+
     /// What makes a dead node show as down: its key outlives it by the TTL only.
     #[test]
     fn an_ephemeral_key_expires_when_its_holder_is_gone() {
