@@ -2,12 +2,11 @@
 //! runs its client threads inside the namespace it is given (each thread enters it), so
 //! the load leaves from a task or host of the lab like real clients would.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
+use netd_lab::{http_request, in_netns};
 
 /// What a load run achieved.
 #[derive(Debug, Clone)]
@@ -26,41 +25,6 @@ impl Run {
     }
 }
 
-fn enter(netns: &str) -> Result<()> {
-    let f = std::fs::File::open(format!("/run/netns/{netns}"))
-        .with_context(|| format!("open netns {netns}"))?;
-    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-    Ok(())
-}
-
-/// Sends one GET on a keep-alive connection and reads the whole response.
-fn request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-    buf.clear();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            bail!("server closed the connection");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let text = String::from_utf8_lossy(&buf[..head]);
-            let len: usize = text
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .and_then(|v| v.trim().parse().ok())
-                })
-                .ok_or_else(|| anyhow!("response without content-length"))?;
-            if buf.len() >= head + 4 + len {
-                return Ok(());
-            }
-        }
-    }
-}
-
 /// HTTP/1.1 requests over `conns` keep-alive connections from `netns` to `addr`, until
 /// `duration` passes or `max_requests` are done.
 pub fn http_keepalive(
@@ -76,24 +40,25 @@ pub fn http_keepalive(
         .map(|_| {
             let netns = netns.to_string();
             std::thread::spawn(move || -> Result<(u64, Vec<Duration>)> {
-                enter(&netns)?;
-                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-                    .with_context(|| format!("connect {addr}"))?;
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                let mut buf = Vec::with_capacity(4096);
-                let mut lat = Vec::new();
-                let mut done = 0;
-                let until = Instant::now() + duration;
-                while done < per_conn && Instant::now() < until {
-                    let t = Instant::now();
-                    request(&mut s, &mut buf)?;
-                    if lat.len() < MAX_SAMPLES / conns.max(1) {
-                        lat.push(t.elapsed());
+                in_netns(&netns, move || {
+                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                        .with_context(|| format!("connect {addr}"))?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut buf = Vec::with_capacity(4096);
+                    let mut lat = Vec::new();
+                    let mut done = 0;
+                    let until = Instant::now() + duration;
+                    while done < per_conn && Instant::now() < until {
+                        let t = Instant::now();
+                        http_request(&mut s, &mut buf)?;
+                        if lat.len() < MAX_SAMPLES / conns.max(1) {
+                            lat.push(t.elapsed());
+                        }
+                        done += 1;
                     }
-                    done += 1;
-                }
-                Ok((done, lat))
+                    Ok((done, lat))
+                })
             })
         })
         .collect();
@@ -114,9 +79,7 @@ pub fn http_keepalive(
 /// Tries to connect from `netns` to `addr` every few milliseconds until it works or
 /// `limit` passes; returns how long it took (None if it never worked).
 pub fn first_connect(netns: &str, addr: SocketAddr, limit: Duration) -> Result<Option<Duration>> {
-    let netns = netns.to_string();
-    std::thread::spawn(move || -> Result<Option<Duration>> {
-        enter(&netns)?;
+    in_netns(netns, move || {
         let start = Instant::now();
         while start.elapsed() < limit {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(20)).is_ok() {
@@ -126,15 +89,11 @@ pub fn first_connect(netns: &str, addr: SocketAddr, limit: Duration) -> Result<O
         }
         Ok(None)
     })
-    .join()
-    .map_err(|_| anyhow!("probe thread panicked"))?
 }
 
 /// Waits until a connect from `netns` to `addr` fails (the target was withdrawn).
 pub fn until_unreachable(netns: &str, addr: SocketAddr, limit: Duration) -> Result<bool> {
-    let netns = netns.to_string();
-    std::thread::spawn(move || -> Result<bool> {
-        enter(&netns)?;
+    in_netns(netns, move || {
         let start = Instant::now();
         while start.elapsed() < limit {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_err() {
@@ -144,6 +103,4 @@ pub fn until_unreachable(netns: &str, addr: SocketAddr, limit: Duration) -> Resu
         }
         Ok(false)
     })
-    .join()
-    .map_err(|_| anyhow!("probe thread panicked"))?
 }

@@ -691,8 +691,16 @@ pub fn connect_from(netns: &str, addr: SocketAddr) -> Result<TcpStream> {
 
 /// One HTTP/1.1 keep-alive GET on an open connection; returns the body.
 pub fn http_get(stream: &mut TcpStream) -> Result<String> {
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")?;
     let mut buf = vec![];
+    let body = http_request(stream, &mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[body]).into_owned())
+}
+
+/// Sends one GET on a keep-alive connection and reads the whole response into `buf`
+/// (reused across calls by load generators); returns where the body is in it.
+pub fn http_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<std::ops::Range<usize>> {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")?;
+    buf.clear();
     let mut chunk = [0u8; 4096];
     loop {
         let n = stream.read(&mut chunk).context("read HTTP response")?;
@@ -700,9 +708,8 @@ pub fn http_get(stream: &mut TcpStream) -> Result<String> {
             bail!("connection closed mid-response");
         }
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(split) = text.find("\r\n\r\n") {
-            let len: usize = text[..split]
+        if let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let len: usize = String::from_utf8_lossy(&buf[..head])
                 .lines()
                 .find_map(|l| {
                     l.to_ascii_lowercase()
@@ -710,8 +717,9 @@ pub fn http_get(stream: &mut TcpStream) -> Result<String> {
                         .and_then(|v| v.trim().parse().ok())
                 })
                 .ok_or_else(|| anyhow!("no content-length"))?;
-            if buf.len() >= split + 4 + len {
-                return Ok(text[split + 4..split + 4 + len].to_string());
+            let body = head + 4..head + 4 + len;
+            if buf.len() >= body.end {
+                return Ok(body);
             }
         }
     }
