@@ -1,2 +1,13 @@
-//! netd's embedded DNS server library (service discovery at 127.0.0.11 in every task).
-//! Empty in this build: service names do not resolve yet.
+//! netd's embedded DNS: service discovery at 127.0.0.11 in every task, as Docker's.
+//!
+//! - [`table`]: the records (services, aliases, tasks, VIPs, ports) per network, changed
+//!   one record at a time, and the scoped lookup rules.
+//! - [`message`]: one packet in, one decision out (answer, forward, drop); all the bad
+//!   input handling lives here, where a fuzz test can reach it.
+//! - [`upstream`]: forwarding other names to the node's resolvers.
+//! - [`server`]: the UDP and TCP sockets of each task, served by the one process.
+
+pub mod message;
+pub mod server;
+pub mod table;
+pub mod upstream;

@@ -1,0 +1,170 @@
+//! The sockets: one UDP socket and one TCP listener per task namespace, all served by
+//! tokio tasks of the one process (sockets are bound inside the namespace by the caller;
+//! a socket stays in the namespace it was made in). Dropping a [`Listener`] stops its
+//! tasks and closes its sockets.
+//!
+//! TCP is bounded: at most `MAX_TCP_CONNS` connections per task, each closed after
+//! `TCP_IDLE` without a complete query, so a client that stalls mid-message holds
+//! nothing for long.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use crate::message::{self, Action};
+use crate::table::Table;
+use crate::upstream::{ForwardError, Upstream};
+
+pub const MAX_TCP_CONNS: usize = 32;
+pub const TCP_IDLE: Duration = Duration::from_secs(5);
+
+/// What every listener shares: the record table and the way upstream.
+pub struct Shared {
+    pub table: RwLock<Table>,
+    pub upstream: Upstream,
+}
+
+/// The DNS of one task: its sockets' serving tasks.
+pub struct Listener {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Serves `udp` and `tcp` for a querier attached to `networks`. Must run inside a tokio
+/// runtime; the std sockets are switched to non-blocking here.
+pub fn listen(
+    shared: Arc<Shared>,
+    networks: Vec<String>,
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+) -> std::io::Result<Listener> {
+    udp.set_nonblocking(true)?;
+    tcp.set_nonblocking(true)?;
+    let udp = Arc::new(UdpSocket::from_std(udp)?);
+    let tcp = TcpListener::from_std(tcp)?;
+    let networks: Arc<[String]> = networks.into();
+    Ok(Listener {
+        tasks: vec![
+            tokio::spawn(serve_udp(shared.clone(), networks.clone(), udp)),
+            tokio::spawn(serve_tcp(shared, networks, tcp)),
+        ],
+    })
+}
+
+fn decide(shared: &Shared, networks: &[String], packet: &[u8], tcp: bool) -> Action {
+    match shared.table.read() {
+        Ok(table) => message::handle(packet, tcp, &table, networks),
+        Err(_) => Action::Drop,
+    }
+}
+
+/// Asks upstream for `request` and returns the answer for the client.
+async fn forwarded(shared: &Shared, request: &hickory_proto::op::Message, tcp: bool) -> Vec<u8> {
+    match shared.upstream.forward(request).await {
+        Ok(reply) => message::relay(Some(&reply), request, tcp),
+        Err(ForwardError::Busy) => message::refused(request, tcp),
+        Err(ForwardError::Failed) => message::relay(None, request, tcp),
+    }
+}
+
+async fn serve_udp(shared: Arc<Shared>, networks: Arc<[String]>, sock: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!("dns udp: {e}");
+                continue;
+            }
+        };
+        match decide(&shared, &networks, &buf[..n], false) {
+            Action::Reply(bytes) => {
+                let _ = sock.send_to(&bytes, from).await;
+            }
+            Action::Forward(request) => {
+                let (shared, sock) = (shared.clone(), sock.clone());
+                tokio::spawn(async move {
+                    let bytes = forwarded(&shared, &request, false).await;
+                    let _ = sock.send_to(&bytes, from).await;
+                });
+            }
+            Action::Drop => {}
+        }
+    }
+}
+
+async fn serve_tcp(shared: Arc<Shared>, networks: Arc<[String]>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNS));
+    loop {
+        let (conn, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!("dns tcp accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        // Over the limit: close at once rather than queue.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(conn);
+            continue;
+        };
+        let (shared, networks) = (shared.clone(), networks.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_conn(&shared, &networks, conn).await {
+                tracing::debug!(%peer, "dns tcp: {e}");
+            }
+        });
+    }
+}
+
+/// Queries on one TCP connection (RFC 7766: 2-byte length, then the message).
+async fn serve_conn(
+    shared: &Shared,
+    networks: &[String],
+    mut conn: TcpStream,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let mut len = [0u8; 2];
+        match timeout(TCP_IDLE, conn.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()), // idle, closed, or stalled mid-length: done
+        }
+        let len = u16::from_be_bytes(len) as usize;
+        match timeout(TCP_IDLE, conn.read_exact(&mut buf[..len])).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let reply = match decide(shared, networks, &buf[..len], true) {
+            Action::Reply(bytes) => bytes,
+            Action::Forward(request) => forwarded(shared, &request, true).await,
+            Action::Drop => return Ok(()),
+        };
+        let Ok(n) = u16::try_from(reply.len()) else {
+            return Ok(());
+        };
+        conn.write_all(&n.to_be_bytes()).await?;
+        conn.write_all(&reply).await?;
+    }
+}
+
+/// The address the embedded DNS serves in every task, as Docker's.
+pub const DNS_ADDR: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 11)),
+    53,
+);

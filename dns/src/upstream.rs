@@ -1,0 +1,190 @@
+//! Forwarding names that are not the cluster's to the node's resolvers: a small client of
+//! our own (hickory's forwarder is known to drop queries under load). Each forward uses a
+//! fresh UDP socket on a random port and a fresh query id, accepts only a matching
+//! answer, retries over TCP when the answer is truncated, and gives up on a server after
+//! its share of a total budget that stays inside a stub resolver's own timeout. At most
+//! `MAX_IN_FLIGHT` forwards run at once; past that the client gets REFUSED at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::time::{timeout, Instant};
+
+/// Docker's limit on concurrent forwards.
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// glibc and dig wait 5 s for an answer: SERVFAIL must come before that.
+pub const TOTAL_BUDGET: Duration = Duration::from_secs(3);
+/// Docker forwards to at most 3 servers.
+pub const MAX_SERVERS: usize = 3;
+
+/// The node's resolver settings, as read from resolv.conf.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvConf {
+    pub servers: Vec<SocketAddr>,
+    pub search: Vec<String>,
+}
+
+impl ResolvConf {
+    /// Parses resolv.conf text. Loopback servers (a local stub such as systemd-resolved)
+    /// are left out: they are not reachable from the node netns a task's queries leave.
+    pub fn parse(text: &str) -> ResolvConf {
+        let mut conf = ResolvConf::default();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("nameserver") => {
+                    if let Some(ip) = words
+                        .next()
+                        .and_then(|w| w.parse::<std::net::IpAddr>().ok())
+                    {
+                        if !ip.is_loopback() && conf.servers.len() < MAX_SERVERS {
+                            conf.servers.push(SocketAddr::new(ip, 53));
+                        }
+                    }
+                }
+                Some("search") | Some("domain") => {
+                    conf.search = words.map(|w| w.trim_end_matches('.').to_string()).collect();
+                }
+                _ => {}
+            }
+        }
+        conf
+    }
+}
+
+#[derive(Debug)]
+pub enum ForwardError {
+    /// Too many forwards in flight.
+    Busy,
+    /// No server gave a usable answer within the budget.
+    Failed,
+}
+
+pub struct Upstream {
+    servers: Vec<SocketAddr>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// Whether `reply` answers `query` (same id, a response, the same question).
+fn answers(reply: &Message, query: &Message) -> bool {
+    reply.metadata.id == query.metadata.id
+        && reply.metadata.message_type == hickory_proto::op::MessageType::Response
+        && reply.queries.len() == query.queries.len()
+        && reply.queries.iter().zip(&query.queries).all(|(a, b)| {
+            a.query_type() == b.query_type()
+                && a.name()
+                    .to_ascii()
+                    .eq_ignore_ascii_case(&b.name().to_ascii())
+        })
+}
+
+async fn over_udp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<(Vec<u8>, bool)> {
+    let bind: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(bind).await.ok()?;
+    sock.connect(server).await.ok()?;
+    sock.send(bytes).await.ok()?;
+    let mut buf = vec![0u8; 65535];
+    loop {
+        // A refused port (ICMP) fails the receive at once: next server.
+        let n = sock.recv(&mut buf).await.ok()?;
+        if let Ok(reply) = Message::from_vec(&buf[..n]) {
+            if answers(&reply, query) {
+                return Some((buf[..n].to_vec(), reply.metadata.truncation));
+            }
+        }
+        // Anything else is not our answer (spoofed or stale): keep waiting.
+    }
+}
+
+async fn over_tcp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(server).await.ok()?;
+    let len = u16::try_from(bytes.len()).ok()?;
+    s.write_all(&len.to_be_bytes()).await.ok()?;
+    s.write_all(bytes).await.ok()?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await.ok()?;
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.ok()?;
+    let reply = Message::from_vec(&buf).ok()?;
+    answers(&reply, query).then_some(buf)
+}
+
+impl Upstream {
+    pub fn new(servers: Vec<SocketAddr>) -> Self {
+        Upstream {
+            servers: servers.into_iter().take(MAX_SERVERS).collect(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
+
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
+    /// Asks the servers in turn; returns the first matching answer's bytes (with our
+    /// id: the caller relays it under the client's).
+    pub async fn forward(&self, request: &Message) -> Result<Vec<u8>, ForwardError> {
+        let _permit = self
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ForwardError::Busy)?;
+        if self.servers.is_empty() {
+            return Err(ForwardError::Failed);
+        }
+        let mut query = request.clone();
+        query.metadata.id = rand::random();
+        let bytes = query.to_vec().map_err(|_| ForwardError::Failed)?;
+        let deadline = Instant::now() + TOTAL_BUDGET;
+        let share = TOTAL_BUDGET / self.servers.len() as u32;
+        for server in &self.servers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = share.min(left);
+            match timeout(wait, over_udp(*server, &bytes, &query)).await {
+                Ok(Some((reply, false))) => return Ok(reply),
+                Ok(Some((udp_reply, true))) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match timeout(left, over_tcp(*server, &bytes, &query)).await {
+                        Ok(Some(reply)) => return Ok(reply),
+                        // TCP failed: the truncated answer is still an answer.
+                        _ => return Ok(udp_reply),
+                    }
+                }
+                _ => continue,
+            }
+        }
+        Err(ForwardError::Failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_gives_up_to_three_reachable_servers_and_the_search_list() {
+        let conf = ResolvConf::parse(
+            "# comment\nnameserver 127.0.0.53\nnameserver 198.18.0.3\nsearch lab.example corp.\n\
+             nameserver 198.18.0.4\nnameserver 198.18.0.5\nnameserver 198.18.0.6\noptions ndots:1\n",
+        );
+        assert_eq!(
+            conf.servers,
+            vec![
+                "198.18.0.3:53".parse().unwrap(),
+                "198.18.0.4:53".parse().unwrap(),
+                "198.18.0.5:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(conf.search, vec!["lab.example", "corp"]);
+        assert_eq!(ResolvConf::parse(""), ResolvConf::default());
+    }
+}
