@@ -2,9 +2,10 @@
 # need first (a fresh machine has none of them) and must run as root: netd creates
 # network namespaces, links and nftables rules.
 
-APT_PACKAGES := nftables iproute2 iputils-ping procps util-linux curl etcd-server protobuf-compiler
+APT_PACKAGES := nftables iproute2 iputils-ping procps util-linux curl etcd-server protobuf-compiler \
+  dnsutils unbound
 # Only `make bench` needs these.
-BENCH_PACKAGES := iperf3
+BENCH_PACKAGES := iperf3 dnsperf
 CARGO ?= cargo
 TEST_THREADS ?= 2
 

@@ -229,21 +229,22 @@ impl Table {
     }
 
     /// Whether `name` (lower case, no trailing dot) belongs to the cluster's name space:
-    /// single labels, `tasks.`, `*.NETWORK`, and those under a search domain.
+    /// single labels, `tasks.`, `*.NETWORK`, and any of those under a search domain.
     fn is_cluster_form(&self, name: &str) -> bool {
-        if !name.contains('.') || name.starts_with("tasks.") {
-            return true;
-        }
-        if let Some((_, last)) = name.rsplit_once('.') {
-            if self.nets.contains_key(last) {
-                return true;
-            }
-        }
-        self.search.iter().any(|d| {
-            name.strip_suffix(d.as_str())
-                .and_then(|head| head.strip_suffix('.'))
-                .is_some_and(|head| !head.contains('.') || head.starts_with("tasks."))
-        })
+        let core = self
+            .search
+            .iter()
+            .find_map(|d| {
+                name.strip_suffix(d.as_str())
+                    .and_then(|head| head.strip_suffix('.'))
+                    .filter(|head| !head.is_empty())
+            })
+            .unwrap_or(name);
+        !core.contains('.')
+            || core.starts_with("tasks.")
+            || core
+                .rsplit_once('.')
+                .is_some_and(|(_, last)| self.nets.contains_key(last))
     }
 
     /// Resolves `name` (any case, with or without the trailing dot) for a querier on
@@ -504,6 +505,11 @@ mod tests {
         }
         // Other names go upstream; single labels never do.
         assert_eq!(t.lookup_name(&front, "example.org."), Lookup::Forward);
+        // A search-domain form of an outside name is an outside name.
+        assert_eq!(
+            t.lookup_name(&front, "example.org.lab.example"),
+            Lookup::Forward
+        );
         assert_eq!(t.lookup_name(&front, "nosuch"), Lookup::NxDomain);
     }
 

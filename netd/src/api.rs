@@ -24,6 +24,7 @@ use crate::store::Store;
 
 pub struct Daemon {
     pub store: Arc<dyn Store>,
+    pub dns: Arc<crate::dns::Dns>,
     pub node: String,
     pub pools: Pools,
     pub reconciler: Arc<Reconciler>,
@@ -142,6 +143,12 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "store": d.store.describe(),
         "api": d.api,
         "datapath": d.datapath,
+        "dns": {
+            "address": netd_dns::server::DNS_ADDR.to_string(),
+            "config": d.dns.config(),
+            "tasks_served": d.dns.listener_count(),
+            "forward_budget_ms": crate::dns::FORWARD_BUDGET.as_millis() as u64,
+        },
         "kernel": kernel_facts(),
         "reconcile": { "errors": report.errors, "task_errors": report.task_errors },
     })))

@@ -3,7 +3,7 @@
 //! the API and keeps reconciling on every store change and on a timer. Kernel objects are
 //! left in place on exit: traffic keeps flowing while netd is down or restarting.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use ipnetwork::Ipv4Network;
 
 use crate::api::{self, Daemon};
 use crate::datapath::{self, Mode};
+use crate::dns::{self, Dns, DnsConfig};
 use crate::model::{self, Node};
 use crate::reconcile::{NodeConfig, Reconciler};
 use crate::state::{self, Pools};
@@ -57,6 +58,20 @@ pub struct DaemonArgs {
     /// and withdrawing its tasks (the etcd lease TTL).
     #[arg(long, default_value_t = 10)]
     pub lease_ttl: u64,
+    /// Upstream resolvers for names that are not the cluster's (IP or IP:PORT, comma
+    /// separated; up to 3). Default: the nameservers of the node's /etc/resolv.conf.
+    #[arg(long, value_delimiter = ',')]
+    pub dns_upstream: Vec<String>,
+    /// Search domains of the tasks (their resolv.conf): `NAME.DOMAIN` of a cluster name
+    /// is answered locally, never sent upstream. Default: the node's search list.
+    #[arg(long, value_delimiter = ',')]
+    pub dns_search: Vec<String>,
+    /// TTL of VIP answers (a VIP is stable for the service's life; Docker: 600).
+    #[arg(long, default_value_t = 600)]
+    pub dns_vip_ttl: u32,
+    /// TTL of task-IP answers (`tasks.NAME`, dnsrr, task names).
+    #[arg(long, default_value_t = 2)]
+    pub dns_task_ttl: u32,
     /// Seconds between reconciles when nothing changes (repairs drift).
     #[arg(long, default_value_t = 10)]
     pub resync: u64,
@@ -84,6 +99,34 @@ async fn open_store(spec: &str) -> Result<Arc<dyn store::Store>> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The DNS settings: flags first, then the node's resolv.conf.
+fn dns_config(args: &DaemonArgs) -> Result<DnsConfig> {
+    let node = dns::node_resolv_conf();
+    let upstream = if args.dns_upstream.is_empty() {
+        node.servers
+    } else {
+        args.dns_upstream
+            .iter()
+            .map(|u| {
+                u.parse::<SocketAddr>()
+                    .or_else(|_| u.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .with_context(|| format!("--dns-upstream {u:?}: not IP or IP:PORT"))
+            })
+            .collect::<Result<_>>()?
+    };
+    let search = if args.dns_search.is_empty() {
+        node.search
+    } else {
+        args.dns_search.clone()
+    };
+    Ok(DnsConfig {
+        upstream,
+        search,
+        vip_ttl: args.dns_vip_ttl,
+        task_ttl: args.dns_task_ttl,
+    })
 }
 
 /// The address this node's traffic towards `endpoint` (an etcd URL) leaves from: the
@@ -143,6 +186,8 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
     .await
     .context("announce node liveness")?;
 
+    let dns = Arc::new(Dns::new(dns_config(&args)?));
+    tokio::spawn(dns.clone().follow(store.clone()));
     let reconciler = Arc::new(Reconciler::new(
         store.clone(),
         NodeConfig {
@@ -152,6 +197,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             overlay_mtu: args.underlay_mtu - 50,
             bridge_mtu: args.underlay_mtu,
         },
+        Some(dns.clone()),
     ));
     let report = reconciler.run_once().await.context("initial reconcile")?;
     tracing::info!(
@@ -167,6 +213,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
 
     let daemon_store = store.clone();
     let daemon = Arc::new(Daemon {
+        dns,
         store,
         node: node.clone(),
         pools: Pools {

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod ipam;
 pub mod model;
 pub mod naming;

@@ -16,6 +16,7 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 use tokio::sync::Mutex;
 
+use crate::dns::Dns;
 use crate::model::{Driver, Endpoint, Network, Task, GWBRIDGE};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
 use crate::netlink::{self, Link, Peer};
@@ -45,6 +46,9 @@ pub struct Report {
 pub struct Reconciler {
     store: Arc<dyn Store>,
     cfg: NodeConfig,
+    /// The embedded DNS: its table follows every step, and every local task gets its
+    /// listener here.
+    dns: Option<Arc<Dns>>,
     /// One step at a time: two concurrent steps would race to create the same objects.
     step: Mutex<()>,
     last: std::sync::Mutex<Report>,
@@ -61,10 +65,11 @@ struct Attachment {
 }
 
 impl Reconciler {
-    pub fn new(store: Arc<dyn Store>, cfg: NodeConfig) -> Self {
+    pub fn new(store: Arc<dyn Store>, cfg: NodeConfig, dns: Option<Arc<Dns>>) -> Self {
         Reconciler {
             store,
             cfg,
+            dns,
             step: Mutex::new(()),
             last: std::sync::Mutex::new(Report::default()),
         }
@@ -97,6 +102,9 @@ impl Reconciler {
         let st = State::load(self.store.as_ref())
             .await
             .context("read desired state")?;
+        if let Some(dns) = &self.dns {
+            dns.sync_table(&st);
+        }
         let report = self.step(&st).await;
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();
@@ -216,7 +224,17 @@ impl Reconciler {
             }
         }
 
-        // 4. Node firewall: masquerade and isolation.
+        // 4. The embedded DNS in every task that is up (and in no other).
+        if let Some(dns) = &self.dns {
+            let up: Vec<&Task> = tasks
+                .iter()
+                .filter(|t| !report.task_errors.contains_key(&t.id))
+                .copied()
+                .collect();
+            report.task_errors.extend(dns.sync_listeners(&up).await);
+        }
+
+        // 5. Node firewall: masquerade and isolation.
         let rules = Ruleset {
             gwbridge: needs_gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
@@ -238,7 +256,7 @@ impl Reconciler {
             Err(e) => report.errors.push(format!("nftables: {e}")),
         }
 
-        // 5. Sweep what nothing desires any more.
+        // 6. Sweep what nothing desires any more.
         let mut wanted: BTreeMap<Netns, BTreeSet<String>> = BTreeMap::new();
         for task in &tasks {
             for ep in &task.endpoints {

@@ -32,6 +32,12 @@ pub const ADDRESS_POOL: &str = "198.19.0.0/16";
 pub const ETCD_HOST: u8 = 2;
 /// Lease TTL the lab's daemons use: a dead node is marked down this long after it died.
 pub const LEASE_TTL_SECS: u64 = 5;
+/// Underlay host number of the lab's upstream resolver (unbound), when a test starts one.
+pub const UPSTREAM_DNS_HOST: u8 = 3;
+/// The search domain every task's resolv.conf carries (and the daemons know).
+pub const SEARCH_DOMAIN: &str = "lab.example";
+/// What the lab's upstream resolver answers: `NAME.example.org` records.
+pub const UPSTREAM_ZONE: &str = "example.org";
 /// Every lab prefix starts with this, so `netd-lab cleanup` can find leftovers.
 pub const LAB_MARK: &str = "nlab";
 
@@ -275,12 +281,75 @@ impl Lab {
         Ok(name)
     }
 
-    /// An empty namespace to attach as a task; returns (name, path).
+    /// An empty namespace to attach as a task; returns (name, path). Its resolv.conf
+    /// (`/etc/netns/NAME/resolv.conf`, which `ip netns exec` mounts over /etc/resolv.conf)
+    /// points at netd's embedded DNS, as Docker writes a container's.
     pub fn add_task_netns(&mut self, tag: &str) -> Result<(String, String)> {
         let name = format!("{}-{tag}", self.prefix);
         self.netns.push(name.clone());
         ip(&["netns", "add", &name])?;
+        let etc = Path::new("/etc/netns").join(&name);
+        fs::create_dir_all(&etc).context("create /etc/netns dir")?;
+        fs::write(
+            etc.join("resolv.conf"),
+            format!("nameserver 127.0.0.11\nsearch {SEARCH_DOMAIN}\n"),
+        )
+        .context("write task resolv.conf")?;
         Ok((name.clone(), format!("/run/netns/{name}")))
+    }
+
+    /// Starts an upstream resolver (unbound) on the underlay at .3, answering
+    /// `outside.example.org` (198.18.0.100) and `many.example.org` (100 addresses: an
+    /// answer too big for one UDP datagram).
+    pub fn start_upstream_dns(&mut self) -> Result<String> {
+        let name = self.add_host("updns", UPSTREAM_DNS_HOST)?;
+        let dir = self.dir.join("unbound");
+        fs::create_dir_all(&dir)?;
+        let mut conf = format!(
+            "server:\n  interface: {ip}\n  port: 53\n  access-control: 198.18.0.0/15 allow\n  \
+             do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{dir}\"\n  \
+             pidfile: \"\"\n  use-syslog: no\n  logfile: \"{dir}/queries.log\"\n  \
+             log-queries: yes\n  num-threads: 1\n  \
+             local-zone: \"{UPSTREAM_ZONE}.\" static\n  \
+             local-data: \"outside.{UPSTREAM_ZONE}. 60 IN A 198.18.0.100\"\n",
+            ip = underlay_ip(UPSTREAM_DNS_HOST),
+            dir = dir.display()
+        );
+        for i in 0..100 {
+            conf.push_str(&format!(
+                "  local-data: \"many.{UPSTREAM_ZONE}. 60 IN A 198.18.2.{}\"\n",
+                i + 1
+            ));
+        }
+        let path = dir.join("unbound.conf");
+        fs::write(&path, conf)?;
+        self.spawn_in(
+            &name,
+            Path::new("unbound"),
+            &["-d", "-c", &path.display().to_string()],
+        )?;
+        let server = format!("@{}", underlay_ip(UPSTREAM_DNS_HOST));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.exec_in(
+                &name,
+                &[
+                    "dig",
+                    &server,
+                    "+short",
+                    "+time=1",
+                    "+tries=1",
+                    &format!("outside.{UPSTREAM_ZONE}"),
+                ],
+            )?;
+            if String::from_utf8_lossy(&out.stdout).contains("198.18.0.100") {
+                return Ok(name);
+            }
+            if Instant::now() > deadline {
+                bail!("unbound did not answer on the underlay");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts (or restarts) node `i`'s daemon and waits until its API answers.
@@ -310,6 +379,10 @@ impl Lab {
             ADDRESS_POOL,
             "--gwbridge-subnet",
             GWBRIDGE_SUBNET,
+            "--dns-search",
+            SEARCH_DOMAIN,
+            "--dns-upstream",
+            &underlay_ip(UPSTREAM_DNS_HOST).to_string(),
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -477,6 +550,29 @@ impl Lab {
         Ok(v)
     }
 
+    /// Every query the upstream resolver received so far (its log).
+    pub fn upstream_queries(&self) -> String {
+        fs::read_to_string(self.dir.join("unbound").join("queries.log")).unwrap_or_default()
+    }
+
+    /// `dig ARGS` from `netns` (its resolv.conf: netd's DNS), 5 s timeout, one try;
+    /// returns everything dig printed.
+    pub fn dig(&self, netns: &str, args: &[&str]) -> Result<String> {
+        let mut full = vec!["dig", "+time=5", "+tries=1"];
+        full.extend_from_slice(args);
+        let out = self.exec_in(netns, &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The addresses `dig +short NAME` gives from `netns`, in the order given.
+    pub fn dig_short(&self, netns: &str, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .dig(netns, &["+short", name])?
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Runs a command in `netns` to completion (ping, curl, ...).
     pub fn exec_in(&self, netns: &str, args: &[&str]) -> Result<Output> {
         Command::new("ip")
@@ -606,6 +702,14 @@ pub fn diff_lines(a: &str, b: &str) -> String {
 /// netd sandboxes of its nodes, `netd-PREFIXnN-...`) and kills processes inside them.
 pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
     let mut removed = vec![];
+    // resolv.conf dirs of task namespaces (also of ones already gone).
+    if let Ok(dirs) = fs::read_dir("/etc/netns") {
+        for d in dirs.flatten() {
+            if d.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = fs::remove_dir_all(d.path());
+            }
+        }
+    }
     let entries = match fs::read_dir("/run/netns") {
         Ok(e) => e,
         Err(_) => return Ok(removed),
@@ -628,8 +732,9 @@ pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
             }
         }
         if ip(&["netns", "del", &name]).is_ok() {
-            removed.push(name);
+            removed.push(name.clone());
         }
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&name));
     }
     Ok(removed)
 }

@@ -1,0 +1,290 @@
+//! The embedded DNS, with real clients: `dig` and `getent` (glibc's resolver, through the
+//! task's resolv.conf with a search domain) from task namespaces, netd answering at
+//! 127.0.0.11 inside each, and a real upstream (unbound) on the underlay.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use netd_lab::{in_netns, Lab};
+
+fn status(dig_output: &str) -> &str {
+    dig_output
+        .split("status: ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("no status")
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+fn vip(lab: &Lab, service: &str, network: &str) -> Result<String> {
+    let v = lab.cli_json(0, &["service", "inspect", service])?;
+    Ok(v["vips"][network].as_str().context("vip")?.to_string())
+}
+
+fn ip(lab: &Lab, task: &str, network: &str) -> Result<String> {
+    Ok(lab.task_ip(0, task, network)?.to_string())
+}
+
+fn getent(lab: &Lab, ns: &str, name: &str) -> Result<Option<String>> {
+    let out = lab.exec_in(ns, &["getent", "hosts", name])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_string))
+}
+
+#[test]
+fn tasks_resolve_services_tasks_and_aliases_in_their_networks_only() -> Result<()> {
+    let mut lab = Lab::start("dn", 1)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(
+        0,
+        &["network", "create", "back", "--subnet", "198.19.20.0/24"],
+    )?;
+    lab.cli(
+        0,
+        &[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "front",
+            "--alias",
+            "www",
+        ],
+    )?;
+    lab.cli(
+        0,
+        &[
+            "service",
+            "create",
+            "db",
+            "--network",
+            "back",
+            "--endpoint-mode",
+            "dnsrr",
+        ],
+    )?;
+    for (svc, t) in [
+        ("web", "web-1"),
+        ("web", "web-2"),
+        ("db", "db-1"),
+        ("db", "db-2"),
+    ] {
+        lab.attach_whoami(0, svc, t, None)?;
+    }
+    let w1 = lab.ns("web-1");
+    let web_vip = vip(&lab, "web", "front")?;
+    let (web1, web2) = (ip(&lab, "web-1", "front")?, ip(&lab, "web-2", "front")?);
+    let (db1, db2) = (ip(&lab, "db-1", "back")?, ip(&lab, "db-2", "back")?);
+
+    // The service name is its VIP; getent goes through the search domain first.
+    assert_eq!(lab.dig_short(&w1, "web")?, vec![web_vip.clone()]);
+    assert_eq!(getent(&lab, &w1, "web")?, Some(web_vip.clone()));
+    assert_eq!(lab.dig_short(&w1, "WWW.")?, vec![web_vip.clone()]);
+    assert_eq!(lab.dig_short(&w1, "web.front")?, vec![web_vip.clone()]);
+    assert_eq!(
+        sorted(lab.dig_short(&w1, "tasks.web")?),
+        sorted(vec![web1.clone(), web2.clone()])
+    );
+    assert_eq!(lab.dig_short(&w1, "web-2")?, vec![web2.clone()]);
+    assert_eq!(getent(&lab, &w1, "web-2")?, Some(web2.clone()));
+    // Over TCP too, and AAAA is an empty NOERROR.
+    assert_eq!(
+        lab.dig(&w1, &["+tcp", "+short", "web"])?.trim(),
+        web_vip.as_str()
+    );
+    let aaaa = lab.dig(&w1, &["AAAA", "web"])?;
+    assert_eq!(status(&aaaa), "NOERROR");
+    assert!(aaaa.contains("ANSWER: 0"), "{aaaa}");
+    // PTR for VIPs and task IPs.
+    assert_eq!(lab.dig(&w1, &["+short", "-x", &web_vip])?.trim(), "web.");
+    assert_eq!(lab.dig(&w1, &["+short", "-x", &web2])?.trim(), "web-2.");
+
+    // Scoping: web-1 is not on `back`. Every form of db is NXDOMAIN, like a name that
+    // does not exist, and getent finds nothing.
+    for name in ["db", "tasks.db", "db-1", "db.back", "nosuch"] {
+        assert_eq!(status(&lab.dig(&w1, &[name])?), "NXDOMAIN", "{name}");
+    }
+    assert_eq!(getent(&lab, &w1, "db")?, None);
+    assert_eq!(status(&lab.dig(&w1, &["-x", &db1])?), "NXDOMAIN");
+
+    // dnsrr: every task IP, rotated between answers; and db's tasks do not see web.
+    let d1 = lab.ns("db-1");
+    let first = lab.dig_short(&d1, "db")?;
+    assert_eq!(
+        sorted(first.clone()),
+        sorted(vec![db1.clone(), db2.clone()])
+    );
+    let second = lab.dig_short(&d1, "db")?;
+    assert_ne!(first, second, "dnsrr order did not rotate");
+    assert_eq!(status(&lab.dig(&d1, &["web"])?), "NXDOMAIN");
+
+    // Freshness: what `task attach/detach` and `service rm` return with, the next query
+    // already sees.
+    lab.attach_whoami(0, "web", "web-3", None)?;
+    let web3 = ip(&lab, "web-3", "front")?;
+    assert!(lab.dig_short(&w1, "tasks.web")?.contains(&web3));
+    assert_eq!(lab.dig_short(&w1, "web-3")?, vec![web3.clone()]);
+    lab.cli(0, &["task", "detach", "web-3"])?;
+    assert!(!lab.dig_short(&w1, "tasks.web")?.contains(&web3));
+    assert_eq!(status(&lab.dig(&w1, &["web-3"])?), "NXDOMAIN");
+    lab.cli(0, &["service", "create", "api", "--network", "front"])?;
+    lab.attach_whoami(0, "api", "api-1", None)?;
+    lab.cli(0, &["service", "rm", "web"])?;
+    assert_eq!(status(&lab.dig(&lab.ns("api-1"), &["web"])?), "NXDOMAIN");
+    Ok(())
+}
+
+#[test]
+fn other_names_go_upstream_and_cluster_names_never_do() -> Result<()> {
+    let mut lab = Lab::start("du", 1)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    lab.attach_whoami(0, "web", "web-1", None)?;
+    let w1 = lab.ns("web-1");
+
+    // No upstream answers yet (nothing at 198.18.0.3): SERVFAIL, before dig's 5 s.
+    let start = Instant::now();
+    let out = lab.dig(&w1, &["outside.example.org"])?;
+    assert_eq!(status(&out), "SERVFAIL", "{out}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    lab.start_upstream_dns()?;
+    assert_eq!(
+        lab.dig_short(&w1, "outside.example.org")?,
+        vec!["198.18.0.100".to_string()]
+    );
+    assert_eq!(
+        getent(&lab, &w1, "outside.example.org")?.as_deref(),
+        Some("198.18.0.100")
+    );
+    // 100 addresses do not fit one UDP answer: truncated to the client, which retries
+    // over TCP and gets them all (netd asked upstream over TCP as well).
+    let many = lab.dig(&w1, &["many.example.org"])?;
+    assert!(many.contains("ANSWER: 100"), "{many}");
+
+    // Cluster-shaped names (single labels, tasks.X, X.NETWORK, and their search-domain
+    // forms, which getent tries first) are answered here, never sent upstream. Outside
+    // names go upstream also in their search-domain forms, as a resolver expects.
+    for name in ["nosuchsvc", "tasks.nosuchsvc", "web-9", "nosuch.front"] {
+        lab.dig(&w1, &[name])?;
+        getent(&lab, &w1, name)?;
+    }
+    let log = lab.upstream_queries();
+    assert!(log.contains("outside.example.org"), "upstream log: {log}");
+    for leak in ["nosuchsvc", "web-9", "front"] {
+        assert!(!log.contains(leak), "{leak} leaked upstream: {log}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_packets_and_stalled_tcp_clients_do_not_hurt_the_dns() -> Result<()> {
+    let mut lab = Lab::start("db", 1)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    lab.attach_whoami(0, "web", "web-1", None)?;
+    let w1 = lab.ns("web-1");
+    let web_vip = vip(&lab, "web", "front")?;
+    let dns = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 11), 53));
+
+    // Garbage over UDP: too short (dropped), a header only with 2 questions (FORMERR),
+    // an unknown opcode (NOTIMP), random bytes. Answers carry the right codes.
+    let answers = in_netns(&w1, move || {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut codes = vec![];
+        for p in [
+            vec![1u8, 2, 3],
+            vec![0xab, 0xcd, 0x01, 0x00, 0, 2, 0, 0, 0, 0, 0, 0],
+            vec![0xab, 0xce, 0x10, 0x00, 0, 1, 0, 0, 0, 0, 0, 0],
+            (0..300).map(|i| (i * 7 % 251) as u8).collect(),
+        ] {
+            s.send_to(&p, dns)?;
+            let mut buf = [0u8; 512];
+            codes.push(s.recv(&mut buf).ok().map(|n| (n, buf[3] & 0x0f)));
+        }
+        Ok(codes)
+    })?;
+    assert_eq!(answers[0], None, "a 3-byte packet got an answer");
+    assert_eq!(answers[1], Some((12, 1)), "two questions: FORMERR");
+    assert_eq!(answers[2], Some((12, 4)), "opcode 2: NOTIMP");
+
+    // TCP clients that stall (one sends half a length, one connects and says nothing)
+    // hold no one else up, and are closed by the server.
+    let stalled = in_netns(&w1, move || {
+        let mut a = TcpStream::connect(dns)?;
+        a.write_all(&[0])?;
+        let b = TcpStream::connect(dns)?;
+        Ok((a, b))
+    })?;
+    assert_eq!(lab.dig_short(&w1, "web")?, vec![web_vip.clone()]);
+    assert_eq!(
+        lab.dig(&w1, &["+tcp", "+short", "web"])?.trim(),
+        web_vip.as_str()
+    );
+    let (mut a, _b) = stalled;
+    a.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 1];
+    let closed = std::io::Read::read(&mut a, &mut buf);
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "a stalled client was never closed"
+    );
+    Ok(())
+}
+
+#[test]
+fn names_resolve_across_nodes_and_changes_reach_every_node() -> Result<()> {
+    let mut lab = Lab::cluster("dc", 3)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    lab.cli(0, &["service", "create", "cli", "--network", "front"])?;
+    lab.attach_whoami(0, "web", "web-1", None)?;
+    lab.attach_whoami(1, "web", "web-2", None)?;
+    lab.attach_whoami(2, "cli", "cli-1", None)?;
+    let c = lab.ns("cli-1");
+    assert_eq!(lab.dig_short(&c, "web")?, vec![vip(&lab, "web", "front")?]);
+    assert_eq!(
+        sorted(lab.dig_short(&c, "tasks.web")?),
+        sorted(vec![
+            ip(&lab, "web-1", "front")?,
+            ip(&lab, "web-2", "front")?
+        ])
+    );
+    assert_eq!(
+        getent(&lab, &c, "web-2")?,
+        Some(ip(&lab, "web-2", "front")?)
+    );
+    // A task attached on n2 through n1's API is in n3's answers once attach returns.
+    let n2 = lab.nodes[1].name.clone();
+    lab.attach_whoami(0, "web", "web-3", Some(&n2))?;
+    let web3 = ip(&lab, "web-3", "front")?;
+    assert!(lab.dig_short(&c, "tasks.web")?.contains(&web3));
+    lab.cli(0, &["task", "detach", "web-3"])?;
+    assert!(!lab.dig_short(&c, "tasks.web")?.contains(&web3));
+    Ok(())
+}
