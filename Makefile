@@ -37,6 +37,7 @@ bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/netd-lab cleanup
 	./target/release/netd-bench overlay
+	./target/release/netd-bench dns
 
 lint:
 	$(CARGO) fmt --all --check

@@ -21,10 +21,23 @@ const HEADER_LEN: usize = 12;
 #[derive(Debug)]
 pub enum Action {
     Reply(Vec<u8>),
+    /// An answer from the table that is the same for the same request bytes (after the
+    /// id) until the table changes: the server may cache it (no rotation in it).
+    Answer(Vec<u8>),
     /// Not a cluster name: ask upstream, then [`relay`] the answer.
     Forward(Box<Message>),
     /// Not worth an answer (too short to carry an id, or itself a response).
     Drop,
+}
+
+impl Action {
+    /// The bytes to send back, if this is an answer.
+    pub fn reply(&self) -> Option<&[u8]> {
+        match self {
+            Action::Reply(b) | Action::Answer(b) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 /// A header-only answer (FORMERR, NOTIMP, ...) for a packet we could not parse further.
@@ -136,6 +149,11 @@ pub fn handle(packet: &[u8], tcp: bool, table: &Table, networks: &[String]) -> A
     };
     let mut resp = response_to(&request, ResponseCode::NoError);
     resp.metadata.authoritative = true;
+    // Several addresses come rotated: such an answer changes from one query to the next.
+    let stable = match &lookup {
+        Lookup::Addrs { ips, .. } | Lookup::Srv { ips, .. } => ips.len() <= 1,
+        _ => true,
+    };
     match lookup {
         Lookup::Forward => return Action::Forward(Box::new(request)),
         Lookup::NxDomain => resp.metadata.response_code = ResponseCode::NXDomain,
@@ -167,7 +185,12 @@ pub fn handle(packet: &[u8], tcp: bool, table: &Table, networks: &[String]) -> A
             }
         }
     }
-    Action::Reply(encode(&resp, limit))
+    let bytes = encode(&resp, limit);
+    if stable {
+        Action::Answer(bytes)
+    } else {
+        Action::Reply(bytes)
+    }
 }
 
 /// Turns an upstream's answer into the answer to `request`: the client's id, and cut to
@@ -247,9 +270,10 @@ mod tests {
     }
 
     fn ask(packet: &[u8], tcp: bool) -> Message {
-        match handle(packet, tcp, &table(), &["front".to_string()]) {
-            Action::Reply(bytes) => Message::from_vec(&bytes).expect("our answer parses"),
-            other => panic!("expected a reply, got {other:?}"),
+        let action = handle(packet, tcp, &table(), &["front".to_string()]);
+        match action.reply() {
+            Some(bytes) => Message::from_vec(bytes).expect("our answer parses"),
+            None => panic!("expected a reply, got {action:?}"),
         }
     }
 
@@ -299,9 +323,9 @@ mod tests {
         let mut resp = query("web.", RecordType::A, None);
         resp[2] |= 0x80; // a response: never answered
         assert!(matches!(run(&resp), Action::Drop));
-        let rcode = |a: Action| match a {
-            Action::Reply(b) => (u16::from_be_bytes([b[0], b[1]]), b[3] & 0x0f),
-            other => panic!("{other:?}"),
+        let rcode = |a: Action| match a.reply() {
+            Some(b) => (u16::from_be_bytes([b[0], b[1]]), b[3] & 0x0f),
+            None => panic!("{a:?}"),
         };
         let mut status = query("web.", RecordType::A, None);
         status[2] = (status[2] & 0x87) | (2 << 3); // opcode STATUS
@@ -323,11 +347,7 @@ mod tests {
         if let Some(e) = v1.edns.as_mut() {
             e.set_version(1);
         }
-        let r = Message::from_vec(match &run(&v1.to_vec().unwrap()) {
-            Action::Reply(b) => b,
-            other => panic!("{other:?}"),
-        })
-        .unwrap();
+        let r = Message::from_vec(run(&v1.to_vec().unwrap()).reply().expect("a reply")).unwrap();
         // RCODE 16 (BADVERS; the registry shares the value with BADSIG).
         assert_eq!(u16::from(r.metadata.response_code), 16);
         assert!(matches!(
@@ -367,7 +387,7 @@ mod tests {
                 p
             };
             for tcp in [false, true] {
-                if let Action::Reply(bytes) = handle(&packet, tcp, &t, &nets) {
+                if let Some(bytes) = handle(&packet, tcp, &t, &nets).reply() {
                     assert!(bytes.len() >= 12, "short reply to {packet:?}");
                     assert_eq!(bytes[..2], packet[..2], "reply id differs");
                     assert!(bytes[2] & 0x80 != 0, "reply without QR");

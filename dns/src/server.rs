@@ -7,6 +7,7 @@
 //! `TCP_IDLE` without a complete query, so a client that stalls mid-message holds
 //! nothing for long.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -80,28 +81,86 @@ async fn forwarded(shared: &Shared, request: &hickory_proto::op::Message, tcp: b
     }
 }
 
+/// Answers of this listener by request bytes (everything after the id), valid for one
+/// table generation. Per listener, so no lock: its querier's scope is part of the key.
+struct AnswerCache {
+    generation: u64,
+    answers: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+/// Entries a listener keeps at most; past it the cache starts over.
+const CACHE_ENTRIES: usize = 4096;
+
+impl AnswerCache {
+    /// The cached answer to `packet` under `generation`, with the packet's id.
+    fn get(&mut self, generation: u64, packet: &[u8]) -> Option<Vec<u8>> {
+        if generation != self.generation {
+            self.answers.clear();
+            self.generation = generation;
+            return None;
+        }
+        let mut bytes = self.answers.get(packet.get(2..)?)?.clone();
+        bytes[..2].copy_from_slice(&packet[..2]);
+        Some(bytes)
+    }
+
+    fn put(&mut self, packet: &[u8], answer: &[u8]) {
+        if self.answers.len() >= CACHE_ENTRIES {
+            self.answers.clear();
+        }
+        if let Some(key) = packet.get(2..) {
+            self.answers.insert(key.to_vec(), answer.to_vec());
+        }
+    }
+}
+
+fn generation(shared: &Shared) -> u64 {
+    shared.table.read().map(|t| t.generation()).unwrap_or(0)
+}
+
 async fn serve_udp(shared: Arc<Shared>, networks: Arc<[String]>, sock: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 65535];
+    let mut cache = AnswerCache {
+        generation: 0,
+        answers: HashMap::new(),
+    };
     loop {
-        let (n, from) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!("dns udp: {e}");
+        if let Err(e) = sock.readable().await {
+            tracing::debug!("dns udp: {e}");
+            continue;
+        }
+        // Drain what is queued before waiting again: one wake-up, many queries.
+        loop {
+            let (n, from) = match sock.try_recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!("dns udp: {e}");
+                    break;
+                }
+            };
+            let packet = &buf[..n];
+            if let Some(bytes) = cache.get(generation(&shared), packet) {
+                let _ = sock.try_send_to(&bytes, from);
                 continue;
             }
-        };
-        match decide(&shared, &networks, &buf[..n], false) {
-            Action::Reply(bytes) => {
-                let _ = sock.send_to(&bytes, from).await;
+            match decide(&shared, &networks, packet, false) {
+                Action::Answer(bytes) => {
+                    cache.put(packet, &bytes);
+                    let _ = sock.try_send_to(&bytes, from);
+                }
+                Action::Reply(bytes) => {
+                    let _ = sock.try_send_to(&bytes, from);
+                }
+                Action::Forward(request) => {
+                    let (shared, sock) = (shared.clone(), sock.clone());
+                    tokio::spawn(async move {
+                        let bytes = forwarded(&shared, &request, false).await;
+                        let _ = sock.send_to(&bytes, from).await;
+                    });
+                }
+                Action::Drop => {}
             }
-            Action::Forward(request) => {
-                let (shared, sock) = (shared.clone(), sock.clone());
-                tokio::spawn(async move {
-                    let bytes = forwarded(&shared, &request, false).await;
-                    let _ = sock.send_to(&bytes, from).await;
-                });
-            }
-            Action::Drop => {}
         }
     }
 }
@@ -151,7 +210,7 @@ async fn serve_conn(
             _ => return Ok(()),
         }
         let reply = match decide(shared, networks, &buf[..len], true) {
-            Action::Reply(bytes) => bytes,
+            Action::Reply(bytes) | Action::Answer(bytes) => bytes,
             Action::Forward(request) => forwarded(shared, &request, true).await,
             Action::Drop => return Ok(()),
         };

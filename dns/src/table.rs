@@ -99,6 +99,8 @@ pub struct Table {
     search: Vec<String>,
     /// Rotates multi-address answers, one step per answer.
     rotation: AtomicUsize,
+    /// Bumped by every change: answers cached under an older value are stale.
+    generation: u64,
 }
 
 fn lower(s: &str) -> String {
@@ -115,6 +117,10 @@ impl Table {
                 .collect(),
             ..Table::default()
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn service(&self, name: &str) -> Option<&ServiceRecord> {
@@ -146,6 +152,7 @@ impl Table {
             return;
         }
         self.remove_service(&rec.name);
+        self.generation += 1;
         for (net, vip) in &rec.networks {
             let idx = self.nets.entry(net.clone()).or_default();
             for n in std::iter::once(&rec.name).chain(&rec.aliases) {
@@ -163,6 +170,7 @@ impl Table {
         let Some(old) = self.services.remove(name) else {
             return;
         };
+        self.generation += 1;
         for (net, vip) in &old.networks {
             if let Some(idx) = self.nets.get_mut(net) {
                 for n in std::iter::once(&old.name).chain(&old.aliases) {
@@ -185,6 +193,7 @@ impl Table {
             return;
         }
         self.remove_task(&rec.id);
+        self.generation += 1;
         for (net, ip) in &rec.addrs {
             let idx = self.nets.entry(net.clone()).or_default();
             idx.tasks.insert(lower(&rec.name), *ip);
@@ -201,6 +210,7 @@ impl Table {
         let Some(old) = self.tasks.remove(id) else {
             return;
         };
+        self.generation += 1;
         for (net, ip) in &old.addrs {
             if let Some(idx) = self.nets.get_mut(net) {
                 if idx.tasks.get(&lower(&old.name)) == Some(ip) {
