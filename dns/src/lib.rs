@@ -5,8 +5,10 @@
 //! - [`message`]: one packet in, one decision out (answer, forward, drop); all the bad
 //!   input handling lives here, where a fuzz test can reach it.
 //! - [`upstream`]: forwarding other names to the node's resolvers.
-//! - [`server`]: the UDP and TCP sockets of each task, served by the one process.
+//! - [`server`]: the UDP and TCP sockets of each task, served by the one process;
+//!   [`batch`]: its batched UDP system calls.
 
+pub mod batch;
 pub mod message;
 pub mod server;
 pub mod table;

@@ -8,16 +8,20 @@
 //! nothing for long.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::AsRawFd;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use crate::batch::{Inbox, Outbox};
 use crate::message::{self, Action};
 use crate::table::Table;
 use crate::upstream::{ForwardError, Upstream};
@@ -85,23 +89,60 @@ async fn forwarded(shared: &Shared, request: &hickory_proto::op::Message, tcp: b
 /// table generation. Per listener, so no lock: its querier's scope is part of the key.
 struct AnswerCache {
     generation: u64,
-    answers: HashMap<Vec<u8>, Vec<u8>>,
+    answers: HashMap<Vec<u8>, Vec<u8>, BuildHasherDefault<Fnv>>,
+}
+
+/// FNV-1a: the keys are a few dozen bytes from the querier's own task, so a fast hash
+/// without DoS resistance is the right trade (SipHash costs more than the lookup).
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
 }
 
 /// Entries a listener keeps at most; past it the cache starts over.
 const CACHE_ENTRIES: usize = 4096;
 
 impl AnswerCache {
-    /// The cached answer to `packet` under `generation`, with the packet's id.
-    fn get(&mut self, generation: u64, packet: &[u8]) -> Option<Vec<u8>> {
+    /// Queues the cached answer to `packet` under `generation`, with the packet's id;
+    /// false if there is none.
+    fn answer(
+        &mut self,
+        generation: u64,
+        packet: &[u8],
+        outbox: &mut Outbox,
+        to: SocketAddr,
+    ) -> bool {
         if generation != self.generation {
             self.answers.clear();
             self.generation = generation;
-            return None;
+            return false;
         }
-        let mut bytes = self.answers.get(packet.get(2..)?)?.clone();
-        bytes[..2].copy_from_slice(&packet[..2]);
-        Some(bytes)
+        let Some(cached) = packet.get(2..).and_then(|k| self.answers.get(k)) else {
+            return false;
+        };
+        outbox.push_with(to, |buf| {
+            let start = buf.len();
+            buf.extend_from_slice(cached);
+            buf[start..start + 2].copy_from_slice(&packet[..2]);
+        });
+        true
     }
 
     fn put(&mut self, packet: &[u8], answer: &[u8]) {
@@ -119,48 +160,50 @@ fn generation(shared: &Shared) -> u64 {
 }
 
 async fn serve_udp(shared: Arc<Shared>, networks: Arc<[String]>, sock: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; 65535];
+    let fd = sock.as_raw_fd();
+    let mut inbox = Inbox::default();
+    let mut outbox = Outbox::default();
     let mut cache = AnswerCache {
         generation: 0,
-        answers: HashMap::new(),
+        answers: HashMap::default(),
     };
     loop {
-        if let Err(e) = sock.readable().await {
-            tracing::debug!("dns udp: {e}");
-            continue;
+        if sock.readable().await.is_err() {
+            return; // the runtime is going away
         }
-        // Drain what is queued before waiting again: one wake-up, many queries.
+        // Drain what is queued before waiting again: one wake-up, many batches.
         loop {
-            let (n, from) = match sock.try_recv_from(&mut buf) {
-                Ok(x) => x,
+            let n = match sock.try_io(Interest::READABLE, || inbox.recv(fd)) {
+                Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!("dns udp: {e}");
                     break;
                 }
             };
-            let packet = &buf[..n];
-            if let Some(bytes) = cache.get(generation(&shared), packet) {
-                let _ = sock.try_send_to(&bytes, from);
-                continue;
+            let generation = generation(&shared);
+            for i in 0..n {
+                let (packet, from) = inbox.get(i);
+                if cache.answer(generation, packet, &mut outbox, from) {
+                    continue;
+                }
+                match decide(&shared, &networks, packet, false) {
+                    Action::Answer(bytes) => {
+                        cache.put(packet, &bytes);
+                        outbox.push(&bytes, from);
+                    }
+                    Action::Reply(bytes) => outbox.push(&bytes, from),
+                    Action::Forward(request) => {
+                        let (shared, sock) = (shared.clone(), sock.clone());
+                        tokio::spawn(async move {
+                            let bytes = forwarded(&shared, &request, false).await;
+                            let _ = sock.send_to(&bytes, from).await;
+                        });
+                    }
+                    Action::Drop => {}
+                }
             }
-            match decide(&shared, &networks, packet, false) {
-                Action::Answer(bytes) => {
-                    cache.put(packet, &bytes);
-                    let _ = sock.try_send_to(&bytes, from);
-                }
-                Action::Reply(bytes) => {
-                    let _ = sock.try_send_to(&bytes, from);
-                }
-                Action::Forward(request) => {
-                    let (shared, sock) = (shared.clone(), sock.clone());
-                    tokio::spawn(async move {
-                        let bytes = forwarded(&shared, &request, false).await;
-                        let _ = sock.send_to(&bytes, from).await;
-                    });
-                }
-                Action::Drop => {}
-            }
+            outbox.flush(fd);
         }
     }
 }
