@@ -234,7 +234,10 @@ mod tests {
             aliases: vec![],
             mode: Mode::Vip,
             networks: vec![("front".into(), Some("198.19.10.2".parse().unwrap()))],
-            ports: vec![],
+            ports: vec![crate::table::Port {
+                port: 80,
+                udp: false,
+            }],
         });
         t.upsert_service(ServiceRecord {
             name: "big".into(),
@@ -295,6 +298,22 @@ mod tests {
         assert!(r.answers.is_empty());
         let r = ask(&query("nosuch.", RecordType::A, None), false);
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn srv_names_the_service_and_carries_its_address() {
+        let r = ask(&query("_80._tcp.web.", RecordType::SRV, None), false);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        let RData::SRV(srv) = &r.answers[0].data else {
+            panic!("not an SRV answer: {r:?}");
+        };
+        assert_eq!((srv.port, srv.target.to_ascii()), (80, "web.".to_string()));
+        assert_eq!(
+            r.additionals[0].data,
+            RData::A(A("198.19.10.2".parse().unwrap()))
+        );
+        let r = ask(&query("_81._tcp.web.", RecordType::SRV, None), false);
+        assert!(r.answers.is_empty() && r.metadata.response_code == ResponseCode::NoError);
     }
 
     #[test]

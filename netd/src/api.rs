@@ -95,6 +95,24 @@ async fn load(d: &Daemon) -> Result<State, ApiError> {
     Ok(State::load(d.store.as_ref()).await?)
 }
 
+/// After a write at `revision`: this node's kernel and DNS match it (a reconcile step),
+/// and every other live node's DNS has seen it (bounded wait), so the caller's next
+/// query anywhere in the cluster sees the change.
+async fn settle(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, ApiError> {
+    let report = converge(d).await?;
+    if !d
+        .dns
+        .await_cluster(d.store.as_ref(), &d.node, revision)
+        .await
+    {
+        tracing::warn!(
+            revision,
+            "a live node's DNS did not confirm the change in time"
+        );
+    }
+    Ok(report)
+}
+
 /// Runs a reconcile step so the kernel matches what was just committed.
 async fn converge(d: &Daemon) -> Result<crate::reconcile::Report, ApiError> {
     d.reconciler.run_once().await.map_err(|e| {
@@ -215,14 +233,14 @@ async fn network_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult
 async fn network_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
     let req: NetworkCreate = body(&bytes)?;
     let net = state::create_network(d.store.as_ref(), &d.pools, req).await?;
-    converge(&d).await?;
-    Ok((StatusCode::CREATED, Json(net)).into_response())
+    settle(&d, net.revision).await?;
+    Ok((StatusCode::CREATED, Json(net.value)).into_response())
 }
 
 async fn network_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
     let net = state::remove_network(d.store.as_ref(), &name).await?;
-    converge(&d).await?;
-    Ok(Json(json!(net)))
+    settle(&d, net.revision).await?;
+    Ok(Json(json!(net.value)))
 }
 
 async fn service_ls(AxState(d): Ctx) -> ApiResult<Value> {
@@ -257,13 +275,14 @@ async fn service_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult
 async fn service_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
     let req: ServiceCreate = body(&bytes)?;
     let svc = state::create_service(d.store.as_ref(), req).await?;
-    Ok((StatusCode::CREATED, Json(svc)).into_response())
+    settle(&d, svc.revision).await?;
+    Ok((StatusCode::CREATED, Json(svc.value)).into_response())
 }
 
 async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
     let svc = state::remove_service(d.store.as_ref(), &name).await?;
-    converge(&d).await?;
-    Ok(Json(json!(svc)))
+    settle(&d, svc.revision).await?;
+    Ok(Json(json!(svc.value)))
 }
 
 /// A task as the API shows it: its record plus how its node sees it. For a local task
@@ -324,6 +343,7 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
         let _ = converge(&d).await;
         return Err(Error::Kernel(format!("attaching task {}: {e}", task.name)).into());
     }
+    settle(&d, task.revision).await?;
     let st = load(&d).await?;
     let report = d.reconciler.last_report();
     Ok((
@@ -373,6 +393,6 @@ async fn remote_outcome(d: &Daemon, id: &str) -> Result<Option<String>, ApiError
 
 async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {
     let task = state::detach_task(d.store.as_ref(), &id).await?;
-    converge(&d).await?;
-    Ok(Json(json!(task)))
+    settle(&d, task.revision).await?;
+    Ok(Json(json!(task.value)))
 }

@@ -187,7 +187,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
     .context("announce node liveness")?;
 
     let dns = Arc::new(Dns::new(dns_config(&args)?));
-    tokio::spawn(dns.clone().follow(store.clone()));
+    tokio::spawn(dns.clone().follow(store.clone(), node.clone()));
     let reconciler = Arc::new(Reconciler::new(
         store.clone(),
         NodeConfig {

@@ -282,17 +282,32 @@ impl State {
     }
 }
 
+/// What a committed operation returns, with the store revision of its write: the API
+/// waits for every node to have seen that revision before it answers.
+#[derive(Debug, Clone)]
+pub struct Committed<T> {
+    pub value: T,
+    pub revision: u64,
+}
+
+impl<T> std::ops::Deref for Committed<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
 /// Runs `attempt` until its transaction commits; `attempt` returns the writes to make and
 /// the value to hand back once they stick.
-async fn commit<T, F>(store: &dyn Store, mut attempt: F) -> Result<T>
+async fn commit<T, F>(store: &dyn Store, mut attempt: F) -> Result<Committed<T>>
 where
     F: FnMut(&State) -> Result<(Vec<Compare>, Vec<Op>, T)>,
 {
     for _ in 0..MAX_RETRIES {
         let state = State::load(store).await?;
-        let (compares, ops, out) = attempt(&state)?;
-        if store.txn(compares, ops).await? {
-            return Ok(out);
+        let (compares, ops, value) = attempt(&state)?;
+        if let Some(revision) = store.txn(compares, ops).await? {
+            return Ok(Committed { value, revision });
         }
     }
     Err(Error::Contention)
@@ -315,6 +330,7 @@ pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
         Ok((vec![st.unchanged(&k)], vec![Op::Put(k, encode(&node))], ()))
     })
     .await
+    .map(|_| ())
 }
 
 /// Announces that this node's daemon is up, for as long as it lives (see `alive/`).
@@ -349,7 +365,7 @@ pub async fn create_network(
     store: &dyn Store,
     pools: &Pools,
     req: NetworkCreate,
-) -> Result<Network> {
+) -> Result<Committed<Network>> {
     model::validate_dns_label("network", &req.name).map_err(Error::Invalid)?;
     if RESERVED_NETWORKS.contains(&req.name.as_str()) {
         return Err(Error::Invalid(format!(
@@ -434,7 +450,7 @@ pub async fn create_network(
     .await
 }
 
-pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Network> {
+pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<Network>> {
     commit(store, |st| {
         let net = st.network(name)?.clone();
         if let Some(svc) = st
@@ -477,7 +493,7 @@ pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Network> {
     .await
 }
 
-pub async fn create_service(store: &dyn Store, req: ServiceCreate) -> Result<Service> {
+pub async fn create_service(store: &dyn Store, req: ServiceCreate) -> Result<Committed<Service>> {
     model::validate_dns_label("service", &req.name).map_err(Error::Invalid)?;
     for a in &req.aliases {
         model::validate_dns_label("alias", a).map_err(Error::Invalid)?;
@@ -562,7 +578,7 @@ fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
 }
 
 /// Removes a service and detaches all its tasks (as `docker service rm` does).
-pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Service> {
+pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Committed<Service>> {
     commit(store, |st| {
         let svc = st.service(name)?.clone();
         let sk = key("services", name);
@@ -584,7 +600,11 @@ pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Service> {
 
 /// Records a task attachment. `local_node` is the daemon's own node; the kernel work is
 /// done by the reconciler of the task's node.
-pub async fn attach_task(store: &dyn Store, local_node: &str, req: TaskAttach) -> Result<Task> {
+pub async fn attach_task(
+    store: &dyn Store,
+    local_node: &str,
+    req: TaskAttach,
+) -> Result<Committed<Task>> {
     if let Some(n) = &req.name {
         model::validate_dns_label("task", n).map_err(Error::Invalid)?;
     }
@@ -700,7 +720,7 @@ fn endpoint(index: usize, network: &str, ip: Ipv4Addr, prefix: u8) -> Endpoint {
     }
 }
 
-pub async fn detach_task(store: &dyn Store, id_or_name: &str) -> Result<Task> {
+pub async fn detach_task(store: &dyn Store, id_or_name: &str) -> Result<Committed<Task>> {
     commit(store, |st| {
         let task = st.task(id_or_name)?.clone();
         let compares = vec![st.unchanged(&key("tasks", &task.id))];
@@ -784,6 +804,7 @@ mod tests {
         )
         .await
         .unwrap()
+        .value
     }
 
     store_test!(
@@ -883,7 +904,7 @@ mod tests {
                     gw.insert((t.node.clone(), t.endpoints[1].ip)),
                     "gwbridge IP twice"
                 );
-                assert!(names.insert(t.name));
+                assert!(names.insert(t.name.clone()));
             }
             assert_eq!(ips.len(), 28);
         }

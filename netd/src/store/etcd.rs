@@ -253,7 +253,7 @@ impl Store for EtcdStore {
         Ok(Snapshot { revision, kvs })
     }
 
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool, StoreError> {
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Option<u64>, StoreError> {
         let when: Vec<EtcdCompare> = compares
             .into_iter()
             .map(|c| match c {
@@ -276,7 +276,9 @@ impl Store for EtcdStore {
             .txn(Txn::new().when(when).and_then(then))
             .await
             .map_err(etcd_err("txn"))?;
-        Ok(resp.succeeded())
+        // The header's revision is the store's after this transaction: the write's own.
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0) as u64;
+        Ok(resp.succeeded().then_some(revision))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<u64> {
@@ -328,6 +330,10 @@ impl Store for EtcdStore {
             c.lease_revoke(id).await.map_err(etcd_err("lease revoke"))?;
         }
         Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn describe(&self) -> String {

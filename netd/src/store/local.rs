@@ -152,10 +152,10 @@ impl Store for LocalStore {
         })
     }
 
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool, StoreError> {
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Option<u64>, StoreError> {
         let mut data = self.data.lock().await;
         if !compares.iter().all(|c| holds(&data, c)) {
-            return Ok(false);
+            return Ok(None);
         }
         // Apply to a copy first: if the disk write fails, memory must not run ahead of
         // what is durable.
@@ -189,7 +189,7 @@ impl Store for LocalStore {
         self.persist(&next)?;
         *data = next;
         let _ = self.changes.send(revision);
-        Ok(true)
+        Ok(Some(revision))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<u64> {
@@ -222,6 +222,10 @@ impl Store for LocalStore {
         Ok(())
     }
 
+    fn shared(&self) -> bool {
+        false
+    }
+
     fn describe(&self) -> String {
         format!("local:{}", self.dir.display())
     }
@@ -240,11 +244,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = LocalStore::open(dir.path()).unwrap();
-            assert!(s.txn(vec![], vec![put("/a", "1")]).await.unwrap());
+            assert!(s.txn(vec![], vec![put("/a", "1")]).await.unwrap().is_some());
             assert!(s
                 .txn(vec![], vec![put("/a", "3"), put("/b", "x")])
                 .await
-                .unwrap());
+                .unwrap()
+                .is_some());
             s.put_ephemeral("/alive", b"1".to_vec(), Duration::from_secs(1))
                 .await
                 .unwrap();

@@ -73,10 +73,10 @@ pub struct Snapshot {
 pub trait Store: Send + Sync {
     /// Every key under `prefix`, in key order, read at one revision.
     async fn list(&self, prefix: &str) -> Result<Snapshot, StoreError>;
-    /// Applies `ops` atomically if all `compares` hold; `Ok(false)` means a compare
-    /// failed and nothing was written. `Ok(true)` is returned only once the write is
-    /// durable.
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool, StoreError>;
+    /// Applies `ops` atomically if all `compares` hold; `Ok(None)` means a compare
+    /// failed and nothing was written. `Ok(Some(revision))` (the revision of this write)
+    /// is returned only once the write is durable.
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Option<u64>, StoreError>;
     /// Fires (with the new revision) after every committed change, so watchers can
     /// re-read; a lagging receiver only needs to re-read once.
     fn subscribe(&self) -> broadcast::Receiver<u64>;
@@ -92,6 +92,8 @@ pub trait Store: Send + Sync {
     /// Removes this process's ephemeral keys at once (a graceful stop announces itself
     /// instead of waiting out the TTL).
     async fn withdraw_ephemeral(&self) -> Result<(), StoreError>;
+    /// Whether other nodes share this store (etcd), as opposed to one node's own.
+    fn shared(&self) -> bool;
     /// A description for `netd status`.
     fn describe(&self) -> String;
 }
@@ -130,12 +132,14 @@ mod tests {
         assert!(s
             .txn(vec![Compare::Absent(a.clone())], vec![put(&a, "1")])
             .await
-            .unwrap());
+            .unwrap()
+            .is_some());
         // Create-if-absent loses the second time, and writes nothing.
         assert!(!s
             .txn(vec![Compare::Absent(a.clone())], vec![put(&a, "2")])
             .await
-            .unwrap());
+            .unwrap()
+            .is_some());
         let rev = s.list(&a).await.unwrap().kvs[0].mod_revision;
         assert!(rev > 0);
         assert!(s
@@ -144,7 +148,8 @@ mod tests {
                 vec![put(&a, "3"), put("/netd/t/b", "x")]
             )
             .await
-            .unwrap());
+            .unwrap()
+            .is_some());
         // A stale revision loses.
         assert!(!s
             .txn(
@@ -152,7 +157,8 @@ mod tests {
                 vec![Op::Delete(a.clone())]
             )
             .await
-            .unwrap());
+            .unwrap()
+            .is_some());
         assert_eq!(
             values(&s, "/netd/t/").await,
             vec![
@@ -164,21 +170,23 @@ mod tests {
         assert!(s
             .txn(vec![], vec![Op::Delete("/netd/t/b".into())])
             .await
-            .unwrap());
+            .unwrap()
+            .is_some());
         assert!(s
             .txn(
                 vec![Compare::Absent("/netd/t/b".into())],
                 vec![put("/netd/t/b", "y")]
             )
             .await
-            .unwrap());
+            .unwrap()
+            .is_some());
     });
 
     store_test!(
         lists_are_prefix_scoped_sorted_and_consistent,
         |s: SharedStore| async move {
             for k in ["/netd/x/2", "/netd/x/1", "/netd/y/1", "/netd/x10"] {
-                assert!(s.txn(vec![], vec![put(k, "v")]).await.unwrap());
+                assert!(s.txn(vec![], vec![put(k, "v")]).await.unwrap().is_some());
             }
             let snap = s.list("/netd/x/").await.unwrap();
             let keys: Vec<_> = snap.kvs.iter().map(|kv| kv.key.as_str()).collect();
@@ -191,7 +199,11 @@ mod tests {
 
     store_test!(watchers_hear_of_every_commit, |s: SharedStore| async move {
         let mut rx = s.subscribe();
-        assert!(s.txn(vec![], vec![put("/netd/w", "1")]).await.unwrap());
+        assert!(s
+            .txn(vec![], vec![put("/netd/w", "1")])
+            .await
+            .unwrap()
+            .is_some());
         let rev = s.list("/netd/w").await.unwrap().kvs[0].mod_revision;
         let heard = tokio::time::timeout(std::time::Duration::from_secs(5), async {
             loop {
@@ -216,7 +228,8 @@ mod tests {
             assert!(s
                 .txn(vec![], vec![put("/netd/nodes/n1", "{}")])
                 .await
-                .unwrap());
+                .unwrap()
+                .is_some());
             assert_eq!(values(&s, "/netd/alive/").await.len(), 1);
             // Compares see ephemeral keys like any other.
             assert!(!s
@@ -225,7 +238,8 @@ mod tests {
                     vec![put("/netd/alive/n1", "x")]
                 )
                 .await
-                .unwrap());
+                .unwrap()
+                .is_some());
             s.withdraw_ephemeral().await.unwrap();
             assert!(values(&s, "/netd/alive/").await.is_empty());
             assert_eq!(values(&s, "/netd/nodes/").await.len(), 1);
@@ -245,7 +259,11 @@ mod tests {
                 matches!(rx.try_recv(), Err(broadcast::error::TryRecvError::Empty)),
                 "the watch announced a change while nothing changed"
             );
-            assert!(s.txn(vec![], vec![put("/netd/x", "1")]).await.unwrap());
+            assert!(s
+                .txn(vec![], vec![put("/netd/x", "1")])
+                .await
+                .unwrap()
+                .is_some());
             let heard = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
             assert!(matches!(heard, Ok(Ok(_))), "the watch went deaf: {heard:?}");
         });
