@@ -135,11 +135,11 @@ mod tests {
             .unwrap()
             .is_some());
         // Create-if-absent loses the second time, and writes nothing.
-        assert!(!s
+        assert!(s
             .txn(vec![Compare::Absent(a.clone())], vec![put(&a, "2")])
             .await
             .unwrap()
-            .is_some());
+            .is_none());
         let rev = s.list(&a).await.unwrap().kvs[0].mod_revision;
         assert!(rev > 0);
         assert!(s
@@ -151,14 +151,14 @@ mod tests {
             .unwrap()
             .is_some());
         // A stale revision loses.
-        assert!(!s
+        assert!(s
             .txn(
                 vec![Compare::Revision(a.clone(), rev)],
                 vec![Op::Delete(a.clone())]
             )
             .await
             .unwrap()
-            .is_some());
+            .is_none());
         assert_eq!(
             values(&s, "/netd/t/").await,
             vec![
@@ -232,14 +232,14 @@ mod tests {
                 .is_some());
             assert_eq!(values(&s, "/netd/alive/").await.len(), 1);
             // Compares see ephemeral keys like any other.
-            assert!(!s
+            assert!(s
                 .txn(
                     vec![Compare::Absent("/netd/alive/n1".into())],
                     vec![put("/netd/alive/n1", "x")]
                 )
                 .await
                 .unwrap()
-                .is_some());
+                .is_none());
             s.withdraw_ephemeral().await.unwrap();
             assert!(values(&s, "/netd/alive/").await.is_empty());
             assert_eq!(values(&s, "/netd/nodes/").await.len(), 1);
