@@ -135,6 +135,18 @@ fn demo() -> Result<()> {
     )?;
     print!("{}", indent(&String::from_utf8_lossy(&fdb.stdout)));
 
+    step("Names: netd's DNS at 127.0.0.11 inside every task answers for the cluster");
+    for args in [
+        &["dig", "+short", "web"][..],
+        &["dig", "+short", "tasks.web"][..],
+        &["getent", "hosts", "web-3"][..],
+    ] {
+        println!("$ ip netns exec web1 {}", args.join(" "));
+        let out = lab.exec_in(&from, args)?;
+        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    }
+    println!("(web is the service's VIP; tasks.web every task's address, on any node)");
+
     step("Task web-1 reaches the outside host through the gwbridge (masqueraded)");
     let body = http_get_from(&from, SocketAddr::from((underlay_ip(100), 80)))?;
     println!(
