@@ -421,8 +421,10 @@ fn overlay(seconds: u64, rounds: usize, conns: usize, attaches: usize, out: &Pat
          20 ms connect timeout; the probe's ARP retry timer set to 10 ms). Between attaches the \
          task is detached and the bench waits until n3 can no longer reach it. n3 learns of \
          the task from its etcd watch when the attach is committed, so it usually programs \
-         its entries while n1 is still building the task's interfaces: what remains after \
-         the attach returns is small.\n"
+         its entries while n1 is still building the task's interfaces; and the attach \
+         returns only once every node's DNS holds the task (which n3 reports right after \
+         its table, before its kernel step): what remains after the attach returns is \
+         n3's kernel step.\n"
     )?;
     writeln!(
         md,
