@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use netd_bench::load;
-use netd_bench::report::{command_line, machine, median, ms, quantile};
+use netd_bench::report::{header, machine, median, ms, quantile};
 use netd_lab::Lab;
 use serde_json::Value;
 
@@ -181,14 +181,7 @@ fn dns(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
         }
     }
 
-    let mut md = String::new();
-    writeln!(md, "# Embedded DNS vs unbound\n")?;
-    writeln!(md, "Command (from the repository root, as root):\n")?;
-    writeln!(
-        md,
-        "```\ncargo build --release --workspace --bins && ./target/release/{}\n```\n",
-        command_line()
-    )?;
+    let mut md = header("Embedded DNS vs unbound");
     writeln!(
         md,
         "Machine: {}. One lab node; a task namespace attached to network `front` runs \
@@ -376,14 +369,7 @@ fn overlay(seconds: u64, rounds: usize, conns: usize, attaches: usize, out: &Pat
         }
     }
 
-    let mut md = String::new();
-    writeln!(md, "# Overlay: cross-node traffic and attach propagation\n")?;
-    writeln!(md, "Command (from the repository root, as root):\n")?;
-    writeln!(
-        md,
-        "```\ncargo build --release --workspace --bins && ./target/release/{}\n```\n",
-        command_line()
-    )?;
+    let mut md = header("Overlay: cross-node traffic and attach propagation");
     writeln!(
         md,
         "Machine: {}. A 3-node lab cluster on one machine (node netns on a veth underlay \

@@ -46,6 +46,15 @@ pub fn machine() -> String {
     format!("Linux {release}, {cpus} CPUs")
 }
 
+/// The head of a results file: its title and the command that produced it.
+pub fn header(title: &str) -> String {
+    format!(
+        "# {title}\n\nCommand (from the repository root, as root):\n\n\
+         ```\ncargo build --release --workspace --bins && ./target/release/{}\n```\n\n",
+        command_line()
+    )
+}
+
 /// The command line that produced a result, as the results files quote it.
 pub fn command_line() -> String {
     let args: Vec<String> = std::env::args().collect();

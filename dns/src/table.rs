@@ -123,14 +123,6 @@ impl Table {
         self.generation
     }
 
-    pub fn service(&self, name: &str) -> Option<&ServiceRecord> {
-        self.services.get(name)
-    }
-
-    pub fn task(&self, id: &str) -> Option<&TaskRecord> {
-        self.tasks.get(id)
-    }
-
     pub fn service_names(&self) -> impl Iterator<Item = &String> {
         self.services.keys()
     }
@@ -396,11 +388,6 @@ impl Table {
         } else {
             Lookup::Forward
         }
-    }
-
-    /// Every network name known, for `NAME.NETWORK` scoping of forwards.
-    pub fn has_network(&self, net: &str) -> bool {
-        self.nets.contains_key(net)
     }
 
     /// Names the table holds, per network (for status output and tests).

@@ -126,10 +126,6 @@ impl Upstream {
         }
     }
 
-    pub fn servers(&self) -> &[SocketAddr] {
-        &self.servers
-    }
-
     /// Asks the servers in turn; returns the first matching answer's bytes (with our
     /// id: the caller relays it under the client's).
     pub async fn forward(&self, request: &Message) -> Result<Vec<u8>, ForwardError> {

@@ -27,6 +27,19 @@ fn vip(lab: &Lab, service: &str, network: &str) -> Result<String> {
     Ok(v["vips"][network].as_str().context("vip")?.to_string())
 }
 
+/// One node, network `front`, service `web` with task web-1; returns web-1's netns.
+fn one_node_with_web(tag: &str) -> Result<(Lab, String)> {
+    let mut lab = Lab::start(tag, 1)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    lab.attach_whoami(0, "web", "web-1", None)?;
+    let w1 = lab.ns("web-1");
+    Ok((lab, w1))
+}
+
 fn ip(lab: &Lab, task: &str, network: &str) -> Result<String> {
     Ok(lab.task_ip(0, task, network)?.to_string())
 }
@@ -147,14 +160,7 @@ fn tasks_resolve_services_tasks_and_aliases_in_their_networks_only() -> Result<(
 
 #[test]
 fn other_names_go_upstream_and_cluster_names_never_do() -> Result<()> {
-    let mut lab = Lab::start("du", 1)?;
-    lab.cli(
-        0,
-        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
-    )?;
-    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
-    lab.attach_whoami(0, "web", "web-1", None)?;
-    let w1 = lab.ns("web-1");
+    let (mut lab, w1) = one_node_with_web("du")?;
 
     // No upstream answers yet (nothing at 198.18.0.3): SERVFAIL, before dig's 5 s.
     let start = Instant::now();
@@ -197,14 +203,7 @@ fn other_names_go_upstream_and_cluster_names_never_do() -> Result<()> {
 
 #[test]
 fn bad_packets_and_stalled_tcp_clients_do_not_hurt_the_dns() -> Result<()> {
-    let mut lab = Lab::start("db", 1)?;
-    lab.cli(
-        0,
-        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
-    )?;
-    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
-    lab.attach_whoami(0, "web", "web-1", None)?;
-    let w1 = lab.ns("web-1");
+    let (mut lab, w1) = one_node_with_web("db")?;
     let web_vip = vip(&lab, "web", "front")?;
     let dns = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 11), 53));
 
@@ -251,6 +250,11 @@ fn bad_packets_and_stalled_tcp_clients_do_not_hurt_the_dns() -> Result<()> {
         matches!(closed, Ok(0) | Err(_)),
         "a stalled client was never closed"
     );
+
+    // netd restarts (kill -9): the DNS is back in the task with the daemon.
+    lab.stop_daemon(0, true)?;
+    lab.start_daemon(0)?;
+    assert_eq!(lab.dig_short(&w1, "web")?, vec![web_vip]);
     Ok(())
 }
 
