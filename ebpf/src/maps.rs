@@ -74,7 +74,12 @@ mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
 
-    include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+    /// What the C compiler made of the header (names as in C).
+    #[allow(non_upper_case_globals)]
+    mod c {
+        include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+    }
+    use c::*;
 
     #[test]
     fn layouts_match_the_c_header() {
