@@ -3,7 +3,7 @@
 # network namespaces, links and nftables rules.
 
 APT_PACKAGES := nftables iproute2 iputils-ping procps util-linux curl etcd-server protobuf-compiler \
-  dnsutils unbound clang-19 libbpf-dev
+  dnsutils unbound clang-19 libbpf-dev python3
 # Only `make bench` needs these.
 BENCH_PACKAGES := iperf3 dnsperf
 CARGO ?= cargo
