@@ -8,7 +8,8 @@
 
 #include <linux/types.h>
 
-/* A service address: VIP, port, L4 protocol (IPPROTO_TCP / IPPROTO_UDP). */
+/* A service address: VIP, port, L4 protocol (IPPROTO_TCP / IPPROTO_UDP). Port 0 with
+ * protocol 0 is the whole VIP: any port, to the same port on the backend. */
 struct netd_vip_key {
 	__u32 addr;
 	__u16 port;

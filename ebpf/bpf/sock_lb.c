@@ -80,6 +80,17 @@ static __always_inline int managed(struct bpf_sock_addr *ctx)
 	return bpf_map_lookup_elem(&netd_netns, &cookie) != NULL;
 }
 
+/* The VIP entry for this destination: exact (addr, port, proto) first, then the
+ * whole-address wildcard (port 0, proto 0), which is what a service VIP is: any port
+ * goes to the same port on a backend, as Docker's VIPs do. */
+static __always_inline struct netd_vip_value *find_vip(struct netd_vip_key *k)
+{
+	struct netd_vip_value *v = bpf_map_lookup_elem(&netd_vips, k);
+	struct netd_vip_key any = { .addr = k->addr };
+
+	return v ? v : bpf_map_lookup_elem(&netd_vips, &any);
+}
+
 /* user_port holds the port in network byte order in its low 16 bits. */
 static __always_inline struct netd_vip_key vip_key_of(struct bpf_sock_addr *ctx)
 {
@@ -146,7 +157,7 @@ int netd_connect4(struct bpf_sock_addr *ctx)
 	if (!managed(ctx))
 		return SYS_PROCEED;
 	k = vip_key_of(ctx);
-	v = bpf_map_lookup_elem(&netd_vips, &k);
+	v = find_vip(&k);
 	if (!v)
 		return SYS_PROCEED;
 	backend = pick(v, &bk);
@@ -171,7 +182,7 @@ int netd_sendmsg4(struct bpf_sock_addr *ctx)
 	if (!managed(ctx))
 		return SYS_PROCEED;
 	k = vip_key_of(ctx);
-	v = bpf_map_lookup_elem(&netd_vips, &k);
+	v = find_vip(&k);
 	if (!v)
 		return SYS_PROCEED;
 	fk.cookie = bpf_get_socket_cookie(ctx);

@@ -206,23 +206,20 @@ fn vip_connections_are_balanced_round_robin_and_answers_come_from_the_vip() {
             .expect("add backend");
     }
     rr.insert(1, 0, 0).expect("rr slot");
-    for proto in [6u8, 17] {
-        let key = VipKey {
-            addr: u32::from(VIP).to_be(),
-            port: 80u16.to_be(),
-            proto,
-            pad: 0,
-        };
-        vips.insert(
-            key,
-            VipValue {
-                service: 1,
-                count: 2,
-            },
-            0,
-        )
-        .expect("add vip");
-    }
+    // The whole VIP (any port, any protocol), as netd will program a service.
+    let whole_vip = VipKey {
+        addr: u32::from(VIP).to_be(),
+        ..VipKey::default()
+    };
+    vips.insert(
+        whole_vip,
+        VipValue {
+            service: 1,
+            count: 2,
+        },
+        0,
+    )
+    .expect("add vip");
 
     // TCP: four connections to the VIP land on .1, .2, .1, .2, and the socket's peer
     // name is the VIP the client asked for.
@@ -246,23 +243,15 @@ fn vip_connections_are_balanced_round_robin_and_answers_come_from_the_vip() {
     assert_eq!(src, VIP.to_string(), "recvfrom shows the backend");
 
     // No backends: refused at once, no waiting for a timeout.
-    for proto in [6u8, 17] {
-        let key = VipKey {
-            addr: u32::from(VIP).to_be(),
-            port: 80u16.to_be(),
-            proto,
-            pad: 0,
-        };
-        vips.insert(
-            key,
-            VipValue {
-                service: 1,
-                count: 0,
-            },
-            0,
-        )
-        .expect("empty vip");
-    }
+    vips.insert(
+        whole_vip,
+        VipValue {
+            service: 1,
+            count: 0,
+        },
+        0,
+    )
+    .expect("empty vip");
     let start = Instant::now();
     let (ok, _) = client(&fx, TCP_GET);
     assert!(!ok, "a VIP without backends accepted a connection");
