@@ -180,7 +180,7 @@ impl Dns {
         let deadline = tokio::time::Instant::now() + CLUSTER_WAIT;
         loop {
             let caught_up = async {
-                let st = State::load(store).await.ok()?;
+                let alive = crate::state::alive_nodes(store).await.ok()?;
                 let applied = store.list(APPLIED).await.ok()?;
                 let at = |node: &str| {
                     applied
@@ -191,7 +191,7 @@ impl Dns {
                         .unwrap_or(0)
                 };
                 Some(
-                    st.alive
+                    alive
                         .iter()
                         .filter(|n| n.as_str() != local)
                         .all(|n| at(n) >= revision),

@@ -339,6 +339,19 @@ pub async fn announce_alive(store: &dyn Store, node: &str, ttl: std::time::Durat
     Ok(store.put_ephemeral(&key("alive", node), since, ttl).await?)
 }
 
+/// The nodes whose daemon holds its liveness lease, read from `alive/` alone (cheap
+/// enough to poll, unlike a whole-state read).
+pub async fn alive_nodes(store: &dyn Store) -> Result<BTreeSet<String>> {
+    let prefix = key("alive", "");
+    Ok(store
+        .list(&prefix)
+        .await?
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key[prefix.len()..].to_string())
+        .collect())
+}
+
 /// Records what this node's reconcile made of its tasks, for the ones whose status
 /// changed. A task removed meanwhile gets no status (the compare on its record fails).
 pub async fn publish_task_status(

@@ -41,6 +41,12 @@ pub const UPSTREAM_ZONE: &str = "example.org";
 /// Every lab prefix starts with this, so `netd-lab cleanup` can find leftovers.
 pub const LAB_MARK: &str = "nlab";
 
+/// The MAC netd gives a task interface: 02:42 followed by its IPv4 address (Docker's).
+pub fn task_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
 pub fn underlay_ip(host: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, host)
 }

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use netd_lab::{connect_from, field, http_get_from, udp_ask_from, Lab, LEASE_TTL_SECS};
+use netd_lab::{connect_from, field, http_get_from, task_mac, udp_ask_from, Lab, LEASE_TTL_SECS};
 use serde_json::Value;
 
 const PORT: u16 = 80;
@@ -61,11 +61,6 @@ fn fdb(lab: &Lab, i: usize, network: &str) -> Result<BTreeSet<String>> {
             Some(format!("{} dst {}", w[0], w.get(dst + 1)?))
         })
         .collect())
-}
-
-fn mac_of(ip: Ipv4Addr) -> String {
-    let o = ip.octets();
-    format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
 fn node_status(lab: &Lab, asking: usize, node: &str) -> Result<String> {
@@ -127,15 +122,15 @@ fn tasks_on_three_nodes_talk_over_vxlan_with_the_right_mtu() -> Result<()> {
     // The kernel state behind it: n1's vxlan0 sends b's MAC to n2 and c's to n3.
     let entries = fdb(&lab, 0, "front")?;
     assert!(
-        entries.contains(&format!("{} dst {}", mac_of(b), lab.nodes[1].ip)),
+        entries.contains(&format!("{} dst {}", task_mac(b), lab.nodes[1].ip)),
         "{entries:?}"
     );
     assert!(
-        entries.contains(&format!("{} dst {}", mac_of(c), lab.nodes[2].ip)),
+        entries.contains(&format!("{} dst {}", task_mac(c), lab.nodes[2].ip)),
         "{entries:?}"
     );
     assert!(
-        !entries.iter().any(|e| e.starts_with(&mac_of(a))),
+        !entries.iter().any(|e| e.starts_with(&task_mac(a))),
         "own task in fdb"
     );
 
@@ -162,7 +157,7 @@ fn tasks_on_three_nodes_talk_over_vxlan_with_the_right_mtu() -> Result<()> {
     eventually(Duration::from_secs(5), "c's fdb entry gone from n1", || {
         Ok(!fdb(&lab, 0, "front")?
             .iter()
-            .any(|e| e.starts_with(&mac_of(c))))
+            .any(|e| e.starts_with(&task_mac(c))))
     })?;
     Ok(())
 }
@@ -269,7 +264,7 @@ fn a_dead_node_is_withdrawn_and_comes_back_after_restart() -> Result<()> {
     eventually(limit, "b withdrawn from n1's vxlan0", || {
         Ok(!fdb(&lab, 0, "front")?
             .iter()
-            .any(|e| e.starts_with(&mac_of(b))))
+            .any(|e| e.starts_with(&task_mac(b))))
     })?;
     assert!(killed.elapsed() <= limit + Duration::from_secs(1));
     assert!(

@@ -56,8 +56,7 @@ fn two_tasks_on_one_overlay_reach_each_other_over_tcp_udp_and_icmp() -> Result<(
     let link = lab.exec_in(&lab.ns("a"), &["ip", "-o", "link", "show", "eth0"])?;
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(link.contains("mtu 1450"), "{link}");
-    let o = a.octets();
-    let mac = format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+    let mac = netd_lab::task_mac(a);
     assert!(link.contains(&mac), "{link} lacks {mac}");
     Ok(())
 }
