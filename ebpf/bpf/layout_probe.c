@@ -29,6 +29,9 @@ int main(void)
 	SIZE(netd_revnat_value);
 	OFF(netd_revnat_value, vip);
 	OFF(netd_revnat_value, port);
+	SIZE(netd_counter_key);
+	OFF(netd_counter_key, vip);
+	OFF(netd_counter_key, backend);
 	SIZE(netd_counter);
 	OFF(netd_counter, connections);
 	return 0;

@@ -48,6 +48,13 @@ struct netd_revnat_value {
 	__u16 pad;
 };
 
+/* Counters are kept per VIP and backend address, not per slot, so they survive the
+ * slot swap of a backend change. */
+struct netd_counter_key {
+	__u32 vip;
+	__u32 backend;
+};
+
 /* Per-backend counter (per CPU): connections (TCP connects and new UDP flows). */
 struct netd_counter {
 	__u64 connections;

@@ -9,7 +9,9 @@
  * they act only for sockets whose network namespace netd manages (netd_netns, keyed by
  * netns cookie), which is what keeps several netd nodes on one machine apart.
  *
- * Not wired into netd yet: this is the first piece of issue 5. */
+ * Every map is pinned by name under the node's directory (/sys/fs/bpf/netd/NODE/), so
+ * a restarted netd finds the same maps, and the pinned links keep the programs attached
+ * while no netd runs. */
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -22,6 +24,7 @@
 
 /* Network namespaces of the tasks this node's netd serves (value unused). */
 struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u64);
@@ -29,6 +32,7 @@ struct {
 } netd_netns SEC(".maps");
 
 struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, struct netd_vip_key);
@@ -36,6 +40,7 @@ struct {
 } netd_vips SEC(".maps");
 
 struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct netd_backend_key);
@@ -44,6 +49,7 @@ struct {
 
 /* Next round-robin slot per service. */
 struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);
@@ -52,6 +58,7 @@ struct {
 
 /* Backend -> VIP per socket, for recvmsg4 and getpeername4. */
 struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct netd_revnat_key);
@@ -60,6 +67,7 @@ struct {
 
 /* UDP flow affinity: (socket, VIP, port) -> backend address. */
 struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct netd_revnat_key);
@@ -67,9 +75,10 @@ struct {
 } netd_udp_flows SEC(".maps");
 
 struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, struct netd_backend_key);
+	__type(key, struct netd_counter_key);
 	__type(value, struct netd_counter);
 } netd_counters SEC(".maps");
 
@@ -102,15 +111,16 @@ static __always_inline struct netd_vip_key vip_key_of(struct bpf_sock_addr *ctx)
 	return k;
 }
 
-static __always_inline void count(struct netd_backend_key *bk)
+static __always_inline void count(__u32 vip, __u32 backend)
 {
-	struct netd_counter *c = bpf_map_lookup_elem(&netd_counters, bk);
+	struct netd_counter_key ck = { .vip = vip, .backend = backend };
+	struct netd_counter *c = bpf_map_lookup_elem(&netd_counters, &ck);
 
 	if (!c) {
 		struct netd_counter zero = {};
 
-		bpf_map_update_elem(&netd_counters, bk, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&netd_counters, bk);
+		bpf_map_update_elem(&netd_counters, &ck, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&netd_counters, &ck);
 		if (!c)
 			return;
 	}
@@ -164,7 +174,7 @@ int netd_connect4(struct bpf_sock_addr *ctx)
 	if (!backend)
 		return SYS_REJECT; /* a service without tasks refuses at once */
 	ctx->user_ip4 = backend;
-	count(&bk);
+	count(k.addr, backend);
 	remember(ctx, backend, &k);
 	return SYS_PROCEED;
 }
@@ -200,7 +210,7 @@ int netd_sendmsg4(struct bpf_sock_addr *ctx)
 			return SYS_REJECT;
 		nf.addr = backend;
 		bpf_map_update_elem(&netd_udp_flows, &fk, &nf, BPF_ANY);
-		count(&bk);
+		count(k.addr, backend);
 	}
 	ctx->user_ip4 = backend;
 	remember(ctx, backend, &k);

@@ -1,10 +1,15 @@
 //! netd's eBPF programs, written in C (bpf/), built by build.rs with clang, and their
-//! shared map layouts mirrored in Rust ([`maps`]). Loading and attaching is netd's job,
-//! with aya.
+//! shared map layouts mirrored in Rust ([`maps`]). Attaching and filling the maps is
+//! netd's job (netd/src/datapath/ebpf.rs); this crate only knows how to load them.
 //!
-//! So far: `sock_lb`, socket-level VIP load balancing (cgroup connect4 / sendmsg4 /
-//! recvmsg4 / getpeername4). It is built and passes the kernel's verifier (tests/), but
-//! netd does not load it yet: `netd status` still says `datapath: none`.
+//! `sock_lb`: socket-level VIP load balancing (cgroup connect4 / sendmsg4 / recvmsg4 /
+//! getpeername4). Its maps are pinned by name, so every loader gives a directory on a
+//! bpffs: the same directory after a restart finds the same maps.
+
+use std::io;
+use std::path::Path;
+
+use aya::{Ebpf, EbpfError, EbpfLoader};
 
 pub mod maps;
 
@@ -18,3 +23,62 @@ pub const SOCK_LB_PROGRAMS: &[&str] = &[
     "netd_recvmsg4",
     "netd_getpeername4",
 ];
+
+/// The maps of [`SOCK_LB`]; each is pinned under the loader's directory by this name.
+pub const SOCK_LB_MAPS: &[&str] = &[
+    "netd_netns",
+    "netd_vips",
+    "netd_backends",
+    "netd_rr",
+    "netd_revnat",
+    "netd_udp_flows",
+    "netd_counters",
+];
+
+/// Where bpffs is mounted on Linux.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs at [`BPFFS`] unless it is there already: pins need it, and some
+/// machines do not mount it at boot.
+pub fn ensure_bpffs() -> io::Result<()> {
+    let path = std::ffi::CString::new(BPFFS).map_err(io::Error::other)?;
+    // SAFETY: statfs writes into a zeroed struct of the right type; path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fstype = c"bpf";
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("mount bpffs on {BPFFS}: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads [`SOCK_LB`] with its maps pinned in `pin_dir` (created if missing): maps pinned
+/// there already are reused, with their contents. Programs are not loaded into the
+/// kernel yet; the caller loads (verifies) and attaches the ones it needs.
+pub fn load_sock_lb(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
+    std::fs::create_dir_all(pin_dir).map_err(|e| EbpfError::FileError {
+        path: pin_dir.to_path_buf(),
+        error: e,
+    })?;
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(SOCK_LB)
+}

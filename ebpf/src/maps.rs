@@ -52,6 +52,14 @@ pub struct RevNatValue {
     pub pad: u16,
 }
 
+/// Counters are per VIP and backend address, so they outlive a backend change.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub vip: u32,
+    pub backend: u32,
+}
+
 /// Per backend, per CPU.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,6 +75,7 @@ unsafe impl aya::Pod for BackendKey {}
 unsafe impl aya::Pod for BackendValue {}
 unsafe impl aya::Pod for RevNatKey {}
 unsafe impl aya::Pod for RevNatValue {}
+unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for Counter {}
 
 #[cfg(test)]
@@ -102,6 +111,9 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), netd_revnat_value_SIZE);
         assert_eq!(offset_of!(RevNatValue, vip), netd_revnat_value_vip);
         assert_eq!(offset_of!(RevNatValue, port), netd_revnat_value_port);
+        assert_eq!(size_of::<CounterKey>(), netd_counter_key_SIZE);
+        assert_eq!(offset_of!(CounterKey, vip), netd_counter_key_vip);
+        assert_eq!(offset_of!(CounterKey, backend), netd_counter_key_backend);
         assert_eq!(size_of::<Counter>(), netd_counter_SIZE);
         assert_eq!(offset_of!(Counter, connections), netd_counter_connections);
     }

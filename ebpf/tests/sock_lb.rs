@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use aya::maps::HashMap;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-use aya::Ebpf;
 use netd_ebpf::maps::{BackendKey, BackendValue, VipKey, VipValue};
-use netd_ebpf::{SOCK_LB, SOCK_LB_PROGRAMS};
+use netd_ebpf::SOCK_LB_PROGRAMS;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 6, 1);
 const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 5, 1), Ipv4Addr::new(198, 18, 5, 2)];
@@ -30,11 +29,13 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 struct Fixture {
     netns: String,
     cgroup: PathBuf,
+    pins: PathBuf,
 }
 
 impl Drop for Fixture {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::fs::remove_dir_all(&self.pins);
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
@@ -150,7 +151,9 @@ fn vip_connections_are_balanced_round_robin_and_answers_come_from_the_vip() {
     let fx = Fixture {
         netns: format!("netdtest-lb-{:08x}", rand_suffix()),
         cgroup: PathBuf::from(CGROUP_ROOT).join(format!("netdtest-lb-{:08x}", rand_suffix())),
+        pins: PathBuf::from(netd_ebpf::BPFFS).join(format!("netdtest-lb-{:08x}", rand_suffix())),
     };
+    netd_ebpf::ensure_bpffs().expect("bpffs");
     ip(&["netns", "add", &fx.netns]);
     ip(&["-n", &fx.netns, "link", "set", "lo", "up"]);
     for b in BACKENDS {
@@ -167,7 +170,7 @@ fn vip_connections_are_balanced_round_robin_and_answers_come_from_the_vip() {
     std::fs::create_dir(&fx.cgroup).expect("create test cgroup");
     serve_backends(&fx.netns);
 
-    let mut obj = Ebpf::load(SOCK_LB).expect("load sock_lb.o");
+    let mut obj = netd_ebpf::load_sock_lb(&fx.pins).expect("load sock_lb.o");
     let cgroup = File::open(&fx.cgroup).expect("open cgroup");
     for name in SOCK_LB_PROGRAMS {
         let prog: &mut CgroupSockAddr = obj

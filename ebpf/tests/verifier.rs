@@ -1,14 +1,25 @@
 //! The kernel's verifier accepts every program of netd's eBPF objects (loading needs
-//! root; nothing is attached or pinned, and the loaded programs and maps go away with
-//! this process).
+//! root; nothing is attached; the maps are pinned in a directory of the test's own,
+//! removed at the end).
 
 use aya::programs::CgroupSockAddr;
-use aya::Ebpf;
-use netd_ebpf::{SOCK_LB, SOCK_LB_PROGRAMS};
+use netd_ebpf::{SOCK_LB_MAPS, SOCK_LB_PROGRAMS};
+
+struct PinDir(std::path::PathBuf);
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 #[test]
 fn sock_lb_programs_pass_the_verifier() {
-    let mut obj = Ebpf::load(SOCK_LB).expect("parse sock_lb.o and create its maps");
+    netd_ebpf::ensure_bpffs().expect("bpffs");
+    let dir = PinDir(
+        std::path::Path::new(netd_ebpf::BPFFS)
+            .join(format!("netdtest-verifier-{}", std::process::id())),
+    );
+    let mut obj = netd_ebpf::load_sock_lb(&dir.0).expect("parse sock_lb.o and create its maps");
     for name in SOCK_LB_PROGRAMS {
         let prog: &mut CgroupSockAddr = obj
             .program_mut(name)
@@ -19,15 +30,8 @@ fn sock_lb_programs_pass_the_verifier() {
             panic!("the verifier refused {name}: {e:?}");
         }
     }
-    for map in [
-        "netd_netns",
-        "netd_vips",
-        "netd_backends",
-        "netd_rr",
-        "netd_revnat",
-        "netd_udp_flows",
-        "netd_counters",
-    ] {
+    for map in SOCK_LB_MAPS {
         assert!(obj.map(map).is_some(), "map {map} missing");
+        assert!(dir.0.join(map).exists(), "map {map} is not pinned");
     }
 }
