@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::datapath::DatapathStatus;
+use crate::datapath::Datapath;
 use crate::model::Task;
 use crate::netns;
 use crate::reconcile::{Reconciler, Report};
@@ -28,7 +28,7 @@ pub struct Daemon {
     pub node: String,
     pub pools: Pools,
     pub reconciler: Arc<Reconciler>,
-    pub datapath: DatapathStatus,
+    pub datapath: Arc<dyn Datapath>,
     pub api: String,
 }
 
@@ -95,19 +95,16 @@ async fn load(d: &Daemon) -> Result<State, ApiError> {
     Ok(State::load(d.store.as_ref()).await?)
 }
 
-/// After a write at `revision`: this node's kernel and DNS match it (a reconcile step),
-/// and every other live node's DNS has seen it (bounded wait), so the caller's next
-/// query anywhere in the cluster sees the change.
+/// After a write at `revision`: this node's kernel, DNS and load balancer match it (a
+/// reconcile step), and every other live node's DNS and load balancer have it (bounded
+/// wait), so the caller's next query or connection anywhere in the cluster sees the
+/// change.
 async fn settle(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, ApiError> {
     let report = converge(d).await?;
-    if !d
-        .dns
-        .await_cluster(d.store.as_ref(), &d.node, revision)
-        .await
-    {
+    if !crate::follow::await_cluster(d.store.as_ref(), &d.node, revision).await {
         tracing::warn!(
             revision,
-            "a live node's DNS did not confirm the change in time"
+            "a live node's DNS and load balancer did not confirm the change in time"
         );
     }
     Ok(report)
@@ -160,7 +157,7 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "store": d.store.describe(),
         "api": d.api,
-        "datapath": d.datapath,
+        "datapath": d.datapath.status(),
         "dns": {
             "address": netd_dns::server::DNS_ADDR.to_string(),
             "config": d.dns.config(),
@@ -269,7 +266,46 @@ async fn service_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult
         .map(|t| task_view(&d, &st, &report, t))
         .collect();
     v["tasks"] = json!(tasks);
+    v["load_balancer"] = load_balancer_view(&d, &st, svc);
     Ok(Json(v))
+}
+
+/// The service's VIPs as this node's datapath balances them, with its connection
+/// counters (each node counts the connections its own tasks open).
+fn load_balancer_view(d: &Daemon, st: &State, svc: &crate::model::Service) -> Value {
+    let table = crate::datapath::LbTable::from_state(st);
+    let counters = d.datapath.counters();
+    let vips: Vec<Value> = svc
+        .vips
+        .iter()
+        .map(|(network, vip)| {
+            let per = counters.get(vip);
+            let backends: Vec<Value> = table
+                .vips
+                .get(vip)
+                .map(|e| e.backends.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .map(|b| {
+                    json!({
+                        "address": b,
+                        "connections": per.and_then(|p| p.get(b)).copied().unwrap_or(0),
+                    })
+                })
+                .collect();
+            json!({
+                "network": network,
+                "vip": vip,
+                "connections": per.map(|p| p.values().sum::<u64>()).unwrap_or(0),
+                "backends": backends,
+            })
+        })
+        .collect();
+    json!({
+        "node": d.node,
+        "datapath": d.datapath.status().active,
+        "vips": vips,
+    })
 }
 
 async fn service_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {

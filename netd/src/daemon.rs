@@ -16,6 +16,7 @@ use ipnetwork::Ipv4Network;
 use crate::api::{self, Daemon};
 use crate::datapath::{self, Mode};
 use crate::dns::{self, Dns, DnsConfig};
+use crate::follow;
 use crate::model::{self, Node};
 use crate::reconcile::{NodeConfig, Reconciler};
 use crate::state::{self, Pools};
@@ -36,9 +37,14 @@ pub struct DaemonArgs {
     /// store it defaults to the source address of the route towards etcd.
     #[arg(long)]
     pub advertise_addr: Option<Ipv4Addr>,
-    /// Load-balancing datapath: auto, ebpf or userspace.
+    /// Load-balancing datapath: auto (eBPF where the kernel takes it, else userspace),
+    /// ebpf or userspace.
     #[arg(long, default_value = "auto")]
     pub datapath: Mode,
+    /// The cgroup v2 directory the eBPF socket hooks attach to; every socket under it
+    /// is seen. Default: the cgroup2 mount (the whole machine).
+    #[arg(long)]
+    pub cgroup: Option<std::path::PathBuf>,
     /// Pool that network subnets are carved from when none is given (Docker: 10.0.0.0/8).
     #[arg(long, default_value = "10.0.0.0/8")]
     pub address_pool: Ipv4Network,
@@ -167,6 +173,14 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             .map(|e| source_address_towards(&e))
             .transpose()?,
     };
+    let overlay_mtu = args.underlay_mtu - 50;
+    let datapath = datapath::open(args.datapath, &node, args.cgroup.clone(), overlay_mtu)?;
+    tracing::info!(
+        node,
+        datapath = datapath.status().active,
+        reason = datapath.status().reason,
+        "load-balancing datapath"
+    );
     state::register_node(
         store.as_ref(),
         Node {
@@ -174,6 +188,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             address,
             gwbridge_subnet: args.gwbridge_subnet,
             started_at: model::now_secs(),
+            lb_addresses: datapath.needs_lb_addresses(),
         },
     )
     .await
@@ -187,17 +202,23 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
     .context("announce node liveness")?;
 
     let dns = Arc::new(Dns::new(dns_config(&args)?));
-    tokio::spawn(dns.clone().follow(store.clone(), node.clone()));
+    tokio::spawn(follow::follow(
+        store.clone(),
+        node.clone(),
+        dns.clone(),
+        datapath.clone(),
+    ));
     let reconciler = Arc::new(Reconciler::new(
         store.clone(),
         NodeConfig {
             name: node.clone(),
             gwbridge_subnet: args.gwbridge_subnet,
             vxlan_port: args.vxlan_port,
-            overlay_mtu: args.underlay_mtu - 50,
+            overlay_mtu,
             bridge_mtu: args.underlay_mtu,
         },
         Some(dns.clone()),
+        Some(datapath.clone()),
     ));
     let report = reconciler.run_once().await.context("initial reconcile")?;
     tracing::info!(
@@ -221,7 +242,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             size: args.pool_size,
         },
         reconciler,
-        datapath: datapath::unavailable(args.datapath),
+        datapath,
         api: api_spec.to_string(),
     });
     let app = api::router(daemon);

@@ -18,7 +18,6 @@ use serde::Serialize;
 use crate::model::{EndpointMode, Protocol, Task, GWBRIDGE};
 use crate::netns::{self, Netns};
 use crate::state::State;
-use crate::store::Store;
 
 /// Settings of the embedded DNS, from the daemon's flags and the node's resolv.conf.
 #[derive(Debug, Clone, Serialize)]
@@ -28,15 +27,6 @@ pub struct DnsConfig {
     pub vip_ttl: u32,
     pub task_ttl: u32,
 }
-
-/// Where each node reports the store revision its DNS table holds. Outside `/netd/` on
-/// purpose: nobody watches it, so reports cause no reconcile.
-const APPLIED: &str = "/netd-applied/";
-/// The reports live on the node's lease (the TTL given here is only used if the report
-/// comes first).
-const APPLIED_TTL: Duration = Duration::from_secs(10);
-/// How long a write waits for the other nodes' DNS to catch up before it answers anyway.
-const CLUSTER_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Dns {
     cfg: DnsConfig,
@@ -138,73 +128,6 @@ impl Dns {
         }
         for t in st.tasks.values() {
             table.upsert_task(task_record(t));
-        }
-    }
-
-    /// Follows the store on its own, so a change reaches the table without waiting for
-    /// a reconcile step of the kernel (which may be busy with something slower). In a
-    /// cluster, it then tells the others which revision its table holds (`applied/`,
-    /// outside the watched prefix, so the report itself wakes no one).
-    pub async fn follow(self: Arc<Self>, store: Arc<dyn Store>, node: String) {
-        let mut changes = store.subscribe();
-        let mut reported = 0;
-        loop {
-            match State::load(store.as_ref()).await {
-                Ok(st) => {
-                    self.sync_table(&st);
-                    if store.shared() && st.revision > reported {
-                        let key = format!("{APPLIED}{node}");
-                        let value = st.revision.to_string().into_bytes();
-                        match store.put_ephemeral(&key, value, APPLIED_TTL).await {
-                            Ok(()) => reported = st.revision,
-                            Err(e) => tracing::debug!("dns: report applied revision: {e}"),
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!("dns: read desired state: {e}"),
-            }
-            match changes.recv().await {
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    }
-
-    /// Waits (at most `CLUSTER_WAIT`) until every other live node reports a table at
-    /// `revision` or later; false if one did not. Nothing to wait for on a store of one
-    /// node.
-    pub async fn await_cluster(&self, store: &dyn Store, local: &str, revision: u64) -> bool {
-        if !store.shared() {
-            return true;
-        }
-        let deadline = tokio::time::Instant::now() + CLUSTER_WAIT;
-        loop {
-            let caught_up = async {
-                let alive = crate::state::alive_nodes(store).await.ok()?;
-                let applied = store.list(APPLIED).await.ok()?;
-                let at = |node: &str| {
-                    applied
-                        .kvs
-                        .iter()
-                        .find(|kv| kv.key[APPLIED.len()..] == *node)
-                        .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<u64>().ok())
-                        .unwrap_or(0)
-                };
-                Some(
-                    alive
-                        .iter()
-                        .filter(|n| n.as_str() != local)
-                        .all(|n| at(n) >= revision),
-                )
-            }
-            .await;
-            if caught_up == Some(true) {
-                return true;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -12,6 +12,7 @@ pub mod client;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod follow;
 pub mod ipam;
 pub mod model;
 pub mod naming;

@@ -125,6 +125,10 @@ pub struct Node {
     pub address: Option<Ipv4Addr>,
     pub gwbridge_subnet: Ipv4Network,
     pub started_at: u64,
+    /// The node's datapath translates client addresses to an address of its own on each
+    /// overlay (the userspace datapath does): attaches to it reserve one per network.
+    #[serde(default)]
+    pub lb_addresses: bool,
 }
 
 /// Why a name was refused; the text goes to the user as is.

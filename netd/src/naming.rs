@@ -9,6 +9,8 @@ pub const GWBRIDGE_IF: &str = "netd_gwbridge";
 /// Inside an overlay sandbox.
 pub const SANDBOX_BRIDGE: &str = "br0";
 pub const SANDBOX_VXLAN: &str = "vxlan0";
+/// The userspace datapath's TUN device in a sandbox.
+pub const SANDBOX_TUN: &str = "lb0";
 
 /// Host-side end of a task endpoint's veth (in the sandbox or the node netns).
 pub const ENDPOINT_PREFIX: &str = "nde";

@@ -366,6 +366,86 @@ pub async fn ensure_default_route(handle: &Handle, link: &Link, gateway: Ipv4Add
         .with_context(|| format!("default route via {gateway} dev {}", link.name))
 }
 
+/// The /32 routes of the main table that leave through link `index`.
+pub async fn host_routes_via(handle: &Handle, index: u32) -> Result<Vec<Ipv4Addr>> {
+    let routes: Vec<_> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .context("list routes")?;
+    let mut out = vec![];
+    for r in routes {
+        if r.header.destination_prefix_length != 32 || r.header.table != 254 {
+            continue;
+        }
+        let mut dst = None;
+        let mut oif = None;
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        if let (Some(d), Some(i)) = (dst, oif) {
+            if i == index {
+                out.push(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Exactly `dsts` as /32 routes through `link`: missing ones added, others removed.
+pub async fn ensure_host_routes(handle: &Handle, link: &Link, dsts: &[Ipv4Addr]) -> Result<()> {
+    let present = host_routes_via(handle, link.index).await?;
+    for d in dsts.iter().filter(|d| !present.contains(d)) {
+        handle
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(*d, 32)
+                    .output_interface(link.index)
+                    .build(),
+            )
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("route {d}/32 dev {}", link.name))?;
+    }
+    for d in present.iter().filter(|d| !dsts.contains(d)) {
+        handle
+            .route()
+            .del(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(*d, 32)
+                    .output_interface(link.index)
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| format!("remove route {d}/32 dev {}", link.name))?;
+    }
+    Ok(())
+}
+
+/// Sets the MAC of a link (a bridge keeps an address set this way).
+pub async fn ensure_mac(handle: &Handle, link: &Link, mac: [u8; 6]) -> Result<()> {
+    if link.mac == mac {
+        return Ok(());
+    }
+    set(
+        handle,
+        LinkUnspec::new_with_index(link.index)
+            .address(mac.to_vec())
+            .build(),
+        &format!("set MAC of {}", link.name),
+    )
+    .await
+}
+
 /// A remote task as the overlay's VXLAN device must know it: its address, its MAC, and
 /// the underlay address of the node (VTEP) it lives on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -16,6 +16,7 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 use tokio::sync::Mutex;
 
+use crate::datapath::{Datapath, LbTable, SandboxLb};
 use crate::dns::Dns;
 use crate::model::{Driver, Endpoint, Network, Task, GWBRIDGE};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
@@ -49,6 +50,9 @@ pub struct Reconciler {
     /// The embedded DNS: its table follows every step, and every local task gets its
     /// listener here.
     dns: Option<Arc<Dns>>,
+    /// VIP load balancing: its table follows every step, and its node-side objects (hooks,
+    /// TUN devices) follow the local tasks and sandboxes.
+    datapath: Option<Arc<dyn Datapath>>,
     /// One step at a time: two concurrent steps would race to create the same objects.
     step: Mutex<()>,
     last: std::sync::Mutex<Report>,
@@ -65,11 +69,17 @@ struct Attachment {
 }
 
 impl Reconciler {
-    pub fn new(store: Arc<dyn Store>, cfg: NodeConfig, dns: Option<Arc<Dns>>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cfg: NodeConfig,
+        dns: Option<Arc<Dns>>,
+        datapath: Option<Arc<dyn Datapath>>,
+    ) -> Self {
         Reconciler {
             store,
             cfg,
             dns,
+            datapath,
             step: Mutex::new(()),
             last: std::sync::Mutex::new(Report::default()),
         }
@@ -234,7 +244,25 @@ impl Reconciler {
             report.task_errors.extend(dns.sync_listeners(&up).await);
         }
 
-        // 5. Node firewall: masquerade and isolation.
+        // 5. VIP load balancing for the tasks that are up.
+        if let Some(dp) = &self.datapath {
+            let up: Vec<&Task> = tasks
+                .iter()
+                .filter(|t| !report.task_errors.contains_key(&t.id))
+                .copied()
+                .collect();
+            let sandboxes: Vec<&Network> = overlays
+                .values()
+                .filter(|n| !broken_sandboxes.contains(&n.name))
+                .copied()
+                .collect();
+            match self.sync_datapath(dp.as_ref(), st, &up, &sandboxes).await {
+                Ok(errors) => report.task_errors.extend(errors),
+                Err(e) => report.errors.push(format!("load balancer: {e:#}")),
+            }
+        }
+
+        // 6. Node firewall: masquerade and isolation.
         let rules = Ruleset {
             gwbridge: needs_gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
@@ -256,7 +284,7 @@ impl Reconciler {
             Err(e) => report.errors.push(format!("nftables: {e}")),
         }
 
-        // 6. Sweep what nothing desires any more.
+        // 7. Sweep what nothing desires any more.
         let mut wanted: BTreeMap<Netns, BTreeSet<String>> = BTreeMap::new();
         for task in &tasks {
             for ep in &task.endpoints {
@@ -281,6 +309,42 @@ impl Reconciler {
             report.errors.push(format!("sweep: {e:#}"));
         }
         report
+    }
+
+    async fn sync_datapath(
+        &self,
+        dp: &dyn Datapath,
+        st: &State,
+        up: &[&Task],
+        overlays: &[&Network],
+    ) -> Result<BTreeMap<String, String>> {
+        let node = &self.cfg.name;
+        let table = LbTable::from_state(st);
+        dp.apply(&table)?;
+        let lb_addr = |net: &Network| st.lb_addrs.get(&net.id).and_then(|m| m.get(node)).copied();
+        if dp.needs_lb_addresses() && overlays.iter().any(|n| lb_addr(n).is_none()) {
+            // Tasks attached before this node used a translating datapath: reserve its
+            // addresses now; the store change brings another step that uses them.
+            let names: Vec<String> = overlays.iter().map(|n| n.name.clone()).collect();
+            state::ensure_lb_addresses(self.store.as_ref(), node, &names).await?;
+        }
+        let sandboxes: Vec<SandboxLb> = overlays
+            .iter()
+            .filter(|n| !dp.needs_lb_addresses() || lb_addr(n).is_some())
+            .map(|n| SandboxLb {
+                network: n.name.clone(),
+                netns: Netns::named(&naming::sandbox_netns(node, &n.id)),
+                prefix: n.subnet.prefix(),
+                vips: table
+                    .vips
+                    .values()
+                    .filter(|v| v.network == n.name)
+                    .map(|v| v.vip)
+                    .collect(),
+                lb_addr: lb_addr(n),
+            })
+            .collect();
+        dp.sync_local(up, &sandboxes).await
     }
 
     async fn ensure_node_bridges(&self, gwbridge: bool, bridges: &[&Network]) -> Result<()> {
@@ -541,6 +605,22 @@ pub fn remote_peers(st: &State, local_node: &str, network: &str) -> Vec<Peer> {
         })
         .flatten()
         .collect();
+    // Other nodes' load-balancer addresses answer like tasks (userspace datapath).
+    let lb = st
+        .networks
+        .get(network)
+        .and_then(|n| st.lb_addrs.get(&n.id))
+        .into_iter()
+        .flatten()
+        .filter(|(n, _)| n.as_str() != local_node && st.node_alive(n))
+        .filter_map(|(n, ip)| {
+            Some(Peer {
+                ip: *ip,
+                mac: crate::model::mac_for_ip(*ip),
+                vtep: st.nodes.get(n)?.address?,
+            })
+        });
+    peers.extend(lb);
     peers.sort();
     peers
 }
@@ -628,6 +708,7 @@ mod tests {
             address: addr.map(|a| a.parse().unwrap()),
             gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
             started_at: 0,
+            lb_addresses: false,
         }
     }
 

@@ -8,6 +8,8 @@
 //! - `networks/NAME`, `services/NAME`, `tasks/ID`, `nodes/NAME`: JSON records
 //! - `tasknames/NAME`: the id of the task with that name
 //! - `ipam/NETWORK-ID/IP`, `gwipam/NODE/IP`, `vni/VNI`: who holds an address or a VNI
+//! - `lbaddr/NETWORK-ID/NODE`: the node's own address on an overlay, for a datapath
+//!   that translates client addresses (userspace); released with the network
 //! - `meta/networks`: rewritten by every network create/rm and compared by service
 //!   create, so a network cannot vanish under a service being created on it
 //! - `alive/NODE`: ephemeral (an etcd lease): present while the node's daemon lives
@@ -129,6 +131,8 @@ pub struct State {
     /// Node name -> gwbridge addresses held on it.
     pub gwipam: HashMap<String, BTreeSet<Ipv4Addr>>,
     pub vnis: BTreeSet<u32>,
+    /// Network id -> node -> that node's load-balancer address on the network.
+    pub lb_addrs: BTreeMap<String, BTreeMap<String, Ipv4Addr>>,
     /// Nodes whose daemon holds its liveness lease.
     pub alive: BTreeSet<String>,
     /// Task id -> what its node last reported.
@@ -198,6 +202,14 @@ impl State {
                             };
                             map.entry(owner.to_string()).or_default().insert(ip);
                         }
+                    }
+                }
+                "lbaddr" => {
+                    if let Some((net, node)) = name.split_once('/') {
+                        st.lb_addrs
+                            .entry(net.to_string())
+                            .or_default()
+                            .insert(node.to_string(), decode(&kv.key, &kv.value)?);
                     }
                 }
                 "vni" => {
@@ -497,6 +509,9 @@ pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<N
         if let Some(v) = net.vni {
             ops.push(Op::Delete(key("vni", &v.to_string())));
         }
+        for node in st.lb_addrs.get(&net.id).into_iter().flat_map(|m| m.keys()) {
+            ops.push(Op::Delete(key("lbaddr", &format!("{}/{node}", net.id))));
+        }
         Ok((
             vec![st.unchanged(&nk), st.unchanged(META_NETWORKS)],
             ops,
@@ -692,6 +707,11 @@ pub async fn attach_task(
                     Driver::Bridge => {}
                 }
             }
+            let mut taken = used.clone();
+            taken.insert(ip);
+            if node.lb_addresses && net.driver == Driver::Overlay {
+                lb_address_ops(st, &node_name, net, &taken, &mut compares, &mut ops)?;
+            }
             endpoints.push(endpoint(endpoints.len(), netname, ip, net.subnet.prefix()));
         }
         if default_gateway.is_none() && needs_gwbridge {
@@ -720,6 +740,67 @@ pub async fn attach_task(
         Ok((compares, ops, task))
     })
     .await
+}
+
+/// Reserves `node`'s load-balancer address on overlay `net` unless it has one; `taken`
+/// holds the addresses this transaction already hands out.
+fn lb_address_ops(
+    st: &State,
+    node: &str,
+    net: &Network,
+    taken: &BTreeSet<Ipv4Addr>,
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<Op>,
+) -> Result<()> {
+    let lk = key("lbaddr", &format!("{}/{node}", net.id));
+    if st
+        .lb_addrs
+        .get(&net.id)
+        .is_some_and(|m| m.contains_key(node))
+    {
+        compares.push(st.unchanged(&lk));
+        return Ok(());
+    }
+    let ip = ipam::allocate_ip(net.subnet, taken)?;
+    let ik = key("ipam", &format!("{}/{ip}", net.id));
+    compares.push(Compare::Absent(ik.clone()));
+    compares.push(Compare::Absent(lk.clone()));
+    ops.push(Op::Put(ik, encode(&format!("lb:{node}"))));
+    ops.push(Op::Put(lk, encode(&ip)));
+    Ok(())
+}
+
+/// Gives `node` a load-balancer address on each overlay in `networks` that lacks one (a
+/// node that switched to the userspace datapath with tasks already attached).
+pub async fn ensure_lb_addresses(
+    store: &dyn Store,
+    node: &str,
+    networks: &[String],
+) -> Result<Option<u64>> {
+    let st = State::load(store).await?;
+    let missing = networks.iter().any(|n| {
+        st.networks
+            .get(n)
+            .is_some_and(|net| !st.lb_addrs.get(&net.id).is_some_and(|m| m.contains_key(node)))
+    });
+    if !missing {
+        return Ok(None);
+    }
+    let done = commit(store, |st| {
+        let mut compares = vec![];
+        let mut ops = vec![];
+        for n in networks {
+            let Some(net) = st.networks.get(n) else {
+                continue;
+            };
+            compares.push(st.unchanged(&key("networks", n)));
+            let taken = st.ipam.get(&net.id).cloned().unwrap_or_default();
+            lb_address_ops(st, node, net, &taken, &mut compares, &mut ops)?;
+        }
+        Ok((compares, ops, ()))
+    })
+    .await?;
+    Ok(Some(done.revision))
 }
 
 fn endpoint(index: usize, network: &str, ip: Ipv4Addr, prefix: u8) -> Endpoint {
@@ -765,6 +846,7 @@ pub(crate) mod fixture {
                 address: Some("198.18.0.11".parse().unwrap()),
                 gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
                 started_at: 0,
+            lb_addresses: false,
             },
         )
         .await
@@ -933,6 +1015,7 @@ mod tests {
                 address: None,
                 gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
                 started_at: 0,
+            lb_addresses: false,
             },
         )
         .await

@@ -115,6 +115,8 @@ pub struct Lab {
     lab_bin: PathBuf,
     /// The etcd of a cluster lab: its namespace and, while it runs, its process.
     etcd: Option<(String, Option<Child>)>,
+    /// `--datapath` of every daemon.
+    datapath: String,
     torn_down: bool,
 }
 
@@ -122,15 +124,16 @@ impl Lab {
     /// A lab with `nodes` nodes, each running netd. `tag` (a few letters) makes the names
     /// of parallel labs distinct and recognisable.
     pub fn start(tag: &str, nodes: usize) -> Result<Lab> {
-        Self::build(tag, nodes, false)
+        Self::build(tag, nodes, false, "auto")
     }
 
     /// A lab whose nodes form one cluster through a real etcd on the underlay.
     pub fn cluster(tag: &str, nodes: usize) -> Result<Lab> {
-        Self::build(tag, nodes, true)
+        Self::build(tag, nodes, true, "auto")
     }
 
-    fn build(tag: &str, nodes: usize, etcd: bool) -> Result<Lab> {
+    /// A lab whose daemons run `--datapath datapath`; a cluster on etcd when `etcd`.
+    pub fn build(tag: &str, nodes: usize, etcd: bool, datapath: &str) -> Result<Lab> {
         let rnd: u32 = rand::random::<u32>() % 0xfffff;
         let prefix = format!("{LAB_MARK}{tag}{rnd:05x}");
         let dir = std::env::temp_dir().join(format!("netd-lab-{prefix}"));
@@ -145,6 +148,7 @@ impl Lab {
             netd: binary("netd")?,
             lab_bin: binary("netd-lab")?,
             etcd: None,
+            datapath: datapath.to_string(),
             torn_down: false,
         };
         // If anything below fails, Drop tears down what was made.
@@ -389,6 +393,8 @@ impl Lab {
             SEARCH_DOMAIN,
             "--dns-upstream",
             &underlay_ip(UPSTREAM_DNS_HOST).to_string(),
+            "--datapath",
+            &self.datapath,
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -705,9 +711,20 @@ pub fn diff_lines(a: &str, b: &str) -> String {
 }
 
 /// Deletes every namespace whose name contains lab prefix `prefix` (the lab's own and the
-/// netd sandboxes of its nodes, `netd-PREFIXnN-...`) and kills processes inside them.
+/// netd sandboxes of its nodes, `netd-PREFIXnN-...`) and kills processes inside them;
+/// removes the nodes' BPF pins (which detaches their programs) and conntrack journals.
 pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
     let mut removed = vec![];
+    for root in ["/sys/fs/bpf/netd", "/run/netd"] {
+        if let Ok(dirs) = fs::read_dir(root) {
+            for d in dirs.flatten() {
+                if d.file_name().to_string_lossy().starts_with(prefix) {
+                    let _ = fs::remove_dir_all(d.path());
+                    removed.push(d.path().display().to_string());
+                }
+            }
+        }
+    }
     // resolv.conf dirs of task namespaces (also of ones already gone).
     if let Ok(dirs) = fs::read_dir("/etc/netns") {
         for d in dirs.flatten() {

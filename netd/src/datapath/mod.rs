@@ -1,15 +1,26 @@
-//! The load-balancing seam. Both future datapaths (eBPF and userspace) consume the same
-//! [`LbTable`], computed here from the desired state, so they balance the same backends.
-//! This build has no datapath that moves VIP traffic yet: the daemon says so in
-//! `netd status` instead of pretending, and VIPs are allocated but carry no traffic.
+//! VIP load balancing. Both datapaths ([`ebpf`]: socket-level, in the kernel;
+//! [`userspace`]: a TUN device and netd's own NAT) consume the same [`LbTable`],
+//! computed here from the desired state, so they balance the same backends in the same
+//! order. A VIP balances over the tasks of live nodes only: losing a node withdraws its
+//! tasks from every VIP within the lease TTL.
+
+pub mod conntrack;
+pub mod ebpf;
+pub mod nat;
+pub mod userspace;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
+use anyhow::{Context, Result};
+use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::model::EndpointMode;
+use crate::model::{EndpointMode, Task};
+use crate::netns::Netns;
 use crate::state::State;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,7 +71,7 @@ impl LbTable {
                 let mut backends: Vec<Ipv4Addr> = st
                     .tasks
                     .values()
-                    .filter(|t| t.service == svc.name)
+                    .filter(|t| t.service == svc.name && st.node_alive(&t.node))
                     .flat_map(|t| t.endpoints.iter())
                     .filter(|e| &e.network == network)
                     .map(|e| e.ip)
@@ -81,10 +92,41 @@ impl LbTable {
     }
 }
 
+/// Connections per VIP and backend, as the datapath counted them on this node.
+pub type Counters = BTreeMap<Ipv4Addr, BTreeMap<Ipv4Addr, u64>>;
+
+/// One overlay sandbox of this node, as the datapath may need it: the userspace datapath
+/// routes the network's VIPs to its TUN device there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxLb {
+    pub network: String,
+    pub netns: Netns,
+    pub prefix: u8,
+    pub vips: Vec<Ipv4Addr>,
+    /// This node's own address on the network, which the userspace datapath translates
+    /// client addresses to (so answers come back through it).
+    pub lb_addr: Option<Ipv4Addr>,
+}
+
 /// What a datapath implementation must do; implemented by the eBPF and userspace paths.
+#[async_trait]
 pub trait Datapath: Send + Sync {
-    /// Makes the datapath balance exactly `table`, atomically per VIP.
-    fn apply(&self, table: &LbTable) -> anyhow::Result<()>;
+    /// Makes the datapath balance exactly `table` from now on. Each VIP switches from its
+    /// old backends to its new ones in one step; unchanged VIPs are not touched.
+    fn apply(&self, table: &LbTable) -> Result<()>;
+    /// Brings the node-side kernel objects to what `tasks` (this node's tasks that are up)
+    /// and `sandboxes` need; returns the tasks it could not serve, with why.
+    async fn sync_local(
+        &self,
+        tasks: &[&Task],
+        sandboxes: &[SandboxLb],
+    ) -> Result<BTreeMap<String, String>>;
+    fn counters(&self) -> Counters;
+    /// Whether the node needs an address of its own on each overlay (the userspace
+    /// datapath translates client addresses to it).
+    fn needs_lb_addresses(&self) -> bool {
+        false
+    }
     /// For `netd status`.
     fn status(&self) -> DatapathStatus;
 }
@@ -92,19 +134,47 @@ pub trait Datapath: Send + Sync {
 #[derive(Debug, Clone, Serialize)]
 pub struct DatapathStatus {
     pub requested: Mode,
-    /// The datapath in use, or `none`.
+    /// The datapath in use: ebpf or userspace.
     pub active: String,
     pub reason: String,
+    /// Implementation details (pin directory, cgroup, TUN devices, flow count).
+    pub detail: serde_json::Value,
 }
 
-/// What `netd status` reports while no datapath exists in this build.
-pub fn unavailable(requested: Mode) -> DatapathStatus {
-    DatapathStatus {
-        requested,
-        active: "none".into(),
-        reason: "VIP load balancing is not implemented in this build: service VIPs are \
-                 allocated but carry no traffic; tasks reach each other by task IP"
-            .into(),
+/// Opens the datapath `mode` asks for. `auto` tries eBPF and falls back to userspace when
+/// the kernel refuses it, keeping the kernel's reason for `netd status`.
+pub fn open(
+    mode: Mode,
+    node: &str,
+    cgroup: Option<PathBuf>,
+    overlay_mtu: u32,
+) -> Result<Arc<dyn Datapath>> {
+    let userspace = |reason: String| -> Result<Arc<dyn Datapath>> {
+        Ok(Arc::new(userspace::UserspaceDatapath::new(
+            node,
+            overlay_mtu,
+            mode,
+            reason,
+        )?))
+    };
+    match mode {
+        Mode::Ebpf => {
+            let dp = ebpf::EbpfDatapath::open(node, cgroup, mode, "requested with --datapath ebpf")
+                .context("eBPF datapath (--datapath ebpf)")?;
+            Ok(Arc::new(dp))
+        }
+        Mode::Userspace => userspace("requested with --datapath userspace".into()),
+        Mode::Auto => {
+            match ebpf::EbpfDatapath::open(node, cgroup, mode, "the kernel accepted the eBPF programs")
+            {
+                Ok(dp) => Ok(Arc::new(dp)),
+                Err(e) => {
+                    let reason = format!("eBPF unavailable, using userspace: {e:#}");
+                    tracing::warn!("{reason}");
+                    userspace(reason)
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,490 @@
+//! The eBPF datapath: netd-ebpf's `sock_lb` programs on the cgroup v2 root, so they see
+//! every socket on the machine, acting only for the network namespaces of this node's
+//! tasks (their netns cookies in `netd_netns`). A task's connect() to a VIP is rewritten
+//! to a backend before any packet exists; see ebpf/bpf/sock_lb.c.
+//!
+//! Everything lives under /sys/fs/bpf/netd/NODE/: the maps (pinned by name) and one link
+//! per program (`link_PROGRAM`). The pins keep programs and maps alive while netd is
+//! down or restarting; a restarted netd loads the object against the same maps and
+//! leaves the pinned links as they are. The programs are attached while the node has
+//! tasks and removed with the last one (the pin directory goes with them).
+//!
+//! A backend change takes a fresh *slot*: the new backend list is written under it, then
+//! the VIP's single map value is swapped to point at it, then the old slot is deleted.
+//! A connect() sees the old list or the new one, never a mix and never an empty one.
+
+use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Context, Result};
+use async_trait::async_trait;
+use aya::maps::{HashMap, MapData, PerCpuHashMap};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
+use aya::Ebpf;
+use netd_ebpf::maps::{BackendKey, BackendValue, Counter, CounterKey, VipKey, VipValue};
+use serde_json::json;
+
+use super::{Counters, Datapath, DatapathStatus, LbTable, Mode, SandboxLb};
+use crate::model::Task;
+use crate::netns::{self, Netns};
+
+/// Where every node's pins live; each node has its own directory below.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/netd";
+
+pub fn pin_dir(node: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(node)
+}
+
+fn link_pin(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("link_{program}"))
+}
+
+/// The cgroup v2 mount: the root every socket of the machine is under.
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .context("no cgroup2 mount: socket load balancing needs cgroup v2 (give --cgroup)")
+}
+
+pub struct EbpfDatapath {
+    dir: PathBuf,
+    cgroup: PathBuf,
+    requested: Mode,
+    reason: String,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    loaded: Option<Loaded>,
+    /// The last table asked for: programmed when the programs are (re)attached. None
+    /// until the first one arrives, so a restart never programs an empty table over
+    /// the pinned one.
+    want: Option<LbTable>,
+    /// Netns file (device, inode) -> netns cookie: a cookie never changes for a live
+    /// namespace, and asking for it costs a thread.
+    cookies: StdHashMap<(u64, u64), u64>,
+}
+
+/// The object loaded against the pinned maps, and what the maps hold.
+struct Loaded {
+    obj: Ebpf,
+    netns: HashMap<MapData, u64, u8>,
+    vips: HashMap<MapData, VipKey, VipValue>,
+    backends: HashMap<MapData, BackendKey, BackendValue>,
+    rr: HashMap<MapData, u32, u32>,
+    counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// VIP -> (slot, backends) as programmed.
+    slots: BTreeMap<Ipv4Addr, (u32, Vec<Ipv4Addr>)>,
+    next_slot: u32,
+}
+
+fn vip_key(vip: Ipv4Addr) -> VipKey {
+    // Port 0, protocol 0: the whole address (any port to the same port on a backend).
+    VipKey {
+        addr: u32::from(vip).to_be(),
+        ..Default::default()
+    }
+}
+
+fn be(addr: Ipv4Addr) -> u32 {
+    u32::from(addr).to_be()
+}
+
+fn from_be(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(addr))
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(obj: &mut Ebpf, name: &str) -> Result<HashMap<MapData, K, V>> {
+    let map = obj
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from sock_lb"))?;
+    HashMap::try_from(map).with_context(|| format!("map {name}"))
+}
+
+impl Loaded {
+    /// Loads the object against the pins in `dir` and reads back what the maps hold
+    /// (after a restart: the slots a previous netd programmed).
+    fn load(dir: &Path) -> Result<Self> {
+        // Links pinned without their maps run programs against maps nobody can reach
+        // any more: replace them.
+        if !dir.join("netd_vips").exists() {
+            for name in netd_ebpf::SOCK_LB_PROGRAMS {
+                let _ = std::fs::remove_file(link_pin(dir, name));
+            }
+        }
+        let mut obj = netd_ebpf::load_sock_lb(dir)
+            .with_context(|| format!("load sock_lb with maps in {}", dir.display()))?;
+        for name in netd_ebpf::SOCK_LB_PROGRAMS {
+            let prog: &mut CgroupSockAddr = obj
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()
+                .with_context(|| format!("program {name}"))?;
+            prog.load()
+                .with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        let counters = PerCpuHashMap::try_from(
+            obj.take_map("netd_counters")
+                .context("map netd_counters missing")?,
+        )
+        .context("map netd_counters")?;
+        let mut l = Loaded {
+            netns: take(&mut obj, "netd_netns")?,
+            vips: take(&mut obj, "netd_vips")?,
+            backends: take(&mut obj, "netd_backends")?,
+            rr: take(&mut obj, "netd_rr")?,
+            counters,
+            obj,
+            slots: BTreeMap::new(),
+            next_slot: 1,
+        };
+        let entries: Vec<(VipKey, VipValue)> = l.vips.iter().filter_map(|r| r.ok()).collect();
+        for (k, v) in entries {
+            let backends = (0..v.count)
+                .filter_map(|i| {
+                    l.backends
+                        .get(
+                            &BackendKey {
+                                service: v.service,
+                                index: i,
+                            },
+                            0,
+                        )
+                        .ok()
+                })
+                .map(|b| from_be(b.addr))
+                .collect();
+            l.slots.insert(from_be(k.addr), (v.service, backends));
+            l.next_slot = l.next_slot.max(v.service.wrapping_add(1));
+        }
+        Ok(l)
+    }
+
+    /// Attaches every program to `cgroup` unless its pinned link is there already.
+    fn attach(&mut self, dir: &Path, cgroup: &Path) -> Result<()> {
+        let cg = File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        for name in netd_ebpf::SOCK_LB_PROGRAMS {
+            let pin = link_pin(dir, name);
+            if pin.exists() {
+                continue;
+            }
+            let prog: &mut CgroupSockAddr = self
+                .obj
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()
+                .with_context(|| format!("program {name}"))?;
+            // A bpf_link attachment always coexists with others on the cgroup (several
+            // nodes, other tools); the kernel refuses flags on it, hence `Single`.
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+            let link = FdLink::try_from(prog.take_link(id)?)
+                .map_err(|e| anyhow!("link of {name} is not an fd link: {e}"))?;
+            link.pin(&pin)
+                .with_context(|| format!("pin link {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Programs `table`; unchanged VIPs are left alone (their round-robin position too).
+    fn program(&mut self, table: &LbTable) -> Result<usize> {
+        let mut changed = 0;
+        let gone: Vec<Ipv4Addr> = self
+            .slots
+            .keys()
+            .filter(|v| !table.vips.contains_key(v))
+            .copied()
+            .collect();
+        for vip in gone {
+            self.vips
+                .remove(&vip_key(vip))
+                .or_else(ignore_missing)
+                .with_context(|| format!("remove VIP {vip}"))?;
+            if let Some((slot, old)) = self.slots.remove(&vip) {
+                self.drop_slot(slot, old.len());
+                self.drop_counters(vip, &old, &[]);
+            }
+            changed += 1;
+        }
+        for (vip, entry) in &table.vips {
+            let old = self.slots.get(vip).cloned();
+            if old.as_ref().map(|(_, b)| b) == Some(&entry.backends) {
+                continue;
+            }
+            let slot = self.next_slot;
+            self.next_slot = self.next_slot.wrapping_add(1).max(1);
+            for (i, b) in entry.backends.iter().enumerate() {
+                let key = BackendKey {
+                    service: slot,
+                    index: i as u32,
+                };
+                let value = BackendValue {
+                    addr: be(*b),
+                    pad: 0,
+                };
+                self.backends
+                    .insert(key, value, 0)
+                    .with_context(|| format!("write backend {b} of VIP {vip}"))?;
+            }
+            self.rr
+                .insert(slot, 0, 0)
+                .with_context(|| format!("round-robin slot of VIP {vip}"))?;
+            let value = VipValue {
+                service: slot,
+                count: entry.backends.len() as u32,
+            };
+            // The switch: one map update, seen whole by every later connect().
+            self.vips
+                .insert(vip_key(*vip), value, 0)
+                .with_context(|| format!("switch VIP {vip}"))?;
+            if let Some((old_slot, old_backends)) = old {
+                self.drop_slot(old_slot, old_backends.len());
+                self.drop_counters(*vip, &old_backends, &entry.backends);
+            }
+            self.slots.insert(*vip, (slot, entry.backends.clone()));
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    fn drop_slot(&mut self, slot: u32, count: usize) {
+        for i in 0..count {
+            let _ = self.backends.remove(&BackendKey {
+                service: slot,
+                index: i as u32,
+            });
+        }
+        let _ = self.rr.remove(&slot);
+    }
+
+    /// Counters of backends that left the VIP go with them.
+    fn drop_counters(&mut self, vip: Ipv4Addr, old: &[Ipv4Addr], new: &[Ipv4Addr]) {
+        for b in old.iter().filter(|b| !new.contains(b)) {
+            let _ = self.counters.remove(&CounterKey {
+                vip: be(vip),
+                backend: be(*b),
+            });
+        }
+    }
+
+    fn set_netns(&mut self, cookies: &[u64]) -> Result<()> {
+        let present: Vec<u64> = self.netns.keys().filter_map(|k| k.ok()).collect();
+        for c in &present {
+            if !cookies.contains(c) {
+                self.netns.remove(c).or_else(ignore_missing)?;
+            }
+        }
+        for c in cookies {
+            if !present.contains(c) {
+                self.netns.insert(c, 1, 0).context("add task netns")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Counters {
+        let mut out = Counters::new();
+        for (k, per_cpu) in self.counters.iter().filter_map(|r| r.ok()) {
+            let total = per_cpu.iter().map(|c| c.connections).sum();
+            out.entry(from_be(k.vip))
+                .or_default()
+                .insert(from_be(k.backend), total);
+        }
+        out
+    }
+}
+
+/// A map entry that is already gone is what removing it wanted.
+fn ignore_missing(e: aya::maps::MapError) -> Result<(), aya::maps::MapError> {
+    match e {
+        aya::maps::MapError::KeyNotFound => Ok(()),
+        e => Err(e),
+    }
+}
+
+/// The netns cookie of `ns`, as `bpf_get_netns_cookie` reports it for sockets there.
+async fn netns_cookie(ns: &Netns) -> Result<u64> {
+    netns::run_in(ns, || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").context("probe socket")?;
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            bail!("SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+        }
+        Ok(cookie)
+    })
+    .await
+}
+
+impl EbpfDatapath {
+    /// Checks that the kernel takes the programs (loading them against the node's pins);
+    /// the error says why not, for `auto` to fall back with.
+    pub fn open(
+        node: &str,
+        cgroup: Option<PathBuf>,
+        requested: Mode,
+        reason: &str,
+    ) -> Result<Self> {
+        netd_ebpf::ensure_bpffs()?;
+        let cgroup = match cgroup {
+            Some(c) => c,
+            None => cgroup2_root()?,
+        };
+        let dir = pin_dir(node);
+        let loaded = Loaded::load(&dir)?;
+        let dp = EbpfDatapath {
+            dir,
+            cgroup,
+            requested,
+            reason: reason.into(),
+            inner: Mutex::new(Inner {
+                loaded: Some(loaded),
+                ..Default::default()
+            }),
+        };
+        Ok(dp)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| anyhow!("eBPF datapath state poisoned"))
+    }
+
+    /// Detaches the programs and removes every pin: the node has no task left.
+    fn teardown(&self, inner: &mut Inner) -> Result<()> {
+        inner.loaded = None;
+        if self.dir.exists() {
+            tracing::info!(dir = %self.dir.display(), "no local task: detaching the eBPF load balancer");
+            std::fs::remove_dir_all(&self.dir)
+                .with_context(|| format!("remove pins in {}", self.dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Datapath for EbpfDatapath {
+    fn apply(&self, table: &LbTable) -> Result<()> {
+        let mut inner = self.lock()?;
+        inner.want = Some(table.clone());
+        if let Some(l) = inner.loaded.as_mut() {
+            let changed = l.program(table)?;
+            if changed > 0 {
+                tracing::info!(changed, "eBPF load balancer updated");
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_local(
+        &self,
+        tasks: &[&Task],
+        _sandboxes: &[SandboxLb],
+    ) -> Result<BTreeMap<String, String>> {
+        let mut errors = BTreeMap::new();
+        if tasks.is_empty() {
+            let mut inner = self.lock()?;
+            self.teardown(&mut inner)?;
+            return Ok(errors);
+        }
+        // Cookies first (a thread per unknown namespace), without holding the lock.
+        let mut found = vec![];
+        for t in tasks {
+            let meta = match std::fs::metadata(&t.netns) {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.insert(t.id.clone(), format!("netns {}: {e}", t.netns));
+                    continue;
+                }
+            };
+            let id = (meta.dev(), meta.ino());
+            let known = self.lock()?.cookies.get(&id).copied();
+            let cookie = match known {
+                Some(c) => c,
+                None => match netns_cookie(&Netns::Path(PathBuf::from(&t.netns))).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.insert(t.id.clone(), format!("netns cookie: {e:#}"));
+                        continue;
+                    }
+                },
+            };
+            found.push((id, cookie));
+        }
+        let mut inner = self.lock()?;
+        inner.cookies = found.iter().copied().collect();
+        if inner.loaded.is_none() {
+            inner.loaded = Some(Loaded::load(&self.dir)?);
+        }
+        let want = inner.want.clone();
+        let l = inner
+            .loaded
+            .as_mut()
+            .context("eBPF object not loaded")?;
+        // Maps first, then the hooks: a hook never runs against half-filled maps.
+        if let Some(want) = want {
+            l.program(&want)?;
+        }
+        let cookies: Vec<u64> = found.iter().map(|(_, c)| *c).collect();
+        l.set_netns(&cookies)?;
+        l.attach(&self.dir, &self.cgroup)?;
+        Ok(errors)
+    }
+
+    fn counters(&self) -> Counters {
+        self.lock()
+            .ok()
+            .and_then(|i| i.loaded.as_ref().map(Loaded::counters))
+            .unwrap_or_default()
+    }
+
+    fn status(&self) -> DatapathStatus {
+        let attached = netd_ebpf::SOCK_LB_PROGRAMS
+            .iter()
+            .all(|p| link_pin(&self.dir, p).exists());
+        let (netns, vips) = self
+            .lock()
+            .ok()
+            .and_then(|i| {
+                i.loaded
+                    .as_ref()
+                    .map(|l| (l.netns.keys().count(), l.slots.len()))
+            })
+            .unwrap_or((0, 0));
+        DatapathStatus {
+            requested: self.requested,
+            active: "ebpf".into(),
+            reason: self.reason.clone(),
+            detail: json!({
+                "hooks": "cgroup connect4, sendmsg4, recvmsg4, getpeername4",
+                "cgroup": self.cgroup,
+                "pins": self.dir,
+                "attached": attached,
+                "task_namespaces": netns,
+                "vips": vips,
+            }),
+        }
+    }
+}
