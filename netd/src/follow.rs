@@ -25,10 +25,10 @@ const CLUSTER_WAIT: Duration = Duration::from_secs(2);
 /// something slower). In a cluster, it then tells the others which revision its tables
 /// hold (`applied/`, outside the watched prefix, so the report itself wakes no one).
 pub async fn follow(
-store: Arc<dyn Store>,
-node: String,
-dns: Arc<Dns>,
-datapath: Arc<dyn Datapath>,
+    store: Arc<dyn Store>,
+    node: String,
+    dns: Arc<Dns>,
+    datapath: Arc<dyn Datapath>,
 ) {
     let mut changes = store.subscribe();
     let mut reported = 0;
@@ -96,4 +96,3 @@ pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> boo
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
-

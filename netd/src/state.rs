@@ -779,9 +779,11 @@ pub async fn ensure_lb_addresses(
 ) -> Result<Option<u64>> {
     let st = State::load(store).await?;
     let missing = networks.iter().any(|n| {
-        st.networks
-            .get(n)
-            .is_some_and(|net| !st.lb_addrs.get(&net.id).is_some_and(|m| m.contains_key(node)))
+        st.networks.get(n).is_some_and(|net| {
+            !st.lb_addrs
+                .get(&net.id)
+                .is_some_and(|m| m.contains_key(node))
+        })
     });
     if !missing {
         return Ok(None);
@@ -846,7 +848,7 @@ pub(crate) mod fixture {
                 address: Some("198.18.0.11".parse().unwrap()),
                 gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
                 started_at: 0,
-            lb_addresses: false,
+                lb_addresses: false,
             },
         )
         .await
@@ -1015,7 +1017,7 @@ mod tests {
                 address: None,
                 gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
                 started_at: 0,
-            lb_addresses: false,
+                lb_addresses: false,
             },
         )
         .await

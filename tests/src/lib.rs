@@ -117,6 +117,9 @@ pub struct Lab {
     etcd: Option<(String, Option<Child>)>,
     /// `--datapath` of every daemon.
     datapath: String,
+    /// Start daemons with the bpf(2) system call refused (seccomp), as a kernel without
+    /// eBPF support would refuse it.
+    pub deny_bpf: bool,
     torn_down: bool,
 }
 
@@ -149,6 +152,7 @@ impl Lab {
             lab_bin: binary("netd-lab")?,
             etcd: None,
             datapath: datapath.to_string(),
+            deny_bpf: false,
             torn_down: false,
         };
         // If anything below fails, Drop tears down what was made.
@@ -398,6 +402,12 @@ impl Lab {
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
+        if self.deny_bpf {
+            // SAFETY: only prctl(2) runs between fork and exec, on a filter built before.
+            unsafe {
+                cmd.pre_exec(deny_bpf_syscall);
+            }
+        }
         let child = spawn_in_netns(&mut cmd, &node.netns)?;
         self.nodes[i].daemon = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -760,6 +770,52 @@ pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
         let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&name));
     }
     Ok(removed)
+}
+
+/// Installs a seccomp filter on the calling process that fails bpf(2) with EPERM and
+/// allows everything else (x86_64 only; other architectures' calls are allowed).
+fn deny_bpf_syscall() -> std::io::Result<()> {
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let stmt = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let filter = [
+        // seccomp_data: nr at offset 0, arch at offset 4.
+        stmt(ld, 4),
+        jeq(AUDIT_ARCH_X86_64, 0, 3),
+        stmt(ld, 0),
+        jeq(libc::SYS_bpf as u32, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl reads `prog` and the filter it points to, both alive here.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Stops a process with SIGTERM (or SIGKILL) and reaps it.

@@ -93,9 +93,10 @@ fn assert_refused(lab: &Lab, vip: Ipv4Addr) -> Result<()> {
     let client = lab.ns("cli");
     let (tcp, udp) = in_netns(&client, move || {
         let start = Instant::now();
-        let tcp = TcpStream::connect_timeout(&SocketAddr::from((vip, PORT)), Duration::from_secs(5))
-            .map(|_| ())
-            .map_err(|e| (e.kind(), start.elapsed()));
+        let tcp =
+            TcpStream::connect_timeout(&SocketAddr::from((vip, PORT)), Duration::from_secs(5))
+                .map(|_| ())
+                .map_err(|e| (e.kind(), start.elapsed()));
         // A connected UDP socket hears the refusal (EPERM at once or ICMP unreachable).
         let udp = (|| -> std::io::Result<()> {
             let s = UdpSocket::bind("0.0.0.0:0")?;
@@ -110,7 +111,9 @@ fn assert_refused(lab: &Lab, vip: Ipv4Addr) -> Result<()> {
     })?;
     match tcp {
         Ok(()) => bail!("a connection to a VIP without backends succeeded"),
-        Err((ErrorKind::TimedOut, t)) => bail!("a connection to a VIP without backends hung ({t:?})"),
+        Err((ErrorKind::TimedOut, t)) => {
+            bail!("a connection to a VIP without backends hung ({t:?})")
+        }
         Err((kind, t)) if t < Duration::from_secs(2) => {
             eprintln!("refused in {t:?}: {kind:?}");
         }
@@ -135,8 +138,6 @@ fn suite_one_node(datapath: &str, tag: &str) -> Result<()> {
     let vip = vip_of(&lab, "web")?;
     let all = ["w0", "w1", "w2", "w3", "w4"];
 
-    eprintln!("STATUS {}", lab.cli_json(0, &["status"])?);
-    eprintln!("LOG {}", lab.daemon_log(0));
     // Round-robin over 5 backends, even within one per round.
     assert_even(&lab, vip, &all, 3)?;
     let c = counters(&lab)?;
@@ -159,7 +160,11 @@ fn suite_one_node(datapath: &str, tag: &str) -> Result<()> {
 
     // Scale down: a removed backend gets no new connection once detach returns; the
     // kept connection (to a remaining backend) is undisturbed.
-    let removed = all.iter().find(|b| **b != kept_backend).copied().context("a backend")?;
+    let removed = all
+        .iter()
+        .find(|b| **b != kept_backend)
+        .copied()
+        .context("a backend")?;
     lab.cli(0, &["task", "detach", removed])?;
     let remaining: Vec<&str> = all.iter().copied().filter(|b| *b != removed).collect();
     assert_even(&lab, vip, &remaining, 2)?;
@@ -261,4 +266,30 @@ fn vip_cluster_ebpf() -> Result<()> {
 #[test]
 fn vip_cluster_userspace() -> Result<()> {
     suite_cluster("userspace", "vu3")
+}
+
+/// `--datapath auto` on a kernel that refuses eBPF (here: bpf(2) denied by seccomp)
+/// runs the userspace datapath, says why in `netd status`, and balances all the same.
+#[test]
+fn auto_falls_back_to_userspace_when_the_kernel_refuses_ebpf() -> Result<()> {
+    let mut lab = Lab::build("vfb", 1, false, "auto")?;
+    lab.stop_daemon(0, false)?;
+    lab.deny_bpf = true;
+    lab.start_daemon(0)?;
+    let status = lab.cli_json(0, &["status"])?;
+    let dp = &status["datapath"];
+    let reason = dp["reason"].as_str().unwrap_or_default();
+    if dp["active"] != "userspace" || dp["requested"] != "auto" || !reason.contains("not permitted")
+    {
+        bail!("expected a fallback to userspace with the kernel's reason: {dp}");
+    }
+    lab.cli(0, &["network", "create", "front", "--subnet", SUBNET])?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    lab.cli(0, &["service", "create", "client", "--network", "front"])?;
+    lab.attach_whoami(0, "web", "w0", None)?;
+    lab.attach_whoami(0, "web", "w1", None)?;
+    lab.attach_whoami(0, "client", "cli", None)?;
+    let vip = vip_of(&lab, "web")?;
+    assert_even(&lab, vip, &["w0", "w1"], 2)?;
+    Ok(())
 }

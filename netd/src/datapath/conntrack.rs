@@ -354,9 +354,8 @@ mod tests {
 
     fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: &str) -> Flow {
         let mut b = vec![];
-        let mut p = PacketBuilder::ipv4(a(src).octets(), a(dst).octets(), 64).tcp(
-            sport, dport, 100, 1000,
-        );
+        let mut p =
+            PacketBuilder::ipv4(a(src).octets(), a(dst).octets(), 64).tcp(sport, dport, 100, 1000);
         if flags.contains('S') {
             p = p.syn();
         }
@@ -411,11 +410,20 @@ mod tests {
                 new: false
             }
         );
-        let back = ct.inbound(&tcp(B, 80, "198.18.9.250", lport, "SA"), 1).unwrap();
-        assert_eq!((back.client, back.cport, back.vip, back.vport), (a(C), 40000, a(VIP), 80));
+        let back = ct
+            .inbound(&tcp(B, 80, "198.18.9.250", lport, "SA"), 1)
+            .unwrap();
+        assert_eq!(
+            (back.client, back.cport, back.vip, back.vport),
+            (a(C), 40000, a(VIP), 80)
+        );
         // Anything else from the backend is not ours.
-        assert!(ct.inbound(&tcp(B, 80, "198.18.9.250", lport + 1, "A"), 1).is_none());
-        assert!(ct.inbound(&tcp(B, 81, "198.18.9.250", lport, "A"), 1).is_none());
+        assert!(ct
+            .inbound(&tcp(B, 80, "198.18.9.250", lport + 1, "A"), 1)
+            .is_none());
+        assert!(ct
+            .inbound(&tcp(B, 81, "198.18.9.250", lport, "A"), 1)
+            .is_none());
     }
 
     #[test]
@@ -438,7 +446,10 @@ mod tests {
             ct.outbound(&tcp(C, 1, VIP, 80, "S"), 0, || None),
             Outbound::NoBackend
         );
-        assert_eq!(ct.outbound(&udp(C, 1, VIP, 53), 0, || None), Outbound::NoBackend);
+        assert_eq!(
+            ct.outbound(&udp(C, 1, VIP, 53), 0, || None),
+            Outbound::NoBackend
+        );
         assert!(ct.is_empty());
     }
 
@@ -447,7 +458,8 @@ mod tests {
         let mut ct = Conntrack::default();
         opened(&mut ct, &udp(C, 1, VIP, 53), 0);
         let (_, lport) = opened(&mut ct, &tcp(C, 2, VIP, 80, "S"), 0);
-        ct.inbound(&tcp(B, 80, "198.18.9.250", lport, "SA"), 0).unwrap();
+        ct.inbound(&tcp(B, 80, "198.18.9.250", lport, "SA"), 0)
+            .unwrap();
         assert_eq!(ct.expire(UDP_TIMEOUT), 0);
         assert_eq!(ct.expire(UDP_TIMEOUT + 1), 1, "the UDP flow goes first");
         assert_eq!(ct.expire(TCP_ESTABLISHED_TIMEOUT), 0);
@@ -464,7 +476,9 @@ mod tests {
         opened(&mut ct, &tcp(C, 5, VIP, 80, "S"), 0);
         ct.outbound(&tcp(C, 5, VIP, 80, "RA"), 1, || None);
         let r = ct.outbound(&tcp(C, 5, VIP, 80, "S"), 2, || Some(a("198.18.9.8")));
-        assert!(matches!(r, Outbound::Translate { backend, new: true, .. } if backend == a("198.18.9.8")));
+        assert!(
+            matches!(r, Outbound::Translate { backend, new: true, .. } if backend == a("198.18.9.8"))
+        );
     }
 
     #[test]

@@ -439,10 +439,7 @@ impl Datapath for EbpfDatapath {
             inner.loaded = Some(Loaded::load(&self.dir)?);
         }
         let want = inner.want.clone();
-        let l = inner
-            .loaded
-            .as_mut()
-            .context("eBPF object not loaded")?;
+        let l = inner.loaded.as_mut().context("eBPF object not loaded")?;
         // Maps first, then the hooks: a hook never runs against half-filled maps.
         if let Some(want) = want {
             l.program(&want)?;

@@ -165,8 +165,12 @@ pub fn open(
         }
         Mode::Userspace => userspace("requested with --datapath userspace".into()),
         Mode::Auto => {
-            match ebpf::EbpfDatapath::open(node, cgroup, mode, "the kernel accepted the eBPF programs")
-            {
+            match ebpf::EbpfDatapath::open(
+                node,
+                cgroup,
+                mode,
+                "the kernel accepted the eBPF programs",
+            ) {
                 Ok(dp) => Ok(Arc::new(dp)),
                 Err(e) => {
                     let reason = format!("eBPF unavailable, using userspace: {e:#}");

@@ -64,7 +64,8 @@ pub fn parse(pkt: &[u8]) -> Result<Flow, Reject> {
     let proto = ip.protocol().0;
     let (sport, dport, syn, ack, fin, rst, seq, hdr) = match proto {
         TCP => {
-            let t = TcpHeaderSlice::from_slice(body).map_err(|e| Reject::Malformed(e.to_string()))?;
+            let t =
+                TcpHeaderSlice::from_slice(body).map_err(|e| Reject::Malformed(e.to_string()))?;
             (
                 t.source_port(),
                 t.destination_port(),
@@ -77,7 +78,8 @@ pub fn parse(pkt: &[u8]) -> Result<Flow, Reject> {
             )
         }
         UDP => {
-            let u = UdpHeaderSlice::from_slice(body).map_err(|e| Reject::Malformed(e.to_string()))?;
+            let u =
+                UdpHeaderSlice::from_slice(body).map_err(|e| Reject::Malformed(e.to_string()))?;
             (
                 u.source_port(),
                 u.destination_port(),
@@ -140,14 +142,7 @@ fn put16(pkt: &mut [u8], at: usize, v: u16) {
 
 /// Rewrites the source and destination of `pkt` (already parsed as `flow`) to
 /// `src:sport -> dst:dport`, keeping the IP and L4 checksums right.
-pub fn rewrite(
-    pkt: &mut [u8],
-    flow: &Flow,
-    src: Ipv4Addr,
-    sport: u16,
-    dst: Ipv4Addr,
-    dport: u16,
-) {
+pub fn rewrite(pkt: &mut [u8], flow: &Flow, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) {
     let l4 = flow.l4;
     let ip_check = csum_replace_addr(get16(pkt, 10), flow.src, src);
     let ip_check = csum_replace_addr(ip_check, flow.dst, dst);
@@ -260,7 +255,14 @@ mod tests {
     fn a_rewritten_packet_has_the_new_addressing_and_valid_checksums() {
         for mut pkt in [tcp_packet(b"hello"), udp_packet(b"query"), tcp_packet(b"")] {
             let flow = parse(&pkt).unwrap();
-            rewrite(&mut pkt, &flow, a("198.18.9.250"), 1025, a("198.18.9.7"), 8080);
+            rewrite(
+                &mut pkt,
+                &flow,
+                a("198.18.9.250"),
+                1025,
+                a("198.18.9.7"),
+                8080,
+            );
             let after = parse(&pkt).unwrap();
             assert_eq!(
                 (after.src, after.sport, after.dst, after.dport),
@@ -280,7 +282,14 @@ mod tests {
         pkt[l4 + 6] = 0;
         pkt[l4 + 7] = 0;
         let flow = parse(&pkt).unwrap();
-        rewrite(&mut pkt, &flow, a("198.18.9.250"), 1025, a("198.18.9.7"), 53);
+        rewrite(
+            &mut pkt,
+            &flow,
+            a("198.18.9.250"),
+            1025,
+            a("198.18.9.7"),
+            53,
+        );
         assert_eq!(&pkt[l4 + 6..l4 + 8], &[0, 0]);
         assert_eq!(parse(&pkt).unwrap().dst, a("198.18.9.7"));
     }
@@ -315,7 +324,10 @@ mod tests {
         let rst = refusal(&syn, &flow).unwrap();
         let r = parse(&rst).unwrap();
         assert!(r.rst);
-        assert_eq!((r.src, r.sport, r.dst, r.dport), (flow.dst, 80, flow.src, 40000));
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (flow.dst, 80, flow.src, 40000)
+        );
         checksums_hold(&rst);
         let t = TcpHeaderSlice::from_slice(&rst[20..]).unwrap();
         assert_eq!(t.acknowledgment_number(), 1235);
