@@ -38,6 +38,7 @@ bench:
 	./target/release/netd-lab cleanup
 	./target/release/netd-bench overlay
 	./target/release/netd-bench dns
+	./target/release/netd-bench vip
 
 lint:
 	$(CARGO) fmt --all --check

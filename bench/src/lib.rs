@@ -4,4 +4,5 @@
 //! run, because these machines are too noisy for absolute numbers to mean much.
 
 pub mod load;
+pub mod plot;
 pub mod report;

@@ -104,3 +104,81 @@ pub fn until_unreachable(netns: &str, addr: SocketAddr, limit: Duration) -> Resu
         Ok(false)
     })
 }
+
+/// New connections from `netns` to `addr` over `threads` client threads, each opening a
+/// connection, doing one HTTP GET and closing it with a reset (SO_LINGER 0, so no
+/// TIME_WAIT piles up and exhausts the client's ports), until `duration` passes or
+/// `max_conns` are done. Latencies are per connection (connect + request).
+pub fn new_connections(
+    netns: &str,
+    addr: SocketAddr,
+    threads: usize,
+    duration: Duration,
+    max_conns: u64,
+) -> Result<Run> {
+    let per_thread = max_conns / threads.max(1) as u64;
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let netns = netns.to_string();
+            std::thread::spawn(move || -> Result<(u64, Vec<Duration>)> {
+                in_netns(&netns, move || {
+                    let mut buf = Vec::with_capacity(4096);
+                    let mut lat = Vec::new();
+                    let mut done = 0;
+                    let until = Instant::now() + duration;
+                    while done < per_thread && Instant::now() < until {
+                        let t = Instant::now();
+                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                            .with_context(|| format!("connect {addr}"))?;
+                        s.set_nodelay(true)?;
+                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        http_request(&mut s, &mut buf)?;
+                        reset_on_close(&s)?;
+                        drop(s);
+                        if lat.len() < MAX_SAMPLES / threads.max(1) {
+                            lat.push(t.elapsed());
+                        }
+                        done += 1;
+                    }
+                    Ok((done, lat))
+                })
+            })
+        })
+        .collect();
+    let mut run = Run {
+        requests: 0,
+        elapsed: Duration::ZERO,
+        latencies: vec![],
+    };
+    for w in workers {
+        let (n, lat) = w.join().map_err(|_| anyhow!("load thread panicked"))??;
+        run.requests += n;
+        run.latencies.extend(lat);
+    }
+    run.elapsed = start.elapsed();
+    Ok(run)
+}
+
+/// SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+fn reset_on_close(s: &TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `linger` (of the size given) during the call only.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_LINGER");
+    }
+    Ok(())
+}

@@ -13,6 +13,8 @@ use netd_bench::report::{header, machine, median, ms, quantile};
 use netd_lab::Lab;
 use serde_json::Value;
 
+mod vip;
+
 #[derive(Parser)]
 #[command(name = "netd-bench", about = "netd benchmarks in lab clusters")]
 struct Args {
@@ -52,6 +54,22 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/dns.md")]
         out: PathBuf,
     },
+    /// Service VIPs with 2 and 8 backends: eBPF and userspace datapaths against a direct
+    /// connection and nftables numgen DNAT (table + SVG plot).
+    Vip {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Runs per path; paths alternate and the median run counts.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Client threads (connections for the keep-alive runs).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// The table; the plot goes next to it with the extension .svg.
+        #[arg(long, default_value = "bench/results/vip.md")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -68,6 +86,12 @@ fn main() -> Result<()> {
             rounds,
             out,
         } => dns(seconds, rounds, &out),
+        Cmd::Vip {
+            seconds,
+            rounds,
+            threads,
+            out,
+        } => vip::run(seconds, rounds, threads, &out),
     }
 }
 

@@ -116,7 +116,7 @@ pub struct Lab {
     /// The etcd of a cluster lab: its namespace and, while it runs, its process.
     etcd: Option<(String, Option<Child>)>,
     /// `--datapath` of every daemon.
-    datapath: String,
+    pub datapath: String,
     /// Start daemons with the bpf(2) system call refused (seccomp), as a kernel without
     /// eBPF support would refuse it.
     pub deny_bpf: bool,

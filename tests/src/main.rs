@@ -147,6 +147,29 @@ fn demo() -> Result<()> {
     }
     println!("(web is the service's VIP; tasks.web every task's address, on any node)");
 
+    let status = lab.cli_json(0, &["status"])?;
+    step(&format!(
+        "Load balancing: web-1 connects to the VIP six times (datapath: {})",
+        status["datapath"]["active"].as_str().unwrap_or("?")
+    ));
+    let vip: SocketAddr = format!(
+        "{}:80",
+        lab.cli_json(0, &["service", "inspect", "web"])?["vips"]["front"]
+            .as_str()
+            .context("vip")?
+    )
+    .parse()?;
+    for _ in 0..6 {
+        let body = http_get_from(&from, vip)?;
+        let name = field(&body, "Hostname").context("no answer")?;
+        println!("GET http://{vip}/ from web-1 -> answered by {name}");
+    }
+    let inspect = lab.cli_json(0, &["service", "inspect", "web"])?;
+    println!(
+        "connections per backend, as node 1 counted them: {}",
+        inspect["load_balancer"]["vips"][0]["backends"]
+    );
+
     step("Task web-1 reaches the outside host through the gwbridge (masqueraded)");
     let body = http_get_from(&from, SocketAddr::from((underlay_ip(100), 80)))?;
     println!(

@@ -489,7 +489,8 @@ mod tests {
         {
             let mut ct = Conntrack::open(&path, 0).unwrap();
             kept = opened(&mut ct, &tcp(C, 10, VIP, 80, "S"), 0).1;
-            ct.inbound(&tcp(B, 80, "198.18.9.250", kept, "SA"), 0).unwrap();
+            ct.inbound(&tcp(B, 80, "198.18.9.250", kept, "SA"), 0)
+                .unwrap();
             gone = opened(&mut ct, &udp(C, 11, VIP, 53), 0).1;
             assert_eq!(ct.expire(UDP_TIMEOUT + 1), 1);
             // Dropped without any goodbye, as by kill -9.

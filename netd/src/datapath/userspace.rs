@@ -237,13 +237,23 @@ async fn serve(
     let mut buf = vec![0u8; 65536];
     let mut refusal = Vec::new();
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    let mut failures = 0;
     loop {
         tokio::select! {
             r = tun.recv(&mut buf) => {
                 let n = match r {
-                    Ok(n) => n,
+                    Ok(n) => {
+                        failures = 0;
+                        n
+                    }
                     Err(e) => {
+                        // A device that keeps failing is gone (its sandbox was removed
+                        // under us): end, and let the next reconcile step open it anew.
+                        failures += 1;
                         tracing::warn!("TUN read: {e}");
+                        if failures >= 10 {
+                            return;
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -301,7 +311,10 @@ impl Datapath for UserspaceDatapath {
         running.retain(|net, _| sandboxes.iter().any(|s| &s.network == net));
         let mut errors = vec![];
         for sb in sandboxes {
-            let same = running.get(&sb.network).map(|r| &r.sandbox);
+            let same = running
+                .get(&sb.network)
+                .filter(|r| !r.task.is_finished())
+                .map(|r| &r.sandbox);
             let result = match same {
                 Some(old) if old == sb => Ok(()),
                 Some(old) if old.netns == sb.netns && old.lb_addr == sb.lb_addr => {
