@@ -643,6 +643,22 @@ impl Lab {
         }
         let o = self.exec_in(&node.netns, &["nft", "list", "ruleset"])?;
         out.push_str(&String::from_utf8_lossy(&o.stdout));
+        // The node's BPF pins by name and inode: a re-pinned link or map is a new inode.
+        out.push_str("### bpf pins\n");
+        let mut pins: Vec<String> = fs::read_dir(Path::new("/sys/fs/bpf/netd").join(&node.name))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let ino = std::os::unix::fs::MetadataExt::ino(&e.metadata().ok()?);
+                Some(format!("{} {ino}", e.file_name().to_string_lossy()))
+            })
+            .collect();
+        pins.sort();
+        for p in pins {
+            out.push_str(&p);
+            out.push('\n');
+        }
         Ok(out)
     }
 

@@ -177,10 +177,12 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
     let sock = lab.nodes[0].dir.join("netd.sock");
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock)?.permissions());
     assert_eq!(mode & 0o777, 0o600, "API socket mode {mode:o}");
-    // No load-balancing datapath exists yet, and status says so rather than pretending.
+    // `auto` picked eBPF on this kernel, said why, and attached the hooks for the tasks.
     let status = lab.cli_json(0, &["status"])?;
     assert_eq!(status["node"], lab.nodes[0].name.as_str());
-    assert_eq!(status["datapath"]["active"], "none", "{status}");
+    assert_eq!(status["datapath"]["active"], "ebpf", "{status}");
+    assert_eq!(status["datapath"]["requested"], "auto", "{status}");
+    assert_eq!(status["datapath"]["detail"]["attached"], true, "{status}");
     let b = lab.task_ip(0, "b", "front")?;
     let mut conn = connect_from(&lab.ns("a"), addr(b))?;
     assert_eq!(field(&http_get(&mut conn)?, "Hostname"), Some("b"));
