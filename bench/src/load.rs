@@ -25,41 +25,19 @@ impl Run {
     }
 }
 
-/// HTTP/1.1 requests over `conns` keep-alive connections from `netns` to `addr`, until
-/// `duration` passes or `max_requests` are done.
-pub fn http_keepalive(
-    netns: &str,
-    addr: SocketAddr,
-    conns: usize,
-    duration: Duration,
-    max_requests: u64,
-) -> Result<Run> {
-    let per_conn = max_requests / conns.max(1) as u64;
+/// Runs `work` on `threads` client threads inside `netns`; each returns how many
+/// operations it did and their latencies (at most its share of `MAX_SAMPLES`).
+fn on_threads<F>(netns: &str, threads: usize, work: F) -> Result<Run>
+where
+    F: Fn(usize) -> Result<(u64, Vec<Duration>)> + Send + Sync + Clone + 'static,
+{
+    let samples = MAX_SAMPLES / threads.max(1);
     let start = Instant::now();
-    let workers: Vec<_> = (0..conns)
+    let workers: Vec<_> = (0..threads)
         .map(|_| {
             let netns = netns.to_string();
-            std::thread::spawn(move || -> Result<(u64, Vec<Duration>)> {
-                in_netns(&netns, move || {
-                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-                        .with_context(|| format!("connect {addr}"))?;
-                    s.set_nodelay(true)?;
-                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    let mut buf = Vec::with_capacity(4096);
-                    let mut lat = Vec::new();
-                    let mut done = 0;
-                    let until = Instant::now() + duration;
-                    while done < per_conn && Instant::now() < until {
-                        let t = Instant::now();
-                        http_request(&mut s, &mut buf)?;
-                        if lat.len() < MAX_SAMPLES / conns.max(1) {
-                            lat.push(t.elapsed());
-                        }
-                        done += 1;
-                    }
-                    Ok((done, lat))
-                })
-            })
+            let work = work.clone();
+            std::thread::spawn(move || in_netns(&netns, move || work(samples)))
         })
         .collect();
     let mut run = Run {
@@ -74,6 +52,74 @@ pub fn http_keepalive(
     }
     run.elapsed = start.elapsed();
     Ok(run)
+}
+
+fn open(addr: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// HTTP/1.1 requests over `conns` keep-alive connections from `netns` to `addr`, until
+/// `duration` passes or `max_requests` are done.
+pub fn http_keepalive(
+    netns: &str,
+    addr: SocketAddr,
+    conns: usize,
+    duration: Duration,
+    max_requests: u64,
+) -> Result<Run> {
+    let per_conn = max_requests / conns.max(1) as u64;
+    on_threads(netns, conns, move |samples| {
+        let mut s = open(addr)?;
+        let mut buf = Vec::with_capacity(4096);
+        let mut lat = Vec::new();
+        let mut done = 0;
+        let until = Instant::now() + duration;
+        while done < per_conn && Instant::now() < until {
+            let t = Instant::now();
+            http_request(&mut s, &mut buf)?;
+            if lat.len() < samples {
+                lat.push(t.elapsed());
+            }
+            done += 1;
+        }
+        Ok((done, lat))
+    })
+}
+
+/// New connections from `netns` to `addr` over `threads` client threads, each opening a
+/// connection, doing one HTTP GET and closing it with a reset (SO_LINGER 0, so no
+/// TIME_WAIT piles up and exhausts the client's ports), until `duration` passes or
+/// `max_conns` are done. Latencies are per connection (connect + request).
+pub fn new_connections(
+    netns: &str,
+    addr: SocketAddr,
+    threads: usize,
+    duration: Duration,
+    max_conns: u64,
+) -> Result<Run> {
+    let per_thread = max_conns / threads.max(1) as u64;
+    on_threads(netns, threads, move |samples| {
+        let mut buf = Vec::with_capacity(4096);
+        let mut lat = Vec::new();
+        let mut done = 0;
+        let until = Instant::now() + duration;
+        while done < per_thread && Instant::now() < until {
+            let t = Instant::now();
+            let mut s = open(addr)?;
+            http_request(&mut s, &mut buf)?;
+            reset_on_close(&s)?;
+            drop(s);
+            if lat.len() < samples {
+                lat.push(t.elapsed());
+            }
+            done += 1;
+        }
+        Ok((done, lat))
+    })
 }
 
 /// Tries to connect from `netns` to `addr` every few milliseconds until it works or
@@ -103,61 +149,6 @@ pub fn until_unreachable(netns: &str, addr: SocketAddr, limit: Duration) -> Resu
         }
         Ok(false)
     })
-}
-
-/// New connections from `netns` to `addr` over `threads` client threads, each opening a
-/// connection, doing one HTTP GET and closing it with a reset (SO_LINGER 0, so no
-/// TIME_WAIT piles up and exhausts the client's ports), until `duration` passes or
-/// `max_conns` are done. Latencies are per connection (connect + request).
-pub fn new_connections(
-    netns: &str,
-    addr: SocketAddr,
-    threads: usize,
-    duration: Duration,
-    max_conns: u64,
-) -> Result<Run> {
-    let per_thread = max_conns / threads.max(1) as u64;
-    let start = Instant::now();
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let netns = netns.to_string();
-            std::thread::spawn(move || -> Result<(u64, Vec<Duration>)> {
-                in_netns(&netns, move || {
-                    let mut buf = Vec::with_capacity(4096);
-                    let mut lat = Vec::new();
-                    let mut done = 0;
-                    let until = Instant::now() + duration;
-                    while done < per_thread && Instant::now() < until {
-                        let t = Instant::now();
-                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-                            .with_context(|| format!("connect {addr}"))?;
-                        s.set_nodelay(true)?;
-                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                        http_request(&mut s, &mut buf)?;
-                        reset_on_close(&s)?;
-                        drop(s);
-                        if lat.len() < MAX_SAMPLES / threads.max(1) {
-                            lat.push(t.elapsed());
-                        }
-                        done += 1;
-                    }
-                    Ok((done, lat))
-                })
-            })
-        })
-        .collect();
-    let mut run = Run {
-        requests: 0,
-        elapsed: Duration::ZERO,
-        latencies: vec![],
-    };
-    for w in workers {
-        let (n, lat) = w.join().map_err(|_| anyhow!("load thread panicked"))??;
-        run.requests += n;
-        run.latencies.extend(lat);
-    }
-    run.elapsed = start.elapsed();
-    Ok(run)
 }
 
 /// SO_LINGER with a zero timeout: close() sends RST instead of FIN.

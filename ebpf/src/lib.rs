@@ -35,6 +35,30 @@ pub const SOCK_LB_MAPS: &[&str] = &[
     "netd_counters",
 ];
 
+/// The netns cookie of the calling thread's network namespace, as
+/// `bpf_get_netns_cookie` reports it for sockets there (`netd_netns` is keyed by it).
+pub fn current_netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("SO_NETNS_COOKIE: {e}")));
+    }
+    Ok(cookie)
+}
+
 /// Where bpffs is mounted on Linux.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of bpffs.

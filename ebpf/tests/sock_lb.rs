@@ -11,7 +11,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -82,26 +82,12 @@ fn serve_backends(netns: &str) {
     }
 }
 
-/// The netns cookie of `netns` (SO_NETNS_COOKIE on a socket made inside it).
+/// The netns cookie of `netns`.
 fn netns_cookie(netns: &str) -> u64 {
     let ns = netns.to_string();
     std::thread::spawn(move || {
         enter(&ns);
-        let s = UdpSocket::bind("127.0.0.1:0").expect("socket");
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
-        cookie
+        netd_ebpf::current_netns_cookie().expect("netns cookie")
     })
     .join()
     .expect("cookie thread")

@@ -318,8 +318,15 @@ pub async fn ensure_address(handle: &Handle, link: &Link, ip: Ipv4Addr, prefix: 
         .with_context(|| format!("add {ip}/{prefix} to {}", link.name))
 }
 
-/// The gateway of the IPv4 default route in the main table, with its output interface.
-pub async fn default_route(handle: &Handle) -> Result<Option<(Ipv4Addr, Option<u32>)>> {
+/// An IPv4 route of the main table, as netd reads them.
+struct MainRoute {
+    dst: Option<Ipv4Addr>,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+    oif: Option<u32>,
+}
+
+async fn main_routes(handle: &Handle) -> Result<Vec<MainRoute>> {
     let routes: Vec<_> = handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -327,24 +334,36 @@ pub async fn default_route(handle: &Handle) -> Result<Option<(Ipv4Addr, Option<u
         .try_collect()
         .await
         .context("list routes")?;
-    for r in routes {
-        if r.header.destination_prefix_length != 0 || r.header.table != 254 {
-            continue;
-        }
-        let mut gw = None;
-        let mut oif = None;
-        for a in &r.attributes {
-            match a {
-                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                _ => {}
+    Ok(routes
+        .into_iter()
+        .filter(|r| r.header.table == 254)
+        .map(|r| {
+            let mut route = MainRoute {
+                dst: None,
+                prefix: r.header.destination_prefix_length,
+                gateway: None,
+                oif: None,
+            };
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => route.dst = Some(*ip),
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
+                    RouteAttribute::Oif(i) => route.oif = Some(*i),
+                    _ => {}
+                }
             }
-        }
-        if let Some(gw) = gw {
-            return Ok(Some((gw, oif)));
-        }
-    }
-    Ok(None)
+            route
+        })
+        .collect())
+}
+
+/// The gateway of the IPv4 default route in the main table, with its output interface.
+pub async fn default_route(handle: &Handle) -> Result<Option<(Ipv4Addr, Option<u32>)>> {
+    Ok(main_routes(handle)
+        .await?
+        .into_iter()
+        .filter(|r| r.prefix == 0)
+        .find_map(|r| Some((r.gateway?, r.oif))))
 }
 
 /// Sets the default route via `gateway` on `link`, unless it is already so.
@@ -368,34 +387,12 @@ pub async fn ensure_default_route(handle: &Handle, link: &Link, gateway: Ipv4Add
 
 /// The /32 routes of the main table that leave through link `index`.
 pub async fn host_routes_via(handle: &Handle, index: u32) -> Result<Vec<Ipv4Addr>> {
-    let routes: Vec<_> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .context("list routes")?;
-    let mut out = vec![];
-    for r in routes {
-        if r.header.destination_prefix_length != 32 || r.header.table != 254 {
-            continue;
-        }
-        let mut dst = None;
-        let mut oif = None;
-        for a in &r.attributes {
-            match a {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                _ => {}
-            }
-        }
-        if let (Some(d), Some(i)) = (dst, oif) {
-            if i == index {
-                out.push(d);
-            }
-        }
-    }
-    Ok(out)
+    Ok(main_routes(handle)
+        .await?
+        .into_iter()
+        .filter(|r| r.prefix == 32 && r.oif == Some(index))
+        .filter_map(|r| r.dst)
+        .collect())
 }
 
 /// Exactly `dsts` as /32 routes through `link`: missing ones added, others removed.

@@ -236,21 +236,13 @@ impl Reconciler {
 
         // 4. The embedded DNS in every task that is up (and in no other).
         if let Some(dns) = &self.dns {
-            let up: Vec<&Task> = tasks
-                .iter()
-                .filter(|t| !report.task_errors.contains_key(&t.id))
-                .copied()
-                .collect();
+            let up = tasks_up(&tasks, &report);
             report.task_errors.extend(dns.sync_listeners(&up).await);
         }
 
         // 5. VIP load balancing for the tasks that are up.
         if let Some(dp) = &self.datapath {
-            let up: Vec<&Task> = tasks
-                .iter()
-                .filter(|t| !report.task_errors.contains_key(&t.id))
-                .copied()
-                .collect();
+            let up = tasks_up(&tasks, &report);
             let sandboxes: Vec<&Network> = overlays
                 .values()
                 .filter(|n| !broken_sandboxes.contains(&n.name))
@@ -580,6 +572,15 @@ impl Reconciler {
         })
         .await
     }
+}
+
+/// The tasks without an error so far in this step.
+fn tasks_up<'a>(tasks: &[&'a Task], report: &Report) -> Vec<&'a Task> {
+    tasks
+        .iter()
+        .filter(|t| !report.task_errors.contains_key(&t.id))
+        .copied()
+        .collect()
 }
 
 /// The tasks of other nodes on overlay `network`, as this node's VXLAN device must know

@@ -16,12 +16,11 @@
 use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
@@ -315,26 +314,7 @@ fn ignore_missing(e: aya::maps::MapError) -> Result<(), aya::maps::MapError> {
 
 /// The netns cookie of `ns`, as `bpf_get_netns_cookie` reports it for sockets there.
 async fn netns_cookie(ns: &Netns) -> Result<u64> {
-    netns::run_in(ns, || {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").context("probe socket")?;
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        if r != 0 {
-            bail!("SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
-        }
-        Ok(cookie)
-    })
-    .await
+    netns::run_in(ns, || Ok(netd_ebpf::current_netns_cookie()?)).await
 }
 
 impl EbpfDatapath {

@@ -233,4 +233,56 @@ mod tests {
         assert_eq!(table.vips[&vip].backends, ips);
         assert!(!ips.contains(&vip));
     }
+
+    #[tokio::test]
+    async fn tasks_of_a_down_node_leave_every_vip() {
+        let (_dir, s) = fixture::setup().await;
+        fixture::add_node(&s, "n2").await;
+        let pools = fixture::pools();
+        state::create_network(
+            &s,
+            &pools,
+            NetworkCreate {
+                name: "front".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let svc = state::create_service(
+            &s,
+            ServiceCreate {
+                name: "web".into(),
+                networks: vec!["front".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut by_node = vec![];
+        for node in ["n1", "n2"] {
+            let t = state::attach_task(
+                &s,
+                "n1",
+                TaskAttach {
+                    service: "web".into(),
+                    netns: format!("/run/netns/{node}"),
+                    node: Some(node.into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            by_node.push(t.endpoints[0].ip);
+        }
+        let mut st = State::load(&s).await.unwrap();
+        let vip = svc.vips["front"];
+        assert_eq!(LbTable::from_state(&st).vips[&vip].backends.len(), 2);
+        // n2's lease is gone: its task is no backend, although it still exists.
+        st.alive.remove("n2");
+        assert_eq!(
+            LbTable::from_state(&st).vips[&vip].backends,
+            vec![by_node[0]]
+        );
+    }
 }
