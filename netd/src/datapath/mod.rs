@@ -187,13 +187,11 @@ mod tests {
     use super::*;
     use crate::state::{self, fixture, NetworkCreate, ServiceCreate, TaskAttach};
 
-    #[tokio::test]
-    async fn the_table_lists_each_vip_with_its_task_ips() {
-        let (_dir, s) = fixture::setup().await;
-        let pools = fixture::pools();
+    /// Network `front` and service `web` on it.
+    async fn web_on_front(s: &dyn crate::store::Store) -> crate::model::Service {
         state::create_network(
-            &s,
-            &pools,
+            s,
+            &fixture::pools(),
             NetworkCreate {
                 name: "front".into(),
                 ..Default::default()
@@ -201,8 +199,8 @@ mod tests {
         )
         .await
         .unwrap();
-        let svc = state::create_service(
-            &s,
+        state::create_service(
+            s,
             ServiceCreate {
                 name: "web".into(),
                 networks: vec!["front".into()],
@@ -210,7 +208,14 @@ mod tests {
             },
         )
         .await
-        .unwrap();
+        .unwrap()
+        .value
+    }
+
+    #[tokio::test]
+    async fn the_table_lists_each_vip_with_its_task_ips() {
+        let (_dir, s) = fixture::setup().await;
+        let svc = web_on_front(&s).await;
         let mut ips = vec![];
         for i in 0..3 {
             let t = state::attach_task(
@@ -238,27 +243,7 @@ mod tests {
     async fn tasks_of_a_down_node_leave_every_vip() {
         let (_dir, s) = fixture::setup().await;
         fixture::add_node(&s, "n2").await;
-        let pools = fixture::pools();
-        state::create_network(
-            &s,
-            &pools,
-            NetworkCreate {
-                name: "front".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        let svc = state::create_service(
-            &s,
-            ServiceCreate {
-                name: "web".into(),
-                networks: vec!["front".into()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let svc = web_on_front(&s).await;
         let mut by_node = vec![];
         for node in ["n1", "n2"] {
             let t = state::attach_task(
