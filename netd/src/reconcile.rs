@@ -326,7 +326,6 @@ impl Reconciler {
             .map(|n| SandboxLb {
                 network: n.name.clone(),
                 netns: Netns::named(&naming::sandbox_netns(node, &n.id)),
-                prefix: n.subnet.prefix(),
                 vips: table
                     .vips
                     .values()

@@ -101,7 +101,6 @@ pub type Counters = BTreeMap<Ipv4Addr, BTreeMap<Ipv4Addr, u64>>;
 pub struct SandboxLb {
     pub network: String,
     pub netns: Netns,
-    pub prefix: u8,
     pub vips: Vec<Ipv4Addr>,
     /// This node's own address on the network, which the userspace datapath translates
     /// client addresses to (so answers come back through it).
