@@ -158,6 +158,10 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "store": d.store.describe(),
         "api": d.api,
         "datapath": d.datapath.status(),
+        "routing_mesh": {
+            "path": "kernel: nftables DNAT in the node and its ingress sandbox",
+            "xdp": "not implemented yet: published ports take the kernel path",
+        },
         "dns": {
             "address": netd_dns::server::DNS_ADDR.to_string(),
             "config": d.dns.config(),
@@ -310,7 +314,7 @@ fn load_balancer_view(d: &Daemon, st: &State, svc: &crate::model::Service) -> Va
 
 async fn service_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
     let req: ServiceCreate = body(&bytes)?;
-    let svc = state::create_service(d.store.as_ref(), req).await?;
+    let svc = state::create_service(d.store.as_ref(), &d.pools, req).await?;
     settle(&d, svc.revision).await?;
     Ok((StatusCode::CREATED, Json(svc.value)).into_response())
 }

@@ -51,6 +51,10 @@ pub struct DaemonArgs {
     /// Prefix length of the subnets carved from the pool.
     #[arg(long, default_value_t = 24)]
     pub pool_size: u8,
+    /// Subnet of the `ingress` network (the routing mesh of published ports), made with
+    /// the first service that publishes a port in ingress mode (Docker: 10.0.0.0/24).
+    #[arg(long, default_value = "10.0.0.0/24")]
+    pub ingress_subnet: Ipv4Network,
     /// Subnet of this node's gwbridge (Docker's docker_gwbridge: 172.18.0.0/16).
     #[arg(long, default_value = "172.18.0.0/16")]
     pub gwbridge_subnet: Ipv4Network,
@@ -240,6 +244,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
         pools: Pools {
             pool: args.address_pool,
             size: args.pool_size,
+            ingress: args.ingress_subnet,
         },
         reconciler,
         datapath,

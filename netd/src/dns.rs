@@ -67,7 +67,9 @@ fn task_record(t: &Task) -> TaskRecord {
         addrs: t
             .endpoints
             .iter()
-            .filter(|e| e.network != GWBRIDGE)
+            // Names live on service networks only, not on the node-local gwbridge nor on
+            // the routing mesh's ingress network (as in Docker).
+            .filter(|e| e.network != GWBRIDGE && e.network != crate::state::INGRESS)
             .map(|e| (e.network.clone(), e.ip))
             .collect(),
     }

@@ -109,6 +109,12 @@ pub fn default_gateway(subnet: Ipv4Network) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) + 1)
 }
 
+/// The address of a node's ingress sandbox on its gwbridge: the last host of the
+/// subnet, reserved like the gateway (task addresses are handed out from the bottom).
+pub fn ingress_sbox_address(subnet: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.broadcast()) - 1)
+}
+
 pub fn check_gateway(subnet: Ipv4Network, gateway: Ipv4Addr) -> Result<(), IpamError> {
     if hosts(subnet).any(|h| h == gateway) {
         Ok(())

@@ -56,6 +56,16 @@ pub fn sandbox_netns(node: &str, network_id: &str) -> String {
     format!("{}{network_id}", sandbox_prefix(node))
 }
 
+/// The node's ingress sandbox (Docker's `ingress-sbox`): where published ports in
+/// ingress mode are balanced onto the ingress network.
+pub fn ingress_sbox_netns(node: &str) -> String {
+    format!("{}isbox", sandbox_prefix(node))
+}
+
+/// Endpoint ids of the ingress sandbox's two legs (ingress network, gwbridge); the
+/// names of their interfaces derive from them as for any endpoint.
+pub const INGRESS_SBOX_ENDPOINTS: [&str; 2] = ["isbingress", "isbgwbridg"];
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,7 @@
-//! The node's nftables rules: masquerade for egress, and the isolation rules that keep
-//! tasks from reaching each other through the gwbridge or across bridge networks.
+//! The node's nftables rules: masquerade for egress, the isolation rules that keep
+//! tasks from reaching each other through the gwbridge or across bridge networks, and
+//! the DNAT of published ports (the kernel path of the routing mesh, in the node's
+//! namespace and in its ingress sandbox).
 //!
 //! The whole ruleset is rendered from desired state and replaced in one `nft -f`
 //! transaction. Its hash is stored as the table comment, so a reconcile that would render
@@ -25,6 +27,43 @@ pub struct BridgeRules {
     pub internal: bool,
 }
 
+/// A published port: connections to a local address of the namespace on `port` go to
+/// one of `targets` on `target_port`, round-robin (`numgen inc`). Without targets there
+/// is no rule, and the kernel refuses the port itself (RST, ICMP port unreachable).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PortRule {
+    /// "tcp" or "udp".
+    pub proto: &'static str,
+    pub port: u16,
+    pub targets: Vec<std::net::Ipv4Addr>,
+    pub target_port: u16,
+}
+
+impl PortRule {
+    fn render(&self) -> Option<String> {
+        let to = match self.targets.as_slice() {
+            [] => return None,
+            [one] => format!("{one}"),
+            many => {
+                let map: Vec<String> = many
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| format!("{i} : {t}"))
+                    .collect();
+                format!(
+                    "numgen inc mod {} map {{ {} }} ",
+                    many.len(),
+                    map.join(", ")
+                )
+            }
+        };
+        Some(format!(
+            "fib daddr type local {} dport {} dnat to {to}:{}",
+            self.proto, self.port, self.target_port
+        ))
+    }
+}
+
 /// Everything the node's rules depend on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Ruleset {
@@ -32,11 +71,19 @@ pub struct Ruleset {
     pub gwbridge: Option<BridgeRules>,
     /// The bridge-driver networks present on this node.
     pub bridges: Vec<BridgeRules>,
+    /// Published ports answered in this namespace.
+    pub ports: Vec<PortRule>,
+    /// Interfaces whose outgoing traffic is masqueraded to their address (the ingress
+    /// sandbox's leg on the ingress network).
+    pub masquerade_out: Vec<String>,
 }
 
 impl Ruleset {
     pub fn is_empty(&self) -> bool {
-        self.gwbridge.is_none() && self.bridges.is_empty()
+        self.gwbridge.is_none()
+            && self.bridges.is_empty()
+            && self.ports.is_empty()
+            && self.masquerade_out.is_empty()
     }
 
     pub fn hash_hex(&self) -> String {
@@ -50,6 +97,10 @@ impl Ruleset {
         let tag = self.hash_hex();
         let mut nat = vec![];
         let mut forward = vec![];
+        let dnat: Vec<String> = self.ports.iter().filter_map(PortRule::render).collect();
+        for i in &self.masquerade_out {
+            nat.push(format!("oifname \"{i}\" masquerade"));
+        }
         let all: Vec<&BridgeRules> = self.gwbridge.iter().chain(self.bridges.iter()).collect();
         for b in &all {
             if !b.internal {
@@ -90,8 +141,12 @@ impl Ruleset {
         format!(
             "add table ip {TABLE}\ndelete table ip {TABLE}\n\
              table ip {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
+             \tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n{}\t}}\n\
+             \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n{}\t}}\n\
              \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{}\t}}\n\
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n}}\n",
+            indent(&dnat),
+            indent(&dnat),
             indent(&nat),
             indent(&forward),
         )
@@ -174,7 +229,7 @@ mod tests {
     fn gwbridge_gets_masquerade_and_no_task_to_task_path() {
         let r = Ruleset {
             gwbridge: Some(bridge("netd_gwbridge", "198.18.1.0/24", false)),
-            bridges: vec![],
+            ..Default::default()
         };
         let s = r.render();
         assert!(s.contains("ip saddr 198.18.1.0/24 oifname != \"netd_gwbridge\" masquerade"));
@@ -185,11 +240,11 @@ mod tests {
     #[test]
     fn bridges_are_isolated_and_internal_ones_have_no_egress() {
         let r = Ruleset {
-            gwbridge: None,
             bridges: vec![
                 bridge("ndbra", "198.19.0.0/24", false),
                 bridge("ndbrb", "198.19.1.0/24", true),
             ],
+            ..Default::default()
         };
         let s = r.render();
         assert!(s.contains("iifname \"ndbra\" oifname \"ndbrb\" drop"));
@@ -200,10 +255,49 @@ mod tests {
     }
 
     #[test]
+    fn published_ports_are_dnat_round_robin_and_absent_without_targets() {
+        let r = Ruleset {
+            ports: vec![
+                PortRule {
+                    proto: "tcp",
+                    port: 4567,
+                    targets: vec![
+                        "198.19.255.5".parse().unwrap(),
+                        "198.19.255.6".parse().unwrap(),
+                    ],
+                    target_port: 80,
+                },
+                PortRule {
+                    proto: "udp",
+                    port: 4568,
+                    targets: vec!["198.18.1.254".parse().unwrap()],
+                    target_port: 4568,
+                },
+                PortRule {
+                    proto: "tcp",
+                    port: 4569,
+                    targets: vec![],
+                    target_port: 80,
+                },
+            ],
+            masquerade_out: vec!["eth0".into()],
+            ..Default::default()
+        };
+        let s = r.render();
+        let rr = "fib daddr type local tcp dport 4567 dnat to numgen inc mod 2 map \
+                  { 0 : 198.19.255.5, 1 : 198.19.255.6 } :80";
+        // In prerouting (from outside) and output (from the node itself).
+        assert_eq!(s.matches(rr).count(), 2, "{s}");
+        assert!(s.contains("udp dport 4568 dnat to 198.18.1.254:4568"));
+        assert!(!s.contains("4569"));
+        assert!(s.contains("oifname \"eth0\" masquerade"));
+    }
+
+    #[test]
     fn the_tag_changes_with_the_rules() {
         let a = Ruleset {
             gwbridge: Some(bridge("netd_gwbridge", "198.18.1.0/24", false)),
-            bridges: vec![],
+            ..Default::default()
         };
         let mut b = a.clone();
         b.bridges.push(bridge("ndbrx", "198.19.0.0/24", false));

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +18,12 @@ use tokio::sync::Mutex;
 
 use crate::datapath::{Datapath, LbTable, SandboxLb};
 use crate::dns::Dns;
-use crate::model::{Driver, Endpoint, Network, Task, GWBRIDGE};
+use crate::model::{Driver, Endpoint, Network, PublishMode, Task, GWBRIDGE};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
 use crate::netlink::{self, Link, Peer};
 use crate::netns::{self, Netns};
-use crate::nftables::{self, BridgeRules, Ruleset};
-use crate::state::{self, State, TaskStatus};
+use crate::nftables::{self, BridgeRules, PortRule, Ruleset};
+use crate::state::{self, State, TaskStatus, INGRESS};
 use crate::store::Store;
 
 /// This node's fixed settings, from the daemon's command line.
@@ -173,21 +173,27 @@ impl Reconciler {
         let mut report = Report::default();
         let node = &self.cfg.name;
         let tasks: Vec<&Task> = st.tasks.values().filter(|t| &t.node == node).collect();
-        let needs_gwbridge = tasks
-            .iter()
-            .any(|t| t.endpoints.iter().any(|e| e.network == GWBRIDGE));
+        // The routing mesh runs on every node while a service publishes in ingress mode.
+        let ingress = st.ingress();
+        let needs_gwbridge = ingress.is_some()
+            || tasks
+                .iter()
+                .any(|t| t.endpoints.iter().any(|e| e.network == GWBRIDGE));
         let bridges: Vec<&Network> = st
             .networks
             .values()
             .filter(|n| n.driver == Driver::Bridge)
             .collect();
-        let overlays: BTreeMap<&str, &Network> = tasks
+        let mut overlays: BTreeMap<&str, &Network> = tasks
             .iter()
             .flat_map(|t| t.endpoints.iter())
             .filter_map(|e| st.networks.get(&e.network))
             .filter(|n| n.driver == Driver::Overlay)
             .map(|n| (n.id.as_str(), n))
             .collect();
+        if let Some(net) = ingress {
+            overlays.insert(net.id.as_str(), net);
+        }
 
         // 1. Node-level bridges, then the overlay sandboxes the local tasks need.
         if let Err(e) = self.ensure_node_bridges(needs_gwbridge, &bridges).await {
@@ -234,6 +240,21 @@ impl Reconciler {
             }
         }
 
+        // 3b. The ingress sandbox: the node's leg on the ingress network.
+        let mut isbox = None;
+        if let Some(net) = ingress {
+            if broken_sandboxes.contains(&net.name) {
+                report
+                    .errors
+                    .push("ingress sandbox: the ingress network's sandbox is not ready".into());
+            } else {
+                match self.ensure_ingress_sbox(st, net).await {
+                    Ok(t) => isbox = Some(t),
+                    Err(e) => report.errors.push(format!("ingress sandbox: {e:#}")),
+                }
+            }
+        }
+
         // 4. The embedded DNS in every task that is up (and in no other).
         if let Some(dns) = &self.dns {
             let up = tasks_up(&tasks, &report);
@@ -243,9 +264,10 @@ impl Reconciler {
         // 5. VIP load balancing for the tasks that are up.
         if let Some(dp) = &self.datapath {
             let up = tasks_up(&tasks, &report);
+            // The ingress network carries no VIP: the routing mesh balances it (below).
             let sandboxes: Vec<&Network> = overlays
                 .values()
-                .filter(|n| !broken_sandboxes.contains(&n.name))
+                .filter(|n| !broken_sandboxes.contains(&n.name) && n.name != INGRESS)
                 .copied()
                 .collect();
             match self.sync_datapath(dp.as_ref(), st, &up, &sandboxes).await {
@@ -254,8 +276,11 @@ impl Reconciler {
             }
         }
 
-        // 6. Node firewall: masquerade and isolation.
+        // 6. Node firewall: masquerade, isolation and published ports; the ingress
+        // sandbox's DNAT onto the service's tasks.
         let rules = Ruleset {
+            ports: self.node_ports(st, &tasks, &report, isbox.is_some()),
+            masquerade_out: vec![],
             gwbridge: needs_gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
                 subnet: self.cfg.gwbridge_subnet,
@@ -275,10 +300,23 @@ impl Reconciler {
             Ok(Err(e)) => report.errors.push(format!("nftables: {e:#}")),
             Err(e) => report.errors.push(format!("nftables: {e}")),
         }
+        if let Some(t) = &isbox {
+            let rules = Ruleset {
+                ports: ingress_ports(st),
+                masquerade_out: vec![t.endpoints[0].ifname.clone()],
+                ..Default::default()
+            };
+            let ns = Netns::Path(PathBuf::from(&t.netns));
+            if let Err(e) = netns::run_in(&ns, move || nftables::apply(&rules)).await {
+                report
+                    .errors
+                    .push(format!("ingress sandbox nftables: {e:#}"));
+            }
+        }
 
         // 7. Sweep what nothing desires any more.
         let mut wanted: BTreeMap<Netns, BTreeSet<String>> = BTreeMap::new();
-        for task in &tasks {
+        for task in tasks.iter().copied().chain(isbox.as_ref()) {
             for ep in &task.endpoints {
                 if let Some(a) = self.attachment(st, ep) {
                     wanted
@@ -288,10 +326,13 @@ impl Reconciler {
                 }
             }
         }
-        let wanted_sandboxes: BTreeSet<String> = overlays
+        let mut wanted_sandboxes: BTreeSet<String> = overlays
             .keys()
             .map(|id| naming::sandbox_netns(node, id))
             .collect();
+        if ingress.is_some() {
+            wanted_sandboxes.insert(naming::ingress_sbox_netns(node));
+        }
         let wanted_bridges: BTreeSet<String> =
             bridges.iter().map(|n| naming::bridge_if(&n.id)).collect();
         if let Err(e) = self
@@ -301,6 +342,105 @@ impl Reconciler {
             report.errors.push(format!("sweep: {e:#}"));
         }
         report
+    }
+
+    /// The ingress sandbox, built like a task with two endpoints: `eth0` on the ingress
+    /// network (the node's ingress address, which connections from the mesh come from)
+    /// and `eth1` on the gwbridge (where the node sends published-port traffic), with
+    /// its default route back through the node.
+    async fn ensure_ingress_sbox(&self, st: &State, net: &Network) -> Result<Task> {
+        let node = &self.cfg.name;
+        let Some(addr) = st.lb_addrs.get(&net.id).and_then(|m| m.get(node)).copied() else {
+            // A node that joined after the ingress network was made.
+            state::ensure_lb_addresses(self.store.as_ref(), node, &[INGRESS.to_string()]).await?;
+            anyhow::bail!("waiting for this node's address on the ingress network");
+        };
+        let name = naming::ingress_sbox_netns(node);
+        let create = name.clone();
+        tokio::task::spawn_blocking(move || netns::create_named(&create))
+            .await
+            .map_err(|e| anyhow!("{e}"))??;
+        let gw = self.cfg.gwbridge_subnet;
+        let leg = |id: &str, network: &str, ip: Ipv4Addr, prefix: u8, ifname: &str| Endpoint {
+            id: id.into(),
+            network: network.into(),
+            ip,
+            prefix,
+            mac: crate::model::format_mac(&crate::model::mac_for_ip(ip)),
+            ifname: ifname.into(),
+        };
+        let [on_ingress, on_gwbridge] = naming::INGRESS_SBOX_ENDPOINTS;
+        let task = Task {
+            id: name.clone(),
+            name: name.clone(),
+            service: String::new(),
+            node: node.clone(),
+            netns: Path::new(netns::NETNS_DIR)
+                .join(&name)
+                .display()
+                .to_string(),
+            endpoints: vec![
+                leg(on_ingress, INGRESS, addr, net.subnet.prefix(), "eth0"),
+                leg(
+                    on_gwbridge,
+                    GWBRIDGE,
+                    crate::ipam::ingress_sbox_address(gw),
+                    gw.prefix(),
+                    "eth1",
+                ),
+            ],
+            default_gateway: Some(crate::ipam::default_gateway(gw)),
+            created_at: 0,
+        };
+        self.ensure_task(st, &task).await?;
+        netns::run_in(&Netns::named(&name), || {
+            netns::write_sysctl("net.ipv4.ip_forward", "1")
+        })
+        .await?;
+        Ok(task)
+    }
+
+    /// Published ports answered in the node's namespace: ingress mode goes to the
+    /// ingress sandbox (same port); host mode to this node's own tasks of the service
+    /// (their gwbridge address, the target port), and is absent where none runs.
+    fn node_ports(
+        &self,
+        st: &State,
+        tasks: &[&Task],
+        report: &Report,
+        mesh: bool,
+    ) -> Vec<PortRule> {
+        let up = tasks_up(tasks, report);
+        let mut rules = vec![];
+        for svc in st.services.values() {
+            for p in &svc.publish {
+                let (targets, target_port) = match p.mode {
+                    PublishMode::Ingress if mesh => (
+                        vec![crate::ipam::ingress_sbox_address(self.cfg.gwbridge_subnet)],
+                        p.published,
+                    ),
+                    PublishMode::Ingress => continue,
+                    PublishMode::Host => {
+                        let mut ips: Vec<Ipv4Addr> = up
+                            .iter()
+                            .filter(|t| t.service == svc.name)
+                            .flat_map(|t| t.endpoints.iter())
+                            .filter(|e| e.network == GWBRIDGE)
+                            .map(|e| e.ip)
+                            .collect();
+                        ips.sort();
+                        (ips, p.target)
+                    }
+                };
+                rules.push(PortRule {
+                    proto: p.protocol.as_str(),
+                    port: p.published,
+                    targets,
+                    target_port,
+                });
+            }
+        }
+        rules
     }
 
     async fn sync_datapath(
@@ -571,6 +711,36 @@ impl Reconciler {
         })
         .await
     }
+}
+
+/// What the ingress sandbox balances: each ingress-mode port onto the ingress addresses
+/// of the service's tasks on live nodes, wherever they run.
+pub fn ingress_ports(st: &State) -> Vec<PortRule> {
+    let mut rules = vec![];
+    for svc in st.services.values() {
+        for p in svc
+            .publish
+            .iter()
+            .filter(|p| p.mode == PublishMode::Ingress)
+        {
+            let mut targets: Vec<Ipv4Addr> = st
+                .tasks
+                .values()
+                .filter(|t| t.service == svc.name && st.node_alive(&t.node))
+                .flat_map(|t| t.endpoints.iter())
+                .filter(|e| e.network == INGRESS)
+                .map(|e| e.ip)
+                .collect();
+            targets.sort();
+            rules.push(PortRule {
+                proto: p.protocol.as_str(),
+                port: p.published,
+                targets,
+                target_port: p.target,
+            });
+        }
+    }
+    rules
 }
 
 /// The tasks without an error so far in this step.

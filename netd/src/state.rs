@@ -8,6 +8,7 @@
 //! - `networks/NAME`, `services/NAME`, `tasks/ID`, `nodes/NAME`: JSON records
 //! - `tasknames/NAME`: the id of the task with that name
 //! - `ipam/NETWORK-ID/IP`, `gwipam/NODE/IP`, `vni/VNI`: who holds an address or a VNI
+//! - `ports/PROTO-PORT`: the service that publishes a port (one per cluster)
 //! - `lbaddr/NETWORK-ID/NODE`: the node's own address on an overlay, for a datapath
 //!   that translates client addresses (userspace); released with the network
 //! - `meta/networks`: rewritten by every network create/rm and compared by service
@@ -26,7 +27,8 @@ use thiserror::Error;
 
 use crate::ipam::{self, IpamError};
 use crate::model::{
-    self, Driver, Endpoint, EndpointMode, Network, Node, PortSpec, Service, Task, GWBRIDGE,
+    self, Driver, Endpoint, EndpointMode, Network, Node, PortSpec, PublishMode, Service, Task,
+    GWBRIDGE,
 };
 use crate::store::{Compare, Op, Store, StoreError, ROOT};
 const META_NETWORKS: &str = "/netd/meta/networks";
@@ -75,6 +77,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Pools {
     pub pool: Ipv4Network,
     pub size: u8,
+    /// Subnet of the `ingress` network, made with the first service that publishes a
+    /// port in ingress mode (Docker: 10.0.0.0/24).
+    pub ingress: Ipv4Network,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -237,6 +242,16 @@ impl State {
             Some(rev) => Compare::Revision(key.to_string(), *rev),
             None => Compare::Absent(key.to_string()),
         }
+    }
+
+    /// The `ingress` network while some service publishes a port in ingress mode: then
+    /// every node runs the routing mesh.
+    pub fn ingress(&self) -> Option<&Network> {
+        self.services
+            .values()
+            .any(|s| s.publish.iter().any(|p| p.mode == PublishMode::Ingress))
+            .then(|| self.networks.get(INGRESS))
+            .flatten()
     }
 
     pub fn node_alive(&self, name: &str) -> bool {
@@ -424,55 +439,85 @@ pub async fn create_network(
                 req.name
             )));
         }
-        let taken = st.taken_subnets();
-        let subnet = match subnet {
-            Some(s) => {
-                ipam::check_free(s, &taken)?;
-                s
-            }
-            None => ipam::allocate_subnet(pools.pool, pools.size, &taken)?,
-        };
-        let gateway = gateway.unwrap_or_else(|| ipam::default_gateway(subnet));
-        let vni = match driver {
-            Driver::Overlay => Some(ipam::allocate_vni(&st.vnis)?),
-            Driver::Bridge => None,
-        };
-        let net = Network {
-            id: id.clone(),
-            name: req.name.clone(),
+        let spec = NetworkSpec {
+            id: &id,
+            name: &req.name,
             driver,
             subnet,
             gateway,
-            vni,
             attachable: req.attachable,
             internal: req.internal,
-            created_at: model::now_secs(),
         };
-        let nk = key("networks", &net.name);
-        let gk = key("ipam", &format!("{}/{gateway}", net.id));
-        let mut compares = vec![
-            Compare::Absent(nk.clone()),
-            st.unchanged(META_NETWORKS),
-            Compare::Absent(gk.clone()),
-        ];
-        let mut ops = vec![
-            Op::Put(nk, encode(&net)),
-            Op::Put(gk, b"\"gateway\"".to_vec()),
-            Op::Put(META_NETWORKS.into(), encode(&st.revision)),
-        ];
-        if let Some(v) = vni {
-            let vk = key("vni", &v.to_string());
-            compares.push(Compare::Absent(vk.clone()));
-            ops.push(Op::Put(vk, encode(&net.name)));
-        }
-        // The node gwbridges are part of `taken`: a node changing its gwbridge subnet
-        // concurrently must make this attempt retry.
-        for name in st.nodes.keys() {
-            compares.push(st.unchanged(&key("nodes", name)));
-        }
+        let mut compares = vec![st.unchanged(META_NETWORKS)];
+        let mut ops = vec![Op::Put(META_NETWORKS.into(), encode(&st.revision))];
+        let net = network_ops(st, pools, &spec, &mut compares, &mut ops)?;
         Ok((compares, ops, net))
     })
     .await
+}
+
+/// What a new network is made of, before the store has seen it.
+struct NetworkSpec<'a> {
+    id: &'a str,
+    name: &'a str,
+    driver: Driver,
+    subnet: Option<Ipv4Network>,
+    gateway: Option<Ipv4Addr>,
+    attachable: bool,
+    internal: bool,
+}
+
+/// The writes that create network `spec` (subnet, gateway, VNI), for one transaction.
+fn network_ops(
+    st: &State,
+    pools: &Pools,
+    spec: &NetworkSpec,
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<Op>,
+) -> Result<Network> {
+    let taken = st.taken_subnets();
+    let subnet = match spec.subnet {
+        Some(s) => {
+            ipam::check_free(s, &taken)?;
+            s
+        }
+        None => ipam::allocate_subnet(pools.pool, pools.size, &taken)?,
+    };
+    let gateway = spec
+        .gateway
+        .unwrap_or_else(|| ipam::default_gateway(subnet));
+    let vni = match spec.driver {
+        Driver::Overlay => Some(ipam::allocate_vni(&st.vnis)?),
+        Driver::Bridge => None,
+    };
+    let net = Network {
+        id: spec.id.to_string(),
+        name: spec.name.to_string(),
+        driver: spec.driver,
+        subnet,
+        gateway,
+        vni,
+        attachable: spec.attachable,
+        internal: spec.internal,
+        created_at: model::now_secs(),
+    };
+    let nk = key("networks", &net.name);
+    let gk = key("ipam", &format!("{}/{gateway}", net.id));
+    compares.push(Compare::Absent(nk.clone()));
+    compares.push(Compare::Absent(gk.clone()));
+    ops.push(Op::Put(nk, encode(&net)));
+    ops.push(Op::Put(gk, b"\"gateway\"".to_vec()));
+    if let Some(v) = vni {
+        let vk = key("vni", &v.to_string());
+        compares.push(Compare::Absent(vk.clone()));
+        ops.push(Op::Put(vk, encode(&net.name)));
+    }
+    // The node gwbridges are part of `taken`: a node changing its gwbridge subnet
+    // concurrently must make this attempt retry.
+    for name in st.nodes.keys() {
+        compares.push(st.unchanged(&key("nodes", name)));
+    }
+    Ok(net)
 }
 
 pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<Network>> {
@@ -521,7 +566,14 @@ pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<N
     .await
 }
 
-pub async fn create_service(store: &dyn Store, req: ServiceCreate) -> Result<Committed<Service>> {
+/// The network that carries published ports in ingress mode between nodes.
+pub const INGRESS: &str = "ingress";
+
+pub async fn create_service(
+    store: &dyn Store,
+    pools: &Pools,
+    req: ServiceCreate,
+) -> Result<Committed<Service>> {
     model::validate_dns_label("service", &req.name).map_err(Error::Invalid)?;
     for a in &req.aliases {
         model::validate_dns_label("alias", a).map_err(Error::Invalid)?;
@@ -538,14 +590,10 @@ pub async fn create_service(store: &dyn Store, req: ServiceCreate) -> Result<Com
             return Err(Error::Invalid(format!("network {n:?} given twice")));
         }
     }
-    if !req.publish.is_empty() {
-        return Err(Error::Unsupported(
-            "published ports need the ingress routing mesh, which this netd does not have yet"
-                .into(),
-        ));
-    }
     let mode = req.endpoint_mode.unwrap_or(EndpointMode::Vip);
+    check_publish(&req.publish, mode)?;
     let id = model::random_id(12);
+    let ingress_id = model::random_id(12);
     commit(store, |st| {
         if st.services.contains_key(&req.name) {
             return Err(Error::Conflict(format!(
@@ -553,9 +601,37 @@ pub async fn create_service(store: &dyn Store, req: ServiceCreate) -> Result<Com
                 req.name
             )));
         }
+        if let Some((p, other)) = req.publish.iter().find_map(|p| {
+            st.services
+                .values()
+                .find(|s| {
+                    s.publish
+                        .iter()
+                        .any(|q| q.published == p.published && q.protocol == p.protocol)
+                })
+                .map(|s| (p, s))
+        }) {
+            return Err(Error::Conflict(format!(
+                "port {}/{} is already published by service {:?}",
+                p.published,
+                p.protocol.as_str(),
+                other.name
+            )));
+        }
         let sk = key("services", &req.name);
         let mut compares = vec![Compare::Absent(sk.clone()), st.unchanged(META_NETWORKS)];
         let mut ops = vec![];
+        // A published port is the cluster's: two services racing for it must not both win.
+        for p in &req.publish {
+            let pk = key("ports", &format!("{}-{}", p.protocol.as_str(), p.published));
+            compares.push(Compare::Absent(pk.clone()));
+            ops.push(Op::Put(pk, encode(&req.name)));
+        }
+        if req.publish.iter().any(|p| p.mode == PublishMode::Ingress)
+            && !st.networks.contains_key(INGRESS)
+        {
+            ingress_ops(st, pools, &ingress_id, &mut compares, &mut ops)?;
+        }
         let mut vips = BTreeMap::new();
         for n in &req.networks {
             let net = st.network(n)?;
@@ -585,6 +661,67 @@ pub async fn create_service(store: &dyn Store, req: ServiceCreate) -> Result<Com
     .await
 }
 
+/// Published ports of one request: each port once, a target port, and ingress mode
+/// only with a VIP (as Docker refuses ingress ports on dnsrr services).
+fn check_publish(publish: &[PortSpec], mode: EndpointMode) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for p in publish {
+        if p.published == 0 || p.target == 0 {
+            return Err(Error::Invalid(format!(
+                "publish {}:{}: ports must be from 1 to 65535",
+                p.published, p.target
+            )));
+        }
+        if !seen.insert((p.published, p.protocol.as_str())) {
+            return Err(Error::Invalid(format!(
+                "port {}/{} is published twice",
+                p.published,
+                p.protocol.as_str()
+            )));
+        }
+        if p.mode == PublishMode::Ingress && mode == EndpointMode::Dnsrr {
+            return Err(Error::Invalid(format!(
+                "port {} is published in ingress mode, which needs --endpoint-mode vip \
+                 (use mode=host with dnsrr)",
+                p.published
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The writes that make the `ingress` network, and an address on it for every node
+/// (its ingress sandbox's), in the transaction of the first service that needs it.
+fn ingress_ops(
+    st: &State,
+    pools: &Pools,
+    id: &str,
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<Op>,
+) -> Result<()> {
+    let spec = NetworkSpec {
+        id,
+        name: INGRESS,
+        driver: Driver::Overlay,
+        subnet: Some(pools.ingress),
+        gateway: None,
+        attachable: false,
+        internal: false,
+    };
+    let net = network_ops(st, pools, &spec, compares, ops)?;
+    ops.push(Op::Put(META_NETWORKS.into(), encode(&st.revision)));
+    let mut taken = BTreeSet::from([net.gateway]);
+    for node in st.nodes.keys() {
+        let ip = ipam::allocate_ip(net.subnet, &taken)?;
+        taken.insert(ip);
+        let ik = key("ipam", &format!("{}/{ip}", net.id));
+        let lk = key("lbaddr", &format!("{}/{node}", net.id));
+        ops.push(Op::Put(ik, encode(&format!("lb:{node}"))));
+        ops.push(Op::Put(lk, encode(&ip)));
+    }
+    Ok(())
+}
+
 /// The store writes that release everything a task holds.
 fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
     let mut ops = vec![
@@ -612,6 +749,12 @@ pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Committed<S
         let sk = key("services", name);
         let mut compares = vec![st.unchanged(&sk)];
         let mut ops = vec![Op::Delete(sk)];
+        for p in &svc.publish {
+            ops.push(Op::Delete(key(
+                "ports",
+                &format!("{}-{}", p.protocol.as_str(), p.published),
+            )));
+        }
         for (net, vip) in &svc.vips {
             if let Some(n) = st.networks.get(net) {
                 ops.push(Op::Delete(key("ipam", &format!("{}/{vip}", n.id))));
@@ -714,11 +857,25 @@ pub async fn attach_task(
             }
             endpoints.push(endpoint(endpoints.len(), netname, ip, net.subnet.prefix()));
         }
+        // Tasks of a service with ingress-mode ports sit on the ingress network too:
+        // that is where every node's ingress sandbox reaches them.
+        if svc.publish.iter().any(|p| p.mode == PublishMode::Ingress) {
+            let net = st.network(INGRESS)?;
+            compares.push(st.unchanged(&key("networks", INGRESS)));
+            let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
+            let ip = ipam::allocate_ip(net.subnet, &used)?;
+            let ik = key("ipam", &format!("{}/{ip}", net.id));
+            compares.push(Compare::Absent(ik.clone()));
+            ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
+            endpoints.push(endpoint(endpoints.len(), INGRESS, ip, net.subnet.prefix()));
+            needs_gwbridge = true;
+        }
         if default_gateway.is_none() && needs_gwbridge {
             let subnet = node.gwbridge_subnet;
             let gw = ipam::default_gateway(subnet);
             let mut used = st.gwipam.get(&node_name).cloned().unwrap_or_default();
             used.insert(gw);
+            used.insert(ipam::ingress_sbox_address(subnet));
             let ip = ipam::allocate_ip(subnet, &used)?;
             let ik = key("gwipam", &format!("{node_name}/{ip}"));
             compares.push(Compare::Absent(ik.clone()));
@@ -834,6 +991,7 @@ pub(crate) mod fixture {
 
     pub fn pools() -> Pools {
         Pools {
+            ingress: "198.19.255.0/24".parse().unwrap(),
             pool: "198.19.0.0/16".parse().unwrap(),
             size: 24,
         }
@@ -893,6 +1051,7 @@ mod tests {
         create_network(s, &pools(), net("front")).await.unwrap();
         create_service(
             s,
+            &pools(),
             ServiceCreate {
                 name: "web".into(),
                 networks: vec!["front".into()],
@@ -959,6 +1118,7 @@ mod tests {
                 svcs.push(tokio::spawn(async move {
                     create_service(
                         s.as_ref(),
+                        &pools(),
                         ServiceCreate {
                             name: format!("svc{i}"),
                             networks: vec!["net0".into()],

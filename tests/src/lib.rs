@@ -28,6 +28,8 @@ use serde_json::Value;
 pub const UNDERLAY_PREFIX: u8 = 24;
 pub const GWBRIDGE_SUBNET: &str = "198.18.1.0/24";
 pub const ADDRESS_POOL: &str = "198.19.0.0/16";
+/// The routing mesh's network in every lab.
+pub const INGRESS_SUBNET: &str = "198.19.255.0/24";
 /// Underlay host number of the lab's etcd.
 pub const ETCD_HOST: u8 = 2;
 /// Lease TTL the lab's daemons use: a dead node is marked down this long after it died.
@@ -393,6 +395,8 @@ impl Lab {
             ADDRESS_POOL,
             "--gwbridge-subnet",
             GWBRIDGE_SUBNET,
+            "--ingress-subnet",
+            INGRESS_SUBNET,
             "--dns-search",
             SEARCH_DOMAIN,
             "--dns-upstream",

@@ -200,6 +200,7 @@ mod tests {
         .unwrap();
         state::create_service(
             s,
+            &fixture::pools(),
             ServiceCreate {
                 name: "web".into(),
                 networks: vec!["front".into()],
