@@ -1167,6 +1167,78 @@ mod tests {
         }
     );
 
+    store_test!(
+        a_published_port_belongs_to_one_service_and_brings_the_ingress_network,
+        |s: SharedStore| async move {
+            for n in ["n1", "n2"] {
+                add_node(s.as_ref(), n).await;
+            }
+            create_network(s.as_ref(), &pools(), net("front"))
+                .await
+                .unwrap();
+            let publish = |p: u16| vec![model::parse_publish(&format!("{p}:80")).unwrap()];
+            // Two services race for one port: exactly one gets it.
+            let mut racers = vec![];
+            for i in 0..4 {
+                let s = s.clone();
+                let publish = publish(4567);
+                racers.push(tokio::spawn(async move {
+                    create_service(
+                        s.as_ref(),
+                        &pools(),
+                        ServiceCreate {
+                            name: format!("web{i}"),
+                            networks: vec!["front".into()],
+                            publish,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                }));
+            }
+            let mut won = vec![];
+            for r in racers {
+                match r.await.unwrap() {
+                    Ok(svc) => won.push(svc.value.name),
+                    Err(Error::Conflict(_)) => {}
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            assert_eq!(won.len(), 1, "{won:?}");
+            let st = State::load(s.as_ref()).await.unwrap();
+            let ingress = st.ingress().expect("the ingress network exists");
+            assert_eq!(ingress.subnet, pools().ingress);
+            // Every node has its address on it, distinct.
+            let addrs: BTreeSet<Ipv4Addr> = st.lb_addrs[&ingress.id].values().copied().collect();
+            assert_eq!(addrs.len(), 2);
+            // A task of the service sits on the ingress network too, off the node addresses.
+            let t = attach_task(s.as_ref(), "n1", attach(&won[0], "/run/netns/a", "n1"))
+                .await
+                .unwrap();
+            let on_ingress: Vec<&Endpoint> = t
+                .endpoints
+                .iter()
+                .filter(|e| e.network == INGRESS)
+                .collect();
+            assert_eq!(on_ingress.len(), 1);
+            assert!(!addrs.contains(&on_ingress[0].ip));
+            // Freed by service rm, the port is free at once.
+            remove_service(s.as_ref(), &won[0]).await.unwrap();
+            create_service(
+                s.as_ref(),
+                &pools(),
+                ServiceCreate {
+                    name: "again".into(),
+                    networks: vec!["front".into()],
+                    publish: publish(4567),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+    );
+
     store_test!(a_down_node_gets_no_tasks, |s: SharedStore| async move {
         add_node(s.as_ref(), "n1").await;
         web_on_front(s.as_ref()).await;

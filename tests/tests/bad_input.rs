@@ -94,7 +94,18 @@ fn bad_requests_get_clear_errors_and_change_nothing() -> Result<()> {
         0,
         &["network", "create", "tiny", "--subnet", "198.19.40.0/30"],
     )?;
-    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    lab.cli(
+        0,
+        &[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "front",
+            "--publish",
+            "4567:80",
+        ],
+    )?;
     // /30: two hosts, the gateway and the service VIP: no address left for a task.
     lab.cli(0, &["service", "create", "full", "--network", "tiny"])?;
     let (_, t1) = lab.add_task_netns("t1")?;
@@ -204,19 +215,77 @@ fn bad_requests_get_clear_errors_and_change_nothing() -> Result<()> {
         "conflict",
     )?;
 
-    // Ports need the routing mesh, which this build does not have: refused, not faked.
-    check.rejects(
-        &[
-            "service",
-            "create",
-            "api",
-            "--network",
-            "front",
-            "--publish",
-            "8080:80",
-        ],
-        "unsupported",
+    // Published ports: taken by another service, published twice, a target port of 0,
+    // ingress mode on a dnsrr service, no network.
+    for (args, code) in [
+        (
+            &["--network", "front", "--publish", "4567:8080"][..],
+            "conflict",
+        ),
+        (
+            &[
+                "--network",
+                "front",
+                "--publish",
+                "4600:80",
+                "--publish",
+                "4600:81",
+            ][..],
+            "invalid_argument",
+        ),
+        (
+            &[
+                "--network",
+                "front",
+                "--publish",
+                "4600:80",
+                "--endpoint-mode",
+                "dnsrr",
+            ][..],
+            "invalid_argument",
+        ),
+    ] {
+        let mut cmd = vec!["service", "create", "api"];
+        cmd.extend_from_slice(args);
+        check.rejects(&cmd, code)?;
+    }
+    for body in [
+        &br#"{"name":"api","networks":["front"],"publish":[{"published":4600,"target":0,"protocol":"tcp","mode":"ingress"}]}"#[..],
+        br#"{"name":"api","networks":["front"],"publish":[{"published":0,"target":80,"protocol":"tcp","mode":"ingress"}]}"#,
+        br#"{"name":"api","networks":[],"publish":[{"published":4600,"target":80,"protocol":"tcp","mode":"ingress"}]}"#,
+    ] {
+        let (status, v) = raw_post(&lab, "/v1/services", body)?;
+        assert_eq!((status, v["code"].as_str()), (400, Some("invalid_argument")), "{v}");
+        check.unchanged(&String::from_utf8_lossy(body))?;
+    }
+    let (status, v) = raw_post(
+        &lab,
+        "/v1/services",
+        br#"{"name":"api","networks":["front"],"publish":[{"published":70000,"target":80,"protocol":"tcp","mode":"ingress"}]}"#,
     )?;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (400, Some("invalid_json")),
+        "{v}"
+    );
+    check.unchanged("published port 70000")?;
+    // The CLI checks the spec before asking the API.
+    for spec in ["0:80", "4600:0", "70000:80", "4600:80/sctp", "4600"] {
+        let out = lab.cli(
+            0,
+            &[
+                "service",
+                "create",
+                "api",
+                "--network",
+                "front",
+                "--publish",
+                spec,
+            ],
+        );
+        assert!(out.is_err(), "--publish {spec} was accepted");
+    }
+    check.unchanged("bad --publish specs")?;
 
     // Netns paths.
     let missing = format!("/run/netns/{}-missing", lab.prefix);

@@ -101,6 +101,16 @@ fn a_published_port_answers_on_every_node_and_reaches_every_task() -> Result<()>
         bail!("10 requests to each node reached {seen:?}, not all of {all:?}");
     }
 
+    // The embedded DNS answers SRV for the published ports (target port, VIP target).
+    let srv = lab.dig(&lab.ns("w0"), &["+short", "SRV", "_80._tcp.web"])?;
+    if !srv.contains(" 80 ") {
+        bail!("no SRV record for _80._tcp.web: {srv:?}");
+    }
+    let srv = lab.dig(&lab.ns("w0"), &["+short", "SRV", "_80._udp.web"])?;
+    if !srv.contains(" 80 ") {
+        bail!("no SRV record for _80._udp.web: {srv:?}");
+    }
+
     // UDP through the mesh: the answer comes back from the address asked.
     let asked = SocketAddr::from((nodes[2], 4568));
     let (answer, from) = udp_ask_from(&client, asked)?;
@@ -122,6 +132,27 @@ fn a_published_port_answers_on_every_node_and_reaches_every_task() -> Result<()>
             Ok(requests(&client, *node, PUBLISHED, 1)? == ["w5"])
         })?;
     }
+
+    // A port freed by `service rm` can be published again at once.
+    lab.cli(0, &["service", "rm", "web"])?;
+    lab.cli(
+        0,
+        &[
+            "service",
+            "create",
+            "again",
+            "--network",
+            "front",
+            "--publish",
+            "4567:80",
+        ],
+    )?;
+    lab.attach_whoami(0, "again", "a1", None)?;
+    eventually(
+        Duration::from_secs(10),
+        "the port answers for the new service",
+        || Ok(requests(&client, nodes[2], PUBLISHED, 1)? == ["a1"]),
+    )?;
     Ok(())
 }
 
