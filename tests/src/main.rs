@@ -82,12 +82,23 @@ fn demo() -> Result<()> {
         &lab,
         &["network", "create", "front", "--subnet", "198.19.10.0/24"],
     )?;
-    show(&lab, &["service", "create", "web", "--network", "front"])?;
+    show(
+        &lab,
+        &[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "front",
+            "--publish",
+            "4567:80",
+        ],
+    )?;
 
-    step("Attaching one task per node, all through node 1's API (--node picks the node)");
-    for i in 0..3 {
+    step("Attaching five tasks over the three nodes, all through node 1's API (--node picks the node)");
+    for i in 0..5 {
         let path = lab.whoami_task(&format!("web{}", i + 1), 80)?;
-        let node = lab.nodes[i].name.clone();
+        let node = lab.nodes[i % 3].name.clone();
         show(
             &lab,
             &[
@@ -169,6 +180,23 @@ fn demo() -> Result<()> {
         "connections per backend, as node 1 counted them: {}",
         inspect["load_balancer"]["vips"][0]["backends"]
     );
+
+    step("The routing mesh: the outside host curls port 4567 on every node");
+    let outside = lab.ns("outside");
+    for n in &lab.nodes {
+        let addr = SocketAddr::from((n.ip, 4567));
+        let mut names = vec![];
+        for _ in 0..5 {
+            let body = http_get_from(&outside, addr)?;
+            names.push(field(&body, "Hostname").context("no answer")?.to_string());
+        }
+        println!(
+            "curl http://{addr}/ x5 (node {}) -> {}",
+            n.name,
+            names.join(" ")
+        );
+    }
+    println!("(every node answers and rotates over all five tasks, wherever they run)");
 
     step("Task web-1 reaches the outside host through the gwbridge (masqueraded)");
     let body = http_get_from(&from, SocketAddr::from((underlay_ip(100), 80)))?;
