@@ -989,6 +989,32 @@ pub(crate) mod fixture {
     use super::*;
     use crate::store::local::LocalStore;
 
+    /// Network `front` and service `web` (VIP mode) on it.
+    pub async fn web_on_front(s: &dyn Store) -> Service {
+        create_network(
+            s,
+            &pools(),
+            NetworkCreate {
+                name: "front".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        create_service(
+            s,
+            &pools(),
+            ServiceCreate {
+                name: "web".into(),
+                networks: vec!["front".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .value
+    }
+
     pub fn pools() -> Pools {
         Pools {
             ingress: "198.19.255.0/24".parse().unwrap(),
@@ -1027,7 +1053,7 @@ pub(crate) mod fixture {
 
 #[cfg(test)]
 mod tests {
-    use super::fixture::{add_node, pools};
+    use super::fixture::{add_node, pools, web_on_front};
     use super::*;
     use crate::store::testing::{store_test, SharedStore};
 
@@ -1045,22 +1071,6 @@ mod tests {
             node: Some(node.into()),
             ..Default::default()
         }
-    }
-
-    async fn web_on_front(s: &dyn Store) -> Service {
-        create_network(s, &pools(), net("front")).await.unwrap();
-        create_service(
-            s,
-            &pools(),
-            ServiceCreate {
-                name: "web".into(),
-                networks: vec!["front".into()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .value
     }
 
     store_test!(

@@ -184,38 +184,12 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{self, fixture, NetworkCreate, ServiceCreate, TaskAttach};
-
-    /// Network `front` and service `web` on it.
-    async fn web_on_front(s: &dyn crate::store::Store) -> crate::model::Service {
-        state::create_network(
-            s,
-            &fixture::pools(),
-            NetworkCreate {
-                name: "front".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        state::create_service(
-            s,
-            &fixture::pools(),
-            ServiceCreate {
-                name: "web".into(),
-                networks: vec!["front".into()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .value
-    }
+    use crate::state::{self, fixture, TaskAttach};
 
     #[tokio::test]
     async fn the_table_lists_each_vip_with_its_task_ips() {
         let (_dir, s) = fixture::setup().await;
-        let svc = web_on_front(&s).await;
+        let svc = fixture::web_on_front(&s).await;
         let mut ips = vec![];
         for i in 0..3 {
             let t = state::attach_task(
@@ -243,7 +217,7 @@ mod tests {
     async fn tasks_of_a_down_node_leave_every_vip() {
         let (_dir, s) = fixture::setup().await;
         fixture::add_node(&s, "n2").await;
-        let svc = web_on_front(&s).await;
+        let svc = fixture::web_on_front(&s).await;
         let mut by_node = vec![];
         for node in ["n1", "n2"] {
             let t = state::attach_task(
