@@ -5,7 +5,7 @@
 APT_PACKAGES := nftables iproute2 iputils-ping procps util-linux curl etcd-server protobuf-compiler \
   dnsutils unbound clang-19 libbpf-dev python3
 # Only `make bench` needs these.
-BENCH_PACKAGES := iperf3 dnsperf
+BENCH_PACKAGES := iperf3 dnsperf haproxy
 CARGO ?= cargo
 TEST_THREADS ?= 2
 
@@ -39,6 +39,7 @@ bench:
 	./target/release/netd-bench overlay
 	./target/release/netd-bench dns
 	./target/release/netd-bench vip
+	./target/release/netd-bench ingress
 
 lint:
 	$(CARGO) fmt --all --check

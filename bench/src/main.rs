@@ -13,6 +13,7 @@ use netd_bench::report::{header, machine, median, ms, quantile};
 use netd_lab::Lab;
 use serde_json::Value;
 
+mod ingress;
 mod vip;
 
 #[derive(Parser)]
@@ -54,6 +55,25 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/dns.md")]
         out: PathBuf,
     },
+    /// A published port through a node that runs no task: netd's routing mesh against a
+    /// direct connection, HAProxy and nftables DNAT on that node (table + SVG plot).
+    Ingress {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Runs per path; paths alternate and the median run counts.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Client threads (connections for the keep-alive runs).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// whoami tasks per service (spread over two nodes).
+        #[arg(long, default_value_t = 4)]
+        tasks: usize,
+        /// The table; the plot goes next to it with the extension .svg.
+        #[arg(long, default_value = "bench/results/ingress.md")]
+        out: PathBuf,
+    },
     /// Service VIPs with 2 and 8 backends: eBPF and userspace datapaths against a direct
     /// connection and nftables numgen DNAT (table + SVG plot).
     Vip {
@@ -92,6 +112,13 @@ fn main() -> Result<()> {
             threads,
             out,
         } => vip::run(seconds, rounds, threads, &out),
+        Cmd::Ingress {
+            seconds,
+            rounds,
+            threads,
+            tasks,
+            out,
+        } => ingress::run(seconds, rounds, threads, tasks, &out),
     }
 }
 
