@@ -60,4 +60,73 @@ struct netd_counter {
 	__u64 connections;
 };
 
+/* ---- ingress_xdp: the routing mesh's fast path on the node's underlay interface ---- */
+
+/* The node's facts (array, one entry). Addresses in network byte order. */
+struct netd_ingress_config {
+	__u32 node_ip;    /* underlay address: the VTEP, and where published ports answer */
+	__u32 ingress_ip; /* the node's address on the ingress network: the SNAT source */
+	__u32 vni;        /* the ingress network's VNI, host byte order */
+	__u16 vxlan_port; /* network byte order */
+	__u16 pad;
+};
+
+/* A published port (network byte order) and its L4 protocol. */
+struct netd_port_key {
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* Where a published port goes: `count` backends at netd_backend_key{slot, 0..count}
+ * (values struct netd_mesh_backend), on `target_port` (network byte order). Replaced
+ * as one value, like a VIP's. */
+struct netd_port_value {
+	__u32 slot;
+	__u32 count;
+	__u16 target_port;
+	__u16 pad;
+};
+
+/* A task behind a published port: its address on the ingress network and the VTEP of
+ * its node. */
+struct netd_mesh_backend {
+	__u32 addr;
+	__u32 vtep;
+};
+
+/* One direction of a translated flow: forward {client, client port, published port},
+ * reverse {backend, target port, SNAT port}; both with the protocol. */
+struct netd_flow_key {
+	__u32 addr;
+	__u16 port_a;
+	__u16 port_b;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+#define NETD_FLOW_KERNEL 1 /* the flow belongs to the kernel path: pass it */
+
+struct netd_flow_fwd {
+	__u32 backend;
+	__u32 vtep;
+	__u16 snat_port;
+	__u16 target_port;
+	__u32 flags;
+};
+
+struct netd_flow_rev {
+	__u32 client;
+	__u16 client_port;
+	__u16 published_port;
+};
+
+/* Packet counters of the fast path (per CPU), by what happened. */
+struct netd_xdp_stats {
+	__u64 forwarded;
+	__u64 returned;
+	__u64 passed;
+	__u64 dropped;
+};
+
 #endif

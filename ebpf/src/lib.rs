@@ -59,6 +59,36 @@ pub fn current_netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// The compiled `ingress_xdp` object: the routing mesh's fast path (XDP on the node's
+/// underlay interface).
+pub static INGRESS_XDP: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ingress_xdp.o"));
+
+/// The program in [`INGRESS_XDP`].
+pub const INGRESS_XDP_PROGRAM: &str = "netd_ingress";
+
+/// The maps of [`INGRESS_XDP`], pinned by name like sock_lb's.
+pub const INGRESS_XDP_MAPS: &[&str] = &[
+    "netd_ingress_cfg",
+    "netd_ports",
+    "netd_mesh_backends",
+    "netd_mesh_rr",
+    "netd_flows_fwd",
+    "netd_flows_rev",
+    "netd_xdp_stats",
+];
+
+/// Loads [`INGRESS_XDP`] with its maps pinned in `pin_dir`, as [`load_sock_lb`] does.
+pub fn load_ingress_xdp(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
+    std::fs::create_dir_all(pin_dir).map_err(|e| EbpfError::FileError {
+        path: pin_dir.to_path_buf(),
+        error: e,
+    })?;
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(INGRESS_XDP)
+}
+
 /// Where bpffs is mounted on Linux.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of bpffs.

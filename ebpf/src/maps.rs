@@ -67,6 +67,82 @@ pub struct Counter {
     pub connections: u64,
 }
 
+/// The node's facts for `ingress_xdp` (one entry).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngressConfig {
+    pub node_ip: u32,
+    pub ingress_ip: u32,
+    /// Host byte order.
+    pub vni: u32,
+    pub vxlan_port: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// A published port's backends (`count` at [`BackendKey`] `{slot, 0..count}`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortValue {
+    pub slot: u32,
+    pub count: u32,
+    pub target_port: u16,
+    pub pad: u16,
+}
+
+/// A task behind a published port: its ingress address and its node's VTEP.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeshBackend {
+    pub addr: u32,
+    pub vtep: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub addr: u32,
+    pub port_a: u16,
+    pub port_b: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowFwd {
+    pub backend: u32,
+    pub vtep: u32,
+    pub snat_port: u16,
+    pub target_port: u16,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowRev {
+    pub client: u32,
+    pub client_port: u16,
+    pub published_port: u16,
+}
+
+/// What the fast path did with packets (per CPU).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdpStats {
+    pub forwarded: u64,
+    pub returned: u64,
+    pub passed: u64,
+    pub dropped: u64,
+}
+
 // SAFETY: plain #[repr(C)] integers with explicit padding fields: every bit pattern is a
 // valid value and there are no implicit padding bytes.
 unsafe impl aya::Pod for VipKey {}
@@ -76,6 +152,14 @@ unsafe impl aya::Pod for BackendValue {}
 unsafe impl aya::Pod for RevNatKey {}
 unsafe impl aya::Pod for RevNatValue {}
 unsafe impl aya::Pod for CounterKey {}
+unsafe impl aya::Pod for IngressConfig {}
+unsafe impl aya::Pod for PortKey {}
+unsafe impl aya::Pod for PortValue {}
+unsafe impl aya::Pod for MeshBackend {}
+unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for FlowFwd {}
+unsafe impl aya::Pod for FlowRev {}
+unsafe impl aya::Pod for XdpStats {}
 unsafe impl aya::Pod for Counter {}
 
 #[cfg(test)]
@@ -116,5 +200,59 @@ mod tests {
         assert_eq!(offset_of!(CounterKey, backend), netd_counter_key_backend);
         assert_eq!(size_of::<Counter>(), netd_counter_SIZE);
         assert_eq!(offset_of!(Counter, connections), netd_counter_connections);
+    }
+
+    #[test]
+    fn ingress_layouts_match_the_c_header() {
+        assert_eq!(size_of::<IngressConfig>(), netd_ingress_config_SIZE);
+        assert_eq!(
+            offset_of!(IngressConfig, node_ip),
+            netd_ingress_config_node_ip
+        );
+        assert_eq!(
+            offset_of!(IngressConfig, ingress_ip),
+            netd_ingress_config_ingress_ip
+        );
+        assert_eq!(offset_of!(IngressConfig, vni), netd_ingress_config_vni);
+        assert_eq!(
+            offset_of!(IngressConfig, vxlan_port),
+            netd_ingress_config_vxlan_port
+        );
+        assert_eq!(size_of::<PortKey>(), netd_port_key_SIZE);
+        assert_eq!(offset_of!(PortKey, port), netd_port_key_port);
+        assert_eq!(offset_of!(PortKey, proto), netd_port_key_proto);
+        assert_eq!(size_of::<PortValue>(), netd_port_value_SIZE);
+        assert_eq!(offset_of!(PortValue, slot), netd_port_value_slot);
+        assert_eq!(offset_of!(PortValue, count), netd_port_value_count);
+        assert_eq!(
+            offset_of!(PortValue, target_port),
+            netd_port_value_target_port
+        );
+        assert_eq!(size_of::<MeshBackend>(), netd_mesh_backend_SIZE);
+        assert_eq!(offset_of!(MeshBackend, addr), netd_mesh_backend_addr);
+        assert_eq!(offset_of!(MeshBackend, vtep), netd_mesh_backend_vtep);
+        assert_eq!(size_of::<FlowKey>(), netd_flow_key_SIZE);
+        assert_eq!(offset_of!(FlowKey, addr), netd_flow_key_addr);
+        assert_eq!(offset_of!(FlowKey, port_a), netd_flow_key_port_a);
+        assert_eq!(offset_of!(FlowKey, port_b), netd_flow_key_port_b);
+        assert_eq!(offset_of!(FlowKey, proto), netd_flow_key_proto);
+        assert_eq!(size_of::<FlowFwd>(), netd_flow_fwd_SIZE);
+        assert_eq!(offset_of!(FlowFwd, backend), netd_flow_fwd_backend);
+        assert_eq!(offset_of!(FlowFwd, vtep), netd_flow_fwd_vtep);
+        assert_eq!(offset_of!(FlowFwd, snat_port), netd_flow_fwd_snat_port);
+        assert_eq!(offset_of!(FlowFwd, target_port), netd_flow_fwd_target_port);
+        assert_eq!(offset_of!(FlowFwd, flags), netd_flow_fwd_flags);
+        assert_eq!(size_of::<FlowRev>(), netd_flow_rev_SIZE);
+        assert_eq!(offset_of!(FlowRev, client), netd_flow_rev_client);
+        assert_eq!(offset_of!(FlowRev, client_port), netd_flow_rev_client_port);
+        assert_eq!(
+            offset_of!(FlowRev, published_port),
+            netd_flow_rev_published_port
+        );
+        assert_eq!(size_of::<XdpStats>(), netd_xdp_stats_SIZE);
+        assert_eq!(offset_of!(XdpStats, forwarded), netd_xdp_stats_forwarded);
+        assert_eq!(offset_of!(XdpStats, returned), netd_xdp_stats_returned);
+        assert_eq!(offset_of!(XdpStats, passed), netd_xdp_stats_passed);
+        assert_eq!(offset_of!(XdpStats, dropped), netd_xdp_stats_dropped);
     }
 }

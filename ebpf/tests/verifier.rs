@@ -35,3 +35,27 @@ fn sock_lb_programs_pass_the_verifier() {
         assert!(dir.0.join(map).exists(), "map {map} is not pinned");
     }
 }
+
+#[test]
+fn ingress_xdp_passes_the_verifier() {
+    netd_ebpf::ensure_bpffs().expect("bpffs");
+    let dir = PinDir(
+        std::path::Path::new(netd_ebpf::BPFFS)
+            .join(format!("netdtest-xdpverifier-{}", std::process::id())),
+    );
+    let mut obj = netd_ebpf::load_ingress_xdp(&dir.0).expect("parse ingress_xdp.o");
+    let prog: &mut aya::programs::Xdp = obj
+        .program_mut(netd_ebpf::INGRESS_XDP_PROGRAM)
+        .expect("program in the object")
+        .try_into()
+        .expect("an XDP program");
+    if let Err(e) = prog.load() {
+        panic!(
+            "the verifier refused {}: {e:?}",
+            netd_ebpf::INGRESS_XDP_PROGRAM
+        );
+    }
+    for map in netd_ebpf::INGRESS_XDP_MAPS {
+        assert!(dir.0.join(map).exists(), "map {map} is not pinned");
+    }
+}
