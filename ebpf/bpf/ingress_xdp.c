@@ -356,6 +356,9 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	oip->version = 4;
 	oip->ihl = 5;
 	oip->tos = 0;
+	/* Outer IP length: IP + UDP + VXLAN headers and the inner frame (its Ethernet header
+	 * included), which happens to equal ENCAP_LEN (the outer Ethernet header is not
+	 * counted, the inner one is). */
 	oip->tot_len = bpf_htons(inner_len + ENCAP_LEN);
 	oip->id = 0;
 	oip->frag_off = 0;
@@ -368,7 +371,8 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	/* Source port: flow entropy in the ephemeral range, as Linux's VXLAN does. */
 	oudp->source = bpf_htons(0xc000 | (entropy & 0x3fff));
 	oudp->dest = cfg->vxlan_port;
-	oudp->len = bpf_htons(inner_len + ENCAP_LEN - sizeof(struct iphdr) - sizeof(struct ethhdr));
+	/* UDP length: its header, VXLAN's, and the whole inner frame. */
+	oudp->len = bpf_htons(inner_len + sizeof(struct ethhdr) + 8 + sizeof(struct udphdr));
 	oudp->check = 0;
 	vx->flags = bpf_htonl(VXLAN_FLAG_VNI);
 	vx->vni = bpf_htonl(cfg->vni << 8);

@@ -159,8 +159,8 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "api": d.api,
         "datapath": d.datapath.status(),
         "routing_mesh": {
-            "path": "kernel: nftables DNAT in the node and its ingress sandbox",
-            "xdp": "not implemented yet: published ports take the kernel path",
+            "kernel_path": "nftables DNAT in the node and its ingress sandbox",
+            "xdp": d.reconciler.xdp_status(),
         },
         "dns": {
             "address": netd_dns::server::DNS_ADDR.to_string(),

@@ -45,6 +45,10 @@ pub struct DaemonArgs {
     /// is seen. Default: the cgroup2 mount (the whole machine).
     #[arg(long)]
     pub cgroup: Option<std::path::PathBuf>,
+    /// The routing mesh's XDP fast path on the underlay interface: auto (native where
+    /// the driver takes it, else generic), native, generic, or off (kernel path only).
+    #[arg(long, default_value = "auto")]
+    pub xdp: crate::datapath::xdp::Setting,
     /// Pool that network subnets are carved from when none is given (Docker: 10.0.0.0/8).
     #[arg(long, default_value = "10.0.0.0/8")]
     pub address_pool: Ipv4Network,
@@ -223,6 +227,9 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
         },
         Some(dns.clone()),
         Some(datapath.clone()),
+        Some(Arc::new(crate::datapath::xdp::XdpMesh::new(
+            &node, args.xdp,
+        ))),
     ));
     let report = reconciler.run_once().await.context("initial reconcile")?;
     tracing::info!(

@@ -98,7 +98,12 @@ impl Ruleset {
         let mut nat = vec![];
         let mut forward = vec![];
         let dnat: Vec<String> = self.ports.iter().filter_map(PortRule::render).collect();
+        // Ports below 32768: the XDP fast path translates to 32768-65535 on the same
+        // address, and the two must never pick one port for two flows.
         for i in &self.masquerade_out {
+            nat.push(format!(
+                "oifname \"{i}\" meta l4proto {{ tcp, udp }} masquerade to :1024-32767"
+            ));
             nat.push(format!("oifname \"{i}\" masquerade"));
         }
         let all: Vec<&BridgeRules> = self.gwbridge.iter().chain(self.bridges.iter()).collect();
@@ -290,7 +295,7 @@ mod tests {
         assert_eq!(s.matches(rr).count(), 2, "{s}");
         assert!(s.contains("udp dport 4568 dnat to 198.18.1.254:4568"));
         assert!(!s.contains("4569"));
-        assert!(s.contains("oifname \"eth0\" masquerade"));
+        assert!(s.contains("oifname \"eth0\" meta l4proto { tcp, udp } masquerade to :1024-32767"));
     }
 
     #[test]

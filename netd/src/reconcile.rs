@@ -16,6 +16,7 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 use tokio::sync::Mutex;
 
+use crate::datapath::xdp::{MeshPort, MeshTable, XdpMesh};
 use crate::datapath::{Datapath, LbTable, SandboxLb};
 use crate::dns::Dns;
 use crate::model::{Driver, Endpoint, Network, PublishMode, Task, GWBRIDGE};
@@ -53,6 +54,8 @@ pub struct Reconciler {
     /// VIP load balancing: its table follows every step, and its node-side objects (hooks,
     /// TUN devices) follow the local tasks and sandboxes.
     datapath: Option<Arc<dyn Datapath>>,
+    /// The routing mesh's XDP fast path on the underlay interface.
+    xdp: Option<Arc<XdpMesh>>,
     /// One step at a time: two concurrent steps would race to create the same objects.
     step: Mutex<()>,
     last: std::sync::Mutex<Report>,
@@ -74,15 +77,25 @@ impl Reconciler {
         cfg: NodeConfig,
         dns: Option<Arc<Dns>>,
         datapath: Option<Arc<dyn Datapath>>,
+        xdp: Option<Arc<XdpMesh>>,
     ) -> Self {
         Reconciler {
             store,
             cfg,
             dns,
             datapath,
+            xdp,
             step: Mutex::new(()),
             last: std::sync::Mutex::new(Report::default()),
         }
+    }
+
+    /// The XDP fast path, for `netd status`.
+    pub fn xdp_status(&self) -> serde_json::Value {
+        self.xdp
+            .as_ref()
+            .map(|x| x.status())
+            .unwrap_or(serde_json::Value::Null)
     }
 
     pub fn last_report(&self) -> Report {
@@ -300,6 +313,14 @@ impl Reconciler {
             Ok(Err(e)) => report.errors.push(format!("nftables: {e:#}")),
             Err(e) => report.errors.push(format!("nftables: {e}")),
         }
+        // The fast path in front of it all (or gone with the mesh).
+        if let Some(x) = &self.xdp {
+            if let Err(e) = self.sync_xdp(x, st, isbox.as_ref().and(ingress)).await {
+                report
+                    .errors
+                    .push(format!("XDP fast path (kernel path in use): {e:#}"));
+            }
+        }
         if let Some(t) = &isbox {
             let rules = Ruleset {
                 ports: ingress_ports(st),
@@ -398,6 +419,43 @@ impl Reconciler {
         })
         .await?;
         Ok(task)
+    }
+
+    async fn sync_xdp(&self, x: &XdpMesh, st: &State, ingress: Option<&Network>) -> Result<()> {
+        let node = &self.cfg.name;
+        let table = ingress.and_then(|net| {
+            Some(MeshTable {
+                node_ip: st.nodes.get(node)?.address?,
+                ingress_ip: *st.lb_addrs.get(&net.id)?.get(node)?,
+                vni: net.vni?,
+                vxlan_port: self.cfg.vxlan_port,
+                ports: mesh_ports(st),
+            })
+        });
+        let ifname = match &table {
+            Some(t) => {
+                let ip = t.node_ip;
+                netns::with_netlink(&Netns::Home, move |h| async move {
+                    for l in netlink::links(&h).await? {
+                        if netlink::ipv4_addresses(&h, l.index)
+                            .await?
+                            .iter()
+                            .any(|(a, _)| *a == ip)
+                        {
+                            return Ok(Some((l.name, l.kind)));
+                        }
+                    }
+                    Ok(None)
+                })
+                .await?
+            }
+            None => None,
+        };
+        if let Some(t) = &table {
+            warm_neighbours(t);
+        }
+        let (ifname, kind) = ifname.unzip();
+        x.sync(ifname.as_deref(), kind.flatten().as_deref(), table.as_ref())
     }
 
     /// Published ports answered in the node's namespace: ingress mode goes to the
@@ -741,6 +799,59 @@ pub fn ingress_ports(st: &State) -> Vec<PortRule> {
         }
     }
     rules
+}
+
+/// XDP takes the Ethernet address of another node's VTEP from the kernel's neighbour
+/// table and cannot resolve one itself: a datagram to each VTEP's discard port makes the
+/// kernel resolve (and refresh) them. Sent from the node's own namespace.
+fn warm_neighbours(t: &MeshTable) {
+    let Ok(sock) = std::net::UdpSocket::bind((t.node_ip, 0)) else {
+        return;
+    };
+    let vteps: BTreeSet<Ipv4Addr> = t
+        .ports
+        .iter()
+        .flat_map(|p| p.backends.iter().map(|(_, v)| *v))
+        .filter(|v| *v != t.node_ip)
+        .collect();
+    for v in vteps {
+        let _ = sock.send_to(&[], (v, 9));
+    }
+}
+
+/// What the XDP fast path balances: the same ports and tasks as [`ingress_ports`], with
+/// the VTEP of each task's node.
+pub fn mesh_ports(st: &State) -> Vec<MeshPort> {
+    let mut out = vec![];
+    for svc in st.services.values() {
+        for p in svc
+            .publish
+            .iter()
+            .filter(|p| p.mode == PublishMode::Ingress)
+        {
+            let mut backends: Vec<(Ipv4Addr, Ipv4Addr)> = st
+                .tasks
+                .values()
+                .filter(|t| t.service == svc.name && st.node_alive(&t.node))
+                .filter_map(|t| {
+                    let vtep = st.nodes.get(&t.node)?.address?;
+                    let ep = t.endpoints.iter().find(|e| e.network == INGRESS)?;
+                    Some((ep.ip, vtep))
+                })
+                .collect();
+            backends.sort();
+            out.push(MeshPort {
+                proto: match p.protocol {
+                    crate::model::Protocol::Tcp => 6,
+                    crate::model::Protocol::Udp => 17,
+                },
+                port: p.published,
+                target_port: p.target,
+                backends,
+            });
+        }
+    }
+    out
 }
 
 /// The tasks without an error so far in this step.

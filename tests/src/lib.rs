@@ -119,6 +119,8 @@ pub struct Lab {
     etcd: Option<(String, Option<Child>)>,
     /// `--datapath` of every daemon.
     pub datapath: String,
+    /// `--xdp` of every daemon.
+    pub xdp: String,
     /// Start daemons with the bpf(2) system call refused (seccomp), as a kernel without
     /// eBPF support would refuse it.
     pub deny_bpf: bool,
@@ -139,6 +141,17 @@ impl Lab {
 
     /// A lab whose daemons run `--datapath datapath`; a cluster on etcd when `etcd`.
     pub fn build(tag: &str, nodes: usize, etcd: bool, datapath: &str) -> Result<Lab> {
+        Self::build_with(tag, nodes, etcd, datapath, "auto")
+    }
+
+    /// As [`Lab::build`], with the daemons' `--xdp` too.
+    pub fn build_with(
+        tag: &str,
+        nodes: usize,
+        etcd: bool,
+        datapath: &str,
+        xdp: &str,
+    ) -> Result<Lab> {
         let rnd: u32 = rand::random::<u32>() % 0xfffff;
         let prefix = format!("{LAB_MARK}{tag}{rnd:05x}");
         let dir = std::env::temp_dir().join(format!("netd-lab-{prefix}"));
@@ -154,6 +167,7 @@ impl Lab {
             lab_bin: binary("netd-lab")?,
             etcd: None,
             datapath: datapath.to_string(),
+            xdp: xdp.to_string(),
             deny_bpf: false,
             torn_down: false,
         };
@@ -403,6 +417,8 @@ impl Lab {
             &underlay_ip(UPSTREAM_DNS_HOST).to_string(),
             "--datapath",
             &self.datapath,
+            "--xdp",
+            &self.xdp,
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -745,7 +761,7 @@ pub fn diff_lines(a: &str, b: &str) -> String {
 /// removes the nodes' BPF pins (which detaches their programs) and conntrack journals.
 pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
     let mut removed = vec![];
-    for root in ["/sys/fs/bpf/netd", "/run/netd"] {
+    for root in ["/sys/fs/bpf/netd", "/sys/fs/bpf/netd-xdp", "/run/netd"] {
         if let Ok(dirs) = fs::read_dir(root) {
             for d in dirs.flatten() {
                 if d.file_name().to_string_lossy().starts_with(prefix) {

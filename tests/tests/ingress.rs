@@ -14,10 +14,11 @@ use netd_lab::{field, http_get_from, in_netns, udp_ask_from, Lab, LEASE_TTL_SECS
 const PUBLISHED: u16 = 4567;
 const CLIENT_HOST: u8 = 100;
 
-/// 3 nodes; service `web` on network `front` publishing 4567:80 (TCP) and 4568:80/udp,
-/// with 5 whoami tasks on n1 and n2 (none on n3); a client host on the underlay.
-fn mesh(tag: &str) -> Result<(Lab, String)> {
-    let mut lab = Lab::cluster(tag, 3)?;
+/// 3 nodes with `--xdp xdp`; service `web` on network `front` publishing 4567:80 (TCP)
+/// and 4568:80/udp, with 5 whoami tasks on n1 and n2 (none on n3); a client host on the
+/// underlay.
+fn mesh(tag: &str, xdp: &str) -> Result<(Lab, String)> {
+    let mut lab = Lab::build_with(tag, 3, true, "auto", xdp)?;
     lab.cli(
         0,
         &["network", "create", "front", "--subnet", "198.19.40.0/24"],
@@ -82,9 +83,41 @@ fn refused(client: &str, addr: SocketAddr) -> Result<()> {
     }
 }
 
+/// What node `i`'s fast path did: (mode, packets forwarded and returned by XDP).
+fn xdp_path(lab: &Lab, i: usize) -> Result<(String, u64)> {
+    let x = &lab.cli_json(i, &["status"])?["routing_mesh"]["xdp"];
+    let mode = x["mode"].as_str().unwrap_or_default().to_string();
+    let p = &x["packets"];
+    Ok((
+        mode,
+        p["forwarded"].as_u64().unwrap_or(0) + p["returned"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// The same behaviour on both paths: the XDP fast path (generic mode on the lab's veth
+/// underlay) and the kernel path alone.
 #[test]
-fn a_published_port_answers_on_every_node_and_reaches_every_task() -> Result<()> {
-    let (mut lab, client) = mesh("igm")?;
+fn a_published_port_answers_on_every_node_and_reaches_every_task_xdp() -> Result<()> {
+    every_node_reaches_every_task("igx", "auto")
+}
+
+#[test]
+fn a_published_port_answers_on_every_node_and_reaches_every_task_kernel() -> Result<()> {
+    every_node_reaches_every_task("igk", "off")
+}
+
+#[test]
+fn a_lost_node_leaves_the_mesh_and_host_mode_answers_only_where_a_task_runs_xdp() -> Result<()> {
+    lost_node_and_host_mode("ilx", "auto")
+}
+
+#[test]
+fn a_lost_node_leaves_the_mesh_and_host_mode_answers_only_where_a_task_runs_kernel() -> Result<()> {
+    lost_node_and_host_mode("ilk", "off")
+}
+
+fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
+    let (mut lab, client) = mesh(tag, xdp)?;
     let nodes: Vec<Ipv4Addr> = lab.nodes.iter().map(|n| n.ip).collect();
     let mut seen = BTreeSet::new();
     for node in &nodes {
@@ -99,6 +132,16 @@ fn a_published_port_answers_on_every_node_and_reaches_every_task() -> Result<()>
     let all: BTreeSet<String> = (0..5).map(|i| format!("w{i}")).collect();
     if seen != all {
         bail!("10 requests to each node reached {seen:?}, not all of {all:?}");
+    }
+    // n3 runs no task: with XDP, its fast path carried every one of its flows.
+    let (mode, packets) = xdp_path(&lab, 2)?;
+    match xdp {
+        "off" if mode != "none" || packets != 0 => bail!("--xdp off, yet XDP is {mode}"),
+        "off" => {}
+        _ if mode == "none" || packets < 20 => {
+            bail!("the XDP fast path ({mode}) carried {packets} packets on n3")
+        }
+        _ => {}
     }
 
     // The embedded DNS answers SRV for the published ports (target port, VIP target).
@@ -156,9 +199,8 @@ fn a_published_port_answers_on_every_node_and_reaches_every_task() -> Result<()>
     Ok(())
 }
 
-#[test]
-fn a_lost_node_leaves_the_mesh_and_host_mode_answers_only_where_a_task_runs() -> Result<()> {
-    let (mut lab, client) = mesh("igl")?;
+fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
+    let (mut lab, client) = mesh(tag, xdp)?;
     let nodes: Vec<Ipv4Addr> = lab.nodes.iter().map(|n| n.ip).collect();
 
     // Host mode: n1 runs the task, n2 does not publish the port at all.

@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod ebpf;
 pub mod nat;
 pub mod userspace;
+pub mod xdp;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

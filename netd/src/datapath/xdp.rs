@@ -1,0 +1,391 @@
+//! The routing mesh's fast path: netd-ebpf's `ingress_xdp` on the node's underlay
+//! interface (the one holding its advertised address). It takes every flow to a
+//! published port in ingress mode whose task runs on another node, translates it as the
+//! kernel path would, and sends it over VXLAN without the kernel stack; see
+//! ebpf/bpf/ingress_xdp.c. Flows to local tasks, and everything when XDP cannot be
+//! attached, take the kernel path (nftables in the node and its ingress sandbox).
+//!
+//! Pins live in /sys/fs/bpf/netd-xdp/NODE/ (maps by name, `link_netd_ingress`): the
+//! program keeps working while netd restarts, and goes with the routing mesh.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Context, Result};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::{links::FdLink, Xdp, XdpMode};
+use aya::Ebpf;
+use netd_ebpf::maps::{BackendKey, IngressConfig, MeshBackend, PortKey, PortValue, XdpStats};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// `--xdp`: where the fast path may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Setting {
+    /// Native where the driver takes it, else generic.
+    Auto,
+    Native,
+    Generic,
+    /// Kernel path only.
+    Off,
+}
+
+impl FromStr for Setting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Setting::Auto),
+            "native" => Ok(Setting::Native),
+            "generic" => Ok(Setting::Generic),
+            "off" => Ok(Setting::Off),
+            other => Err(format!(
+                "unknown --xdp {other:?}: use auto, native, generic or off"
+            )),
+        }
+    }
+}
+
+/// A published port as the fast path balances it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshPort {
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    pub port: u16,
+    pub target_port: u16,
+    /// Each task's ingress address and its node's VTEP, in round-robin order.
+    pub backends: Vec<(Ipv4Addr, Ipv4Addr)>,
+}
+
+/// Everything the fast path needs from the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshTable {
+    pub node_ip: Ipv4Addr,
+    pub ingress_ip: Ipv4Addr,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    pub ports: Vec<MeshPort>,
+}
+
+const ROOT: &str = "/sys/fs/bpf/netd-xdp";
+
+pub struct XdpMesh {
+    setting: Setting,
+    dir: PathBuf,
+    /// Where the attach mode is remembered across restarts (bpffs holds no files).
+    mode_file: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    loaded: Option<Loaded>,
+    interface: Option<String>,
+    mode: Option<String>,
+    error: Option<String>,
+}
+
+struct Loaded {
+    obj: Ebpf,
+    cfg: Array<MapData, IngressConfig>,
+    ports: HashMap<MapData, PortKey, PortValue>,
+    backends: HashMap<MapData, BackendKey, MeshBackend>,
+    rr: HashMap<MapData, u32, u32>,
+    stats: PerCpuArray<MapData, XdpStats>,
+    /// Port -> (slot, value, backends) as programmed.
+    slots: BTreeMap<(u8, u16), (u32, PortValue, Vec<MeshBackend>)>,
+    next_slot: u32,
+}
+
+fn be(a: Ipv4Addr) -> u32 {
+    u32::from(a).to_be()
+}
+
+fn map<T>(obj: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map>,
+    <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let m = obj
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from ingress_xdp"))?;
+    T::try_from(m).with_context(|| format!("map {name}"))
+}
+
+impl Loaded {
+    fn load(dir: &Path) -> Result<Self> {
+        let mut obj = netd_ebpf::load_ingress_xdp(dir)
+            .with_context(|| format!("load ingress_xdp with maps in {}", dir.display()))?;
+        let prog: &mut Xdp = obj
+            .program_mut(netd_ebpf::INGRESS_XDP_PROGRAM)
+            .context("program netd_ingress missing")?
+            .try_into()
+            .context("netd_ingress")?;
+        prog.load().context("the kernel refused netd_ingress")?;
+        let mut l = Loaded {
+            cfg: map(&mut obj, "netd_ingress_cfg")?,
+            ports: map(&mut obj, "netd_ports")?,
+            backends: map(&mut obj, "netd_mesh_backends")?,
+            rr: map(&mut obj, "netd_mesh_rr")?,
+            stats: map(&mut obj, "netd_xdp_stats")?,
+            obj,
+            slots: BTreeMap::new(),
+            next_slot: 1,
+        };
+        // After a restart: what the pinned maps hold, so unchanged ports stay untouched.
+        let ports: Vec<(PortKey, PortValue)> = l.ports.iter().filter_map(|r| r.ok()).collect();
+        for (k, v) in ports {
+            let backends = (0..v.count)
+                .filter_map(|i| {
+                    l.backends
+                        .get(
+                            &BackendKey {
+                                service: v.slot,
+                                index: i,
+                            },
+                            0,
+                        )
+                        .ok()
+                })
+                .collect();
+            l.slots
+                .insert((k.proto, u16::from_be(k.port)), (v.slot, v, backends));
+            l.next_slot = l.next_slot.max(v.slot.wrapping_add(1));
+        }
+        Ok(l)
+    }
+
+    /// Attaches to `ifname` unless the pinned link is there; returns the mode used.
+    /// `auto` takes generic mode on a veth: native XDP_TX on a veth hands frames to the
+    /// peer's XDP, and without a program there (the peer is not netd's) they are lost.
+    fn attach(
+        &mut self,
+        dir: &Path,
+        ifname: &str,
+        kind: Option<&str>,
+        setting: Setting,
+    ) -> Result<Option<String>> {
+        let pin = dir.join("link_netd_ingress");
+        if pin.exists() {
+            return Ok(None);
+        }
+        let prog: &mut Xdp = self
+            .obj
+            .program_mut(netd_ebpf::INGRESS_XDP_PROGRAM)
+            .context("program netd_ingress missing")?
+            .try_into()
+            .context("netd_ingress")?;
+        let modes: &[(XdpMode, &str)] = match setting {
+            Setting::Native => &[(XdpMode::Driver, "native")],
+            Setting::Generic => &[(XdpMode::Skb, "generic")],
+            _ if kind == Some("veth") => &[(XdpMode::Skb, "generic")],
+            _ => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        };
+        let mut last = None;
+        for (mode, name) in modes {
+            match prog.attach(ifname, *mode) {
+                Ok(id) => {
+                    let link = FdLink::try_from(prog.take_link(id)?)
+                        .map_err(|e| anyhow!("XDP link is not an fd link: {e}"))?;
+                    link.pin(&pin)
+                        .with_context(|| format!("pin {}", pin.display()))?;
+                    return Ok(Some(name.to_string()));
+                }
+                Err(e) => last = Some(format!("{name}: {e}")),
+            }
+        }
+        Err(anyhow!(
+            "attach XDP to {ifname}: {}",
+            last.unwrap_or_default()
+        ))
+    }
+
+    fn program(&mut self, t: &MeshTable) -> Result<()> {
+        let cfg = IngressConfig {
+            node_ip: be(t.node_ip),
+            ingress_ip: be(t.ingress_ip),
+            vni: t.vni,
+            vxlan_port: t.vxlan_port.to_be(),
+            pad: 0,
+        };
+        self.cfg.set(0, cfg, 0).context("write ingress config")?;
+        let want: BTreeMap<(u8, u16), (PortValue, Vec<MeshBackend>)> = t
+            .ports
+            .iter()
+            .map(|p| {
+                let backends = p
+                    .backends
+                    .iter()
+                    .map(|(addr, vtep)| MeshBackend {
+                        addr: be(*addr),
+                        vtep: be(*vtep),
+                    })
+                    .collect::<Vec<_>>();
+                let value = PortValue {
+                    slot: 0,
+                    count: backends.len() as u32,
+                    target_port: p.target_port.to_be(),
+                    pad: 0,
+                };
+                ((p.proto, p.port), (value, backends))
+            })
+            .collect();
+        let gone: Vec<(u8, u16)> = self
+            .slots
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in gone {
+            let _ = self.ports.remove(&port_key(k));
+            if let Some((slot, _, old)) = self.slots.remove(&k) {
+                self.drop_slot(slot, old.len());
+            }
+        }
+        for (k, (value, backends)) in want {
+            if let Some((_, v, b)) = self.slots.get(&k) {
+                // Same backends, same target: nothing to switch.
+                if v.count == value.count && v.target_port == value.target_port && *b == backends {
+                    continue;
+                }
+            }
+            // A fresh slot, then one switch of the port's value, as for VIPs.
+            let slot = self.next_slot;
+            self.next_slot = self.next_slot.wrapping_add(1).max(1);
+            for (i, b) in backends.iter().enumerate() {
+                self.backends
+                    .insert(
+                        BackendKey {
+                            service: slot,
+                            index: i as u32,
+                        },
+                        b,
+                        0,
+                    )
+                    .context("write mesh backend")?;
+            }
+            self.rr.insert(slot, 0, 0).context("mesh round-robin")?;
+            let value = PortValue { slot, ..value };
+            self.ports
+                .insert(port_key(k), value, 0)
+                .context("switch published port")?;
+            if let Some((old, _, b)) = self.slots.insert(k, (slot, value, backends)) {
+                self.drop_slot(old, b.len());
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_slot(&mut self, slot: u32, count: usize) {
+        for i in 0..count {
+            let _ = self.backends.remove(&BackendKey {
+                service: slot,
+                index: i as u32,
+            });
+        }
+        let _ = self.rr.remove(&slot);
+    }
+
+    fn stats(&self) -> XdpStats {
+        let mut s = XdpStats::default();
+        if let Ok(per_cpu) = self.stats.get(&0, 0) {
+            for c in per_cpu.iter() {
+                s.forwarded += c.forwarded;
+                s.returned += c.returned;
+                s.passed += c.passed;
+                s.dropped += c.dropped;
+            }
+        }
+        s
+    }
+}
+
+fn port_key((proto, port): (u8, u16)) -> PortKey {
+    PortKey {
+        port: port.to_be(),
+        proto,
+        pad: 0,
+    }
+}
+
+impl XdpMesh {
+    pub fn new(node: &str, setting: Setting) -> Self {
+        XdpMesh {
+            setting,
+            dir: Path::new(ROOT).join(node),
+            mode_file: Path::new(super::userspace::RUN_ROOT)
+                .join(node)
+                .join("xdp-mode"),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner.lock().map_err(|_| anyhow!("XDP state poisoned"))
+    }
+
+    /// Runs the fast path for `table` on `ifname`, or removes it (no mesh, or `--xdp
+    /// off`). A failure leaves the kernel path in charge and is kept for `netd status`.
+    pub fn sync(
+        &self,
+        ifname: Option<&str>,
+        kind: Option<&str>,
+        table: Option<&MeshTable>,
+    ) -> Result<()> {
+        let mut inner = self.lock()?;
+        let (Some(ifname), Some(table), false) = (ifname, table, self.setting == Setting::Off)
+        else {
+            inner.loaded = None;
+            inner.mode = None;
+            if self.dir.exists() {
+                tracing::info!("removing the XDP fast path");
+                std::fs::remove_dir_all(&self.dir)
+                    .with_context(|| format!("remove {}", self.dir.display()))?;
+            }
+            let _ = std::fs::remove_file(&self.mode_file);
+            return Ok(());
+        };
+        let result = (|| -> Result<()> {
+            netd_ebpf::ensure_bpffs()?;
+            if inner.loaded.is_none() {
+                inner.loaded = Some(Loaded::load(&self.dir)?);
+            }
+            let l = inner.loaded.as_mut().context("XDP object not loaded")?;
+            l.program(table)?;
+            if let Some(mode) = l.attach(&self.dir, ifname, kind, self.setting)? {
+                if let Some(d) = self.mode_file.parent() {
+                    std::fs::create_dir_all(d)?;
+                }
+                std::fs::write(&self.mode_file, &mode)?;
+                tracing::info!(ifname, mode, "XDP fast path attached");
+            }
+            Ok(())
+        })();
+        inner.interface = Some(ifname.to_string());
+        inner.mode = std::fs::read_to_string(&self.mode_file).ok();
+        inner.error = result.as_ref().err().map(|e| format!("{e:#}"));
+        result
+    }
+
+    pub fn status(&self) -> Value {
+        let Ok(inner) = self.lock() else {
+            return json!({"setting": self.setting});
+        };
+        let stats = inner.loaded.as_ref().map(Loaded::stats);
+        json!({
+            "setting": self.setting,
+            "mode": inner.mode.clone().unwrap_or_else(|| "none".into()),
+            "interface": inner.interface,
+            "error": inner.error,
+            "packets": stats.map(|s| json!({
+                "forwarded": s.forwarded,
+                "returned": s.returned,
+                "passed_to_kernel": s.passed,
+                "dropped": s.dropped,
+            })),
+        })
+    }
+}
