@@ -151,6 +151,40 @@ pub fn until_unreachable(netns: &str, addr: SocketAddr, limit: Duration) -> Resu
     })
 }
 
+/// UDP request/answer round trips from `netd` to `addr` over `threads` sockets (one
+/// flow each), until `duration` passes or `max` are done: each thread sends one
+/// datagram and waits for its answer. Lost datagrams time out after 200 ms and count as
+/// nothing.
+pub fn udp_round_trips(
+    netns: &str,
+    addr: SocketAddr,
+    threads: usize,
+    duration: Duration,
+    max: u64,
+) -> Result<Run> {
+    let per_thread = max / threads.max(1) as u64;
+    on_threads(netns, threads, move |samples| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut buf = [0u8; 512];
+        let mut lat = Vec::new();
+        let mut done = 0;
+        let until = Instant::now() + duration;
+        while done < per_thread && Instant::now() < until {
+            let t = Instant::now();
+            s.send(b"who")?;
+            if s.recv(&mut buf).is_ok() {
+                if lat.len() < samples {
+                    lat.push(t.elapsed());
+                }
+                done += 1;
+            }
+        }
+        Ok((done, lat))
+    })
+}
+
 /// SO_LINGER with a zero timeout: close() sends RST instead of FIN.
 fn reset_on_close(s: &TcpStream) -> Result<()> {
     use std::os::fd::AsRawFd;
