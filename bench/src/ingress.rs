@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use netd_bench::load;
 use netd_bench::plot::{bar_chart, Panel};
-use netd_bench::report::{header, machine, ms, quantile};
+use netd_bench::report::{header, machine, median_run, ms, quantile};
 use netd_lab::{underlay_ip, Lab};
 
 const MESH_PORT: u16 = 4567;
@@ -31,12 +31,6 @@ struct Path_ {
     addr: SocketAddr,
     conns: Vec<load::Run>,
     reqs: Vec<load::Run>,
-}
-
-fn median_by(runs: &[load::Run]) -> &load::Run {
-    let mut v: Vec<&load::Run> = runs.iter().collect();
-    v.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
-    v[v.len() / 2]
 }
 
 /// What the figures mean, as every results file says it.
@@ -232,7 +226,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     let mut cps = vec![];
     let mut rps = vec![];
     for p in &paths {
-        let (c, q) = (median_by(&p.conns), median_by(&p.reqs));
+        let (c, q) = (median_run(&p.conns), median_run(&p.reqs));
         writeln!(
             md,
             "| {} | {:.0} | {} | {:.0} | {} |",
@@ -253,7 +247,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     )?;
     let mut udp = vec![];
     for (i, (label, _)) in udp_targets.iter().enumerate() {
-        let r = median_by(&udp_runs[i]);
+        let r = median_run(&udp_runs[i]);
         writeln!(
             md,
             "| {label} | {:.0} | {} |",

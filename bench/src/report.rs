@@ -28,6 +28,13 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The median run by rate (of runs that alternated with other paths).
+pub fn median_run(runs: &[crate::load::Run]) -> &crate::load::Run {
+    let mut v: Vec<&crate::load::Run> = runs.iter().collect();
+    v.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+    v[v.len() / 2]
+}
+
 /// A latency for a table: µs below a millisecond, ms with one decimal above.
 pub fn ms(d: Duration) -> String {
     if d < Duration::from_millis(1) {

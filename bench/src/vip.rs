@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use netd_bench::load;
 use netd_bench::plot::{bar_chart, Panel};
-use netd_bench::report::{header, machine, ms, quantile};
+use netd_bench::report::{header, machine, median_run, ms, quantile};
 use netd_lab::{field, http_get_from, Lab};
 
 const PORT: u16 = 80;
@@ -81,12 +81,6 @@ fn reached(client: &str, addr: SocketAddr, n: usize) -> Result<BTreeSet<String>>
         names.insert(field(&body, "Hostname").context("whoami name")?.to_string());
     }
     Ok(names)
-}
-
-fn median_by(runs: &[load::Run]) -> &load::Run {
-    let mut v: Vec<&load::Run> = runs.iter().collect();
-    v.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
-    v[v.len() / 2]
 }
 
 pub fn run(seconds: u64, rounds: usize, threads: usize, out: &Path) -> Result<()> {
@@ -206,7 +200,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, out: &Path) -> Result<()
         let mut cps = vec![];
         let mut rps = vec![];
         for (p, r) in paths.iter().zip(&reach) {
-            let (c, q) = (median_by(&p.conns), median_by(&p.reqs));
+            let (c, q) = (median_run(&p.conns), median_run(&p.reqs));
             writeln!(
                 md,
                 "| {n} | {} | {:.0} | {} | {:.0} | {} | {r} |",

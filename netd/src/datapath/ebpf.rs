@@ -149,18 +149,8 @@ impl Loaded {
         };
         let entries: Vec<(VipKey, VipValue)> = l.vips.iter().filter_map(|r| r.ok()).collect();
         for (k, v) in entries {
-            let backends = (0..v.count)
-                .filter_map(|i| {
-                    l.backends
-                        .get(
-                            &BackendKey {
-                                service: v.service,
-                                index: i,
-                            },
-                            0,
-                        )
-                        .ok()
-                })
+            let backends = slot_backends(&l.backends, v.service, v.count)
+                .into_iter()
                 .map(|b| from_be(b.addr))
                 .collect();
             l.slots.insert(from_be(k.addr), (v.service, backends));
@@ -211,7 +201,7 @@ impl Loaded {
                 .or_else(ignore_missing)
                 .with_context(|| format!("remove VIP {vip}"))?;
             if let Some((slot, old)) = self.slots.remove(&vip) {
-                self.drop_slot(slot, old.len());
+                drop_slot(&mut self.backends, &mut self.rr, slot, old.len());
                 self.drop_counters(vip, &old, &[]);
             }
             changed += 1;
@@ -248,23 +238,18 @@ impl Loaded {
                 .insert(vip_key(*vip), value, 0)
                 .with_context(|| format!("switch VIP {vip}"))?;
             if let Some((old_slot, old_backends)) = old {
-                self.drop_slot(old_slot, old_backends.len());
+                drop_slot(
+                    &mut self.backends,
+                    &mut self.rr,
+                    old_slot,
+                    old_backends.len(),
+                );
                 self.drop_counters(*vip, &old_backends, &entry.backends);
             }
             self.slots.insert(*vip, (slot, entry.backends.clone()));
             changed += 1;
         }
         Ok(changed)
-    }
-
-    fn drop_slot(&mut self, slot: u32, count: usize) {
-        for i in 0..count {
-            let _ = self.backends.remove(&BackendKey {
-                service: slot,
-                index: i as u32,
-            });
-        }
-        let _ = self.rr.remove(&slot);
     }
 
     /// Counters of backends that left the VIP go with them.
@@ -302,6 +287,43 @@ impl Loaded {
         }
         out
     }
+}
+
+/// The `count` backends a slot holds, as a previous netd wrote them (VIPs and published
+/// ports both keep their backends as `{slot, index}` entries).
+pub(super) fn slot_backends<V: aya::Pod>(
+    map: &HashMap<MapData, BackendKey, V>,
+    slot: u32,
+    count: u32,
+) -> Vec<V> {
+    (0..count)
+        .filter_map(|i| {
+            map.get(
+                &BackendKey {
+                    service: slot,
+                    index: i,
+                },
+                0,
+            )
+            .ok()
+        })
+        .collect()
+}
+
+/// Removes a slot's backends and round-robin position (after its switch).
+pub(super) fn drop_slot<V: aya::Pod>(
+    backends: &mut HashMap<MapData, BackendKey, V>,
+    rr: &mut HashMap<MapData, u32, u32>,
+    slot: u32,
+    count: usize,
+) {
+    for i in 0..count {
+        let _ = backends.remove(&BackendKey {
+            service: slot,
+            index: i as u32,
+        });
+    }
+    let _ = rr.remove(&slot);
 }
 
 /// A map entry that is already gone is what removing it wanted.

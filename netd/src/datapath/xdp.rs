@@ -138,19 +138,7 @@ impl Loaded {
         // After a restart: what the pinned maps hold, so unchanged ports stay untouched.
         let ports: Vec<(PortKey, PortValue)> = l.ports.iter().filter_map(|r| r.ok()).collect();
         for (k, v) in ports {
-            let backends = (0..v.count)
-                .filter_map(|i| {
-                    l.backends
-                        .get(
-                            &BackendKey {
-                                service: v.slot,
-                                index: i,
-                            },
-                            0,
-                        )
-                        .ok()
-                })
-                .collect();
+            let backends = super::ebpf::slot_backends(&l.backends, v.slot, v.count);
             l.slots
                 .insert((k.proto, u16::from_be(k.port)), (v.slot, v, backends));
             l.next_slot = l.next_slot.max(v.slot.wrapping_add(1));
@@ -242,7 +230,7 @@ impl Loaded {
         for k in gone {
             let _ = self.ports.remove(&port_key(k));
             if let Some((slot, _, old)) = self.slots.remove(&k) {
-                self.drop_slot(slot, old.len());
+                super::ebpf::drop_slot(&mut self.backends, &mut self.rr, slot, old.len());
             }
         }
         for (k, (value, backends)) in want {
@@ -273,20 +261,10 @@ impl Loaded {
                 .insert(port_key(k), value, 0)
                 .context("switch published port")?;
             if let Some((old, _, b)) = self.slots.insert(k, (slot, value, backends)) {
-                self.drop_slot(old, b.len());
+                super::ebpf::drop_slot(&mut self.backends, &mut self.rr, old, b.len());
             }
         }
         Ok(())
-    }
-
-    fn drop_slot(&mut self, slot: u32, count: usize) {
-        for i in 0..count {
-            let _ = self.backends.remove(&BackendKey {
-                service: slot,
-                index: i as u32,
-            });
-        }
-        let _ = self.rr.remove(&slot);
     }
 
     fn stats(&self) -> XdpStats {
