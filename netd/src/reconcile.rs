@@ -1042,4 +1042,80 @@ mod tests {
         // A node never peers with its own tasks.
         assert!(remote_peers(&st, "n2", "back").is_empty());
     }
+
+    #[test]
+    fn the_mesh_balances_each_published_port_over_the_tasks_of_live_nodes() {
+        let mut st = State::default();
+        for (n, a) in [
+            ("n1", "198.18.0.11"),
+            ("n2", "198.18.0.12"),
+            ("n3", "198.18.0.13"),
+        ] {
+            st.nodes.insert(n.into(), node(n, Some(a)));
+        }
+        st.alive = ["n1", "n3"].iter().map(|s| s.to_string()).collect();
+        st.services.insert(
+            "web".into(),
+            crate::model::Service {
+                id: "s1".into(),
+                name: "web".into(),
+                networks: vec!["front".into()],
+                endpoint_mode: crate::model::EndpointMode::Vip,
+                aliases: vec![],
+                publish: vec![
+                    crate::model::parse_publish("4567:80").unwrap(),
+                    crate::model::parse_publish("4568:53/udp").unwrap(),
+                    crate::model::parse_publish("4570:80,mode=host").unwrap(),
+                ],
+                vips: Default::default(),
+                created_at: 0,
+            },
+        );
+        for t in [
+            task(
+                "a",
+                "n1",
+                &[("front", "198.19.0.2"), (INGRESS, "198.19.255.2")],
+            ),
+            task(
+                "b",
+                "n3",
+                &[("front", "198.19.0.3"), (INGRESS, "198.19.255.3")],
+            ),
+            // n2 is down: its task leaves the mesh.
+            task(
+                "c",
+                "n2",
+                &[("front", "198.19.0.4"), (INGRESS, "198.19.255.4")],
+            ),
+        ] {
+            st.tasks.insert(t.id.clone(), t);
+        }
+        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        // The kernel path (the ingress sandbox): ingress-mode ports only, target ports.
+        let rules = ingress_ports(&st);
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            (rules[0].proto, rules[0].port, rules[0].target_port),
+            ("tcp", 4567, 80)
+        );
+        assert_eq!(
+            (rules[1].proto, rules[1].port, rules[1].target_port),
+            ("udp", 4568, 53)
+        );
+        for r in &rules {
+            assert_eq!(r.targets, vec![a("198.19.255.2"), a("198.19.255.3")]);
+        }
+        // The fast path: the same tasks, with their nodes' VTEPs.
+        let mesh = mesh_ports(&st);
+        assert_eq!(mesh.len(), 2);
+        assert_eq!((mesh[0].proto, mesh[1].proto), (6, 17));
+        assert_eq!(
+            mesh[0].backends,
+            vec![
+                (a("198.19.255.2"), a("198.18.0.11")),
+                (a("198.19.255.3"), a("198.18.0.13"))
+            ]
+        );
+    }
 }
