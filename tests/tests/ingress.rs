@@ -144,6 +144,16 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         _ => {}
     }
 
+    // n3's daemon dies (kill -9): its published port keeps answering (the pinned XDP
+    // program and the kernel path stay), and keeps answering once it is back.
+    lab.stop_daemon(2, true)?;
+    let names = requests(&client, nodes[2], PUBLISHED, 5)?;
+    lab.start_daemon(2)?;
+    let again = requests(&client, nodes[2], PUBLISHED, 5)?;
+    if names.len() != 5 || again.len() != 5 {
+        bail!("n3 across a restart: {names:?} then {again:?}");
+    }
+
     // The embedded DNS answers SRV for the published ports (target port, VIP target).
     let srv = lab.dig(&lab.ns("w0"), &["+short", "SRV", "_80._tcp.web"])?;
     if !srv.contains(" 80 ") {
