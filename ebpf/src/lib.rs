@@ -80,13 +80,7 @@ pub const INGRESS_XDP_MAPS: &[&str] = &[
 
 /// Loads [`INGRESS_XDP`] with its maps pinned in `pin_dir`, as [`load_sock_lb`] does.
 pub fn load_ingress_xdp(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
-    std::fs::create_dir_all(pin_dir).map_err(|e| EbpfError::FileError {
-        path: pin_dir.to_path_buf(),
-        error: e,
-    })?;
-    EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .load(INGRESS_XDP)
+    load_pinned(INGRESS_XDP, pin_dir)
 }
 
 /// Where bpffs is mounted on Linux.
@@ -128,11 +122,16 @@ pub fn ensure_bpffs() -> io::Result<()> {
 /// there already are reused, with their contents. Programs are not loaded into the
 /// kernel yet; the caller loads (verifies) and attaches the ones it needs.
 pub fn load_sock_lb(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
+    load_pinned(SOCK_LB, pin_dir)
+}
+
+/// Loads `object` with its by-name pinned maps in `pin_dir` (created if missing).
+fn load_pinned(object: &[u8], pin_dir: &Path) -> Result<Ebpf, EbpfError> {
     std::fs::create_dir_all(pin_dir).map_err(|e| EbpfError::FileError {
         path: pin_dir.to_path_buf(),
         error: e,
     })?;
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
-        .load(SOCK_LB)
+        .load(object)
 }

@@ -103,11 +103,16 @@ fn from_be(addr: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(addr))
 }
 
-fn take<K: aya::Pod, V: aya::Pod>(obj: &mut Ebpf, name: &str) -> Result<HashMap<MapData, K, V>> {
+/// Takes map `name` out of a loaded object as the typed map `T`.
+pub(super) fn take_map<T>(obj: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map>,
+    <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
+{
     let map = obj
         .take_map(name)
-        .with_context(|| format!("map {name} missing from sock_lb"))?;
-    HashMap::try_from(map).with_context(|| format!("map {name}"))
+        .with_context(|| format!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
 }
 
 impl Loaded {
@@ -132,17 +137,12 @@ impl Loaded {
             prog.load()
                 .with_context(|| format!("the kernel refused program {name}"))?;
         }
-        let counters = PerCpuHashMap::try_from(
-            obj.take_map("netd_counters")
-                .context("map netd_counters missing")?,
-        )
-        .context("map netd_counters")?;
         let mut l = Loaded {
-            netns: take(&mut obj, "netd_netns")?,
-            vips: take(&mut obj, "netd_vips")?,
-            backends: take(&mut obj, "netd_backends")?,
-            rr: take(&mut obj, "netd_rr")?,
-            counters,
+            netns: take_map(&mut obj, "netd_netns")?,
+            vips: take_map(&mut obj, "netd_vips")?,
+            backends: take_map(&mut obj, "netd_backends")?,
+            rr: take_map(&mut obj, "netd_rr")?,
+            counters: take_map(&mut obj, "netd_counters")?,
             obj,
             slots: BTreeMap::new(),
             next_slot: 1,

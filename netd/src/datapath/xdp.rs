@@ -22,6 +22,8 @@ use netd_ebpf::maps::{BackendKey, IngressConfig, MeshBackend, PortKey, PortValue
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::ebpf::{drop_slot, slot_backends, take_map};
+
 /// `--xdp`: where the fast path may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -104,17 +106,6 @@ fn be(a: Ipv4Addr) -> u32 {
     u32::from(a).to_be()
 }
 
-fn map<T>(obj: &mut Ebpf, name: &str) -> Result<T>
-where
-    T: TryFrom<aya::maps::Map>,
-    <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
-{
-    let m = obj
-        .take_map(name)
-        .with_context(|| format!("map {name} missing from ingress_xdp"))?;
-    T::try_from(m).with_context(|| format!("map {name}"))
-}
-
 impl Loaded {
     fn load(dir: &Path) -> Result<Self> {
         let mut obj = netd_ebpf::load_ingress_xdp(dir)
@@ -126,11 +117,11 @@ impl Loaded {
             .context("netd_ingress")?;
         prog.load().context("the kernel refused netd_ingress")?;
         let mut l = Loaded {
-            cfg: map(&mut obj, "netd_ingress_cfg")?,
-            ports: map(&mut obj, "netd_ports")?,
-            backends: map(&mut obj, "netd_mesh_backends")?,
-            rr: map(&mut obj, "netd_mesh_rr")?,
-            stats: map(&mut obj, "netd_xdp_stats")?,
+            cfg: take_map(&mut obj, "netd_ingress_cfg")?,
+            ports: take_map(&mut obj, "netd_ports")?,
+            backends: take_map(&mut obj, "netd_mesh_backends")?,
+            rr: take_map(&mut obj, "netd_mesh_rr")?,
+            stats: take_map(&mut obj, "netd_xdp_stats")?,
             obj,
             slots: BTreeMap::new(),
             next_slot: 1,
@@ -138,7 +129,7 @@ impl Loaded {
         // After a restart: what the pinned maps hold, so unchanged ports stay untouched.
         let ports: Vec<(PortKey, PortValue)> = l.ports.iter().filter_map(|r| r.ok()).collect();
         for (k, v) in ports {
-            let backends = super::ebpf::slot_backends(&l.backends, v.slot, v.count);
+            let backends = slot_backends(&l.backends, v.slot, v.count);
             l.slots
                 .insert((k.proto, u16::from_be(k.port)), (v.slot, v, backends));
             l.next_slot = l.next_slot.max(v.slot.wrapping_add(1));
@@ -230,7 +221,7 @@ impl Loaded {
         for k in gone {
             let _ = self.ports.remove(&port_key(k));
             if let Some((slot, _, old)) = self.slots.remove(&k) {
-                super::ebpf::drop_slot(&mut self.backends, &mut self.rr, slot, old.len());
+                drop_slot(&mut self.backends, &mut self.rr, slot, old.len());
             }
         }
         for (k, (value, backends)) in want {
@@ -261,7 +252,7 @@ impl Loaded {
                 .insert(port_key(k), value, 0)
                 .context("switch published port")?;
             if let Some((old, _, b)) = self.slots.insert(k, (slot, value, backends)) {
-                super::ebpf::drop_slot(&mut self.backends, &mut self.rr, old, b.len());
+                drop_slot(&mut self.backends, &mut self.rr, old, b.len());
             }
         }
         Ok(())
