@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use netd_bench::load;
 use netd_bench::plot::{bar_chart, Panel};
-use netd_bench::report::{header, machine, median_run, ms, quantile};
+use netd_bench::report::{conn_req_cells, header, machine, median_run, ms, quantile};
 use netd_lab::{underlay_ip, Lab};
 
 const MESH_PORT: u16 = 4567;
@@ -226,18 +226,10 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     let mut cps = vec![];
     let mut rps = vec![];
     for p in &paths {
-        let (c, q) = (median_run(&p.conns), median_run(&p.reqs));
-        writeln!(
-            md,
-            "| {} | {:.0} | {} | {:.0} | {} |",
-            p.label,
-            c.per_second(),
-            ms(quantile(&c.latencies, 0.99)),
-            q.per_second(),
-            ms(quantile(&q.latencies, 0.99)),
-        )?;
-        cps.push(c.per_second());
-        rps.push(q.per_second());
+        let (cells, c, q) = conn_req_cells(&p.conns, &p.reqs);
+        writeln!(md, "| {} | {cells} |", p.label)?;
+        cps.push(c);
+        rps.push(q);
     }
     writeln!(
         md,

@@ -35,6 +35,21 @@ pub fn median_run(runs: &[crate::load::Run]) -> &crate::load::Run {
     v[v.len() / 2]
 }
 
+/// The table cells of one path from its alternating runs: the median new-connection
+/// run and the median keep-alive run, each as rate and p99 (`rate | p99 | rate | p99`),
+/// with the two rates for ratios and plots.
+pub fn conn_req_cells(conns: &[crate::load::Run], reqs: &[crate::load::Run]) -> (String, f64, f64) {
+    let (c, q) = (median_run(conns), median_run(reqs));
+    let cells = format!(
+        "{:.0} | {} | {:.0} | {}",
+        c.per_second(),
+        ms(quantile(&c.latencies, 0.99)),
+        q.per_second(),
+        ms(quantile(&q.latencies, 0.99)),
+    );
+    (cells, c.per_second(), q.per_second())
+}
+
 /// A latency for a table: µs below a millisecond, ms with one decimal above.
 pub fn ms(d: Duration) -> String {
     if d < Duration::from_millis(1) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use netd_bench::load;
 use netd_bench::plot::{bar_chart, Panel};
-use netd_bench::report::{header, machine, median_run, ms, quantile};
+use netd_bench::report::{conn_req_cells, header, machine};
 use netd_lab::{field, http_get_from, Lab};
 
 const PORT: u16 = 80;
@@ -200,18 +200,10 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, out: &Path) -> Result<()
         let mut cps = vec![];
         let mut rps = vec![];
         for (p, r) in paths.iter().zip(&reach) {
-            let (c, q) = (median_run(&p.conns), median_run(&p.reqs));
-            writeln!(
-                md,
-                "| {n} | {} | {:.0} | {} | {:.0} | {} | {r} |",
-                p.label,
-                c.per_second(),
-                ms(quantile(&c.latencies, 0.99)),
-                q.per_second(),
-                ms(quantile(&q.latencies, 0.99)),
-            )?;
-            cps.push(c.per_second());
-            rps.push(q.per_second());
+            let (cells, c, q) = conn_req_cells(&p.conns, &p.reqs);
+            writeln!(md, "| {n} | {} | {cells} | {r} |", p.label)?;
+            cps.push(c);
+            rps.push(q);
         }
         let _ = writeln!(
             ratios,
