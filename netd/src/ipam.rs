@@ -115,6 +115,14 @@ pub fn ingress_sbox_address(subnet: Ipv4Network) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.broadcast()) - 1)
 }
 
+/// The ingress sandbox's second address on the gwbridge, the one below
+/// [`ingress_sbox_address`]: the node sends it the flows its XDP fast path picked a local
+/// task for, and the sandbox balances those over the local tasks only, so that the two
+/// together keep one exact rotation.
+pub fn ingress_sbox_local_address(subnet: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.broadcast()) - 2)
+}
+
 pub fn check_gateway(subnet: Ipv4Network, gateway: Ipv4Addr) -> Result<(), IpamError> {
     if hosts(subnet).any(|h| h == gateway) {
         Ok(())

@@ -37,9 +37,31 @@ pub struct PortRule {
     pub port: u16,
     pub targets: Vec<std::net::Ipv4Addr>,
     pub target_port: u16,
+    /// Only packets that came in on this interface (so only in prerouting): the flows
+    /// the XDP fast path left to the kernel take a path of their own.
+    pub iif: Option<String>,
+    /// Only packets to this one of the namespace's addresses, not to any local one.
+    pub daddr: Option<std::net::Ipv4Addr>,
 }
 
 impl PortRule {
+    /// A rule for packets to any local address, from anywhere.
+    pub fn new(
+        proto: &'static str,
+        port: u16,
+        targets: Vec<std::net::Ipv4Addr>,
+        target_port: u16,
+    ) -> Self {
+        PortRule {
+            proto,
+            port,
+            targets,
+            target_port,
+            iif: None,
+            daddr: None,
+        }
+    }
+
     fn render(&self) -> Option<String> {
         let to = match self.targets.as_slice() {
             [] => return None,
@@ -57,8 +79,16 @@ impl PortRule {
                 )
             }
         };
+        let iif = match &self.iif {
+            Some(i) => format!("iifname \"{i}\" "),
+            None => String::new(),
+        };
+        let daddr = match self.daddr {
+            Some(a) => format!("ip daddr {a}"),
+            None => "fib daddr type local".into(),
+        };
         Some(format!(
-            "fib daddr type local {} dport {} dnat to {to}:{}",
+            "{iif}{daddr} {} dport {} dnat to {to}:{}",
             self.proto, self.port, self.target_port
         ))
     }
@@ -98,6 +128,13 @@ impl Ruleset {
         let mut nat = vec![];
         let mut forward = vec![];
         let dnat: Vec<String> = self.ports.iter().filter_map(PortRule::render).collect();
+        // The node's own connections have no input interface.
+        let dnat_output: Vec<String> = self
+            .ports
+            .iter()
+            .filter(|p| p.iif.is_none())
+            .filter_map(PortRule::render)
+            .collect();
         // Ports below 32768: the XDP fast path translates to 32768-65535 on the same
         // address, and the two must never pick one port for two flows.
         for i in &self.masquerade_out {
@@ -151,7 +188,7 @@ impl Ruleset {
              \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{}\t}}\n\
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n}}\n",
             indent(&dnat),
-            indent(&dnat),
+            indent(&dnat_output),
             indent(&nat),
             indent(&forward),
         )
@@ -264,26 +301,24 @@ mod tests {
         let r = Ruleset {
             ports: vec![
                 PortRule {
-                    proto: "tcp",
-                    port: 4567,
-                    targets: vec![
+                    iif: Some("eth0".into()),
+                    ..PortRule::new("tcp", 4567, vec!["198.18.1.253".parse().unwrap()], 4567)
+                },
+                PortRule::new(
+                    "tcp",
+                    4567,
+                    vec![
                         "198.19.255.5".parse().unwrap(),
                         "198.19.255.6".parse().unwrap(),
                     ],
-                    target_port: 80,
-                },
+                    80,
+                ),
                 PortRule {
-                    proto: "udp",
-                    port: 4568,
-                    targets: vec!["198.18.1.254".parse().unwrap()],
-                    target_port: 4568,
+                    daddr: Some("198.18.1.253".parse().unwrap()),
+                    ..PortRule::new("udp", 4568, vec!["198.19.255.5".parse().unwrap()], 80)
                 },
-                PortRule {
-                    proto: "tcp",
-                    port: 4569,
-                    targets: vec![],
-                    target_port: 80,
-                },
+                PortRule::new("udp", 4568, vec!["198.18.1.254".parse().unwrap()], 4568),
+                PortRule::new("tcp", 4569, vec![], 80),
             ],
             masquerade_out: vec!["eth0".into()],
             ..Default::default()
@@ -293,7 +328,16 @@ mod tests {
                   { 0 : 198.19.255.5, 1 : 198.19.255.6 } :80";
         // In prerouting (from outside) and output (from the node itself).
         assert_eq!(s.matches(rr).count(), 2, "{s}");
-        assert!(s.contains("udp dport 4568 dnat to 198.18.1.254:4568"));
+        assert!(s.contains("fib daddr type local udp dport 4568 dnat to 198.18.1.254:4568"));
+        // Narrowed rules: by input interface in prerouting only, by address in both;
+        // each ahead of the port's general rule.
+        let by_iif =
+            "iifname \"eth0\" fib daddr type local tcp dport 4567 dnat to 198.18.1.253:4567";
+        assert_eq!(s.matches(by_iif).count(), 1, "{s}");
+        let by_addr = "ip daddr 198.18.1.253 udp dport 4568 dnat to 198.19.255.5:80";
+        assert_eq!(s.matches(by_addr).count(), 2, "{s}");
+        let pre = &s[s.find("chain prerouting").unwrap()..s.find("chain output").unwrap()];
+        assert!(pre.find(by_iif).unwrap() < pre.find(rr).unwrap());
         assert!(!s.contains("4569"));
         assert!(s.contains("oifname \"eth0\" meta l4proto { tcp, udp } masquerade to :1024-32767"));
     }

@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 use crate::datapath::xdp::{MeshPort, MeshTable, XdpMesh};
 use crate::datapath::{Datapath, LbTable, SandboxLb};
 use crate::dns::Dns;
+use crate::ipam;
 use crate::model::{Driver, Endpoint, Network, PublishMode, Task, GWBRIDGE};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
 use crate::netlink::{self, Link, Peer};
@@ -289,10 +290,21 @@ impl Reconciler {
             }
         }
 
-        // 6. Node firewall: masquerade, isolation and published ports; the ingress
+        // 6. The fast path in front of the kernel path (or gone with the mesh) first: the
+        // node's rules send what it leaves to the kernel on a path of their own.
+        let mut xdp_iface = None;
+        if let Some(x) = &self.xdp {
+            match self.sync_xdp(x, st, isbox.as_ref().and(ingress)).await {
+                Ok(i) => xdp_iface = i,
+                Err(e) => report
+                    .errors
+                    .push(format!("XDP fast path (kernel path in use): {e:#}")),
+            }
+        }
+        // Node firewall: masquerade, isolation and published ports; the ingress
         // sandbox's DNAT onto the service's tasks.
         let rules = Ruleset {
-            ports: self.node_ports(st, &tasks, &report, isbox.is_some()),
+            ports: self.node_ports(st, &tasks, &report, isbox.is_some(), xdp_iface.as_deref()),
             masquerade_out: vec![],
             gwbridge: needs_gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
@@ -313,17 +325,10 @@ impl Reconciler {
             Ok(Err(e)) => report.errors.push(format!("nftables: {e:#}")),
             Err(e) => report.errors.push(format!("nftables: {e}")),
         }
-        // The fast path in front of it all (or gone with the mesh).
-        if let Some(x) = &self.xdp {
-            if let Err(e) = self.sync_xdp(x, st, isbox.as_ref().and(ingress)).await {
-                report
-                    .errors
-                    .push(format!("XDP fast path (kernel path in use): {e:#}"));
-            }
-        }
         if let Some(t) = &isbox {
+            let local = ipam::ingress_sbox_local_address(self.cfg.gwbridge_subnet);
             let rules = Ruleset {
-                ports: ingress_ports(st),
+                ports: ingress_ports(st, Some((&self.cfg.name, local))),
                 masquerade_out: vec![t.endpoints[0].ifname.clone()],
                 ..Default::default()
             };
@@ -414,6 +419,12 @@ impl Reconciler {
             created_at: 0,
         };
         self.ensure_task(st, &task).await?;
+        let local = ipam::ingress_sbox_local_address(gw);
+        netns::with_netlink(&Netns::named(&name), move |h| async move {
+            let eth1 = netlink::require_link(&h, "eth1").await?;
+            netlink::ensure_address(&h, &eth1, local, gw.prefix()).await
+        })
+        .await?;
         netns::run_in(&Netns::named(&name), || {
             netns::write_sysctl("net.ipv4.ip_forward", "1")
         })
@@ -421,7 +432,13 @@ impl Reconciler {
         Ok(task)
     }
 
-    async fn sync_xdp(&self, x: &XdpMesh, st: &State, ingress: Option<&Network>) -> Result<()> {
+    /// Returns the interface the fast path runs on, if it does.
+    async fn sync_xdp(
+        &self,
+        x: &XdpMesh,
+        st: &State,
+        ingress: Option<&Network>,
+    ) -> Result<Option<String>> {
         let node = &self.cfg.name;
         let table = ingress.and_then(|net| {
             Some(MeshTable {
@@ -455,28 +472,43 @@ impl Reconciler {
             warm_neighbours(t);
         }
         let (ifname, kind) = ifname.unzip();
-        x.sync(ifname.as_deref(), kind.flatten().as_deref(), table.as_ref())
+        x.sync(ifname.as_deref(), kind.flatten().as_deref(), table.as_ref())?;
+        Ok(ifname.filter(|_| x.attached()))
     }
 
     /// Published ports answered in the node's namespace: ingress mode goes to the
     /// ingress sandbox (same port); host mode to this node's own tasks of the service
-    /// (their gwbridge address, the target port), and is absent where none runs.
+    /// (their gwbridge address, the target port), and is absent where none runs. What
+    /// came in on `xdp_iface` and reaches the kernel is a flow the fast path picked a
+    /// local task for: it goes to the sandbox's address for local tasks.
     fn node_ports(
         &self,
         st: &State,
         tasks: &[&Task],
         report: &Report,
         mesh: bool,
+        xdp_iface: Option<&str>,
     ) -> Vec<PortRule> {
         let up = tasks_up(tasks, report);
         let mut rules = vec![];
         for svc in st.services.values() {
             for p in &svc.publish {
+                let gw = self.cfg.gwbridge_subnet;
                 let (targets, target_port) = match p.mode {
-                    PublishMode::Ingress if mesh => (
-                        vec![crate::ipam::ingress_sbox_address(self.cfg.gwbridge_subnet)],
-                        p.published,
-                    ),
+                    PublishMode::Ingress if mesh => {
+                        if let Some(i) = xdp_iface {
+                            rules.push(PortRule {
+                                iif: Some(i.to_string()),
+                                ..PortRule::new(
+                                    p.protocol.as_str(),
+                                    p.published,
+                                    vec![ipam::ingress_sbox_local_address(gw)],
+                                    p.published,
+                                )
+                            });
+                        }
+                        (vec![ipam::ingress_sbox_address(gw)], p.published)
+                    }
                     PublishMode::Ingress => continue,
                     PublishMode::Host => {
                         let mut ips: Vec<Ipv4Addr> = up
@@ -490,12 +522,12 @@ impl Reconciler {
                         (ips, p.target)
                     }
                 };
-                rules.push(PortRule {
-                    proto: p.protocol.as_str(),
-                    port: p.published,
+                rules.push(PortRule::new(
+                    p.protocol.as_str(),
+                    p.published,
                     targets,
                     target_port,
-                });
+                ));
             }
         }
         rules
@@ -772,8 +804,10 @@ impl Reconciler {
 }
 
 /// What the ingress sandbox balances: each ingress-mode port onto the ingress addresses
-/// of the service's tasks on live nodes, wherever they run.
-pub fn ingress_ports(st: &State) -> Vec<PortRule> {
+/// of the service's tasks on live nodes, wherever they run. With `local` (this node, the
+/// sandbox's local address), what arrives at that address goes to the node's own tasks
+/// only: the XDP fast path already picked a local one (see [`Reconciler::node_ports`]).
+pub fn ingress_ports(st: &State, local: Option<(&str, Ipv4Addr)>) -> Vec<PortRule> {
     let mut rules = vec![];
     for svc in st.services.values() {
         for p in svc
@@ -781,21 +815,27 @@ pub fn ingress_ports(st: &State) -> Vec<PortRule> {
             .iter()
             .filter(|p| p.mode == PublishMode::Ingress)
         {
-            let mut targets: Vec<Ipv4Addr> = st
-                .tasks
-                .values()
-                .filter(|t| t.service == svc.name && st.node_alive(&t.node))
-                .flat_map(|t| t.endpoints.iter())
-                .filter(|e| e.network == INGRESS)
-                .map(|e| e.ip)
-                .collect();
-            targets.sort();
-            rules.push(PortRule {
-                proto: p.protocol.as_str(),
-                port: p.published,
-                targets,
-                target_port: p.target,
-            });
+            let addrs = |on: Option<&str>| {
+                let mut targets: Vec<Ipv4Addr> = st
+                    .tasks
+                    .values()
+                    .filter(|t| t.service == svc.name && st.node_alive(&t.node))
+                    .filter(|t| on.is_none_or(|n| t.node == n))
+                    .flat_map(|t| t.endpoints.iter())
+                    .filter(|e| e.network == INGRESS)
+                    .map(|e| e.ip)
+                    .collect();
+                targets.sort();
+                targets
+            };
+            let proto = p.protocol.as_str();
+            if let Some((node, addr)) = local {
+                rules.push(PortRule {
+                    daddr: Some(addr),
+                    ..PortRule::new(proto, p.published, addrs(Some(node)), p.target)
+                });
+            }
+            rules.push(PortRule::new(proto, p.published, addrs(None), p.target));
         }
     }
     rules
@@ -1093,7 +1133,7 @@ mod tests {
         }
         let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         // The kernel path (the ingress sandbox): ingress-mode ports only, target ports.
-        let rules = ingress_ports(&st);
+        let rules = ingress_ports(&st, None);
         assert_eq!(rules.len(), 2);
         assert_eq!(
             (rules[0].proto, rules[0].port, rules[0].target_port),
@@ -1105,7 +1145,20 @@ mod tests {
         );
         for r in &rules {
             assert_eq!(r.targets, vec![a("198.19.255.2"), a("198.19.255.3")]);
+            assert_eq!((r.daddr, &r.iif), (None, &None));
         }
+        // With the sandbox's local address: first a rule for it onto n1's own tasks.
+        let local = a("198.18.1.253");
+        let rules = ingress_ports(&st, Some(("n1", local)));
+        assert_eq!(rules.len(), 4);
+        assert_eq!(rules[0].daddr, Some(local));
+        assert_eq!(rules[0].targets, vec![a("198.19.255.2")]);
+        assert_eq!(rules[1].daddr, None);
+        assert_eq!(rules[1].targets.len(), 2);
+        // A node without tasks of its own has no local rule's targets.
+        assert!(ingress_ports(&st, Some(("n2", local)))[0]
+            .targets
+            .is_empty());
         // The fast path: the same tasks, with their nodes' VTEPs.
         let mesh = mesh_ports(&st);
         assert_eq!(mesh.len(), 2);

@@ -876,6 +876,7 @@ pub async fn attach_task(
             let mut used = st.gwipam.get(&node_name).cloned().unwrap_or_default();
             used.insert(gw);
             used.insert(ipam::ingress_sbox_address(subnet));
+            used.insert(ipam::ingress_sbox_local_address(subnet));
             let ip = ipam::allocate_ip(subnet, &used)?;
             let ik = key("gwipam", &format!("{node_name}/{ip}"));
             compares.push(Compare::Absent(ik.clone()));

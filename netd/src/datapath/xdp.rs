@@ -339,6 +339,13 @@ impl XdpMesh {
         result
     }
 
+    /// Whether the program runs on an interface now (the last sync attached it).
+    pub fn attached(&self) -> bool {
+        self.lock()
+            .map(|i| i.loaded.is_some() && i.mode.is_some() && i.error.is_none())
+            .unwrap_or(false)
+    }
+
     pub fn status(&self) -> Value {
         let Ok(inner) = self.lock() else {
             return json!({"setting": self.setting});
