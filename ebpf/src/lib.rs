@@ -67,6 +67,11 @@ pub static INGRESS_XDP: &[u8] =
 /// The program in [`INGRESS_XDP`].
 pub const INGRESS_XDP_PROGRAM: &str = "netd_ingress";
 
+/// The compiled `wire_peer` object (section `xdp`): what the lab runs on the far end of
+/// a veth whose near end runs [`INGRESS_XDP`] in native mode, for the frames it sends
+/// back to reach the wire at all.
+pub static WIRE_PEER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wire_peer.o"));
+
 /// The maps of [`INGRESS_XDP`], pinned by name like sock_lb's.
 pub const INGRESS_XDP_MAPS: &[&str] = &[
     "netd_ingress_cfg",

@@ -59,3 +59,16 @@ fn ingress_xdp_passes_the_verifier() {
         assert!(dir.0.join(map).exists(), "map {map} is not pinned");
     }
 }
+
+#[test]
+fn the_labs_wire_peer_passes_the_verifier() {
+    let mut obj = aya::Ebpf::load(netd_ebpf::WIRE_PEER).expect("parse wire_peer.o");
+    let prog: &mut aya::programs::Xdp = obj
+        .program_mut("netd_wire_peer")
+        .expect("program in the object")
+        .try_into()
+        .expect("an XDP program");
+    if let Err(e) = prog.load() {
+        panic!("the verifier refused netd_wire_peer: {e:?}");
+    }
+}

@@ -73,6 +73,13 @@ fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(|_| ())
 }
 
+/// Makes `dev` in `netns` finish every checksum itself, as frames on a wire carry them.
+fn ethtool_tx_off(netns: &str, dev: &str) -> Result<()> {
+    run(Command::new("ip").args(["netns", "exec", netns, "ethtool", "-K", dev, "tx", "off"]))
+        .with_context(|| format!("ethtool -K {dev} tx off in {netns} (Debian package ethtool)"))
+        .map(|_| ())
+}
+
 /// Where the workspace's binaries are: next to the running test binary's parent dir, or
 /// named by NETD_BIN / NETD_LAB_BIN.
 pub fn binary(name: &str) -> Result<PathBuf> {
@@ -124,6 +131,11 @@ pub struct Lab {
     /// Start daemons with the bpf(2) system call refused (seccomp), as a kernel without
     /// eBPF support would refuse it.
     pub deny_bpf: bool,
+    /// The underlay behaves like a wire, for native XDP (a lab built with `--xdp
+    /// native`): every frame carries its full checksums (a veth otherwise hands them on
+    /// unfinished, which a frame sent back by XDP loses), and the hub side of a node
+    /// whose daemon runs `--xdp native` runs [`netd_ebpf::WIRE_PEER`].
+    wire: bool,
     torn_down: bool,
 }
 
@@ -169,8 +181,13 @@ impl Lab {
             datapath: datapath.to_string(),
             xdp: xdp.to_string(),
             deny_bpf: false,
+            wire: xdp == "native",
             torn_down: false,
         };
+        if lab.wire {
+            fs::write(lab.wire_peer_object(), netd_ebpf::WIRE_PEER)
+                .context("write the wire's XDP object")?;
+        }
         // If anything below fails, Drop tears down what was made.
         ip(&["netns", "add", &lab.hub])?;
         ip(&["-n", &lab.hub, "link", "add", "ul", "type", "bridge"])?;
@@ -276,6 +293,10 @@ impl Lab {
             "-n", &self.hub, "link", "set", &hub_side, "master", "ul", "up",
         ])?;
         ip(&["-n", name, "link", "set", "lo", "up"])?;
+        if self.wire {
+            ethtool_tx_off(name, "eth0")?;
+            ethtool_tx_off(&self.hub, &hub_side)?;
+        }
         ip(&[
             "-n",
             name,
@@ -382,8 +403,33 @@ impl Lab {
         }
     }
 
+    fn wire_peer_object(&self) -> PathBuf {
+        self.dir.join("wire_peer.o")
+    }
+
+    /// On a wire lab: the far end of node `i`'s underlay runs the wire's XDP program
+    /// while the daemon runs native XDP, and none otherwise.
+    fn wire_peer(&self, i: usize) -> Result<()> {
+        if !self.wire {
+            return Ok(());
+        }
+        let hub_side = format!("u{}", self.nodes[i].ip.octets()[3]);
+        let obj = self.wire_peer_object();
+        let mut args = vec![
+            "-force", "-n", &self.hub, "link", "set", "dev", &hub_side, "xdpdrv",
+        ];
+        let obj = obj.display().to_string();
+        if self.xdp == "native" {
+            args.extend(["obj", &obj, "sec", "xdp"]);
+        } else {
+            args.push("off");
+        }
+        ip(&args)
+    }
+
     /// Starts (or restarts) node `i`'s daemon and waits until its API answers.
     pub fn start_daemon(&mut self, i: usize) -> Result<()> {
+        self.wire_peer(i)?;
         let node = &self.nodes[i];
         let log = fs::OpenOptions::new()
             .create(true)
