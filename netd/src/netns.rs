@@ -220,6 +220,20 @@ pub fn list_named(prefix: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Keeps the calling thread's namespace's bridges out of netfilter (br_netfilter's
+/// `bridge-nf-call-*`, on by default in every namespace where the module is loaded): a
+/// namespace netd filters nothing in would otherwise pay for IP hooks on every bridged
+/// frame. Nothing to do where br_netfilter is absent.
+pub fn bridge_netfilter_off() -> Result<()> {
+    for table in ["iptables", "ip6tables", "arptables"] {
+        let key = format!("net.bridge.bridge-nf-call-{table}");
+        if Path::new("/proc/sys").join(key.replace('.', "/")).exists() {
+            write_sysctl(&key, "0")?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes a sysctl in the namespace of the calling thread (/proc/sys/net is per netns).
 pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));

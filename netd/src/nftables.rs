@@ -106,6 +106,9 @@ pub struct Ruleset {
     /// Interfaces whose outgoing traffic is masqueraded to their address (the ingress
     /// sandbox's leg on the ingress network).
     pub masquerade_out: Vec<String>,
+    /// The VXLAN port, where this namespace carries overlays: their datagrams are never
+    /// translated, so conntrack only costs them time (they are untracked).
+    pub untracked_udp: Option<u16>,
 }
 
 impl Ruleset {
@@ -114,6 +117,7 @@ impl Ruleset {
             && self.bridges.is_empty()
             && self.ports.is_empty()
             && self.masquerade_out.is_empty()
+            && self.untracked_udp.is_none()
     }
 
     pub fn hash_hex(&self) -> String {
@@ -174,6 +178,11 @@ impl Ruleset {
                 forward.push(format!("oifname \"{0}\" iifname != \"{0}\" drop", a.ifname));
             }
         }
+        let raw: Vec<String> = self
+            .untracked_udp
+            .iter()
+            .map(|p| format!("udp dport {p} notrack"))
+            .collect();
         let indent = |rules: &[String]| {
             rules
                 .iter()
@@ -186,11 +195,15 @@ impl Ruleset {
              \tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n{}\t}}\n\
              \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n{}\t}}\n\
              \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{}\t}}\n\
-             \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n}}\n",
+             \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n\
+             \tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{}\t}}\n\
+             \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n}}\n",
             indent(&dnat),
             indent(&dnat_output),
             indent(&nat),
             indent(&forward),
+            indent(&raw),
+            indent(&raw),
         )
     }
 }
@@ -321,9 +334,12 @@ mod tests {
                 PortRule::new("tcp", 4569, vec![], 80),
             ],
             masquerade_out: vec!["eth0".into()],
+            untracked_udp: Some(4789),
             ..Default::default()
         };
         let s = r.render();
+        // Overlay datagrams skip conntrack both ways.
+        assert_eq!(s.matches("udp dport 4789 notrack").count(), 2, "{s}");
         let rr = "fib daddr type local tcp dport 4567 dnat to numgen inc mod 2 map \
                   { 0 : 198.19.255.5, 1 : 198.19.255.6 } :80";
         // In prerouting (from outside) and output (from the node itself).

@@ -306,6 +306,7 @@ impl Reconciler {
         let rules = Ruleset {
             ports: self.node_ports(st, &tasks, &report, isbox.is_some(), xdp_iface.as_deref()),
             masquerade_out: vec![],
+            untracked_udp: (!overlays.is_empty()).then_some(self.cfg.vxlan_port),
             gwbridge: needs_gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
                 subnet: self.cfg.gwbridge_subnet,
@@ -609,6 +610,8 @@ impl Reconciler {
             .await
             .map_err(|e| anyhow!("{e}"))??;
         let sandbox = Netns::named(&name);
+        // The sandbox is a switch: netd filters nothing in it.
+        netns::run_in(&sandbox, netns::bridge_netfilter_off).await?;
         let mtu = self.cfg.overlay_mtu;
         let (gw, prefix) = (net.gateway, net.subnet.prefix());
         let has_vxlan = netns::with_netlink(&sandbox, move |h| async move {
