@@ -1,11 +1,14 @@
 //! `netd-bench ingress`: new connections per second, keep-alive requests per second and
 //! p99 latency from a client on the underlay to a node that runs none of the service's
 //! tasks, through netd's routing mesh (its XDP fast path on n3, its kernel path on n4),
-//! side by side with the same client talking to a server directly (the limit), HAProxy
-//! on n3, and nftables DNAT + masquerade on n3. HAProxy and nftables balance to the nodes
-//! that run tasks, onto a host-mode port (the usual way to put either in front of Swarm
-//! nodes). Also UDP round trips per second through the published port on both paths.
+//! side by side with the same client connecting straight to a task (a host-mode port on
+//! its node: the limit), HAProxy on n3, and nftables DNAT + masquerade on n3. HAProxy and
+//! nftables balance to the nodes that run tasks, onto a host-mode port (the usual way to
+//! put either in front of Swarm nodes). Also UDP through the published port on both
+//! paths: round trips per second, and the rate at which the ingress node forwards a
+//! one-way flood.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -23,6 +26,9 @@ const HAPROXY_PORT: u16 = 4587;
 const NFT_PORT: u16 = 4597;
 const UDP_PORT: u16 = 4568;
 const DIRECT_HOST: u8 = 50;
+const VXLAN_PORT: u16 = 4789;
+/// The nftables table that counts and drops VXLAN datagrams at n1 and n2 during a flood.
+const SINK: &str = "netdbench_sink";
 const CLIENT_HOST: u8 = 100;
 const MAX_OPS: u64 = 2_000_000;
 
@@ -34,20 +40,116 @@ struct Path_ {
 }
 
 /// What the figures mean, as every results file says it.
-const READING: &str = "\n**Reading.** Every path but `direct` crosses the ingress node and \
-then the overlay or the underlay to another node. The lab's underlay is veth, where netd \
-runs XDP in generic mode (native XDP_TX on a veth needs a program on the peer, which is not \
-the node's): the XDP program still replaces the node's and the ingress sandbox's netfilter, \
-routing and VXLAN work, but the packet has already become an skb. On a NIC with native XDP \
-the fast path skips that too.\n\n";
+const READING: &str = "\n**Reading.** The limit is a client connecting straight to a \
+task: a host-mode port on the task's own node (one DNAT, no overlay). Every other path \
+crosses the ingress node n3 or n4 first, then the overlay (netd's mesh) or the underlay \
+(HAProxy, nftables: onto the same host-mode ports) to a node that runs tasks. XDP runs \
+native on n3; the lab's underlay is veth, made to act like a wire for it (full checksums \
+on every frame, an XDP program on each veth's far end so that frames sent back by XDP \
+reach the hub: see `Lab`). Client, servers and all five network namespaces share the \
+machine's 2 CPUs, so every figure is the whole system's: what the mesh saves on the \
+ingress node is diluted by what client, task node and task spend on every connection. \
+The UDP forwarding rate isolates the ingress node: the client floods the published port \
+and n1 and n2 count (and drop) the VXLAN datagrams that arrive for the tasks, at their \
+interface's netdev ingress hook, the same way for both paths.\n\n";
+
+/// Starts counting (and dropping) the VXLAN datagrams arriving at `netns`'s eth0.
+fn sink_on(lab: &Lab, netns: &str) -> Result<()> {
+    nft(
+        lab,
+        netns,
+        &format!(
+            "table netdev {SINK} {{\n chain vxlan {{\n  type filter hook ingress device \
+             \"eth0\" priority 0;\n  udp dport {VXLAN_PORT} counter drop\n }}\n}}\n"
+        ),
+    )
+}
+
+/// Stops the sink in `netns`; returns how many datagrams it took.
+fn sink_off(lab: &Lab, netns: &str) -> Result<u64> {
+    let o = lab.exec_in(netns, &["nft", "list", "table", "netdev", SINK])?;
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    nft(lab, netns, &format!("delete table netdev {SINK}"))?;
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no counter in the sink of {netns}: {text}"))
+}
+
+/// The kernel threads that poll devices (threaded NAPI), by pid.
+fn napi_threads() -> Result<BTreeSet<i32>> {
+    let mut out = BTreeSet::new();
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("napi/") {
+            out.insert(pid);
+        }
+    }
+    Ok(out)
+}
+
+/// Gives the ingress node in `netns` a CPU of its own: its underlay interface is polled
+/// by a kernel thread (threaded NAPI; GRO turns NAPI on for a veth without XDP), pinned
+/// to `cpu`. Everything that interface receives, and what that sends on, runs there.
+fn own_cpu(lab: &Lab, netns: &str, cpu: usize) -> Result<()> {
+    let before = napi_threads()?;
+    let o = lab.exec_in(netns, &["ethtool", "-K", "eth0", "gro", "on"])?;
+    if !o.status.success() {
+        bail!("ethtool in {netns}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    threaded_napi(lab, netns, true)?;
+    let new: Vec<i32> = napi_threads()?.difference(&before).copied().collect();
+    if new.is_empty() {
+        bail!("no NAPI thread appeared for eth0 in {netns}");
+    }
+    for pid in new {
+        load::pin_to_cpu(pid, cpu)?;
+    }
+    Ok(())
+}
+
+/// Threaded NAPI on `netns`'s eth0 on or off; off also turns GRO back off (a veth's
+/// default), so the other runs see the interface as it was.
+fn threaded_napi(lab: &Lab, netns: &str, on: bool) -> Result<()> {
+    let script = if on {
+        "echo 1 > /sys/class/net/eth0/threaded"
+    } else {
+        "echo 0 > /sys/class/net/eth0/threaded && ethtool -K eth0 gro off"
+    };
+    let o = lab.exec_in(netns, &["sh", "-c", script])?;
+    if !o.status.success() {
+        bail!(
+            "threaded NAPI in {netns}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn nft(lab: &Lab, netns: &str, script: &str) -> Result<()> {
+    let file = lab.dir.join("bench-nft.conf");
+    std::fs::write(&file, script)?;
+    let o = lab.exec_in(netns, &["nft", "-f", &file.display().to_string()])?;
+    if !o.status.success() {
+        bail!("nft in {netns}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
 
 pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path) -> Result<()> {
     // n1, n2 run the tasks; n3 takes connections on the XDP fast path, n4 on the kernel
-    // path (--xdp off).
-    let mut lab = Lab::build_with("bing", 4, true, "auto", "auto")?;
-    lab.stop_daemon(3, false)?;
+    // path. Only n3 runs XDP: no other path pays for a program it does not use.
+    let mut lab = Lab::build_with("bing", 4, true, "auto", "native")?;
     lab.xdp = "off".into();
-    lab.start_daemon(3)?;
+    for i in [0, 1, 3] {
+        lab.stop_daemon(i, false)?;
+        lab.start_daemon(i)?;
+    }
     lab.cli(
         0,
         &["network", "create", "front", "--subnet", "198.19.50.0/24"],
@@ -114,25 +216,21 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
         &["-db", "-f", &cfg.display().to_string()],
     )?;
     // nftables on n3: DNAT round-robin to the same ports, masquerade so answers return.
-    let rules = lab.dir.join("bench-ingress-nft.conf");
-    std::fs::write(
-        &rules,
-        format!(
+    nft(
+        &lab,
+        &n3ns,
+        &format!(
             "table ip netdbench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    \
              ip daddr {n3} tcp dport {NFT_PORT} dnat to numgen inc mod 2 map {{ 0 : {n1}, 1 : {n2} }} : {HOST_PORT}\n  }}\n  \
              chain post {{\n    type nat hook postrouting priority srcnat;\n    \
              ip daddr {{ {n1}, {n2} }} tcp dport {HOST_PORT} masquerade\n  }}\n}}\n"
         ),
     )?;
-    let o = lab.exec_in(&n3ns, &["nft", "-f", &rules.display().to_string()])?;
-    if !o.status.success() {
-        bail!("nft: {}", String::from_utf8_lossy(&o.stderr));
-    }
 
     let mut paths = vec![
         Path_ {
-            label: "direct (client -> a server on the underlay)",
-            addr: SocketAddr::from((underlay_ip(DIRECT_HOST), 80)),
+            label: "straight to a task (host-mode port on n1)",
+            addr: SocketAddr::from((n1, HOST_PORT)),
             conns: vec![],
             reqs: vec![],
         },
@@ -149,7 +247,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             reqs: vec![],
         },
         Path_ {
-            label: "netd routing mesh via n3 (XDP fast path)",
+            label: "netd routing mesh via n3 (XDP fast path, native)",
             addr: SocketAddr::from((n3, MESH_PORT)),
             conns: vec![],
             reqs: vec![],
@@ -160,11 +258,28 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             conns: vec![],
             reqs: vec![],
         },
+        Path_ {
+            label: "reference: a server on the underlay (no cluster, no task)",
+            addr: SocketAddr::from((underlay_ip(DIRECT_HOST), 80)),
+            conns: vec![],
+            reqs: vec![],
+        },
     ];
     let mut udp_runs: Vec<Vec<load::Run>> = vec![vec![], vec![]];
+    // Per path: datagrams forwarded per second (counted at n1 and n2) and sent per second.
+    let mut flood_runs: Vec<Vec<(f64, f64)>> = vec![vec![], vec![]];
+    let sinks = [lab.nodes[0].netns.clone(), lab.nodes[1].netns.clone()];
     let udp_targets = [
-        ("XDP fast path (n3)", SocketAddr::from((n3, UDP_PORT))),
-        ("kernel path (n4)", SocketAddr::from((n4, UDP_PORT))),
+        (
+            "XDP fast path (n3)",
+            SocketAddr::from((n3, UDP_PORT)),
+            n3ns.clone(),
+        ),
+        (
+            "kernel path (n4)",
+            SocketAddr::from((n4, UDP_PORT)),
+            lab.nodes[3].netns.clone(),
+        ),
     ];
     // Every path answers before the runs start.
     for p in &paths {
@@ -180,7 +295,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             bail!("{} ({}) does not answer", p.label, p.addr);
         }
     }
-    for (label, addr) in &udp_targets {
+    for (label, addr, _) in &udp_targets {
         if let Err(e) = netd_lab::udp_ask_from(&client, *addr) {
             return Err(e).with_context(|| format!("UDP through the {label} does not answer"));
         }
@@ -194,7 +309,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             p.reqs
                 .push(load::http_keepalive(&client, p.addr, threads, d, MAX_OPS)?);
         }
-        for (i, (label, addr)) in udp_targets.iter().enumerate() {
+        for (i, (label, addr, ingress)) in udp_targets.iter().enumerate() {
             eprintln!("round {}: UDP, {label}", round + 1);
             let d = Duration::from_secs(seconds);
             udp_runs[i].push(load::udp_round_trips(
@@ -204,6 +319,22 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
                 d,
                 MAX_OPS,
             )?);
+            eprintln!("round {}: UDP flood, {label}", round + 1);
+            for ns in &sinks {
+                sink_on(&lab, ns)?;
+            }
+            // The client sends on CPU 0; the ingress node forwards on CPU 1.
+            let sent = own_cpu(&lab, ingress, 1)
+                .and_then(|_| load::udp_flood(&client, *addr, 1, Some(0), d, MAX_OPS * 10));
+            // The sinks go even when the flood failed: they drop all VXLAN.
+            threaded_napi(&lab, ingress, false)?;
+            let mut forwarded = 0;
+            for ns in &sinks {
+                forwarded += sink_off(&lab, ns)?;
+            }
+            let sent = sent?;
+            let secs = sent.elapsed.as_secs_f64().max(1e-9);
+            flood_runs[i].push((forwarded as f64 / secs, sent.per_second()));
         }
     }
 
@@ -211,8 +342,8 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     writeln!(
         md,
         "Machine: {}. A 4-node lab cluster (etcd); {tasks} whoami tasks per service on n1 and \
-         n2, none on n3 or n4; n3 runs the XDP fast path (`--xdp auto`: generic mode on \
-         this veth underlay), n4 only the kernel path (`--xdp off`). The client is a host on \
+         n2, none on n3 or n4; n3 runs the XDP fast path (`--xdp native`), n4 only the kernel \
+         path; n1, n2 and n4 run `--xdp off`. The client is a host on \
          the underlay. New connections: {threads} client threads each connect, send one HTTP \
          GET, read the answer and close with a reset, for {seconds} s. Requests: HTTP/1.1 \
          keep-alive GETs over {threads} connections for {seconds} s. Each path ran {rounds} \
@@ -233,33 +364,45 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     }
     writeln!(
         md,
-        "\nUDP through the published port ({} sockets, one datagram in flight each, \
-         request and answer):\n\n| path | round trips/s | p99 |\n|---|---|---|",
+        "\nUDP through the published port: round trips ({} sockets, one datagram in flight \
+         each, request and answer; each round trip is two packets through the ingress node), \
+         and a one-way flood of 64-byte datagrams (one socket, sendmmsg batches of 64, on \
+         CPU 0) with what the ingress node forwarded on CPU 1 (its interface polled by a \
+         NAPI thread pinned there):\n\n| path | round trips/s | p99 | flood: forwarded/s | flood: sent/s \
+         |\n|---|---|---|---|---|",
         threads * 2
     )?;
     let mut udp = vec![];
-    for (i, (label, _)) in udp_targets.iter().enumerate() {
+    let mut fwd = vec![];
+    for (i, (label, _, _)) in udp_targets.iter().enumerate() {
         let r = median_run(&udp_runs[i]);
+        let mut f = flood_runs[i].clone();
+        f.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (forwarded, sent) = f.get(f.len() / 2).copied().unwrap_or_default();
         writeln!(
             md,
-            "| {label} | {:.0} | {} |",
+            "| {label} | {:.0} | {} | {forwarded:.0} | {sent:.0} |",
             r.per_second(),
             ms(quantile(&r.latencies, 0.99))
         )?;
         udp.push(r.per_second());
+        fwd.push(forwarded);
     }
+    let ratio = |a: f64, b: f64| a / b.max(1e-9);
     writeln!(
         md,
-        "\n**Ratios** (same run): XDP mesh / direct = {:.2}× new connections/s, {:.2}× \
-         requests/s; XDP mesh / HAProxy = {:.2}× new connections/s; XDP mesh / nftables = \
-         {:.2}×; kernel-path mesh / direct = {:.2}× new connections/s; XDP / kernel path = \
-         {:.2}× UDP round trips/s (each round trip is two packets through the ingress node).",
-        cps[3] / cps[0],
-        rps[3] / rps[0],
-        cps[3] / cps[1],
-        cps[3] / cps[2],
-        cps[4] / cps[0],
-        udp[0] / udp[1].max(1e-9),
+        "\n**Ratios** (same run), against the targets: XDP mesh / straight to a task = \
+         {:.2}× new connections/s, {:.2}× requests/s (target ≥ 0.8×); XDP mesh / HAProxy = \
+         {:.2}× new connections/s (target ≥ 2×); XDP / kernel path = {:.2}× UDP packets \
+         forwarded per second (target ≥ 2×), {:.2}× UDP round trips/s. Also: XDP mesh / \
+         nftables = {:.2}× new connections/s; kernel-path mesh / straight to a task = {:.2}×.",
+        ratio(cps[3], cps[0]),
+        ratio(rps[3], rps[0]),
+        ratio(cps[3], cps[1]),
+        ratio(fwd[0], fwd[1]),
+        ratio(udp[0], udp[1]),
+        ratio(cps[3], cps[2]),
+        ratio(cps[4], cps[0]),
     )?;
     md.push_str(READING);
     let svg_path = out.with_extension("svg");
@@ -272,10 +415,12 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     let svg = bar_chart(
         "Published port through a node without tasks (higher is better)",
         &[
-            "direct",
+            "straight to a task",
             "HAProxy",
             "nftables DNAT+masq",
+            "netd mesh (XDP)",
             "netd mesh (kernel)",
+            "server on the underlay",
         ],
         &[
             Panel {

@@ -185,6 +185,76 @@ pub fn udp_round_trips(
     })
 }
 
+/// One-way UDP from `netns` to `addr` as fast as `threads` sockets (one flow each) can
+/// send, 64 datagrams per sendmmsg(2) call so the client's system calls weigh little,
+/// until `duration` passes or `max` datagrams are sent; `requests` is the number sent
+/// (whoever counts what arrived reports the rate). A batch the kernel refuses (a full
+/// queue, or an ICMP error from an earlier datagram) is not counted.
+/// With `cpu`, every sending thread runs on that CPU only.
+pub fn udp_flood(
+    netns: &str,
+    addr: SocketAddr,
+    threads: usize,
+    cpu: Option<usize>,
+    duration: Duration,
+    max: u64,
+) -> Result<Run> {
+    use std::os::fd::AsRawFd;
+    const BATCH: usize = 64;
+    let per_thread = max / threads.max(1) as u64;
+    on_threads(netns, threads, move |_| {
+        if let Some(cpu) = cpu {
+            pin_to_cpu(0, cpu)?;
+        }
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(addr)?;
+        let mut payload = [0u8; 64];
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        };
+        // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for m in msgs.iter_mut() {
+            m.msg_hdr.msg_iov = &mut iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let mut done = 0;
+        let until = Instant::now() + duration;
+        while done < per_thread && Instant::now() < until {
+            // SAFETY: `msgs` holds BATCH initialised headers whose one iovec points at
+            // `payload`; all outlive the call.
+            let n = unsafe {
+                libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), BATCH as libc::c_uint, 0)
+            };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENOBUFS | libc::ECONNREFUSED | libc::EAGAIN) => {}
+                _ => return Err(e).context("sendmmsg"),
+            }
+        }
+        Ok((done, vec![]))
+    })
+}
+
+/// Runs thread or process `pid` (0: the calling thread) on `cpu` only.
+pub fn pin_to_cpu(pid: libc::pid_t, cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size given.
+    let r = unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pin {pid} to CPU {cpu}"));
+    }
+    Ok(())
+}
+
 /// SO_LINGER with a zero timeout: close() sends RST instead of FIN.
 fn reset_on_close(s: &TcpStream) -> Result<()> {
     use std::os::fd::AsRawFd;

@@ -56,13 +56,15 @@ enum Cmd {
         out: PathBuf,
     },
     /// A published port through a node that runs no task: netd's routing mesh against a
-    /// direct connection, HAProxy and nftables DNAT on that node (table + SVG plot).
+    /// connection straight to a task, HAProxy and nftables DNAT on that node; UDP round
+    /// trips and forwarding rate (table + SVG plot).
     Ingress {
         /// Seconds per run.
         #[arg(long, default_value_t = 3)]
         seconds: u64,
-        /// Runs per path; paths alternate and the median run counts.
-        #[arg(long, default_value_t = 3)]
+        /// Runs per path; paths alternate and the median run counts (5: this lab's
+        /// figures vary by ±15% from run to run).
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Client threads (connections for the keep-alive runs).
         #[arg(long, default_value_t = 2)]
