@@ -42,16 +42,21 @@ struct Path_ {
 /// What the figures mean, as every results file says it.
 const READING: &str = "\n**Reading.** The limit is a client connecting straight to a \
 task: a host-mode port on the task's own node (one DNAT, no overlay). Every other path \
-crosses the ingress node n3 or n4 first, then the overlay (netd's mesh) or the underlay \
-(HAProxy, nftables: onto the same host-mode ports) to a node that runs tasks. XDP runs \
-native on n3; the lab's underlay is veth, made to act like a wire for it (full checksums \
-on every frame, an XDP program on each veth's far end so that frames sent back by XDP \
-reach the hub: see `Lab`). Client, servers and all five network namespaces share the \
-machine's 2 CPUs, so every figure is the whole system's: what the mesh saves on the \
-ingress node is diluted by what client, task node and task spend on every connection. \
-The UDP forwarding rate isolates the ingress node: the client floods the published port \
-and n1 and n2 count (and drop) the VXLAN datagrams that arrive for the tasks, at their \
-interface's netdev ingress hook, the same way for both paths.\n\n";
+crosses an ingress node (n3, n4, n5) first, then the overlay (netd's mesh) or the \
+underlay (HAProxy, nftables: onto the same host-mode ports) to a node that runs tasks. \
+The lab's underlay is veth, made to act like a wire (full checksums on every frame; an \
+XDP program on the far end of n5's veth so that frames native XDP sends back reach the \
+hub: see `Lab`). On a veth, native XDP is the slower mode: the driver copies each frame \
+into a page of its own and hands what XDP sends back to the peer's NAPI, while generic XDP \
+runs the same program on the packet in line; netd's `auto` takes generic there, native on \
+a NIC. Client, servers and all the network namespaces share the machine's 2 CPUs, so \
+every figure is the whole system's: what the mesh saves on the ingress node is diluted \
+by what client, task node and task spend on every connection. The UDP forwarding rate \
+isolates the ingress node: the client floods the published port from CPU 0, the ingress \
+node's interface is polled on CPU 1, and n1 and n2 count (and drop) the VXLAN datagrams \
+that arrive for the tasks at their interface's netdev ingress hook, the same way for \
+every path. Where forwarded equals sent, the ingress node kept up with the client and \
+its figure is a lower bound.\n\n";
 
 /// Starts counting (and dropping) the VXLAN datagrams arriving at `netns`'s eth0.
 fn sink_on(lab: &Lab, netns: &str) -> Result<()> {
@@ -142,11 +147,13 @@ fn nft(lab: &Lab, netns: &str, script: &str) -> Result<()> {
 }
 
 pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path) -> Result<()> {
-    // n1, n2 run the tasks; n3 takes connections on the XDP fast path, n4 on the kernel
-    // path. Only n3 runs XDP: no other path pays for a program it does not use.
-    let mut lab = Lab::build_with("bing", 4, true, "auto", "native")?;
-    lab.xdp = "off".into();
-    for i in [0, 1, 3] {
+    // n1, n2 run the tasks; n3 takes connections on the XDP fast path as netd runs it by
+    // default (`auto`: generic on a veth), n5 on native XDP, n4 on the kernel path. The
+    // lab is a wire lab (see `Lab`); each node runs only the XDP it is measured with, so
+    // no other path pays for a program it does not use.
+    let mut lab = Lab::build_with("bing", 5, true, "auto", "native")?;
+    for (i, xdp) in [(0, "off"), (1, "off"), (2, "auto"), (3, "off")] {
+        lab.xdp = xdp.into();
         lab.stop_daemon(i, false)?;
         lab.start_daemon(i)?;
     }
@@ -191,11 +198,12 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     }
     let client = lab.add_host("client", CLIENT_HOST)?;
     lab.whoami_host("direct", DIRECT_HOST, 80)?;
-    let (n1, n2, n3, n4) = (
+    let (n1, n2, n3, n4, n5) = (
         lab.nodes[0].ip,
         lab.nodes[1].ip,
         lab.nodes[2].ip,
         lab.nodes[3].ip,
+        lab.nodes[4].ip,
     );
     let n3ns = lab.nodes[2].netns.clone();
 
@@ -247,7 +255,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             reqs: vec![],
         },
         Path_ {
-            label: "netd routing mesh via n3 (XDP fast path, native)",
+            label: "netd routing mesh via n3 (XDP fast path, auto: generic)",
             addr: SocketAddr::from((n3, MESH_PORT)),
             conns: vec![],
             reqs: vec![],
@@ -259,19 +267,25 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             reqs: vec![],
         },
         Path_ {
+            label: "netd routing mesh via n5 (XDP fast path, native)",
+            addr: SocketAddr::from((n5, MESH_PORT)),
+            conns: vec![],
+            reqs: vec![],
+        },
+        Path_ {
             label: "reference: a server on the underlay (no cluster, no task)",
             addr: SocketAddr::from((underlay_ip(DIRECT_HOST), 80)),
             conns: vec![],
             reqs: vec![],
         },
     ];
-    let mut udp_runs: Vec<Vec<load::Run>> = vec![vec![], vec![]];
+    let mut udp_runs: Vec<Vec<load::Run>> = vec![vec![]; 3];
     // Per path: datagrams forwarded per second (counted at n1 and n2) and sent per second.
-    let mut flood_runs: Vec<Vec<(f64, f64)>> = vec![vec![], vec![]];
+    let mut flood_runs: Vec<Vec<(f64, f64)>> = vec![vec![]; 3];
     let sinks = [lab.nodes[0].netns.clone(), lab.nodes[1].netns.clone()];
     let udp_targets = [
         (
-            "XDP fast path (n3)",
+            "XDP fast path, auto: generic (n3)",
             SocketAddr::from((n3, UDP_PORT)),
             n3ns.clone(),
         ),
@@ -279,6 +293,11 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             "kernel path (n4)",
             SocketAddr::from((n4, UDP_PORT)),
             lab.nodes[3].netns.clone(),
+        ),
+        (
+            "XDP fast path, native (n5)",
+            SocketAddr::from((n5, UDP_PORT)),
+            lab.nodes[4].netns.clone(),
         ),
     ];
     // Every path answers before the runs start.
@@ -341,9 +360,10 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     let mut md = header("Ingress routing mesh");
     writeln!(
         md,
-        "Machine: {}. A 4-node lab cluster (etcd); {tasks} whoami tasks per service on n1 and \
-         n2, none on n3 or n4; n3 runs the XDP fast path (`--xdp native`), n4 only the kernel \
-         path; n1, n2 and n4 run `--xdp off`. The client is a host on \
+        "Machine: {}. A 5-node lab cluster (etcd); {tasks} whoami tasks per service on n1 and \
+         n2, none on n3, n4 or n5; n3 runs the XDP fast path as netd does by default \
+         (`--xdp auto`, generic on a veth), n5 runs it native (`--xdp native`), n4 only the \
+         kernel path; n1, n2 and n4 run `--xdp off`. The client is a host on \
          the underlay. New connections: {threads} client threads each connect, send one HTTP \
          GET, read the answer and close with a reset, for {seconds} s. Requests: HTTP/1.1 \
          keep-alive GETs over {threads} connections for {seconds} s. Each path ran {rounds} \
@@ -395,7 +415,9 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
          {:.2}× new connections/s, {:.2}× requests/s (target ≥ 0.8×); XDP mesh / HAProxy = \
          {:.2}× new connections/s (target ≥ 2×); XDP / kernel path = {:.2}× UDP packets \
          forwarded per second (target ≥ 2×), {:.2}× UDP round trips/s. Also: XDP mesh / \
-         nftables = {:.2}× new connections/s; kernel-path mesh / straight to a task = {:.2}×.",
+         nftables = {:.2}× new connections/s; kernel-path mesh / straight to a task = {:.2}×; \
+         native XDP (n5) / straight to a task = {:.2}× new connections/s, {:.2}× requests/s; \
+         native XDP / kernel path = {:.2}× UDP packets forwarded per second.",
         ratio(cps[3], cps[0]),
         ratio(rps[3], rps[0]),
         ratio(cps[3], cps[1]),
@@ -403,6 +425,9 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
         ratio(udp[0], udp[1]),
         ratio(cps[3], cps[2]),
         ratio(cps[4], cps[0]),
+        ratio(cps[5], cps[0]),
+        ratio(rps[5], rps[0]),
+        ratio(fwd[2], fwd[1]),
     )?;
     md.push_str(READING);
     let svg_path = out.with_extension("svg");
@@ -418,8 +443,9 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             "straight to a task",
             "HAProxy",
             "nftables DNAT+masq",
-            "netd mesh (XDP)",
+            "netd mesh (XDP, auto)",
             "netd mesh (kernel)",
+            "netd mesh (XDP, native)",
             "server on the underlay",
         ],
         &[

@@ -10,7 +10,7 @@ pub struct Panel {
 }
 
 const COLORS: &[&str] = &[
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948",
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",
 ];
 const PANEL_W: f64 = 420.0;
 const PANEL_H: f64 = 300.0;

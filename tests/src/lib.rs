@@ -192,6 +192,15 @@ impl Lab {
         ip(&["netns", "add", &lab.hub])?;
         ip(&["-n", &lab.hub, "link", "add", "ul", "type", "bridge"])?;
         ip(&["-n", &lab.hub, "link", "set", "ul", "up"])?;
+        // The hub is the underlay's switch: frames it bridges skip netfilter, as on a
+        // physical one (br_netfilter, where loaded, hooks every namespace's bridges).
+        run(Command::new("ip")
+            .args(["netns", "exec", &lab.hub, "sh", "-c"])
+            .arg(
+                "for t in iptables ip6tables arptables; do \
+             f=/proc/sys/net/bridge/bridge-nf-call-$t; [ ! -e $f ] || echo 0 > $f; done",
+            ))
+        .context("keep the hub's bridge out of netfilter")?;
         if etcd {
             let name = format!("{}-etcd", lab.prefix);
             lab.plug_underlay(&name, ETCD_HOST)?;
