@@ -201,6 +201,16 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
     )
     .await
     .context("register node")?;
+    let pools = Pools {
+        pool: args.address_pool,
+        size: args.pool_size,
+        ingress: args.ingress_subnet,
+    };
+    // A clash with a network made before (its subnet) leaves the mesh unusable until the
+    // user resolves it, not the node.
+    if let Err(e) = state::ensure_ingress(store.as_ref(), &pools, &node).await {
+        tracing::warn!("the ingress network: {e}");
+    }
     state::announce_alive(
         store.as_ref(),
         &node,
@@ -248,11 +258,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
         dns,
         store,
         node: node.clone(),
-        pools: Pools {
-            pool: args.address_pool,
-            size: args.pool_size,
-            ingress: args.ingress_subnet,
-        },
+        pools,
         reconciler,
         datapath,
         api: api_spec.to_string(),

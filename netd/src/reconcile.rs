@@ -441,13 +441,15 @@ impl Reconciler {
         ingress: Option<&Network>,
     ) -> Result<Option<String>> {
         let node = &self.cfg.name;
-        let table = ingress.and_then(|net| {
+        // No program on the interface while nothing is published.
+        let ports = mesh_ports(st);
+        let table = ingress.filter(|_| !ports.is_empty()).and_then(|net| {
             Some(MeshTable {
                 node_ip: st.nodes.get(node)?.address?,
                 ingress_ip: *st.lb_addrs.get(&net.id)?.get(node)?,
                 vni: net.vni?,
                 vxlan_port: self.cfg.vxlan_port,
-                ports: mesh_ports(st),
+                ports,
             })
         });
         let ifname = match &table {

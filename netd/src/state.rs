@@ -77,8 +77,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Pools {
     pub pool: Ipv4Network,
     pub size: u8,
-    /// Subnet of the `ingress` network, made with the first service that publishes a
-    /// port in ingress mode (Docker: 10.0.0.0/24).
+    /// Subnet of the `ingress` network, made when the first node starts (Docker:
+    /// 10.0.0.0/24).
     pub ingress: Ipv4Network,
 }
 
@@ -244,14 +244,10 @@ impl State {
         }
     }
 
-    /// The `ingress` network while some service publishes a port in ingress mode: then
-    /// every node runs the routing mesh.
+    /// The `ingress` network: there from the first node's start (see [`ensure_ingress`]),
+    /// with every node's ingress sandbox on it.
     pub fn ingress(&self) -> Option<&Network> {
-        self.services
-            .values()
-            .any(|s| s.publish.iter().any(|p| p.mode == PublishMode::Ingress))
-            .then(|| self.networks.get(INGRESS))
-            .flatten()
+        self.networks.get(INGRESS)
     }
 
     pub fn node_alive(&self, name: &str) -> bool {
@@ -690,8 +686,32 @@ fn check_publish(publish: &[PortSpec], mode: EndpointMode) -> Result<()> {
     Ok(())
 }
 
+/// Makes the `ingress` network exist from the moment `node` joins (Docker makes it at
+/// `swarm init`), and gives `node` its address on it. The first node to start creates it,
+/// with an address for every node known then; two starting at once race on the
+/// network's key, and the loser only adds its address.
+pub async fn ensure_ingress(store: &dyn Store, pools: &Pools, node: &str) -> Result<()> {
+    let id = model::random_id(12);
+    commit(store, |st| {
+        let mut compares = vec![];
+        let mut ops = vec![];
+        match st.networks.get(INGRESS) {
+            None => ingress_ops(st, pools, &id, &mut compares, &mut ops)?,
+            Some(net) => {
+                compares.push(st.unchanged(&key("networks", INGRESS)));
+                let taken = st.ipam.get(&net.id).cloned().unwrap_or_default();
+                lb_address_ops(st, node, net, &taken, &mut compares, &mut ops)?;
+            }
+        }
+        Ok((compares, ops, ()))
+    })
+    .await?;
+    Ok(())
+}
+
 /// The writes that make the `ingress` network, and an address on it for every node
-/// (its ingress sandbox's), in the transaction of the first service that needs it.
+/// (its ingress sandbox's): at a node's start, or with the first service that publishes
+/// in ingress mode if it could not be made then.
 fn ingress_ops(
     st: &State,
     pools: &Pools,

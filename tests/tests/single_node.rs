@@ -2,6 +2,7 @@
 //! running whoami, real traffic. Each test builds its own lab (distinct name prefix) and
 //! tears it down, also when it fails.
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Result;
@@ -228,7 +229,51 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
 
 #[test]
 fn detach_and_rm_remove_everything_netd_made() -> Result<()> {
-    let mut lab = web_lab("cl", &["a", "b"])?;
+    let mut lab = Lab::start("cl", 1)?;
+    let node = lab.nodes[0].netns.clone();
+    let node_name = lab.nodes[0].name.clone();
+    let sandboxes = || -> BTreeSet<String> {
+        std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&format!("netd-{node_name}-")))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let links = |lab: &Lab| -> Result<BTreeSet<String>> {
+        let out = lab.exec_in(&node, &["ip", "-o", "link", "show"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            .collect())
+    };
+    let ruleset = |lab: &Lab| -> Result<String> {
+        let out = lab.exec_in(&node, &["nft", "list", "ruleset"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // What a node that just joined has: the ingress network's sandbox and the node's
+    // ingress sandbox on it (with its gwbridge leg), as Docker's ingress-sbox.
+    let joined = (sandboxes(), links(&lab)?, ruleset(&lab)?);
+    assert_eq!(
+        joined.0.len(),
+        2,
+        "ingress sandboxes at join: {:?}",
+        joined.0
+    );
+    assert!(joined.0.contains(&format!("netd-{node_name}-isbox")));
+    assert!(joined.1.contains("netd_gwbridge"), "{:?}", joined.1);
+
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    for n in ["a", "b"] {
+        let path = lab.whoami_task(n, PORT)?;
+        lab.cli(0, &["task", "attach", "web", "--netns", &path, "--name", n])?;
+    }
     lab.cli(
         0,
         &[
@@ -241,19 +286,11 @@ fn detach_and_rm_remove_everything_netd_made() -> Result<()> {
             "198.19.50.0/24",
         ],
     )?;
-    let node = lab.nodes[0].netns.clone();
-    let node_name = lab.nodes[0].name.clone();
-    let sandboxes = || -> Vec<String> {
-        std::fs::read_dir("/run/netns")
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(&format!("netd-{node_name}-")))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    assert_eq!(sandboxes().len(), 1, "one overlay with tasks, one sandbox");
+    assert_eq!(
+        sandboxes().len(),
+        3,
+        "one more sandbox, for the overlay with tasks"
+    );
 
     lab.cli(0, &["task", "detach", "a"])?;
     let a_links = lab.exec_in(&lab.ns("a"), &["ip", "-o", "link", "show"])?;
@@ -264,26 +301,23 @@ fn detach_and_rm_remove_everything_netd_made() -> Result<()> {
     );
 
     lab.cli(0, &["service", "rm", "web"])?; // detaches b as well
-    assert!(
-        sandboxes().is_empty(),
+    assert_eq!(
+        sandboxes(),
+        joined.0,
         "sandbox left after its last task went"
     );
     lab.cli(0, &["network", "rm", "front", "lan"])?;
-    let links = lab.exec_in(&node, &["ip", "-o", "link", "show"])?;
-    let links = String::from_utf8_lossy(&links.stdout).into_owned();
-    for l in links.lines() {
-        let name = l.split(':').nth(1).unwrap_or("").trim();
-        assert!(
-            name == "lo" || name.starts_with("eth0"),
-            "netd left link {name}"
-        );
-    }
-    let nft = lab.exec_in(&node, &["nft", "list", "ruleset"])?;
-    assert!(
-        String::from_utf8_lossy(&nft.stdout).trim().is_empty(),
-        "nft rules left"
-    );
-    assert_eq!(lab.cli_json(0, &["network", "ls"])?, serde_json::json!([]));
+    // Back to what the node had when it joined: links, rules, networks.
+    assert_eq!(links(&lab)?, joined.1, "netd left links");
+    assert_eq!(ruleset(&lab)?, joined.2, "netd left rules");
+    let nets = lab.cli_json(0, &["network", "ls"])?;
+    let names: Vec<&str> = nets
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names, ["ingress"]);
 
     // And the lab itself leaves nothing behind.
     let prefix = lab.prefix.clone();

@@ -201,10 +201,26 @@ fn suite_one_node(datapath: &str, tag: &str) -> Result<()> {
     if pins.exists() {
         bail!("{} is left after the last task went", pins.display());
     }
+    // Only the node's standing ingress plumbing stays: the ingress network's sandbox and
+    // the node's ingress sandbox.
+    let ingress_id = lab
+        .cli_json(0, &["network", "ls"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == "ingress")
+        .and_then(|n| n["id"].as_str().map(str::to_string))
+        .context("the ingress network")?;
+    let node = &lab.nodes[0].name;
+    let standing = [
+        format!("netd-{node}-{ingress_id}"),
+        format!("netd-{node}-isbox"),
+    ];
     let sandboxes = netd_lab::run(std::process::Command::new("ip").args(["netns", "list"]))?;
     let left: Vec<String> = String::from_utf8_lossy(&sandboxes.stdout)
         .lines()
-        .filter(|l| l.starts_with(&format!("netd-{}", lab.nodes[0].name)))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|l| l.starts_with(&format!("netd-{node}")) && !standing.iter().any(|s| s == l))
         .map(str::to_string)
         .collect();
     if !left.is_empty() {
