@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ const NFT_PORT: u16 = 4597;
 const UDP_PORT: u16 = 4568;
 const DIRECT_HOST: u8 = 50;
 const VXLAN_PORT: u16 = 4789;
+/// The source port of the flood's one flow.
+const FLOOD_PORT: u16 = 40000;
 /// The nftables table that counts and drops VXLAN datagrams at n1 and n2 during a flood.
 const SINK: &str = "netdbench_sink";
 const CLIENT_HOST: u8 = 100;
@@ -57,6 +59,18 @@ node's interface is polled on CPU 1, and n1 and n2 count (and drop) the VXLAN da
 that arrive for the tasks at their interface's netdev ingress hook, the same way for \
 every path. Where forwarded equals sent, the ingress node kept up with the client and \
 its figure is a lower bound.\n\n";
+
+/// The Ethernet address of `netns`'s eth0.
+fn mac_of(lab: &Lab, netns: &str) -> Result<[u8; 6]> {
+    let o = lab.exec_in(netns, &["ip", "-j", "link", "show", "eth0"])?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).context("ip -j link")?;
+    let text = v[0]["address"].as_str().context("no address on eth0")?;
+    let mut mac = [0u8; 6];
+    for (i, part) in text.split(':').enumerate().take(6) {
+        mac[i] = u8::from_str_radix(part, 16).with_context(|| format!("MAC {text}"))?;
+    }
+    Ok(mac)
+}
 
 /// Starts counting (and dropping) the VXLAN datagrams arriving at `netns`'s eth0.
 fn sink_on(lab: &Lab, netns: &str) -> Result<()> {
@@ -343,8 +357,18 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
                 sink_on(&lab, ns)?;
             }
             // The client sends on CPU 0; the ingress node forwards on CPU 1.
-            let sent = own_cpu(&lab, ingress, 1)
-                .and_then(|_| load::udp_flood(&client, *addr, 1, Some(0), d, MAX_OPS * 10));
+            let sent = own_cpu(&lab, ingress, 1).and_then(|_| {
+                let flow = load::RawFlow {
+                    src_mac: mac_of(&lab, &client)?,
+                    dst_mac: mac_of(&lab, ingress)?,
+                    src: SocketAddrV4::new(underlay_ip(CLIENT_HOST), FLOOD_PORT),
+                    dst: match addr {
+                        SocketAddr::V4(a) => *a,
+                        SocketAddr::V6(_) => bail!("IPv4 only"),
+                    },
+                };
+                load::udp_flood(&client, flow, 0, d, MAX_OPS * 10)
+            });
             // The sinks go even when the flood failed: they drop all VXLAN.
             threaded_napi(&lab, ingress, false)?;
             let mut forwarded = 0;
@@ -386,8 +410,8 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
         md,
         "\nUDP through the published port: round trips ({} sockets, one datagram in flight \
          each, request and answer; each round trip is two packets through the ingress node), \
-         and a one-way flood of 64-byte datagrams (one socket, sendmmsg batches of 64, on \
-         CPU 0) with what the ingress node forwarded on CPU 1 (its interface polled by a \
+         and a one-way flood of 64-byte datagrams (one flow; ready-made frames through a \
+         packet socket, sendmmsg batches of 64, on CPU 0) with what the ingress node forwarded on CPU 1 (its interface polled by a \
          NAPI thread pinned there):\n\n| path | round trips/s | p99 | flood: forwarded/s | flood: sent/s \
          |\n|---|---|---|---|---|",
         threads * 2
