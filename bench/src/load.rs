@@ -321,35 +321,6 @@ pub fn udp_flood(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_flood_frame_is_a_valid_ipv4_udp_datagram() {
-        let flow = RawFlow {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-            src: "198.18.0.100:40000".parse().unwrap(),
-            dst: "198.18.0.13:4568".parse().unwrap(),
-        };
-        let f = udp_frame(&flow);
-        let p = etherparse::SlicedPacket::from_ethernet(&f).expect("parses");
-        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
-            panic!("not IPv4");
-        };
-        let h = ip.header();
-        assert_eq!(h.source_addr(), *flow.src.ip());
-        assert_eq!(h.destination_addr(), *flow.dst.ip());
-        assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum());
-        let Some(etherparse::TransportSlice::Udp(u)) = p.transport else {
-            panic!("not UDP");
-        };
-        assert_eq!((u.source_port(), u.destination_port()), (40000, 4568));
-        assert_eq!(u.payload().len(), 64);
-    }
-}
-
 /// Runs thread or process `pid` (0: the calling thread) on `cpu` only.
 pub fn pin_to_cpu(pid: libc::pid_t, cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
@@ -385,4 +356,33 @@ fn reset_on_close(s: &TcpStream) -> Result<()> {
         return Err(std::io::Error::last_os_error()).context("SO_LINGER");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_frame_is_a_valid_ipv4_udp_datagram() {
+        let flow = RawFlow {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src: "198.18.0.100:40000".parse().unwrap(),
+            dst: "198.18.0.13:4568".parse().unwrap(),
+        };
+        let f = udp_frame(&flow);
+        let p = etherparse::SlicedPacket::from_ethernet(&f).expect("parses");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!("not IPv4");
+        };
+        let h = ip.header();
+        assert_eq!(h.source_addr(), *flow.src.ip());
+        assert_eq!(h.destination_addr(), *flow.dst.ip());
+        assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum());
+        let Some(etherparse::TransportSlice::Udp(u)) = p.transport else {
+            panic!("not UDP");
+        };
+        assert_eq!((u.source_port(), u.destination_port()), (40000, 4568));
+        assert_eq!(u.payload().len(), 64);
+    }
 }
