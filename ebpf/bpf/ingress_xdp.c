@@ -9,6 +9,10 @@
  * it, restore NODE_IP:PUBLISHED -> client, send it out. The kernel stack never sees
  * either direction.
  *
+ * Flow state: a forward map (client 4-tuple -> task, translation port) and a reverse
+ * map (task side -> client), both LRU. A SYN always makes a new pick, and a client's RST
+ * forgets the flow, so a client that reuses its port never lands on a stale entry.
+ *
  * Left to the kernel path (XDP_PASS): flows to a task on this node (its answer reaches
  * the ingress sandbox over the bridge, not through here), packets of flows this program
  * did not start, IP options, fragments. Ports: XDP translates to 32768-65535, the kernel
@@ -256,6 +260,20 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 	return 0;
 }
 
+/* The reverse entry of forward flow `f` (with key `fk`), if it has one. */
+static __always_inline void forget_reverse(struct netd_flow_fwd *f, struct netd_flow_key *fk)
+{
+	struct netd_flow_key rk = {
+		.addr = f->backend,
+		.port_a = f->target_port,
+		.port_b = f->snat_port,
+		.proto = fk->proto,
+	};
+
+	if (!(f->flags & NETD_FLOW_KERNEL))
+		bpf_map_delete_elem(&netd_flows_rev, &rk);
+}
+
 /* A SYN's MSS, when it is the first option (as Linux sends it), is lowered to what fits
  * the overlay once wrapped: the client then never sends a segment VXLAN cannot carry. */
 static __always_inline void clamp_mss(struct tcphdr *tcp, void *end)
@@ -293,6 +311,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	struct ethhdr *ieth;
 	__u32 inner_len;
 	int tcp_syn = 0;
+	int tcp_rst = 0;
 
 	if ((void *)(udp + 1) > end)
 		return XDP_PASS;
@@ -301,6 +320,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 			return XDP_PASS;
 		l4_check = &tcp->check;
 		tcp_syn = tcp->syn && !tcp->ack && !tcp->rst;
+		tcp_rst = tcp->rst;
 	} else if (ip->protocol == IPPROTO_UDP) {
 		l4_check = udp->check ? &udp->check : NULL;
 	} else {
@@ -316,6 +336,13 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	fk.port_b = ports[1];
 	fk.proto = ip->protocol;
 	f = bpf_map_lookup_elem(&netd_flows_fwd, &fk);
+	if (f && tcp_syn) {
+		/* A new connection on a 4-tuple seen before (the client reused its port, as
+		 * Katran does: a SYN is always a new pick). The old flow's translation port is
+		 * freed now, so the two maps, which evict apart, never disagree about it. */
+		forget_reverse(f, &fk);
+		f = NULL;
+	}
 	if (!f) {
 		/* Only a flow's first packet opens it; anything else is the kernel path's. */
 		if (ip->protocol == IPPROTO_TCP && !tcp_syn)
@@ -332,13 +359,18 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	if (inner_len + ENCAP_LEN + sizeof(struct ethhdr) > UNDERLAY_FRAME)
 		return count(DROPPED, XDP_DROP); /* a UDP datagram too big to wrap */
 	translate(ip, ports, l4_check, cfg->ingress_ip, f->snat_port, f->backend, f->target_port);
-
-	/* Wrap: [outer eth | outer ip | udp | vxlan] + the frame, whose Ethernet header
-	 * becomes the inner one (task MAC <- the node's ingress MAC). */
 	__be32 vtep = f->vtep;
 	__be32 backend = f->backend;
 	__u16 entropy = (__u16)(fk.addr ^ fk.port_a);
 
+	if (tcp_rst) {
+		/* The client aborts: this RST is the flow's last packet. */
+		forget_reverse(f, &fk);
+		bpf_map_delete_elem(&netd_flows_fwd, &fk);
+	}
+
+	/* Wrap: [outer eth | outer ip | udp | vxlan] + the frame, whose Ethernet header
+	 * becomes the inner one (task MAC <- the node's ingress MAC). */
 	if (bpf_xdp_adjust_head(ctx, -(int)ENCAP_LEN))
 		return count(DROPPED, XDP_DROP);
 	data = (void *)(long)ctx->data;

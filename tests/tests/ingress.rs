@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use netd_lab::{field, http_get_from, in_netns, udp_ask_from, Lab, LEASE_TTL_SECS};
+use netd_lab::{field, http_get_from, http_request, in_netns, udp_ask_from, Lab, LEASE_TTL_SECS};
 
 const PUBLISHED: u16 = 4567;
 const CLIENT_HOST: u8 = 100;
@@ -54,6 +54,75 @@ fn requests(client: &str, node: Ipv4Addr, port: u16, n: usize) -> Result<Vec<Str
             Ok(field(&body, "Hostname").context("whoami name")?.to_string())
         })
         .collect()
+}
+
+/// `n` connections from `client` to `addr`, one after another, all from source port
+/// `port` (so each reuses the last one's 4-tuple), each closed with a reset so the port
+/// is free at once; the whoami names that answered.
+fn requests_from_port(client: &str, addr: SocketAddr, port: u16, n: usize) -> Result<Vec<String>> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = addr else {
+        bail!("IPv4 only");
+    };
+    in_netns(client, move || {
+        let mut names = vec![];
+        for _ in 0..n {
+            // SAFETY: plain socket(2); the descriptor is owned by the stream below.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error()).context("socket");
+            }
+            // SAFETY: `fd` is a fresh descriptor nothing else owns.
+            let mut s = unsafe { TcpStream::from_raw_fd(fd) };
+            let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let one: libc::c_int = 1;
+            let off = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let (from, to) = (
+                sockaddr(Ipv4Addr::UNSPECIFIED, port),
+                sockaddr(*to.ip(), to.port()),
+            );
+            // SAFETY: each call reads an option or address of the size given.
+            let ok = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                ) == 0
+                    && libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&off as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    ) == 0
+                    && libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len) == 0
+                    && libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), len) == 0
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("connect from port {port}"));
+            }
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = vec![];
+            let body = http_request(&mut s, &mut buf)?;
+            let text = String::from_utf8_lossy(&buf[body]).into_owned();
+            names.push(field(&text, "Hostname").context("whoami name")?.to_string());
+        }
+        Ok(names)
+    })
 }
 
 /// Waits until `check` holds, for at most `limit`.
@@ -143,6 +212,12 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         if count.len() != 5 || count.values().any(|c| *c != 2) {
             bail!("10 requests to {node} were not two per task: {names:?}");
         }
+    }
+    // A client that reuses its source port after a reset still gets a new pick per
+    // connection (the 4-tuple's old flow is gone, not reused).
+    let names = requests_from_port(&client, SocketAddr::from((nodes[2], PUBLISHED)), 47001, 5)?;
+    if names.iter().collect::<BTreeSet<_>>().len() != 5 {
+        bail!("5 connections from one client port reached {names:?}, not all 5 tasks");
     }
     // n3 runs no task: with XDP, its fast path carried every one of its flows.
     let (mode, packets) = xdp_path(&lab, 2)?;
