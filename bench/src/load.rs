@@ -269,20 +269,13 @@ pub fn udp_flood(
         if r != 0 {
             return Err(std::io::Error::last_os_error()).context("bind to eth0");
         }
-        let one: libc::c_int = 1;
-        // SAFETY: an int option of the size given.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_QDISC_BYPASS,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error()).context("PACKET_QDISC_BYPASS");
-        }
+        set_option(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            &(1 as libc::c_int),
+            "PACKET_QDISC_BYPASS",
+        )?;
         let mut frame = udp_frame(&flow);
         let mut iov = libc::iovec {
             iov_base: frame.as_mut_ptr().cast(),
@@ -342,18 +335,35 @@ fn reset_on_close(s: &TcpStream) -> Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt reads `linger` (of the size given) during the call only.
+    set_option(
+        s.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &linger,
+        "SO_LINGER",
+    )
+}
+
+/// setsockopt(2) with a value of type `T`.
+fn set_option<T>(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+    what: &str,
+) -> Result<()> {
+    // SAFETY: setsockopt reads `value` (of the size given) during the call only.
     let r = unsafe {
         libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if r != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_LINGER");
+        return Err(std::io::Error::last_os_error()).with_context(|| what.to_string());
     }
     Ok(())
 }
