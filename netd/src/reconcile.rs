@@ -20,7 +20,7 @@ use crate::datapath::xdp::{MeshPort, MeshTable, XdpMesh};
 use crate::datapath::{Datapath, LbTable, SandboxLb};
 use crate::dns::Dns;
 use crate::ipam;
-use crate::model::{Driver, Endpoint, Network, PublishMode, Task, GWBRIDGE};
+use crate::model::{Driver, Endpoint, Network, PortSpec, PublishMode, Task, GWBRIDGE};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
 use crate::netlink::{self, Link, Peer};
 use crate::netns::{self, Netns};
@@ -808,40 +808,55 @@ impl Reconciler {
     }
 }
 
-/// What the ingress sandbox balances: each ingress-mode port onto the ingress addresses
-/// of the service's tasks on live nodes, wherever they run. With `local` (this node, the
-/// sandbox's local address), what arrives at that address goes to the node's own tasks
-/// only: the XDP fast path already picked a local one (see [`Reconciler::node_ports`]).
-pub fn ingress_ports(st: &State, local: Option<(&str, Ipv4Addr)>) -> Vec<PortRule> {
-    let mut rules = vec![];
+/// Each ingress-mode published port with what it balances over: the service's tasks on
+/// live nodes, as (node, ingress address), in address order. Both paths of the mesh
+/// rotate over exactly this list.
+fn ingress_backends(st: &State) -> Vec<(&PortSpec, Vec<(&str, Ipv4Addr)>)> {
+    let mut out = vec![];
     for svc in st.services.values() {
         for p in svc
             .publish
             .iter()
             .filter(|p| p.mode == PublishMode::Ingress)
         {
-            let addrs = |on: Option<&str>| {
-                let mut targets: Vec<Ipv4Addr> = st
-                    .tasks
-                    .values()
-                    .filter(|t| t.service == svc.name && st.node_alive(&t.node))
-                    .filter(|t| on.is_none_or(|n| t.node == n))
-                    .flat_map(|t| t.endpoints.iter())
-                    .filter(|e| e.network == INGRESS)
-                    .map(|e| e.ip)
-                    .collect();
-                targets.sort();
-                targets
-            };
-            let proto = p.protocol.as_str();
-            if let Some((node, addr)) = local {
-                rules.push(PortRule {
-                    daddr: Some(addr),
-                    ..PortRule::new(proto, p.published, addrs(Some(node)), p.target)
-                });
-            }
-            rules.push(PortRule::new(proto, p.published, addrs(None), p.target));
+            let mut backends: Vec<(&str, Ipv4Addr)> = st
+                .tasks
+                .values()
+                .filter(|t| t.service == svc.name && st.node_alive(&t.node))
+                .filter_map(|t| {
+                    let ep = t.endpoints.iter().find(|e| e.network == INGRESS)?;
+                    Some((t.node.as_str(), ep.ip))
+                })
+                .collect();
+            backends.sort_by_key(|(_, ip)| *ip);
+            out.push((p, backends));
         }
+    }
+    out
+}
+
+/// What the ingress sandbox balances: each ingress-mode port onto the ingress addresses
+/// of the service's tasks on live nodes, wherever they run. With `local` (this node, the
+/// sandbox's local address), what arrives at that address goes to the node's own tasks
+/// only: the XDP fast path already picked a local one (see [`Reconciler::node_ports`]).
+pub fn ingress_ports(st: &State, local: Option<(&str, Ipv4Addr)>) -> Vec<PortRule> {
+    let mut rules = vec![];
+    for (p, backends) in ingress_backends(st) {
+        let addrs = |on: Option<&str>| -> Vec<Ipv4Addr> {
+            backends
+                .iter()
+                .filter(|(node, _)| on.is_none_or(|n| *node == n))
+                .map(|(_, ip)| *ip)
+                .collect()
+        };
+        let proto = p.protocol.as_str();
+        if let Some((node, addr)) = local {
+            rules.push(PortRule {
+                daddr: Some(addr),
+                ..PortRule::new(proto, p.published, addrs(Some(node)), p.target)
+            });
+        }
+        rules.push(PortRule::new(proto, p.published, addrs(None), p.target));
     }
     rules
 }
@@ -867,36 +882,21 @@ fn warm_neighbours(t: &MeshTable) {
 /// What the XDP fast path balances: the same ports and tasks as [`ingress_ports`], with
 /// the VTEP of each task's node.
 pub fn mesh_ports(st: &State) -> Vec<MeshPort> {
-    let mut out = vec![];
-    for svc in st.services.values() {
-        for p in svc
-            .publish
-            .iter()
-            .filter(|p| p.mode == PublishMode::Ingress)
-        {
-            let mut backends: Vec<(Ipv4Addr, Ipv4Addr)> = st
-                .tasks
-                .values()
-                .filter(|t| t.service == svc.name && st.node_alive(&t.node))
-                .filter_map(|t| {
-                    let vtep = st.nodes.get(&t.node)?.address?;
-                    let ep = t.endpoints.iter().find(|e| e.network == INGRESS)?;
-                    Some((ep.ip, vtep))
-                })
-                .collect();
-            backends.sort();
-            out.push(MeshPort {
-                proto: match p.protocol {
-                    crate::model::Protocol::Tcp => 6,
-                    crate::model::Protocol::Udp => 17,
-                },
-                port: p.published,
-                target_port: p.target,
-                backends,
-            });
-        }
-    }
-    out
+    ingress_backends(st)
+        .into_iter()
+        .map(|(p, backends)| MeshPort {
+            proto: match p.protocol {
+                crate::model::Protocol::Tcp => 6,
+                crate::model::Protocol::Udp => 17,
+            },
+            port: p.published,
+            target_port: p.target,
+            backends: backends
+                .into_iter()
+                .filter_map(|(node, ip)| Some((ip, st.nodes.get(node)?.address?)))
+                .collect(),
+        })
+        .collect()
 }
 
 /// The tasks without an error so far in this step.
