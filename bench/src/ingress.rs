@@ -17,7 +17,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use netd_bench::load;
 use netd_bench::plot::{bar_chart, Panel};
-use netd_bench::report::{conn_req_cells, header, machine, median_run, ms, quantile};
+use netd_bench::report::{
+    conn_req_cells, header, machine, median_run, ms, plot_beside, quantile, write_results,
+};
 use netd_lab::{underlay_ip, Lab};
 
 const MESH_PORT: u16 = 4567;
@@ -454,13 +456,8 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
         ratio(fwd[2], fwd[1]),
     )?;
     md.push_str(READING);
-    let svg_path = out.with_extension("svg");
-    let svg_name = svg_path
-        .file_name()
-        .and_then(|f| f.to_str())
-        .context("plot file name")?
-        .to_string();
-    writeln!(md, "Plot: [{svg_name}]({svg_name}).")?;
+    let (svg_path, link) = plot_beside(out)?;
+    writeln!(md, "{link}")?;
     let svg = bar_chart(
         "Published port through a node without tasks (higher is better)",
         &[
@@ -483,12 +480,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             },
         ],
     );
-    print!("{md}");
-    if let Some(d) = out.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(out, md).with_context(|| format!("write {}", out.display()))?;
-    std::fs::write(&svg_path, svg).with_context(|| format!("write {}", svg_path.display()))?;
+    write_results(out, &md, Some((&svg_path, &svg)))?;
     lab.teardown();
     Ok(())
 }

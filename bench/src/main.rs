@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use netd_bench::load;
-use netd_bench::report::{header, machine, median, ms, quantile};
+use netd_bench::report::{header, machine, median, ms, quantile, write_results};
 use netd_lab::Lab;
 use serde_json::Value;
 
@@ -273,11 +273,7 @@ fn dns(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
         ms(p99[0]),
         ms(p99[1])
     )?;
-    print!("{md}");
-    if let Some(d) = out.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(out, md).with_context(|| format!("write {}", out.display()))?;
+    write_results(out, &md, None)?;
     lab.teardown();
     Ok(())
 }
@@ -477,11 +473,7 @@ fn overlay(seconds: u64, rounds: usize, conns: usize, attaches: usize, out: &Pat
     if misses > 0 {
         writeln!(md, "\n{misses} attaches were not reachable within 5 s.")?;
     }
-    print!("{md}");
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(out, md).with_context(|| format!("write {}", out.display()))?;
+    write_results(out, &md, None)?;
     lab.teardown();
     Ok(())
 }

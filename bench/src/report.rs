@@ -1,6 +1,9 @@
 //! Summaries and the markdown files in bench/results/.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use anyhow::{Context, Result};
 
 /// The `q`-quantile (0..=1) of `samples`, nearest-rank; zero for no samples.
 pub fn quantile(samples: &[Duration], q: f64) -> Duration {
@@ -89,6 +92,32 @@ pub fn command_line() -> String {
         .chain(args.into_iter().skip(1))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Where the plot of the table `out` goes (next to it, extension .svg), and the line
+/// that links the table to it.
+pub fn plot_beside(out: &Path) -> Result<(PathBuf, String)> {
+    let svg = out.with_extension("svg");
+    let name = svg
+        .file_name()
+        .and_then(|f| f.to_str())
+        .context("plot file name")?
+        .to_string();
+    let link = format!("Plot: [{name}]({name}).");
+    Ok((svg, link))
+}
+
+/// Prints the table and writes it to `out`, with its plot (path, SVG) if it has one.
+pub fn write_results(out: &Path, md: &str, plot: Option<(&Path, &str)>) -> Result<()> {
+    print!("{md}");
+    if let Some(d) = out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(out, md).with_context(|| format!("write {}", out.display()))?;
+    if let Some((path, svg)) = plot {
+        std::fs::write(path, svg).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use netd_bench::load;
 use netd_bench::plot::{bar_chart, Panel};
-use netd_bench::report::{conn_req_cells, header, machine};
+use netd_bench::report::{conn_req_cells, header, machine, plot_beside, write_results};
 use netd_lab::{field, http_get_from, Lab};
 
 const PORT: u16 = 80;
@@ -221,19 +221,8 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, out: &Path) -> Result<()
     }
     writeln!(md, "\n**Ratios** (same run):\n\n{ratios}")?;
     md.push_str(READING);
-    let svg_path = out.with_extension("svg");
-    writeln!(
-        md,
-        "Plot: [{}]({}).",
-        svg_path
-            .file_name()
-            .and_then(|f| f.to_str())
-            .unwrap_or("vip.svg"),
-        svg_path
-            .file_name()
-            .and_then(|f| f.to_str())
-            .unwrap_or("vip.svg"),
-    )?;
+    let (svg_path, link) = plot_beside(out)?;
+    writeln!(md, "{link}")?;
     let svg = bar_chart(
         "VIP load balancing (higher is better)",
         &["direct", "nftables numgen", "netd eBPF", "netd userspace"],
@@ -248,12 +237,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, out: &Path) -> Result<()
             },
         ],
     );
-    print!("{md}");
-    if let Some(d) = out.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(out, md).with_context(|| format!("write {}", out.display()))?;
-    std::fs::write(&svg_path, svg).with_context(|| format!("write {}", svg_path.display()))?;
+    write_results(out, &md, Some((&svg_path, &svg)))?;
     lab.teardown();
     Ok(())
 }
