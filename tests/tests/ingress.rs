@@ -214,8 +214,9 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         }
     }
     // A client that reuses its source port after a reset still gets a new pick per
-    // connection (the 4-tuple's old flow is gone, not reused).
-    let names = requests_from_port(&client, SocketAddr::from((nodes[2], PUBLISHED)), 47001, 5)?;
+    // connection (the 4-tuple's old flow is gone, not reused). The port is above the
+    // ephemeral range (32768-60999), so no earlier request's TIME_WAIT holds it.
+    let names = requests_from_port(&client, SocketAddr::from((nodes[2], PUBLISHED)), 61001, 5)?;
     if names.iter().collect::<BTreeSet<_>>().len() != 5 {
         bail!("5 connections from one client port reached {names:?}, not all 5 tasks");
     }
