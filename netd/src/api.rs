@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State as AxState};
+use axum::extract::{Path, Query, State as AxState};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -137,6 +137,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         )
         .route("/v1/tasks", get(task_ls).post(task_attach))
         .route("/v1/tasks/{id}", get(task_inspect).delete(task_detach))
+        .route("/v1/tasks/{id}/check", get(task_check))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API endpoint")
         })
@@ -344,14 +345,75 @@ fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
     v
 }
 
-async fn task_ls(AxState(d): Ctx) -> ApiResult<Value> {
+/// `GET /v1/tasks?label=KEY=VALUE&node=NAME&service=NAME`: every filter must hold (a
+/// front end finds its attachments by the labels it gave them).
+async fn task_ls(
+    AxState(d): Ctx,
+    Query(filters): Query<Vec<(String, String)>>,
+) -> ApiResult<Value> {
+    let mut labels = vec![];
+    let (mut node, mut service) = (None, None);
+    for (k, v) in &filters {
+        match k.as_str() {
+            "label" => labels.push(v.split_once('=').ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    format!("label filter {v:?} must be KEY=VALUE"),
+                )
+            })?),
+            "node" => node = Some(v.as_str()),
+            "service" => service = Some(v.as_str()),
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    format!("unknown task filter {other:?} (label, node, service)"),
+                ))
+            }
+        }
+    }
     let st = load(&d).await?;
     let report = d.reconciler.last_report();
     Ok(Json(json!(st
         .tasks
         .values()
+        .filter(|t| node.is_none_or(|n| t.node == n))
+        .filter(|t| service.is_none_or(|s| t.service == s))
+        .filter(|t| labels
+            .iter()
+            .all(|(k, v)| t.labels.get(*k).map(String::as_str) == Some(*v)))
         .map(|t| task_view(&d, &st, &report, t))
         .collect::<Vec<_>>())))
+}
+
+/// Reads the task's namespace back and lists what differs from its record (CNI CHECK).
+/// Only the task's own node can look into its namespace.
+async fn task_check(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    let task = st.task(&id)?;
+    if task.node != d.node {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "wrong_node",
+            format!(
+                "task {} runs on node {}: ask that node's netd to check it",
+                task.name, task.node
+            ),
+        ));
+    }
+    let problems = crate::verify::task_problems(task).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "kernel",
+            format!("{e:#}"),
+        )
+    })?;
+    Ok(Json(json!({
+        "task": task.name,
+        "ok": problems.is_empty(),
+        "problems": problems,
+    })))
 }
 
 async fn task_inspect(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {

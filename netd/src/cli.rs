@@ -278,7 +278,10 @@ fn task(c: &Client, out: Output, cmd: &TaskCmd) -> Result<()> {
 }
 
 fn inspect(c: &Client, out: Output, collection: &str, name: &str) -> Result<()> {
-    let v = c.get(&format!("/v1/{collection}/{}", path_segment(name)))?;
+    let v = c.get(&format!(
+        "/v1/{collection}/{}",
+        crate::client::encode_component(name)
+    ))?;
     print_record(out, &v);
     Ok(())
 }
@@ -286,7 +289,10 @@ fn inspect(c: &Client, out: Output, collection: &str, name: &str) -> Result<()> 
 /// Removes each named object in turn, printing each name as it goes (as docker does).
 fn remove(c: &Client, out: Output, collection: &str, names: &[String]) -> Result<()> {
     for n in names {
-        let v = c.delete(&format!("/v1/{collection}/{}", path_segment(n)))?;
+        let v = c.delete(&format!(
+            "/v1/{collection}/{}",
+            crate::client::encode_component(n)
+        ))?;
         match out {
             Output::Json => print_json(&v),
             Output::Table => println!("{}", cell(&v["name"])),
@@ -321,18 +327,6 @@ fn with_addresses(mut tasks: Value) -> Value {
 }
 
 /// Percent-encodes anything but unreserved characters, so a name can't escape its path.
-fn path_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),

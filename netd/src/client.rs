@@ -106,6 +106,19 @@ impl Client {
     }
 }
 
+/// Percent-encodes `s` for one path segment or query value of an API URL.
+pub fn encode_component(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// Splits an HTTP/1.1 response into status and (de-chunked) body.
 fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
     let split = raw

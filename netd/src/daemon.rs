@@ -219,6 +219,21 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
     .await
     .context("announce node liveness")?;
 
+    // CNI DELs that came while this daemon was away go first: their namespaces are gone,
+    // and the initial reconcile should not try to rebuild them.
+    if let Some(queue) = crate::frontends::cni_queue::queue_dir(api_spec) {
+        drain_cni_queue(store.as_ref(), &node, &queue).await;
+        tokio::spawn({
+            let (store, node) = (store.clone(), node.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(CNI_QUEUE_INTERVAL).await;
+                    drain_cni_queue(store.as_ref(), &node, &queue).await;
+                }
+            }
+        });
+    }
+
     let dns = Arc::new(Dns::new(dns_config(&args)?));
     tokio::spawn(follow::follow(
         store.clone(),
@@ -279,6 +294,18 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
         tracing::warn!("withdraw liveness: {e}");
     }
     serve_result
+}
+
+/// How often the daemon looks for CNI DELs queued while it could not be reached (a
+/// plugin that found it down a moment before it came up).
+const CNI_QUEUE_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn drain_cni_queue(store: &dyn store::Store, node: &str, queue: &Path) {
+    match crate::frontends::cni_queue::drain(store, node, queue).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(tasks = n, "detached the tasks of queued CNI DELs"),
+        Err(e) => tracing::warn!("queued CNI DELs: {e:#}"),
+    }
 }
 
 async fn serve(

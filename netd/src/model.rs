@@ -125,6 +125,10 @@ pub struct Task {
     /// Gateway of the default route set in the task, if it has egress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_gateway: Option<Ipv4Addr>,
+    /// Who asked for the task and why, as the front ends record it (a CNI attachment's
+    /// container id and interface, a Docker endpoint id): the only state they keep.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     pub created_at: u64,
 }
 
@@ -153,6 +157,53 @@ pub fn validate_dns_label(kind: &str, name: &str) -> Result<(), String> {
             "{kind} name {name:?} is not a DNS label: use letters, digits and '-', \
              not starting or ending with '-'"
         ));
+    }
+    Ok(())
+}
+
+/// Why an interface name was refused: the kernel takes 1 to 15 bytes without '/', ':'
+/// or white space, and `lo` is every namespace's own.
+pub fn validate_ifname(name: &str) -> Result<(), String> {
+    let bad = name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name == "lo"
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || !b.is_ascii_graphic());
+    if bad {
+        return Err(format!(
+            "interface name {name:?} is not usable: 1 to 15 printable characters without              '/', ':' or spaces, and not \"lo\""
+        ));
+    }
+    Ok(())
+}
+
+/// Why a label was refused: keys are short printable words (`cni.container_id`), values
+/// any text of reasonable size, and a task carries a bounded number of them.
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > 32 {
+        return Err(format!(
+            "a task takes at most 32 labels, got {}",
+            labels.len()
+        ));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 128
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+        if !key_ok {
+            return Err(format!(
+                "label key {k:?} must be 1 to 128 characters of letters, digits, '.', '_',                  '-' or '/'"
+            ));
+        }
+        if v.len() > 1024 || v.chars().any(char::is_control) {
+            return Err(format!(
+                "label {k:?}: the value must be at most 1024 characters without control                  characters"
+            ));
+        }
     }
     Ok(())
 }
@@ -232,6 +283,39 @@ pub fn random_id(len: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_names() {
+        for ok in ["eth0", "net1", "a", "x-y_z.0", &"e".repeat(15)] {
+            assert!(validate_ifname(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "lo",
+            ".",
+            "..",
+            "a/b",
+            "a:1",
+            "a b",
+            &"e".repeat(16),
+            "é",
+        ] {
+            assert!(validate_ifname(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn labels() {
+        let one = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(validate_labels(&one("cni.container_id", "abc")).is_ok());
+        assert!(validate_labels(&one("a/b-c_d", "")).is_ok());
+        assert!(validate_labels(&one("", "x")).is_err());
+        assert!(validate_labels(&one("a b", "x")).is_err());
+        assert!(validate_labels(&one("k", "line\nbreak")).is_err());
+        assert!(validate_labels(&one("k", &"v".repeat(1025))).is_err());
+        let many = (0..33).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(validate_labels(&many).is_err());
+    }
 
     #[test]
     fn dns_labels() {

@@ -417,6 +417,7 @@ impl Reconciler {
                 ),
             ],
             default_gateway: Some(crate::ipam::default_gateway(gw)),
+            labels: Default::default(),
             created_at: 0,
         };
         self.ensure_task(st, &task).await?;
@@ -1024,6 +1025,7 @@ mod tests {
                 })
                 .collect(),
             default_gateway: None,
+            labels: Default::default(),
             created_at: 0,
         }
     }

@@ -121,6 +121,21 @@ pub struct TaskAttach {
     pub name: Option<String>,
     #[serde(default)]
     pub node: Option<String>,
+    /// Attach on this one of the service's networks only (a CNI config names one
+    /// network); default: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// The interface name of the endpoint on `network` (or on the service's first
+    /// network); the task's other interfaces take the next free `ethN`. Default `eth0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Host-mode ports that come with this task (CNI `portMappings`). Ports belong to
+    /// services, as in Swarm: one the service lacks is added to it in this transaction
+    /// and stays published (where its tasks run) until the service is removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<PortSpec>,
 }
 
 /// The whole desired state at one store revision, with each key's revision for compares.
@@ -805,6 +820,19 @@ pub async fn attach_task(
             req.netns
         )));
     }
+    if let Some(i) = &req.ifname {
+        model::validate_ifname(i).map_err(Error::Invalid)?;
+    }
+    model::validate_labels(&req.labels).map_err(Error::Invalid)?;
+    if let Some(p) = req.publish.iter().find(|p| p.mode != PublishMode::Host) {
+        return Err(Error::Invalid(format!(
+            "port {}/{} comes with a task, so it is published in host mode only \
+             (publish ingress-mode ports with the service)",
+            p.published,
+            p.protocol.as_str()
+        )));
+    }
+    check_publish(&req.publish, EndpointMode::Dnsrr)?;
     let node_name = req.node.clone().unwrap_or_else(|| local_node.to_string());
     let id = model::random_id(16);
     commit(store, |st| {
@@ -827,6 +855,20 @@ pub async fn attach_task(
                 req.netns, other.name
             )));
         }
+        let networks: Vec<&String> = match &req.network {
+            None => svc.networks.iter().collect(),
+            Some(n) => {
+                st.network(n)?;
+                if !svc.networks.contains(n) {
+                    return Err(Error::Invalid(format!(
+                        "service {:?} is not on network {n:?} (its networks: {})",
+                        svc.name,
+                        svc.networks.join(", ")
+                    )));
+                }
+                vec![n]
+            }
+        };
         let name = match &req.name {
             Some(n) => n.clone(),
             None => {
@@ -849,10 +891,11 @@ pub async fn attach_task(
             st.unchanged(&key("nodes", &node_name)),
         ];
         let mut ops = vec![Op::Put(nk, encode(&id))];
-        let mut endpoints = vec![];
+        publish_with_task(st, svc, &req.publish, &mut compares, &mut ops)?;
+        let mut legs: Vec<(&str, Ipv4Addr, u8)> = vec![];
         let mut default_gateway = None;
         let mut needs_gwbridge = false;
-        for netname in &svc.networks {
+        for netname in networks {
             let net = st.network(netname)?;
             compares.push(st.unchanged(&key("networks", netname)));
             let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
@@ -875,7 +918,7 @@ pub async fn attach_task(
             if node.lb_addresses && net.driver == Driver::Overlay {
                 lb_address_ops(st, &node_name, net, &taken, &mut compares, &mut ops)?;
             }
-            endpoints.push(endpoint(endpoints.len(), netname, ip, net.subnet.prefix()));
+            legs.push((netname, ip, net.subnet.prefix()));
         }
         // Tasks of a service with ingress-mode ports sit on the ingress network too:
         // that is where every node's ingress sandbox reaches them.
@@ -887,7 +930,7 @@ pub async fn attach_task(
             let ik = key("ipam", &format!("{}/{ip}", net.id));
             compares.push(Compare::Absent(ik.clone()));
             ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
-            endpoints.push(endpoint(endpoints.len(), INGRESS, ip, net.subnet.prefix()));
+            legs.push((INGRESS, ip, net.subnet.prefix()));
             needs_gwbridge = true;
         }
         if default_gateway.is_none() && needs_gwbridge {
@@ -901,9 +944,15 @@ pub async fn attach_task(
             let ik = key("gwipam", &format!("{node_name}/{ip}"));
             compares.push(Compare::Absent(ik.clone()));
             ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
-            endpoints.push(endpoint(endpoints.len(), GWBRIDGE, ip, subnet.prefix()));
+            legs.push((GWBRIDGE, ip, subnet.prefix()));
             default_gateway = Some(gw);
         }
+        let ifnames = interface_names(legs.len(), req.ifname.as_deref().unwrap_or("eth0"));
+        let endpoints = legs
+            .iter()
+            .zip(ifnames)
+            .map(|((network, ip, prefix), ifname)| endpoint(network, *ip, *prefix, ifname))
+            .collect();
         let task = Task {
             id: id.clone(),
             name,
@@ -912,12 +961,83 @@ pub async fn attach_task(
             netns: req.netns.clone(),
             endpoints,
             default_gateway,
+            labels: req.labels.clone(),
             created_at: model::now_secs(),
         };
         ops.push(Op::Put(tk, encode(&task)));
         Ok((compares, ops, task))
     })
     .await
+}
+
+/// Interface names for `count` endpoints: the first is `first`, the others the lowest
+/// free `ethN` (so `net1` as the first gives `net1, eth0, eth1`, `eth0` gives `eth0, eth1`).
+fn interface_names(count: usize, first: &str) -> Vec<String> {
+    let mut names = vec![first.to_string()];
+    let mut n = 0;
+    while names.len() < count {
+        let candidate = format!("eth{n}");
+        if candidate != first {
+            names.push(candidate);
+        }
+        n += 1;
+    }
+    names.truncate(count);
+    names
+}
+
+/// Adds to `svc` the host-mode ports a task brings that it does not publish yet. The same
+/// port with the same target is already there; anything else holding the port is a
+/// conflict.
+fn publish_with_task(
+    st: &State,
+    svc: &Service,
+    publish: &[PortSpec],
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<Op>,
+) -> Result<()> {
+    let mut updated = svc.clone();
+    for p in publish {
+        let same_port = |q: &&PortSpec| q.published == p.published && q.protocol == p.protocol;
+        if let Some(q) = svc.publish.iter().find(same_port) {
+            if q != p {
+                return Err(Error::Conflict(format!(
+                    "service {:?} publishes port {}/{} as {}:{} in {} mode already",
+                    svc.name,
+                    p.published,
+                    p.protocol.as_str(),
+                    q.published,
+                    q.target,
+                    if q.mode == PublishMode::Host {
+                        "host"
+                    } else {
+                        "ingress"
+                    },
+                )));
+            }
+            continue;
+        }
+        if let Some(other) = st
+            .services
+            .values()
+            .find(|s| s.name != svc.name && s.publish.iter().any(|q| same_port(&q)))
+        {
+            return Err(Error::Conflict(format!(
+                "port {}/{} is already published by service {:?}",
+                p.published,
+                p.protocol.as_str(),
+                other.name
+            )));
+        }
+        let pk = key("ports", &format!("{}-{}", p.protocol.as_str(), p.published));
+        compares.push(Compare::Absent(pk.clone()));
+        ops.push(Op::Put(pk, encode(&svc.name)));
+        updated.publish.push(*p);
+    }
+    if updated.publish.len() != svc.publish.len() {
+        ops.push(Op::Put(key("services", &svc.name), encode(&updated)));
+    }
+    Ok(())
 }
 
 /// Reserves `node`'s load-balancer address on overlay `net` unless it has one; `taken`
@@ -983,14 +1103,14 @@ pub async fn ensure_lb_addresses(
     Ok(Some(done.revision))
 }
 
-fn endpoint(index: usize, network: &str, ip: Ipv4Addr, prefix: u8) -> Endpoint {
+fn endpoint(network: &str, ip: Ipv4Addr, prefix: u8, ifname: String) -> Endpoint {
     Endpoint {
         id: model::random_id(10),
         network: network.to_string(),
         ip,
         prefix,
         mac: model::format_mac(&model::mac_for_ip(ip)),
-        ifname: format!("eth{index}"),
+        ifname,
     }
 }
 
@@ -1330,4 +1450,78 @@ mod tests {
             assert!(st.ipam.is_empty() && st.gwipam.is_empty() && st.vnis.is_empty());
         }
     );
+
+    #[tokio::test]
+    async fn an_attach_can_name_one_network_its_interface_labels_and_host_ports() {
+        let (_dir, s) = fixture::setup().await;
+        create_network(&s, &pools(), net("front")).await.unwrap();
+        create_network(&s, &pools(), net("back")).await.unwrap();
+        let svc = ServiceCreate {
+            name: "web".into(),
+            networks: vec!["front".into(), "back".into()],
+            ..Default::default()
+        };
+        create_service(&s, &pools(), svc).await.unwrap();
+        let mut req = attach("web", "/run/netns/a", "n1");
+        req.network = Some("back".into());
+        req.ifname = Some("net1".into());
+        req.labels = BTreeMap::from([("cni.container_id".into(), "c1".into())]);
+        req.publish = vec![model::parse_publish("8080:80,mode=host").unwrap()];
+        let t = attach_task(&s, "n1", req.clone()).await.unwrap().value;
+        let legs: Vec<(&str, &str)> = t
+            .endpoints
+            .iter()
+            .map(|e| (e.network.as_str(), e.ifname.as_str()))
+            .collect();
+        assert_eq!(legs, [("back", "net1"), (GWBRIDGE, "eth0")]);
+        assert_eq!(t.labels["cni.container_id"], "c1");
+        let st = State::load(&s).await.unwrap();
+        assert_eq!(
+            st.services["web"].publish, req.publish,
+            "the port joined the service"
+        );
+        // A second task bringing the same port is fine; another target is a conflict.
+        let mut again = attach("web", "/run/netns/b", "n1");
+        again.publish = req.publish.clone();
+        attach_task(&s, "n1", again).await.unwrap();
+        let mut other = attach("web", "/run/netns/c", "n1");
+        other.publish = vec![model::parse_publish("8080:81,mode=host").unwrap()];
+        assert!(matches!(
+            attach_task(&s, "n1", other).await,
+            Err(Error::Conflict(_))
+        ));
+        // Refused, changing nothing: a network the service is not on, a bad interface
+        // name, an ingress-mode port.
+        let before = State::load(&s).await.unwrap().revision;
+        let mut bad = attach("web", "/run/netns/d", "n1");
+        create_network(&s, &pools(), net("other")).await.unwrap();
+        bad.network = Some("other".into());
+        assert!(matches!(
+            attach_task(&s, "n1", bad).await,
+            Err(Error::Invalid(_))
+        ));
+        let mut bad = attach("web", "/run/netns/d", "n1");
+        bad.ifname = Some("a/b".into());
+        assert!(matches!(
+            attach_task(&s, "n1", bad).await,
+            Err(Error::Invalid(_))
+        ));
+        let mut bad = attach("web", "/run/netns/d", "n1");
+        bad.publish = vec![model::parse_publish("9090:80").unwrap()];
+        assert!(matches!(
+            attach_task(&s, "n1", bad).await,
+            Err(Error::Invalid(_))
+        ));
+        let st = State::load(&s).await.unwrap();
+        assert_eq!(st.tasks.len(), 2);
+        assert!(st.revision > before, "only the network create committed");
+        assert_eq!(st.services["web"].publish.len(), 1);
+    }
+
+    #[test]
+    fn interface_names_skip_the_chosen_one() {
+        assert_eq!(interface_names(2, "eth0"), ["eth0", "eth1"]);
+        assert_eq!(interface_names(3, "eth1"), ["eth1", "eth0", "eth2"]);
+        assert_eq!(interface_names(1, "net9"), ["net9"]);
+    }
 }
