@@ -97,6 +97,19 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     bail!("cannot find the {name} binary: run `cargo build --workspace --bins` or set {var}")
 }
 
+/// Where Debian's containernetworking-plugins are (bridge, firewall, tuning, ...).
+pub const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
+
+/// The `CNI_*` variables of one plugin run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CniEnv<'a> {
+    pub command: &'a str,
+    pub container: &'a str,
+    pub netns: &'a str,
+    pub ifname: &'a str,
+    pub args: &'a str,
+}
+
 pub struct NodeHandle {
     pub name: String,
     /// The node's network namespace name (under /run/netns).
@@ -610,6 +623,45 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         bail!("whoami in {netns} did not start")
+    }
+
+    /// Runs CNI plugin `plugin` (a path) as a runtime on node `i` would: inside the node's
+    /// namespace, with the spec's environment and `config` on stdin. Returns whether it
+    /// exited 0 and what it printed (JSON, or Null for nothing).
+    pub fn cni(
+        &self,
+        i: usize,
+        plugin: &Path,
+        env: &CniEnv,
+        config: &Value,
+    ) -> Result<(bool, Value)> {
+        let mut cmd = Command::new(plugin);
+        cmd.env("CNI_COMMAND", env.command)
+            .env("CNI_CONTAINERID", env.container)
+            .env("CNI_NETNS", env.netns)
+            .env("CNI_IFNAME", env.ifname)
+            .env("CNI_ARGS", env.args)
+            .env("CNI_PATH", CNI_PLUGIN_DIR)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = spawn_in_netns(&mut cmd, &self.nodes[i].netns)?;
+        child
+            .stdin
+            .take()
+            .context("plugin stdin")?
+            .write_all(config.to_string().as_bytes())?;
+        let out = child
+            .wait_with_output()
+            .context("wait for the CNI plugin")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .with_context(|| format!("CNI plugin printed non-JSON: {text:?}"))?
+        };
+        Ok((out.status.success(), value))
     }
 
     /// The namespace name of a task or host made with `tag`.
