@@ -3,7 +3,8 @@
 # network namespaces, links and nftables rules.
 
 APT_PACKAGES := nftables iproute2 ethtool iputils-ping procps util-linux curl etcd-server protobuf-compiler \
-  dnsutils unbound clang-19 libbpf-dev python3
+  dnsutils unbound clang-19 libbpf-dev python3 \
+  containerd runc podman conmon containernetworking-plugins busybox-static iptables
 # Only `make bench` needs these.
 BENCH_PACKAGES := iperf3 dnsperf haproxy
 CARGO ?= cargo

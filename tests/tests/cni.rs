@@ -126,7 +126,7 @@ fn cni_add_makes_a_task_that_check_gc_and_del_manage() -> Result<()> {
 
     // The container is a task of web, named after the pod, like any other task.
     let c = lab.ns("c");
-    assert_eq!(lab.dig_short(&c, "pod-a")?, [ip.clone()]);
+    assert_eq!(lab.dig_short(&c, "pod-a")?, std::slice::from_ref(&ip));
     let vip = lab.dig_short(&c, "web")?;
     assert_eq!(vip.len(), 1, "{vip:?}");
     let body = http_get_from(&c, SocketAddr::new(vip[0].parse()?, 80))?;

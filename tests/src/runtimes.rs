@@ -1,0 +1,312 @@
+//! Real container runtimes driving netd through its CNI plugin: containerd (`ctr run
+//! --cni`) and podman (CNI backend), from Debian's packages. Each runs inside a node's
+//! network namespace and a private mount namespace of its own, so that its state, its
+//! CNI config and cache, and runc's state stay out of the machine's (only the
+//! container network namespaces podman mounts under /run/netns are shared, as netd must
+//! open them). A guard kills every container and the daemon when it is dropped, also
+//! when a test fails.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{binary, Lab, SEARCH_DOMAIN};
+
+/// A root filesystem with busybox-static (Debian package busybox-static) and a resolv.conf
+/// pointing at netd's DNS, as a runtime writes it from the CNI result.
+pub fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        bail!("/bin/busybox is missing: install Debian's busybox-static");
+    }
+    let bin = dir.join("bin");
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "run"] {
+        fs::create_dir_all(dir.join(d)).with_context(|| format!("create rootfs {d}"))?;
+    }
+    fs::copy(busybox, bin.join("busybox")).context("copy busybox")?;
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .context("busybox --list")?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            symlink("busybox", bin.join(applet))
+                .with_context(|| format!("link applet {applet}"))?;
+        }
+    }
+    fs::write(
+        dir.join("etc/resolv.conf"),
+        format!("nameserver 127.0.0.11\nsearch {SEARCH_DOMAIN}\n"),
+    )?;
+    fs::write(dir.join("etc/hosts"), "127.0.0.1 localhost\n")?;
+    Ok(dir.to_path_buf())
+}
+
+/// The CNI plugin directory a runtime is given: `netd` (the plugin binary's CNI type
+/// name) pointing at `netd-cni`, and Debian's plugins for chaining.
+pub fn cni_plugin_dir(dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let _ = fs::remove_file(dir.join("netd"));
+    symlink(binary("netd-cni")?, dir.join("netd")).context("link the netd plugin")?;
+    for p in ["loopback", "firewall", "tuning", "bandwidth", "portmap"] {
+        let _ = fs::remove_file(dir.join(p));
+        symlink(Path::new(crate::CNI_PLUGIN_DIR).join(p), dir.join(p))?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// A shell prologue that gives a fresh mount namespace (made by `unshare -m
+/// --propagation unchanged`) its own /run (the directory `run`, kept across commands),
+/// private copies of `tmpfs` paths and `binds` (target, source), while /run/netns stays
+/// the machine's and shared with it.
+fn private_mounts(run: &Path, tmpfs: &[&str], binds: &[(&str, &Path)]) -> String {
+    // The root mount becomes private first, so nothing below propagates back; /run/netns
+    // is a mount of its own (shared by `ip netns`) and keeps propagating.
+    let mut s = format!(
+        "set -e; mount --make-private /; mkdir -p {run}; \
+         keep=$(mktemp -d); mount --rbind /run/netns \"$keep\"; \
+         mount --bind {run} /run; mkdir -p /run/netns; \
+         mount --move \"$keep\" /run/netns; rmdir \"$keep\"; ",
+        run = run.display()
+    );
+    for t in tmpfs {
+        s.push_str(&format!("mkdir -p {t}; mount -t tmpfs netd-lab {t}; "));
+    }
+    for (target, source) in binds {
+        s.push_str(&format!(
+            "mkdir -p {target}; mount --bind {} {target}; ",
+            source.display()
+        ));
+    }
+    s
+}
+
+fn unshare_in(node_netns: &str, script: &str) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{node_netns}"))
+        .args(["unshare", "-m", "--propagation", "unchanged", "sh", "-c"])
+        .arg(script);
+    cmd
+}
+
+/// A containerd of node `node`, with its own root, state and socket; `ctr` runs in its
+/// mount namespace, where /etc/cni/net.d is the test's config dir and /opt/cni/bin the
+/// test's plugin dir.
+pub struct Containerd {
+    child: Option<Child>,
+    pid: u32,
+    socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(lab: &Lab, node: usize, conf_dir: &Path, plugin_dir: &Path) -> Result<Self> {
+        let dir = lab.dir.join(format!("containerd-{node}"));
+        fs::create_dir_all(&dir)?;
+        let config = dir.join("config.toml");
+        // No CRI: only the plain containerd services ctr uses.
+        fs::write(
+            &config,
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        )?;
+        let socket = dir.join("containerd.sock");
+        let log = fs::File::create(dir.join("containerd.log"))?;
+        let script = format!(
+            "{}exec containerd --config {} --root {} --state {} --address {}",
+            private_mounts(
+                &dir.join("run"),
+                &["/var/lib/cni", "/opt"],
+                &[("/etc/cni/net.d", conf_dir), ("/opt/cni/bin", plugin_dir)],
+            ),
+            config.display(),
+            dir.join("root").display(),
+            dir.join("state").display(),
+            socket.display(),
+        );
+        let child = unshare_in(&lab.nodes[node].netns, &script)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start containerd (Debian package containerd)")?;
+        let pid = child.id();
+        let mut c = Containerd {
+            child: Some(child),
+            pid,
+            socket,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.ctr(&["version"])?.status.success() {
+            if let Some(Ok(Some(status))) = c.child.as_mut().map(|ch| ch.try_wait()) {
+                bail!("containerd exited with {status}: {}", c.log());
+            }
+            if Instant::now() > deadline {
+                bail!("containerd did not come up: {}", c.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(c)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr ARGS` in containerd's namespaces.
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        Command::new("nsenter")
+            .args(["-t", &self.pid.to_string(), "-m", "-n", "ctr", "--address"])
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("run ctr (Debian package containerd)")
+    }
+
+    /// `ctr run --rm --cni` of `rootfs` as container `id`, running `sh -c SCRIPT`; waits
+    /// for it (bounded by `timeout`) and returns what it printed.
+    pub fn run(&self, id: &str, rootfs: &Path, script: &str, timeout: Duration) -> Result<Output> {
+        let rootfs = rootfs.display().to_string();
+        let secs = timeout.as_secs().max(1).to_string();
+        let out = Command::new("timeout")
+            .args([&secs, "nsenter", "-t", &self.pid.to_string(), "-m", "-n"])
+            .args(["ctr", "--address"])
+            .arg(&self.socket)
+            .args(["run", "--rm", "--cni", "--env", "PATH=/bin", "--rootfs"])
+            .args([rootfs.as_str(), id, "/bin/sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .context("ctr run")?;
+        Ok(out)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Ok(out) = self.ctr(&["tasks", "ls", "-q"]) {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+                let _ = self.ctr(&["tasks", "rm", "-f", id]);
+                let _ = self.ctr(&["containers", "rm", id]);
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// podman with `network_backend = "cni"` (a test-private containers.conf), its storage,
+/// run and tmp dirs in the lab, run in node `node`'s netns. Each command gets a private
+/// mount namespace with its own /var/lib/cni (libcni's cache) and the lab's /run (runc's
+/// state, kept across commands), except /run/netns, where podman mounts the container
+/// namespaces netd opens.
+pub struct Podman {
+    netns: String,
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl Podman {
+    pub fn new(lab: &Lab, node: usize, conf_dir: &Path, plugin_dir: &Path) -> Result<Self> {
+        let dir = lab.dir.join(format!("podman-{node}"));
+        fs::create_dir_all(dir.join("tmp"))?;
+        let conf = dir.join("containers.conf");
+        // Root here lacks CAP_SYS_RESOURCE: podman's default ulimits above the hard limit
+        // would make runc fail.
+        fs::write(
+            &conf,
+            format!(
+                "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
+                 [network]\nnetwork_backend = \"cni\"\nnetwork_config_dir = \"{}\"\n\
+                 cni_plugin_dirs = [\"{}\"]\n\
+                 [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                 events_logfile_path = \"{}\"\nruntime = \"runc\"\ntmp_dir = \"{}\"\n",
+                conf_dir.display(),
+                plugin_dir.display(),
+                dir.join("events.log").display(),
+                dir.join("tmp").display(),
+            ),
+        )?;
+        Ok(Podman {
+            netns: lab.nodes[node].netns.clone(),
+            dir,
+            conf,
+        })
+    }
+
+    /// `podman ARGS`, bounded by 120 s.
+    pub fn podman(&self, args: &[&str]) -> Result<Output> {
+        let mut script = private_mounts(&self.dir.join("run"), &["/var/lib/cni"], &[]);
+        script.push_str(&format!(
+            "exec timeout 120 podman --root {} --runroot {} --storage-driver vfs \"$@\"",
+            self.dir.join("root").display(),
+            self.dir.join("runroot").display(),
+        ));
+        unshare_in(&self.netns, &script)
+            .arg("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", &self.conf)
+            .stdin(Stdio::null())
+            .output()
+            .context("run podman (Debian package podman)")
+    }
+
+    /// `podman run --network NETWORK --rootfs ROOTFS ARGS… /bin/sh -c SCRIPT`.
+    pub fn run(
+        &self,
+        network: &str,
+        rootfs: &Path,
+        extra: &[&str],
+        script: &str,
+    ) -> Result<Output> {
+        let rootfs = rootfs.display().to_string();
+        let mut args = vec!["run", "--network", network];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--rootfs", rootfs.as_str(), "/bin/sh", "-c", script]);
+        self.podman(&args)
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.podman(&["rm", "-f", "-a", "-t", "0"]);
+    }
+}
+
+/// A conflist named `name` with netd first and `more` plugins chained after it.
+pub fn conflist(name: &str, netd: Value, more: &[Value]) -> Value {
+    let mut plugins = vec![netd];
+    plugins.extend_from_slice(more);
+    serde_json::json!({"cniVersion": "1.0.0", "name": name, "plugins": plugins})
+}
+
+/// Succeeds on a command's success, else fails with what it printed.
+pub fn check(what: &str, out: Output) -> Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
