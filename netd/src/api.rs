@@ -138,6 +138,20 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/tasks", get(task_ls).post(task_attach))
         .route("/v1/tasks/{id}", get(task_inspect).delete(task_detach))
         .route("/v1/tasks/{id}/check", get(task_check))
+        .route(
+            "/v1/networks/{name}/reservations",
+            axum::routing::post(reserve),
+        )
+        .route(
+            "/v1/networks/{name}/reservations/{ip}",
+            axum::routing::delete(release),
+        )
+        .route("/v1/reservations/{owner}", get(reservation))
+        .route("/v1/subnets/free", get(free_subnet))
+        .route(
+            "/v1/bindings/{frontend}/{id}",
+            get(binding_get).put(binding_put).delete(binding_delete),
+        )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API endpoint")
         })
@@ -336,8 +350,10 @@ fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
     } else {
         st.task_status.get(&t.id).map(|s| s.error.clone())
     };
+    let waiting = t.node == d.node && report.pending.contains(&t.id);
     v["state"] = json!(match error {
         _ if !st.node_alive(&t.node) => "node down".to_string(),
+        _ if waiting => "pending: its runtime has not started it yet".to_string(),
         None => "pending".to_string(),
         Some(None) => "running".to_string(),
         Some(Some(e)) => format!("error: {e}"),
@@ -429,7 +445,8 @@ async fn task_inspect(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Valu
 async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
     let req: TaskAttach = body(&bytes)?;
     let local = req.node.as_deref().is_none_or(|n| n == d.node);
-    if local {
+    // A handed-over task's namespace is made later by its runtime.
+    if local && !req.handoff {
         netns::check_netns_path(std::path::Path::new(&req.netns))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e))?;
     }
@@ -497,4 +514,128 @@ async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value
     let task = state::detach_task(d.store.as_ref(), &id).await?;
     settle(&d, task.revision).await?;
     Ok(Json(json!(task.value)))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveRequest {
+    #[serde(default)]
+    address: Option<std::net::Ipv4Addr>,
+    owner: String,
+}
+
+/// `POST /v1/networks/NAME/reservations`: an address held for a task that does not
+/// exist yet (Docker's IPAM answers before the container is made); `task attach` with
+/// that `address` takes it over.
+async fn reserve(
+    AxState(d): Ctx,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let req: ReserveRequest = body(&bytes)?;
+    if req.owner.is_empty() || req.owner.len() > 200 || req.owner.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "a reservation needs an owner of 1 to 200 printable characters",
+        ));
+    }
+    let done = state::reserve_address(d.store.as_ref(), &name, req.address, &req.owner).await?;
+    let (ip, prefix) = done.value;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"network": name, "address": ip, "prefix": prefix, "owner": req.owner})),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/networks/NAME/reservations/IP[?owner=O]`: gives a reserved address back.
+async fn release(
+    AxState(d): Ctx,
+    Path((name, ip)): Path<(String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> ApiResult<Value> {
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("{ip:?} is not an IPv4 address"),
+        )
+    })?;
+    let owner = q
+        .iter()
+        .find(|(k, _)| k == "owner")
+        .map(|(_, v)| v.as_str());
+    let done = state::release_address(d.store.as_ref(), &name, ip, owner).await?;
+    Ok(Json(json!({"released": done.value})))
+}
+
+/// `GET /v1/reservations/OWNER`: where `owner`'s reserved address is.
+async fn reservation(AxState(d): Ctx, Path(owner): Path<String>) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    let (net, ip) = st.reservation_of(&owner).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{owner:?} holds no reserved address"),
+        )
+    })?;
+    Ok(Json(
+        json!({"network": net.name, "address": ip, "prefix": net.subnet.prefix(), "gateway": net.gateway}),
+    ))
+}
+
+/// `GET /v1/subnets/free`: the subnet the next network without `--subnet` would get.
+async fn free_subnet(AxState(d): Ctx) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    let subnet = st.free_subnet(&d.pools)?;
+    Ok(Json(
+        json!({"subnet": subnet, "gateway": crate::ipam::default_gateway(subnet)}),
+    ))
+}
+
+async fn binding_get(
+    AxState(d): Ctx,
+    Path((frontend, id)): Path<(String, String)>,
+) -> ApiResult<Value> {
+    let st = load(&d).await?;
+    st.bindings
+        .get(&frontend)
+        .and_then(|m| m.get(&id))
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no {frontend} binding {id:?}"),
+            )
+        })
+}
+
+/// `PUT /v1/bindings/FRONTEND/ID`: what a front end keeps about one of its own ids (a
+/// Docker network id → netd network and service), so that it keeps nothing itself.
+async fn binding_put(
+    AxState(d): Ctx,
+    Path((frontend, id)): Path<(String, String)>,
+    bytes: Bytes,
+) -> ApiResult<Value> {
+    if bytes.len() > 4096 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "a binding is at most 4 KiB",
+        ));
+    }
+    let value: Value = body(&bytes)?;
+    state::bind(d.store.as_ref(), &frontend, &id, Some(&value)).await?;
+    Ok(Json(value))
+}
+
+async fn binding_delete(
+    AxState(d): Ctx,
+    Path((frontend, id)): Path<(String, String)>,
+) -> ApiResult<Value> {
+    state::bind(d.store.as_ref(), &frontend, &id, None).await?;
+    Ok(Json(json!({})))
 }

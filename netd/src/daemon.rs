@@ -86,6 +86,10 @@ pub struct DaemonArgs {
     /// TTL of task-IP answers (`tasks.NAME`, dnsrr, task names).
     #[arg(long, default_value_t = 2)]
     pub dns_task_ttl: u32,
+    /// Serve Docker's network and IPAM plugin protocols (driver `netd`) on this socket
+    /// (default /run/docker/plugins/netd.sock, where dockerd looks for plugins).
+    #[arg(long, num_args = 0..=1, default_missing_value = crate::frontends::docker::DEFAULT_SOCKET)]
+    pub docker_plugin: Option<std::path::PathBuf>,
     /// Seconds between reconciles when nothing changes (repairs drift).
     #[arg(long, default_value_t = 10)]
     pub resync: u64,
@@ -278,7 +282,20 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
         datapath,
         api: api_spec.to_string(),
     });
-    let app = api::router(daemon);
+    let app = api::router(daemon.clone());
+    if let Some(path) = &args.docker_plugin {
+        let plugin = crate::frontends::docker::Plugin::new(app.clone(), daemon.reconciler.clone());
+        let listener = bind_unix(path)?;
+        tracing::info!(socket = %path.display(), "serving Docker's network and IPAM plugin `netd`");
+        let router = crate::frontends::docker::router(plugin);
+        tokio::spawn(async move {
+            let make =
+                router.into_make_service_with_connect_info::<crate::frontends::docker::Peer>();
+            if let Err(e) = axum::serve(listener, make).await {
+                tracing::error!("Docker plugin socket: {e}");
+            }
+        });
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;
     let shutdown = async move {
@@ -308,6 +325,20 @@ async fn drain_cni_queue(store: &dyn store::Store, node: &str, queue: &Path) {
     }
 }
 
+/// A unix socket only root can use (0600), replacing a file left by a dead predecessor (a
+/// live one would hold the local store's lock, or the node name in the cluster).
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("bind socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
 async fn serve(
     app: axum::Router,
     api_spec: &str,
@@ -316,16 +347,7 @@ async fn serve(
 ) -> Result<()> {
     if let Some(path) = api_spec.strip_prefix("unix:") {
         let path = Path::new(path);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        }
-        // A socket file left behind is from a dead predecessor: a live one would hold
-        // the local store's lock, or the node name in the cluster.
-        let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)
-            .with_context(|| format!("bind API socket {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .context("chmod API socket")?;
+        let listener = bind_unix(path)?;
         tracing::info!(node, api = api_spec, "netd is serving");
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)

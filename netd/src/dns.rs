@@ -32,7 +32,7 @@ pub struct Dns {
     cfg: DnsConfig,
     shared: Arc<Shared>,
     /// Task id -> its listener and the namespace it was opened in.
-    listeners: std::sync::Mutex<HashMap<String, (Listener, String)>>,
+    listeners: std::sync::Mutex<HashMap<String, (Vec<Listener>, String)>>,
 }
 
 fn service_record(svc: &crate::model::Service) -> ServiceRecord {
@@ -181,18 +181,46 @@ impl Dns {
         errors
     }
 
-    async fn open(&self, t: &Task) -> Result<Listener> {
+    async fn open(&self, t: &Task) -> Result<Vec<Listener>> {
         let ns = Netns::Path(PathBuf::from(&t.netns));
-        let (udp, tcp) = netns::run_in(&ns, || {
-            let udp = std::net::UdpSocket::bind(DNS_ADDR).context("bind udp")?;
-            let tcp = std::net::TcpListener::bind(DNS_ADDR).context("bind tcp")?;
-            Ok((udp, tcp))
+        // In a Docker container Docker's own resolver takes 127.0.0.11:53 (a DNAT in the
+        // container); it forwards what it does not know to the daemon's `--dns`, which
+        // points at netd's second address there.
+        let addrs: Vec<SocketAddr> = if t.handoff {
+            vec![DNS_ADDR, RUNTIME_DNS_ADDR]
+        } else {
+            vec![DNS_ADDR]
+        };
+        let sockets = netns::run_in(&ns, move || {
+            addrs
+                .iter()
+                .map(|a| {
+                    let udp =
+                        std::net::UdpSocket::bind(a).with_context(|| format!("bind udp {a}"))?;
+                    let tcp =
+                        std::net::TcpListener::bind(a).with_context(|| format!("bind tcp {a}"))?;
+                    Ok((udp, tcp))
+                })
+                .collect::<Result<Vec<_>>>()
         })
         .await?;
-        let networks = task_record(t).addrs.into_iter().map(|(n, _)| n).collect();
-        server::listen(self.shared.clone(), networks, udp, tcp).map_err(|e| anyhow!("{e}"))
+        let networks: Vec<String> = task_record(t).addrs.into_iter().map(|(n, _)| n).collect();
+        sockets
+            .into_iter()
+            .map(|(udp, tcp)| {
+                server::listen(self.shared.clone(), networks.clone(), udp, tcp)
+                    .map_err(|e| anyhow!("{e}"))
+            })
+            .collect()
     }
 }
+
+/// Where netd also answers in a task whose runtime runs a resolver of its own on
+/// 127.0.0.11 (Docker): that resolver's upstream, `dockerd --dns 127.0.0.12`.
+pub const RUNTIME_DNS_ADDR: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 12)),
+    53,
+);
 
 /// Reads the node's resolv.conf for defaults (servers and search list).
 pub fn node_resolv_conf() -> netd_dns::upstream::ResolvConf {

@@ -129,6 +129,12 @@ pub struct Task {
     /// container id and interface, a Docker endpoint id): the only state they keep.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The runtime moves the first endpoint's task side into the namespace itself, which
+    /// may not exist yet (Docker moves a plugin's interface when the container starts):
+    /// netd leaves that side in the node's namespace, keeps whatever name the runtime
+    /// gives it, and builds the rest once the namespace is there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
     pub created_at: u64,
 }
 

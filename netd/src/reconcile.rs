@@ -44,6 +44,9 @@ pub struct NodeConfig {
 pub struct Report {
     pub task_errors: BTreeMap<String, String>,
     pub errors: Vec<String>,
+    /// Tasks whose runtime has not made their namespace yet (see [`Task::handoff`]):
+    /// their first endpoint waits in the node's namespace for the runtime to take it.
+    pub pending: BTreeSet<String>,
 }
 
 pub struct Reconciler {
@@ -249,6 +252,17 @@ impl Reconciler {
                 );
                 continue;
             }
+            if task.handoff && !handed_over(task).await {
+                match self.ensure_handoff(st, task).await {
+                    Ok(()) => {
+                        report.pending.insert(task.id.clone());
+                    }
+                    Err(e) => {
+                        report.task_errors.insert(task.id.clone(), format!("{e:#}"));
+                    }
+                }
+                continue;
+            }
             if let Err(e) = self.ensure_task(st, task).await {
                 report.task_errors.insert(task.id.clone(), format!("{e:#}"));
             }
@@ -362,8 +376,21 @@ impl Reconciler {
         }
         let wanted_bridges: BTreeSet<String> =
             bridges.iter().map(|n| naming::bridge_if(&n.id)).collect();
+        // The task sides that wait for their runtime stay in the node's namespace.
+        let waiting: BTreeSet<String> = tasks
+            .iter()
+            .filter(|t| report.pending.contains(&t.id))
+            .filter_map(|t| t.endpoints.first())
+            .map(|ep| naming::task_tmp_if(&ep.id))
+            .collect();
         if let Err(e) = self
-            .sweep(&wanted, &wanted_sandboxes, &wanted_bridges, needs_gwbridge)
+            .sweep(
+                &wanted,
+                &wanted_sandboxes,
+                &wanted_bridges,
+                needs_gwbridge,
+                &waiting,
+            )
             .await
         {
             report.errors.push(format!("sweep: {e:#}"));
@@ -418,6 +445,7 @@ impl Reconciler {
             ],
             default_gateway: Some(crate::ipam::default_gateway(gw)),
             labels: Default::default(),
+            handoff: false,
             created_at: 0,
         };
         self.ensure_task(st, &task).await?;
@@ -682,11 +710,13 @@ impl Reconciler {
         let task_ns = PathBuf::from(&task.netns);
         netns::check_netns_path(&task_ns).map_err(|e| anyhow!("{e}"))?;
         let task_ns = Netns::Path(task_ns);
-        for ep in &task.endpoints {
+        for (i, ep) in task.endpoints.iter().enumerate() {
             let a = self
                 .attachment(st, ep)
                 .with_context(|| format!("network {} of endpoint {} is gone", ep.network, ep.id))?;
-            self.ensure_endpoint(&task_ns, ep, &a)
+            // A runtime that took the first endpoint over named it itself.
+            let keep_name = task.handoff && i == 0;
+            self.ensure_endpoint(&task_ns, ep, &a, keep_name)
                 .await
                 .with_context(|| format!("endpoint {} on {}", ep.ifname, ep.network))?;
         }
@@ -709,7 +739,32 @@ impl Reconciler {
         .await
     }
 
-    async fn ensure_endpoint(&self, task_ns: &Netns, ep: &Endpoint, a: &Attachment) -> Result<()> {
+    async fn ensure_endpoint(
+        &self,
+        task_ns: &Netns,
+        ep: &Endpoint,
+        a: &Attachment,
+        keep_name: bool,
+    ) -> Result<()> {
+        self.ensure_pair(Some(task_ns), ep, a).await?;
+        self.plug_host_side(ep, a).await?;
+        let ep = ep.clone();
+        let mtu = a.mtu;
+        netns::with_netlink(task_ns, move |h| async move {
+            configure_task_side(&h, &ep, mtu, keep_name).await
+        })
+        .await
+    }
+
+    /// The veth pair of an endpoint, made unless its host side exists: made in the node
+    /// netns, the host side moved where its bridge is and the task side into `task_ns`
+    /// (or left in the node netns, under its temporary name, for a runtime to take).
+    async fn ensure_pair(
+        &self,
+        task_ns: Option<&Netns>,
+        ep: &Endpoint,
+        a: &Attachment,
+    ) -> Result<()> {
         let host_if = naming::endpoint_if(&ep.id);
         let exists = {
             let host_if = host_if.clone();
@@ -718,29 +773,38 @@ impl Reconciler {
             })
             .await?
         };
-        if !exists {
-            // Create the pair in the node netns, then move each end where it belongs.
-            let tmp = naming::task_tmp_if(&ep.id);
-            let task_fd = task_ns.open()?.context("task netns")?;
-            let parent_fd = a.parent.open()?;
-            let host_if = host_if.clone();
-            netns::with_netlink(&Netns::Home, move |h| async move {
-                for stale in [&host_if, &tmp] {
-                    if let Some(l) = netlink::link_by_name(&h, stale).await? {
-                        netlink::delete_link(&h, l.index).await?;
-                    }
-                }
-                netlink::create_veth(&h, &host_if, &tmp).await?;
-                let t = netlink::require_link(&h, &tmp).await?;
-                netlink::move_to_netns(&h, &t, task_fd.as_fd()).await?;
-                if let Some(fd) = parent_fd {
-                    let l = netlink::require_link(&h, &host_if).await?;
-                    netlink::move_to_netns(&h, &l, fd.as_fd()).await?;
-                }
-                Ok(())
-            })
-            .await?;
+        if exists {
+            return Ok(());
         }
+        let tmp = naming::task_tmp_if(&ep.id);
+        let task_fd = match task_ns {
+            Some(ns) => Some(ns.open()?.context("task netns")?),
+            None => None,
+        };
+        let parent_fd = a.parent.open()?;
+        netns::with_netlink(&Netns::Home, move |h| async move {
+            for stale in [&host_if, &tmp] {
+                if let Some(l) = netlink::link_by_name(&h, stale).await? {
+                    netlink::delete_link(&h, l.index).await?;
+                }
+            }
+            netlink::create_veth(&h, &host_if, &tmp).await?;
+            if let Some(fd) = task_fd {
+                let t = netlink::require_link(&h, &tmp).await?;
+                netlink::move_to_netns(&h, &t, fd.as_fd()).await?;
+            }
+            if let Some(fd) = parent_fd {
+                let l = netlink::require_link(&h, &host_if).await?;
+                netlink::move_to_netns(&h, &l, fd.as_fd()).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The host side of an endpoint: MTU, on its bridge, isolation, up.
+    async fn plug_host_side(&self, ep: &Endpoint, a: &Attachment) -> Result<()> {
+        let host_if = naming::endpoint_if(&ep.id);
         let (bridge, mtu, isolated) = (a.bridge.clone(), a.mtu, a.isolated);
         netns::with_netlink(&a.parent, move |h| async move {
             let br = netlink::require_link(&h, &bridge).await?;
@@ -755,10 +819,35 @@ impl Reconciler {
             netlink::set_isolated(&h, &l, isolated).await?;
             netlink::set_up(&h, &l).await
         })
-        .await?;
-        let ep = ep.clone();
-        netns::with_netlink(task_ns, move |h| async move {
-            configure_task_side(&h, &ep, mtu).await
+        .await
+    }
+
+    /// A handed-over task whose namespace does not exist yet: its first endpoint's pair,
+    /// with the task side waiting in the node netns under its temporary name, already
+    /// carrying its MAC, MTU and alias (the runtime moves it, names it and addresses it;
+    /// netd finds it again by the alias).
+    async fn ensure_handoff(&self, st: &State, task: &Task) -> Result<()> {
+        let ep = task.endpoints.first().context("a task without endpoints")?;
+        let a = self
+            .attachment(st, ep)
+            .with_context(|| format!("network {} of endpoint {} is gone", ep.network, ep.id))?;
+        self.ensure_pair(None, ep, &a).await?;
+        self.plug_host_side(ep, &a).await?;
+        let (tmp, alias, mac, mtu) = (
+            naming::task_tmp_if(&ep.id),
+            naming::endpoint_alias(&ep.id),
+            crate::model::mac_for_ip(ep.ip),
+            a.mtu,
+        );
+        netns::with_netlink(&Netns::Home, move |h| async move {
+            // Already taken by the runtime: nothing to prepare.
+            let Some(link) = netlink::link_by_name(&h, &tmp).await? else {
+                return Ok(());
+            };
+            if link.mac != mac || link.mtu != mtu || link.alias.as_deref() != Some(alias.as_str()) {
+                netlink::configure_down(&h, &link, &tmp, mac, mtu, &alias).await?;
+            }
+            Ok(())
         })
         .await
     }
@@ -769,6 +858,7 @@ impl Reconciler {
         wanted_sandboxes: &BTreeSet<String>,
         wanted_bridges: &BTreeSet<String>,
         gwbridge: bool,
+        waiting: &BTreeSet<String>,
     ) -> Result<()> {
         let prefix = naming::sandbox_prefix(&self.cfg.name);
         let existing = tokio::task::spawn_blocking(move || netns::list_named(&prefix))
@@ -794,11 +884,12 @@ impl Reconciler {
         }
         let keep = wanted.get(&Netns::Home).cloned().unwrap_or_default();
         let bridges = wanted_bridges.clone();
+        let waiting = waiting.clone();
         netns::with_netlink(&Netns::Home, move |h| async move {
             sweep_links(&h, |l| {
                 let n = l.name.as_str();
                 (n.starts_with(naming::ENDPOINT_PREFIX) && !keep.contains(n))
-                    || n.starts_with(naming::TASK_TMP_PREFIX)
+                    || (n.starts_with(naming::TASK_TMP_PREFIX) && !waiting.contains(n))
                     || n.starts_with(naming::VXLAN_TMP_PREFIX)
                     || (n.starts_with(naming::BRIDGE_PREFIX) && !bridges.contains(n))
                     || (n == GWBRIDGE_IF && !gwbridge)
@@ -904,7 +995,7 @@ pub fn mesh_ports(st: &State) -> Vec<MeshPort> {
 fn tasks_up<'a>(tasks: &[&'a Task], report: &Report) -> Vec<&'a Task> {
     tasks
         .iter()
-        .filter(|t| !report.task_errors.contains_key(&t.id))
+        .filter(|t| !report.task_errors.contains_key(&t.id) && !report.pending.contains(&t.id))
         .copied()
         .collect()
 }
@@ -962,10 +1053,39 @@ async fn sweep_links(h: &Handle, stale: impl Fn(&Link) -> bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether the runtime of a handed-over task has finished with the interface it was
+/// given: it sits in the task's namespace, up, with its address (Docker moves, renames,
+/// addresses and raises it in that order; touching it before would race with it).
+async fn handed_over(task: &Task) -> bool {
+    let path = PathBuf::from(&task.netns);
+    let Some(ep) = task.endpoints.first().cloned() else {
+        return false;
+    };
+    if netns::check_netns_path(&path).is_err() {
+        return false;
+    }
+    let alias = naming::endpoint_alias(&ep.id);
+    netns::with_netlink(&Netns::Path(path), move |h| async move {
+        let links = netlink::links(&h).await?;
+        let Some(link) = links
+            .iter()
+            .find(|l| l.alias.as_deref() == Some(alias.as_str()))
+        else {
+            return Ok(false);
+        };
+        Ok(link.up
+            && netlink::ipv4_addresses(&h, link.index)
+                .await?
+                .contains(&(ep.ip, ep.prefix)))
+    })
+    .await
+    .unwrap_or(false)
+}
+
 /// Names, addresses and brings up the task's end of an endpoint, found by its alias (it
 /// keeps that across renames) or by its temporary name right after creation. Nothing is
 /// touched when it is already right: bringing a link down would cut live connections.
-async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32) -> Result<()> {
+async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32, keep_name: bool) -> Result<()> {
     let alias = naming::endpoint_alias(&ep.id);
     let tmp = naming::task_tmp_if(&ep.id);
     let links = netlink::links(h).await?;
@@ -976,7 +1096,12 @@ async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32) -> Result<()> 
         .with_context(|| format!("the task side of endpoint {} is missing", ep.id))?
         .clone();
     let mac = crate::model::mac_for_ip(ep.ip);
-    let configured = link.name == ep.ifname
+    let name = if keep_name {
+        link.name.clone()
+    } else {
+        ep.ifname.clone()
+    };
+    let configured = link.name == name
         && link.mac == mac
         && link.mtu == mtu
         && link.alias.as_deref() == Some(alias.as_str());
@@ -985,7 +1110,7 @@ async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32) -> Result<()> 
     } else {
         if let Some(clash) = links
             .iter()
-            .find(|l| l.name == ep.ifname && l.index != link.index)
+            .find(|l| l.name == name && l.index != link.index)
         {
             anyhow::bail!(
                 "the task netns already has an interface named {} (#{})",
@@ -993,8 +1118,8 @@ async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32) -> Result<()> 
                 clash.index
             );
         }
-        netlink::configure_down(h, &link, &ep.ifname, mac, mtu, &alias).await?;
-        netlink::require_link(h, &ep.ifname).await?
+        netlink::configure_down(h, &link, &name, mac, mtu, &alias).await?;
+        netlink::require_link(h, &name).await?
     };
     netlink::ensure_address(h, &link, ep.ip, ep.prefix).await?;
     netlink::set_up(h, &link).await
@@ -1026,6 +1151,7 @@ mod tests {
                 .collect(),
             default_gateway: None,
             labels: Default::default(),
+            handoff: false,
             created_at: 0,
         }
     }

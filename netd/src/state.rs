@@ -136,6 +136,14 @@ pub struct TaskAttach {
     /// and stays published (where its tasks run) until the service is removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<PortSpec>,
+    /// The address of the endpoint on `network`, reserved before (see
+    /// [`reserve_address`]); the reservation becomes the task's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    /// The runtime moves the first endpoint's task side into the namespace itself, which
+    /// may not exist yet (Docker's plugin protocol): see [`Task::handoff`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
 }
 
 /// The whole desired state at one store revision, with each key's revision for compares.
@@ -157,6 +165,12 @@ pub struct State {
     pub alive: BTreeSet<String>,
     /// Task id -> what its node last reported.
     pub task_status: BTreeMap<String, TaskStatus>,
+    /// (network id, address) -> who reserved it before any task holds it (a runtime
+    /// whose IPAM hands out addresses before the container exists: Docker's).
+    pub reservations: BTreeMap<(String, Ipv4Addr), String>,
+    /// Front end -> its id -> what it bound there (Docker: a Docker network id -> the
+    /// netd network and service its containers join).
+    pub bindings: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     revs: HashMap<String, u64>,
 }
 
@@ -215,6 +229,13 @@ impl State {
                 "ipam" | "gwipam" => {
                     if let Some((owner, ip)) = name.split_once('/') {
                         if let Ok(ip) = ip.parse() {
+                            if kind == "ipam" {
+                                let holder: String = decode(&kv.key, &kv.value)?;
+                                if let Some(r) = holder.strip_prefix(RESERVED) {
+                                    st.reservations
+                                        .insert((owner.to_string(), ip), r.to_string());
+                                }
+                            }
                             let map = if kind == "ipam" {
                                 &mut st.ipam
                             } else {
@@ -243,6 +264,14 @@ impl State {
                 "taskstatus" => {
                     st.task_status
                         .insert(name.to_string(), decode(&kv.key, &kv.value)?);
+                }
+                "bindings" => {
+                    if let Some((frontend, id)) = name.split_once('/') {
+                        st.bindings
+                            .entry(frontend.to_string())
+                            .or_default()
+                            .insert(id.to_string(), decode(&kv.key, &kv.value)?);
+                    }
                 }
                 _ => {}
             }
@@ -892,6 +921,11 @@ pub async fn attach_task(
         ];
         let mut ops = vec![Op::Put(nk, encode(&id))];
         publish_with_task(st, svc, &req.publish, &mut compares, &mut ops)?;
+        if (req.address.is_some() || req.handoff) && networks.len() != 1 {
+            return Err(Error::Invalid(
+                "an address or a handed-over interface needs exactly one network".into(),
+            ));
+        }
         let mut legs: Vec<(&str, Ipv4Addr, u8)> = vec![];
         let mut default_gateway = None;
         let mut needs_gwbridge = false;
@@ -899,9 +933,19 @@ pub async fn attach_task(
             let net = st.network(netname)?;
             compares.push(st.unchanged(&key("networks", netname)));
             let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
-            let ip = ipam::allocate_ip(net.subnet, &used)?;
+            let ip = match req.address {
+                Some(ip) => {
+                    if !st.reservations.contains_key(&(net.id.clone(), ip)) {
+                        return Err(Error::Conflict(format!(
+                            "address {ip} on network {netname:?} is not reserved for a task"
+                        )));
+                    }
+                    ip
+                }
+                None => ipam::allocate_ip(net.subnet, &used)?,
+            };
             let ik = key("ipam", &format!("{}/{ip}", net.id));
-            compares.push(Compare::Absent(ik.clone()));
+            compares.push(st.unchanged(&ik));
             ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
             if !net.internal {
                 match net.driver {
@@ -962,6 +1006,7 @@ pub async fn attach_task(
             endpoints,
             default_gateway,
             labels: req.labels.clone(),
+            handoff: req.handoff,
             created_at: model::now_secs(),
         };
         ops.push(Op::Put(tk, encode(&task)));
@@ -1122,6 +1167,124 @@ pub async fn detach_task(store: &dyn Store, id_or_name: &str) -> Result<Committe
         Ok((compares, ops, task))
     })
     .await
+}
+
+/// The holder prefix of a reserved address (`ipam/NET/IP` = "reserved:OWNER").
+const RESERVED: &str = "reserved:";
+
+/// Reserves an address on `network` for `owner` before any task holds it: Docker's IPAM
+/// hands out a container's address before the container exists. `address` picks one
+/// (an address already reserved is handed to the new owner); else the lowest free. The
+/// gateway is answered as is (it is the network's, never a task's).
+pub async fn reserve_address(
+    store: &dyn Store,
+    network: &str,
+    address: Option<Ipv4Addr>,
+    owner: &str,
+) -> Result<Committed<(Ipv4Addr, u8)>> {
+    commit(store, |st| {
+        let net = st.network(network)?;
+        let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
+        let ip = match address {
+            Some(ip) if ip == net.gateway => {
+                return Ok((vec![], vec![], (ip, net.subnet.prefix())))
+            }
+            Some(ip) => {
+                if !net.subnet.contains(ip)
+                    || ip == net.subnet.network()
+                    || ip == net.subnet.broadcast()
+                {
+                    return Err(Error::Invalid(format!(
+                        "address {ip} is not a host address of network {network:?} ({})",
+                        net.subnet
+                    )));
+                }
+                if used.contains(&ip) && !st.reservations.contains_key(&(net.id.clone(), ip)) {
+                    return Err(Error::Conflict(format!(
+                        "address {ip} on network {network:?} is in use"
+                    )));
+                }
+                ip
+            }
+            None => ipam::allocate_ip(net.subnet, &used)?,
+        };
+        let ik = key("ipam", &format!("{}/{ip}", net.id));
+        Ok((
+            vec![st.unchanged(&ik), st.unchanged(&key("networks", network))],
+            vec![Op::Put(ik, encode(&format!("{RESERVED}{owner}")))],
+            (ip, net.subnet.prefix()),
+        ))
+    })
+    .await
+}
+
+/// Releases a reservation (of `owner`, when given). Returns whether there was one; an
+/// address a task holds is left alone (the task's detach frees it).
+pub async fn release_address(
+    store: &dyn Store,
+    network: &str,
+    ip: Ipv4Addr,
+    owner: Option<&str>,
+) -> Result<Committed<bool>> {
+    commit(store, |st| {
+        let net = st.network(network)?;
+        let held = st.reservations.get(&(net.id.clone(), ip));
+        if held.is_none() || owner.is_some_and(|o| held.map(String::as_str) != Some(o)) {
+            return Ok((vec![], vec![], false));
+        }
+        let ik = key("ipam", &format!("{}/{ip}", net.id));
+        Ok((vec![st.unchanged(&ik)], vec![Op::Delete(ik)], true))
+    })
+    .await
+}
+
+impl State {
+    /// The network and address reserved by `owner`, if any.
+    pub fn reservation_of(&self, owner: &str) -> Option<(&Network, Ipv4Addr)> {
+        let ((net_id, ip), _) = self
+            .reservations
+            .iter()
+            .find(|(_, o)| o.as_str() == owner)?;
+        let net = self.networks.values().find(|n| &n.id == net_id)?;
+        Some((net, *ip))
+    }
+
+    /// The next subnet `create_network` would carve from the pool, without taking it
+    /// (Docker's IPAM asks for a pool before the network exists).
+    pub fn free_subnet(&self, pools: &Pools) -> Result<Ipv4Network> {
+        Ok(ipam::allocate_subnet(
+            pools.pool,
+            pools.size,
+            &self.taken_subnets(),
+        )?)
+    }
+}
+
+/// Records what front end `frontend` bound to its own id (`value` None: removes it).
+pub async fn bind(
+    store: &dyn Store,
+    frontend: &str,
+    id: &str,
+    value: Option<&serde_json::Value>,
+) -> Result<Committed<()>> {
+    for part in [frontend, id] {
+        if part.is_empty()
+            || part.len() > 128
+            || !part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(Error::Invalid(format!(
+                "binding name {part:?} must be 1 to 128 letters, digits, '-' or '_'"
+            )));
+        }
+    }
+    let k = key("bindings", &format!("{frontend}/{id}"));
+    let op = match value {
+        Some(v) => Op::Put(k, encode(v)),
+        None => Op::Delete(k),
+    };
+    commit(store, |_| Ok((vec![], vec![op.clone()], ()))).await
 }
 
 /// Stores with registered, live nodes, for unit tests of code built on the state.

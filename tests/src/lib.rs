@@ -142,6 +142,9 @@ pub struct Lab {
     pub datapath: String,
     /// `--xdp` of every daemon.
     pub xdp: String,
+    /// Daemons serve Docker's plugin protocols on `NODE_DIR/run/docker/plugins/netd.sock`
+    /// (see [`runtimes::Dockerd`]).
+    pub docker_plugin: bool,
     /// Start daemons with the bpf(2) system call refused (seccomp), as a kernel without
     /// eBPF support would refuse it.
     pub deny_bpf: bool,
@@ -178,6 +181,23 @@ impl Lab {
         datapath: &str,
         xdp: &str,
     ) -> Result<Lab> {
+        Self::build_full(tag, nodes, etcd, datapath, xdp, false)
+    }
+
+    /// A cluster on etcd whose daemons serve Docker's plugin protocols (see
+    /// [`runtimes::Dockerd`]).
+    pub fn docker_cluster(tag: &str, nodes: usize) -> Result<Lab> {
+        Self::build_full(tag, nodes, true, "auto", "auto", true)
+    }
+
+    fn build_full(
+        tag: &str,
+        nodes: usize,
+        etcd: bool,
+        datapath: &str,
+        xdp: &str,
+        docker_plugin: bool,
+    ) -> Result<Lab> {
         let rnd: u32 = rand::random::<u32>() % 0xfffff;
         let prefix = format!("{LAB_MARK}{tag}{rnd:05x}");
         let dir = std::env::temp_dir().join(format!("netd-lab-{prefix}"));
@@ -195,6 +215,7 @@ impl Lab {
             datapath: datapath.to_string(),
             xdp: xdp.to_string(),
             deny_bpf: false,
+            docker_plugin,
             wire: xdp == "native",
             torn_down: false,
         };
@@ -491,6 +512,10 @@ impl Lab {
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
+        if self.docker_plugin {
+            cmd.arg("--docker-plugin")
+                .arg(node.dir.join("run/docker/plugins/netd.sock"));
+        }
         if self.deny_bpf {
             // SAFETY: only prctl(2) runs between fork and exec, on a filter built before.
             unsafe {
@@ -868,7 +893,7 @@ pub fn diff_lines(a: &str, b: &str) -> String {
 /// netd sandboxes of its nodes, `netd-PREFIXnN-...`) and kills processes inside them;
 /// removes the nodes' BPF pins (which detaches their programs) and conntrack journals.
 pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
-    let mut removed = vec![];
+    let mut removed = remove_cgroups(prefix);
     for root in ["/sys/fs/bpf/netd", "/sys/fs/bpf/netd-xdp", "/run/netd"] {
         if let Ok(dirs) = fs::read_dir(root) {
             for d in dirs.flatten() {
@@ -973,6 +998,62 @@ fn stop_child(mut child: Child, kill: bool) -> Result<()> {
     let _ = nix::sys::signal::kill(pid, sig);
     child.wait().context("wait for child")?;
     Ok(())
+}
+
+/// Kills the processes in, and removes, every cgroup named with the lab prefix: the
+/// container runtimes a lab starts put their containers under such a parent (they stay
+/// behind otherwise, in each cgroup v1 hierarchy and the v2 one).
+fn remove_cgroups(prefix: &str) -> Vec<String> {
+    let mut removed = vec![];
+    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
+        return removed;
+    };
+    let mut roots: Vec<PathBuf> = hierarchies
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    roots.push(PathBuf::from("/sys/fs/cgroup"));
+    for root in roots {
+        let Ok(entries) = fs::read_dir(&root) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) && e.path().is_dir() {
+                remove_cgroup_tree(&e.path());
+                removed.push(e.path().display().to_string());
+            }
+        }
+    }
+    removed
+}
+
+/// Kills what is in `dir` and its children, then removes them, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 /// Starts `cmd` with its network namespace switched to `netns` (and nothing else: the

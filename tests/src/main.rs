@@ -41,7 +41,7 @@ fn main() -> Result<()> {
         Cmd::Whoami { port, name } => netd_lab::whoami::serve(port, &name),
         Cmd::Cleanup { prefix } => {
             for n in netd_lab::cleanup_prefix(&prefix)? {
-                println!("removed netns {n}");
+                println!("removed {n}");
             }
             Ok(())
         }

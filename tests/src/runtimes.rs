@@ -101,6 +101,9 @@ pub struct Containerd {
     child: Option<Child>,
     pid: u32,
     socket: PathBuf,
+    /// The cgroup parent of its containers, named with the lab prefix (see
+    /// `cleanup_prefix`).
+    cgroup: String,
     pub dir: PathBuf,
 }
 
@@ -138,6 +141,7 @@ impl Containerd {
             child: Some(child),
             pid,
             socket,
+            cgroup: format!("/{}-containerd", lab.prefix),
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -173,11 +177,21 @@ impl Containerd {
     pub fn run(&self, id: &str, rootfs: &Path, script: &str, timeout: Duration) -> Result<Output> {
         let rootfs = rootfs.display().to_string();
         let secs = timeout.as_secs().max(1).to_string();
+        let cgroup = format!("{}/{id}", self.cgroup);
         let out = Command::new("timeout")
             .args([&secs, "nsenter", "-t", &self.pid.to_string(), "-m", "-n"])
             .args(["ctr", "--address"])
             .arg(&self.socket)
-            .args(["run", "--rm", "--cni", "--env", "PATH=/bin", "--rootfs"])
+            .args([
+                "run",
+                "--rm",
+                "--cni",
+                "--env",
+                "PATH=/bin",
+                "--cgroup",
+                &cgroup,
+                "--rootfs",
+            ])
             .args([rootfs.as_str(), id, "/bin/sh", "-c", script])
             .stdin(Stdio::null())
             .output()
@@ -222,6 +236,7 @@ pub struct Podman {
     netns: String,
     dir: PathBuf,
     conf: PathBuf,
+    cgroup: String,
 }
 
 impl Podman {
@@ -249,6 +264,7 @@ impl Podman {
             netns: lab.nodes[node].netns.clone(),
             dir,
             conf,
+            cgroup: format!("/{}-podman", lab.prefix),
         })
     }
 
@@ -278,7 +294,7 @@ impl Podman {
         script: &str,
     ) -> Result<Output> {
         let rootfs = rootfs.display().to_string();
-        let mut args = vec!["run", "--network", network];
+        let mut args = vec!["run", "--network", network, "--cgroup-parent", &self.cgroup];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--rootfs", rootfs.as_str(), "/bin/sh", "-c", script]);
         self.podman(&args)
@@ -289,6 +305,143 @@ impl Drop for Podman {
     fn drop(&mut self) {
         let _ = self.podman(&["rm", "-f", "-a", "-t", "0"]);
     }
+}
+
+/// A dockerd (Debian's docker.io 20.10) of node `node`: in the node's network namespace
+/// and a private mount namespace whose /run is the node's run directory (where the
+/// node's netd serves the `netd` plugin, /run/docker/plugins/netd.sock, and where
+/// dockerd's own containerd and runc keep their state), with its data, exec root, API
+/// socket and config in the lab. `--dns 127.0.0.12` makes Docker's resolver ask netd.
+pub struct Dockerd {
+    child: Option<Child>,
+    socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Dockerd {
+    pub fn start(lab: &Lab, node: usize) -> Result<Self> {
+        let n = &lab.nodes[node];
+        let dir = n.dir.join("docker");
+        fs::create_dir_all(&dir)?;
+        let config = dir.join("daemon.json");
+        let daemon = serde_json::json!({
+            // No docker0 and no iptables rules of Docker's in the node: every container
+            // here is on a netd network.
+            "bridge": "none",
+            "iptables": false,
+            "ip-masq": false,
+            "dns": ["127.0.0.12"],
+            "storage-driver": "overlay2",
+            "exec-opts": ["native.cgroupdriver=cgroupfs"],
+            "cgroup-parent": format!("/{}-{}", lab.prefix, n.name),
+            "default-address-pools": [{"base": format!("198.18.{}.0/24", 200 + node), "size": 26}],
+        });
+        fs::write(&config, daemon.to_string())?;
+        let socket = dir.join("docker.sock");
+        let log = fs::File::create(dir.join("dockerd.log"))?;
+        let script = format!(
+            "{}exec dockerd --config-file {} --data-root {} --exec-root {} -H unix://{} --pidfile {}",
+            private_mounts(&node_run_dir(lab, node), &["/etc/docker"], &[]),
+            config.display(),
+            dir.join("data").display(),
+            dir.join("exec").display(),
+            socket.display(),
+            dir.join("docker.pid").display(),
+        );
+        let child = unshare_in(&n.netns, &script)
+            .env("DOCKER_SERVICE_PREFER_OFFLINE_IMAGE", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start dockerd (Debian package docker.io)")?;
+        let mut d = Dockerd {
+            child: Some(child),
+            socket,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !d.docker(&["version"])?.status.success() {
+            if let Some(Ok(Some(status))) = d.child.as_mut().map(|c| c.try_wait()) {
+                bail!("dockerd exited with {status}: {}", d.log());
+            }
+            if Instant::now() > deadline {
+                bail!("dockerd did not come up: {}", d.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(d)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// `docker ARGS` against this dockerd, bounded by 120 s.
+    pub fn docker(&self, args: &[&str]) -> Result<Output> {
+        Command::new("timeout")
+            .args(["120", "docker", "-H"])
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("run docker (Debian package docker.io)")
+    }
+
+    /// Imports `rootfs` as image `name` (`tar | docker import`), with PATH=/bin.
+    pub fn import(&self, rootfs: &Path, name: &str) -> Result<()> {
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(rootfs)
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("tar the rootfs")?;
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["import", "-c", "ENV PATH=/bin", "-", name])
+            .stdin(tar.stdout.context("tar stdout")?)
+            .output()
+            .context("docker import")?;
+        check("docker import", out).map(|_| ())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Ok(out) = self.docker(&["ps", "-aq"]) {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(String::from)
+                .collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f"];
+                args.extend(ids.iter().map(String::as_str));
+                let _ = self.docker(&args);
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The directory a node's runtimes see as /run; the node's netd serves its Docker plugin
+/// in it (`docker/plugins/netd.sock`).
+pub fn node_run_dir(lab: &Lab, node: usize) -> PathBuf {
+    lab.nodes[node].dir.join("run")
 }
 
 /// A conflist named `name` with netd first and `more` plugins chained after it.

@@ -4,3 +4,4 @@
 
 pub mod cni;
 pub mod cni_queue;
+pub mod docker;
