@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use netd_lab::runtimes::{busybox_rootfs, check, Dockerd};
-use netd_lab::Lab;
+use std::net::SocketAddr;
+
+use netd_lab::{http_get_from, Lab};
 use serde_json::Value;
 
 const SUBNET: &str = "198.19.50.0/24";
@@ -24,8 +26,9 @@ fn tasks(lab: &Lab, service: &str) -> Result<Vec<Value>> {
         .collect())
 }
 
-/// A busybox container serving its own name over HTTP on port 80.
-fn web_container(d: &Dockerd, name: &str) -> Result<()> {
+/// A busybox container on Docker network `network` serving its own name over HTTP on
+/// port 80.
+fn web_container(d: &Dockerd, network: &str, name: &str) -> Result<()> {
     let script =
         format!("mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p 80 -h /www");
     check(
@@ -34,7 +37,7 @@ fn web_container(d: &Dockerd, name: &str) -> Result<()> {
             "run",
             "-d",
             "--network",
-            "front",
+            network,
             "--name",
             name,
             "local/bb",
@@ -59,7 +62,7 @@ fn probe(peer: &str) -> String {
 
 #[test]
 fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> {
-    let lab = Lab::docker_cluster("dk", 2)?;
+    let mut lab = Lab::docker_cluster("dk", 2)?;
     let rootfs = busybox_rootfs(&lab.dir.join("rootfs"))?;
     let d0 = Dockerd::start(&lab, 0)?;
     let d1 = Dockerd::start(&lab, 1)?;
@@ -108,8 +111,8 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
     let nets = lab.cli_json(0, &["network", "inspect", "front"])?;
     assert_eq!(nets["subnet"], SUBNET, "{nets}");
 
-    web_container(&d0, "wa").with_context(|| lab.daemon_log(0))?;
-    web_container(&d1, "wb").with_context(|| lab.daemon_log(1))?;
+    web_container(&d0, "front", "wa").with_context(|| lab.daemon_log(0))?;
+    web_container(&d1, "front", "wb").with_context(|| lab.daemon_log(1))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let t = tasks(&lab, "web")?;
@@ -178,6 +181,52 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
         0,
         "--rm left the client's task"
     );
+
+    // The routing mesh: a service published by netd, whose container Docker runs on
+    // node 0, answers on node 1's address.
+    lab.cli(
+        0,
+        &[
+            "service",
+            "create",
+            "pub",
+            "--network",
+            "front",
+            "--publish",
+            "8080:80",
+        ],
+    )?;
+    check(
+        "docker network create (published)",
+        d0.docker(&[
+            "network",
+            "create",
+            "-d",
+            "netd",
+            "--ipam-driver",
+            "netd",
+            "--subnet",
+            SUBNET,
+            "-o",
+            "netd.network=front",
+            "-o",
+            "netd.service=pub",
+            "front-pub",
+        ])?,
+    )?;
+    web_container(&d0, "front-pub", "pa")?;
+    let outside = lab.add_host("out", 60)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        match http_get_from(&outside, SocketAddr::from((lab.nodes[1].ip, 8080))) {
+            Ok(b) => break b,
+            Err(e) if Instant::now() > deadline => {
+                bail!("the published port did not answer: {e:#}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert_eq!(body.trim(), "pa", "{body}");
 
     check("docker rm -f", d0.docker(&["rm", "-f", "wa"])?)?;
     let left: Vec<Value> = tasks(&lab, "web")?;
