@@ -4,9 +4,9 @@
 
 APT_PACKAGES := nftables iproute2 ethtool iputils-ping procps util-linux curl etcd-server protobuf-compiler \
   dnsutils unbound clang-19 libbpf-dev python3 \
-  containerd runc podman conmon containernetworking-plugins busybox-static iptables
+  containerd runc podman conmon containernetworking-plugins busybox-static iptables docker.io
 # Only `make bench` needs these.
-BENCH_PACKAGES := iperf3 dnsperf haproxy
+BENCH_PACKAGES := iperf3 dnsperf haproxy netavark
 CARGO ?= cargo
 TEST_THREADS ?= 2
 
@@ -41,6 +41,7 @@ bench:
 	./target/release/netd-bench dns
 	./target/release/netd-bench vip
 	./target/release/netd-bench ingress
+	./target/release/netd-bench attach
 
 lint:
 	$(CARGO) fmt --all --check

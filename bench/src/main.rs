@@ -13,6 +13,7 @@ use netd_bench::report::{header, machine, median, ms, quantile, write_results};
 use netd_lab::Lab;
 use serde_json::Value;
 
+mod attach;
 mod ingress;
 mod vip;
 
@@ -76,6 +77,16 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/ingress.md")]
         out: PathBuf,
     },
+    /// Attach latency through netd's front ends (CNI ADD, `task attach`, `docker run
+    /// --network` on a netd network) against netavark, the CNI bridge plugin and Docker's
+    /// bridge network.
+    Attach {
+        /// Rounds; each times every path once, in a rotating order.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        #[arg(long, default_value = "bench/results/attach.md")]
+        out: PathBuf,
+    },
     /// Service VIPs with 2 and 8 backends: eBPF and userspace datapaths against a direct
     /// connection and nftables numgen DNAT (table + SVG plot).
     Vip {
@@ -121,6 +132,7 @@ fn main() -> Result<()> {
             tasks,
             out,
         } => ingress::run(seconds, rounds, threads, tasks, &out),
+        Cmd::Attach { rounds, out } => attach::run(rounds, &out),
     }
 }
 

@@ -101,13 +101,19 @@ async fn load(d: &Daemon) -> Result<State, ApiError> {
 /// change.
 async fn settle(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, ApiError> {
     let report = converge(d).await?;
+    await_others(d, revision).await;
+    Ok(report)
+}
+
+/// Waits (bounded) until every other live node's DNS and load balancer applied
+/// `revision`.
+async fn await_others(d: &Daemon, revision: u64) {
     if !crate::follow::await_cluster(d.store.as_ref(), &d.node, revision).await {
         tracing::warn!(
             revision,
             "a live node's DNS and load balancer did not confirm the change in time"
         );
     }
-    Ok(report)
 }
 
 /// Runs a reconcile step so the kernel matches what was just committed.
@@ -462,7 +468,8 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
         let _ = converge(&d).await;
         return Err(Error::Kernel(format!("attaching task {}: {e}", task.name)).into());
     }
-    settle(&d, task.revision).await?;
+    // This node reconciled already (above); only the other nodes are waited for.
+    await_others(&d, task.revision).await;
     let st = load(&d).await?;
     let report = d.reconciler.last_report();
     Ok((

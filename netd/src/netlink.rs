@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoKind, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -243,10 +244,43 @@ pub async fn ensure_bridge(handle: &Handle, name: &str, mtu: u32) -> Result<Link
     Ok(link)
 }
 
-pub async fn create_veth(handle: &Handle, name: &str, peer: &str) -> Result<()> {
+/// A veth pair made with each end directly in its namespace (`None`: the handle's own),
+/// as `ip link add A netns X type veth peer B netns Y` does. Moving an existing device
+/// between namespaces waits for the network stack to quiesce (an RCU grace period),
+/// which made the two moves per endpoint most of an attach's cost.
+pub async fn create_veth_in(
+    handle: &Handle,
+    name: &str,
+    name_ns: Option<BorrowedFd<'_>>,
+    peer: &str,
+    peer_ns: Option<BorrowedFd<'_>>,
+) -> Result<()> {
+    let mut peer_msg = LinkMessage::default();
+    peer_msg
+        .attributes
+        .push(LinkAttribute::IfName(peer.to_string()));
+    if let Some(fd) = peer_ns {
+        peer_msg
+            .attributes
+            .push(LinkAttribute::NetNsFd(fd.as_raw_fd()));
+    }
+    let mut builder = LinkVeth::new(name, peer);
+    if let Some(fd) = name_ns {
+        builder = builder.setns_by_fd(fd.as_raw_fd());
+    }
+    let mut msg = builder.build();
+    for attr in msg.attributes.iter_mut() {
+        if let LinkAttribute::LinkInfo(infos) = attr {
+            for info in infos.iter_mut() {
+                if let LinkInfo::Data(InfoData::Veth(v)) = info {
+                    *v = InfoVeth::Peer(peer_msg.clone());
+                }
+            }
+        }
+    }
     handle
         .link()
-        .add(LinkVeth::new(name, peer).build())
+        .add(msg)
         .execute()
         .await
         .with_context(|| format!("create veth {name}/{peer}"))

@@ -756,9 +756,10 @@ impl Reconciler {
         .await
     }
 
-    /// The veth pair of an endpoint, made unless its host side exists: made in the node
-    /// netns, the host side moved where its bridge is and the task side into `task_ns`
-    /// (or left in the node netns, under its temporary name, for a runtime to take).
+    /// The veth pair of an endpoint, made unless its host side exists: the host side
+    /// where its bridge is, the task side in `task_ns` (or in the node netns, under its
+    /// temporary name, for a runtime to take), each made in place (see
+    /// [`netlink::create_veth_in`]).
     async fn ensure_pair(
         &self,
         task_ns: Option<&Netns>,
@@ -788,16 +789,14 @@ impl Reconciler {
                     netlink::delete_link(&h, l.index).await?;
                 }
             }
-            netlink::create_veth(&h, &host_if, &tmp).await?;
-            if let Some(fd) = task_fd {
-                let t = netlink::require_link(&h, &tmp).await?;
-                netlink::move_to_netns(&h, &t, fd.as_fd()).await?;
-            }
-            if let Some(fd) = parent_fd {
-                let l = netlink::require_link(&h, &host_if).await?;
-                netlink::move_to_netns(&h, &l, fd.as_fd()).await?;
-            }
-            Ok(())
+            netlink::create_veth_in(
+                &h,
+                &host_if,
+                parent_fd.as_ref().map(|f| f.as_fd()),
+                &tmp,
+                task_fd.as_ref().map(|f| f.as_fd()),
+            )
+            .await
         })
         .await
     }

@@ -390,47 +390,56 @@ fn add(client: &Client, env: &Env, conf: &NetConf) -> CniResult<Value> {
     }
     let service = conf.service(env)?;
     let publish = conf.publish()?;
-    let node = node_name(client)?;
     let labels = attachment_labels(env);
-    let existing = tasks_labelled(client, &node, &labels)
-        .map_err(|e| api_error(e, "look up the attachment"))?;
-    let task = match existing.into_iter().next() {
-        // A runtime that retries an ADD it lost the answer to gets the same result.
-        Some(t) if t["netns"].as_str() == Some(env.netns.as_str()) => t,
-        Some(t) => {
-            return Err(CniError::new(
-                code::REFUSED,
-                format!(
-                    "container {} interface {} is already attached as task {} with netns {}; \
-                     DEL it first",
-                    env.container_id, env.ifname, t["name"], t["netns"]
-                ),
-            ))
+    let mut all_labels = labels.clone();
+    all_labels.insert(LABEL_NETWORK.into(), conf.name.clone());
+    let args = env.cni_args();
+    let name = args
+        .get("NETD_TASK_NAME")
+        .or_else(|| args.get("K8S_POD_NAME"))
+        .filter(|n| crate::model::validate_dns_label("task", n).is_ok())
+        .cloned();
+    let attached = client.post(
+        "/v1/tasks",
+        &json!({
+            "service": service,
+            "netns": env.netns,
+            "name": name,
+            "network": conf.network(),
+            "ifname": env.ifname,
+            "labels": all_labels,
+            "publish": publish,
+        }),
+    );
+    let task = match attached {
+        Ok(t) => t,
+        // A runtime that retries an ADD it lost the answer to gets the same result; the
+        // lookup happens only then, so a first ADD costs one request less.
+        Err(e)
+            if e.downcast_ref::<ApiError>()
+                .is_some_and(|a| a.code == "conflict") =>
+        {
+            let node = node_name(client)?;
+            let same = tasks_labelled(client, &node, &labels)
+                .map_err(|e| api_error(e, "look up the attachment"))?
+                .into_iter()
+                .next();
+            match same {
+                Some(t) if t["netns"].as_str() == Some(env.netns.as_str()) => t,
+                Some(t) => {
+                    return Err(CniError::new(
+                        code::REFUSED,
+                        format!(
+                            "container {} interface {} is already attached as task {} with \
+                             netns {}; DEL it first",
+                            env.container_id, env.ifname, t["name"], t["netns"]
+                        ),
+                    ))
+                }
+                None => return Err(api_error(e, &format!("attach to netd service {service:?}"))),
+            }
         }
-        None => {
-            let mut labels = labels;
-            labels.insert(LABEL_NETWORK.into(), conf.name.clone());
-            let args = env.cni_args();
-            let name = args
-                .get("NETD_TASK_NAME")
-                .or_else(|| args.get("K8S_POD_NAME"))
-                .filter(|n| crate::model::validate_dns_label("task", n).is_ok())
-                .cloned();
-            client
-                .post(
-                    "/v1/tasks",
-                    &json!({
-                        "service": service,
-                        "netns": env.netns,
-                        "name": name,
-                        "network": conf.network(),
-                        "ifname": env.ifname,
-                        "labels": labels,
-                        "publish": publish,
-                    }),
-                )
-                .map_err(|e| api_error(e, &format!("attach to netd service {service:?}")))?
-        }
+        Err(e) => return Err(api_error(e, &format!("attach to netd service {service:?}"))),
     };
     let gateways = network_gateways(client, &task)?;
     let search = client
