@@ -12,6 +12,8 @@
 //! - Docker sends no network name and no container identity to plugins, so the netd
 //!   network and service come from driver options (`-o netd.network=NAME -o
 //!   netd.service=NAME`); a netd network with the same subnet is adopted without them.
+//!   One container can pick another service with `docker network connect --driver-opt
+//!   netd.service=NAME`.
 //! - Docker's IPAM asks for a container's address before the container exists: netd
 //!   reserves it (owner `docker`), the endpoint claims it (owner `docker:ENDPOINT`), and the
 //!   task attach at Join takes it over.
@@ -355,6 +357,11 @@ async fn delete_network(AxState(p): AxState<Plugin>, bytes: Bytes) -> Reply {
     Ok(Json(json!({})))
 }
 
+/// Where an endpoint's own service choice is kept, from CreateEndpoint to Join.
+fn endpoint_binding(endpoint: &str) -> String {
+    format!("/v1/bindings/{FRONTEND}/ep-{}", encode_component(endpoint))
+}
+
 fn owner(endpoint: &str) -> String {
     format!("{FRONTEND}:{endpoint}")
 }
@@ -380,6 +387,13 @@ async fn create_endpoint(AxState(p): AxState<Plugin>, bytes: Bytes) -> Reply {
             "netd derives a container's MAC from its address: drop --mac-address".into(),
         ));
     }
+    // `docker network connect --driver-opt netd.service=NAME` picks the service of this
+    // one container (Docker 20.10's `run --network` has no per-container options).
+    if let Some(service) = req["Options"][OPT_SERVICE].as_str() {
+        let b = json!({"service": service});
+        p.call(Method::PUT, &endpoint_binding(endpoint), Some(b))
+            .await?;
+    }
     let body = json!({"address": ip, "owner": owner(endpoint)});
     p.call(
         Method::POST,
@@ -403,7 +417,10 @@ async fn join(
     let req = parse(&bytes)?;
     let network_id = text(&req, "NetworkID");
     let endpoint = text(&req, "EndpointID");
-    let (network, service) = p.binding(network_id).await?;
+    let (network, mut service) = p.binding(network_id).await?;
+    if let Ok(b) = p.call(Method::GET, &endpoint_binding(endpoint), None).await {
+        service = text(&b, "service").to_string();
+    }
     let reserved = p
         .call(
             Method::GET,
@@ -484,6 +501,14 @@ async fn delete_endpoint(AxState(p): AxState<Plugin>, bytes: Bytes) -> Reply {
             Err(f) if f.status == 404 => {}
             Err(f) => return Err(f.into()),
         }
+    }
+    match p
+        .call(Method::DELETE, &endpoint_binding(endpoint), None)
+        .await
+    {
+        Ok(_) => {}
+        Err(f) if f.status == 404 => {}
+        Err(f) => return Err(f.into()),
     }
     let who = owner(endpoint);
     if let Ok(r) = p
