@@ -364,6 +364,25 @@ fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
         Some(None) => "running".to_string(),
         Some(Some(e)) => format!("error: {e}"),
     });
+    // Each endpoint's gateway (none on the ingress network, which routes nothing), and
+    // what the task's resolv.conf should say: what a runtime needs to describe the
+    // attachment (a CNI result) without asking again.
+    if let Some(eps) = v["endpoints"].as_array_mut() {
+        for (ep, e) in eps.iter_mut().zip(&t.endpoints) {
+            let gw = match e.network.as_str() {
+                crate::model::GWBRIDGE => t.default_gateway,
+                state::INGRESS => None,
+                n => st.networks.get(n).map(|net| net.gateway),
+            };
+            if let Some(gw) = gw {
+                ep["gateway"] = json!(gw);
+            }
+        }
+    }
+    v["dns"] = json!({
+        "nameservers": [netd_dns::server::DNS_ADDR.ip()],
+        "search": d.dns.config().search,
+    });
     v
 }
 

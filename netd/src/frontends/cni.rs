@@ -10,7 +10,6 @@
 //! 1.0.0 and 1.1.0 (STATUS, GC) are spoken; the result is in the config's version.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -441,57 +440,15 @@ fn add(client: &Client, env: &Env, conf: &NetConf) -> CniResult<Value> {
         }
         Err(e) => return Err(api_error(e, &format!("attach to netd service {service:?}"))),
     };
-    let gateways = network_gateways(client, &task)?;
-    let search = client
-        .get("/v1/status")
-        .map(|s| s["dns"]["config"]["search"].clone())
-        .unwrap_or(Value::Null);
-    let search: Vec<String> = serde_json::from_value(search).unwrap_or_default();
-    Ok(build_result(
-        &conf.cni_version,
-        env,
-        &task,
-        &gateways,
-        &search,
-    ))
+    let search: Vec<String> =
+        serde_json::from_value(task["dns"]["search"].clone()).unwrap_or_default();
+    Ok(build_result(&conf.cni_version, env, &task, &search))
 }
 
-/// The gateway of each of the task's networks (the gwbridge's is the task's default
-/// gateway); the ingress network's is left out, as nothing routes through it.
-fn network_gateways(client: &Client, task: &Value) -> CniResult<BTreeMap<String, Ipv4Addr>> {
-    let mut out = BTreeMap::new();
-    for ep in task["endpoints"].as_array().into_iter().flatten() {
-        let Some(net) = ep["network"].as_str() else {
-            continue;
-        };
-        if net == crate::model::GWBRIDGE || net == crate::state::INGRESS {
-            continue;
-        }
-        let v = client
-            .get(&format!("/v1/networks/{}", encode_component(net)))
-            .map_err(|e| api_error(e, &format!("read network {net}")))?;
-        if let Some(gw) = v["gateway"].as_str().and_then(|g| g.parse().ok()) {
-            out.insert(net.to_string(), gw);
-        }
-    }
-    if let Some(gw) = task["default_gateway"]
-        .as_str()
-        .and_then(|g| g.parse().ok())
-    {
-        out.entry(crate::model::GWBRIDGE.to_string()).or_insert(gw);
-    }
-    Ok(out)
-}
-
-/// The ADD result the spec asks for, in `version`: the task's interfaces (all inside the
-/// container), their addresses with gateways, the default route, and netd's DNS.
-pub fn build_result(
-    version: &str,
-    env: &Env,
-    task: &Value,
-    gateways: &BTreeMap<String, Ipv4Addr>,
-    search: &[String],
-) -> Value {
+/// The ADD result the spec asks for, in `version`, from the task as the API shows it:
+/// the task's interfaces (all inside the container), their addresses with gateways, the
+/// default route, and netd's DNS.
+pub fn build_result(version: &str, env: &Env, task: &Value, search: &[String]) -> Value {
     let legacy = version.starts_with("0.");
     let mut interfaces = vec![];
     let mut ips = vec![];
@@ -510,8 +467,8 @@ pub fn build_result(
             "address": format!("{}/{}", ep["ip"].as_str().unwrap_or_default(), ep["prefix"]),
             "interface": i,
         });
-        if let Some(gw) = ep["network"].as_str().and_then(|n| gateways.get(n)) {
-            ip["gateway"] = json!(gw.to_string());
+        if let Some(gw) = ep["gateway"].as_str() {
+            ip["gateway"] = json!(gw);
         }
         if legacy {
             ip["version"] = json!("4");
@@ -815,15 +772,11 @@ mod tests {
         let task = json!({
             "default_gateway": "198.18.1.1",
             "endpoints": [
-                {"network": "front", "ip": "198.19.0.3", "prefix": 24, "mac": "02:42:c6:13:00:03", "ifname": "eth0"},
-                {"network": "gwbridge", "ip": "198.18.1.2", "prefix": 24, "mac": "02:42:c6:12:01:02", "ifname": "eth1"}
+                {"network": "front", "ip": "198.19.0.3", "prefix": 24, "mac": "02:42:c6:13:00:03", "ifname": "eth0", "gateway": "198.19.0.1"},
+                {"network": "gwbridge", "ip": "198.18.1.2", "prefix": 24, "mac": "02:42:c6:12:01:02", "ifname": "eth1", "gateway": "198.18.1.1"}
             ]
         });
-        let gws = BTreeMap::from([
-            ("front".to_string(), "198.19.0.1".parse().unwrap()),
-            ("gwbridge".to_string(), "198.18.1.1".parse().unwrap()),
-        ]);
-        let r = build_result("1.0.0", &env("ADD"), &task, &gws, &["lab.example".into()]);
+        let r = build_result("1.0.0", &env("ADD"), &task, &["lab.example".into()]);
         assert_eq!(r["interfaces"][0]["name"], "eth0");
         assert_eq!(r["interfaces"][0]["sandbox"], "/run/netns/x");
         assert_eq!(r["ips"][0]["address"], "198.19.0.3/24");
@@ -836,7 +789,7 @@ mod tests {
         );
         assert_eq!(r["dns"]["nameservers"][0], "127.0.0.11");
         assert_eq!(r["dns"]["search"][0], "lab.example");
-        let old = build_result("0.4.0", &env("ADD"), &task, &gws, &[]);
+        let old = build_result("0.4.0", &env("ADD"), &task, &[]);
         assert_eq!(old["ips"][0]["version"], "4");
         assert_eq!(old["cniVersion"], "0.4.0");
     }
