@@ -191,6 +191,10 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         },
         "kernel": kernel_facts(),
         "reconcile": { "errors": report.errors, "task_errors": report.task_errors },
+        "overlay": {
+            // Accepted only from the other live nodes' underlay addresses.
+            "vxlan_from_non_members_dropped": d.reconciler.vxlan_foreign_dropped().await,
+        },
     })))
 }
 

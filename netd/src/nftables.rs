@@ -109,7 +109,15 @@ pub struct Ruleset {
     /// The VXLAN port, where this namespace carries overlays: their datagrams are never
     /// translated, so conntrack only costs them time (they are untracked).
     pub untracked_udp: Option<u16>,
+    /// With `untracked_udp`: the underlay addresses VXLAN is accepted from (the other
+    /// live nodes); datagrams from anywhere else are counted ([`VXLAN_FOREIGN`]) and
+    /// dropped before the VXLAN device sees them (CVE-2023-28840's class: whoever can
+    /// send UDP 4789 must not inject frames into a network).
+    pub vxlan_members: Vec<std::net::Ipv4Addr>,
 }
+
+/// The named counter of VXLAN datagrams dropped because a non-member sent them.
+pub const VXLAN_FOREIGN: &str = "vxlan_foreign";
 
 impl Ruleset {
     pub fn is_empty(&self) -> bool {
@@ -183,6 +191,21 @@ impl Ruleset {
             .iter()
             .map(|p| format!("udp dport {p} notrack"))
             .collect();
+        let input: Vec<String> = self
+            .untracked_udp
+            .iter()
+            .map(|p| match self.vxlan_members.as_slice() {
+                [] => format!("udp dport {p} counter name \"{VXLAN_FOREIGN}\" drop"),
+                members => format!(
+                    "udp dport {p} ip saddr != {{ {} }} counter name \"{VXLAN_FOREIGN}\" drop",
+                    members
+                        .iter()
+                        .map(|m| m.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+            .collect();
         let indent = |rules: &[String]| {
             rules
                 .iter()
@@ -197,13 +220,16 @@ impl Ruleset {
              \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{}\t}}\n\
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n\
              \tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{}\t}}\n\
-             \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n}}\n",
+             \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n\
+             \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
+             \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n{}\t}}\n}}\n",
             indent(&dnat),
             indent(&dnat_output),
             indent(&nat),
             indent(&forward),
             indent(&raw),
             indent(&raw),
+            indent(&input),
         )
     }
 }
@@ -232,10 +258,12 @@ fn nft(script: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The hash tag of the ruleset currently in the kernel, if netd's table exists.
-fn current_tag() -> Result<Option<String>> {
+/// The hash tag of the ruleset currently in the kernel, if netd's table (`[FAMILY,
+/// NAME]`) exists.
+fn current_tag(table: &[&str]) -> Result<Option<String>> {
     let out = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
+        .args(["list", "table"])
+        .args(table)
         .output()
         .context("run nft list")?;
     if !out.status.success() {
@@ -250,21 +278,128 @@ fn current_tag() -> Result<Option<String>> {
     }))
 }
 
+/// What [`apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub changed: bool,
+    /// The [`VXLAN_FOREIGN`] count of the table it replaced (a replaced table starts
+    /// counting from zero, so the caller keeps the sum).
+    pub vxlan_foreign_before: u64,
+}
+
 /// Makes the kernel's netd tables match `rules` (removing them when there are none).
-/// Returns whether anything changed. Runs in the caller's netns (nft inherits it).
-pub fn apply(rules: &Ruleset) -> Result<bool> {
-    let current = current_tag()?;
+/// Runs in the caller's netns (nft inherits it).
+pub fn apply(rules: &Ruleset) -> Result<Applied> {
+    let current = current_tag(&["ip", TABLE])?;
+    let unchanged = if rules.is_empty() {
+        current.is_none()
+    } else {
+        current.as_deref() == Some(rules.hash_hex().as_str())
+    };
+    if unchanged {
+        return Ok(Applied::default());
+    }
+    let before = match current {
+        Some(_) => counter(VXLAN_FOREIGN).unwrap_or(0),
+        None => 0,
+    };
     if rules.is_empty() {
+        nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
+    } else {
+        nft(&rules.render())?;
+    }
+    Ok(Applied {
+        changed: true,
+        vxlan_foreign_before: before,
+    })
+}
+
+/// Packets counted so far by netd's named counter `name` in this netns (None: no such
+/// counter).
+pub fn counter(name: &str) -> Option<u64> {
+    let out = Command::new("nft")
+        .args(["list", "counter", "ip", TABLE, name])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_packets(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The `packets N` of an `nft list counter` answer.
+fn parse_packets(text: &str) -> Option<u64> {
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "packets" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// One task port of a bridge (the host side of an endpoint) and the only addresses that
+/// may come in through it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortGuard {
+    pub ifname: String,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+}
+
+/// The bridge-family table of a sandbox: a frame from a task port whose source MAC or
+/// IP is not the task's, an ARP message claiming another address, or anything but IPv4
+/// and ARP, is dropped at the port (as a switch's port security does). Both the forward
+/// hook (to other ports and the VXLAN device) and the input hook (to the sandbox itself)
+/// jump to the same rules.
+fn render_guards(guards: &[PortGuard], tag: &str) -> String {
+    let mut rules = String::new();
+    for g in guards {
+        let i = format!("iifname \"{}\"", g.ifname);
+        for r in [
+            format!("{i} ether saddr != {} counter drop", g.mac),
+            format!("{i} ether type != {{ ip, arp }} counter drop"),
+            format!("{i} ether type ip ip saddr != {} counter drop", g.ip),
+            format!("{i} ether type arp arp saddr ip != {} counter drop", g.ip),
+            format!(
+                "{i} ether type arp arp saddr ether != {} counter drop",
+                g.mac
+            ),
+        ] {
+            rules.push_str(&format!("\t\t{r}\n"));
+        }
+    }
+    format!(
+        "add table bridge {TABLE}\ndelete table bridge {TABLE}\n\
+         table bridge {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
+         \tchain ports {{\n{rules}\t}}\n\
+         \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tjump ports\n\t}}\n\
+         \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tjump ports\n\t}}\n}}\n"
+    )
+}
+
+/// Makes the caller's netns hold exactly `guards` (no table without any). Returns
+/// whether anything changed.
+pub fn apply_guards(guards: &[PortGuard]) -> Result<bool> {
+    let mut sorted = guards.to_vec();
+    sorted.sort();
+    let mut h = DefaultHasher::new();
+    sorted.hash(&mut h);
+    let tag = format!("{:016x}", h.finish());
+    let current = current_tag(&["bridge", TABLE])?;
+    if sorted.is_empty() {
         if current.is_none() {
             return Ok(false);
         }
-        nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
+        nft(&format!(
+            "add table bridge {TABLE}\ndelete table bridge {TABLE}\n"
+        ))?;
         return Ok(true);
     }
-    if current.as_deref() == Some(rules.hash_hex().as_str()) {
+    if current.as_deref() == Some(tag.as_str()) {
         return Ok(false);
     }
-    nft(&rules.render())?;
+    nft(&render_guards(&sorted, &tag))?;
     Ok(true)
 }
 
@@ -356,6 +491,50 @@ mod tests {
         assert!(pre.find(by_iif).unwrap() < pre.find(rr).unwrap());
         assert!(!s.contains("4569"));
         assert!(s.contains("oifname \"eth0\" meta l4proto { tcp, udp } masquerade to :1024-32767"));
+    }
+
+    #[test]
+    fn vxlan_is_taken_from_members_only_and_counted() {
+        let mut r = Ruleset {
+            untracked_udp: Some(4789),
+            vxlan_members: vec![
+                "198.18.0.11".parse().unwrap(),
+                "198.18.0.12".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        let s = r.render();
+        let rule = "udp dport 4789 ip saddr != { 198.18.0.11, 198.18.0.12 } \
+                    counter name \"vxlan_foreign\" drop";
+        assert!(s.contains(rule), "{s}");
+        assert!(s.contains("counter vxlan_foreign"));
+        // No other live node: no VXLAN is anyone's.
+        r.vxlan_members.clear();
+        assert!(r
+            .render()
+            .contains("udp dport 4789 counter name \"vxlan_foreign\" drop"));
+        let listed = "table ip netd {\n counter vxlan_foreign {\n packets 7 bytes 700\n }\n}";
+        assert_eq!(parse_packets(listed), Some(7));
+        assert_eq!(parse_packets("nothing"), None);
+    }
+
+    #[test]
+    fn task_ports_let_only_the_tasks_own_addresses_in() {
+        let g = PortGuard {
+            ifname: "ndeabc".into(),
+            mac: "02:42:c6:13:00:05".into(),
+            ip: "198.19.0.5".parse().unwrap(),
+        };
+        let s = render_guards(&[g], "t");
+        for want in [
+            "iifname \"ndeabc\" ether saddr != 02:42:c6:13:00:05 counter drop",
+            "iifname \"ndeabc\" ether type != { ip, arp } counter drop",
+            "iifname \"ndeabc\" ether type ip ip saddr != 198.19.0.5 counter drop",
+            "iifname \"ndeabc\" ether type arp arp saddr ip != 198.19.0.5 counter drop",
+        ] {
+            assert!(s.contains(want), "{want} missing in {s}");
+        }
+        assert_eq!(s.matches("jump ports").count(), 2);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::model::{Driver, Endpoint, Network, PortSpec, PublishMode, Task, GWBRI
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
 use crate::netlink::{self, Link, Peer};
 use crate::netns::{self, Netns};
-use crate::nftables::{self, BridgeRules, PortRule, Ruleset};
+use crate::nftables::{self, BridgeRules, PortGuard, PortRule, Ruleset};
 use crate::state::{self, State, TaskStatus, INGRESS};
 use crate::store::Store;
 
@@ -63,6 +63,9 @@ pub struct Reconciler {
     /// One step at a time: two concurrent steps would race to create the same objects.
     step: Mutex<()>,
     last: std::sync::Mutex<Report>,
+    /// VXLAN datagrams from non-members dropped by node rulesets that were replaced since
+    /// start (each new ruleset counts from zero).
+    vxlan_foreign: std::sync::atomic::AtomicU64,
 }
 
 /// Where a task endpoint's host-side veth lives and what it plugs into.
@@ -91,7 +94,21 @@ impl Reconciler {
             xdp,
             step: Mutex::new(()),
             last: std::sync::Mutex::new(Report::default()),
+            vxlan_foreign: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// VXLAN datagrams dropped on this node because a host that is not a live member of
+    /// the cluster sent them (since netd started), for `netd status`.
+    pub async fn vxlan_foreign_dropped(&self) -> u64 {
+        let now = tokio::task::spawn_blocking(|| nftables::counter(nftables::VXLAN_FOREIGN))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        now + self
+            .vxlan_foreign
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The XDP fast path, for `netd status`.
@@ -321,6 +338,7 @@ impl Reconciler {
             ports: self.node_ports(st, &tasks, &report, isbox.is_some(), xdp_iface.as_deref()),
             masquerade_out: vec![],
             untracked_udp: (!overlays.is_empty()).then_some(self.cfg.vxlan_port),
+            vxlan_members: vxlan_members(st, node),
             gwbridge: needs_gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
                 subnet: self.cfg.gwbridge_subnet,
@@ -336,7 +354,12 @@ impl Reconciler {
                 .collect(),
         };
         match tokio::task::spawn_blocking(move || nftables::apply(&rules)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(applied)) => {
+                self.vxlan_foreign.fetch_add(
+                    applied.vxlan_foreign_before,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             Ok(Err(e)) => report.errors.push(format!("nftables: {e:#}")),
             Err(e) => report.errors.push(format!("nftables: {e}")),
         }
@@ -352,6 +375,21 @@ impl Reconciler {
                 report
                     .errors
                     .push(format!("ingress sandbox nftables: {e:#}"));
+            }
+        }
+
+        // 6b. Port security in every overlay sandbox: a task's port lets in only its own
+        // MAC and address.
+        for net in overlays.values() {
+            if broken_sandboxes.contains(&net.name) {
+                continue;
+            }
+            let guards = port_guards(&net.name, tasks.iter().copied().chain(isbox.as_ref()));
+            let ns = Netns::named(&naming::sandbox_netns(node, &net.id));
+            if let Err(e) = netns::run_in(&ns, move || nftables::apply_guards(&guards)).await {
+                report
+                    .errors
+                    .push(format!("port security of network {}: {e:#}", net.name));
             }
         }
 
@@ -986,6 +1024,33 @@ pub fn mesh_ports(st: &State) -> Vec<MeshPort> {
                 .into_iter()
                 .filter_map(|(node, ip)| Some((ip, st.nodes.get(node)?.address?)))
                 .collect(),
+        })
+        .collect()
+}
+
+/// The underlay addresses VXLAN may come from: the other live nodes'.
+fn vxlan_members(st: &State, local: &str) -> Vec<Ipv4Addr> {
+    let mut members: Vec<Ipv4Addr> = st
+        .nodes
+        .values()
+        .filter(|n| n.name != local && st.node_alive(&n.name))
+        .filter_map(|n| n.address)
+        .collect();
+    members.sort();
+    members.dedup();
+    members
+}
+
+/// The task ports of overlay `network` and what may come in through each: the host side
+/// of every endpoint there, with its task's MAC and address.
+fn port_guards<'a>(network: &str, tasks: impl Iterator<Item = &'a Task>) -> Vec<PortGuard> {
+    tasks
+        .flat_map(|t| t.endpoints.iter())
+        .filter(|e| e.network == network)
+        .map(|e| PortGuard {
+            ifname: naming::endpoint_if(&e.id),
+            mac: crate::model::format_mac(&crate::model::mac_for_ip(e.ip)),
+            ip: e.ip,
         })
         .collect()
 }
