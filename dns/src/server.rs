@@ -48,11 +48,20 @@ impl Drop for Listener {
     }
 }
 
-/// Serves `udp` and `tcp` for a querier attached to `networks`. Must run inside a tokio
-/// runtime; the std sockets are switched to non-blocking here.
+/// Who asks on a listener: the networks it is attached to (what it may resolve), and
+/// whether names that are not the cluster's are forwarded upstream for it (not for a
+/// task whose networks are all internal: its DNS must not be a way out, CVE-2024-29018).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Querier {
+    pub networks: Vec<String>,
+    pub forward: bool,
+}
+
+/// Serves `udp` and `tcp` for `querier`. Must run inside a tokio runtime; the std
+/// sockets are switched to non-blocking here.
 pub fn listen(
     shared: Arc<Shared>,
-    networks: Vec<String>,
+    querier: Querier,
     udp: std::net::UdpSocket,
     tcp: std::net::TcpListener,
 ) -> std::io::Result<Listener> {
@@ -60,19 +69,25 @@ pub fn listen(
     tcp.set_nonblocking(true)?;
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     let tcp = TcpListener::from_std(tcp)?;
-    let networks: Arc<[String]> = networks.into();
+    let querier = Arc::new(querier);
     Ok(Listener {
         tasks: vec![
-            tokio::spawn(serve_udp(shared.clone(), networks.clone(), udp)),
-            tokio::spawn(serve_tcp(shared, networks, tcp)),
+            tokio::spawn(serve_udp(shared.clone(), querier.clone(), udp)),
+            tokio::spawn(serve_tcp(shared, querier, tcp)),
         ],
     })
 }
 
-fn decide(shared: &Shared, networks: &[String], packet: &[u8], tcp: bool) -> Action {
-    match shared.table.read() {
-        Ok(table) => message::handle(packet, tcp, &table, networks),
+fn decide(shared: &Shared, querier: &Querier, packet: &[u8], tcp: bool) -> Action {
+    let action = match shared.table.read() {
+        Ok(table) => message::handle(packet, tcp, &table, &querier.networks),
         Err(_) => Action::Drop,
+    };
+    match action {
+        Action::Forward(request) if !querier.forward => {
+            Action::Reply(message::refused(&request, tcp))
+        }
+        other => other,
     }
 }
 
@@ -159,7 +174,7 @@ fn generation(shared: &Shared) -> u64 {
     shared.table.read().map(|t| t.generation()).unwrap_or(0)
 }
 
-async fn serve_udp(shared: Arc<Shared>, networks: Arc<[String]>, sock: Arc<UdpSocket>) {
+async fn serve_udp(shared: Arc<Shared>, querier: Arc<Querier>, sock: Arc<UdpSocket>) {
     let fd = sock.as_raw_fd();
     let mut inbox = Inbox::default();
     let mut outbox = Outbox::default();
@@ -187,7 +202,7 @@ async fn serve_udp(shared: Arc<Shared>, networks: Arc<[String]>, sock: Arc<UdpSo
                 if cache.answer(generation, packet, &mut outbox, from) {
                     continue;
                 }
-                match decide(&shared, &networks, packet, false) {
+                match decide(&shared, &querier, packet, false) {
                     Action::Answer(bytes) => {
                         cache.put(packet, &bytes);
                         outbox.push(&bytes, from);
@@ -208,7 +223,7 @@ async fn serve_udp(shared: Arc<Shared>, networks: Arc<[String]>, sock: Arc<UdpSo
     }
 }
 
-async fn serve_tcp(shared: Arc<Shared>, networks: Arc<[String]>, listener: TcpListener) {
+async fn serve_tcp(shared: Arc<Shared>, querier: Arc<Querier>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNS));
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -224,10 +239,10 @@ async fn serve_tcp(shared: Arc<Shared>, networks: Arc<[String]>, listener: TcpLi
             drop(conn);
             continue;
         };
-        let (shared, networks) = (shared.clone(), networks.clone());
+        let (shared, querier) = (shared.clone(), querier.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_conn(&shared, &networks, conn).await {
+            if let Err(e) = serve_conn(&shared, &querier, conn).await {
                 tracing::debug!(%peer, "dns tcp: {e}");
             }
         });
@@ -237,7 +252,7 @@ async fn serve_tcp(shared: Arc<Shared>, networks: Arc<[String]>, listener: TcpLi
 /// Queries on one TCP connection (RFC 7766: 2-byte length, then the message).
 async fn serve_conn(
     shared: &Shared,
-    networks: &[String],
+    querier: &Querier,
     mut conn: TcpStream,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 65535];
@@ -252,7 +267,7 @@ async fn serve_conn(
             Ok(Ok(_)) => {}
             _ => return Ok(()),
         }
-        let reply = match decide(shared, networks, &buf[..len], true) {
+        let reply = match decide(shared, querier, &buf[..len], true) {
             Action::Reply(bytes) | Action::Answer(bytes) => bytes,
             Action::Forward(request) => forwarded(shared, &request, true).await,
             Action::Drop => return Ok(()),

@@ -258,9 +258,45 @@ async fn network_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult
 
 async fn network_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
     let req: NetworkCreate = body(&bytes)?;
+    if let Some(subnet) = req
+        .subnet
+        .as_deref()
+        .and_then(|s| s.parse::<ipnetwork::Ipv4Network>().ok())
+    {
+        check_not_routed(subnet).await?;
+    }
     let net = state::create_network(d.store.as_ref(), &d.pools, req).await?;
     settle(&d, net.revision).await?;
     Ok((StatusCode::CREATED, Json(net.value)).into_response())
+}
+
+/// A network's subnet must not overlap what this node already routes (its underlay, other
+/// hosts' networks): its tasks would shadow them. netd's own links (bridges, gwbridge)
+/// are left to the store's own overlap check, which names the network.
+async fn check_not_routed(subnet: ipnetwork::Ipv4Network) -> Result<(), ApiError> {
+    let routed = netns::with_netlink(&netns::Netns::Home, |h| async move {
+        crate::netlink::routed_prefixes(&h).await
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "kernel",
+            format!("{e:#}"),
+        )
+    })?;
+    let ours = |dev: &str| dev.starts_with("nd") || dev == crate::naming::GWBRIDGE_IF;
+    if let Some((net, dev)) = routed
+        .iter()
+        .find(|(net, dev)| !ours(dev) && crate::ipam::overlaps(*net, subnet))
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("subnet {subnet} overlaps {net}, which this node routes via {dev}"),
+        ));
+    }
+    Ok(())
 }
 
 async fn network_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
@@ -476,7 +512,7 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
     let local = req.node.as_deref().is_none_or(|n| n == d.node);
     // A handed-over task's namespace is made later by its runtime.
     if local && !req.handoff {
-        netns::check_netns_path(std::path::Path::new(&req.netns))
+        netns::check_task_netns(std::path::Path::new(&req.netns))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e))?;
     }
     let task = state::attach_task(d.store.as_ref(), &d.node, req).await?;
@@ -489,6 +525,10 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
         // Undo: the caller is told it failed, so nothing may remain of it.
         let _ = state::detach_task(d.store.as_ref(), &task.id).await;
         let _ = converge(&d).await;
+        // The task's node refused its namespace: a bad request, whichever node judged.
+        if let Some(why) = e.strip_prefix(netns::REFUSED) {
+            return Err(Error::Invalid(format!("attaching task {}: {why}", task.name)).into());
+        }
         return Err(Error::Kernel(format!("attaching task {}: {e}", task.name)).into());
     }
     // This node reconciled already (above); only the other nodes are waited for.

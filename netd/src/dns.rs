@@ -204,11 +204,16 @@ impl Dns {
                 .collect::<Result<Vec<_>>>()
         })
         .await?;
-        let networks: Vec<String> = task_record(t).addrs.into_iter().map(|(n, _)| n).collect();
+        let querier = server::Querier {
+            networks: task_record(t).addrs.into_iter().map(|(n, _)| n).collect(),
+            // A task without a default route (only internal networks) has no way out, and
+            // its DNS must not be one either.
+            forward: t.default_gateway.is_some(),
+        };
         sockets
             .into_iter()
             .map(|(udp, tcp)| {
-                server::listen(self.shared.clone(), networks.clone(), udp, tcp)
+                server::listen(self.shared.clone(), querier.clone(), udp, tcp)
                     .map_err(|e| anyhow!("{e}"))
             })
             .collect()

@@ -43,8 +43,26 @@ pub fn parse_subnet(text: &str) -> Result<Ipv4Network, String> {
         return Err(IpamError::HostBits(text.to_string(), canonical).to_string());
     }
     check_size(net).map_err(|e| e.to_string())?;
+    if let Some((range, what)) = RESERVED_RANGES
+        .iter()
+        .find(|(r, _)| r.parse::<Ipv4Network>().is_ok_and(|r| overlaps(r, net)))
+    {
+        return Err(format!(
+            "subnet {net} overlaps {range} ({what}), which no network may use"
+        ));
+    }
     Ok(net)
 }
+
+/// Ranges a network's tasks must never hold: packets to them never reach a task, or
+/// mean something else to every host.
+const RESERVED_RANGES: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved, with the broadcast address"),
+];
 
 fn check_size(net: Ipv4Network) -> Result<(), IpamError> {
     if net.prefix() > 30 {
@@ -148,6 +166,22 @@ pub fn allocate_vni(used: &BTreeSet<u32>) -> Result<u32, IpamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subnets_in_special_ranges_are_refused() {
+        for bad in [
+            "127.0.0.0/24",
+            "224.1.0.0/16",
+            "0.0.0.0/24",
+            "169.254.1.0/24",
+            "240.0.0.0/24",
+            "0.0.0.0/0",
+        ] {
+            let e = parse_subnet(bad).unwrap_err();
+            assert!(e.contains("which no network may use"), "{bad}: {e}");
+        }
+        assert!(parse_subnet("198.19.0.0/24").is_ok());
+    }
 
     fn net(s: &str) -> Ipv4Network {
         s.parse().unwrap()

@@ -48,8 +48,11 @@ pub fn bridge_if(network_id: &str) -> String {
 }
 
 /// Prefix of every sandbox namespace of `node`.
+/// Every namespace netd makes (overlay and ingress sandboxes of any node) is named so.
+pub const NETNS_PREFIX: &str = "netd-";
+
 pub fn sandbox_prefix(node: &str) -> String {
-    format!("netd-{node}-")
+    format!("{NETNS_PREFIX}{node}-")
 }
 
 pub fn sandbox_netns(node: &str, network_id: &str) -> String {

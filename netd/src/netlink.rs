@@ -360,6 +360,29 @@ struct MainRoute {
     oif: Option<u32>,
 }
 
+/// The destinations of the main table's routes that are not the default route, each
+/// with the name of its output link (what a new network's subnet must not overlap).
+pub async fn routed_prefixes(handle: &Handle) -> Result<Vec<(ipnetwork::Ipv4Network, String)>> {
+    let names: std::collections::HashMap<u32, String> = links(handle)
+        .await?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect();
+    Ok(main_routes(handle)
+        .await?
+        .into_iter()
+        .filter(|r| r.prefix > 0)
+        .filter_map(|r| {
+            let net = ipnetwork::Ipv4Network::new(r.dst?, r.prefix).ok()?;
+            let dev = r
+                .oif
+                .and_then(|i| names.get(&i).cloned())
+                .unwrap_or_default();
+            Some((net, dev))
+        })
+        .collect())
+}
+
 async fn main_routes(handle: &Handle) -> Result<Vec<MainRoute>> {
     let routes: Vec<_> = handle
         .route()

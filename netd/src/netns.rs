@@ -70,6 +70,50 @@ pub fn check_netns_path(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The prefix of a task error that is the task's node refusing its namespace: the API
+/// answers it as a bad request, also when another node gave the verdict.
+pub const REFUSED: &str = "netns refused: ";
+
+/// Checks that `path` is a network namespace a task may have: not the node's own (netd's),
+/// not the machine's (pid 1's), not one netd made (sandboxes), since netd would plumb
+/// and rule it as a task's. With a message a user can act on.
+pub fn check_task_netns(path: &Path) -> Result<(), String> {
+    check_netns_path(path)?;
+    let id = |p: &Path| -> Option<(u64, u64)> {
+        let m = fs::metadata(p).ok()?;
+        Some((
+            std::os::unix::fs::MetadataExt::dev(&m),
+            std::os::unix::fs::MetadataExt::ino(&m),
+        ))
+    };
+    let Some(target) = id(path) else {
+        return Err(format!("netns {}: cannot read it", path.display()));
+    };
+    for (own, what) in [
+        ("/proc/self/ns/net", "netd's own (the node's) namespace"),
+        ("/proc/1/ns/net", "the machine's namespace"),
+    ] {
+        if id(Path::new(own)) == Some(target) {
+            return Err(format!(
+                "{REFUSED}{} is {what}, not a task's",
+                path.display()
+            ));
+        }
+    }
+    if let Ok(entries) = fs::read_dir(NETNS_DIR) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(crate::naming::NETNS_PREFIX) && id(&e.path()) == Some(target) {
+                return Err(format!(
+                    "{REFUSED}{} is netd's own namespace {name}, not a task's",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `_IO(0xb7, 0x3)` from linux/nsfs.h.
 const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 

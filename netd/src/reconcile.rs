@@ -280,6 +280,12 @@ impl Reconciler {
                 }
                 continue;
             }
+            // A namespace that is not a task's (the node's, netd's own) is never plumbed:
+            // an attach through another node's API only meets this check here.
+            if let Err(e) = netns::check_task_netns(Path::new(&task.netns)) {
+                report.task_errors.insert(task.id.clone(), e);
+                continue;
+            }
             if let Err(e) = self.ensure_task(st, task).await {
                 report.task_errors.insert(task.id.clone(), format!("{e:#}"));
             }

@@ -887,10 +887,12 @@ pub async fn attach_task(
         let networks: Vec<&String> = match &req.network {
             None => svc.networks.iter().collect(),
             Some(n) => {
-                st.network(n)?;
-                if !svc.networks.contains(n) {
+                // Another network than the service's only if it is attachable (Docker's
+                // rule for containers that are not the service's).
+                if !svc.networks.contains(n) && !st.network(n)?.attachable {
                     return Err(Error::Invalid(format!(
-                        "service {:?} is not on network {n:?} (its networks: {})",
+                        "service {:?} is not on network {n:?} (its networks: {}), and {n:?} \
+                         is not attachable",
                         svc.name,
                         svc.networks.join(", ")
                     )));
@@ -1679,6 +1681,14 @@ mod tests {
         assert_eq!(st.tasks.len(), 2);
         assert!(st.revision > before, "only the network create committed");
         assert_eq!(st.services["web"].publish.len(), 1);
+        // An attachable network takes a task of a service that is not on it.
+        let mut open = net("open");
+        open.attachable = true;
+        create_network(&s, &pools(), open).await.unwrap();
+        let mut guest = attach("web", "/run/netns/e", "n1");
+        guest.network = Some("open".into());
+        let t = attach_task(&s, "n1", guest).await.unwrap().value;
+        assert_eq!(t.endpoints[0].network, "open");
     }
 
     #[test]

@@ -201,3 +201,87 @@ fn a_task_cannot_send_as_another_address_or_mac_nor_claim_anothers_ip() -> Resul
     );
     Ok(())
 }
+
+#[test]
+fn internal_tasks_get_no_forwarding_and_bad_namespaces_and_subnets_are_refused() -> Result<()> {
+    let mut lab = Lab::cluster("ref", 2)?;
+    lab.start_upstream_dns()?;
+    lab.cli(
+        0,
+        &[
+            "network",
+            "create",
+            "sealed",
+            "--subnet",
+            "198.19.72.0/24",
+            "--internal",
+        ],
+    )?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.73.0/24"],
+    )?;
+    lab.cli(0, &["service", "create", "vault", "--network", "sealed"])?;
+    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+    lab.attach_whoami(0, "vault", "v", None)?;
+    lab.attach_whoami(0, "web", "w", None)?;
+
+    // A task only on internal networks resolves the cluster's names but nothing outside:
+    // its DNS is not a way out (CVE-2024-29018).
+    let (v, w) = (lab.ns("v"), lab.ns("w"));
+    assert_eq!(lab.dig_short(&v, "vault")?.len(), 1);
+    let out = lab.dig(&v, &["leak.example.org"])?;
+    assert!(out.contains("status: REFUSED"), "{out}");
+    assert!(
+        !lab.upstream_queries().contains("leak.example.org"),
+        "forwarded"
+    );
+    // ... while a task with egress still gets them forwarded.
+    lab.dig(&w, &["outside.example.org"])?;
+    assert!(lab.upstream_queries().contains("outside.example.org"));
+
+    // Namespaces that are not a task's: the node's own, a sandbox of netd's; locally and
+    // through another node's API. Each a 4xx with the reason, nothing attached.
+    let own = format!(
+        "/proc/{}/ns/net",
+        lab.nodes[1].daemon.as_ref().context("daemon")?.id()
+    );
+    let sandbox = std::fs::read_dir("/run/netns")?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with(&format!("netd-{}-", lab.nodes[0].name)))
+        .context("no sandbox of node 0")?;
+    let sandbox = format!("/run/netns/{sandbox}");
+    let n1 = lab.nodes[1].name.clone();
+    for (api, path, node) in [
+        (0, sandbox.as_str(), None),
+        (0, own.as_str(), Some(n1.as_str())),
+    ] {
+        let mut args = vec!["task", "attach", "web", "--netns", path];
+        if let Some(n) = node {
+            args.extend_from_slice(&["--node", n]);
+        }
+        let v = lab.cli_json(api, &args)?;
+        assert_eq!(v["status"], 400, "{path} via {node:?}: {v}");
+        assert!(
+            v["error"].as_str().unwrap_or("").contains("not a task's"),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        lab.cli_json(0, &["task", "ls"])?.as_array().map(Vec::len),
+        Some(2)
+    );
+
+    // Subnets no network may use, and one this node routes (its underlay).
+    for subnet in ["127.1.0.0/24", "224.0.1.0/24", "0.0.0.0/8", "198.18.0.0/24"] {
+        let v = lab.cli_json(0, &["network", "create", "bad", "--subnet", subnet])?;
+        assert!(
+            v["status"]
+                .as_u64()
+                .is_some_and(|s| (400..500).contains(&s)),
+            "{subnet}: {v}"
+        );
+    }
+    Ok(())
+}
