@@ -378,14 +378,21 @@ fn render_guards(guards: &[PortGuard], tag: &str) -> String {
     )
 }
 
+/// The tag of a set of guards (in any order), as their table's comment holds it.
+pub fn guards_tag(guards: &[PortGuard]) -> String {
+    let mut sorted = guards.to_vec();
+    sorted.sort();
+    let mut h = DefaultHasher::new();
+    sorted.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
 /// Makes the caller's netns hold exactly `guards` (no table without any). Returns
 /// whether anything changed.
 pub fn apply_guards(guards: &[PortGuard]) -> Result<bool> {
     let mut sorted = guards.to_vec();
     sorted.sort();
-    let mut h = DefaultHasher::new();
-    sorted.hash(&mut h);
-    let tag = format!("{:016x}", h.finish());
+    let tag = guards_tag(&sorted);
     let current = current_tag(&["bridge", TABLE])?;
     if sorted.is_empty() {
         if current.is_none() {

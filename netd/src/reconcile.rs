@@ -4,7 +4,7 @@
 //! netd-named objects nothing desires. Running it twice changes nothing the second time,
 //! which is what lets netd restart (even after `kill -9`) without touching live traffic.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -66,6 +66,11 @@ pub struct Reconciler {
     /// VXLAN datagrams from non-members dropped by node rulesets that were replaced since
     /// start (each new ruleset counts from zero).
     vxlan_foreign: std::sync::atomic::AtomicU64,
+    /// The nftables tag last applied per (namespace inode, table): a step started by a
+    /// change trusts it and spawns no `nft` for a table whose rules did not change; the
+    /// periodic step reads the kernel again (and repairs drift), as does any step for a
+    /// namespace made anew (a new inode).
+    nft_tags: std::sync::Mutex<HashMap<(u64, &'static str), String>>,
 }
 
 /// Where a task endpoint's host-side veth lives and what it plugs into.
@@ -95,6 +100,28 @@ impl Reconciler {
             step: Mutex::new(()),
             last: std::sync::Mutex::new(Report::default()),
             vxlan_foreign: std::sync::atomic::AtomicU64::new(0),
+            nft_tags: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether table `table` in `ns` is known to hold `tag` already (only trusted when
+    /// the step does not read the kernel anyway).
+    fn nft_known(&self, ns: &Netns, table: &'static str, tag: &str, checked: bool) -> bool {
+        if checked {
+            return false;
+        }
+        let Some(ino) = netns_inode(ns) else {
+            return false;
+        };
+        self.nft_tags
+            .lock()
+            .map(|m| m.get(&(ino, table)).map(String::as_str) == Some(tag))
+            .unwrap_or(false)
+    }
+
+    fn nft_applied(&self, ns: &Netns, table: &'static str, tag: String) {
+        if let (Some(ino), Ok(mut m)) = (netns_inode(ns), self.nft_tags.lock()) {
+            m.insert((ino, table), tag);
         }
     }
 
@@ -123,25 +150,33 @@ impl Reconciler {
         self.last.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
-    /// Re-runs whenever the store changes, and every `interval` to repair drift.
+    /// Re-runs whenever the store changes, and every `interval` to repair drift (those
+    /// steps read every table back from the kernel).
     pub async fn run_forever(self: Arc<Self>, interval: Duration) {
         let mut changes = self.store.subscribe();
+        let mut checked = true;
         loop {
-            if let Err(e) = self.run_once().await {
+            if let Err(e) = self.run(checked).await {
                 tracing::warn!("reconcile: {e:#}");
             }
-            tokio::select! {
+            checked = tokio::select! {
                 r = changes.recv() => {
                     if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
                         return;
                     }
+                    false
                 }
-                _ = tokio::time::sleep(interval) => {}
-            }
+                _ = tokio::time::sleep(interval) => true,
+            };
         }
     }
 
+    /// One step, after a change: tables known to be right are not read back.
     pub async fn run_once(&self) -> Result<Report> {
+        self.run(false).await
+    }
+
+    async fn run(&self, checked: bool) -> Result<Report> {
         let _guard = self.step.lock().await;
         let st = State::load(self.store.as_ref())
             .await
@@ -149,7 +184,7 @@ impl Reconciler {
         if let Some(dns) = &self.dns {
             dns.sync_table(&st);
         }
-        let report = self.step(&st).await;
+        let report = self.step(&st, checked).await;
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();
         }
@@ -203,7 +238,7 @@ impl Reconciler {
         })
     }
 
-    async fn step(&self, st: &State) -> Report {
+    async fn step(&self, st: &State, checked: bool) -> Report {
         let mut report = Report::default();
         let node = &self.cfg.name;
         let tasks: Vec<&Task> = st.tasks.values().filter(|t| &t.node == node).collect();
@@ -359,8 +394,15 @@ impl Reconciler {
                 })
                 .collect(),
         };
-        match tokio::task::spawn_blocking(move || nftables::apply(&rules)).await {
+        let tag = rules.hash_hex();
+        let result = if self.nft_known(&Netns::Home, "ip", &tag, checked) {
+            Ok(Ok(nftables::Applied::default()))
+        } else {
+            tokio::task::spawn_blocking(move || nftables::apply(&rules)).await
+        };
+        match result {
             Ok(Ok(applied)) => {
+                self.nft_applied(&Netns::Home, "ip", tag);
                 self.vxlan_foreign.fetch_add(
                     applied.vxlan_foreign_before,
                     std::sync::atomic::Ordering::Relaxed,
@@ -377,10 +419,14 @@ impl Reconciler {
                 ..Default::default()
             };
             let ns = Netns::Path(PathBuf::from(&t.netns));
-            if let Err(e) = netns::run_in(&ns, move || nftables::apply(&rules)).await {
-                report
-                    .errors
-                    .push(format!("ingress sandbox nftables: {e:#}"));
+            let tag = rules.hash_hex();
+            if !self.nft_known(&ns, "ip", &tag, checked) {
+                match netns::run_in(&ns, move || nftables::apply(&rules)).await {
+                    Ok(_) => self.nft_applied(&ns, "ip", tag),
+                    Err(e) => report
+                        .errors
+                        .push(format!("ingress sandbox nftables: {e:#}")),
+                }
             }
         }
 
@@ -392,10 +438,15 @@ impl Reconciler {
             }
             let guards = port_guards(&net.name, tasks.iter().copied().chain(isbox.as_ref()));
             let ns = Netns::named(&naming::sandbox_netns(node, &net.id));
-            if let Err(e) = netns::run_in(&ns, move || nftables::apply_guards(&guards)).await {
-                report
+            let tag = nftables::guards_tag(&guards);
+            if self.nft_known(&ns, "bridge", &tag, checked) {
+                continue;
+            }
+            match netns::run_in(&ns, move || nftables::apply_guards(&guards)).await {
+                Ok(_) => self.nft_applied(&ns, "bridge", tag),
+                Err(e) => report
                     .errors
-                    .push(format!("port security of network {}: {e:#}", net.name));
+                    .push(format!("port security of network {}: {e:#}", net.name)),
             }
         }
 
@@ -1032,6 +1083,17 @@ pub fn mesh_ports(st: &State) -> Vec<MeshPort> {
                 .collect(),
         })
         .collect()
+}
+
+/// The inode of a namespace's file: a namespace made anew has another.
+fn netns_inode(ns: &Netns) -> Option<u64> {
+    let path = match ns {
+        Netns::Home => std::path::Path::new("/proc/self/ns/net"),
+        Netns::Path(p) => p.as_path(),
+    };
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
 }
 
 /// The underlay addresses VXLAN may come from: the other live nodes'.
