@@ -100,7 +100,7 @@ async fn load(d: &Daemon) -> Result<State, ApiError> {
 /// wait), so the caller's next query or connection anywhere in the cluster sees the
 /// change.
 async fn settle(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, ApiError> {
-    let report = converge(d).await?;
+    let report = converge_to(d, revision).await?;
     await_others(d, revision).await;
     Ok(report)
 }
@@ -117,6 +117,18 @@ async fn await_others(d: &Daemon, revision: u64) {
 }
 
 /// Runs a reconcile step so the kernel matches what was just committed.
+/// As [`converge`], for a write committed at `revision`: a step that started after it
+/// (the one its change event began) is enough.
+async fn converge_to(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, ApiError> {
+    d.reconciler.run_for(revision).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "kernel",
+            format!("{e:#}"),
+        )
+    })
+}
+
 async fn converge(d: &Daemon) -> Result<crate::reconcile::Report, ApiError> {
     d.reconciler.run_once().await.map_err(|e| {
         ApiError::new(
@@ -517,7 +529,11 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
     }
     let task = state::attach_task(d.store.as_ref(), &d.node, req).await?;
     let failure = if local {
-        converge(&d).await?.task_errors.get(&task.id).cloned()
+        converge_to(&d, task.revision)
+            .await?
+            .task_errors
+            .get(&task.id)
+            .cloned()
     } else {
         remote_outcome(&d, &task.id).await?
     };

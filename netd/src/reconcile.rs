@@ -71,6 +71,8 @@ pub struct Reconciler {
     /// periodic step reads the kernel again (and repairs drift), as does any step for a
     /// namespace made anew (a new inode).
     nft_tags: std::sync::Mutex<HashMap<(u64, &'static str), String>>,
+    /// The store revision the last finished step applied.
+    applied: std::sync::atomic::AtomicU64,
 }
 
 /// Where a task endpoint's host-side veth lives and what it plugs into.
@@ -101,6 +103,7 @@ impl Reconciler {
             last: std::sync::Mutex::new(Report::default()),
             vxlan_foreign: std::sync::atomic::AtomicU64::new(0),
             nft_tags: std::sync::Mutex::new(HashMap::new()),
+            applied: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -176,8 +179,24 @@ impl Reconciler {
         self.run(false).await
     }
 
+    /// Makes the kernel match a state at `revision` or later: a step that began after a
+    /// write (the one its change event started) serves the caller who made it, instead of
+    /// a second one behind it.
+    pub async fn run_for(&self, revision: u64) -> Result<Report> {
+        let _guard = self.step.lock().await;
+        if self.applied.load(std::sync::atomic::Ordering::Acquire) >= revision {
+            return Ok(self.last_report());
+        }
+        self.run_locked(false).await
+    }
+
     async fn run(&self, checked: bool) -> Result<Report> {
         let _guard = self.step.lock().await;
+        self.run_locked(checked).await
+    }
+
+    /// One step; the caller holds the step lock.
+    async fn run_locked(&self, checked: bool) -> Result<Report> {
         let st = State::load(self.store.as_ref())
             .await
             .context("read desired state")?;
@@ -188,6 +207,8 @@ impl Reconciler {
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();
         }
+        self.applied
+            .store(st.revision, std::sync::atomic::Ordering::Release);
         let changed: Vec<(String, TaskStatus)> = st
             .tasks
             .values()
