@@ -22,6 +22,9 @@ int main(void)
 	OFF(netd_backend_key, index);
 	SIZE(netd_backend_value);
 	OFF(netd_backend_value, addr);
+	SIZE(netd_netns_net);
+	OFF(netd_netns_net, cookie);
+	OFF(netd_netns_net, network);
 	SIZE(netd_revnat_key);
 	OFF(netd_revnat_key, cookie);
 	OFF(netd_revnat_key, addr);

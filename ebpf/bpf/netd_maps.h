@@ -34,6 +34,14 @@ struct netd_backend_value {
 	__u32 pad;
 };
 
+/* A task namespace (its cookie) is on a network (netd's 32-bit network number): only
+ * such a task's connections to that network's VIPs are balanced. */
+struct netd_netns_net {
+	__u64 cookie;
+	__u32 network;
+	__u32 pad;
+};
+
 /* Reverse translation for unconnected UDP: the socket, and the backend it sent to. */
 struct netd_revnat_key {
 	__u64 cookie;

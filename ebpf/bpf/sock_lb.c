@@ -56,6 +56,24 @@ struct {
 	__type(value, __u32);
 } netd_rr SEC(".maps");
 
+/* The networks of every task namespace: (cookie, network) -> 1. */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct netd_netns_net);
+	__type(value, __u8);
+} netd_netns_nets SEC(".maps");
+
+/* The network of every VIP address (network byte order) -> netd's network number. */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u32);
+} netd_vip_nets SEC(".maps");
+
 /* Backend -> VIP per socket, for recvmsg4 and getpeername4. */
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -98,6 +116,21 @@ static __always_inline struct netd_vip_value *find_vip(struct netd_vip_key *k)
 	struct netd_vip_key any = { .addr = k->addr };
 
 	return v ? v : bpf_map_lookup_elem(&netd_vips, &any);
+}
+
+/* Whether the socket's task is on the network of `vip`: a task that learned another
+ * network's VIP is refused, not sent to a backend it has no business with. A VIP without
+ * a recorded network is refused too (netd records it before the VIP itself). */
+static __always_inline int on_vip_network(struct bpf_sock_addr *ctx, __u32 vip)
+{
+	__u32 *net = bpf_map_lookup_elem(&netd_vip_nets, &vip);
+	struct netd_netns_net k = {};
+
+	if (!net)
+		return 0;
+	k.cookie = bpf_get_netns_cookie(ctx);
+	k.network = *net;
+	return bpf_map_lookup_elem(&netd_netns_nets, &k) != NULL;
 }
 
 /* user_port holds the port in network byte order in its low 16 bits. */
@@ -170,6 +203,8 @@ int netd_connect4(struct bpf_sock_addr *ctx)
 	v = find_vip(&k);
 	if (!v)
 		return SYS_PROCEED;
+	if (!on_vip_network(ctx, k.addr))
+		return SYS_REJECT;
 	backend = pick(v, &bk);
 	if (!backend)
 		return SYS_REJECT; /* a service without tasks refuses at once */
@@ -195,6 +230,8 @@ int netd_sendmsg4(struct bpf_sock_addr *ctx)
 	v = find_vip(&k);
 	if (!v)
 		return SYS_PROCEED;
+	if (!on_vip_network(ctx, k.addr))
+		return SYS_REJECT;
 	fk.cookie = bpf_get_socket_cookie(ctx);
 	fk.addr = k.addr;
 	fk.port = k.port;

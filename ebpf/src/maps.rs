@@ -34,6 +34,16 @@ pub struct BackendValue {
     pub pad: u32,
 }
 
+/// A task namespace (its cookie) on a network (netd's network number, see
+/// `network_number` in netd's eBPF datapath).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetnsNet {
+    pub cookie: u64,
+    pub network: u32,
+    pub pad: u32,
+}
+
 /// A socket (its cookie) and the backend it talks to.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -150,6 +160,7 @@ unsafe impl aya::Pod for VipValue {}
 unsafe impl aya::Pod for BackendKey {}
 unsafe impl aya::Pod for BackendValue {}
 unsafe impl aya::Pod for RevNatKey {}
+unsafe impl aya::Pod for NetnsNet {}
 unsafe impl aya::Pod for RevNatValue {}
 unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for IngressConfig {}
@@ -188,6 +199,9 @@ mod tests {
         assert_eq!(offset_of!(BackendKey, index), netd_backend_key_index);
         assert_eq!(size_of::<BackendValue>(), netd_backend_value_SIZE);
         assert_eq!(offset_of!(BackendValue, addr), netd_backend_value_addr);
+        assert_eq!(size_of::<NetnsNet>(), netd_netns_net_SIZE);
+        assert_eq!(offset_of!(NetnsNet, cookie), netd_netns_net_cookie);
+        assert_eq!(offset_of!(NetnsNet, network), netd_netns_net_network);
         assert_eq!(size_of::<RevNatKey>(), netd_revnat_key_SIZE);
         assert_eq!(offset_of!(RevNatKey, cookie), netd_revnat_key_cookie);
         assert_eq!(offset_of!(RevNatKey, addr), netd_revnat_key_addr);

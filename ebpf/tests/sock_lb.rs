@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use aya::maps::HashMap;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-use netd_ebpf::maps::{BackendKey, BackendValue, VipKey, VipValue};
+use netd_ebpf::maps::{BackendKey, BackendValue, NetnsNet, VipKey, VipValue};
 use netd_ebpf::SOCK_LB_PROGRAMS;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 6, 1);
@@ -114,10 +114,12 @@ fn client(fx: &Fixture, code: &str) -> (bool, String) {
         });
     }
     let out = cmd.output().expect("run python3");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    )
+    let mut text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() {
+        // What went wrong, for the caller to tell one refusal from another.
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    (out.status.success(), text)
 }
 
 const TCP_GET: &str = "import socket\n\
@@ -170,9 +172,24 @@ fn vip_connections_are_balanced_round_robin_and_answers_come_from_the_vip() {
     }
     let mut netns: HashMap<_, u64, u8> =
         HashMap::try_from(obj.take_map("netd_netns").expect("netd_netns")).expect("map");
-    netns
-        .insert(netns_cookie(&fx.netns), 1, 0)
-        .expect("add netns");
+    let cookie = netns_cookie(&fx.netns);
+    netns.insert(cookie, 1, 0).expect("add netns");
+    // The VIP's network (number 7), and the client namespace on it.
+    let mut vip_nets: HashMap<_, u32, u32> =
+        HashMap::try_from(obj.take_map("netd_vip_nets").expect("netd_vip_nets")).expect("map");
+    vip_nets
+        .insert(u32::from(VIP).to_be(), 7, 0)
+        .expect("add the VIP's network");
+    let mut netns_nets: HashMap<_, NetnsNet, u8> =
+        HashMap::try_from(obj.take_map("netd_netns_nets").expect("netd_netns_nets")).expect("map");
+    let on_net = NetnsNet {
+        cookie,
+        network: 7,
+        pad: 0,
+    };
+    netns_nets
+        .insert(on_net, 1, 0)
+        .expect("add the netns' network");
     let mut vips: HashMap<_, VipKey, VipValue> =
         HashMap::try_from(obj.take_map("netd_vips").expect("netd_vips")).expect("map");
     let mut backends: HashMap<_, BackendKey, BackendValue> =
@@ -241,6 +258,32 @@ fn vip_connections_are_balanced_round_robin_and_answers_come_from_the_vip() {
         0,
     )
     .expect("empty vip");
+    // Off the VIP's network: refused at once, though the VIP has backends again.
+    vips.insert(
+        whole_vip,
+        VipValue {
+            service: 1,
+            count: 2,
+        },
+        0,
+    )
+    .expect("vip again");
+    netns_nets.remove(&on_net).expect("leave the network");
+    let (ok, out) = client(&fx, TCP_GET);
+    assert!(!ok, "a task off the VIP's network reached it: {out}");
+    assert!(out.contains("PermissionError"), "refused otherwise: {out}");
+    netns_nets
+        .insert(on_net, 1, 0)
+        .expect("back on the network");
+    vips.insert(
+        whole_vip,
+        VipValue {
+            service: 1,
+            count: 0,
+        },
+        0,
+    )
+    .expect("empty vip again");
     let start = Instant::now();
     let (ok, _) = client(&fx, TCP_GET);
     assert!(!ok, "a VIP without backends accepted a connection");

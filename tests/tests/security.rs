@@ -285,3 +285,56 @@ fn internal_tasks_get_no_forwarding_and_bad_namespaces_and_subnets_are_refused()
     }
     Ok(())
 }
+
+#[test]
+fn a_task_cannot_use_another_networks_vip_on_either_datapath() -> Result<()> {
+    for datapath in ["ebpf", "userspace"] {
+        let mut lab = Lab::build(&format!("vs{}", &datapath[..1]), 1, false, datapath)?;
+        lab.cli(
+            0,
+            &["network", "create", "front", "--subnet", "198.19.74.0/24"],
+        )?;
+        lab.cli(
+            0,
+            &["network", "create", "back", "--subnet", "198.19.75.0/24"],
+        )?;
+        lab.cli(0, &["service", "create", "web", "--network", "front"])?;
+        lab.cli(0, &["service", "create", "db", "--network", "back"])?;
+        lab.cli(0, &["service", "create", "client", "--network", "back"])?;
+        lab.attach_whoami(0, "web", "w", None)?;
+        lab.attach_whoami(0, "db", "d", None)?;
+        lab.attach_whoami(0, "client", "c", None)?;
+        let vip = |svc: &str, net: &str| -> Result<std::net::Ipv4Addr> {
+            lab.cli_json(0, &["service", "inspect", svc])?["vips"][net]
+                .as_str()
+                .context("no VIP")?
+                .parse()
+                .context("VIP")
+        };
+        let (web, db) = (vip("web", "front")?, vip("db", "back")?);
+        let c = lab.ns("c");
+        // Its own network's VIP works ...
+        let body = netd_lab::http_get_from(&c, std::net::SocketAddr::from((db, 80)))?;
+        assert_eq!(
+            netd_lab::field(&body, "Hostname"),
+            Some("d"),
+            "{datapath}: {body}"
+        );
+        // ... another network's does not, even when the task knows the address.
+        let other = netd_lab::connect_from(&c, std::net::SocketAddr::from((web, 80)));
+        let Err(e) = other else {
+            bail!("{datapath}: c reached web's VIP {web} on a network it is not on");
+        };
+        // eBPF refuses the connect() itself (it used to rewrite it towards web's task);
+        // the userspace datapath has no way there at all (VIPs live in their network's
+        // sandbox).
+        if datapath == "ebpf" {
+            let kind = e
+                .root_cause()
+                .downcast_ref::<std::io::Error>()
+                .map(|e| e.kind());
+            assert_eq!(kind, Some(std::io::ErrorKind::PermissionDenied), "{e:#}");
+        }
+    }
+    Ok(())
+}

@@ -13,7 +13,7 @@
 //! the VIP's single map value is swapped to point at it, then the old slot is deleted.
 //! A connect() sees the old list or the new one, never a mix and never an empty one.
 
-use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
 use aya::Ebpf;
-use netd_ebpf::maps::{BackendKey, BackendValue, Counter, CounterKey, VipKey, VipValue};
+use netd_ebpf::maps::{BackendKey, BackendValue, Counter, CounterKey, NetnsNet, VipKey, VipValue};
 use serde_json::json;
 
 use super::{Counters, Datapath, DatapathStatus, LbTable, Mode, SandboxLb};
@@ -82,6 +82,10 @@ struct Loaded {
     backends: HashMap<MapData, BackendKey, BackendValue>,
     rr: HashMap<MapData, u32, u32>,
     counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// VIP -> its network's number; (task netns cookie, network number) present: a VIP
+    /// is balanced only for tasks on its network.
+    vip_nets: HashMap<MapData, u32, u32>,
+    netns_nets: HashMap<MapData, NetnsNet, u8>,
     /// VIP -> (slot, backends) as programmed.
     slots: BTreeMap<Ipv4Addr, (u32, Vec<Ipv4Addr>)>,
     next_slot: u32,
@@ -93,6 +97,14 @@ fn vip_key(vip: Ipv4Addr) -> VipKey {
         addr: u32::from(vip).to_be(),
         ..Default::default()
     }
+}
+
+/// A network's number in the eBPF maps: FNV-1a of its name (the maps hold numbers, and
+/// both sides of a lookup derive them from the same name).
+fn network_number(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 fn be(addr: Ipv4Addr) -> u32 {
@@ -143,6 +155,8 @@ impl Loaded {
             backends: take_map(&mut obj, "netd_backends")?,
             rr: take_map(&mut obj, "netd_rr")?,
             counters: take_map(&mut obj, "netd_counters")?,
+            vip_nets: take_map(&mut obj, "netd_vip_nets")?,
+            netns_nets: take_map(&mut obj, "netd_netns_nets")?,
             obj,
             slots: BTreeMap::new(),
             next_slot: 1,
@@ -200,6 +214,10 @@ impl Loaded {
                 .remove(&vip_key(vip))
                 .or_else(ignore_missing)
                 .with_context(|| format!("remove VIP {vip}"))?;
+            self.vip_nets
+                .remove(&be(vip))
+                .or_else(ignore_missing)
+                .with_context(|| format!("remove the network of VIP {vip}"))?;
             if let Some((slot, old)) = self.slots.remove(&vip) {
                 drop_slot(&mut self.backends, &mut self.rr, slot, old.len());
                 self.drop_counters(vip, &old, &[]);
@@ -207,6 +225,13 @@ impl Loaded {
             changed += 1;
         }
         for (vip, entry) in &table.vips {
+            // The VIP's network first: a connect() that finds the VIP finds its network.
+            let net = network_number(&entry.network);
+            if self.vip_nets.get(&be(*vip), 0).ok() != Some(net) {
+                self.vip_nets
+                    .insert(be(*vip), net, 0)
+                    .with_context(|| format!("record the network of VIP {vip}"))?;
+            }
             let old = self.slots.get(vip).cloned();
             if old.as_ref().map(|(_, b)| b) == Some(&entry.backends) {
                 continue;
@@ -262,7 +287,8 @@ impl Loaded {
         }
     }
 
-    fn set_netns(&mut self, cookies: &[u64]) -> Result<()> {
+    /// The task namespaces the hooks act for, and the networks each is on.
+    fn set_netns(&mut self, cookies: &[u64], nets: &BTreeSet<NetnsNet>) -> Result<()> {
         let present: Vec<u64> = self.netns.keys().filter_map(|k| k.ok()).collect();
         for c in &present {
             if !cookies.contains(c) {
@@ -273,6 +299,15 @@ impl Loaded {
             if !present.contains(c) {
                 self.netns.insert(c, 1, 0).context("add task netns")?;
             }
+        }
+        let present: BTreeSet<NetnsNet> = self.netns_nets.keys().filter_map(|k| k.ok()).collect();
+        for k in present.difference(nets) {
+            self.netns_nets.remove(k).or_else(ignore_missing)?;
+        }
+        for k in nets.difference(&present) {
+            self.netns_nets
+                .insert(k, 1, 0)
+                .context("record a task namespace's network")?;
         }
         Ok(())
     }
@@ -413,6 +448,7 @@ impl Datapath for EbpfDatapath {
         }
         // Cookies first (a thread per unknown namespace), without holding the lock.
         let mut found = vec![];
+        let mut nets = BTreeSet::new();
         for t in tasks {
             let meta = match std::fs::metadata(&t.netns) {
                 Ok(m) => m,
@@ -434,6 +470,13 @@ impl Datapath for EbpfDatapath {
                 },
             };
             found.push((id, cookie));
+            for ep in &t.endpoints {
+                nets.insert(NetnsNet {
+                    cookie,
+                    network: network_number(&ep.network),
+                    pad: 0,
+                });
+            }
         }
         let mut inner = self.lock()?;
         inner.cookies = found.iter().copied().collect();
@@ -447,7 +490,7 @@ impl Datapath for EbpfDatapath {
             l.program(&want)?;
         }
         let cookies: Vec<u64> = found.iter().map(|(_, c)| *c).collect();
-        l.set_netns(&cookies)?;
+        l.set_netns(&cookies, &nets)?;
         l.attach(&self.dir, &self.cgroup)?;
         Ok(errors)
     }
