@@ -71,13 +71,28 @@ pub fn machine() -> String {
     format!("Linux {release}, {cpus} CPUs")
 }
 
-/// The head of a results file: its title and the command that produced it.
+/// The head of a results file: its title, the command that produced it and the commit
+/// it ran on.
 pub fn header(title: &str) -> String {
     format!(
         "# {title}\n\nCommand (from the repository root, as root):\n\n\
-         ```\ncargo build --release --workspace --bins && ./target/release/{}\n```\n\n",
-        command_line()
+         ```\ncargo build --release --workspace --bins && ./target/release/{}\n```\n\n\
+         Commit: {}.\n\n",
+        command_line(),
+        commit()
     )
+}
+
+/// The commit the benchmark runs on (`git describe`: a `-dirty` suffix says the work
+/// tree had uncommitted changes).
+pub fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown (not run from a git checkout)".into())
 }
 
 /// The command line that produced a result, as the results files quote it.
