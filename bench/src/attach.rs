@@ -52,24 +52,7 @@ pub fn run(rounds: usize, out: &Path) -> Result<()> {
     let rootfs = busybox_rootfs(&lab.dir.join("rootfs"))?;
     let docker = Dockerd::start(&lab, 0)?;
     docker.import(&rootfs, "local/bb")?;
-    check(
-        "docker network create -d netd",
-        docker.docker(&[
-            "network",
-            "create",
-            "-d",
-            "netd",
-            "--ipam-driver",
-            "netd",
-            "--subnet",
-            NETD_SUBNET,
-            "-o",
-            "netd.network=front",
-            "-o",
-            "netd.service=box",
-            "front",
-        ])?,
-    )?;
+    docker.netd_network("front", NETD_SUBNET, "front", "box")?;
     check(
         "docker network create -d bridge",
         docker.docker(&[

@@ -83,16 +83,10 @@ pub fn header(title: &str) -> String {
     )
 }
 
-/// The commit the benchmark runs on (`git describe`: a `-dirty` suffix says the work
-/// tree had uncommitted changes).
-pub fn commit() -> String {
-    std::process::Command::new("git")
-        .args(["describe", "--always", "--dirty", "--abbrev=12"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown (not run from a git checkout)".into())
+/// The commit the benchmark binary was built from (`git describe` at build time: a
+/// `-dirty` suffix says the work tree had uncommitted changes then).
+pub fn commit() -> &'static str {
+    env!("NETD_BENCH_COMMIT")
 }
 
 /// The command line that produced a result, as the results files quote it.

@@ -30,8 +30,8 @@ and NAT in the client's namespace for every connection, which on this kernel and
 `numgen` rule is 10–20 % of a connection's cost. The issue's target of eBPF ≥ 2× nftables \
 for new connections cannot be met here: it would need nftables below half of the direct \
 rate, and direct is the ceiling of any load balancer. The userspace path (every packet \
-through a TUN device and netd) keeps about 0.7–0.8× of direct's new connections and about \
-half its keep-alive request rate.\n\n";
+through a TUN device and netd) keeps the share of direct's rates that the ratios above give \
+for this run.\n\n";
 
 struct Path_ {
     label: &'static str,

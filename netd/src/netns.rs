@@ -78,7 +78,7 @@ pub const REFUSED: &str = "netns refused: ";
 /// not the machine's (pid 1's), not one netd made (sandboxes), since netd would plumb
 /// and rule it as a task's. With a message a user can act on.
 pub fn check_task_netns(path: &Path) -> Result<(), String> {
-    check_netns_path(path)?;
+    check_netns_path(path).map_err(|e| format!("{REFUSED}{e}"))?;
     let id = |p: &Path| -> Option<(u64, u64)> {
         let m = fs::metadata(p).ok()?;
         Some((
@@ -87,7 +87,7 @@ pub fn check_task_netns(path: &Path) -> Result<(), String> {
         ))
     };
     let Some(target) = id(path) else {
-        return Err(format!("netns {}: cannot read it", path.display()));
+        return Err(format!("{REFUSED}netns {}: cannot read it", path.display()));
     };
     for (own, what) in [
         ("/proc/self/ns/net", "netd's own (the node's) namespace"),

@@ -138,22 +138,17 @@ impl Containerd {
             .context("start containerd (Debian package containerd)")?;
         let pid = child.id();
         let mut c = Containerd {
-            child: Some(child),
+            child: None,
             pid,
             socket,
             cgroup: format!("/{}-containerd", lab.prefix),
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"])?.status.success() {
-            if let Some(Ok(Some(status))) = c.child.as_mut().map(|ch| ch.try_wait()) {
-                bail!("containerd exited with {status}: {}", c.log());
-            }
-            if Instant::now() > deadline {
-                bail!("containerd did not come up: {}", c.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = wait_up("containerd", child, Duration::from_secs(20), || {
+            Ok(c.ctr(&["version"])?.status.success())
+        })
+        .with_context(|| c.log())?;
+        c.child = Some(child);
         Ok(c)
     }
 
@@ -209,20 +204,8 @@ impl Drop for Containerd {
                 let _ = self.ctr(&["containers", "rm", id]);
             }
         }
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            terminate(child, Duration::from_secs(5));
         }
     }
 }
@@ -355,20 +338,15 @@ impl Dockerd {
             .spawn()
             .context("start dockerd (Debian package docker.io)")?;
         let mut d = Dockerd {
-            child: Some(child),
+            child: None,
             socket,
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !d.docker(&["version"])?.status.success() {
-            if let Some(Ok(Some(status))) = d.child.as_mut().map(|c| c.try_wait()) {
-                bail!("dockerd exited with {status}: {}", d.log());
-            }
-            if Instant::now() > deadline {
-                bail!("dockerd did not come up: {}", d.log());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let child = wait_up("dockerd", child, Duration::from_secs(60), || {
+            Ok(d.docker(&["version"])?.status.success())
+        })
+        .with_context(|| d.log())?;
+        d.child = Some(child);
         Ok(d)
     }
 
@@ -385,6 +363,38 @@ impl Dockerd {
             .stdin(Stdio::null())
             .output()
             .context("run docker (Debian package docker.io)")
+    }
+
+    /// `docker network create -d netd --ipam-driver netd --subnet SUBNET -o
+    /// netd.network=NETWORK -o netd.service=SERVICE NAME`: Docker's view `name` of netd
+    /// network `network`, whose containers join `service`.
+    pub fn netd_network(
+        &self,
+        name: &str,
+        subnet: &str,
+        network: &str,
+        service: &str,
+    ) -> Result<()> {
+        let (net_opt, svc_opt) = (
+            format!("netd.network={network}"),
+            format!("netd.service={service}"),
+        );
+        let out = self.docker(&[
+            "network",
+            "create",
+            "-d",
+            "netd",
+            "--ipam-driver",
+            "netd",
+            "--subnet",
+            subnet,
+            "-o",
+            &net_opt,
+            "-o",
+            &svc_opt,
+            name,
+        ])?;
+        check(&format!("docker network create {name}"), out).map(|_| ())
     }
 
     /// Imports `rootfs` as image `name` (`tar | docker import`), with PATH=/bin.
@@ -420,20 +430,8 @@ impl Drop for Dockerd {
                 let _ = self.docker(&args);
             }
         }
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            terminate(child, Duration::from_secs(15));
         }
     }
 }
@@ -442,6 +440,53 @@ impl Drop for Dockerd {
 /// in it (`docker/plugins/netd.sock`).
 pub fn node_run_dir(lab: &Lab, node: usize) -> PathBuf {
     lab.nodes[node].dir.join("run")
+}
+
+/// Waits until `up` says the daemon answers and hands its process back; fails if it
+/// exits or `limit` passes (and then stops it).
+fn wait_up(
+    what: &str,
+    mut child: Child,
+    limit: Duration,
+    mut up: impl FnMut() -> Result<bool>,
+) -> Result<Child> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match up() {
+            Ok(true) => return Ok(child),
+            Ok(false) => {}
+            Err(e) => {
+                terminate(child, Duration::from_secs(5));
+                return Err(e);
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{what} exited with {status}");
+        }
+        if Instant::now() > deadline {
+            terminate(child, Duration::from_secs(5));
+            bail!("{what} did not come up within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM, then SIGKILL if `child` has not exited within `grace` (a daemon stops its
+/// own children on SIGTERM: dockerd its containerd).
+fn terminate(mut child: Child, grace: Duration) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A conflist named `name` with netd first and `more` plugins chained after it.

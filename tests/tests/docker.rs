@@ -70,44 +70,10 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
         d.import(&rootfs, "local/bb")?;
         // Each dockerd keeps a local view of the cluster's netd network `front`: the
         // first makes it (and service web), the second adopts both.
-        check(
-            "docker network create",
-            d.docker(&[
-                "network",
-                "create",
-                "-d",
-                "netd",
-                "--ipam-driver",
-                "netd",
-                "--subnet",
-                SUBNET,
-                "-o",
-                "netd.network=front",
-                "-o",
-                "netd.service=web",
-                "front",
-            ])?,
-        )?;
+        d.netd_network("front", SUBNET, "front", "web")?;
     }
     // Clients join the same netd network as another service.
-    check(
-        "docker network create (clients)",
-        d1.docker(&[
-            "network",
-            "create",
-            "-d",
-            "netd",
-            "--ipam-driver",
-            "netd",
-            "--subnet",
-            SUBNET,
-            "-o",
-            "netd.network=front",
-            "-o",
-            "netd.service=client",
-            "front-client",
-        ])?,
-    )?;
+    d1.netd_network("front-client", SUBNET, "front", "client")?;
     let nets = lab.cli_json(0, &["network", "inspect", "front"])?;
     assert_eq!(nets["subnet"], SUBNET, "{nets}");
 
@@ -196,24 +162,7 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
             "8080:80",
         ],
     )?;
-    check(
-        "docker network create (published)",
-        d0.docker(&[
-            "network",
-            "create",
-            "-d",
-            "netd",
-            "--ipam-driver",
-            "netd",
-            "--subnet",
-            SUBNET,
-            "-o",
-            "netd.network=front",
-            "-o",
-            "netd.service=pub",
-            "front-pub",
-        ])?,
-    )?;
+    d0.netd_network("front-pub", SUBNET, "front", "pub")?;
     web_container(&d0, "front-pub", "pa")?;
     // One container picks its service itself: created without a network, then connected
     // to `front` with a driver option.

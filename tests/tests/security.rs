@@ -253,9 +253,11 @@ fn internal_tasks_get_no_forwarding_and_bad_namespaces_and_subnets_are_refused()
         .context("no sandbox of node 0")?;
     let sandbox = format!("/run/netns/{sandbox}");
     let n1 = lab.nodes[1].name.clone();
-    for (api, path, node) in [
-        (0, sandbox.as_str(), None),
-        (0, own.as_str(), Some(n1.as_str())),
+    let missing = format!("/run/netns/{}-missing", lab.prefix);
+    for (api, path, node, why) in [
+        (0, sandbox.as_str(), None, "not a task's"),
+        (0, own.as_str(), Some(n1.as_str()), "not a task's"),
+        (0, missing.as_str(), Some(n1.as_str()), "No such file"),
     ] {
         let mut args = vec!["task", "attach", "web", "--netns", path];
         if let Some(n) = node {
@@ -263,10 +265,7 @@ fn internal_tasks_get_no_forwarding_and_bad_namespaces_and_subnets_are_refused()
         }
         let v = lab.cli_json(api, &args)?;
         assert_eq!(v["status"], 400, "{path} via {node:?}: {v}");
-        assert!(
-            v["error"].as_str().unwrap_or("").contains("not a task's"),
-            "{v}"
-        );
+        assert!(v["error"].as_str().unwrap_or("").contains(why), "{v}");
     }
     assert_eq!(
         lab.cli_json(0, &["task", "ls"])?.as_array().map(Vec::len),
