@@ -60,61 +60,24 @@ fn requests(client: &str, node: Ipv4Addr, port: u16, n: usize) -> Result<Vec<Str
 /// `port` (so each reuses the last one's 4-tuple), each closed with a reset so the port
 /// is free at once; the whoami names that answered.
 fn requests_from_port(client: &str, addr: SocketAddr, port: u16, n: usize) -> Result<Vec<String>> {
-    use std::os::fd::FromRawFd;
     let SocketAddr::V4(to) = addr else {
         bail!("IPv4 only");
     };
     in_netns(client, move || {
         let mut names = vec![];
         for _ in 0..n {
-            // SAFETY: plain socket(2); the descriptor is owned by the stream below.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error()).context("socket");
-            }
-            // SAFETY: `fd` is a fresh descriptor nothing else owns.
-            let mut s = unsafe { TcpStream::from_raw_fd(fd) };
-            let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(ip).to_be(),
-                },
-                sin_zero: [0; 8],
+            // The port's last connection can still hold the 4-tuple for a moment after
+            // its abortive close (seen once in a CI run): try again shortly.
+            let mut tries = 0;
+            let mut s = loop {
+                match connect_from_port(to, port) {
+                    Err(e) if tries < 20 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    other => break other.with_context(|| format!("connect from port {port}"))?,
+                }
             };
-            let one: libc::c_int = 1;
-            let off = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            let (from, to) = (
-                sockaddr(Ipv4Addr::UNSPECIFIED, port),
-                sockaddr(*to.ip(), to.port()),
-            );
-            // SAFETY: each call reads an option or address of the size given.
-            let ok = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_REUSEADDR,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                ) == 0
-                    && libc::setsockopt(
-                        fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&off as *const libc::linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    ) == 0
-                    && libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len) == 0
-                    && libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), len) == 0
-            };
-            if !ok {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("connect from port {port}"));
-            }
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             let mut buf = vec![];
             let body = http_request(&mut s, &mut buf)?;
@@ -123,6 +86,60 @@ fn requests_from_port(client: &str, addr: SocketAddr, port: u16, n: usize) -> Re
         }
         Ok(names)
     })
+}
+
+/// A TCP connection from local `port` (bound with SO_REUSEADDR) to `to`, closed with a
+/// RST (SO_LINGER 0) so that the port is free again at once.
+fn connect_from_port(to: std::net::SocketAddrV4, port: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); the descriptor is owned by the stream below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let one: libc::c_int = 1;
+    let off = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let (from, to) = (
+        sockaddr(Ipv4Addr::UNSPECIFIED, port),
+        sockaddr(*to.ip(), to.port()),
+    );
+    // SAFETY: each call reads an option or address of the size given.
+    let ok = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+            && libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&off as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            ) == 0
+            && libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len) == 0
+            && libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), len) == 0
+    };
+    if !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s)
 }
 
 /// Waits until `check` holds, for at most `limit`.
