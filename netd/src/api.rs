@@ -116,27 +116,24 @@ async fn await_others(d: &Daemon, revision: u64) {
     }
 }
 
+/// The kernel work behind a request failed: a 500 with the reason.
+fn kernel_error(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "kernel",
+        format!("{e:#}"),
+    )
+}
+
 /// Runs a reconcile step so the kernel matches what was just committed.
 /// As [`converge`], for a write committed at `revision`: a step that started after it
 /// (the one its change event began) is enough.
 async fn converge_to(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, ApiError> {
-    d.reconciler.run_for(revision).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "kernel",
-            format!("{e:#}"),
-        )
-    })
+    d.reconciler.run_for(revision).await.map_err(kernel_error)
 }
 
 async fn converge(d: &Daemon) -> Result<crate::reconcile::Report, ApiError> {
-    d.reconciler.run_once().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "kernel",
-            format!("{e:#}"),
-        )
-    })
+    d.reconciler.run_once().await.map_err(kernel_error)
 }
 
 pub fn router(d: Arc<Daemon>) -> Router {
@@ -290,13 +287,7 @@ async fn check_not_routed(subnet: ipnetwork::Ipv4Network) -> Result<(), ApiError
         crate::netlink::routed_prefixes(&h).await
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "kernel",
-            format!("{e:#}"),
-        )
-    })?;
+    .map_err(kernel_error)?;
     let ours = |dev: &str| dev.starts_with("nd") || dev == crate::naming::GWBRIDGE_IF;
     if let Some((net, dev)) = routed
         .iter()
@@ -495,13 +486,9 @@ async fn task_check(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value>
             ),
         ));
     }
-    let problems = crate::verify::task_problems(task).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "kernel",
-            format!("{e:#}"),
-        )
-    })?;
+    let problems = crate::verify::task_problems(task)
+        .await
+        .map_err(kernel_error)?;
     Ok(Json(json!({
         "task": task.name,
         "ok": problems.is_empty(),
@@ -524,7 +511,8 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
     let local = req.node.as_deref().is_none_or(|n| n == d.node);
     // A handed-over task's namespace is made later by its runtime.
     if local && !req.handoff {
-        netns::check_task_netns(std::path::Path::new(&req.netns))
+        netns::NotTasks::read()
+            .check(std::path::Path::new(&req.netns))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e))?;
     }
     let task = state::attach_task(d.store.as_ref(), &d.node, req).await?;

@@ -74,44 +74,61 @@ pub fn check_netns_path(path: &Path) -> Result<(), String> {
 /// answers it as a bad request, also when another node gave the verdict.
 pub const REFUSED: &str = "netns refused: ";
 
-/// Checks that `path` is a network namespace a task may have: not the node's own (netd's),
-/// not the machine's (pid 1's), not one netd made (sandboxes), since netd would plumb
-/// and rule it as a task's. With a message a user can act on.
-pub fn check_task_netns(path: &Path) -> Result<(), String> {
-    check_netns_path(path).map_err(|e| format!("{REFUSED}{e}"))?;
-    let id = |p: &Path| -> Option<(u64, u64)> {
-        let m = fs::metadata(p).ok()?;
-        Some((
-            std::os::unix::fs::MetadataExt::dev(&m),
-            std::os::unix::fs::MetadataExt::ino(&m),
-        ))
-    };
-    let Some(target) = id(path) else {
-        return Err(format!("{REFUSED}netns {}: cannot read it", path.display()));
-    };
-    for (own, what) in [
-        ("/proc/self/ns/net", "netd's own (the node's) namespace"),
-        ("/proc/1/ns/net", "the machine's namespace"),
-    ] {
-        if id(Path::new(own)) == Some(target) {
-            return Err(format!(
-                "{REFUSED}{} is {what}, not a task's",
-                path.display()
-            ));
-        }
-    }
-    if let Ok(entries) = fs::read_dir(NETNS_DIR) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(crate::naming::NETNS_PREFIX) && id(&e.path()) == Some(target) {
-                return Err(format!(
-                    "{REFUSED}{} is netd's own namespace {name}, not a task's",
-                    path.display()
-                ));
+/// The namespaces no task may have: the node's own (netd's), the machine's (pid 1's), and
+/// the ones netd made (sandboxes), since netd would plumb and rule them as a task's. Read
+/// once, checked against many tasks (a reconcile step checks every local task).
+pub struct NotTasks {
+    ids: Vec<((u64, u64), String)>,
+}
+
+/// A namespace file's identity (device, inode).
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    let m = fs::metadata(p).ok()?;
+    Some((
+        std::os::unix::fs::MetadataExt::dev(&m),
+        std::os::unix::fs::MetadataExt::ino(&m),
+    ))
+}
+
+impl NotTasks {
+    pub fn read() -> Self {
+        let mut ids = vec![];
+        for (own, what) in [
+            ("/proc/self/ns/net", "netd's own (the node's) namespace"),
+            ("/proc/1/ns/net", "the machine's namespace"),
+        ] {
+            if let Some(id) = file_id(Path::new(own)) {
+                ids.push((id, what.to_string()));
             }
         }
+        if let Ok(entries) = fs::read_dir(NETNS_DIR) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(crate::naming::NETNS_PREFIX) {
+                    if let Some(id) = file_id(&e.path()) {
+                        ids.push((id, format!("netd's own namespace {name}")));
+                    }
+                }
+            }
+        }
+        NotTasks { ids }
     }
-    Ok(())
+
+    /// Checks that `path` is a network namespace a task may have, with a message a user
+    /// can act on (prefixed [`REFUSED`]).
+    pub fn check(&self, path: &Path) -> Result<(), String> {
+        check_netns_path(path).map_err(|e| format!("{REFUSED}{e}"))?;
+        let Some(target) = file_id(path) else {
+            return Err(format!("{REFUSED}netns {}: cannot read it", path.display()));
+        };
+        match self.ids.iter().find(|(id, _)| *id == target) {
+            Some((_, what)) => Err(format!(
+                "{REFUSED}{} is {what}, not a task's",
+                path.display()
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// `_IO(0xb7, 0x3)` from linux/nsfs.h.

@@ -73,6 +73,9 @@ pub struct Reconciler {
     nft_tags: std::sync::Mutex<HashMap<(u64, &'static str), String>>,
     /// The store revision the last finished step applied.
     applied: std::sync::atomic::AtomicU64,
+    /// Handed-over tasks whose runtime has finished with their interface: not asked
+    /// of the kernel again every step.
+    handed: std::sync::Mutex<BTreeSet<String>>,
 }
 
 /// Where a task endpoint's host-side veth lives and what it plugs into.
@@ -104,6 +107,7 @@ impl Reconciler {
             vxlan_foreign: std::sync::atomic::AtomicU64::new(0),
             nft_tags: std::sync::Mutex::new(HashMap::new()),
             applied: std::sync::atomic::AtomicU64::new(0),
+            handed: std::sync::Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -126,6 +130,21 @@ impl Reconciler {
         if let (Some(ino), Ok(mut m)) = (netns_inode(ns), self.nft_tags.lock()) {
             m.insert((ino, table), tag);
         }
+    }
+
+    /// Whether a handed-over task's runtime has set up its interface (remembered once
+    /// it has).
+    async fn handed_over(&self, task: &Task) -> bool {
+        if self.handed.lock().is_ok_and(|h| h.contains(&task.id)) {
+            return true;
+        }
+        let done = runtime_done(task).await;
+        if done {
+            if let Ok(mut h) = self.handed.lock() {
+                h.insert(task.id.clone());
+            }
+        }
+        done
     }
 
     /// VXLAN datagrams dropped on this node because a host that is not a live member of
@@ -313,6 +332,10 @@ impl Reconciler {
         }
 
         // 3. Task endpoints.
+        let not_tasks = netns::NotTasks::read();
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.retain(|id| tasks.iter().any(|t| &t.id == id));
+        }
         for task in &tasks {
             if let Some(bad) = task
                 .endpoints
@@ -325,7 +348,7 @@ impl Reconciler {
                 );
                 continue;
             }
-            if task.handoff && !handed_over(task).await {
+            if task.handoff && !self.handed_over(task).await {
                 match self.ensure_handoff(st, task).await {
                     Ok(()) => {
                         report.pending.insert(task.id.clone());
@@ -338,7 +361,7 @@ impl Reconciler {
             }
             // A namespace that is not a task's (the node's, netd's own) is never plumbed:
             // an attach through another node's API only meets this check here.
-            if let Err(e) = netns::check_task_netns(Path::new(&task.netns)) {
+            if let Err(e) = not_tasks.check(Path::new(&task.netns)) {
                 report.task_errors.insert(task.id.clone(), e);
                 continue;
             }
@@ -1209,7 +1232,7 @@ async fn sweep_links(h: &Handle, stale: impl Fn(&Link) -> bool) -> Result<()> {
 /// Whether the runtime of a handed-over task has finished with the interface it was
 /// given: it sits in the task's namespace, up, with its address (Docker moves, renames,
 /// addresses and raises it in that order; touching it before would race with it).
-async fn handed_over(task: &Task) -> bool {
+async fn runtime_done(task: &Task) -> bool {
     let path = PathBuf::from(&task.netns);
     let Some(ep) = task.endpoints.first().cloned() else {
         return false;

@@ -815,6 +815,28 @@ impl Lab {
         Ok(out)
     }
 
+    /// The tasks of `service`, as node `i`'s `netd task ls` shows them.
+    pub fn tasks_of(&self, i: usize, service: &str) -> Result<Vec<Value>> {
+        Ok(self
+            .cli_json(i, &["task", "ls"])?
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| t["service"] == service)
+            .collect())
+    }
+
+    /// The VIP of `service` on `network`, from node `i`'s `netd service inspect`.
+    pub fn vip(&self, i: usize, service: &str, network: &str) -> Result<Ipv4Addr> {
+        let v = self.cli_json(i, &["service", "inspect", service])?;
+        v["vips"][network]
+            .as_str()
+            .with_context(|| format!("{service} has no VIP on {network}: {v}"))?
+            .parse()
+            .context("VIP address")
+    }
+
     /// The address of task `task` on `network` (or "gwbridge"), from `netd task ls`.
     pub fn task_ip(&self, i: usize, task: &str, network: &str) -> Result<Ipv4Addr> {
         let tasks = self.cli_json(i, &["task", "ls"])?;

@@ -52,17 +52,6 @@ const PROBE: &str = "nslookup web 127.0.0.11; \
     printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 $vip 80; echo ---; ip -o -4 addr show eth0; \
     echo sysctl=$(cat /proc/sys/net/ipv4/conf/eth0/accept_local)";
 
-fn box_tasks(lab: &Lab) -> Result<Vec<Value>> {
-    Ok(lab
-        .cli_json(0, &["task", "ls"])?
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|t| t["service"] == "box")
-        .collect())
-}
-
 fn assert_probe(out: &str, vip: &str) {
     assert!(
         out.contains(&format!("Address: {vip}")) || out.contains(&format!("Address 1: {vip}")),
@@ -82,19 +71,11 @@ fn assert_probe(out: &str, vip: &str) {
     );
 }
 
-fn web_vip(lab: &Lab) -> Result<String> {
-    let svc = lab.cli_json(0, &["service", "inspect", "web"])?;
-    svc["vips"]["front"]
-        .as_str()
-        .map(String::from)
-        .with_context(|| format!("{svc}"))
-}
-
 #[test]
 fn containerd_ctr_run_with_cni_attaches_a_container_as_a_task() -> Result<()> {
     let (lab, conf_dir, plugins, rootfs) = lab("ctrd")?;
     let containerd = Containerd::start(&lab, 0, &conf_dir, &plugins)?;
-    let vip = web_vip(&lab)?;
+    let vip = lab.vip(0, "web", "front")?.to_string();
     // The container lists the netd tasks' view of itself while it runs: its name comes
     // back from netd's DNS as the address on its eth0.
     let script = format!("{PROBE}; echo ---; nslookup box-1 127.0.0.11");
@@ -114,7 +95,7 @@ fn containerd_ctr_run_with_cni_attaches_a_container_as_a_task() -> Result<()> {
         "box-1 is not {own}: {out}"
     );
     // `--rm`: ctr ran DEL when the container ended.
-    assert_eq!(box_tasks(&lab)?, Vec::<Value>::new());
+    assert_eq!(lab.tasks_of(0, "box")?, Vec::<Value>::new());
     drop(containerd);
     Ok(())
 }
@@ -123,7 +104,7 @@ fn containerd_ctr_run_with_cni_attaches_a_container_as_a_task() -> Result<()> {
 fn podman_with_the_cni_backend_attaches_and_rm_detaches() -> Result<()> {
     let (lab, conf_dir, plugins, rootfs) = lab("pod")?;
     let podman = Podman::new(&lab, 0, &conf_dir, &plugins)?;
-    let vip = web_vip(&lab)?;
+    let vip = lab.vip(0, "web", "front")?.to_string();
     let out = check(
         "podman run",
         podman.run(
@@ -134,20 +115,24 @@ fn podman_with_the_cni_backend_attaches_and_rm_detaches() -> Result<()> {
         )?,
     )?;
     assert_probe(&out, &vip);
-    assert_eq!(box_tasks(&lab)?, Vec::<Value>::new(), "--rm left the task");
+    assert_eq!(
+        lab.tasks_of(0, "box")?,
+        Vec::<Value>::new(),
+        "--rm left the task"
+    );
 
     // A detached container is a task named after it until `podman rm`.
     check(
         "podman run -d",
         podman.run("front", &rootfs, &["-d", "--name", "p2"], "sleep 60")?,
     )?;
-    let tasks = box_tasks(&lab)?;
+    let tasks = lab.tasks_of(0, "box")?;
     assert_eq!(tasks.len(), 1, "{tasks:?}");
     assert_eq!(tasks[0]["name"], "p2");
     assert_eq!(tasks[0]["state"], "running");
     check("podman rm", podman.podman(&["rm", "-f", "-t", "0", "p2"])?)?;
     assert_eq!(
-        box_tasks(&lab)?,
+        lab.tasks_of(0, "box")?,
         Vec::<Value>::new(),
         "podman rm left the task"
     );

@@ -15,17 +15,6 @@ use serde_json::Value;
 
 const SUBNET: &str = "198.19.50.0/24";
 
-fn tasks(lab: &Lab, service: &str) -> Result<Vec<Value>> {
-    Ok(lab
-        .cli_json(0, &["task", "ls"])?
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|t| t["service"] == service)
-        .collect())
-}
-
 /// A busybox container on Docker network `network` serving its own name over HTTP on
 /// port 80.
 fn web_container(d: &Dockerd, network: &str, name: &str) -> Result<()> {
@@ -81,7 +70,7 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
     web_container(&d1, "front", "wb").with_context(|| lab.daemon_log(1))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let t = tasks(&lab, "web")?;
+        let t = lab.tasks_of(0, "web")?;
         if t.len() == 2 && t.iter().all(|t| t["state"] == "running") {
             break;
         }
@@ -93,7 +82,8 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let on_node: Vec<(String, String)> = tasks(&lab, "web")?
+    let on_node: Vec<(String, String)> = lab
+        .tasks_of(0, "web")?
         .iter()
         .map(|t| {
             (
@@ -121,8 +111,7 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
             &probe(&a_ip),
         ])?,
     )?;
-    let svc = lab.cli_json(0, &["service", "inspect", "web"])?;
-    let vip = svc["vips"]["front"].as_str().context("web has no VIP")?;
+    let vip = lab.vip(0, "web", "front")?;
     assert!(
         out.contains(&format!("vip={vip}")),
         "web did not resolve to {vip}: {out}"
@@ -143,7 +132,7 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
     );
     assert!(out.contains("eth0    inet 198.19.50."), "{out}");
     assert_eq!(
-        tasks(&lab, "client")?.len(),
+        lab.tasks_of(0, "client")?.len(),
         0,
         "--rm left the client's task"
     );
@@ -197,7 +186,8 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
         ])?,
     )?;
     check("docker start", d1.docker(&["start", "pc"])?)?;
-    let pub_nodes: Vec<Value> = tasks(&lab, "pub")?
+    let pub_nodes: Vec<Value> = lab
+        .tasks_of(0, "pub")?
         .iter()
         .map(|t| t["node"].clone())
         .collect();
@@ -216,7 +206,7 @@ fn docker_containers_on_two_nodes_are_tasks_of_one_netd_service() -> Result<()> 
     assert!(["pa", "pc"].contains(&body.trim()), "{body}");
 
     check("docker rm -f", d0.docker(&["rm", "-f", "wa"])?)?;
-    let left: Vec<Value> = tasks(&lab, "web")?;
+    let left: Vec<Value> = lab.tasks_of(0, "web")?;
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0]["node"], lab.nodes[1].name.as_str());
     drop(d1);

@@ -303,14 +303,7 @@ fn a_task_cannot_use_another_networks_vip_on_either_datapath() -> Result<()> {
         lab.attach_whoami(0, "web", "w", None)?;
         lab.attach_whoami(0, "db", "d", None)?;
         lab.attach_whoami(0, "client", "c", None)?;
-        let vip = |svc: &str, net: &str| -> Result<std::net::Ipv4Addr> {
-            lab.cli_json(0, &["service", "inspect", svc])?["vips"][net]
-                .as_str()
-                .context("no VIP")?
-                .parse()
-                .context("VIP")
-        };
-        let (web, db) = (vip("web", "front")?, vip("db", "back")?);
+        let (web, db) = (lab.vip(0, "web", "front")?, lab.vip(0, "db", "back")?);
         let c = lab.ns("c");
         // Its own network's VIP works ...
         let body = netd_lab::http_get_from(&c, std::net::SocketAddr::from((db, 80)))?;
