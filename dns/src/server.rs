@@ -57,6 +57,18 @@ pub struct Querier {
     pub forward: bool,
 }
 
+/// The forwards one listener (one task) may have in flight at once: an eighth of the
+/// node's [`crate::upstream::MAX_IN_FLIGHT`], so a task flooding names that upstream
+/// answers slowly (or never) is refused past its share while other tasks' forwards still
+/// find free slots; only eight tasks flooding together can fill the node's.
+pub const MAX_FORWARDS_PER_TASK: usize = crate::upstream::MAX_IN_FLIGHT / 8;
+
+/// A listener's querier and its share of the forward slots.
+struct Asker {
+    querier: Querier,
+    forwards: Arc<Semaphore>,
+}
+
 /// Serves `udp` and `tcp` for `querier`. Must run inside a tokio runtime; the std
 /// sockets are switched to non-blocking here.
 pub fn listen(
@@ -69,7 +81,10 @@ pub fn listen(
     tcp.set_nonblocking(true)?;
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     let tcp = TcpListener::from_std(tcp)?;
-    let querier = Arc::new(querier);
+    let querier = Arc::new(Asker {
+        querier,
+        forwards: Arc::new(Semaphore::new(MAX_FORWARDS_PER_TASK)),
+    });
     Ok(Listener {
         tasks: vec![
             tokio::spawn(serve_udp(shared.clone(), querier.clone(), udp)),
@@ -78,21 +93,30 @@ pub fn listen(
     })
 }
 
-fn decide(shared: &Shared, querier: &Querier, packet: &[u8], tcp: bool) -> Action {
+fn decide(shared: &Shared, asker: &Asker, packet: &[u8], tcp: bool) -> Action {
     let action = match shared.table.read() {
-        Ok(table) => message::handle(packet, tcp, &table, &querier.networks),
+        Ok(table) => message::handle(packet, tcp, &table, &asker.querier.networks),
         Err(_) => Action::Drop,
     };
     match action {
-        Action::Forward(request) if !querier.forward => {
+        Action::Forward(request) if !asker.querier.forward => {
             Action::Reply(message::refused(&request, tcp))
         }
         other => other,
     }
 }
 
-/// Asks upstream for `request` and returns the answer for the client.
-async fn forwarded(shared: &Shared, request: &hickory_proto::op::Message, tcp: bool) -> Vec<u8> {
+/// Asks upstream for `request` and returns the answer for the client: REFUSED at once
+/// when the task has used its share of the slots, or the node all of them.
+async fn forwarded(
+    shared: &Shared,
+    asker: &Asker,
+    request: &hickory_proto::op::Message,
+    tcp: bool,
+) -> Vec<u8> {
+    let Ok(_share) = asker.forwards.clone().try_acquire_owned() else {
+        return message::refused(request, tcp);
+    };
     match shared.upstream.forward(request).await {
         Ok(reply) => message::relay(Some(&reply), request, tcp),
         Err(ForwardError::Busy) => message::refused(request, tcp),
@@ -174,7 +198,7 @@ fn generation(shared: &Shared) -> u64 {
     shared.table.read().map(|t| t.generation()).unwrap_or(0)
 }
 
-async fn serve_udp(shared: Arc<Shared>, querier: Arc<Querier>, sock: Arc<UdpSocket>) {
+async fn serve_udp(shared: Arc<Shared>, querier: Arc<Asker>, sock: Arc<UdpSocket>) {
     let fd = sock.as_raw_fd();
     let mut inbox = Inbox::default();
     let mut outbox = Outbox::default();
@@ -210,8 +234,9 @@ async fn serve_udp(shared: Arc<Shared>, querier: Arc<Querier>, sock: Arc<UdpSock
                     Action::Reply(bytes) => outbox.push(&bytes, from),
                     Action::Forward(request) => {
                         let (shared, sock) = (shared.clone(), sock.clone());
+                        let asker = querier.clone();
                         tokio::spawn(async move {
-                            let bytes = forwarded(&shared, &request, false).await;
+                            let bytes = forwarded(&shared, &asker, &request, false).await;
                             let _ = sock.send_to(&bytes, from).await;
                         });
                     }
@@ -223,7 +248,7 @@ async fn serve_udp(shared: Arc<Shared>, querier: Arc<Querier>, sock: Arc<UdpSock
     }
 }
 
-async fn serve_tcp(shared: Arc<Shared>, querier: Arc<Querier>, listener: TcpListener) {
+async fn serve_tcp(shared: Arc<Shared>, querier: Arc<Asker>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNS));
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -250,11 +275,7 @@ async fn serve_tcp(shared: Arc<Shared>, querier: Arc<Querier>, listener: TcpList
 }
 
 /// Queries on one TCP connection (RFC 7766: 2-byte length, then the message).
-async fn serve_conn(
-    shared: &Shared,
-    querier: &Querier,
-    mut conn: TcpStream,
-) -> std::io::Result<()> {
+async fn serve_conn(shared: &Shared, querier: &Asker, mut conn: TcpStream) -> std::io::Result<()> {
     let mut buf = vec![0u8; 65535];
     loop {
         let mut len = [0u8; 2];
@@ -269,7 +290,7 @@ async fn serve_conn(
         }
         let reply = match decide(shared, querier, &buf[..len], true) {
             Action::Reply(bytes) | Action::Answer(bytes) => bytes,
-            Action::Forward(request) => forwarded(shared, &request, true).await,
+            Action::Forward(request) => forwarded(shared, querier, &request, true).await,
             Action::Drop => return Ok(()),
         };
         let Ok(n) = u16::try_from(reply.len()) else {

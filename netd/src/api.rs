@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::datapath::Datapath;
-use crate::model::Task;
+use crate::model::{Protocol, Task};
 use crate::netns;
 use crate::reconcile::{Reconciler, Report};
 use crate::state::{self, Error, NetworkCreate, Pools, ServiceCreate, State, TaskAttach};
@@ -204,6 +204,10 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             // Accepted only from the other live nodes' underlay addresses.
             "vxlan_from_non_members_dropped": d.reconciler.vxlan_foreign_dropped().await,
         },
+        "tasks": {
+            // New connections from tasks to the node itself or the store, refused.
+            "to_node_dropped": d.reconciler.task_to_node_dropped().await,
+        },
     })))
 }
 
@@ -378,9 +382,31 @@ fn load_balancer_view(d: &Daemon, st: &State, svc: &crate::model::Service) -> Va
 
 async fn service_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
     let req: ServiceCreate = body(&bytes)?;
+    if !req.force {
+        crate::node_ports::check(&req.publish, &served_ports(&d))
+            .map_err(state::Error::Conflict)?;
+    }
     let svc = state::create_service(d.store.as_ref(), &d.pools, req).await?;
     settle(&d, svc.revision).await?;
     Ok((StatusCode::CREATED, Json(svc.value)).into_response())
+}
+
+/// What this node serves itself: its listening sockets, netd's TCP API, the VXLAN port
+/// and the store's endpoints (which may be on this node).
+fn served_ports(d: &Daemon) -> std::collections::BTreeSet<(Protocol, u16)> {
+    let mut served = crate::node_ports::listening();
+    let cfg = d.reconciler.config();
+    served.insert((Protocol::Udp, cfg.vxlan_port));
+    served.extend(cfg.protected.iter().map(|e| (Protocol::Tcp, e.port())));
+    if let Some(port) = d
+        .api
+        .strip_prefix("tcp:")
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+    {
+        served.insert((Protocol::Tcp, port));
+    }
+    served
 }
 
 async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {

@@ -20,6 +20,10 @@ pub struct Cli {
     /// Where the API is: unix:PATH or tcp:ADDR.
     #[arg(long, global = true, env = "NETD_API", default_value = DEFAULT_API)]
     pub api: String,
+    /// Mutual TLS for a `tcp:` API: the daemon serves with these files, the CLI
+    /// connects with them.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsFiles,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
     pub output: Output,
@@ -93,6 +97,9 @@ pub enum ServiceCmd {
         publish: Vec<String>,
         #[arg(long = "alias")]
         aliases: Vec<String>,
+        /// Publish a port even though the node serves it itself (sshd, etcd, the API).
+        #[arg(long)]
+        force: bool,
     },
     #[command(alias = "list")]
     Ls,
@@ -134,7 +141,7 @@ pub enum NodeCmd {
 
 /// Runs one client command and prints its result.
 pub fn run(cli: &Cli) -> Result<()> {
-    let c = Client::new(&cli.api);
+    let c = Client::new(&cli.api).with_tls(&cli.tls);
     let out = cli.output;
     match &cli.command {
         Command::Daemon(_) => bail!("the daemon is started by main"),
@@ -208,6 +215,7 @@ fn service(c: &Client, out: Output, cmd: &ServiceCmd) -> Result<()> {
             endpoint_mode,
             publish,
             aliases,
+            force,
         } => {
             let publish = publish
                 .iter()
@@ -217,7 +225,7 @@ fn service(c: &Client, out: Output, cmd: &ServiceCmd) -> Result<()> {
             let v = c.post(
                 "/v1/services",
                 &json!({"name": name, "networks": networks, "endpoint_mode": endpoint_mode,
-                        "publish": publish, "aliases": aliases}),
+                        "publish": publish, "aliases": aliases, "force": force}),
             )?;
             print_created(out, &v);
         }

@@ -10,8 +10,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
+use crate::tls::TlsFiles;
+
 pub struct Client {
     api: String,
+    tls: TlsFiles,
 }
 
 /// An error the API returned, kept apart so the CLI can print it cleanly.
@@ -37,7 +40,14 @@ impl Client {
     pub fn new(api: &str) -> Self {
         Client {
             api: api.to_string(),
+            tls: TlsFiles::default(),
         }
+    }
+
+    /// The files a `tcp:` API is reached with (a unix socket needs none).
+    pub fn with_tls(mut self, tls: &TlsFiles) -> Self {
+        self.tls = tls.clone();
+        self
     }
 
     fn connect(&self) -> Result<Box<dyn Stream>> {
@@ -49,10 +59,16 @@ impl Client {
             s.set_read_timeout(timeout)?;
             Ok(Box::new(s))
         } else if let Some(addr) = self.api.strip_prefix("tcp:") {
+            // Refused before any byte is sent: a plaintext request would carry the
+            // caller's intent to a server that must not act on it anyway.
+            let config = self.tls.client_config()?;
+            let name = crate::tls::server_name(addr)?;
             let s =
                 TcpStream::connect(addr).with_context(|| format!("cannot reach netd at {addr}"))?;
             s.set_read_timeout(timeout)?;
-            Ok(Box::new(s))
+            let conn = rustls::ClientConnection::new(config, name)
+                .with_context(|| format!("TLS towards {addr}"))?;
+            Ok(Box::new(rustls::StreamOwned::new(conn, s)))
         } else {
             bail!("--api must be unix:PATH or tcp:ADDR, got {:?}", self.api)
         }

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,15 +21,30 @@ use crate::model::{self, Node};
 use crate::reconcile::{NodeConfig, Reconciler};
 use crate::state::{self, Pools};
 use crate::store;
+use crate::tls::TlsFiles;
 
 pub const DEFAULT_API: &str = "unix:/run/netd/netd.sock";
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// Where desired state lives: local:DIR (embedded, crash-safe, one node) or
-    /// etcd://HOST:PORT[,HOST:PORT...] (a cluster).
+    /// etcd://[USER[:PASSWORD]@]HOST:PORT[,HOST:PORT...] (a cluster; etcd+https:// for
+    /// TLS). The password can come from NETD_STORE_PASSWORD instead.
     #[arg(long, default_value = "local:/var/lib/netd")]
     pub store: String,
+    /// Let tasks open connections to this node's own addresses and to the store (by
+    /// default they reach neither: only the outside, through the gwbridge).
+    #[arg(long)]
+    pub allow_tasks_to_node: bool,
+    /// CA certificate (PEM) etcd's certificate must be signed by; implies TLS.
+    #[arg(long, env = "NETD_STORE_CA")]
+    pub store_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd with --client-cert-auth.
+    #[arg(long, env = "NETD_STORE_CERT")]
+    pub store_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "NETD_STORE_KEY")]
+    pub store_key: Option<PathBuf>,
     /// This node's name (a DNS label); defaults to the host name.
     #[arg(long)]
     pub node: Option<String>,
@@ -49,6 +64,14 @@ pub struct DaemonArgs {
     /// the driver takes it, else generic), native, generic, or off (kernel path only).
     #[arg(long, default_value = "auto")]
     pub xdp: crate::datapath::xdp::Setting,
+    /// Flows the userspace datapath tracks per overlay network at most; new flows beyond
+    /// are refused (established ones are never evicted).
+    #[arg(
+        long,
+        default_value_t = datapath::conntrack::DEFAULT_MAX_FLOWS as u32,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub userspace_conntrack_max: u32,
     /// Pool that network subnets are carved from when none is given (Docker: 10.0.0.0/8).
     #[arg(long, default_value = "10.0.0.0/8")]
     pub address_pool: Ipv4Network,
@@ -101,16 +124,33 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "node".into())
 }
 
+/// DNS forwards (a socket each, up to 1024 at once), DNS TCP connections and per-task
+/// listeners add up on a busy node: take the hard limit of open files, as dockerd and
+/// containerd do, instead of the 1024 a shell or an init system's default leaves.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("raise the open-files limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("read the open-files limit: {e}"),
+    }
+}
+
 /// How long a starting daemon waits for an unreachable etcd (a node booting before etcd
 /// answers) before it gives up.
 const STORE_WAIT: Duration = Duration::from_secs(30);
 
-async fn open_store(spec: &str) -> Result<Arc<dyn store::Store>> {
+async fn open_store(spec: &str, tls: &store::etcd::StoreTls) -> Result<Arc<dyn store::Store>> {
     let deadline = tokio::time::Instant::now() + STORE_WAIT;
+    let password = std::env::var("NETD_STORE_PASSWORD").ok();
     loop {
-        match store::open(spec).await {
+        match store::open(spec, tls, password.as_deref()).await {
             Ok(s) => return Ok(Arc::from(s)),
-            Err(e @ store::StoreError::Etcd { .. }) if tokio::time::Instant::now() < deadline => {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::warn!("{e}; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -147,11 +187,10 @@ fn dns_config(args: &DaemonArgs) -> Result<DnsConfig> {
     })
 }
 
-/// The address this node's traffic towards `endpoint` (an etcd URL) leaves from: the
+/// The address this node's traffic towards `hostport` (etcd's) leaves from: the
 /// underlay address other nodes can reach, when `--advertise-addr` is not given. A
 /// connected UDP socket only asks the routing table; no packet is sent.
-fn source_address_towards(endpoint: &str) -> Result<Ipv4Addr> {
-    let hostport = endpoint.trim_start_matches("http://");
+fn source_address_towards(hostport: &str) -> Result<Ipv4Addr> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("bind probe socket")?;
     sock.connect(hostport)
         .with_context(|| format!("no route towards etcd {hostport}: give --advertise-addr"))?;
@@ -164,7 +203,9 @@ fn source_address_towards(endpoint: &str) -> Result<Ipv4Addr> {
     }
 }
 
-pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
+pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()> {
+    let api = ApiSpec::parse(api_spec, tls)?;
+    raise_open_files_limit();
     let node = args.node.clone().unwrap_or_else(hostname);
     model::validate_dns_label("node", &node).map_err(anyhow::Error::msg)?;
     if args.pool_size < args.address_pool.prefix() || args.pool_size > 30 {
@@ -174,19 +215,30 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             args.address_pool
         );
     }
-    let store = open_store(&args.store)
+    let store_tls = store::etcd::StoreTls {
+        ca: args.store_ca.clone(),
+        cert: args.store_cert.clone(),
+        key: args.store_key.clone(),
+    };
+    let store = open_store(&args.store, &store_tls)
         .await
         .with_context(|| format!("open store {}", args.store))?;
     let address = match args.advertise_addr {
         Some(a) => Some(a),
-        None => store::etcd::parse_endpoints(&args.store)
+        None => store::etcd::parse_spec(&args.store, Some(""))
             .ok()
-            .and_then(|e| e.first().cloned())
-            .map(|e| source_address_towards(&e))
+            .and_then(|s| s.endpoints.first().cloned())
+            .map(|e| source_address_towards(store::etcd::host_port(&e)))
             .transpose()?,
     };
     let overlay_mtu = args.underlay_mtu - 50;
-    let datapath = datapath::open(args.datapath, &node, args.cgroup.clone(), overlay_mtu)?;
+    let datapath = datapath::open(
+        args.datapath,
+        &node,
+        args.cgroup.clone(),
+        overlay_mtu,
+        args.userspace_conntrack_max as usize,
+    )?;
     tracing::info!(
         node,
         datapath = datapath.status().active,
@@ -253,6 +305,15 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
             vxlan_port: args.vxlan_port,
             overlay_mtu,
             bridge_mtu: args.underlay_mtu,
+            tasks_reach_node: args.allow_tasks_to_node,
+            protected: store::etcd::parse_spec(&args.store, Some(""))
+                .map(|s| {
+                    s.endpoints
+                        .iter()
+                        .filter_map(|e| store::etcd::host_port(e).parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default(),
         },
         Some(dns.clone()),
         Some(datapath.clone()),
@@ -305,7 +366,8 @@ pub async fn run(args: DaemonArgs, api_spec: &str) -> Result<()> {
         }
         tracing::info!("shutting down; kernel state stays in place");
     };
-    let serve_result = serve(app, api_spec, &node, shutdown).await;
+    tracing::info!(node, api = api_spec, "netd is serving");
+    let serve_result = api.serve(app, shutdown).await;
     // Tell the cluster at once rather than after the lease TTL.
     if let Err(e) = daemon_store.withdraw_ephemeral().await {
         tracing::warn!("withdraw liveness: {e}");
@@ -339,32 +401,57 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-async fn serve(
-    app: axum::Router,
-    api_spec: &str,
-    node: &str,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    if let Some(path) = api_spec.strip_prefix("unix:") {
-        let path = Path::new(path);
-        let listener = bind_unix(path)?;
-        tracing::info!(node, api = api_spec, "netd is serving");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serve API")?;
-        let _ = std::fs::remove_file(path);
-    } else if let Some(addr) = api_spec.strip_prefix("tcp:") {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("bind API address {addr}"))?;
-        tracing::info!(node, api = api_spec, "netd is serving");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serve API")?;
-    } else {
-        bail!("--api must be unix:PATH or tcp:ADDR, got {api_spec:?}");
+/// Where the API is served. Checked before anything else happens, so that a wrong
+/// `--api` (or a TCP API without TLS) stops the daemon before it touches the store or the
+/// kernel; bound only at the end, once the daemon can answer (and, for a unix socket,
+/// once the store's lock proved no other daemon owns it).
+enum ApiSpec {
+    Unix(std::path::PathBuf),
+    Tls(String, Arc<rustls::ServerConfig>),
+}
+
+impl ApiSpec {
+    fn parse(api_spec: &str, tls: &TlsFiles) -> Result<Self> {
+        if let Some(path) = api_spec.strip_prefix("unix:") {
+            if !tls.is_empty() {
+                tracing::warn!("--tls-* apply to a tcp: API only; unix:{path} is 0600 root");
+            }
+            Ok(ApiSpec::Unix(path.into()))
+        } else if let Some(addr) = api_spec.strip_prefix("tcp:") {
+            let config = tls
+                .server_config()
+                .context("refusing to serve the API on TCP without mutual TLS")?;
+            Ok(ApiSpec::Tls(addr.to_string(), config))
+        } else {
+            bail!("--api must be unix:PATH or tcp:ADDR, got {api_spec:?}");
+        }
     }
-    Ok(())
+
+    async fn serve(
+        self,
+        app: axum::Router,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        match self {
+            ApiSpec::Unix(path) => {
+                let listener = bind_unix(&path)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .context("serve API")?;
+                let _ = std::fs::remove_file(path);
+            }
+            ApiSpec::Tls(addr, config) => {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("bind API address {addr}"))?;
+                let listener = crate::tls::TlsListener::new(listener, config)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .context("serve API")?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        return match runtime.block_on(netd::daemon::run(args, &cli.api)) {
+        return match runtime.block_on(netd::daemon::run(args, &cli.api, &cli.tls)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("netd daemon: {e:#}");

@@ -114,10 +114,20 @@ pub struct Ruleset {
     /// dropped before the VXLAN device sees them (CVE-2023-28840's class: whoever can
     /// send UDP 4789 must not inject frames into a network).
     pub vxlan_members: Vec<std::net::Ipv4Addr>,
+    /// Tasks (on the gwbridge and bridge networks) may open connections to the node
+    /// itself (`--allow-tasks-to-node`). When false, a new connection from a task to any
+    /// of the node's addresses, or to one of `protected` (the store), is counted
+    /// ([`TASK_TO_NODE`]) and dropped: whoever runs in a task must not reach etcd, the
+    /// API or ssh just because the node routes its egress.
+    pub tasks_reach_node: bool,
+    /// Services beyond the node that tasks must not reach (etcd's endpoints).
+    pub protected: Vec<std::net::SocketAddrV4>,
 }
 
 /// The named counter of VXLAN datagrams dropped because a non-member sent them.
 pub const VXLAN_FOREIGN: &str = "vxlan_foreign";
+/// The named counter of new connections from tasks to the node or the store, dropped.
+pub const TASK_TO_NODE: &str = "task_to_node";
 
 impl Ruleset {
     pub fn is_empty(&self) -> bool {
@@ -164,6 +174,28 @@ impl Ruleset {
                 ));
             }
         }
+        let mut input = vec![];
+        if !self.tasks_reach_node {
+            for b in &all {
+                let i = &b.ifname;
+                for p in &self.protected {
+                    forward.push(format!(
+                        "iifname \"{i}\" ip daddr {} tcp dport {} counter name \"{TASK_TO_NODE}\" drop",
+                        p.ip(),
+                        p.port()
+                    ));
+                }
+                // Answers to the node's own connections, and ICMP (errors, ping of the
+                // gateway), still come in.
+                input.push(format!(
+                    "iifname \"{i}\" ct state established,related accept"
+                ));
+                input.push(format!("iifname \"{i}\" meta l4proto icmp accept"));
+                input.push(format!(
+                    "iifname \"{i}\" counter name \"{TASK_TO_NODE}\" drop"
+                ));
+            }
+        }
         if let Some(gw) = &self.gwbridge {
             // Docker's icc=false for the gwbridge: tasks use it for egress only, never to
             // reach each other routed through the node. (Bridged between ports, the
@@ -191,21 +223,21 @@ impl Ruleset {
             .iter()
             .map(|p| format!("udp dport {p} notrack"))
             .collect();
-        let input: Vec<String> = self
-            .untracked_udp
-            .iter()
-            .map(|p| match self.vxlan_members.as_slice() {
-                [] => format!("udp dport {p} counter name \"{VXLAN_FOREIGN}\" drop"),
-                members => format!(
-                    "udp dport {p} ip saddr != {{ {} }} counter name \"{VXLAN_FOREIGN}\" drop",
-                    members
-                        .iter()
-                        .map(|m| m.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            })
-            .collect();
+        input.extend(
+            self.untracked_udp
+                .iter()
+                .map(|p| match self.vxlan_members.as_slice() {
+                    [] => format!("udp dport {p} counter name \"{VXLAN_FOREIGN}\" drop"),
+                    members => format!(
+                        "udp dport {p} ip saddr != {{ {} }} counter name \"{VXLAN_FOREIGN}\" drop",
+                        members
+                            .iter()
+                            .map(|m| m.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }),
+        );
         let indent = |rules: &[String]| {
             rules
                 .iter()
@@ -222,6 +254,7 @@ impl Ruleset {
              \tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{}\t}}\n\
              \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n\
              \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
+             \tcounter {TASK_TO_NODE} {{\n\t}}\n\
              \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n{}\t}}\n}}\n",
             indent(&dnat),
             indent(&dnat_output),
@@ -285,6 +318,8 @@ pub struct Applied {
     /// The [`VXLAN_FOREIGN`] count of the table it replaced (a replaced table starts
     /// counting from zero, so the caller keeps the sum).
     pub vxlan_foreign_before: u64,
+    /// The same for [`TASK_TO_NODE`].
+    pub task_to_node_before: u64,
 }
 
 /// Makes the kernel's netd tables match `rules` (removing them when there are none).
@@ -299,10 +334,11 @@ pub fn apply(rules: &Ruleset) -> Result<Applied> {
     if unchanged {
         return Ok(Applied::default());
     }
-    let before = match current {
-        Some(_) => counter(VXLAN_FOREIGN).unwrap_or(0),
+    let before = |name| match current {
+        Some(_) => counter(name).unwrap_or(0),
         None => 0,
     };
+    let (vxlan_foreign_before, task_to_node_before) = (before(VXLAN_FOREIGN), before(TASK_TO_NODE));
     if rules.is_empty() {
         nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
     } else {
@@ -310,7 +346,8 @@ pub fn apply(rules: &Ruleset) -> Result<Applied> {
     }
     Ok(Applied {
         changed: true,
-        vxlan_foreign_before: before,
+        vxlan_foreign_before,
+        task_to_node_before,
     })
 }
 
@@ -436,6 +473,30 @@ mod tests {
             subnet: subnet.parse().unwrap(),
             internal,
         }
+    }
+
+    #[test]
+    fn tasks_reach_neither_the_node_nor_the_store_unless_allowed() {
+        let mut r = Ruleset {
+            gwbridge: Some(bridge("netd_gwbridge", "198.18.1.0/24", false)),
+            protected: vec!["198.18.0.2:2379".parse().unwrap()],
+            ..Default::default()
+        };
+        let s = r.render();
+        let fwd = &s[s.find("chain forward").unwrap()..s.find("chain raw_prerouting").unwrap()];
+        let input = &s[s.find("chain input").unwrap()..];
+        assert!(fwd.contains(
+            r#"iifname "netd_gwbridge" ip daddr 198.18.0.2 tcp dport 2379 counter name "task_to_node" drop"#
+        ));
+        let accept = input
+            .find(r#"iifname "netd_gwbridge" ct state established,related accept"#)
+            .expect("answers to the node's own connections");
+        let drop = input
+            .find(r#"iifname "netd_gwbridge" counter name "task_to_node" drop"#)
+            .expect("new connections to the node dropped");
+        assert!(accept < drop);
+        r.tasks_reach_node = true;
+        assert!(!r.render().contains(r#"name "task_to_node" drop"#));
     }
 
     #[test]

@@ -37,6 +37,20 @@ pub struct NodeConfig {
     /// Underlay MTU minus the 50 bytes of VXLAN encapsulation.
     pub overlay_mtu: u32,
     pub bridge_mtu: u32,
+    /// `--allow-tasks-to-node`: see [`nftables::Ruleset::tasks_reach_node`].
+    pub tasks_reach_node: bool,
+    /// The store's endpoints, which tasks must not reach.
+    pub protected: Vec<std::net::SocketAddrV4>,
+}
+
+/// A named counter of the node's netd table, plus what the tables it replaced had counted.
+async fn counted(name: &'static str, replaced: &std::sync::atomic::AtomicU64) -> u64 {
+    let now = tokio::task::spawn_blocking(move || nftables::counter(name))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    now + replaced.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What the last reconcile could not do, per task id; surfaced by `netd task ls`.
@@ -66,6 +80,8 @@ pub struct Reconciler {
     /// VXLAN datagrams from non-members dropped by node rulesets that were replaced since
     /// start (each new ruleset counts from zero).
     vxlan_foreign: std::sync::atomic::AtomicU64,
+    /// The same for tasks' connections to the node or the store.
+    task_to_node: std::sync::atomic::AtomicU64,
     /// The nftables tag last applied per (namespace inode, table): a step started by a
     /// change trusts it and spawns no `nft` for a table whose rules did not change; the
     /// periodic step reads the kernel again (and repairs drift), as does any step for a
@@ -105,6 +121,7 @@ impl Reconciler {
             step: Mutex::new(()),
             last: std::sync::Mutex::new(Report::default()),
             vxlan_foreign: std::sync::atomic::AtomicU64::new(0),
+            task_to_node: std::sync::atomic::AtomicU64::new(0),
             nft_tags: std::sync::Mutex::new(HashMap::new()),
             applied: std::sync::atomic::AtomicU64::new(0),
             handed: std::sync::Mutex::new(BTreeSet::new()),
@@ -147,17 +164,21 @@ impl Reconciler {
         done
     }
 
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
     /// VXLAN datagrams dropped on this node because a host that is not a live member of
     /// the cluster sent them (since netd started), for `netd status`.
     pub async fn vxlan_foreign_dropped(&self) -> u64 {
-        let now = tokio::task::spawn_blocking(|| nftables::counter(nftables::VXLAN_FOREIGN))
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0);
-        now + self
-            .vxlan_foreign
-            .load(std::sync::atomic::Ordering::Relaxed)
+        counted(nftables::VXLAN_FOREIGN, &self.vxlan_foreign).await
+    }
+
+    /// New connections from tasks to this node or the store, dropped (since netd
+    /// started), for `netd status`.
+    pub async fn task_to_node_dropped(&self) -> u64 {
+        counted(nftables::TASK_TO_NODE, &self.task_to_node).await
     }
 
     /// The XDP fast path, for `netd status`.
@@ -424,6 +445,8 @@ impl Reconciler {
             masquerade_out: vec![],
             untracked_udp: (!overlays.is_empty()).then_some(self.cfg.vxlan_port),
             vxlan_members: vxlan_members(st, node),
+            tasks_reach_node: self.cfg.tasks_reach_node,
+            protected: self.cfg.protected.clone(),
             gwbridge: needs_gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
                 subnet: self.cfg.gwbridge_subnet,
@@ -449,6 +472,10 @@ impl Reconciler {
                 self.nft_applied(&Netns::Home, "ip", tag);
                 self.vxlan_foreign.fetch_add(
                     applied.vxlan_foreign_before,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                self.task_to_node.fetch_add(
+                    applied.task_to_node_before,
                     std::sync::atomic::Ordering::Relaxed,
                 );
             }

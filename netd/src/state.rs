@@ -110,6 +110,9 @@ pub struct ServiceCreate {
     pub aliases: Vec<String>,
     #[serde(default)]
     pub publish: Vec<PortSpec>,
+    /// Publish ports the node serves itself (see [`crate::node_ports`]).
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

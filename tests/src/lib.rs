@@ -11,6 +11,7 @@
 //! external hosts .100 up), each node's gwbridge 198.18.1.0/24, network subnets from
 //! 198.19.0.0/16.
 
+pub mod pki;
 pub mod runtimes;
 pub mod whoami;
 
@@ -118,12 +119,54 @@ pub struct NodeHandle {
     pub ip: Ipv4Addr,
     pub dir: PathBuf,
     pub daemon: Option<Child>,
+    /// Serve the API on TCP with mutual TLS instead of the unix socket (from the next
+    /// start of the daemon); the CLI then runs in the node's namespace with `client`.
+    pub tls_api: Option<TlsApi>,
+}
+
+/// A node's API on `tcp:NODE_IP:port`, with the files of both sides.
+#[derive(Debug, Clone)]
+pub struct TlsApi {
+    pub port: u16,
+    pub daemon: pki::Identity,
+    pub client: pki::Identity,
 }
 
 impl NodeHandle {
     pub fn api(&self) -> String {
-        format!("unix:{}", self.dir.join("netd.sock").display())
+        match &self.tls_api {
+            Some(t) => format!("tcp:{}:{}", self.ip, t.port),
+            None => format!("unix:{}", self.dir.join("netd.sock").display()),
+        }
     }
+
+    /// The `netd` CLI aimed at this node's API.
+    fn cli_command(&self, netd: &Path) -> Command {
+        let mut cmd = match &self.tls_api {
+            Some(t) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &self.netns])
+                    .arg(netd)
+                    .env("NETD_TLS_CA", &t.client.ca)
+                    .env("NETD_TLS_CERT", &t.client.cert)
+                    .env("NETD_TLS_KEY", &t.client.key);
+                cmd
+            }
+            None => Command::new(netd),
+        };
+        cmd.env("NETD_API", self.api());
+        cmd
+    }
+}
+
+/// An etcd that wants a client certificate and a password (`Lab::secure_cluster`).
+struct SecureStore {
+    server: pki::Identity,
+    client: pki::Identity,
+    /// The password of etcd user `netd`.
+    password: String,
+    /// Authentication was enabled (it stays enabled in etcd's data across restarts).
+    auth_enabled: bool,
 }
 
 pub struct Lab {
@@ -138,6 +181,11 @@ pub struct Lab {
     lab_bin: PathBuf,
     /// The etcd of a cluster lab: its namespace and, while it runs, its process.
     etcd: Option<(String, Option<Child>)>,
+    /// The etcd wants TLS and a password.
+    secure_store: Option<SecureStore>,
+    /// More arguments for every daemon started from now on.
+    pub daemon_args: Vec<String>,
+    pki: Option<pki::Pki>,
     /// `--datapath` of every daemon.
     pub datapath: String,
     /// `--xdp` of every daemon.
@@ -181,13 +229,29 @@ impl Lab {
         datapath: &str,
         xdp: &str,
     ) -> Result<Lab> {
-        Self::build_full(tag, nodes, etcd, datapath, xdp, false)
+        Self::build_full(tag, nodes, etcd, datapath, xdp, false, false)
+    }
+
+    /// A cluster whose etcd serves only TLS with client certificates and has
+    /// authentication on: the daemons connect as user `netd` (password from
+    /// `NETD_STORE_PASSWORD`) with a certificate of the lab's CA.
+    pub fn secure_cluster(tag: &str, nodes: usize) -> Result<Lab> {
+        Self::build_full(tag, nodes, true, "auto", "auto", false, true)
+    }
+
+    /// The lab's certificate authority (made on first use; its files in the lab's
+    /// directory).
+    pub fn pki(&mut self) -> Result<&pki::Pki> {
+        if self.pki.is_none() {
+            self.pki = Some(pki::Pki::new(&self.dir.join("pki"), "lab")?);
+        }
+        self.pki.as_ref().context("the lab's CA")
     }
 
     /// A cluster on etcd whose daemons serve Docker's plugin protocols (see
     /// [`runtimes::Dockerd`]).
     pub fn docker_cluster(tag: &str, nodes: usize) -> Result<Lab> {
-        Self::build_full(tag, nodes, true, "auto", "auto", true)
+        Self::build_full(tag, nodes, true, "auto", "auto", true, false)
     }
 
     fn build_full(
@@ -197,6 +261,7 @@ impl Lab {
         datapath: &str,
         xdp: &str,
         docker_plugin: bool,
+        secure_store: bool,
     ) -> Result<Lab> {
         let rnd: u32 = rand::random::<u32>() % 0xfffff;
         let prefix = format!("{LAB_MARK}{tag}{rnd:05x}");
@@ -212,6 +277,9 @@ impl Lab {
             netd: binary("netd")?,
             lab_bin: binary("netd-lab")?,
             etcd: None,
+            secure_store: None,
+            daemon_args: vec![],
+            pki: None,
             datapath: datapath.to_string(),
             xdp: xdp.to_string(),
             deny_bpf: false,
@@ -240,6 +308,15 @@ impl Lab {
             let name = format!("{}-etcd", lab.prefix);
             lab.plug_underlay(&name, ETCD_HOST)?;
             lab.etcd = Some((name, None));
+            if secure_store {
+                let pki = lab.pki()?;
+                lab.secure_store = Some(SecureStore {
+                    server: pki.issue("etcd", &[underlay_ip(ETCD_HOST)])?,
+                    client: pki.issue("netd-store", &[])?,
+                    password: format!("pw-{:08x}", rand::random::<u32>()),
+                    auth_enabled: false,
+                });
+            }
             lab.start_etcd()?;
         }
         for i in 0..nodes {
@@ -251,11 +328,14 @@ impl Lab {
         Ok(lab)
     }
 
-    /// `etcd://…` of the lab's etcd; None for a lab of local stores.
+    /// `etcd://…` of the lab's etcd (`etcd+https://netd@…` for a secure one); None for
+    /// a lab of local stores.
     pub fn etcd_spec(&self) -> Option<String> {
-        self.etcd
-            .as_ref()
-            .map(|_| format!("etcd://{}:2379", underlay_ip(ETCD_HOST)))
+        let ip = underlay_ip(ETCD_HOST);
+        self.etcd.as_ref().map(|_| match &self.secure_store {
+            Some(_) => format!("etcd+https://netd@{ip}:2379"),
+            None => format!("etcd://{ip}:2379"),
+        })
     }
 
     /// Starts (or restarts, on the same data) the lab's etcd and waits until it answers.
@@ -267,6 +347,12 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.dir.join("etcd.log"))?;
+        let scheme = if self.secure_store.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client_url = format!("{scheme}://{ip}:2379");
         let url = |port: u16| format!("http://{ip}:{port}");
         let mut cmd = Command::new("etcd");
         cmd.args([
@@ -275,9 +361,9 @@ impl Lab {
             "--data-dir",
             &self.dir.join("etcd").display().to_string(),
             "--listen-client-urls",
-            &url(2379),
+            &client_url,
             "--advertise-client-urls",
-            &url(2379),
+            &client_url,
             "--listen-peer-urls",
             &url(2380),
             "--initial-advertise-peer-urls",
@@ -290,6 +376,15 @@ impl Lab {
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
+        if let Some(s) = &self.secure_store {
+            cmd.arg("--cert-file")
+                .arg(&s.server.cert)
+                .arg("--key-file")
+                .arg(&s.server.key)
+                .arg("--trusted-ca-file")
+                .arg(&s.server.ca)
+                .arg("--client-cert-auth");
+        }
         let child =
             spawn_in_netns(&mut cmd, &netns).context("start etcd (Debian package etcd-server)")?;
         if let Some(e) = self.etcd.as_mut() {
@@ -305,7 +400,7 @@ impl Lab {
                 .is_ok())
             })?;
             if up {
-                return Ok(());
+                return self.enable_store_auth();
             }
             if Instant::now() > deadline {
                 bail!(
@@ -315,6 +410,81 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Turns on a secure etcd's authentication, once: user `root` (required by etcd), and
+    /// user `netd` whose role may read and write `/netd/` only.
+    fn enable_store_auth(&mut self) -> Result<()> {
+        let Some(s) = self.secure_store.as_ref().filter(|s| !s.auth_enabled) else {
+            return Ok(());
+        };
+        let b64 = |k: &str| base64_encode(k.as_bytes());
+        let steps = [
+            (
+                "user/add",
+                serde_json::json!({"name": "root", "password": s.password}),
+            ),
+            (
+                "user/grant",
+                serde_json::json!({"user": "root", "role": "root"}),
+            ),
+            ("role/add", serde_json::json!({"name": "netd"})),
+            (
+                "role/grant",
+                serde_json::json!({"name": "netd", "perm": {
+                    "permType": "READWRITE", "key": b64("/netd/"), "range_end": b64("/netd0")}}),
+            ),
+            (
+                "user/add",
+                serde_json::json!({"name": "netd", "password": s.password}),
+            ),
+            (
+                "user/grant",
+                serde_json::json!({"user": "netd", "role": "netd"}),
+            ),
+            ("enable", serde_json::json!({})),
+        ];
+        for (path, body) in steps {
+            let out = self.etcd_gateway(&s.client, &format!("auth/{path}"), &body, None)?;
+            if out.contains("\"error\"") {
+                bail!("etcd auth/{path}: {out}");
+            }
+        }
+        if let Some(s) = self.secure_store.as_mut() {
+            s.auth_enabled = true;
+        }
+        Ok(())
+    }
+
+    /// A request to a secure etcd's JSON gateway with curl (a real client), from the
+    /// etcd's own namespace, with the certificate `id` and, if given, an auth token.
+    pub fn etcd_gateway(
+        &self,
+        id: &pki::Identity,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<String> {
+        let (netns, _) = self.etcd.as_ref().context("this lab has no etcd")?;
+        let url = format!("https://{}:2379/v3/{path}", underlay_ip(ETCD_HOST));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, "curl", "-sS", "--max-time", "5"])
+            .arg("--cacert")
+            .arg(&id.ca)
+            .arg("--cert")
+            .arg(&id.cert)
+            .arg("--key")
+            .arg(&id.key)
+            .args(["-X", "POST", "-d", &body.to_string(), &url]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: {t}")]);
+        }
+        let out = cmd.output().context("run curl")?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     /// Stops the lab's etcd (SIGTERM, or SIGKILL when `kill`); its data stays.
@@ -364,6 +534,7 @@ impl Lab {
             ip: underlay_ip(host),
             dir,
             daemon: None,
+            tls_api: None,
         });
         self.plug_underlay(&name, host)
     }
@@ -512,6 +683,24 @@ impl Lab {
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
+        cmd.args(&self.daemon_args);
+        if let Some(s) = &self.secure_store {
+            cmd.arg("--store-ca")
+                .arg(&s.client.ca)
+                .arg("--store-cert")
+                .arg(&s.client.cert)
+                .arg("--store-key")
+                .arg(&s.client.key)
+                .env("NETD_STORE_PASSWORD", &s.password);
+        }
+        if let Some(t) = &node.tls_api {
+            cmd.arg("--tls-ca")
+                .arg(&t.daemon.ca)
+                .arg("--tls-cert")
+                .arg(&t.daemon.cert)
+                .arg("--tls-key")
+                .arg(&t.daemon.key);
+        }
         if self.docker_plugin {
             cmd.arg("--docker-plugin")
                 .arg(node.dir.join("run/docker/plugins/netd.sock"));
@@ -561,9 +750,9 @@ impl Lab {
 
     /// Runs the `netd` CLI against node `i`; Err carries the CLI's stderr.
     pub fn cli(&self, i: usize, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.netd)
+        let out = self.nodes[i]
+            .cli_command(&self.netd)
             .args(args)
-            .env("NETD_API", self.nodes[i].api())
             .output()
             .context("run netd CLI")?;
         if !out.status.success() {
@@ -582,9 +771,9 @@ impl Lab {
     pub fn cli_json(&self, i: usize, args: &[&str]) -> Result<Value> {
         let mut full = vec!["--output", "json"];
         full.extend_from_slice(args);
-        let out = Command::new(&self.netd)
+        let out = self.nodes[i]
+            .cli_command(&self.netd)
             .args(&full)
-            .env("NETD_API", self.nodes[i].api())
             .output()
             .context("run netd CLI")?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -1178,4 +1367,26 @@ pub fn udp_ask_from(netns: &str, addr: SocketAddr) -> Result<(String, SocketAddr
 pub fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
     body.lines()
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(": ")))
+}
+
+/// Standard base64 with padding (etcd's JSON gateway carries keys this way).
+pub fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

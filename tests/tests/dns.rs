@@ -292,3 +292,104 @@ fn names_resolve_across_nodes_and_changes_reach_every_node() -> Result<()> {
     assert!(!lab.dig_short(&c, "tasks.web")?.contains(&web3));
     Ok(())
 }
+
+/// An upstream resolver that never answers names starting with `slow` (each such
+/// forward holds a slot until netd gives up) and answers anything else with 198.18.0.99.
+const BLACKHOLE_DNS: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 53))
+while True:
+    d, a = s.recvfrom(4096)
+    if len(d) < 17:
+        continue
+    i = 12
+    while i < len(d) and d[i] != 0:
+        i += 1 + d[i]
+    if d[13:17] == b"slow":
+        continue
+    header = d[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
+    answer = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([198, 18, 0, 99])
+    s.sendto(header + d[12:i + 5] + answer, a)
+"#;
+
+/// Sends N queries for distinct `slowI.example.org` names to the embedded DNS in 0.2 s,
+/// prints `sent`, then counts the REFUSED answers for 2 s and prints `refused K`.
+const SLOW_FLOOD: &str = r#"
+import socket, struct, sys, time
+n = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+s.connect(("127.0.0.11", 53))
+for i in range(n):
+    name = b"".join(bytes([len(p)]) + p for p in (b"slow%d" % i, b"example", b"org"))
+    s.send(struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + name + b"\x00\x00\x01\x00\x01")
+    if i % 50 == 49:
+        time.sleep(0.005)  # in bursts the server's socket buffer holds (none lost)
+print("sent", flush=True)
+s.settimeout(0.2)
+refused, deadline = 0, time.time() + 2
+while time.time() < deadline:
+    try:
+        d = s.recv(4096)
+    except socket.timeout:
+        continue
+    refused += (d[3] & 0x0F) == 5
+print("refused", refused, flush=True)
+"#;
+
+#[test]
+fn one_task_flooding_slow_names_does_not_starve_anothers_answers() -> Result<()> {
+    use std::io::BufRead;
+    let (mut lab, _) = one_node_with_web("dfair")?;
+    let upstream = lab.add_host("blackhole", netd_lab::UPSTREAM_DNS_HOST)?;
+    lab.spawn_in(
+        &upstream,
+        std::path::Path::new("python3"),
+        &["-c", BLACKHOLE_DNS],
+    )?;
+    lab.attach_whoami(0, "web", "flooder", None)?;
+    lab.attach_whoami(0, "web", "bystander", None)?;
+    let (flooder, bystander) = (lab.ns("flooder"), lab.ns("bystander"));
+    // Upstream answers (the server is up) before the flood starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab
+        .dig(&bystander, &["warm.example.org"])?
+        .contains("198.18.0.99")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the test's upstream never answered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // 1500 forwards that upstream never answers: more than the node's 1024 slots.
+    let mut flood = std::process::Command::new("ip");
+    flood
+        .args([
+            "netns", "exec", &flooder, "python3", "-c", SLOW_FLOOD, "1500",
+        ])
+        .stdout(std::process::Stdio::piped());
+    let mut flood = flood.spawn().context("run the flood")?;
+    let mut lines = std::io::BufReader::new(flood.stdout.take().context("flood stdout")?).lines();
+    assert_eq!(lines.next().transpose()?.as_deref(), Some("sent"));
+    // While they hang, the other task's name still goes upstream and comes back.
+    let out = lab.dig(&bystander, &["+tries=1", "+time=2", "fast.example.org"])?;
+    assert!(
+        out.contains("status: NOERROR") && out.contains("198.18.0.99"),
+        "the bystander was starved: {out}"
+    );
+    // The flooder was refused at once past its share, not left to time out.
+    let last = lines.next().transpose()?.unwrap_or_default();
+    let _ = flood.wait();
+    let refused: usize = last
+        .strip_prefix("refused ")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("flood printed {last:?}"))?;
+    assert!(
+        refused >= 1500 - netd_dns::server::MAX_FORWARDS_PER_TASK - 50,
+        "only {refused} of 1500 refused"
+    );
+    Ok(())
+}

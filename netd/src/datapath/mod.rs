@@ -143,11 +143,13 @@ pub struct DatapathStatus {
 
 /// Opens the datapath `mode` asks for. `auto` tries eBPF and falls back to userspace when
 /// the kernel refuses it, keeping the kernel's reason for `netd status`.
+/// `conntrack_max` bounds each userspace conntrack table (unused by eBPF).
 pub fn open(
     mode: Mode,
     node: &str,
     cgroup: Option<PathBuf>,
     overlay_mtu: u32,
+    conntrack_max: usize,
 ) -> Result<Arc<dyn Datapath>> {
     let userspace = |reason: String| -> Result<Arc<dyn Datapath>> {
         Ok(Arc::new(userspace::UserspaceDatapath::new(
@@ -155,6 +157,7 @@ pub fn open(
             overlay_mtu,
             mode,
             reason,
+            conntrack_max,
         )?))
     };
     match mode {

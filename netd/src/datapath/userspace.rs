@@ -16,13 +16,19 @@
 //! cluster programs it into every sandbox's VXLAN tables (reconcile::remote_peers).
 //! The TUN devices are persistent and the flows journaled (conntrack), so a restarted
 //! netd picks up established connections where the last one stopped.
+//!
+//! Hardened as a NAT facing untrusted tasks must be (see conntrack): only the flow's
+//! backend address and port can answer it, ports on the LB address are random, and each
+//! sandbox's table has a maximum size (`--userspace-conntrack-max`): new flows beyond it
+//! are refused as by a VIP without backends and counted in `netd status`
+//! (`flows_refused_full`), established ones are never evicted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
@@ -50,6 +56,8 @@ struct Shared {
     counters: Mutex<Counters>,
     dropped: AtomicU64,
     translated: AtomicU64,
+    /// New flows refused because their sandbox's table was full (all sandboxes).
+    refused_full: AtomicU64,
 }
 
 impl Shared {
@@ -79,12 +87,33 @@ impl Shared {
             *c.entry(vip).or_default().entry(backend).or_default() += 1;
         }
     }
+
+    /// Counts a packet written back to the TUN device (translated, or a refusal of a VIP
+    /// without backends); returns it.
+    fn sent<'a>(&self, out: &'a [u8]) -> Option<&'a [u8]> {
+        self.translated.fetch_add(1, Ordering::Relaxed);
+        Some(out)
+    }
+
+    /// Counts a packet dropped; returns nothing to write back.
+    fn dropped<'a>(&self) -> Option<&'a [u8]> {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// What one sandbox's packet loop reports to `netd status`.
+#[derive(Default)]
+struct SandboxStats {
+    flows: AtomicU64,
+    /// New flows refused because the table was full.
+    refused_full: AtomicU64,
 }
 
 /// One sandbox's TUN device and the task serving it.
 struct Running {
     sandbox: SandboxLb,
-    flows: Arc<AtomicU64>,
+    stats: Arc<SandboxStats>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -97,6 +126,8 @@ impl Drop for Running {
 pub struct UserspaceDatapath {
     run_dir: PathBuf,
     mtu: u32,
+    /// Flows each sandbox's conntrack table holds at most.
+    conntrack_max: usize,
     requested: Mode,
     reason: String,
     shared: Arc<Shared>,
@@ -108,10 +139,19 @@ fn now_secs() -> u64 {
 }
 
 impl UserspaceDatapath {
-    pub fn new(node: &str, mtu: u32, requested: Mode, reason: String) -> Result<Self> {
+    /// `conntrack_max`: flows each sandbox's table holds at most (per network, so a
+    /// flood on one network does not refuse the flows of another).
+    pub fn new(
+        node: &str,
+        mtu: u32,
+        requested: Mode,
+        reason: String,
+        conntrack_max: usize,
+    ) -> Result<Self> {
         Ok(UserspaceDatapath {
             run_dir: Path::new(RUN_ROOT).join(node),
             mtu,
+            conntrack_max,
             requested,
             reason,
             shared: Arc::new(Shared::default()),
@@ -143,14 +183,29 @@ impl UserspaceDatapath {
         .await?;
         self.configure(sb).await?;
         let path = self.run_dir.join(format!("conntrack-{}", sb.network));
-        let ct = Conntrack::open(&path, now_secs())
-            .with_context(|| format!("conntrack journal {}", path.display()))?;
-        let flows = Arc::new(AtomicU64::new(ct.len() as u64));
-        let task = tokio::spawn(serve(tun, lb, ct, self.shared.clone(), flows.clone()));
+        let ct = Conntrack::open(&path, now_secs(), self.conntrack_max).with_context(|| {
+            format!(
+                "conntrack table of network {} (journal {})",
+                sb.network,
+                path.display()
+            )
+        })?;
+        let stats = Arc::new(SandboxStats {
+            flows: AtomicU64::new(ct.len() as u64),
+            refused_full: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(serve(
+            tun,
+            lb,
+            ct,
+            self.shared.clone(),
+            stats.clone(),
+            sb.network.clone(),
+        ));
         tracing::info!(network = sb.network, %lb, "userspace load balancer serving");
         Ok(Running {
             sandbox: sb.clone(),
-            flows,
+            stats,
             task,
         })
     }
@@ -183,29 +238,42 @@ impl UserspaceDatapath {
 }
 
 /// Handles one packet from the TUN device in place; returns what to write back (the
-/// packet itself, a refusal, or nothing).
+/// packet itself, a refusal, or nothing), having counted it.
 fn handle<'a>(
     pkt: &'a mut [u8],
     lb: Ipv4Addr,
     ct: &mut Conntrack,
     shared: &Shared,
+    stats: &SandboxStats,
     refusal: &'a mut Vec<u8>,
 ) -> Option<&'a [u8]> {
     let f = match nat::parse(pkt) {
         Ok(f) => f,
         Err(e) => {
+            // ICMP among them: errors a backend sends about a flow are not relayed.
             tracing::trace!("userspace datapath drops a packet: {e}");
-            return None;
+            return shared.dropped();
         }
     };
     let now = now_secs();
     if f.dst == lb {
-        let k = ct.inbound(&f, now)?;
+        // Only the flow's backend address and port reach its client; another host, or
+        // the backend from another port, guessing the LB port gets nothing through.
+        let Some(k) = ct.inbound(&f, now) else {
+            tracing::trace!(
+                "userspace datapath drops {}:{} -> {}:{}: not an answer to a flow",
+                f.src,
+                f.sport,
+                f.dst,
+                f.dport
+            );
+            return shared.dropped();
+        };
         nat::rewrite(pkt, &f, k.vip, k.vport, k.client, k.cport);
-        return Some(pkt);
+        return shared.sent(pkt);
     }
     if !shared.is_vip(f.dst) {
-        return None;
+        return shared.dropped();
     }
     match ct.outbound(&f, now, || shared.pick(f.dst)) {
         Outbound::Translate {
@@ -217,27 +285,46 @@ fn handle<'a>(
                 shared.count(f.dst, backend);
             }
             nat::rewrite(pkt, &f, lb, lport, backend, f.dport);
-            Some(pkt)
+            shared.sent(pkt)
         }
-        Outbound::NoBackend => {
+        Outbound::NoBackend => match nat::refusal(pkt, &f) {
+            Some(r) => {
+                *refusal = r;
+                shared.sent(refusal.as_slice())
+            }
+            None => shared.dropped(),
+        },
+        Outbound::Full => {
+            // Refused as a VIP without backends refuses (RST, port unreachable): the
+            // client fails at once instead of retrying into a full table; the answer
+            // is no bigger than a minimal SYN or datagram plus 28 bytes, as any closed
+            // port's. Counted apart, neither translated nor dropped.
+            stats.refused_full.fetch_add(1, Ordering::Relaxed);
+            shared.refused_full.fetch_add(1, Ordering::Relaxed);
             *refusal = nat::refusal(pkt, &f)?;
             Some(refusal.as_slice())
         }
-        Outbound::Drop => None,
+        Outbound::Drop => shared.dropped(),
     }
 }
+
+/// How often a full table is reported in the log, at most.
+const FULL_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 async fn serve(
     tun: Tun,
     lb: Ipv4Addr,
     mut ct: Conntrack,
     shared: Arc<Shared>,
-    flows: Arc<AtomicU64>,
+    stats: Arc<SandboxStats>,
+    network: String,
 ) {
     let mut buf = vec![0u8; 65536];
     let mut refusal = Vec::new();
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let mut failures = 0;
+    // Refusals already reported, and when.
+    let mut warned = (0, None::<Instant>);
     loop {
         tokio::select! {
             r = tun.recv(&mut buf) => {
@@ -258,23 +345,28 @@ async fn serve(
                         continue;
                     }
                 };
-                match handle(&mut buf[..n], lb, &mut ct, &shared, &mut refusal) {
-                    Some(out) => {
-                        shared.translated.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = tun.send(out).await {
-                            tracing::debug!("TUN write: {e}");
-                        }
-                    }
-                    None => {
-                        shared.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(out) = handle(&mut buf[..n], lb, &mut ct, &shared, &stats, &mut refusal) {
+                    if let Err(e) = tun.send(out).await {
+                        tracing::debug!("TUN write: {e}");
                     }
                 }
             }
             _ = expiry.tick() => {
                 ct.expire(now_secs());
+                let refused = stats.refused_full.load(Ordering::Relaxed);
+                if refused > warned.0 && warned.1.is_none_or(|t| t.elapsed() >= FULL_WARN_INTERVAL) {
+                    tracing::warn!(
+                        network,
+                        max = ct.max(),
+                        "userspace conntrack table full: {} new flows refused since the last report \
+                         (raise --userspace-conntrack-max if this is not a flood)",
+                        refused - warned.0
+                    );
+                    warned = (refused, Some(Instant::now()));
+                }
             }
         }
-        flows.store(ct.len() as u64, Ordering::Relaxed);
+        stats.flows.store(ct.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -366,7 +458,8 @@ impl Datapath for UserspaceDatapath {
                             "network": r.sandbox.network,
                             "lb_address": r.sandbox.lb_addr,
                             "vips": r.sandbox.vips,
-                            "flows": r.flows.load(Ordering::Relaxed),
+                            "flows": r.stats.flows.load(Ordering::Relaxed),
+                            "flows_refused_full": r.stats.refused_full.load(Ordering::Relaxed),
                         })
                     })
                     .collect()
@@ -381,8 +474,167 @@ impl Datapath for UserspaceDatapath {
                 "sandboxes": sandboxes,
                 "packets_translated": self.shared.translated.load(Ordering::Relaxed),
                 "packets_dropped": self.shared.dropped.load(Ordering::Relaxed),
+                // Flows per sandbox at most, and new flows refused for that.
+                "conntrack_max": self.conntrack_max,
+                "flows_refused_full": self.shared.refused_full.load(Ordering::Relaxed),
                 "journal": self.run_dir,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::VipEntry;
+    use etherparse::PacketBuilder;
+
+    fn a(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    const C: &str = "198.18.9.2";
+    const VIP: &str = "198.18.9.200";
+    const B: &str = "198.18.9.7";
+    const LB: &str = "198.18.9.250";
+    const STRANGER: &str = "198.18.9.66";
+
+    fn shared() -> Shared {
+        let s = Shared::default();
+        let vip = a(VIP);
+        s.table.write().unwrap().vips.insert(
+            vip,
+            VipEntry {
+                service: "web".into(),
+                network: "front".into(),
+                vip,
+                backends: vec![a(B)],
+            },
+        );
+        s
+    }
+
+    fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: &str) -> Vec<u8> {
+        let mut b = vec![];
+        let mut p =
+            PacketBuilder::ipv4(a(src).octets(), a(dst).octets(), 64).tcp(sport, dport, 100, 1000);
+        if flags.contains('S') {
+            p = p.syn();
+        }
+        if flags.contains('A') {
+            p = p.ack(1);
+        }
+        if flags.contains('R') {
+            p = p.rst();
+        }
+        p.write(&mut b, b"data").unwrap();
+        b
+    }
+
+    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+        let mut b = vec![];
+        PacketBuilder::ipv4(a(src).octets(), a(dst).octets(), 64)
+            .udp(sport, dport)
+            .write(&mut b, b"x")
+            .unwrap();
+        b
+    }
+
+    /// What the datapath writes back for `pkt`, parsed; None for nothing.
+    fn run(
+        mut pkt: Vec<u8>,
+        ct: &mut Conntrack,
+        sh: &Shared,
+        st: &SandboxStats,
+    ) -> Option<(nat::Flow, Vec<u8>)> {
+        let mut refusal = vec![];
+        let out = handle(&mut pkt, a(LB), ct, sh, st, &mut refusal)?.to_vec();
+        Some((nat::parse(&out).ok()?, out))
+    }
+
+    /// A TCP connection from `C:cport` through the VIP, handshake done; its LB port.
+    fn connect(ct: &mut Conntrack, sh: &Shared, st: &SandboxStats, cport: u16) -> u16 {
+        let (out, _) = run(tcp(C, cport, VIP, 80, "S"), ct, sh, st).unwrap();
+        assert_eq!((out.src, out.dst, out.dport), (a(LB), a(B), 80));
+        let lport = out.sport;
+        let (back, _) = run(tcp(B, 80, LB, lport, "SA"), ct, sh, st).unwrap();
+        assert_eq!(
+            (back.src, back.sport, back.dst, back.dport),
+            (a(VIP), 80, a(C), cport)
+        );
+        run(tcp(C, cport, VIP, 80, "A"), ct, sh, st).unwrap();
+        lport
+    }
+
+    /// Whatever reaches the LB address from anywhere but the flow's backend and port is
+    /// dropped and counted, for every port a stranger may try; so is an ICMP error
+    /// about the flow, even from the backend (ICMP is not relayed).
+    #[test]
+    fn only_the_backend_reaches_the_client_and_guesses_are_counted_drops() {
+        let (sh, st) = (shared(), SandboxStats::default());
+        let mut ct = Conntrack::seeded(16, 9);
+        let lport = connect(&mut ct, &sh, &st, 40000);
+        let before = sh.dropped.load(Ordering::Relaxed);
+        for p in 0..=u16::MAX {
+            assert!(run(tcp(STRANGER, 80, LB, p, "A"), &mut ct, &sh, &st).is_none());
+        }
+        for (src, sport) in [(STRANGER, 80), (B, 81), (C, 80)] {
+            assert!(run(tcp(src, sport, LB, lport, "R"), &mut ct, &sh, &st).is_none());
+            assert!(run(udp(src, sport, LB, lport), &mut ct, &sh, &st).is_none());
+        }
+        let mut icmp = vec![];
+        let quote = tcp(a(LB).to_string().as_str(), lport, B, 80, "A");
+        PacketBuilder::ipv4(a(B).octets(), a(LB).octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut icmp, &quote[..28])
+            .unwrap();
+        let mut refusal = vec![];
+        assert!(handle(&mut icmp, a(LB), &mut ct, &sh, &st, &mut refusal).is_none());
+        assert_eq!(
+            sh.dropped.load(Ordering::Relaxed) - before,
+            65536 + 6 + 1,
+            "every guess counted"
+        );
+        // The flow is undisturbed (the forged RSTs did not close it).
+        let (back, _) = run(tcp(B, 80, LB, lport, "A"), &mut ct, &sh, &st).unwrap();
+        assert_eq!((back.dst, back.dport), (a(C), 40000));
+        assert_eq!(ct.expire(now_secs() + 600), 0);
+    }
+
+    /// A full table refuses new flows (a RST for a SYN, port unreachable for UDP) and
+    /// counts them, while an established flow keeps translating both ways.
+    #[test]
+    fn a_full_table_refuses_and_counts_new_flows() {
+        let (sh, st) = (shared(), SandboxStats::default());
+        let mut ct = Conntrack::seeded(4, 9);
+        let lport = connect(&mut ct, &sh, &st, 40000);
+        for p in 1..=3 {
+            let (out, _) = run(tcp(STRANGER, p, VIP, 80, "S"), &mut ct, &sh, &st).unwrap();
+            assert_eq!(out.dst, a(B));
+        }
+        let (rst, _) = run(tcp(STRANGER, 4, VIP, 80, "S"), &mut ct, &sh, &st).unwrap();
+        assert!(rst.rst);
+        assert_eq!(
+            (rst.src, rst.sport, rst.dst, rst.dport),
+            (a(VIP), 80, a(STRANGER), 4)
+        );
+        let mut pkt = udp(STRANGER, 5, VIP, 53);
+        let mut refusal = vec![];
+        let icmp = handle(&mut pkt, a(LB), &mut ct, &sh, &st, &mut refusal)
+            .unwrap()
+            .to_vec();
+        assert_eq!(icmp[9], 1, "ICMP");
+        assert_eq!(st.refused_full.load(Ordering::Relaxed), 2);
+        assert_eq!(sh.refused_full.load(Ordering::Relaxed), 2);
+        assert_eq!(ct.len(), 4);
+        // The established flow, both ways.
+        let (out, _) = run(tcp(C, 40000, VIP, 80, "A"), &mut ct, &sh, &st).unwrap();
+        assert_eq!((out.sport, out.dst), (lport, a(B)));
+        let (back, _) = run(tcp(B, 80, LB, lport, "A"), &mut ct, &sh, &st).unwrap();
+        assert_eq!((back.src, back.dst, back.dport), (a(VIP), a(C), 40000));
+        // A refused flow took no round-robin turn and counts no connection.
+        assert_eq!(sh.counters.lock().unwrap()[&a(VIP)][&a(B)], 4);
     }
 }

@@ -48,46 +48,149 @@ struct Lease {
 
 pub struct EtcdStore {
     client: Client,
-    endpoints: Vec<String>,
+    spec: EtcdSpec,
     changes: broadcast::Sender<u64>,
     lease: Arc<Mutex<Lease>>,
     watcher: JoinHandle<()>,
     keeper: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
-/// `etcd://HOST:PORT[,HOST:PORT…]` → the endpoint URLs tonic dials.
-pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, StoreError> {
-    let list = spec
-        .strip_prefix("etcd://")
-        .ok_or_else(|| StoreError::Unsupported(spec.to_string()))?;
-    let endpoints: Vec<String> = list
+/// Where etcd is and how netd proves who it is: whoever can write the store chooses the
+/// namespaces every node enters as root, so a shared etcd should require TLS and a
+/// password (or client certificates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSpec {
+    /// The URLs tonic dials (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// User name and password of etcd's authentication.
+    pub user: Option<(String, String)>,
+}
+
+/// The files of a TLS connection to etcd (`--store-ca --store-cert --store-key`).
+#[derive(Debug, Clone, Default)]
+pub struct StoreTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl StoreTls {
+    fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+
+    /// tonic's TLS options: the CA is required (netd trusts no system roots for its
+    /// store), a client certificate optional but whole.
+    fn options(&self) -> Result<etcd_client::TlsOptions, StoreError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| StoreError::Io {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let ca = self.ca.as_deref().ok_or_else(|| {
+            StoreError::Config("a TLS store (etcd+https://) needs --store-ca".into())
+        })?;
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(StoreError::Config(
+                    "--store-cert and --store-key go together".into(),
+                ))
+            }
+        }
+        Ok(tls)
+    }
+}
+
+/// `etcd://[USER[:PASSWORD]@]HOST:PORT[,HOST:PORT…]`, or `etcd+https://…` for TLS.
+/// `password` (from `NETD_STORE_PASSWORD`) is used when the URL names a user without one,
+/// which keeps the password out of the process list.
+pub fn parse_spec(spec: &str, password: Option<&str>) -> Result<EtcdSpec, StoreError> {
+    let unsupported = || StoreError::Unsupported(spec.to_string());
+    let (scheme, rest) = if let Some(r) = spec.strip_prefix("etcd://") {
+        ("http", r)
+    } else if let Some(r) = spec.strip_prefix("etcd+https://") {
+        ("https", r)
+    } else {
+        return Err(unsupported());
+    };
+    let (user, list) = match rest.rsplit_once('@') {
+        Some((userinfo, list)) => {
+            let (name, pass) = match userinfo.split_once(':') {
+                Some((n, p)) => (n, Some(p)),
+                None => (userinfo, password),
+            };
+            let pass = pass.ok_or_else(|| {
+                StoreError::Config(format!(
+                    "store user {name:?} has no password: give USER:PASSWORD@ or NETD_STORE_PASSWORD"
+                ))
+            })?;
+            if name.is_empty() {
+                return Err(unsupported());
+            }
+            (Some((name.to_string(), pass.to_string())), list)
+        }
+        None => (None, rest),
+    };
+    let hosts: Vec<&str> = list
         .split(',')
         .map(str::trim)
         .filter(|e| !e.is_empty())
-        .map(|e| format!("http://{e}"))
         .collect();
-    let valid = |e: &String| {
-        e["http://".len()..]
-            .rsplit_once(':')
+    let valid = |e: &&str| {
+        e.rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
     };
-    if endpoints.is_empty() || !endpoints.iter().all(valid) {
-        return Err(StoreError::Unsupported(spec.to_string()));
+    if hosts.is_empty() || !hosts.iter().all(valid) {
+        return Err(unsupported());
     }
-    Ok(endpoints)
+    Ok(EtcdSpec {
+        endpoints: hosts.iter().map(|h| format!("{scheme}://{h}")).collect(),
+        user,
+    })
+}
+
+/// `host:port` of an endpoint URL.
+pub fn host_port(endpoint: &str) -> &str {
+    endpoint
+        .split_once("://")
+        .map(|(_, hp)| hp)
+        .unwrap_or(endpoint)
 }
 
 impl EtcdStore {
     /// Connects and checks that etcd answers, so a wrong address fails at start with a
-    /// clear error instead of at the first request.
-    pub async fn connect(spec: &str) -> Result<Self, StoreError> {
-        let endpoints = parse_endpoints(spec)?;
-        let options = ConnectOptions::new()
+    /// clear error instead of at the first request. `--store-ca` alone upgrades an
+    /// `etcd://` spec to TLS.
+    pub async fn connect(mut spec: EtcdSpec, tls: &StoreTls) -> Result<Self, StoreError> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
-        let mut client = Client::connect(&endpoints, Some(options))
+        let https = spec.endpoints.iter().any(|e| e.starts_with("https://"));
+        if https || !tls.is_empty() {
+            options = options.with_tls(tls.options()?);
+            for e in &mut spec.endpoints {
+                if let Some(hp) = e.strip_prefix("http://") {
+                    *e = format!("https://{hp}");
+                }
+            }
+        }
+        if let Some((name, password)) = &spec.user {
+            // etcd's tokens expire (simple tokens after 5 minutes idle): log in again
+            // instead of failing every call from then on.
+            options = options
+                .with_user(name.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        let mut client = Client::connect(&spec.endpoints, Some(options))
             .await
             .map_err(etcd_err("connect"))?;
         let status = client.status().await.map_err(etcd_err("status"))?;
@@ -96,7 +199,7 @@ impl EtcdStore {
         let watcher = tokio::spawn(watch_changes(client.clone(), changes.clone(), revision));
         Ok(EtcdStore {
             client,
-            endpoints,
+            spec,
             changes,
             lease: Arc::new(Mutex::new(Lease::default())),
             watcher,
@@ -336,13 +439,20 @@ impl Store for EtcdStore {
         true
     }
 
+    /// The spec without the password.
     fn describe(&self) -> String {
-        let hosts: Vec<&str> = self
+        let tls = self
+            .spec
             .endpoints
             .iter()
-            .map(|e| e.trim_start_matches("http://"))
-            .collect();
-        format!("etcd://{}", hosts.join(","))
+            .any(|e| e.starts_with("https://"));
+        let hosts: Vec<&str> = self.spec.endpoints.iter().map(|e| host_port(e)).collect();
+        let user = match &self.spec.user {
+            Some((name, _)) => format!("{name}@"),
+            None => String::new(),
+        };
+        let scheme = if tls { "etcd+https" } else { "etcd" };
+        format!("{scheme}://{user}{}", hosts.join(","))
     }
 }
 
@@ -352,17 +462,42 @@ mod tests {
 
     #[test]
     fn endpoints_are_parsed_and_bad_specs_refused() {
+        let plain = parse_spec("etcd://198.18.0.2:2379,198.18.0.3:2379", None).unwrap();
         assert_eq!(
-            parse_endpoints("etcd://198.18.0.2:2379,198.18.0.3:2379").unwrap(),
+            plain.endpoints,
             vec!["http://198.18.0.2:2379", "http://198.18.0.3:2379"]
         );
+        assert_eq!(plain.user, None);
         for bad in [
             "etcd://",
             "etcd://host",
             "etcd://host:notaport",
             "etcd://:2379",
+            "etcd+https://@198.18.0.2:2379",
+            "https://198.18.0.2:2379",
         ] {
-            assert!(parse_endpoints(bad).is_err(), "{bad} accepted");
+            assert!(parse_spec(bad, Some("pw")).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn tls_and_users_in_the_spec() {
+        let s = parse_spec("etcd+https://netd:s3cr:t@198.18.0.2:2379", None).unwrap();
+        assert_eq!(s.endpoints, vec!["https://198.18.0.2:2379"]);
+        assert_eq!(s.user, Some(("netd".into(), "s3cr:t".into())));
+        // The password from the environment when the URL has none.
+        let s = parse_spec("etcd://netd@198.18.0.2:2379", Some("env-pw")).unwrap();
+        assert_eq!(s.user, Some(("netd".into(), "env-pw".into())));
+        let err = parse_spec("etcd://netd@198.18.0.2:2379", None).unwrap_err();
+        assert!(err.to_string().contains("NETD_STORE_PASSWORD"), "{err}");
+        // TLS without a CA, or half a client identity, is refused before dialling.
+        let err = StoreTls::default().options().unwrap_err();
+        assert!(err.to_string().contains("--store-ca"), "{err}");
+        let half = StoreTls {
+            ca: Some("/dev/null".into()),
+            cert: Some("/dev/null".into()),
+            key: None,
+        };
+        assert!(half.options().unwrap_err().to_string().contains("together"));
     }
 }

@@ -32,8 +32,32 @@ pub enum StoreError {
         #[source]
         source: Box<etcd_client::Error>,
     },
-    #[error("unsupported store {0:?}: use local:DIR or etcd://HOST:PORT[,HOST:PORT...]")]
+    #[error(
+        "unsupported store {0:?}: use local:DIR or etcd[+https]://[USER@]HOST:PORT[,HOST:PORT...]"
+    )]
     Unsupported(String),
+    #[error("store: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether waiting may help: etcd unreachable or busy, as opposed to etcd refusing
+    /// (a wrong password, a role without access) or a mistake in the spec.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Etcd { source, .. } => match source.as_ref() {
+                etcd_client::Error::GRpcStatus(s) => !matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::FailedPrecondition
+                ),
+                _ => true,
+            },
+            _ => false,
+        }
+    }
 }
 
 /// Every key netd writes lives under this prefix (etcd watches it).
@@ -98,15 +122,18 @@ pub trait Store: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Opens the store named on the command line (`local:DIR` or `etcd://…`).
-pub async fn open(spec: &str) -> Result<Box<dyn Store>, StoreError> {
+/// Opens the store named on the command line (`local:DIR` or `etcd[+https]://…`, with
+/// the TLS files and password of an etcd that asks for them).
+pub async fn open(
+    spec: &str,
+    tls: &etcd::StoreTls,
+    password: Option<&str>,
+) -> Result<Box<dyn Store>, StoreError> {
     if let Some(dir) = spec.strip_prefix("local:") {
         return Ok(Box::new(local::LocalStore::open(dir.as_ref())?));
     }
-    if spec.starts_with("etcd://") {
-        return Ok(Box::new(etcd::EtcdStore::connect(spec).await?));
-    }
-    Err(StoreError::Unsupported(spec.to_string()))
+    let etcd = etcd::parse_spec(spec, password)?;
+    Ok(Box::new(etcd::EtcdStore::connect(etcd, tls).await?))
 }
 
 /// The contract of [`Store`], run against both backends.
@@ -273,7 +300,7 @@ mod tests {
     #[test]
     fn an_ephemeral_key_expires_when_its_holder_is_gone() {
         testing::run_etcd(|observer: SharedStore| async move {
-            let holder = etcd::EtcdStore::connect(testing::ETCD_SPEC).await.unwrap();
+            let holder = testing::connect_etcd().await.unwrap();
             holder
                 .put_ephemeral("/netd/alive/n2", b"{}".to_vec(), Duration::from_secs(2))
                 .await

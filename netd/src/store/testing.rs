@@ -46,6 +46,12 @@ pub struct EtcdServer {
 
 pub const ETCD_SPEC: &str = "etcd://127.0.0.1:2379";
 
+/// A connection to the test's etcd (plain, no user).
+pub async fn connect_etcd() -> Result<EtcdStore, super::StoreError> {
+    let spec = super::etcd::parse_spec(ETCD_SPEC, None)?;
+    EtcdStore::connect(spec, &Default::default()).await
+}
+
 impl EtcdServer {
     pub fn start() -> EtcdServer {
         let netns = format!("netdtest-etcd-{:08x}", rand::random::<u32>());
@@ -119,7 +125,7 @@ impl EtcdServer {
             rt.block_on(async move {
                 let deadline = Instant::now() + Duration::from_secs(20);
                 let store = loop {
-                    match EtcdStore::connect(ETCD_SPEC).await {
+                    match connect_etcd().await {
                         Ok(s) => break s,
                         Err(e) if Instant::now() > deadline => panic!("etcd never answered: {e}"),
                         Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
