@@ -382,72 +382,106 @@ pub struct PortGuard {
     pub ifname: String,
     pub mac: String,
     pub ip: std::net::Ipv4Addr,
+    /// The port may only talk to [`SandboxGuards::mesh`] (a task's leg on the ingress
+    /// network: that network carries the routing mesh, not traffic between tasks).
+    pub confined: bool,
 }
 
-/// The bridge-family table of a sandbox: a frame from a task port whose source MAC or
-/// IP is not the task's, an ARP message claiming another address, or anything but IPv4
-/// and ARP, is dropped at the port (as a switch's port security does). Both the forward
-/// hook (to other ports and the VXLAN device) and the input hook (to the sandbox itself)
-/// jump to the same rules. Each check is one set lookup keyed by the input port, so a
-/// frame costs the same whatever the number of tasks (a rule per port made every frame
-/// walk them all).
-fn render_guards(guards: &[PortGuard], tag: &str) -> String {
-    let join = |items: Vec<String>| items.join(", ");
-    let ports = join(guards.iter().map(|g| format!("\"{}\"", g.ifname)).collect());
-    let macs = join(
-        guards
-            .iter()
-            .map(|g| format!("\"{}\" . {}", g.ifname, g.mac))
-            .collect(),
-    );
-    let hosts = join(
-        guards
-            .iter()
-            .map(|g| format!("\"{}\" . {} . {}", g.ifname, g.mac, g.ip))
-            .collect(),
-    );
-    let addrs = join(
-        guards
-            .iter()
-            .map(|g| format!("\"{}\" . {}", g.ifname, g.ip))
-            .collect(),
-    );
-    format!(
-        "add table bridge {TABLE}\ndelete table bridge {TABLE}\n\
-         table bridge {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
-         \tset ports {{\n\t\ttype ifname\n\t\telements = {{ {ports} }}\n\t}}\n\
-         \tset macs {{\n\t\ttype ifname . ether_addr\n\t\telements = {{ {macs} }}\n\t}}\n\
-         \tset addrs {{\n\t\ttype ifname . ipv4_addr\n\t\telements = {{ {addrs} }}\n\t}}\n\
-         \tset hosts {{\n\t\ttype ifname . ether_addr . ipv4_addr\n\t\telements = {{ {hosts} }}\n\t}}\n\
-         \tchain ports {{\n\
-         \t\tiifname != @ports return\n\
-         \t\tiifname . ether saddr != @macs counter drop\n\
-         \t\tether type != {{ ip, arp }} counter drop\n\
-         \t\tether type ip iifname . ip saddr != @addrs counter drop\n\
-         \t\tether type arp iifname . arp saddr ether . arp saddr ip != @hosts counter drop\n\
-         \t}}\n\
-         \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tjump ports\n\t}}\n\
-         \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tjump ports\n\t}}\n}}\n"
-    )
+/// Everything a sandbox's bridge table enforces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct SandboxGuards {
+    pub ports: Vec<PortGuard>,
+    /// The addresses confined ports may send to and ask ARP for: the ingress sandboxes
+    /// of every node (Docker's ingress network lets any published task reach any other
+    /// published task, of any service and network; netd's does not).
+    pub mesh: Vec<std::net::Ipv4Addr>,
 }
 
-/// The tag of a set of guards (in any order), as their table's comment holds it.
-pub fn guards_tag(guards: &[PortGuard]) -> String {
-    let mut sorted = guards.to_vec();
-    sorted.sort();
-    let mut h = DefaultHasher::new();
-    sorted.hash(&mut h);
-    format!("{:016x}", h.finish())
+impl SandboxGuards {
+    fn sorted(&self) -> SandboxGuards {
+        let mut s = self.clone();
+        s.ports.sort();
+        s.mesh.sort();
+        s.mesh.dedup();
+        s
+    }
+
+    /// The tag of these guards (in any order), as their table's comment holds it.
+    pub fn tag(&self) -> String {
+        let mut h = DefaultHasher::new();
+        self.sorted().hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+
+    /// The bridge-family table of a sandbox: a frame from a task port whose source MAC
+    /// or IP is not the task's, an ARP message claiming another address, or anything but
+    /// IPv4 and ARP, is dropped at the port (as a switch's port security does); a
+    /// confined port's frames to anything but the mesh are dropped too. Both the forward
+    /// hook (to other ports and the VXLAN device) and the input hook (to the sandbox
+    /// itself) jump to the same rules. Each check is one set lookup keyed by the input
+    /// port, so a frame costs the same whatever the number of tasks (a rule per port made
+    /// every frame walk them all).
+    fn render(&self, tag: &str) -> String {
+        let join = |items: Vec<String>| items.join(", ");
+        let each = |f: &dyn Fn(&PortGuard) -> String| join(self.ports.iter().map(f).collect());
+        let ports = each(&|g| format!("\"{}\"", g.ifname));
+        let macs = each(&|g| format!("\"{}\" . {}", g.ifname, g.mac));
+        let hosts = each(&|g| format!("\"{}\" . {} . {}", g.ifname, g.mac, g.ip));
+        let addrs = each(&|g| format!("\"{}\" . {}", g.ifname, g.ip));
+        let confined: Vec<String> = self
+            .ports
+            .iter()
+            .filter(|g| g.confined)
+            .map(|g| format!("\"{}\"", g.ifname))
+            .collect();
+        let confinement = if confined.is_empty() || self.mesh.is_empty() {
+            String::new()
+        } else {
+            let mesh = join(self.mesh.iter().map(|a| a.to_string()).collect());
+            format!(
+                "\tset confined {{\n\t\ttype ifname\n\t\telements = {{ {} }}\n\t}}\n\
+                 \tset mesh {{\n\t\ttype ipv4_addr\n\t\telements = {{ {mesh} }}\n\t}}\n\
+                 \tchain confine {{\n\
+                 \t\tether type ip ip daddr != @mesh counter drop\n\
+                 \t\tether type arp arp daddr ip != @mesh counter drop\n\
+                 \t}}\n",
+                join(confined)
+            )
+        };
+        let jump_confine = if confinement.is_empty() {
+            ""
+        } else {
+            "\t\tiifname @confined jump confine\n"
+        };
+        format!(
+            "add table bridge {TABLE}\ndelete table bridge {TABLE}\n\
+             table bridge {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
+             \tset ports {{\n\t\ttype ifname\n\t\telements = {{ {ports} }}\n\t}}\n\
+             \tset macs {{\n\t\ttype ifname . ether_addr\n\t\telements = {{ {macs} }}\n\t}}\n\
+             \tset addrs {{\n\t\ttype ifname . ipv4_addr\n\t\telements = {{ {addrs} }}\n\t}}\n\
+             \tset hosts {{\n\t\ttype ifname . ether_addr . ipv4_addr\n\t\telements = {{ {hosts} }}\n\t}}\n\
+             {confinement}\
+             \tchain ports {{\n\
+             \t\tiifname != @ports return\n\
+             \t\tiifname . ether saddr != @macs counter drop\n\
+             \t\tether type != {{ ip, arp }} counter drop\n\
+             \t\tether type ip iifname . ip saddr != @addrs counter drop\n\
+             \t\tether type arp iifname . arp saddr ether . arp saddr ip != @hosts counter drop\n\
+             {jump_confine}\
+             \t}}\n\
+             \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tjump ports\n\t}}\n\
+             \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tjump ports\n\t}}\n}}\n"
+        )
+    }
 }
 
-/// Makes the caller's netns hold exactly `guards` (no table without any). Returns
+/// Makes the caller's netns hold exactly `guards` (no table without any port). Returns
 /// whether anything changed.
-pub fn apply_guards(guards: &[PortGuard]) -> Result<bool> {
-    let mut sorted = guards.to_vec();
-    sorted.sort();
-    let tag = guards_tag(&sorted);
+pub fn apply_guards(guards: &SandboxGuards) -> Result<bool> {
+    let sorted = guards.sorted();
+    let tag = sorted.tag();
     let current = current_tag(&["bridge", TABLE])?;
-    if sorted.is_empty() {
+    if sorted.ports.is_empty() {
         if current.is_none() {
             return Ok(false);
         }
@@ -459,7 +493,7 @@ pub fn apply_guards(guards: &[PortGuard]) -> Result<bool> {
     if current.as_deref() == Some(tag.as_str()) {
         return Ok(false);
     }
-    nft(&render_guards(&sorted, &tag))?;
+    nft(&sorted.render(&tag))?;
     Ok(true)
 }
 
@@ -608,8 +642,13 @@ mod tests {
             ifname: "ndeabc".into(),
             mac: "02:42:c6:13:00:05".into(),
             ip: "198.19.0.5".parse().unwrap(),
+            confined: false,
         };
-        let s = render_guards(&[g], "t");
+        let guards = SandboxGuards {
+            ports: vec![g],
+            mesh: vec![],
+        };
+        let s = guards.render("t");
         for want in [
             "elements = { \"ndeabc\" }",
             "elements = { \"ndeabc\" . 02:42:c6:13:00:05 }",
@@ -624,6 +663,42 @@ mod tests {
             assert!(s.contains(want), "{want} missing in {s}");
         }
         assert_eq!(s.matches("jump ports").count(), 2);
+        assert!(!s.contains("confine"));
+    }
+
+    #[test]
+    fn ingress_task_ports_talk_to_the_mesh_only() {
+        let port = |ifname: &str, ip: &str, confined| PortGuard {
+            ifname: ifname.into(),
+            mac: "02:42:c6:13:ff:05".into(),
+            ip: ip.parse().unwrap(),
+            confined,
+        };
+        let guards = SandboxGuards {
+            ports: vec![
+                port("ndetask", "198.19.255.5", true),
+                port("ndesbox", "198.19.255.2", false),
+            ],
+            mesh: vec![
+                "198.19.255.3".parse().unwrap(),
+                "198.19.255.2".parse().unwrap(),
+            ],
+        };
+        let s = guards.sorted().render("t");
+        for want in [
+            "set confined {\n\t\ttype ifname\n\t\telements = { \"ndetask\" }",
+            "elements = { 198.19.255.2, 198.19.255.3 }",
+            "iifname @confined jump confine",
+            "ether type ip ip daddr != @mesh counter drop",
+            "ether type arp arp daddr ip != @mesh counter drop",
+        ] {
+            assert!(s.contains(want), "{want} missing in {s}");
+        }
+        // The port checks come first: a confined port still cannot spoof.
+        assert!(s.find("ip saddr != @addrs").unwrap() < s.find("jump confine").unwrap());
+        let mut other = guards.clone();
+        other.mesh.pop();
+        assert_ne!(guards.tag(), other.tag());
     }
 
     #[test]

@@ -507,9 +507,9 @@ impl Reconciler {
             if broken_sandboxes.contains(&net.name) {
                 continue;
             }
-            let guards = port_guards(&net.name, tasks.iter().copied().chain(isbox.as_ref()));
+            let guards = port_guards(st, net, tasks.iter().copied().chain(isbox.as_ref()));
             let ns = Netns::named(&naming::sandbox_netns(node, &net.id));
-            let tag = nftables::guards_tag(&guards);
+            let tag = guards.tag();
             if self.nft_known(&ns, "bridge", &tag, checked) {
                 continue;
             }
@@ -1182,16 +1182,35 @@ fn vxlan_members(st: &State, local: &str) -> Vec<Ipv4Addr> {
 
 /// The task ports of overlay `network` and what may come in through each: the host side
 /// of every endpoint there, with its task's MAC and address.
-fn port_guards<'a>(network: &str, tasks: impl Iterator<Item = &'a Task>) -> Vec<PortGuard> {
-    tasks
-        .flat_map(|t| t.endpoints.iter())
-        .filter(|e| e.network == network)
-        .map(|e| PortGuard {
+fn port_guards<'a>(
+    st: &State,
+    network: &Network,
+    tasks: impl Iterator<Item = &'a Task>,
+) -> nftables::SandboxGuards {
+    let ingress = network.name == INGRESS;
+    let ports = tasks
+        .flat_map(|t| {
+            // On the ingress network, a task talks to the ingress sandboxes only.
+            let confined = ingress && !t.service.is_empty();
+            t.endpoints.iter().map(move |e| (e, confined))
+        })
+        .filter(|(e, _)| e.network == network.name)
+        .map(|(e, confined)| PortGuard {
             ifname: naming::endpoint_if(&e.id),
             mac: crate::model::format_mac(&crate::model::mac_for_ip(e.ip)),
             ip: e.ip,
+            confined,
         })
-        .collect()
+        .collect();
+    let mesh = if ingress {
+        st.lb_addrs
+            .get(&network.id)
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default()
+    } else {
+        vec![]
+    };
+    nftables::SandboxGuards { ports, mesh }
 }
 
 /// The tasks without an error so far in this step.

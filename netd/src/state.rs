@@ -675,6 +675,7 @@ pub async fn create_service(
         {
             ingress_ops(st, pools, &ingress_id, &mut compares, &mut ops)?;
         }
+        no_publish_if_internal(st, &req.name, &req.networks, &req.publish)?;
         let mut vips = BTreeMap::new();
         for n in &req.networks {
             let net = st.network(n)?;
@@ -1036,6 +1037,27 @@ fn interface_names(count: usize, first: &str) -> Vec<String> {
     names
 }
 
+/// An internal network has no way in or out; a published port on every node would be one
+/// (the mesh or a host port), so a service that lives only on internal networks publishes
+/// nothing.
+fn no_publish_if_internal(
+    st: &State,
+    service: &str,
+    networks: &[String],
+    publish: &[PortSpec],
+) -> Result<()> {
+    let all_internal = networks
+        .iter()
+        .all(|n| st.network(n).is_ok_and(|net| net.internal));
+    if publish.is_empty() || !all_internal {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "service {service:?} is only on --internal networks, which have no way in: it \
+         cannot publish ports (attach it to a non-internal network too)"
+    )))
+}
+
 /// Adds to `svc` the host-mode ports a task brings that it does not publish yet. The same
 /// port with the same target is already there; anything else holding the port is a
 /// conflict.
@@ -1046,6 +1068,7 @@ fn publish_with_task(
     compares: &mut Vec<Compare>,
     ops: &mut Vec<Op>,
 ) -> Result<()> {
+    no_publish_if_internal(st, &svc.name, &svc.networks, publish)?;
     let mut updated = svc.clone();
     for p in publish {
         let same_port = |q: &&PortSpec| q.published == p.published && q.protocol == p.protocol;
@@ -1618,6 +1641,42 @@ mod tests {
             assert!(st.ipam.is_empty() && st.gwipam.is_empty() && st.vnis.is_empty());
         }
     );
+
+    #[tokio::test]
+    async fn a_service_only_on_internal_networks_publishes_nothing() {
+        let (_dir, s) = fixture::setup().await;
+        let mut sealed = net("sealed");
+        sealed.internal = true;
+        create_network(&s, &pools(), sealed).await.unwrap();
+        create_network(&s, &pools(), net("front")).await.unwrap();
+        let port = model::parse_publish("8080:80").unwrap();
+        let svc = |name: &str, networks: &[&str]| ServiceCreate {
+            name: name.into(),
+            networks: networks.iter().map(|n| n.to_string()).collect(),
+            publish: vec![port.clone()],
+            ..Default::default()
+        };
+        let before = State::load(&s).await.unwrap().revision;
+        let err = create_service(&s, &pools(), svc("vault", &["sealed"]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("--internal"), "{err}");
+        assert_eq!(State::load(&s).await.unwrap().revision, before);
+        // With a way out as well, it may.
+        create_service(&s, &pools(), svc("web", &["sealed", "front"]))
+            .await
+            .unwrap();
+        // Nor can a task bring a host port into an internal-only service.
+        let mut quiet = svc("quiet", &["sealed"]);
+        quiet.publish.clear();
+        create_service(&s, &pools(), quiet).await.unwrap();
+        let mut req = attach("quiet", "/run/netns/q", "n1");
+        req.publish = vec![model::parse_publish("8081:80,mode=host").unwrap()];
+        assert!(matches!(
+            attach_task(&s, "n1", req).await,
+            Err(Error::Invalid(_))
+        ));
+    }
 
     #[tokio::test]
     async fn an_attach_can_name_one_network_its_interface_labels_and_host_ports() {

@@ -331,6 +331,92 @@ fn a_task_cannot_use_another_networks_vip_on_either_datapath() -> Result<()> {
     Ok(())
 }
 
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Isolation on every path of the routing mesh (its XDP fast path and the kernel path):
+/// published services of two networks answer through every node, but their tasks reach
+/// each other neither across the ingress network (which carries the mesh, not traffic
+/// between tasks) nor across their networks; a service only on an `--internal` network
+/// cannot publish, and its task has no way out or in.
+#[test]
+fn isolation_holds_on_the_mesh_on_both_paths() -> Result<()> {
+    use netd_lab::{connect_from, field, http_get_from};
+    use std::net::SocketAddr;
+    for xdp in ["native", "off"] {
+        let mut lab = Lab::build_with(&format!("iso{}", &xdp[..1]), 2, true, "auto", xdp)?;
+        for (name, subnet) in [("front", "198.19.76.0/24"), ("back", "198.19.77.0/24")] {
+            lab.cli(0, &["network", "create", name, "--subnet", subnet])?;
+        }
+        lab.cli(
+            0,
+            &[
+                "network",
+                "create",
+                "sealed",
+                "--subnet",
+                "198.19.78.0/24",
+                "--internal",
+            ],
+        )?;
+        let publish = |svc: &str, net: &str, port: &str| {
+            vec![
+                "service".to_string(),
+                "create".into(),
+                svc.into(),
+                "--network".into(),
+                net.into(),
+                "--publish".into(),
+                format!("{port}:80"),
+            ]
+        };
+        lab.cli(0, &strs(&publish("web", "front", "8080")))?;
+        lab.cli(0, &strs(&publish("api", "back", "8081")))?;
+        let refused = lab.cli_json(0, &strs(&publish("vault", "sealed", "8082")))?;
+        let err = refused["error"].as_str().unwrap_or_default();
+        assert!(err.contains("--internal"), "{xdp}: {refused}");
+        lab.cli(0, &["service", "create", "vault", "--network", "sealed"])?;
+        let n2 = lab.nodes[1].name.clone();
+        lab.attach_whoami(0, "web", "w", None)?;
+        lab.attach_whoami(0, "api", "a", Some(&n2))?;
+        lab.attach_whoami(0, "vault", "v", None)?;
+        let client = lab.add_host("client", 100)?;
+        lab.whoami_host("ext", 101, 8080)?;
+
+        // The mesh answers on both nodes, for both services.
+        for node in [lab.nodes[0].ip, lab.nodes[1].ip] {
+            for (port, task) in [(8080, "w"), (8081, "a")] {
+                let body = http_get_from(&client, SocketAddr::from((node, port)))?;
+                assert_eq!(field(&body, "Hostname"), Some(task), "{xdp}: {body}");
+            }
+        }
+        let (w, v) = (lab.ns("w"), lab.ns("v"));
+        // The web task cannot reach the api task by its ingress address (the same L2
+        // network on every node), nor by its address on `back`, nor the vault.
+        let a_ingress = lab.task_ip(0, "a", "ingress")?;
+        let a_back = lab.task_ip(0, "a", "back")?;
+        let v_sealed = lab.task_ip(0, "v", "sealed")?;
+        for target in [a_ingress, a_back, v_sealed] {
+            assert!(
+                connect_from(&w, SocketAddr::from((target, 80))).is_err(),
+                "{xdp}: w reached {target}"
+            );
+            assert!(!lab.pings(&w, target, &[])?, "{xdp}: w pinged {target}");
+        }
+        // The vault has no way out, and the outside no way in.
+        let ext = SocketAddr::from((netd_lab::underlay_ip(101), 8080));
+        assert!(
+            connect_from(&v, ext).is_err(),
+            "{xdp}: the internal task got out"
+        );
+        assert!(connect_from(&client, SocketAddr::from((v_sealed, 80))).is_err());
+        // ... while the web task's egress works.
+        assert!(http_get_from(&w, ext)?.contains("ext"), "{xdp}: no egress");
+    }
+    Ok(())
+}
+
 /// One HTTP/1.1 request on the API's unix socket; returns the status code.
 fn api_status(socket: &Path, method: &str, path: &str, body: &[u8]) -> Result<u16> {
     use std::io::{Read, Write};
