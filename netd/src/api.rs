@@ -633,13 +633,6 @@ async fn reserve(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let req: ReserveRequest = body(&bytes)?;
-    if req.owner.is_empty() || req.owner.len() > 200 || req.owner.chars().any(char::is_control) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            "a reservation needs an owner of 1 to 200 printable characters",
-        ));
-    }
     let done = state::reserve_address(d.store.as_ref(), &name, req.address, &req.owner).await?;
     let (ip, prefix) = done.value;
     Ok((

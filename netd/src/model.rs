@@ -167,6 +167,24 @@ pub fn validate_dns_label(kind: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why an identifier a front end chose was refused (a reservation's owner such as
+/// `docker:ENDPOINT`, a binding's front end and id): 1 to 200 letters, digits, '-', '_',
+/// '.' or ':', so that it can never split a store key or smuggle a path.
+pub fn validate_token(kind: &str, value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 200
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{kind} {value:?} must be 1 to 200 letters, digits, '-', '_', '.' or ':'"
+        ))
+    }
+}
+
 /// Why an interface name was refused: the kernel takes 1 to 15 bytes without '/', ':'
 /// or white space, and `lo` is every namespace's own.
 pub fn validate_ifname(name: &str) -> Result<(), String> {
@@ -180,7 +198,8 @@ pub fn validate_ifname(name: &str) -> Result<(), String> {
             .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || !b.is_ascii_graphic());
     if bad {
         return Err(format!(
-            "interface name {name:?} is not usable: 1 to 15 printable characters without              '/', ':' or spaces, and not \"lo\""
+            "interface name {name:?} is not usable: 1 to 15 printable characters without \
+             '/', ':' or spaces, and not \"lo\""
         ));
     }
     Ok(())
@@ -339,6 +358,16 @@ mod tests {
             &"x".repeat(64),
         ] {
             assert!(validate_dns_label("service", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn front_end_tokens() {
+        for ok in ["docker:0123abcd", "cni", "ep_1.a-b", &"x".repeat(200)] {
+            assert!(validate_token("owner", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a/b", "../x", "a b", "a\nb", "wé", &"x".repeat(201)] {
+            assert!(validate_token("owner", bad).is_err(), "{bad}");
         }
     }
 

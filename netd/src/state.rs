@@ -1210,6 +1210,7 @@ pub async fn reserve_address(
     address: Option<Ipv4Addr>,
     owner: &str,
 ) -> Result<Committed<(Ipv4Addr, u8)>> {
+    model::validate_token("reservation owner", owner).map_err(Error::Invalid)?;
     commit(store, |st| {
         let net = st.network(network)?;
         let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
@@ -1295,18 +1296,8 @@ pub async fn bind(
     id: &str,
     value: Option<&serde_json::Value>,
 ) -> Result<Committed<()>> {
-    for part in [frontend, id] {
-        if part.is_empty()
-            || part.len() > 128
-            || !part
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(Error::Invalid(format!(
-                "binding name {part:?} must be 1 to 128 letters, digits, '-' or '_'"
-            )));
-        }
-    }
+    model::validate_token("binding front end", frontend).map_err(Error::Invalid)?;
+    model::validate_token("binding id", id).map_err(Error::Invalid)?;
     let k = key("bindings", &format!("{frontend}/{id}"));
     let op = match value {
         Some(v) => Op::Put(k, encode(v)),
