@@ -9,9 +9,23 @@
  * it, restore NODE_IP:PUBLISHED -> client, send it out. The kernel stack never sees
  * either direction.
  *
- * Flow state: a forward map (client 4-tuple -> task, translation port) and a reverse
- * map (task side -> client), both LRU. A SYN always makes a new pick, and a client's RST
- * forgets the flow, so a client that reuses its port never lands on a stale entry.
+ * Flow state, in two tables of two LRU maps each (forward: client 4-tuple -> task and
+ * translation port; reverse: task side -> client), as conntrack's "assured" flag works:
+ * a new flow enters the unconfirmed table (netd_flows_fwd_new, netd_flows_rev_new) and
+ * moves to the established one (netd_flows_fwd, netd_flows_rev) once it is confirmed:
+ * the task's answer came back through here and the client then sent again (TCP: an ACK
+ * without SYN; UDP: any datagram). A flood of new flows (spoofed SYNs, datagrams from
+ * random ports) so churns only the unconfirmed table and never evicts an established
+ * flow. A UDP flow to a task on this node (the kernel path's: XDP never sees its
+ * answers) is confirmed by the client's second datagram; a TCP one needs no entry at all
+ * (a TCP packet of no flow XDP knows goes to the kernel anyway). A SYN always makes a
+ * new pick, and a client's RST forgets the flow, so a client that reuses its port never
+ * lands on a stale entry.
+ *
+ * Before a packet is translated it is checked as the receiving kernel would check it:
+ * IPv4, header checksum, total length within the frame, a TCP data offset or UDP length
+ * within the packet, and for a task's answer the VXLAN header and the outer lengths. A
+ * malformed packet goes to the kernel path, which drops and counts it.
  *
  * Left to the kernel path (XDP_PASS): flows to a task on this node (its answer reaches
  * the ingress sandbox over the bridge, not through here), packets of flows this program
@@ -78,6 +92,8 @@ struct {
 	__type(value, __u32);
 } netd_mesh_rr SEC(".maps");
 
+/* The established (confirmed) flows. The loader may size the four flow maps otherwise
+ * (netd-ebpf's load_ingress_xdp_sized, for tests that overflow them). */
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -94,6 +110,23 @@ struct {
 	__type(value, struct netd_flow_rev);
 } netd_flows_rev SEC(".maps");
 
+/* The unconfirmed flows: what a flood of new flows churns. */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct netd_flow_key);
+	__type(value, struct netd_flow_fwd);
+} netd_flows_fwd_new SEC(".maps");
+
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct netd_flow_key);
+	__type(value, struct netd_flow_rev);
+} netd_flows_rev_new SEC(".maps");
+
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -101,6 +134,15 @@ struct {
 	__type(key, __u32);
 	__type(value, struct netd_xdp_stats);
 } netd_xdp_stats SEC(".maps");
+
+/* Flow counters, indexed by NETD_FLOWS_*. */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NETD_FLOWS_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} netd_xdp_flow_stats SEC(".maps");
 
 enum outcome { FORWARDED, RETURNED, PASSED, DROPPED };
 
@@ -120,6 +162,15 @@ static __always_inline int count(enum outcome o, int verdict)
 			s->dropped++;
 	}
 	return verdict;
+}
+
+/* Counts a flow event (NETD_FLOWS_*). */
+static __always_inline void flow_event(__u32 which)
+{
+	__u64 *n = bpf_map_lookup_elem(&netd_xdp_flow_stats, &which);
+
+	if (n)
+		(*n)++;
 }
 
 /* ---- checksums (RFC 1624: HC' = ~(~HC + ~m + m')) ---- */
@@ -144,6 +195,8 @@ static __always_inline void csum_replace4(__u16 *check, __u32 old, __u32 new)
 	csum_replace2(check, (__u16)(old >> 16), (__u16)(new >> 16));
 }
 
+/* The checksum of a 20-byte IPv4 header as it stands: what belongs in `check` when
+ * that field is 0, and 0 when the header and its checksum agree. */
 static __always_inline __u16 ip_header_checksum(struct iphdr *ip)
 {
 	__u16 *w = (__u16 *)ip;
@@ -153,6 +206,52 @@ static __always_inline __u16 ip_header_checksum(struct iphdr *ip)
 	for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
 		sum += w[i];
 	return fold(sum);
+}
+
+/* ---- what the receiving kernel would accept ---- */
+
+/* Whether the IPv4 packet at `ip` (its 20-byte header in bounds, without options) is
+ * one the kernel's IP layer takes: version 4, header checksum right, total length at
+ * least the header and within the frame (the frame may go on: Ethernet padding). */
+static __always_inline int ip_whole(struct iphdr *ip, void *end)
+{
+	__u32 len = bpf_ntohs(ip->tot_len);
+
+	if (ip->version != 4 || len < sizeof(*ip) || (void *)ip + len > end)
+		return 0;
+	return ip_header_checksum(ip) == 0;
+}
+
+/* Whether the TCP or UDP header behind `ip` (a packet ip_whole accepted) is in bounds
+ * and fits the packet as the kernel checks it: a TCP data offset of 5 words or more,
+ * all within the packet; a UDP length of 8 or more, within the packet (a shorter one
+ * is fine: the kernel trims the packet to it). */
+static __always_inline int l4_fits(struct iphdr *ip, void *end)
+{
+	__u32 room = bpf_ntohs(ip->tot_len) - sizeof(*ip); /* the IP payload's length */
+	struct tcphdr *tcp = (void *)(ip + 1);
+	struct udphdr *udp = (void *)(ip + 1);
+
+	if (ip->protocol == IPPROTO_TCP)
+		return (void *)(tcp + 1) <= end && tcp->doff >= 5 && tcp->doff * 4 <= room;
+	if (ip->protocol == IPPROTO_UDP)
+		return (void *)(udp + 1) <= end && bpf_ntohs(udp->len) >= sizeof(*udp) &&
+		       bpf_ntohs(udp->len) <= room;
+	return 0;
+}
+
+/* Whether a VXLAN packet to this node is whole: its outer IPv4 packet as ip_whole, and
+ * its UDP datagram within that packet and long enough for the VXLAN and inner Ethernet
+ * headers and the inner IPv4 packet (`inner_len` bytes) behind them. */
+static __always_inline int vxlan_whole(struct iphdr *oip, struct udphdr *oudp, __u32 inner_len,
+				       void *end)
+{
+	__u32 ulen = bpf_ntohs(oudp->len);
+
+	if (!ip_whole(oip, end))
+		return 0;
+	return ulen <= bpf_ntohs(oip->tot_len) - sizeof(*oip) &&
+	       ulen >= sizeof(*oudp) + sizeof(struct vxlanhdr) + sizeof(struct ethhdr) + inner_len;
 }
 
 /* Rewrites the addressing of an IPv4 TCP/UDP packet whose headers are in bounds, with
@@ -210,8 +309,44 @@ static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth, __be32 s
 	return count(o, bpf_redirect(p.ifindex, 0));
 }
 
-/* A new flow to published port `pv`: its backend and, for a remote one, the reverse
- * entry with a free translation port. Returns 0 when there is nothing to send it to. */
+/* ---- flow tables ---- */
+
+/* Where a flow is: in no table (XDP has none: the kernel path takes the packet), in
+ * the established table, or in the unconfirmed one. */
+enum table { NO_FLOW, ESTABLISHED, UNCONFIRMED };
+
+/* The reverse key of forward flow `f`: {task, target port, translation port}. */
+static __always_inline struct netd_flow_key reverse_key(struct netd_flow_fwd *f, __u8 proto)
+{
+	struct netd_flow_key rk = {
+		.addr = f->backend,
+		.port_a = f->target_port,
+		.port_b = f->snat_port,
+		.proto = proto,
+	};
+
+	return rk;
+}
+
+/* Forgets the flow of client key `fk` in one table (its forward and reverse maps), if
+ * it is there: the reverse half first, which frees the translation port. */
+static __always_inline void forget(void *fwd_map, void *rev_map, struct netd_flow_key *fk)
+{
+	struct netd_flow_fwd *f = bpf_map_lookup_elem(fwd_map, fk);
+	struct netd_flow_key rk;
+
+	if (!f)
+		return;
+	if (!(f->flags & NETD_FLOW_KERNEL)) {
+		rk = reverse_key(f, fk->proto);
+		bpf_map_delete_elem(rev_map, &rk);
+	}
+	bpf_map_delete_elem(fwd_map, fk);
+}
+
+/* A new flow to published port `pv`: its backend into `out` and, for a remote one, the
+ * reverse half with a free translation port, both into the unconfirmed table. Returns
+ * 0 when there is nothing to send it to. */
 static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd_port_value *pv,
 				    struct netd_flow_key *fk, struct netd_flow_fwd *out)
 {
@@ -233,8 +368,13 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 	out->snat_port = 0;
 	out->flags = 0;
 	if (b->vtep == cfg->node_ip) {
+		/* A task on this node: the kernel path's flow. A UDP one is remembered, so that
+		 * its next datagrams follow the first one there. */
 		out->flags = NETD_FLOW_KERNEL;
-		bpf_map_update_elem(&netd_flows_fwd, fk, out, BPF_ANY);
+		if (fk->proto == IPPROTO_UDP) {
+			bpf_map_update_elem(&netd_flows_fwd_new, fk, out, BPF_ANY);
+			flow_event(NETD_FLOWS_OPENED);
+		}
 		return 1;
 	}
 	for (int i = 0; i < SNAT_TRIES; i++) {
@@ -251,27 +391,127 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 			.published_port = fk->port_b,
 		};
 
-		if (bpf_map_update_elem(&netd_flows_rev, &rk, &rv, BPF_NOEXIST) == 0) {
-			out->snat_port = rk.port_b;
-			bpf_map_update_elem(&netd_flows_fwd, fk, out, BPF_ANY);
-			return 1;
+		/* The port is taken in the unconfirmed map, then looked for in the established
+		 * one: a flow being confirmed meanwhile enters the established map before it
+		 * leaves the unconfirmed one, so either the insertion fails or the look-up
+		 * sees it. */
+		if (bpf_map_update_elem(&netd_flows_rev_new, &rk, &rv, BPF_NOEXIST))
+			continue;
+		if (bpf_map_lookup_elem(&netd_flows_rev, &rk)) {
+			bpf_map_delete_elem(&netd_flows_rev_new, &rk);
+			continue;
 		}
+		out->snat_port = rk.port_b;
+		bpf_map_update_elem(&netd_flows_fwd_new, fk, out, BPF_ANY);
+		flow_event(NETD_FLOWS_OPENED);
+		return 1;
 	}
+	flow_event(NETD_FLOWS_REFUSED);
 	return 0;
 }
 
-/* The reverse entry of forward flow `f` (with key `fk`), if it has one. */
-static __always_inline void forget_reverse(struct netd_flow_fwd *f, struct netd_flow_key *fk)
+/* Moves unconfirmed flow fk -> f (reverse half rk -> rv, unless it is the kernel's)
+ * into the established table: into it first, then out of the unconfirmed one, so that
+ * a translation port in use is always in one of the reverse maps (new_flow relies on
+ * it). Returns 0 if the established table refused it. */
+static __always_inline int confirm(struct netd_flow_key *fk, struct netd_flow_fwd *f,
+				   struct netd_flow_key *rk, struct netd_flow_rev *rv)
 {
-	struct netd_flow_key rk = {
-		.addr = f->backend,
-		.port_a = f->target_port,
-		.port_b = f->snat_port,
-		.proto = fk->proto,
-	};
+	int kernel = f->flags & NETD_FLOW_KERNEL;
 
-	if (!(f->flags & NETD_FLOW_KERNEL))
-		bpf_map_delete_elem(&netd_flows_rev, &rk);
+	if (!kernel && bpf_map_update_elem(&netd_flows_rev, rk, rv, BPF_ANY))
+		return 0;
+	if (bpf_map_update_elem(&netd_flows_fwd, fk, f, BPF_ANY))
+		return 0;
+	if (!kernel)
+		bpf_map_delete_elem(&netd_flows_rev_new, rk);
+	bpf_map_delete_elem(&netd_flows_fwd_new, fk);
+	flow_event(NETD_FLOWS_CONFIRMED);
+	return 1;
+}
+
+/* A packet of unconfirmed flow fk -> f (a copy). Its reverse half must still be there
+ * and still this flow's: the two maps evict apart, and a lone forward half would send
+ * the client's packets from a translation port that may be another flow's by now (such
+ * a flow is lost: forgotten, NO_FLOW). Once the task has answered (or, for the kernel's
+ * flows, at once), a packet that `confirms` moves the flow to the established table. */
+static __always_inline enum table unconfirmed(struct netd_flow_key *fk, struct netd_flow_fwd *f,
+					      int confirms)
+{
+	struct netd_flow_key rk = reverse_key(f, fk->proto);
+	struct netd_flow_rev rv = {};
+	struct netd_flow_rev *r;
+
+	if (!(f->flags & NETD_FLOW_KERNEL)) {
+		r = bpf_map_lookup_elem(&netd_flows_rev_new, &rk);
+		if (!r || r->client != fk->addr || r->client_port != fk->port_a ||
+		    r->published_port != fk->port_b) {
+			bpf_map_delete_elem(&netd_flows_fwd_new, fk);
+			flow_event(NETD_FLOWS_LOST);
+			return NO_FLOW;
+		}
+		if (!(f->flags & NETD_FLOW_ANSWERED))
+			return UNCONFIRMED;
+		rv = *r;
+	}
+	if (confirms && confirm(fk, f, &rk, &rv))
+		return ESTABLISHED;
+	return UNCONFIRMED;
+}
+
+/* The flow of client key `fk` (a copy into `f`) and where it is: established;
+ * unconfirmed (and maybe confirmed by this packet, which `confirms` or not); or new.
+ * A SYN always opens a new one. */
+static __always_inline enum table flow_of(struct netd_ingress_config *cfg,
+					  struct netd_port_value *pv, struct netd_flow_key *fk,
+					  int syn, int confirms, struct netd_flow_fwd *f)
+{
+	struct netd_flow_fwd *e;
+	enum table t;
+
+	if (syn) {
+		/* A new connection on a 4-tuple seen before (the client reused its port, as
+		 * Katran does: a SYN is always a new pick). The old flow's translation port is
+		 * freed now, so the two maps of a table, which evict apart, never disagree
+		 * about it. */
+		forget(&netd_flows_fwd, &netd_flows_rev, fk);
+		forget(&netd_flows_fwd_new, &netd_flows_rev_new, fk);
+		return new_flow(cfg, pv, fk, f) ? UNCONFIRMED : NO_FLOW;
+	}
+	e = bpf_map_lookup_elem(&netd_flows_fwd, fk);
+	if (e) {
+		*f = *e;
+		return ESTABLISHED;
+	}
+	e = bpf_map_lookup_elem(&netd_flows_fwd_new, fk);
+	if (e) {
+		*f = *e;
+		t = unconfirmed(fk, f, confirms);
+		if (t != NO_FLOW)
+			return t;
+	}
+	/* Only a flow's first packet opens it: any other TCP packet is the kernel path's. */
+	if (fk->proto == IPPROTO_TCP)
+		return NO_FLOW;
+	return new_flow(cfg, pv, fk, f) ? UNCONFIRMED : NO_FLOW;
+}
+
+/* The task answered unconfirmed flow rk -> r: marks the forward half, for the client's
+ * next packet to confirm the flow. */
+static __always_inline void answered(struct netd_flow_key *rk, struct netd_flow_rev *r)
+{
+	struct netd_flow_key fk = {
+		.addr = r->client,
+		.port_a = r->client_port,
+		.port_b = r->published_port,
+		.proto = rk->proto,
+	};
+	struct netd_flow_fwd *f = bpf_map_lookup_elem(&netd_flows_fwd_new, &fk);
+
+	/* The same flow, not a newer one of the 4-tuple on another translation port. */
+	if (f && f->backend == rk->addr && f->snat_port == rk->port_b &&
+	    !(f->flags & NETD_FLOW_ANSWERED))
+		__sync_fetch_and_or(&f->flags, NETD_FLOW_ANSWERED);
 }
 
 /* A SYN's MSS, when it is the first option (as Linux sends it), is lowered to what fits
@@ -304,7 +544,8 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	struct netd_port_key pk = {};
 	struct netd_port_value *pv;
 	struct netd_flow_key fk = {};
-	struct netd_flow_fwd *f, nf;
+	struct netd_flow_fwd f = {};
+	enum table table;
 	struct vxlanhdr *vx;
 	struct udphdr *oudp;
 	struct iphdr *oip;
@@ -312,61 +553,52 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	__u32 inner_len;
 	int tcp_syn = 0;
 	int tcp_rst = 0;
+	int confirms = 1; /* UDP: any datagram of the client confirms its flow */
 
 	if ((void *)(udp + 1) > end)
 		return XDP_PASS;
-	if (ip->protocol == IPPROTO_TCP) {
-		if ((void *)(tcp + 1) > end)
-			return XDP_PASS;
-		l4_check = &tcp->check;
-		tcp_syn = tcp->syn && !tcp->ack && !tcp->rst;
-		tcp_rst = tcp->rst;
-	} else if (ip->protocol == IPPROTO_UDP) {
-		l4_check = udp->check ? &udp->check : NULL;
-	} else {
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return XDP_PASS;
-	}
 	pk.port = ports[1];
 	pk.proto = ip->protocol;
 	pv = bpf_map_lookup_elem(&netd_ports, &pk);
 	if (!pv)
 		return XDP_PASS;
+	if (!ip_whole(ip, end) || !l4_fits(ip, end))
+		return count(PASSED, XDP_PASS); /* malformed: the kernel drops and counts it */
+	if (ip->protocol == IPPROTO_TCP) {
+		if ((void *)(tcp + 1) > end) /* l4_fits saw it, the verifier wants it here */
+			return XDP_PASS;
+		l4_check = &tcp->check;
+		tcp_syn = tcp->syn && !tcp->ack && !tcp->rst;
+		tcp_rst = tcp->rst;
+		confirms = tcp->ack && !tcp->syn && !tcp->rst;
+	} else {
+		l4_check = udp->check ? &udp->check : NULL;
+	}
 	fk.addr = ip->saddr;
 	fk.port_a = ports[0];
 	fk.port_b = ports[1];
 	fk.proto = ip->protocol;
-	f = bpf_map_lookup_elem(&netd_flows_fwd, &fk);
-	if (f && tcp_syn) {
-		/* A new connection on a 4-tuple seen before (the client reused its port, as
-		 * Katran does: a SYN is always a new pick). The old flow's translation port is
-		 * freed now, so the two maps, which evict apart, never disagree about it. */
-		forget_reverse(f, &fk);
-		f = NULL;
-	}
-	if (!f) {
-		/* Only a flow's first packet opens it; anything else is the kernel path's. */
-		if (ip->protocol == IPPROTO_TCP && !tcp_syn)
-			return count(PASSED, XDP_PASS);
-		if (!new_flow(cfg, pv, &fk, &nf))
-			return count(PASSED, XDP_PASS); /* no backend: the kernel refuses */
-		f = &nf;
-	}
-	if (f->flags & NETD_FLOW_KERNEL)
+	table = flow_of(cfg, pv, &fk, tcp_syn, confirms, &f);
+	if (table == NO_FLOW)
+		return count(PASSED, XDP_PASS); /* no backend or port, or not the first packet */
+	if (f.flags & NETD_FLOW_KERNEL)
 		return count(PASSED, XDP_PASS);
 	if (tcp_syn)
 		clamp_mss(tcp, end);
 	inner_len = bpf_ntohs(ip->tot_len);
 	if (inner_len + ENCAP_LEN + sizeof(struct ethhdr) > UNDERLAY_FRAME)
 		return count(DROPPED, XDP_DROP); /* a UDP datagram too big to wrap */
-	translate(ip, ports, l4_check, cfg->ingress_ip, f->snat_port, f->backend, f->target_port);
-	__be32 vtep = f->vtep;
-	__be32 backend = f->backend;
+	translate(ip, ports, l4_check, cfg->ingress_ip, f.snat_port, f.backend, f.target_port);
 	__u16 entropy = (__u16)(fk.addr ^ fk.port_a);
 
 	if (tcp_rst) {
 		/* The client aborts: this RST is the flow's last packet. */
-		forget_reverse(f, &fk);
-		bpf_map_delete_elem(&netd_flows_fwd, &fk);
+		if (table == ESTABLISHED)
+			forget(&netd_flows_fwd, &netd_flows_rev, &fk);
+		else
+			forget(&netd_flows_fwd_new, &netd_flows_rev_new, &fk);
 	}
 
 	/* Wrap: [outer eth | outer ip | udp | vxlan] + the frame, whose Ethernet header
@@ -382,7 +614,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	ieth = (void *)(vx + 1);
 	if ((void *)(ieth + 1) > end)
 		return count(DROPPED, XDP_DROP);
-	mac_for(ieth->h_dest, backend);
+	mac_for(ieth->h_dest, f.backend);
 	mac_for(ieth->h_source, cfg->ingress_ip);
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	oip->version = 4;
@@ -397,7 +629,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	oip->ttl = 64;
 	oip->protocol = IPPROTO_UDP;
 	oip->saddr = cfg->node_ip;
-	oip->daddr = vtep;
+	oip->daddr = f.vtep;
 	oip->check = 0;
 	oip->check = ip_header_checksum(oip);
 	/* Source port: flow entropy in the ephemeral range, as Linux's VXLAN does. */
@@ -408,7 +640,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	oudp->check = 0;
 	vx->flags = bpf_htonl(VXLAN_FLAG_VNI);
 	vx->vni = bpf_htonl(cfg->vni << 8);
-	return send(ctx, eth, cfg->node_ip, vtep, FORWARDED);
+	return send(ctx, eth, cfg->node_ip, f.vtep, FORWARDED);
 }
 
 /* VXLAN to this node: a task's answer to a flow this program translated? */
@@ -428,32 +660,48 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	__u16 *l4_check;
 	struct netd_flow_key rk = {};
 	struct netd_flow_rev *r;
+	int unconfirmed = 0;
 	__be32 client;
+	__be16 client_port, published_port;
 
 	if ((void *)(udp + 1) > end)
 		return XDP_PASS;
-	if (vx->vni != bpf_htonl(cfg->vni << 8) || ieth->h_proto != bpf_htons(ETH_P_IP))
+	/* Only the VNI flag, as the kernel's VXLAN takes it without extensions; the low
+	 * byte of the VNI word is reserved (0). */
+	if (vx->flags != bpf_htonl(VXLAN_FLAG_VNI) || vx->vni != bpf_htonl(cfg->vni << 8) ||
+	    ieth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
 	if (ip->ihl != 5 || ip->daddr != cfg->ingress_ip || (ip->frag_off & bpf_htons(0x3fff)))
 		return XDP_PASS;
-	if (ip->protocol == IPPROTO_TCP) {
-		if ((void *)(tcp + 1) > end)
-			return XDP_PASS;
-		l4_check = &tcp->check;
-	} else if (ip->protocol == IPPROTO_UDP) {
-		l4_check = udp->check ? &udp->check : NULL;
-	} else {
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return XDP_PASS;
-	}
 	rk.addr = ip->saddr;
 	rk.port_a = ports[0];
 	rk.port_b = ports[1];
 	rk.proto = ip->protocol;
 	r = bpf_map_lookup_elem(&netd_flows_rev, &rk);
-	if (!r)
-		return XDP_PASS; /* the kernel path's flow (its ports are below SNAT_FIRST) */
+	if (!r) {
+		r = bpf_map_lookup_elem(&netd_flows_rev_new, &rk);
+		if (!r)
+			return XDP_PASS; /* the kernel path's flow (its ports are below SNAT_FIRST) */
+		unconfirmed = 1;
+	}
+	if (!vxlan_whole(oip, oudp, bpf_ntohs(ip->tot_len), end) || !ip_whole(ip, end) ||
+	    !l4_fits(ip, end))
+		return count(PASSED, XDP_PASS); /* malformed: the kernel drops and counts it */
 	client = r->client;
-	translate(ip, ports, l4_check, cfg->node_ip, r->published_port, client, r->client_port);
+	client_port = r->client_port;
+	published_port = r->published_port;
+	if (unconfirmed)
+		answered(&rk, r);
+	if (ip->protocol == IPPROTO_TCP) {
+		if ((void *)(tcp + 1) > end) /* l4_fits saw it, the verifier wants it here */
+			return XDP_PASS;
+		l4_check = &tcp->check;
+	} else {
+		l4_check = udp->check ? &udp->check : NULL;
+	}
+	translate(ip, ports, l4_check, cfg->node_ip, published_port, client, client_port);
 	/* Unwrap: the inner frame goes out as it is, with real Ethernet addresses. */
 	if (bpf_xdp_adjust_head(ctx, (int)ENCAP_LEN))
 		return count(DROPPED, XDP_DROP);
@@ -478,8 +726,8 @@ int netd_ingress(struct xdp_md *ctx)
 
 	if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
-	/* IP options or fragments: the kernel path. */
-	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+	/* Not IPv4 after all, IP options, or fragments: the kernel path. */
+	if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
 		return XDP_PASS;
 	cfg = bpf_map_lookup_elem(&netd_ingress_cfg, &zero);
 	if (!cfg || ip->daddr != cfg->node_ip)

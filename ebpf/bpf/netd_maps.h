@@ -104,7 +104,9 @@ struct netd_mesh_backend {
 };
 
 /* One direction of a translated flow: forward {client, client port, published port},
- * reverse {backend, target port, SNAT port}; both with the protocol. */
+ * reverse {backend, target port, SNAT port}; both with the protocol. The same layouts
+ * serve both flow tables: established (netd_flows_fwd, netd_flows_rev) and unconfirmed
+ * (netd_flows_fwd_new, netd_flows_rev_new), see ingress_xdp.c. */
 struct netd_flow_key {
 	__u32 addr;
 	__u16 port_a;
@@ -113,7 +115,8 @@ struct netd_flow_key {
 	__u8 pad[3];
 };
 
-#define NETD_FLOW_KERNEL 1 /* the flow belongs to the kernel path: pass it */
+#define NETD_FLOW_KERNEL 1   /* the flow belongs to the kernel path: pass it */
+#define NETD_FLOW_ANSWERED 2 /* unconfirmed, and the task's answer came back through XDP */
 
 struct netd_flow_fwd {
 	__u32 backend;
@@ -136,5 +139,14 @@ struct netd_xdp_stats {
 	__u64 passed;
 	__u64 dropped;
 };
+
+/* Flow counters of the fast path: netd_xdp_flow_stats is a per-CPU array of __u64
+ * indexed by these (an array, not a struct, so that a counter can be added without
+ * changing the layout of a map pinned by an older netd). */
+#define NETD_FLOWS_OPENED 0    /* new flows, entered into the unconfirmed tables */
+#define NETD_FLOWS_CONFIRMED 1 /* flows promoted into the established tables */
+#define NETD_FLOWS_REFUSED 2   /* new flows without a free translation port: kernel path */
+#define NETD_FLOWS_LOST 3      /* unconfirmed flows found without their other half */
+#define NETD_FLOWS_COUNTERS 4
 
 #endif

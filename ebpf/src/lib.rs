@@ -80,12 +80,44 @@ pub const INGRESS_XDP_MAPS: &[&str] = &[
     "netd_mesh_rr",
     "netd_flows_fwd",
     "netd_flows_rev",
+    "netd_flows_fwd_new",
+    "netd_flows_rev_new",
     "netd_xdp_stats",
+    "netd_xdp_flow_stats",
+];
+
+/// The flow tables of [`INGRESS_XDP`] (LRU hashes of 131072 entries each): confirmed
+/// flows (forward, reverse), then unconfirmed ones (forward, reverse). A new flow enters
+/// the unconfirmed tables and moves to the confirmed ones when the client sends again
+/// after the task's answer came back, so a flood of new flows churns only the
+/// unconfirmed tables.
+pub const INGRESS_XDP_FLOW_MAPS: &[&str] = &[
+    "netd_flows_fwd",
+    "netd_flows_rev",
+    "netd_flows_fwd_new",
+    "netd_flows_rev_new",
 ];
 
 /// Loads [`INGRESS_XDP`] with its maps pinned in `pin_dir`, as [`load_sock_lb`] does.
 pub fn load_ingress_xdp(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
-    load_pinned(INGRESS_XDP, pin_dir)
+    load_ingress_xdp_sized(pin_dir, None)
+}
+
+/// As [`load_ingress_xdp`], with each of the flow tables ([`INGRESS_XDP_FLOW_MAPS`])
+/// made `flow_entries` entries large instead of the object's size: for tests that
+/// overflow them (netd takes it from `NETD_XDP_FLOW_ENTRIES`). Maps already pinned in
+/// `pin_dir` keep the size they were made with.
+pub fn load_ingress_xdp_sized(
+    pin_dir: &Path,
+    flow_entries: Option<u32>,
+) -> Result<Ebpf, EbpfError> {
+    let mut loader = EbpfLoader::new();
+    if let Some(n) = flow_entries {
+        for name in INGRESS_XDP_FLOW_MAPS {
+            loader.map_max_entries(name, n);
+        }
+    }
+    load_pinned(&mut loader, INGRESS_XDP, pin_dir)
 }
 
 /// Where bpffs is mounted on Linux.
@@ -127,16 +159,19 @@ pub fn ensure_bpffs() -> io::Result<()> {
 /// there already are reused, with their contents. Programs are not loaded into the
 /// kernel yet; the caller loads (verifies) and attaches the ones it needs.
 pub fn load_sock_lb(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
-    load_pinned(SOCK_LB, pin_dir)
+    load_pinned(&mut EbpfLoader::new(), SOCK_LB, pin_dir)
 }
 
-/// Loads `object` with its by-name pinned maps in `pin_dir` (created if missing).
-fn load_pinned(object: &[u8], pin_dir: &Path) -> Result<Ebpf, EbpfError> {
+/// Loads `object` with `loader`, its by-name pinned maps in `pin_dir` (created if
+/// missing).
+fn load_pinned(
+    loader: &mut EbpfLoader<'_>,
+    object: &[u8],
+    pin_dir: &Path,
+) -> Result<Ebpf, EbpfError> {
     std::fs::create_dir_all(pin_dir).map_err(|e| EbpfError::FileError {
         path: pin_dir.to_path_buf(),
         error: e,
     })?;
-    EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .load(object)
+    loader.default_map_pin_directory(pin_dir).load(object)
 }

@@ -125,6 +125,12 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
+/// [`FlowFwd::flags`]: the flow belongs to the kernel path (XDP passes it on).
+pub const FLOW_KERNEL: u32 = 1;
+/// [`FlowFwd::flags`]: an unconfirmed flow whose task answered through XDP (the
+/// client's next packet confirms it).
+pub const FLOW_ANSWERED: u32 = 2;
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowFwd {
@@ -152,6 +158,17 @@ pub struct XdpStats {
     pub passed: u64,
     pub dropped: u64,
 }
+
+/// Indexes of `netd_xdp_flow_stats` (a per-CPU array of u64): new flows (entered into
+/// the unconfirmed tables), confirmed flows (moved to the established ones), refused
+/// flows (no free translation port: left to the kernel path), lost flows (an
+/// unconfirmed flow found without its other half, evicted by newer ones).
+pub const FLOWS_OPENED: u32 = 0;
+pub const FLOWS_CONFIRMED: u32 = 1;
+pub const FLOWS_REFUSED: u32 = 2;
+pub const FLOWS_LOST: u32 = 3;
+/// The number of flow counters.
+pub const FLOWS_COUNTERS: u32 = 4;
 
 // SAFETY: plain #[repr(C)] integers with explicit padding fields: every bit pattern is a
 // valid value and there are no implicit padding bytes.

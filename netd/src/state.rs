@@ -1644,7 +1644,7 @@ mod tests {
         let svc = |name: &str, networks: &[&str]| ServiceCreate {
             name: name.into(),
             networks: networks.iter().map(|n| n.to_string()).collect(),
-            publish: vec![port.clone()],
+            publish: vec![port],
             ..Default::default()
         };
         let before = State::load(&s).await.unwrap().revision;

@@ -7,6 +7,15 @@
 //!
 //! Pins live in /sys/fs/bpf/netd-xdp/NODE/ (maps by name, `link_netd_ingress`): the
 //! program keeps working while netd restarts, and goes with the routing mesh.
+//!
+//! Flow state is two tables of two LRU maps each (netd_ebpf::INGRESS_XDP_FLOW_MAPS): new
+//! flows enter the unconfirmed table and move to the established one once the client
+//! sends again after the task's answer came back, so a flood of new flows (spoofed SYNs,
+//! datagrams from random ports) never evicts an established flow. `netd status` counts flows opened,
+//! confirmed, refused (no free translation port) and lost (an unconfirmed flow evicted
+//! in half). Each map holds 131072 flows; `NETD_XDP_FLOW_ENTRIES=N` in the daemon's
+//! environment makes them N each when netd creates them (the lab's flood test uses a
+//! small table; maps already pinned keep their size).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -18,7 +27,10 @@ use anyhow::{anyhow, Context, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{links::FdLink, Xdp, XdpMode};
 use aya::Ebpf;
-use netd_ebpf::maps::{BackendKey, IngressConfig, MeshBackend, PortKey, PortValue, XdpStats};
+use netd_ebpf::maps::{
+    BackendKey, IngressConfig, MeshBackend, PortKey, PortValue, XdpStats, FLOWS_CONFIRMED,
+    FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED,
+};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -74,6 +86,23 @@ pub struct MeshTable {
 
 const ROOT: &str = "/sys/fs/bpf/netd-xdp";
 
+/// The environment variable that sizes the flow maps when netd creates them (for tests
+/// that overflow them; see the module's documentation).
+pub const FLOW_ENTRIES_ENV: &str = "NETD_XDP_FLOW_ENTRIES";
+
+/// The flow maps' size from [`FLOW_ENTRIES_ENV`], if it is set.
+fn flow_entries() -> Result<Option<u32>> {
+    let Some(v) = std::env::var_os(FLOW_ENTRIES_ENV) else {
+        return Ok(None);
+    };
+    match v.to_str().and_then(|s| s.trim().parse::<u32>().ok()) {
+        Some(n) if n > 0 => Ok(Some(n)),
+        _ => Err(anyhow!(
+            "{FLOW_ENTRIES_ENV}={v:?}: not a number of flow entries (1 or more)"
+        )),
+    }
+}
+
 pub struct XdpMesh {
     setting: Setting,
     dir: PathBuf,
@@ -97,6 +126,8 @@ struct Loaded {
     backends: HashMap<MapData, BackendKey, MeshBackend>,
     rr: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, XdpStats>,
+    /// Flow counters, indexed by netd_ebpf::maps::FLOWS_*.
+    flow_stats: PerCpuArray<MapData, u64>,
     /// Port -> (slot, value, backends) as programmed.
     slots: BTreeMap<(u8, u16), (u32, PortValue, Vec<MeshBackend>)>,
     next_slot: u32,
@@ -108,7 +139,7 @@ fn be(a: Ipv4Addr) -> u32 {
 
 impl Loaded {
     fn load(dir: &Path) -> Result<Self> {
-        let mut obj = netd_ebpf::load_ingress_xdp(dir)
+        let mut obj = netd_ebpf::load_ingress_xdp_sized(dir, flow_entries()?)
             .with_context(|| format!("load ingress_xdp with maps in {}", dir.display()))?;
         let prog: &mut Xdp = obj
             .program_mut(netd_ebpf::INGRESS_XDP_PROGRAM)
@@ -122,6 +153,7 @@ impl Loaded {
             backends: take_map(&mut obj, "netd_mesh_backends")?,
             rr: take_map(&mut obj, "netd_mesh_rr")?,
             stats: take_map(&mut obj, "netd_xdp_stats")?,
+            flow_stats: take_map(&mut obj, "netd_xdp_flow_stats")?,
             obj,
             slots: BTreeMap::new(),
             next_slot: 1,
@@ -270,6 +302,35 @@ impl Loaded {
         }
         s
     }
+
+    /// The flow counters, summed over CPUs: (opened, confirmed, refused, lost).
+    fn flow_stats(&self) -> FlowStats {
+        let sum = |i: u32| -> u64 {
+            self.flow_stats
+                .get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        FlowStats {
+            opened: sum(FLOWS_OPENED),
+            confirmed: sum(FLOWS_CONFIRMED),
+            refused: sum(FLOWS_REFUSED),
+            lost: sum(FLOWS_LOST),
+        }
+    }
+}
+
+/// What happened to the fast path's flows (see ebpf/bpf/netd_maps.h, NETD_FLOWS_*).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct FlowStats {
+    /// New flows, entered into the unconfirmed table.
+    opened: u64,
+    /// Flows moved to the established table.
+    confirmed: u64,
+    /// New flows without a free translation port (left to the kernel path).
+    refused: u64,
+    /// Unconfirmed flows found evicted in half (left to the kernel path, or reopened).
+    lost: u64,
 }
 
 fn port_key((proto, port): (u8, u16)) -> PortKey {
@@ -351,6 +412,7 @@ impl XdpMesh {
             return json!({"setting": self.setting});
         };
         let stats = inner.loaded.as_ref().map(Loaded::stats);
+        let flows = inner.loaded.as_ref().map(Loaded::flow_stats);
         json!({
             "setting": self.setting,
             "mode": inner.mode.clone().unwrap_or_else(|| "none".into()),
@@ -362,6 +424,7 @@ impl XdpMesh {
                 "passed_to_kernel": s.passed,
                 "dropped": s.dropped,
             })),
+            "flows": flows,
         })
     }
 }

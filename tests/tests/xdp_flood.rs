@@ -1,0 +1,281 @@
+//! The routing mesh's XDP flow tables under a flood: an established connection through
+//! a published port keeps working (data both ways, the same translation) after a flood
+//! of new flows to that port from outside, several times the size of the flow tables:
+//! spoofed-source SYNs, and in a second case UDP datagrams from random source ports.
+//!
+//! A 2-node cluster: the service's only task runs on n1, the client connects to n2, so
+//! every flow crosses n2's XDP fast path (generic mode on the lab's veths). The daemons
+//! make their flow maps `TABLE` entries large (`NETD_XDP_FLOW_ENTRIES`, which they
+//! inherit from this test's environment), so the flood stays small and quick. The
+//! flooder is a host on the underlay sending with a raw socket (python3).
+
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use netd_lab::{connect_from, field, http_get, in_netns, Lab};
+use serde_json::Value;
+
+const PUBLISHED: u16 = 4567;
+const PUBLISHED_UDP: u16 = 4568;
+/// Entries of each XDP flow map in this test's daemons.
+const TABLE: usize = 256;
+/// Packets of a flood: 32 times the table (the old single LRU tables, whose second
+/// chance spares recently used entries for a while, lost established flows reliably
+/// from about that much on; 8 times was not always enough).
+const FLOOD: usize = 32 * TABLE;
+const CLIENT_HOST: u8 = 100;
+const FLOODER_HOST: u8 = 101;
+
+/// Sends `count` packets to DST:DPORT with a raw socket, paced (32 every 2 ms, so that
+/// the veths' queues keep them all): `tcp` SYNs from random sources in 198.18.128.0/17
+/// (spoofed: nobody there answers), or `udp` datagrams from SRC and distinct random
+/// source ports. Checksums are right, so the task's kernel takes every one.
+const FLOODER: &str = r#"
+import random, socket, struct, sys, time
+proto, src, dst, dport, count, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+rng = random.Random(seed)
+def csum(b):
+    if len(b) % 2:
+        b += b"\0"
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while t >> 16:
+        t = (t & 0xffff) + (t >> 16)
+    return ~t & 0xffff
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+d = socket.inet_aton(dst)
+ports = rng.sample(range(1024, 65536), count)
+for i in range(count):
+    if proto == "tcp":
+        a = socket.inet_aton("198.18.%d.%d" % (128 + rng.randrange(128), rng.randrange(1, 255)))
+        l4 = struct.pack("!HHIIBBHHH", ports[i], dport, rng.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+        p, at = 6, 16
+    else:
+        a = socket.inet_aton(src)
+        l4 = struct.pack("!HHHH", ports[i], dport, 8 + 5, 0) + b"flood"
+        p, at = 17, 6
+    c = csum(a + d + struct.pack("!BBH", 0, p, len(l4)) + l4) or 0xffff
+    l4 = l4[:at] + struct.pack("!H", c) + l4[at + 2:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), i & 0xffff, 0, 64, p, 0, a, d)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    s.sendto(ip + l4, (dst, 0))
+    if i % 32 == 31:
+        time.sleep(0.002)
+print(count)
+"#;
+
+/// A 2-node cluster whose daemons make TABLE-entry flow maps; service `web` publishing
+/// 4567:80 and 4568:80/udp with one whoami task on n1; a client and a flooder on the
+/// underlay. Returns the lab, the client's and the flooder's namespaces.
+fn flood_mesh(tag: &str) -> Result<(Lab, String, String)> {
+    // Inherited by the daemons the lab starts (and only read by them).
+    std::env::set_var("NETD_XDP_FLOW_ENTRIES", TABLE.to_string());
+    let mut lab = Lab::build_with(tag, 2, true, "auto", "auto")?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.41.0/24"],
+    )?;
+    lab.cli(
+        0,
+        &[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "front",
+            "--publish",
+            &format!("{PUBLISHED}:80"),
+            "--publish",
+            &format!("{PUBLISHED_UDP}:80/udp"),
+        ],
+    )?;
+    let n1 = lab.nodes[0].name.clone();
+    lab.attach_whoami(0, "web", "w0", Some(&n1))?;
+    let client = lab.add_host("client", CLIENT_HOST)?;
+    let flooder = lab.add_host("flood", FLOODER_HOST)?;
+    Ok((lab, client, flooder))
+}
+
+/// n2's XDP fast path: (packets forwarded, its flow counters).
+fn n2_xdp(lab: &Lab) -> Result<(u64, Value)> {
+    let x = &lab.cli_json(1, &["status"])?["routing_mesh"]["xdp"];
+    if x["mode"].as_str().unwrap_or("none") == "none" {
+        bail!("XDP does not run on n2: {x}");
+    }
+    Ok((
+        x["packets"]["forwarded"].as_u64().unwrap_or(0),
+        x["flows"].clone(),
+    ))
+}
+
+/// The port whoami saw a request come from (`RemoteAddr: IP:PORT`): the translation
+/// port of the flow.
+fn remote_port(body: &str) -> Result<u16> {
+    field(body, "RemoteAddr")
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port())
+        .with_context(|| format!("no RemoteAddr in {body:?}"))
+}
+
+/// A keep-alive connection from the client to n2's published port, once the mesh
+/// answers there; its first answer.
+fn open_connection(lab: &Lab, client: &str) -> Result<(TcpStream, String)> {
+    let to = SocketAddr::from((lab.nodes[1].ip, PUBLISHED));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let tried = connect_from(client, to).and_then(|mut s| {
+            let body = http_get(&mut s)?;
+            Ok((s, body))
+        });
+        match tried {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() > deadline => return Err(e.context("the mesh on n2")),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// One request and its answer on the connection: data both ways. The answer must come
+/// from the same task through the same translation as `first`.
+fn still_the_same(conn: &mut TcpStream, first: &str, when: &str) -> Result<()> {
+    let body = http_get(conn).with_context(|| format!("the established connection {when}"))?;
+    if field(&body, "Hostname") != field(first, "Hostname")
+        || remote_port(&body)? != remote_port(first)?
+    {
+        bail!("{when}, the connection answered {body:?}, first {first:?}");
+    }
+    Ok(())
+}
+
+/// Runs the flooder in `ns`: `proto` packets to n2's `port`.
+fn flood(lab: &Lab, ns: &str, proto: &str, port: u16) -> Result<()> {
+    let src = netd_lab::underlay_ip(FLOODER_HOST).to_string();
+    let dst = lab.nodes[1].ip.to_string();
+    let out = lab.exec_in(
+        ns,
+        &[
+            "timeout",
+            "60",
+            "python3",
+            "-c",
+            FLOODER,
+            proto,
+            &src,
+            &dst,
+            &port.to_string(),
+            &FLOOD.to_string(),
+            "1",
+        ],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "the flooder failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}
+
+/// The flood reached n2's fast path and overflowed its tables: nine tenths of it
+/// forwarded at least (a few packets may be lost on the way, not that many), many
+/// times the table.
+fn flood_reached_xdp(lab: &Lab, before: &(u64, Value)) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let forwarded = n2_xdp(lab)?.0 - before.0;
+        if forwarded >= (FLOOD * 9 / 10) as u64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the flood of {FLOOD} did not overflow the {TABLE}-entry tables on n2: \
+                 {forwarded} packets forwarded"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// n2's flow counters saw the flood: as many new flows opened as it overflowed the
+/// table with, and none of them confirmed.
+fn flood_counted(lab: &Lab, before: &(u64, Value)) -> Result<()> {
+    let after = n2_xdp(lab)?;
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let opened = n(&after.1, "opened") - n(&before.1, "opened");
+    eprintln!(
+        "n2: {} packets forwarded by XDP during the flood; flows {} before, {} after",
+        after.0 - before.0,
+        before.1,
+        after.1
+    );
+    if opened < (FLOOD * 9 / 10) as u64 || n(&after.1, "confirmed") != n(&before.1, "confirmed") {
+        bail!(
+            "n2's flow counters: {} before the flood, {} after",
+            before.1,
+            after.1
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn an_established_connection_survives_a_syn_flood() -> Result<()> {
+    let (lab, client, flooder) = flood_mesh("fls")?;
+    let (mut conn, first) = open_connection(&lab, &client)?;
+    // The XDP path translates to ports from 32768 (the kernel path below).
+    if remote_port(&first)? < 32768 {
+        bail!("the connection did not take the XDP path: {first:?}");
+    }
+    still_the_same(&mut conn, &first, "before the flood")?;
+    let before = n2_xdp(&lab)?;
+    flood(&lab, &flooder, "tcp", PUBLISHED)?;
+    flood_reached_xdp(&lab, &before)?;
+    still_the_same(&mut conn, &first, "after a SYN flood")?;
+    flood_counted(&lab, &before)?;
+    Ok(())
+}
+
+#[test]
+fn established_flows_survive_a_udp_flood() -> Result<()> {
+    let (lab, client, flooder) = flood_mesh("flu")?;
+    let (mut conn, first) = open_connection(&lab, &client)?;
+    if remote_port(&first)? < 32768 {
+        bail!("the connection did not take the XDP path: {first:?}");
+    }
+    // A UDP flow, confirmed: the client sends again after the task's answer.
+    let to = SocketAddr::from((lab.nodes[1].ip, PUBLISHED_UDP));
+    let udp = in_netns(&client, || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(s)
+    })?;
+    let ask = |when: &str| -> Result<String> {
+        udp.send_to(b"who", to)?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = udp
+            .recv_from(&mut buf)
+            .with_context(|| format!("the UDP flow's answer {when}"))?;
+        if from != to {
+            bail!("a UDP answer from {from}, asked {to}");
+        }
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let one = ask("at first")?;
+    let two = ask("the second time")?;
+    if remote_port(&one)? < 32768 || remote_port(&two)? != remote_port(&one)? {
+        bail!("the UDP flow did not keep to the XDP path: {one:?} then {two:?}");
+    }
+    let before = n2_xdp(&lab)?;
+    flood(&lab, &flooder, "udp", PUBLISHED_UDP)?;
+    flood_reached_xdp(&lab, &before)?;
+    let after = ask("after a UDP flood")?;
+    if field(&after, "Hostname") != field(&one, "Hostname")
+        || remote_port(&after)? != remote_port(&one)?
+    {
+        bail!("after a UDP flood the UDP flow answered {after:?}, first {one:?}");
+    }
+    still_the_same(&mut conn, &first, "after a UDP flood")?;
+    flood_counted(&lab, &before)?;
+    Ok(())
+}
