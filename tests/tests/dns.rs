@@ -393,3 +393,46 @@ fn one_task_flooding_slow_names_does_not_starve_anothers_answers() -> Result<()>
     );
     Ok(())
 }
+
+/// The embedded DNS is no open resolver: it answers inside tasks (127.0.0.11 of each
+/// task's own namespace) and nowhere else, neither to another task asking at a task's
+/// address nor to a host on the underlay asking at the node.
+#[test]
+fn the_dns_answers_inside_tasks_only() -> Result<()> {
+    let (mut lab, w1) = one_node_with_web("dopen")?;
+    lab.start_upstream_dns()?;
+    lab.attach_whoami(0, "web", "web-2", None)?;
+    let w2 = lab.ns("web-2");
+    let outside = lab.add_host("asker", 100)?;
+    // Inside a task: cluster names and forwarded names both answer.
+    assert_eq!(lab.dig_short(&w1, "web")?.len(), 1);
+    assert!(lab
+        .dig(&w1, &["outside.example.org"])?
+        .contains("status: NOERROR"));
+    let seen = || {
+        lab.upstream_queries()
+            .matches("outside.example.org")
+            .count()
+    };
+    let before = seen();
+    let w1_ip = ip(&lab, "web-1", "front")?;
+    let node_ip = lab.nodes[0].ip.to_string();
+    for (from, server) in [(&w2, &w1_ip), (&outside, &node_ip)] {
+        for transport in ["+notcp", "+tcp"] {
+            let at = format!("@{server}");
+            let out = lab.dig(from, &[&at, "+time=2", transport, "outside.example.org"])?;
+            assert!(
+                !out.contains("status:") && !out.contains("198.18.0.100"),
+                "{server} answered {transport}: {out}"
+            );
+            let out = lab.dig(from, &[&at, "+time=2", transport, "web"])?;
+            assert!(
+                !out.contains("status:"),
+                "{server} answered {transport}: {out}"
+            );
+        }
+    }
+    // None of the outsiders' queries reached upstream.
+    assert_eq!(seen(), before, "queries from outside tasks were forwarded");
+    Ok(())
+}
