@@ -223,6 +223,12 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     let store = open_store(&args.store, &store_tls)
         .await
         .with_context(|| format!("open store {}", args.store))?;
+    // Finish what a remover that died half-way left (see state::collect_garbage).
+    match state::collect_garbage(store.as_ref()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(records = n, "released what earlier removals left"),
+        Err(e) => tracing::warn!("release what earlier removals left: {e}"),
+    }
     let address = match args.advertise_addr {
         Some(a) => Some(a),
         None => store::etcd::parse_spec(&args.store, Some(""))

@@ -30,7 +30,7 @@ use crate::model::{
     self, Driver, Endpoint, EndpointMode, Network, Node, PortSpec, PublishMode, Service, Task,
     GWBRIDGE,
 };
-use crate::store::{Compare, Op, Store, StoreError, ROOT};
+use crate::store::{Compare, Op, Store, StoreError, MAX_TXN_OPS, ROOT};
 const META_NETWORKS: &str = "/netd/meta/networks";
 /// Names netd uses itself.
 const RESERVED_NETWORKS: &[&str] = &[GWBRIDGE, "ingress", "host", "none"];
@@ -174,6 +174,10 @@ pub struct State {
     /// Front end -> its id -> what it bound there (Docker: a Docker network id -> the
     /// netd network and service its containers join).
     pub bindings: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    /// Tasks whose service is gone: a `service rm` committed, and its tasks wait for
+    /// [`collect_garbage`]. Every reader already treats them as gone (they are not in
+    /// `tasks`); their addresses stay held until they are released.
+    pub orphans: BTreeMap<String, Task>,
     revs: HashMap<String, u64>,
 }
 
@@ -279,6 +283,17 @@ impl State {
                 _ => {}
             }
             st.revs.insert(kv.key, kv.mod_revision);
+        }
+        let orphaned: Vec<String> = st
+            .tasks
+            .values()
+            .filter(|t| !st.services.contains_key(&t.service))
+            .map(|t| t.id.clone())
+            .collect();
+        for id in orphaned {
+            if let Some(t) = st.tasks.remove(&id) {
+                st.orphans.insert(id, t);
+            }
         }
         Ok(st)
     }
@@ -564,7 +579,7 @@ fn network_ops(
 }
 
 pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<Network>> {
-    commit(store, |st| {
+    let removed = commit(store, |st| {
         let net = st.network(name)?.clone();
         if let Some(svc) = st
             .services
@@ -586,19 +601,16 @@ pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<N
                 t.name
             )));
         }
+        // The network is gone with this transaction; its addresses (gateway,
+        // reservations, nodes' LB addresses: any number) are keyed by its id, which no
+        // later network has, and are released after it.
         let nk = key("networks", name);
         let mut ops = vec![
             Op::Delete(nk.clone()),
             Op::Put(META_NETWORKS.into(), encode(&st.revision)),
         ];
-        for ip in st.ipam.get(&net.id).into_iter().flatten() {
-            ops.push(Op::Delete(key("ipam", &format!("{}/{ip}", net.id))));
-        }
         if let Some(v) = net.vni {
             ops.push(Op::Delete(key("vni", &v.to_string())));
-        }
-        for node in st.lb_addrs.get(&net.id).into_iter().flat_map(|m| m.keys()) {
-            ops.push(Op::Delete(key("lbaddr", &format!("{}/{node}", net.id))));
         }
         Ok((
             vec![st.unchanged(&nk), st.unchanged(META_NETWORKS)],
@@ -606,11 +618,17 @@ pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<N
             net,
         ))
     })
-    .await
+    .await?;
+    collect_garbage(store).await?;
+    Ok(removed)
 }
 
 /// The network that carries published ports in ingress mode between nodes.
 pub const INGRESS: &str = "ingress";
+/// Networks one service may be on (see `create_service`).
+pub const MAX_SERVICE_NETWORKS: usize = 32;
+/// Ports one service may publish.
+pub const MAX_SERVICE_PORTS: usize = 32;
 
 pub async fn create_service(
     store: &dyn Store,
@@ -624,6 +642,15 @@ pub async fn create_service(
     if req.networks.is_empty() {
         return Err(Error::Invalid(format!(
             "service {:?} needs at least one --network",
+            req.name
+        )));
+    }
+    // One attach allocates on every network of its service, one create a VIP on each and
+    // a key per port, all in one transaction: bounded so that it fits etcd's defaults.
+    if req.networks.len() > MAX_SERVICE_NETWORKS || req.publish.len() > MAX_SERVICE_PORTS {
+        return Err(Error::Invalid(format!(
+            "service {:?}: at most {MAX_SERVICE_NETWORKS} networks and \
+             {MAX_SERVICE_PORTS} published ports",
             req.name
         )));
     }
@@ -810,12 +837,15 @@ fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
     ops
 }
 
-/// Removes a service and detaches all its tasks (as `docker service rm` does).
+/// Removes a service and detaches all its tasks (as `docker service rm` does). The
+/// service, its ports and its VIPs go in one transaction, which is the moment every
+/// reader stops seeing its tasks too ([`State::orphans`]); the tasks are released after,
+/// in transactions etcd takes at its defaults, however many there are.
 pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Committed<Service>> {
-    commit(store, |st| {
+    let removed = commit(store, |st| {
         let svc = st.service(name)?.clone();
         let sk = key("services", name);
-        let mut compares = vec![st.unchanged(&sk)];
+        let compares = vec![st.unchanged(&sk)];
         let mut ops = vec![Op::Delete(sk)];
         for p in &svc.publish {
             ops.push(Op::Delete(key(
@@ -828,13 +858,77 @@ pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Committed<S
                 ops.push(Op::Delete(key("ipam", &format!("{}/{vip}", n.id))));
             }
         }
-        for t in st.tasks.values().filter(|t| t.service == svc.name) {
-            compares.push(st.unchanged(&key("tasks", &t.id)));
-            ops.extend(task_release_ops(st, t));
-        }
         Ok((compares, ops, svc))
     })
-    .await
+    .await?;
+    collect_garbage(store).await?;
+    Ok(removed)
+}
+
+/// What [`collect_garbage`] releases in one transaction, and how many records.
+fn garbage_batch(st: &State) -> (Vec<Compare>, Vec<Op>, usize) {
+    let mut compares = vec![];
+    let mut ops: Vec<Op> = vec![];
+    let mut count = 0;
+    for t in st.orphans.values() {
+        let release = task_release_ops(st, t);
+        if ops.len() + release.len() > MAX_TXN_OPS || compares.len() == MAX_TXN_OPS {
+            return (compares, ops, count);
+        }
+        compares.push(st.unchanged(&key("tasks", &t.id)));
+        ops.extend(release);
+        count += 1;
+    }
+    // Addresses and LB addresses of networks that are gone (by id: never reused).
+    let live: BTreeSet<&str> = st.networks.values().map(|n| n.id.as_str()).collect();
+    let gone_ipam = st
+        .ipam
+        .iter()
+        .filter(|(id, _)| !live.contains(id.as_str()))
+        .flat_map(|(id, ips)| ips.iter().map(move |ip| key("ipam", &format!("{id}/{ip}"))));
+    let gone_lb = st
+        .lb_addrs
+        .iter()
+        .filter(|(id, _)| !live.contains(id.as_str()))
+        .flat_map(|(id, nodes)| {
+            nodes
+                .keys()
+                .map(move |node| key("lbaddr", &format!("{id}/{node}")))
+        });
+    for k in gone_ipam.chain(gone_lb) {
+        if ops.len() == MAX_TXN_OPS {
+            break;
+        }
+        ops.push(Op::Delete(k));
+        count += 1;
+    }
+    (compares, ops, count)
+}
+
+/// Releases what a removal left for later: the tasks of removed services (with their
+/// addresses and names) and the addresses of removed networks, a bounded transaction at
+/// a time. Idempotent, and safe on any node at once (a task changed under a batch fails
+/// its compare and is read again); run after every removal and at a daemon's start, which
+/// finishes the work of a remover that died half-way. Returns how many records it freed.
+pub async fn collect_garbage(store: &dyn Store) -> Result<usize> {
+    let mut freed = 0;
+    let mut misses = 0;
+    loop {
+        let st = State::load(store).await?;
+        let (compares, ops, count) = garbage_batch(&st);
+        if count == 0 {
+            return Ok(freed);
+        }
+        match store.txn(compares, ops).await? {
+            Some(_) => freed += count,
+            None => {
+                misses += 1;
+                if misses >= MAX_RETRIES {
+                    return Err(Error::Contention);
+                }
+            }
+        }
+    }
 }
 
 /// Records a task attachment. `local_node` is the daemon's own node; the kernel work is
@@ -1159,21 +1253,27 @@ pub async fn ensure_lb_addresses(
     if !missing {
         return Ok(None);
     }
-    let done = commit(store, |st| {
-        let mut compares = vec![];
-        let mut ops = vec![];
-        for n in networks {
-            let Some(net) = st.networks.get(n) else {
-                continue;
-            };
-            compares.push(st.unchanged(&key("networks", n)));
-            let taken = st.ipam.get(&net.id).cloned().unwrap_or_default();
-            lb_address_ops(st, node, net, &taken, &mut compares, &mut ops)?;
-        }
-        Ok((compares, ops, ()))
-    })
-    .await?;
-    Ok(Some(done.revision))
+    // Each network takes up to 3 compares: a chunk of 32 fits a transaction at etcd's
+    // defaults. The addresses are independent, so chunks need not commit together.
+    let mut revision = None;
+    for chunk in networks.chunks(32) {
+        let done = commit(store, |st| {
+            let mut compares = vec![];
+            let mut ops = vec![];
+            for n in chunk {
+                let Some(net) = st.networks.get(n) else {
+                    continue;
+                };
+                compares.push(st.unchanged(&key("networks", n)));
+                let taken = st.ipam.get(&net.id).cloned().unwrap_or_default();
+                lb_address_ops(st, node, net, &taken, &mut compares, &mut ops)?;
+            }
+            Ok((compares, ops, ()))
+        })
+        .await?;
+        revision = Some(done.revision);
+    }
+    Ok(revision)
 }
 
 fn endpoint(network: &str, ip: Ipv4Addr, prefix: u8, ifname: String) -> Endpoint {
@@ -1418,6 +1518,86 @@ mod tests {
                 create_network(s, &pools(), r).await,
                 Err(Error::Conflict(_))
             ));
+        }
+    );
+
+    store_test!(
+        removals_of_any_size_fit_etcds_default_transactions,
+        |s: SharedStore| async move {
+            let s = s.as_ref();
+            add_node(s, "n1").await;
+            let mut front = net("front");
+            front.subnet = Some("198.19.8.0/22".into());
+            create_network(s, &pools(), front.clone()).await.unwrap();
+            let svc = ServiceCreate {
+                name: "web".into(),
+                networks: vec!["front".into()],
+                ..Default::default()
+            };
+            create_service(s, &pools(), svc.clone()).await.unwrap();
+            // 150 tasks: releasing them took ~600 operations in one transaction.
+            for i in 0..150 {
+                attach_task(s, "n1", attach("web", &format!("/run/netns/t{i}"), "n1"))
+                    .await
+                    .unwrap();
+            }
+            // 150 reservations on the network.
+            for i in 0..150 {
+                reserve_address(s, "front", None, &format!("docker:ep{i}"))
+                    .await
+                    .unwrap();
+            }
+            remove_service(s, "web").await.unwrap();
+            let st = State::load(s).await.unwrap();
+            assert!(st.tasks.is_empty() && st.orphans.is_empty());
+            let net_id = st.networks["front"].id.clone();
+            assert_eq!(st.ipam[&net_id].len(), 151, "gateway and reservations left");
+            assert!(st.gwipam.values().all(|a| a.is_empty()));
+            remove_network(s, "front").await.unwrap();
+            let st = State::load(s).await.unwrap();
+            assert!(st.ipam.values().all(|a| a.is_empty()) && st.reservations.is_empty());
+
+            // A remover that died after its first transaction: the tasks are gone for
+            // every reader at once, and the next collection releases them.
+            create_network(s, &pools(), front).await.unwrap();
+            create_service(s, &pools(), svc).await.unwrap();
+            for i in 0..3 {
+                attach_task(s, "n1", attach("web", &format!("/run/netns/u{i}"), "n1"))
+                    .await
+                    .unwrap();
+            }
+            assert!(s
+                .txn(vec![], vec![Op::Delete(key("services", "web"))])
+                .await
+                .unwrap()
+                .is_some());
+            let st = State::load(s).await.unwrap();
+            assert!(st.tasks.is_empty());
+            assert_eq!(st.orphans.len(), 3);
+            assert_eq!(collect_garbage(s).await.unwrap(), 3);
+            let st = State::load(s).await.unwrap();
+            assert!(st.orphans.is_empty() && st.gwipam.values().all(|a| a.is_empty()));
+            assert_eq!(collect_garbage(s).await.unwrap(), 0, "idempotent");
+        }
+    );
+
+    store_test!(
+        a_transaction_bigger_than_etcds_default_is_refused,
+        |s: SharedStore| async move {
+            let s = s.as_ref();
+            let ops: Vec<Op> = (0..=MAX_TXN_OPS)
+                .map(|i| Op::Put(format!("/netd/x/{i}"), b"1".to_vec()))
+                .collect();
+            let err = s.txn(vec![], ops).await.unwrap_err();
+            assert!(err.to_string().contains("128"), "{err}");
+            assert!(
+                State::load(s).await.unwrap().revs.is_empty(),
+                "nothing written"
+            );
+            let ok: Vec<Op> = (0..MAX_TXN_OPS)
+                .map(|i| Op::Put(format!("/netd/x/{i}"), b"1".to_vec()))
+                .collect();
+            assert!(s.txn(vec![], ok).await.unwrap().is_some());
         }
     );
 

@@ -370,9 +370,6 @@ impl Lab {
             &url(2380),
             "--initial-cluster",
             &format!("lab={}", url(2380)),
-            // `service rm` of a big service releases everything in one transaction.
-            "--max-txn-ops",
-            "10000",
         ])
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -154,7 +154,7 @@ fn the_tcp_api_serves_only_clients_with_a_certificate_of_its_ca() -> Result<()> 
 }
 
 #[test]
-fn the_store_wants_tls_and_a_password_and_tasks_cannot_reach_it() -> Result<()> {
+fn the_store_wants_tls_and_a_password() -> Result<()> {
     let mut lab = Lab::secure_cluster("sst", 2)?;
     lab.cli(
         0,

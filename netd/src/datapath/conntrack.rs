@@ -529,7 +529,7 @@ impl Conntrack {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::datapath::nat;
     use etherparse::PacketBuilder;
@@ -538,7 +538,15 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: &str) -> Flow {
+    /// An IPv4 TCP packet with `flags` (S, A, F, R) carrying `payload`.
+    pub(crate) fn tcp_packet(
+        src: &str,
+        sport: u16,
+        dst: &str,
+        dport: u16,
+        flags: &str,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut b = vec![];
         let mut p =
             PacketBuilder::ipv4(a(src).octets(), a(dst).octets(), 64).tcp(sport, dport, 100, 1000);
@@ -554,17 +562,26 @@ mod tests {
         if flags.contains('R') {
             p = p.rst();
         }
-        p.write(&mut b, &[]).unwrap();
-        nat::parse(&b).unwrap()
+        p.write(&mut b, payload).unwrap();
+        b
     }
 
-    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Flow {
+    /// An IPv4 UDP datagram carrying "x".
+    pub(crate) fn udp_packet(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
         let mut b = vec![];
         PacketBuilder::ipv4(a(src).octets(), a(dst).octets(), 64)
             .udp(sport, dport)
             .write(&mut b, b"x")
             .unwrap();
-        nat::parse(&b).unwrap()
+        b
+    }
+
+    fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: &str) -> Flow {
+        nat::parse(&tcp_packet(src, sport, dst, dport, flags, &[])).unwrap()
+    }
+
+    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Flow {
+        nat::parse(&udp_packet(src, sport, dst, dport)).unwrap()
     }
 
     const C: &str = "198.18.9.2";

@@ -486,6 +486,7 @@ impl Datapath for UserspaceDatapath {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::conntrack::tests::{tcp_packet, udp_packet};
     use crate::datapath::VipEntry;
     use etherparse::PacketBuilder;
 
@@ -515,29 +516,11 @@ mod tests {
     }
 
     fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: &str) -> Vec<u8> {
-        let mut b = vec![];
-        let mut p =
-            PacketBuilder::ipv4(a(src).octets(), a(dst).octets(), 64).tcp(sport, dport, 100, 1000);
-        if flags.contains('S') {
-            p = p.syn();
-        }
-        if flags.contains('A') {
-            p = p.ack(1);
-        }
-        if flags.contains('R') {
-            p = p.rst();
-        }
-        p.write(&mut b, b"data").unwrap();
-        b
+        tcp_packet(src, sport, dst, dport, flags, b"data")
     }
 
     fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
-        let mut b = vec![];
-        PacketBuilder::ipv4(a(src).octets(), a(dst).octets(), 64)
-            .udp(sport, dport)
-            .write(&mut b, b"x")
-            .unwrap();
-        b
+        udp_packet(src, sport, dst, dport)
     }
 
     /// What the datapath writes back for `pkt`, parsed; None for nothing.

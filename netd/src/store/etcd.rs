@@ -55,6 +55,22 @@ pub struct EtcdStore {
     keeper: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Keys per page of a prefix read: a few hundred kilobytes of netd's records, well
+/// inside a gRPC message.
+const LIST_PAGE: i64 = 1000;
+
+/// The first key after every key that starts with `prefix` (etcd's range end).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// Where etcd is and how netd proves who it is: whoever can write the store chooses the
 /// namespaces every node enters as root, so a shared etcd should require TLS and a
 /// password (or client certificates).
@@ -334,29 +350,52 @@ async fn keep_lease(client: Client, lease: Arc<Mutex<Lease>>) {
 
 #[async_trait]
 impl Store for EtcdStore {
+    /// Page by page (at the first page's revision, so the pages form one snapshot): a
+    /// cluster's whole state can be more than one gRPC message may carry.
     async fn list(&self, prefix: &str) -> Result<Snapshot, StoreError> {
         let mut c = self.client.clone();
-        let resp = c
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd_err("range"))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0) as u64;
-        let mut kvs = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.kvs() {
-            let key = kv.key_str().map_err(|e| StoreError::Corrupt {
-                path: String::from_utf8_lossy(kv.key()).into_owned(),
-                reason: e.to_string(),
-            })?;
-            kvs.push(KeyValue {
-                key: key.to_string(),
-                value: kv.value().to_vec(),
-                mod_revision: kv.mod_revision() as u64,
-            });
+        let end = prefix_end(prefix);
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0u64;
+        let mut kvs = vec![];
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision != 0 {
+                options = options.with_revision(revision as i64);
+            }
+            let resp = c
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(etcd_err("range"))?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0) as u64;
+            }
+            for kv in resp.kvs() {
+                let key = kv.key_str().map_err(|e| StoreError::Corrupt {
+                    path: String::from_utf8_lossy(kv.key()).into_owned(),
+                    reason: e.to_string(),
+                })?;
+                kvs.push(KeyValue {
+                    key: key.to_string(),
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision() as u64,
+                });
+            }
+            match (resp.more(), resp.kvs().last()) {
+                (true, Some(last)) => {
+                    // The next page starts just after the last key.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(Snapshot { revision, kvs }),
+            }
         }
-        Ok(Snapshot { revision, kvs })
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Option<u64>, StoreError> {
+        super::check_txn_size(&compares, &ops)?;
         let when: Vec<EtcdCompare> = compares
             .into_iter()
             .map(|c| match c {
@@ -478,6 +517,12 @@ mod tests {
         ] {
             assert!(parse_spec(bad, Some("pw")).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn range_ends_follow_the_prefix() {
+        assert_eq!(prefix_end("/netd/"), b"/netd0".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
     }
 
     #[test]

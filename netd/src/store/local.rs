@@ -153,6 +153,7 @@ impl Store for LocalStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Option<u64>, StoreError> {
+        super::check_txn_size(&compares, &ops)?;
         let mut data = self.data.lock().await;
         if !compares.iter().all(|c| holds(&data, c)) {
             return Ok(None);

@@ -38,6 +38,27 @@ pub enum StoreError {
     Unsupported(String),
     #[error("store: {0}")]
     Config(String),
+    #[error(
+        "a transaction of {compares} compares and {ops} operations is more than etcd takes \
+         at its defaults ({MAX_TXN_OPS} each): a bug in netd, please report it"
+    )]
+    TooBig { compares: usize, ops: usize },
+}
+
+/// etcd's default `--max-txn-ops`: the most compares, and the most operations, one
+/// transaction may carry. Both stores refuse more, so a caller that would need more
+/// fails in every test instead of on an operator's etcd.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// Refuses a transaction etcd would refuse at its defaults.
+pub fn check_txn_size(compares: &[Compare], ops: &[Op]) -> Result<(), StoreError> {
+    if compares.len() > MAX_TXN_OPS || ops.len() > MAX_TXN_OPS {
+        return Err(StoreError::TooBig {
+            compares: compares.len(),
+            ops: ops.len(),
+        });
+    }
+    Ok(())
 }
 
 impl StoreError {
@@ -142,6 +163,16 @@ mod tests {
     use super::testing::{store_test, SharedStore};
     use super::*;
 
+    /// A key just past the prefix `/netd/big/` (`/netd/big0`), which a read of the prefix
+    /// must not return.
+    async fn put_outside(s: &SharedStore) {
+        assert!(s
+            .txn(vec![], vec![put("/netd/big0", "no")])
+            .await
+            .unwrap()
+            .is_some());
+    }
+
     fn put(k: &str, v: &str) -> Op {
         Op::Put(k.into(), v.as_bytes().to_vec())
     }
@@ -153,6 +184,27 @@ mod tests {
             .map(|kv| (kv.key, String::from_utf8(kv.value).unwrap()))
             .collect()
     }
+
+    store_test!(
+        a_large_prefix_reads_whole_and_at_one_revision,
+        |s: SharedStore| async move {
+            // More keys than one page of an etcd read, written in transactions etcd takes.
+            for batch in 0..20 {
+                let ops = (0..125)
+                    .map(|i| put(&format!("/netd/big/{batch:02}-{i:03}"), "v"))
+                    .collect();
+                assert!(s.txn(vec![], ops).await.unwrap().is_some());
+            }
+            put_outside(&s).await;
+            let snap = s.list("/netd/big/").await.unwrap();
+            assert_eq!(snap.kvs.len(), 2500);
+            let mut keys: Vec<&str> = snap.kvs.iter().map(|kv| kv.key.as_str()).collect();
+            keys.dedup();
+            assert_eq!(keys.len(), 2500, "a key came twice");
+            assert!(snap.kvs.iter().all(|kv| kv.mod_revision <= snap.revision));
+            assert!(keys.iter().all(|k| k.starts_with("/netd/big/")));
+        }
+    );
 
     store_test!(compares_guard_writes, |s: SharedStore| async move {
         let a = "/netd/t/a".to_string();

@@ -74,8 +74,6 @@ impl EtcdServer {
             "http://127.0.0.1:2380",
             "--initial-cluster",
             "test=http://127.0.0.1:2380",
-            "--max-txn-ops",
-            "10000",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
