@@ -23,7 +23,10 @@ pub enum IpamError {
     Overlap(Ipv4Network, Ipv4Network, String),
     #[error("gateway {0} is not a usable host address of subnet {1}")]
     GatewayOutside(Ipv4Addr, Ipv4Network),
-    #[error("address pool {0} has no free /{1} subnet left")]
+    #[error(
+        "address pool {0} has no free /{1} subnet left: widen --address-pool, or give the \
+         network a --subnet outside it"
+    )]
     PoolExhausted(Ipv4Network, u8),
     #[error("subnet {0} has no free address left")]
     SubnetExhausted(Ipv4Network),

@@ -72,6 +72,17 @@ impl From<IpamError> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The lowest free address of `subnet`, which belongs to `owner` (a network, a node's
+/// gwbridge): when none is left, the error says whose subnet is full.
+fn allocate_in(owner: &str, subnet: Ipv4Network, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr> {
+    ipam::allocate_ip(subnet, used).map_err(|e| match e {
+        IpamError::SubnetExhausted(s) => {
+            Error::Exhausted(format!("{owner} ({s}) has no free address left"))
+        }
+        other => other.into(),
+    })
+}
+
 /// Address configuration of this daemon, from its command line.
 #[derive(Debug, Clone)]
 pub struct Pools {
@@ -671,6 +682,15 @@ pub async fn create_service(
                 req.name
             )));
         }
+        // Orphans are recognised by their service's name: a new service of that name
+        // would adopt them.
+        if st.orphans.values().any(|t| t.service == req.name) {
+            return Err(Error::Conflict(format!(
+                "the tasks of an earlier service {:?} are still being released; try again \
+                 in a moment",
+                req.name
+            )));
+        }
         if let Some((p, other)) = req.publish.iter().find_map(|p| {
             st.services
                 .values()
@@ -709,7 +729,7 @@ pub async fn create_service(
             compares.push(st.unchanged(&key("networks", n)));
             if mode == EndpointMode::Vip {
                 let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
-                let vip = ipam::allocate_ip(net.subnet, &used)?;
+                let vip = allocate_in(&format!("network {:?}", net.name), net.subnet, &used)?;
                 let ik = key("ipam", &format!("{}/{vip}", net.id));
                 compares.push(Compare::Absent(ik.clone()));
                 ops.push(Op::Put(ik, encode(&format!("vip:{}", req.name))));
@@ -807,7 +827,7 @@ fn ingress_ops(
     ops.push(Op::Put(META_NETWORKS.into(), encode(&st.revision)));
     let mut taken = BTreeSet::from([net.gateway]);
     for node in st.nodes.keys() {
-        let ip = ipam::allocate_ip(net.subnet, &taken)?;
+        let ip = allocate_in(&format!("network {:?}", net.name), net.subnet, &taken)?;
         taken.insert(ip);
         let ik = key("ipam", &format!("{}/{ip}", net.id));
         let lk = key("lbaddr", &format!("{}/{node}", net.id));
@@ -1042,7 +1062,7 @@ pub async fn attach_task(
                     }
                     ip
                 }
-                None => ipam::allocate_ip(net.subnet, &used)?,
+                None => allocate_in(&format!("network {:?}", net.name), net.subnet, &used)?,
             };
             let ik = key("ipam", &format!("{}/{ip}", net.id));
             compares.push(st.unchanged(&ik));
@@ -1070,7 +1090,7 @@ pub async fn attach_task(
             let net = st.network(INGRESS)?;
             compares.push(st.unchanged(&key("networks", INGRESS)));
             let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
-            let ip = ipam::allocate_ip(net.subnet, &used)?;
+            let ip = allocate_in(&format!("network {:?}", net.name), net.subnet, &used)?;
             let ik = key("ipam", &format!("{}/{ip}", net.id));
             compares.push(Compare::Absent(ik.clone()));
             ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
@@ -1084,7 +1104,11 @@ pub async fn attach_task(
             used.insert(gw);
             used.insert(ipam::ingress_sbox_address(subnet));
             used.insert(ipam::ingress_sbox_local_address(subnet));
-            let ip = ipam::allocate_ip(subnet, &used)?;
+            let ip = allocate_in(
+                &format!("the gwbridge of node {node_name:?}"),
+                subnet,
+                &used,
+            )?;
             let ik = key("gwipam", &format!("{node_name}/{ip}"));
             compares.push(Compare::Absent(ik.clone()));
             ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
@@ -1226,7 +1250,7 @@ fn lb_address_ops(
         compares.push(st.unchanged(&lk));
         return Ok(());
     }
-    let ip = ipam::allocate_ip(net.subnet, taken)?;
+    let ip = allocate_in(&format!("network {:?}", net.name), net.subnet, taken)?;
     let ik = key("ipam", &format!("{}/{ip}", net.id));
     compares.push(Compare::Absent(ik.clone()));
     compares.push(Compare::Absent(lk.clone()));
@@ -1335,7 +1359,7 @@ pub async fn reserve_address(
                 }
                 ip
             }
-            None => ipam::allocate_ip(net.subnet, &used)?,
+            None => allocate_in(&format!("network {:?}", net.name), net.subnet, &used)?,
         };
         let ik = key("ipam", &format!("{}/{ip}", net.id));
         Ok((
@@ -1574,7 +1598,18 @@ mod tests {
             let st = State::load(s).await.unwrap();
             assert!(st.tasks.is_empty());
             assert_eq!(st.orphans.len(), 3);
+            // A new service of the same name would adopt them: not until they are gone.
+            let again = ServiceCreate {
+                name: "web".into(),
+                networks: vec!["front".into()],
+                ..Default::default()
+            };
+            assert!(matches!(
+                create_service(s, &pools(), again.clone()).await,
+                Err(Error::Conflict(_))
+            ));
             assert_eq!(collect_garbage(s).await.unwrap(), 3);
+            create_service(s, &pools(), again).await.unwrap();
             let st = State::load(s).await.unwrap();
             assert!(st.orphans.is_empty() && st.gwipam.values().all(|a| a.is_empty()));
             assert_eq!(collect_garbage(s).await.unwrap(), 0, "idempotent");
@@ -1812,6 +1847,50 @@ mod tests {
             assert!(st.ipam.is_empty() && st.gwipam.is_empty() && st.vnis.is_empty());
         }
     );
+
+    #[tokio::test]
+    async fn a_full_subnet_or_pool_is_named_and_nothing_half_made_stays() {
+        let (_dir, s) = fixture::setup().await;
+        let mut tiny = net("tiny");
+        tiny.subnet = Some("198.19.9.0/29".into()); // gateway + 5 hosts
+        create_network(&s, &pools(), tiny).await.unwrap();
+        let svc = ServiceCreate {
+            name: "web".into(),
+            networks: vec!["tiny".into()],
+            ..Default::default()
+        };
+        create_service(&s, &pools(), svc).await.unwrap(); // the VIP takes one
+        for i in 0..4 {
+            attach_task(&s, "n1", attach("web", &format!("/run/netns/t{i}"), "n1"))
+                .await
+                .unwrap();
+        }
+        let before = State::load(&s).await.unwrap();
+        let err = attach_task(&s, "n1", attach("web", "/run/netns/t9", "n1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Exhausted(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("network \"tiny\" (198.19.9.0/29) has no free address left"),
+            "{err}"
+        );
+        let after = State::load(&s).await.unwrap();
+        assert_eq!(after.revision, before.revision, "something was written");
+        // A pool with no /24 left names the pool and what to do.
+        let small = Pools {
+            pool: "198.19.200.0/24".parse().unwrap(),
+            size: 24,
+            ..pools()
+        };
+        create_network(&s, &small, net("one")).await.unwrap();
+        let err = create_network(&s, &small, net("two")).await.unwrap_err();
+        assert!(
+            err.to_string().contains("address pool 198.19.200.0/24")
+                && err.to_string().contains("--address-pool"),
+            "{err}"
+        );
+    }
 
     #[tokio::test]
     async fn a_service_only_on_internal_networks_publishes_nothing() {
