@@ -14,6 +14,7 @@ use netd_lab::Lab;
 use serde_json::Value;
 
 mod attach;
+mod dns;
 mod ingress;
 mod vip;
 
@@ -44,13 +45,14 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/overlay.md")]
         out: PathBuf,
     },
-    /// The embedded DNS against unbound (one thread, same name as local-data), with
-    /// dnsperf from the same task namespace.
+    /// The embedded DNS against unbound (one thread, the same records as local-data),
+    /// with dnsperf from the same task namespace: one hot name, distinct cluster names,
+    /// a forwarded name; netd's answer cache on and off.
     Dns {
         /// Seconds per dnsperf run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Runs per server; servers alternate and the median run counts.
+        /// netd/unbound pairs per workload; the median pair counts.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         #[arg(long, default_value = "bench/results/dns.md")]
@@ -118,7 +120,7 @@ fn main() -> Result<()> {
             seconds,
             rounds,
             out,
-        } => dns(seconds, rounds, &out),
+        } => dns::run(seconds, rounds, &out),
         Cmd::Vip {
             seconds,
             rounds,
@@ -134,160 +136,6 @@ fn main() -> Result<()> {
         } => ingress::run(seconds, rounds, threads, tasks, &out),
         Cmd::Attach { rounds, out } => attach::run(rounds, &out),
     }
-}
-
-/// One dnsperf run: queries per second, and per-query latencies from its verbose lines
-/// (`> NOERROR web A 0.000123`).
-struct DnsRun {
-    qps: f64,
-    latencies: Vec<Duration>,
-    errors: usize,
-}
-
-fn dnsperf(lab: &Lab, netns: &str, server: &str, queries: &Path, seconds: u64) -> Result<DnsRun> {
-    let out = lab.exec_in(
-        netns,
-        &[
-            "dnsperf",
-            "-s",
-            server,
-            "-d",
-            &queries.display().to_string(),
-            "-l",
-            &seconds.to_string(),
-            "-v",
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let qps = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Queries per second:"))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("dnsperf printed no rate: {text:.2000}"))?;
-    let mut latencies = vec![];
-    let mut errors = 0;
-    for l in text.lines().filter(|l| l.starts_with("> ")) {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        if w.get(1) != Some(&"NOERROR") {
-            errors += 1;
-        }
-        if let Some(secs) = w.last().and_then(|s| s.parse::<f64>().ok()) {
-            latencies.push(Duration::from_secs_f64(secs));
-        }
-    }
-    Ok(DnsRun {
-        qps,
-        latencies,
-        errors,
-    })
-}
-
-fn dns(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
-    let mut lab = Lab::start("bdns", 1)?;
-    lab.cli(
-        0,
-        &["network", "create", "front", "--subnet", "198.19.10.0/24"],
-    )?;
-    lab.cli(0, &["service", "create", "web", "--network", "front"])?;
-    let path = lab.add_task_netns("q")?.1;
-    attach(&mut lab, 0, "q", &path)?;
-    let vip = lab.cli_json(0, &["service", "inspect", "web"])?["vips"]["front"]
-        .as_str()
-        .context("vip")?
-        .to_string();
-    // unbound in the same task namespace, on another loopback address, answering the
-    // same name with the same address from local-data.
-    let dir = lab.dir.join("bench-unbound");
-    std::fs::create_dir_all(&dir)?;
-    let conf = dir.join("unbound.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "server:\n  interface: 127.0.0.12\n  port: 53\n  access-control: 127.0.0.0/8 allow\n  \
-             do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{}\"\n  \
-             pidfile: \"\"\n  use-syslog: no\n  num-threads: 1\n  \
-             local-zone: \"web.\" static\n  local-data: \"web. 600 IN A {vip}\"\n",
-            dir.display()
-        ),
-    )?;
-    let q = lab.ns("q");
-    lab.spawn_in(
-        &q,
-        Path::new("unbound"),
-        &["-d", "-c", &conf.display().to_string()],
-    )?;
-    let queries = dir.join("queries.txt");
-    std::fs::write(&queries, "web A\n")?;
-    // Both answer before the runs start.
-    for server in ["@127.0.0.11", "@127.0.0.12"] {
-        let mut ok = false;
-        for _ in 0..50 {
-            let o = lab.exec_in(&q, &["dig", "+short", "+time=1", "+tries=1", server, "web"])?;
-            if String::from_utf8_lossy(&o.stdout).trim() == vip {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !ok {
-            bail!("{server} does not answer web with {vip}");
-        }
-    }
-
-    let servers = [
-        ("netd (127.0.0.11)", "127.0.0.11"),
-        ("unbound, 1 thread (127.0.0.12)", "127.0.0.12"),
-    ];
-    let mut runs: Vec<Vec<DnsRun>> = vec![vec![], vec![]];
-    for round in 0..rounds {
-        for (i, (label, addr)) in servers.iter().enumerate() {
-            eprintln!("round {}: {label}", round + 1);
-            runs[i].push(dnsperf(&lab, &q, addr, &queries, seconds)?);
-        }
-    }
-
-    let mut md = header("Embedded DNS vs unbound");
-    writeln!(
-        md,
-        "Machine: {}. One lab node; a task namespace attached to network `front` runs \
-         dnsperf (defaults: 100 queries in flight, one client) for {seconds} s against each \
-         server in turn, {rounds} rounds; the median run by rate counts. Both servers answer \
-         the same name (`web`, the service's VIP) from memory: netd from its record table at \
-         127.0.0.11 inside the task, unbound (one thread) from `local-data` on 127.0.0.12 in \
-         the same namespace. Latencies are per query, from dnsperf's verbose output.\n",
-        machine()
-    )?;
-    writeln!(
-        md,
-        "| server | queries/s | p50 | p99 | non-NOERROR |\n|---|---|---|---|---|"
-    )?;
-    let mut qps = vec![];
-    let mut p99 = vec![];
-    for (i, (label, _)) in servers.iter().enumerate() {
-        let mut by_rate: Vec<&DnsRun> = runs[i].iter().collect();
-        by_rate.sort_by(|a, b| a.qps.total_cmp(&b.qps));
-        let mid = by_rate[by_rate.len() / 2];
-        writeln!(
-            md,
-            "| {label} | {:.0} | {} | {} | {} |",
-            mid.qps,
-            ms(quantile(&mid.latencies, 0.5)),
-            ms(quantile(&mid.latencies, 0.99)),
-            mid.errors
-        )?;
-        qps.push(mid.qps);
-        p99.push(quantile(&mid.latencies, 0.99));
-    }
-    writeln!(
-        md,
-        "\n**netd / unbound**: {:.2}× the queries per second; p99 {} vs {}.",
-        qps[0] / qps[1].max(1e-9),
-        ms(p99[0]),
-        ms(p99[1])
-    )?;
-    write_results(out, &md, None)?;
-    lab.teardown();
-    Ok(())
 }
 
 const PORT: u16 = 80;

@@ -33,6 +33,10 @@ pub const TCP_IDLE: Duration = Duration::from_secs(5);
 pub struct Shared {
     pub table: RwLock<Table>,
     pub upstream: Upstream,
+    /// Whether listeners keep their answers per request (see `AnswerCache`). Off, every
+    /// query goes through the record table: what a bench needs to measure the lookup
+    /// itself rather than a cache that any resolver could put in front of it.
+    pub answer_cache: bool,
 }
 
 /// The DNS of one task: its sockets' serving tasks.
@@ -223,12 +227,14 @@ async fn serve_udp(shared: Arc<Shared>, querier: Arc<Asker>, sock: Arc<UdpSocket
             let generation = generation(&shared);
             for i in 0..n {
                 let (packet, from) = inbox.get(i);
-                if cache.answer(generation, packet, &mut outbox, from) {
+                if shared.answer_cache && cache.answer(generation, packet, &mut outbox, from) {
                     continue;
                 }
                 match decide(&shared, &querier, packet, false) {
                     Action::Answer(bytes) => {
-                        cache.put(packet, &bytes);
+                        if shared.answer_cache {
+                            cache.put(packet, &bytes);
+                        }
                         outbox.push(&bytes, from);
                     }
                     Action::Reply(bytes) => outbox.push(&bytes, from),

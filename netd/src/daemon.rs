@@ -109,6 +109,10 @@ pub struct DaemonArgs {
     /// TTL of task-IP answers (`tasks.NAME`, dnsrr, task names).
     #[arg(long, default_value_t = 2)]
     pub dns_task_ttl: u32,
+    /// Keep each task listener's answers per request (`false`: every query goes through
+    /// the record table; for measuring the lookup itself).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_answer_cache: bool,
     /// Serve Docker's network and IPAM plugin protocols (driver `netd`) on this socket
     /// (default /run/docker/plugins/netd.sock, where dockerd looks for plugins).
     #[arg(long, num_args = 0..=1, default_missing_value = crate::frontends::docker::DEFAULT_SOCKET)]
@@ -184,6 +188,7 @@ fn dns_config(args: &DaemonArgs) -> Result<DnsConfig> {
         search,
         vip_ttl: args.dns_vip_ttl,
         task_ttl: args.dns_task_ttl,
+        answer_cache: args.dns_answer_cache,
     })
 }
 

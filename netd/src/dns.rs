@@ -26,6 +26,8 @@ pub struct DnsConfig {
     pub search: Vec<String>,
     pub vip_ttl: u32,
     pub task_ttl: u32,
+    /// `--dns-answer-cache`: see [`netd_dns::server::Shared::answer_cache`].
+    pub answer_cache: bool,
 }
 
 pub struct Dns {
@@ -88,6 +90,7 @@ impl Dns {
             shared: Arc::new(Shared {
                 table: RwLock::new(table),
                 upstream: Upstream::new(cfg.upstream.clone()),
+                answer_cache: cfg.answer_cache,
             }),
             cfg,
             listeners: std::sync::Mutex::new(HashMap::new()),
