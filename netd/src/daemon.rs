@@ -128,6 +128,29 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "node".into())
 }
 
+/// The store's endpoints tasks must not reach. An endpoint given by name is not
+/// protected (nft rules take addresses, and a name may resolve differently later): said
+/// at start.
+fn protected_endpoints(spec: &str) -> Vec<std::net::SocketAddrV4> {
+    let Ok(spec) = store::etcd::parse_spec(spec, Some("")) else {
+        return vec![];
+    };
+    spec.endpoints
+        .iter()
+        .map(|e| store::etcd::host_port(e))
+        .filter_map(|hp| match hp.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                tracing::warn!(
+                    endpoint = hp,
+                    "store endpoint given by name: tasks are not kept from it (give its address)"
+                );
+                None
+            }
+        })
+        .collect()
+}
+
 /// DNS forwards (a socket each, up to 1024 at once), DNS TCP connections and per-task
 /// listeners add up on a busy node: take the hard limit of open files, as dockerd and
 /// containerd do, instead of the 1024 a shell or an init system's default leaves.
@@ -143,6 +166,10 @@ fn raise_open_files_limit() {
         Err(e) => tracing::warn!("read the open-files limit: {e}"),
     }
 }
+
+/// How often a daemon looks for what removals left to release (normally nothing: the
+/// remover releases it at once).
+const GARBAGE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long a starting daemon waits for an unreachable etcd (a node booting before etcd
 /// answers) before it gives up.
@@ -227,13 +254,20 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     };
     let store = open_store(&args.store, &store_tls)
         .await
-        .with_context(|| format!("open store {}", args.store))?;
-    // Finish what a remover that died half-way left (see state::collect_garbage).
-    match state::collect_garbage(store.as_ref()).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(records = n, "released what earlier removals left"),
-        Err(e) => tracing::warn!("release what earlier removals left: {e}"),
-    }
+        .with_context(|| format!("open store {}", store::etcd::redact(&args.store)))?;
+    // Finish what a remover that died (or failed) half-way left, now and from time to
+    // time (see state::collect_garbage).
+    let collector = store.clone();
+    tokio::spawn(async move {
+        loop {
+            match state::collect_garbage(collector.as_ref()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(records = n, "released what earlier removals left"),
+                Err(e) => tracing::warn!("release what earlier removals left: {e}"),
+            }
+            tokio::time::sleep(GARBAGE_INTERVAL).await;
+        }
+    });
     let address = match args.advertise_addr {
         Some(a) => Some(a),
         None => store::etcd::parse_spec(&args.store, Some(""))
@@ -317,14 +351,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
             overlay_mtu,
             bridge_mtu: args.underlay_mtu,
             tasks_reach_node: args.allow_tasks_to_node,
-            protected: store::etcd::parse_spec(&args.store, Some(""))
-                .map(|s| {
-                    s.endpoints
-                        .iter()
-                        .filter_map(|e| store::etcd::host_port(e).parse().ok())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            protected: protected_endpoints(&args.store),
         },
         Some(dns.clone()),
         Some(datapath.clone()),

@@ -783,6 +783,7 @@ impl Reconciler {
             return Ok(());
         }
         let mtu = self.cfg.bridge_mtu;
+        let names: Vec<String> = want.iter().map(|(n, _, _)| n.clone()).collect();
         netns::with_netlink(&Netns::Home, move |h| async move {
             for (name, gw, prefix) in want {
                 let br = netlink::ensure_bridge(&h, &name, mtu).await?;
@@ -791,9 +792,19 @@ impl Reconciler {
             Ok(())
         })
         .await?;
-        // Egress from the bridges is routed by the node.
-        netns::run_in(&Netns::Home, || {
-            netns::write_sysctl("net.ipv4.ip_forward", "1")
+        netns::run_in(&Netns::Home, move || {
+            // Egress from the bridges is routed by the node.
+            netns::write_sysctl("net.ipv4.ip_forward", "1")?;
+            // netd's networks are IPv4: a bridge with an IPv6 link-local address would
+            // give tasks a way to the node's services around the IPv4 rules that keep
+            // them out (`tasks_reach_node`).
+            for name in &names {
+                // (No such directory: the kernel has no IPv6 at all.)
+                if Path::new(&format!("/proc/sys/net/ipv6/conf/{name}")).exists() {
+                    netns::write_sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1")?;
+                }
+            }
+            Ok(())
         })
         .await
     }

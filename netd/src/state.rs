@@ -185,6 +185,10 @@ pub struct State {
     /// Front end -> its id -> what it bound there (Docker: a Docker network id -> the
     /// netd network and service its containers join).
     pub bindings: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    /// Who holds each address key (`ipam/…`, `gwipam/…`): `task:ID`, `vip:NAME`,
+    /// `lb:NODE`, `gateway`, or a reservation. A task's release deletes only the keys
+    /// that are still its own.
+    holders: HashMap<String, String>,
     /// Tasks whose service is gone: a `service rm` committed, and its tasks wait for
     /// [`collect_garbage`]. Every reader already treats them as gone (they are not in
     /// `tasks`); their addresses stay held until they are released.
@@ -247,13 +251,14 @@ impl State {
                 "ipam" | "gwipam" => {
                     if let Some((owner, ip)) = name.split_once('/') {
                         if let Ok(ip) = ip.parse() {
+                            let holder: String = decode(&kv.key, &kv.value)?;
                             if kind == "ipam" {
-                                let holder: String = decode(&kv.key, &kv.value)?;
                                 if let Some(r) = holder.strip_prefix(RESERVED) {
                                     st.reservations
                                         .insert((owner.to_string(), ip), r.to_string());
                                 }
                             }
+                            st.holders.insert(kv.key.clone(), holder);
                             let map = if kind == "ipam" {
                                 &mut st.ipam
                             } else {
@@ -423,7 +428,16 @@ pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
                 )));
             }
         }
-        Ok((vec![st.unchanged(&k)], vec![Op::Put(k, encode(&node))], ()))
+        // A node's gwbridge subnet is taken like a network's: a network made at the same
+        // moment must see it (one shared key, not a compare per node in every create).
+        Ok((
+            vec![st.unchanged(&k), st.unchanged(META_NETWORKS)],
+            vec![
+                Op::Put(k, encode(&node)),
+                Op::Put(META_NETWORKS.into(), encode(&st.revision)),
+            ],
+            (),
+        ))
     })
     .await
     .map(|_| ())
@@ -581,11 +595,8 @@ fn network_ops(
         compares.push(Compare::Absent(vk.clone()));
         ops.push(Op::Put(vk, encode(&net.name)));
     }
-    // The node gwbridges are part of `taken`: a node changing its gwbridge subnet
-    // concurrently must make this attempt retry.
-    for name in st.nodes.keys() {
-        compares.push(st.unchanged(&key("nodes", name)));
-    }
+    // The node gwbridges are part of `taken`: a node registering its gwbridge subnet
+    // concurrently bumps META_NETWORKS, which every caller compares.
     Ok(net)
 }
 
@@ -630,15 +641,16 @@ pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<N
         ))
     })
     .await?;
-    collect_garbage(store).await?;
+    release_later(store).await;
     Ok(removed)
 }
 
 /// The network that carries published ports in ingress mode between nodes.
 pub const INGRESS: &str = "ingress";
-/// Networks one service may be on (see `create_service`).
-pub const MAX_SERVICE_NETWORKS: usize = 32;
-/// Ports one service may publish.
+/// Networks one service may be on: an attach on a node that needs LB addresses takes up
+/// to 4 compares per network in its one transaction (see `create_service`).
+pub const MAX_SERVICE_NETWORKS: usize = 24;
+/// Ports one service may publish, its own and those its tasks bring (host mode).
 pub const MAX_SERVICE_PORTS: usize = 32;
 
 pub async fn create_service(
@@ -788,25 +800,32 @@ fn check_publish(publish: &[PortSpec], mode: EndpointMode) -> Result<()> {
 pub async fn ensure_ingress(store: &dyn Store, pools: &Pools, node: &str) -> Result<()> {
     let id = model::random_id(12);
     commit(store, |st| {
-        let mut compares = vec![];
-        let mut ops = vec![];
-        match st.networks.get(INGRESS) {
-            None => ingress_ops(st, pools, &id, &mut compares, &mut ops)?,
-            Some(net) => {
-                compares.push(st.unchanged(&key("networks", INGRESS)));
-                let taken = st.ipam.get(&net.id).cloned().unwrap_or_default();
-                lb_address_ops(st, node, net, &taken, &mut compares, &mut ops)?;
-            }
+        if st.networks.contains_key(INGRESS) {
+            return Ok((vec![], vec![], ()));
         }
+        let mut compares = vec![st.unchanged(META_NETWORKS)];
+        let mut ops = vec![];
+        ingress_ops(st, pools, &id, &mut compares, &mut ops)?;
+        Ok((compares, ops, ()))
+    })
+    .await?;
+    commit(store, |st| {
+        let net = st.network(INGRESS)?;
+        let mut compares = vec![st.unchanged(&key("networks", INGRESS))];
+        let mut ops = vec![];
+        let taken = st.ipam.get(&net.id).cloned().unwrap_or_default();
+        lb_address_ops(st, node, net, &taken, &mut compares, &mut ops)?;
         Ok((compares, ops, ()))
     })
     .await?;
     Ok(())
 }
 
-/// The writes that make the `ingress` network, and an address on it for every node
-/// (its ingress sandbox's): at a node's start, or with the first service that publishes
-/// in ingress mode if it could not be made then.
+/// The writes that make the `ingress` network: at a node's start, or with the first
+/// service that publishes in ingress mode if it could not be made then. Each node takes
+/// its own address on it (its ingress sandbox's) in a transaction of its own
+/// ([`ensure_ingress`], or its reconcile), so the network costs the same however many
+/// nodes there are.
 fn ingress_ops(
     st: &State,
     pools: &Pools,
@@ -823,35 +842,31 @@ fn ingress_ops(
         attachable: false,
         internal: false,
     };
-    let net = network_ops(st, pools, &spec, compares, ops)?;
+    network_ops(st, pools, &spec, compares, ops)?;
     ops.push(Op::Put(META_NETWORKS.into(), encode(&st.revision)));
-    let mut taken = BTreeSet::from([net.gateway]);
-    for node in st.nodes.keys() {
-        let ip = allocate_in(&format!("network {:?}", net.name), net.subnet, &taken)?;
-        taken.insert(ip);
-        let ik = key("ipam", &format!("{}/{ip}", net.id));
-        let lk = key("lbaddr", &format!("{}/{node}", net.id));
-        ops.push(Op::Put(ik, encode(&format!("lb:{node}"))));
-        ops.push(Op::Put(lk, encode(&ip)));
-    }
     Ok(())
 }
 
-/// The store writes that release everything a task holds.
+/// The store writes that release everything a task holds: its records, and the address
+/// keys that are still its own (a network removed and made again under the same name,
+/// or a node's gwbridge, may have handed the same address to someone else since).
 fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
     let mut ops = vec![
         Op::Delete(key("tasks", &task.id)),
         Op::Delete(key("tasknames", &task.name)),
         Op::Delete(key("taskstatus", &task.id)),
     ];
+    let mine = format!("task:{}", task.id);
     for ep in &task.endpoints {
-        if ep.network == GWBRIDGE {
-            ops.push(Op::Delete(key(
-                "gwipam",
-                &format!("{}/{}", task.node, ep.ip),
-            )));
+        let k = if ep.network == GWBRIDGE {
+            key("gwipam", &format!("{}/{}", task.node, ep.ip))
         } else if let Some(net) = st.networks.get(&ep.network) {
-            ops.push(Op::Delete(key("ipam", &format!("{}/{}", net.id, ep.ip))));
+            key("ipam", &format!("{}/{}", net.id, ep.ip))
+        } else {
+            continue;
+        };
+        if st.holders.get(&k) == Some(&mine) {
+            ops.push(Op::Delete(k));
         }
     }
     ops
@@ -881,7 +896,7 @@ pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Committed<S
         Ok((compares, ops, svc))
     })
     .await?;
-    collect_garbage(store).await?;
+    release_later(store).await;
     Ok(removed)
 }
 
@@ -923,6 +938,14 @@ fn garbage_batch(st: &State) -> (Vec<Compare>, Vec<Op>, usize) {
         count += 1;
     }
     (compares, ops, count)
+}
+
+/// After a removal committed: release what hung on it now. A failure here does not undo
+/// or fail the removal (it is done); the daemons' periodic collection finishes the work.
+async fn release_later(store: &dyn Store) {
+    if let Err(e) = collect_garbage(store).await {
+        tracing::warn!("release what a removal left (will retry): {e}");
+    }
 }
 
 /// Releases what a removal left for later: the tasks of removed services (with their
@@ -1021,7 +1044,12 @@ pub async fn attach_task(
         let name = match &req.name {
             Some(n) => n.clone(),
             None => {
-                let slots: BTreeSet<String> = st.tasks.values().map(|t| t.name.clone()).collect();
+                let slots: BTreeSet<String> = st
+                    .tasks
+                    .values()
+                    .chain(st.orphans.values())
+                    .map(|t| t.name.clone())
+                    .collect();
                 (1..)
                     .map(|i| format!("{}-{i}", svc.name))
                     .find(|n| !slots.contains(n))
@@ -1030,6 +1058,12 @@ pub async fn attach_task(
         };
         if st.tasks.values().any(|t| t.name == name) {
             return Err(Error::Conflict(format!("task name {name:?} is taken")));
+        }
+        if st.orphans.values().any(|t| t.name == name) {
+            return Err(Error::Conflict(format!(
+                "task name {name:?} belongs to a task of a removed service that is still \
+                 being released; try again in a moment"
+            )));
         }
         let tk = key("tasks", &id);
         let nk = key("tasknames", &name);
@@ -1224,6 +1258,13 @@ fn publish_with_task(
         compares.push(Compare::Absent(pk.clone()));
         ops.push(Op::Put(pk, encode(&svc.name)));
         updated.publish.push(*p);
+    }
+    if updated.publish.len() > MAX_SERVICE_PORTS {
+        return Err(Error::Invalid(format!(
+            "service {:?} would publish {} ports: at most {MAX_SERVICE_PORTS}",
+            svc.name,
+            updated.publish.len()
+        )));
     }
     if updated.publish.len() != svc.publish.len() {
         ops.push(Op::Put(key("services", &svc.name), encode(&updated)));
@@ -1616,6 +1657,77 @@ mod tests {
         }
     );
 
+    /// The biggest single calls fit etcd's default transaction: a service on the most
+    /// networks with the most ports, made together with the ingress network in a
+    /// cluster of several nodes, and a task of it attached on a node that needs an LB
+    /// address on every network.
+    #[tokio::test]
+    async fn the_largest_calls_fit_one_default_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::store::local::LocalStore::open(dir.path()).unwrap();
+        for i in 0..40 {
+            register_node(
+                &s,
+                Node {
+                    name: format!("n{i}"),
+                    address: Some(format!("198.18.0.{}", 11 + i).parse().unwrap()),
+                    gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
+                    started_at: 0,
+                    lb_addresses: true,
+                },
+            )
+            .await
+            .unwrap();
+        }
+        announce_alive(&s, "n1", std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        let nets: Vec<String> = (0..MAX_SERVICE_NETWORKS)
+            .map(|i| format!("net{i}"))
+            .collect();
+        for n in &nets {
+            create_network(&s, &pools(), net(n)).await.unwrap();
+        }
+        let publish = (0..MAX_SERVICE_PORTS as u16)
+            .map(|i| model::parse_publish(&format!("{}:80", 8000 + i)).unwrap())
+            .collect();
+        assert!(State::load(&s).await.unwrap().ingress().is_none());
+        create_service(
+            &s,
+            &pools(),
+            ServiceCreate {
+                name: "big".into(),
+                networks: nets.clone(),
+                publish,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the largest create fits");
+        let st = State::load(&s).await.unwrap();
+        assert!(st.ingress().is_some(), "made with the service");
+        attach_task(&s, "n1", attach("big", "/run/netns/big", "n1"))
+            .await
+            .expect("the largest attach fits");
+        // One more network or port is refused up front, with the limit named.
+        let mut more = nets.clone();
+        more.push("net0b".into());
+        let err = create_service(
+            &s,
+            &pools(),
+            ServiceCreate {
+                name: "bigger".into(),
+                networks: more,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("at most 24 networks"), "{err}");
+        remove_service(&s, "big").await.unwrap();
+        assert!(State::load(&s).await.unwrap().orphans.is_empty());
+    }
+
     store_test!(
         a_transaction_bigger_than_etcds_default_is_refused,
         |s: SharedStore| async move {
@@ -1756,6 +1868,15 @@ mod tests {
             let st = State::load(s.as_ref()).await.unwrap();
             let ingress = st.ingress().expect("the ingress network exists");
             assert_eq!(ingress.subnet, pools().ingress);
+            // Each node takes its address on it in its own transaction (its reconcile
+            // does, as it finds the sandbox without one).
+            for n in ["n1", "n2"] {
+                ensure_lb_addresses(s.as_ref(), n, &[INGRESS.to_string()])
+                    .await
+                    .unwrap();
+            }
+            let st = State::load(s.as_ref()).await.unwrap();
+            let ingress = st.ingress().expect("the ingress network exists");
             // Every node has its address on it, distinct.
             let addrs: BTreeSet<Ipv4Addr> = st.lb_addrs[&ingress.id].values().copied().collect();
             assert_eq!(addrs.len(), 2);

@@ -147,12 +147,17 @@ pub struct TlsListener {
 
 /// How long a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Handshakes in progress at once: connections past it are closed at once, so that
+/// whoever reaches the port without a certificate cannot hold every file descriptor
+/// (which DNS forwards and netlink share) for the handshake timeout.
+const MAX_HANDSHAKES: usize = 128;
 
 impl TlsListener {
     pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> Result<Self> {
         let local = listener.local_addr().context("API listener address")?;
         let acceptor = TlsAcceptor::from(config);
         let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -163,9 +168,14 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                    tracing::info!(%peer, "API: too many TLS handshakes in progress; closed");
+                    continue;
+                };
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;

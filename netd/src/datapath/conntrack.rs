@@ -9,10 +9,12 @@
 //!   address is not an answer.
 //! - Ports on the LB address are picked at random (a CSPRNG, so that seeing some ports
 //!   does not tell the next one): who wants to inject into a flow must guess its port.
-//! - The table holds at most `max` flows. A new flow beyond that is refused
-//!   ([`Outbound::Full`]); nothing is evicted to make room, so a flood cannot push out
-//!   established flows. Flows nobody answered (TCP before the handshake completes, UDP
-//!   without a reply) expire after 30 s, so a flood's entries leave soon.
+//! - The table holds at most `max` flows. When it is full, a new flow takes the place of
+//!   the oldest unconfirmed one (the kernel's early drop: TCP before the handshake
+//!   completes, UDP without a reply), so a flood churns its own entries and new clients
+//!   still get in; established flows are never evicted, and when every flow is
+//!   established a new one is refused ([`Outbound::Full`]). Unconfirmed flows also
+//!   expire after 30 s.
 //!
 //! Every confirmed flow (handshake complete, or UDP answered) and its removal is
 //! appended to a journal file (fixed 24-byte records) in /run, so a netd restarted after
@@ -219,6 +221,11 @@ pub struct Conntrack {
     /// next ones, as a linear generator's would to a backend that sees a few ports).
     rng: StdRng,
     journal: Option<Journal>,
+    /// New flows in the order they came, for the early drop. Lazily cleaned: a key whose
+    /// flow is gone or confirmed is skipped when it comes up.
+    unconfirmed: std::collections::VecDeque<FwdKey>,
+    /// Unconfirmed flows dropped to make room.
+    early_drops: u64,
 }
 
 const RECORD: usize = 24;
@@ -275,7 +282,28 @@ impl Conntrack {
             max,
             rng,
             journal: None,
+            unconfirmed: std::collections::VecDeque::new(),
+            early_drops: 0,
         }
+    }
+
+    /// Unconfirmed flows dropped so far to make room for new ones.
+    pub fn early_drops(&self) -> u64 {
+        self.early_drops
+    }
+
+    /// Makes room for one flow by dropping the oldest unconfirmed one; false if every
+    /// flow is confirmed.
+    fn early_drop(&mut self) -> bool {
+        while let Some(k) = self.unconfirmed.pop_front() {
+            if self.fwd.get(&k).is_some_and(|e| !e.confirmed(k.proto)) {
+                // Never journaled: nothing to write.
+                self.remove(&k);
+                self.early_drops += 1;
+                return true;
+            }
+        }
+        false
     }
 
     /// An empty table whose port choices repeat for a given `seed` (for tests).
@@ -476,7 +504,7 @@ impl Conntrack {
         if !opens {
             return Outbound::Drop;
         }
-        if self.fwd.len() >= self.max {
+        if self.fwd.len() >= self.max && !self.early_drop() {
             return Outbound::Full;
         }
         let Some(backend) = pick() else {
@@ -487,6 +515,12 @@ impl Conntrack {
         };
         // Not journaled until confirmed: a flood of SYNs writes nothing.
         self.insert(k, Entry::new(backend, lport, now));
+        self.unconfirmed.push_back(k);
+        if self.unconfirmed.len() > 2 * self.max + 1024 {
+            let fwd = &self.fwd;
+            self.unconfirmed
+                .retain(|k| fwd.get(k).is_some_and(|e| !e.confirmed(k.proto)));
+        }
         Outbound::Translate {
             backend,
             lport,
@@ -814,15 +848,15 @@ pub(crate) mod tests {
         assert_eq!(ct.expire(156), 1);
     }
 
-    /// The cap: a flood of new flows fills the table; then new flows are refused without
-    /// asking for a backend, while an established flow still translates both ways; once
-    /// the flood's unconfirmed flows expire, new flows are accepted again.
+    /// The cap: a flood of new flows fills the table and then churns its own
+    /// (unconfirmed) entries, oldest first, while an established flow still translates
+    /// both ways and a new client still gets in; only a table of established flows
+    /// refuses; once the flood's unconfirmed flows expire, the table empties of them.
     #[test]
-    fn a_full_table_refuses_new_flows_and_keeps_established_ones() {
+    fn a_full_table_drops_unconfirmed_flows_first_and_keeps_established_ones() {
         const MAX: usize = 100;
         let mut ct = Conntrack::seeded(MAX, 3);
         let kept = established(&mut ct, 1, 0);
-        let mut refused = 0;
         for i in 0..500u16 {
             let f = if i % 2 == 0 {
                 tcp("198.18.9.66", 1000 + i, VIP, 80, "S")
@@ -831,21 +865,21 @@ pub(crate) mod tests {
             };
             match ct.outbound(&f, 1, || Some(a(B))) {
                 Outbound::Translate { new: true, .. } => {}
-                Outbound::Full => refused += 1,
                 other => panic!("flood packet {i}: {other:?}"),
             }
         }
         assert_eq!(ct.len(), MAX);
-        assert_eq!(refused, 500 - (MAX - 1));
-        let picked = std::cell::Cell::new(false);
-        assert_eq!(
-            ct.outbound(&tcp("198.18.9.3", 5, VIP, 80, "S"), 2, || {
-                picked.set(true);
-                Some(a(B))
-            }),
-            Outbound::Full
-        );
-        assert!(!picked.get(), "a refused flow takes no round-robin turn");
+        assert_eq!(ct.early_drops(), 500 - (MAX as u64 - 1));
+        // The oldest flood flows went first: the first one is gone, the last one is in.
+        let first = tcp("198.18.9.66", 1000, VIP, 80, "A");
+        assert_eq!(ct.outbound(&first, 1, || None), Outbound::Drop);
+        let last = udp("198.18.9.66", 1499, VIP, 53);
+        assert!(matches!(
+            ct.outbound(&last, 1, || panic!("known flow")),
+            Outbound::Translate { new: false, .. }
+        ));
+        // A new client gets in.
+        opened(&mut ct, &tcp("198.18.9.3", 5, VIP, 80, "S"), 2);
         // The established flow, both ways.
         let fwd = ct.outbound(&tcp(C, 1, VIP, 80, "A"), 20, || panic!("known flow"));
         assert_eq!(
@@ -862,10 +896,24 @@ pub(crate) mod tests {
         );
         // The flood leaves after the unconfirmed timeout; the established flow stays.
         assert_eq!(ct.expire(1 + TCP_SYN_TIMEOUT), 0);
-        assert_eq!(ct.expire(2 + TCP_SYN_TIMEOUT), MAX - 1);
+        assert_eq!(ct.expire(2 + TCP_SYN_TIMEOUT), MAX - 2, "the flood's");
+        assert_eq!(ct.expire(3 + TCP_SYN_TIMEOUT), 1, "the new client's");
         assert_eq!(ct.len(), 1);
-        opened(&mut ct, &tcp("198.18.9.3", 5, VIP, 80, "S"), 40);
         assert!(ct.inbound(&tcp(B, 80, LB, kept, "A"), 40).is_some());
+        // Only established flows: then a new one is refused, without a round-robin turn.
+        let mut full = Conntrack::seeded(3, 4);
+        for i in 0..3 {
+            established(&mut full, 10 + i, 0);
+        }
+        let picked = std::cell::Cell::new(false);
+        assert_eq!(
+            full.outbound(&tcp("198.18.9.3", 6, VIP, 80, "S"), 2, || {
+                picked.set(true);
+                Some(a(B))
+            }),
+            Outbound::Full
+        );
+        assert!(!picked.get(), "a refused flow takes no round-robin turn");
     }
 
     #[test]

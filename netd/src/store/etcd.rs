@@ -128,7 +128,7 @@ impl StoreTls {
 /// `password` (from `NETD_STORE_PASSWORD`) is used when the URL names a user without one,
 /// which keeps the password out of the process list.
 pub fn parse_spec(spec: &str, password: Option<&str>) -> Result<EtcdSpec, StoreError> {
-    let unsupported = || StoreError::Unsupported(spec.to_string());
+    let unsupported = || StoreError::Unsupported(redact(spec));
     let (scheme, rest) = if let Some(r) = spec.strip_prefix("etcd://") {
         ("http", r)
     } else if let Some(r) = spec.strip_prefix("etcd+https://") {
@@ -172,6 +172,21 @@ pub fn parse_spec(spec: &str, password: Option<&str>) -> Result<EtcdSpec, StoreE
     })
 }
 
+/// `spec` without the password of its user, for logs and errors (a spec is printed when
+/// it fails, which is when a wrong password is likeliest).
+pub fn redact(spec: &str) -> String {
+    let Some((scheme, rest)) = spec.split_once("://") else {
+        return spec.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}@{hosts}")
+        }
+        None => spec.to_string(),
+    }
+}
+
 /// `host:port` of an endpoint URL.
 pub fn host_port(endpoint: &str) -> &str {
     endpoint
@@ -198,6 +213,9 @@ impl EtcdStore {
                     *e = format!("https://{hp}");
                 }
             }
+        }
+        if spec.user.is_some() && !spec.endpoints.iter().any(|e| e.starts_with("https://")) {
+            tracing::warn!("the store's password goes to etcd in clear: use etcd+https://");
         }
         if let Some((name, password)) = &spec.user {
             // etcd's tokens expire (simple tokens after 5 minutes idle): log in again
@@ -517,6 +535,17 @@ mod tests {
         ] {
             assert!(parse_spec(bad, Some("pw")).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn passwords_never_reach_a_message() {
+        assert_eq!(
+            redact("etcd+https://netd:s3cr:t@198.18.0.2:2379"),
+            "etcd+https://netd@198.18.0.2:2379"
+        );
+        assert_eq!(redact("etcd://198.18.0.2:2379"), "etcd://198.18.0.2:2379");
+        let err = parse_spec("etcd://netd:pw@", None).unwrap_err().to_string();
+        assert!(!err.contains("pw"), "{err}");
     }
 
     #[test]
