@@ -13,14 +13,28 @@
  * translation port; reverse: task side -> client), as conntrack's "assured" flag works:
  * a new flow enters the unconfirmed table (netd_flows_fwd_new, netd_flows_rev_new) and
  * moves to the established one (netd_flows_fwd, netd_flows_rev) once it is confirmed:
- * the task's answer came back through here and the client then sent again (TCP: an ACK
- * without SYN; UDP: any datagram). A flood of new flows (spoofed SYNs, datagrams from
- * random ports) so churns only the unconfirmed table and never evicts an established
- * flow. A UDP flow to a task on this node (the kernel path's: XDP never sees its
- * answers) is confirmed by the client's second datagram; a TCP one needs no entry at all
- * (a TCP packet of no flow XDP knows goes to the kernel anyway). A SYN always makes a
- * new pick, and a client's RST forgets the flow, so a client that reuses its port never
- * lands on a stale entry.
+ * the task answered through here and the client then sent again. TCP: the task's
+ * SYN-ACK came back (its sequence number is kept on the unconfirmed entry) and the
+ * client sent an ACK without SYN or RST whose ack_seq is that number + 1, which a client
+ * that spoofs its source address never sees. UDP has no sequence numbers, so its rule
+ * is weaker: any datagram, after the task answered, from the same client 4-tuple. So a
+ * flood of new flows that are never answered, or TCP flows whose handshake is not
+ * completed by the address they came from (spoofed SYNs, with blind ACKs or without),
+ * churns only the unconfirmed table and never evicts an established flow; UDP flows
+ * from spoofed sources the task answers to, each sent twice, are confirmed and can.
+ * A UDP flow to a task on this node (the kernel path's: XDP never sees its answers) is
+ * confirmed by the client's second datagram; a TCP one needs no entry at all (a TCP
+ * packet of no flow XDP knows goes to the kernel anyway). A SYN always makes a new pick,
+ * and a client's RST forgets the flow, so a client that reuses its port never lands on a
+ * stale entry. The two maps of a table evict apart, so each client packet checks that
+ * its flow's reverse half is still there and leads back to it (in either table), and a
+ * flow without it is forgotten (counted lost): no two flows ever send from one
+ * translation port. An answer whose forward half is gone goes to the kernel path.
+ *
+ * A task's answer is taken only from the VTEP of the task's node (the outer IPv4 source
+ * the flow's forward half holds): this program runs before nftables, whose rule that
+ * drops VXLAN from non-members never sees what XDP takes, so without the check any host
+ * could inject answers into a client's flow by guessing a translation port.
  *
  * Before a packet is translated it is checked as the receiving kernel would check it:
  * IPv4, header checksum, total length within the frame, a TCP data offset or UDP length
@@ -110,13 +124,15 @@ struct {
 	__type(value, struct netd_flow_rev);
 } netd_flows_rev SEC(".maps");
 
-/* The unconfirmed flows: what a flood of new flows churns. */
+/* The unconfirmed flows: what a flood of new flows churns. The forward half's value
+ * begins with the established one's (struct netd_flow_fwd) and adds the SYN-ACK's
+ * sequence number. */
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 131072);
 	__type(key, struct netd_flow_key);
-	__type(value, struct netd_flow_fwd);
+	__type(value, struct netd_flow_fwd_new);
 } netd_flows_fwd_new SEC(".maps");
 
 struct {
@@ -328,8 +344,24 @@ static __always_inline struct netd_flow_key reverse_key(struct netd_flow_fwd *f,
 	return rk;
 }
 
+/* Whether reverse half `r` leads back to client key `fk`. */
+static __always_inline int rev_is(struct netd_flow_rev *r, struct netd_flow_key *fk)
+{
+	return r->client == fk->addr && r->client_port == fk->port_a &&
+	       r->published_port == fk->port_b;
+}
+
+/* Whether forward half `f` is the flow of reverse key `rk` (XDP's, on the same task,
+ * target port and translation port), not a newer flow of the same client 4-tuple. */
+static __always_inline int fwd_is(struct netd_flow_fwd *f, struct netd_flow_key *rk)
+{
+	return !(f->flags & NETD_FLOW_KERNEL) && f->backend == rk->addr &&
+	       f->target_port == rk->port_a && f->snat_port == rk->port_b;
+}
+
 /* Forgets the flow of client key `fk` in one table (its forward and reverse maps), if
- * it is there: the reverse half first, which frees the translation port. */
+ * it is there: the reverse half first, which frees the translation port. Both forward
+ * maps' values begin with a struct netd_flow_fwd, which is all this reads. */
 static __always_inline void forget(void *fwd_map, void *rev_map, struct netd_flow_key *fk)
 {
 	struct netd_flow_fwd *f = bpf_map_lookup_elem(fwd_map, fk);
@@ -351,6 +383,7 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 				    struct netd_flow_key *fk, struct netd_flow_fwd *out)
 {
 	struct netd_backend_key bk = {};
+	struct netd_flow_fwd_new n = {};
 	struct netd_mesh_backend *b;
 	__u32 *next;
 
@@ -372,7 +405,8 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 		 * its next datagrams follow the first one there. */
 		out->flags = NETD_FLOW_KERNEL;
 		if (fk->proto == IPPROTO_UDP) {
-			bpf_map_update_elem(&netd_flows_fwd_new, fk, out, BPF_ANY);
+			n.fwd = *out;
+			bpf_map_update_elem(&netd_flows_fwd_new, fk, &n, BPF_ANY);
 			flow_event(NETD_FLOWS_OPENED);
 		}
 		return 1;
@@ -402,7 +436,8 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 			continue;
 		}
 		out->snat_port = rk.port_b;
-		bpf_map_update_elem(&netd_flows_fwd_new, fk, out, BPF_ANY);
+		n.fwd = *out;
+		bpf_map_update_elem(&netd_flows_fwd_new, fk, &n, BPF_ANY);
 		flow_event(NETD_FLOWS_OPENED);
 		return 1;
 	}
@@ -430,42 +465,77 @@ static __always_inline int confirm(struct netd_flow_key *fk, struct netd_flow_fw
 	return 1;
 }
 
-/* A packet of unconfirmed flow fk -> f (a copy). Its reverse half must still be there
+/* Whether a TCP ACK with `ack_seq` (as in the packet) acknowledges the task's SYN-ACK
+ * of unconfirmed flow `n`: ack_seq == ISN + 1, in sequence space (mod 2^32). */
+static __always_inline int acks_syn_ack(struct netd_flow_fwd_new *n, __be32 ack_seq)
+{
+	return bpf_ntohl(ack_seq) == bpf_ntohl(n->isn) + 1;
+}
+
+/* A packet of unconfirmed flow fk -> n (a copy). Its reverse half must still be there
  * and still this flow's: the two maps evict apart, and a lone forward half would send
  * the client's packets from a translation port that may be another flow's by now (such
  * a flow is lost: forgotten, NO_FLOW). Once the task has answered (or, for the kernel's
- * flows, at once), a packet that `confirms` moves the flow to the established table. */
-static __always_inline enum table unconfirmed(struct netd_flow_key *fk, struct netd_flow_fwd *f,
-					      int confirms)
+ * flows, at once), a packet that `confirms` moves the flow to the established table; a
+ * TCP one only if it acknowledges the task's SYN-ACK (`ack_seq`, as in the packet): a
+ * blind ACK from a spoofed source leaves the flow unconfirmed, counted. */
+static __always_inline enum table unconfirmed(struct netd_flow_key *fk,
+					      struct netd_flow_fwd_new *n, int confirms,
+					      __be32 ack_seq)
 {
-	struct netd_flow_key rk = reverse_key(f, fk->proto);
+	struct netd_flow_key rk = reverse_key(&n->fwd, fk->proto);
 	struct netd_flow_rev rv = {};
 	struct netd_flow_rev *r;
 
-	if (!(f->flags & NETD_FLOW_KERNEL)) {
+	if (!(n->fwd.flags & NETD_FLOW_KERNEL)) {
 		r = bpf_map_lookup_elem(&netd_flows_rev_new, &rk);
-		if (!r || r->client != fk->addr || r->client_port != fk->port_a ||
-		    r->published_port != fk->port_b) {
+		if (!r || !rev_is(r, fk)) {
 			bpf_map_delete_elem(&netd_flows_fwd_new, fk);
 			flow_event(NETD_FLOWS_LOST);
 			return NO_FLOW;
 		}
-		if (!(f->flags & NETD_FLOW_ANSWERED))
+		if (!(n->fwd.flags & NETD_FLOW_ANSWERED))
 			return UNCONFIRMED;
 		rv = *r;
+		if (confirms && fk->proto == IPPROTO_TCP && !acks_syn_ack(n, ack_seq)) {
+			flow_event(NETD_FLOWS_BAD_ACK);
+			return UNCONFIRMED;
+		}
 	}
-	if (confirms && confirm(fk, f, &rk, &rv))
+	if (confirms && confirm(fk, &n->fwd, &rk, &rv))
 		return ESTABLISHED;
 	return UNCONFIRMED;
 }
 
+/* Whether established flow fk -> f (a copy) still has its reverse half, leading back to
+ * it. The two maps evict apart, and a lone forward half would send the client's packets
+ * from a translation port that new_flow may have given to another flow by now: such a
+ * flow is lost (its forward half forgotten). The kernel's flows have no reverse half. */
+static __always_inline int established(struct netd_flow_key *fk, struct netd_flow_fwd *f)
+{
+	struct netd_flow_key rk = reverse_key(f, fk->proto);
+	struct netd_flow_rev *r;
+
+	if (f->flags & NETD_FLOW_KERNEL)
+		return 1;
+	r = bpf_map_lookup_elem(&netd_flows_rev, &rk);
+	if (r && rev_is(r, fk))
+		return 1;
+	bpf_map_delete_elem(&netd_flows_fwd, fk);
+	flow_event(NETD_FLOWS_LOST);
+	return 0;
+}
+
 /* The flow of client key `fk` (a copy into `f`) and where it is: established;
- * unconfirmed (and maybe confirmed by this packet, which `confirms` or not); or new.
- * A SYN always opens a new one. */
+ * unconfirmed (and maybe confirmed by this packet, which `confirms` or not; a TCP one's
+ * `ack_seq` as in the packet); or new. A SYN always opens a new one. */
 static __always_inline enum table flow_of(struct netd_ingress_config *cfg,
 					  struct netd_port_value *pv, struct netd_flow_key *fk,
-					  int syn, int confirms, struct netd_flow_fwd *f)
+					  int syn, int confirms, __be32 ack_seq,
+					  struct netd_flow_fwd *f)
 {
+	struct netd_flow_fwd_new *n;
+	struct netd_flow_fwd_new copy;
 	struct netd_flow_fwd *e;
 	enum table t;
 
@@ -481,12 +551,14 @@ static __always_inline enum table flow_of(struct netd_ingress_config *cfg,
 	e = bpf_map_lookup_elem(&netd_flows_fwd, fk);
 	if (e) {
 		*f = *e;
-		return ESTABLISHED;
+		if (established(fk, f))
+			return ESTABLISHED;
 	}
-	e = bpf_map_lookup_elem(&netd_flows_fwd_new, fk);
-	if (e) {
-		*f = *e;
-		t = unconfirmed(fk, f, confirms);
+	n = bpf_map_lookup_elem(&netd_flows_fwd_new, fk);
+	if (n) {
+		copy = *n;
+		*f = copy.fwd;
+		t = unconfirmed(fk, &copy, confirms, ack_seq);
 		if (t != NO_FLOW)
 			return t;
 	}
@@ -496,22 +568,23 @@ static __always_inline enum table flow_of(struct netd_ingress_config *cfg,
 	return new_flow(cfg, pv, fk, f) ? UNCONFIRMED : NO_FLOW;
 }
 
-/* The task answered unconfirmed flow rk -> r: marks the forward half, for the client's
- * next packet to confirm the flow. */
-static __always_inline void answered(struct netd_flow_key *rk, struct netd_flow_rev *r)
+/* The task answered unconfirmed flow `n` (from its VTEP): marks it, for the client's
+ * next packet to confirm the flow. A TCP flow is answered by the task's SYN-ACK only
+ * (`syn_ack`), whose sequence number `seq` (as in the packet) is kept first: the
+ * client's ACK must acknowledge it. */
+static __always_inline void answered(struct netd_flow_fwd_new *n, __u8 proto, int syn_ack,
+				     __be32 seq)
 {
-	struct netd_flow_key fk = {
-		.addr = r->client,
-		.port_a = r->client_port,
-		.port_b = r->published_port,
-		.proto = rk->proto,
-	};
-	struct netd_flow_fwd *f = bpf_map_lookup_elem(&netd_flows_fwd_new, &fk);
-
-	/* The same flow, not a newer one of the 4-tuple on another translation port. */
-	if (f && f->backend == rk->addr && f->snat_port == rk->port_b &&
-	    !(f->flags & NETD_FLOW_ANSWERED))
-		__sync_fetch_and_or(&f->flags, NETD_FLOW_ANSWERED);
+	if (n->fwd.flags & NETD_FLOW_ANSWERED)
+		return;
+	if (proto == IPPROTO_TCP) {
+		if (!syn_ack)
+			return;
+		n->isn = seq;
+	}
+	/* An atomic (and full barrier) after the ISN's store, so the flag never shows
+	 * without it. */
+	__sync_fetch_and_or(&n->fwd.flags, NETD_FLOW_ANSWERED);
 }
 
 /* A SYN's MSS, when it is the first option (as Linux sends it), is lowered to what fits
@@ -553,7 +626,8 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	__u32 inner_len;
 	int tcp_syn = 0;
 	int tcp_rst = 0;
-	int confirms = 1; /* UDP: any datagram of the client confirms its flow */
+	int confirms = 1; /* UDP: any datagram of the client confirms its (answered) flow */
+	__be32 ack_seq = 0;
 
 	if ((void *)(udp + 1) > end)
 		return XDP_PASS;
@@ -573,6 +647,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 		tcp_syn = tcp->syn && !tcp->ack && !tcp->rst;
 		tcp_rst = tcp->rst;
 		confirms = tcp->ack && !tcp->syn && !tcp->rst;
+		ack_seq = tcp->ack_seq;
 	} else {
 		l4_check = udp->check ? &udp->check : NULL;
 	}
@@ -580,7 +655,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	fk.port_a = ports[0];
 	fk.port_b = ports[1];
 	fk.proto = ip->protocol;
-	table = flow_of(cfg, pv, &fk, tcp_syn, confirms, &f);
+	table = flow_of(cfg, pv, &fk, tcp_syn, confirms, ack_seq, &f);
 	if (table == NO_FLOW)
 		return count(PASSED, XDP_PASS); /* no backend or port, or not the first packet */
 	if (f.flags & NETD_FLOW_KERNEL)
@@ -643,7 +718,35 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	return send(ctx, eth, cfg->node_ip, f.vtep, FORWARDED);
 }
 
-/* VXLAN to this node: a task's answer to a flow this program translated? */
+/* The forward half of the flow whose reverse half is rk -> r (client key into `fk`):
+ * in the established table, else in the unconfirmed one (where it still is while
+ * confirm() moves the flow, whose reverse half goes first); NULL if neither holds this
+ * flow. `*n` is the unconfirmed entry when the flow is there, else NULL. */
+static __always_inline struct netd_flow_fwd *fwd_of(struct netd_flow_key *rk,
+						    struct netd_flow_rev *r,
+						    struct netd_flow_key *fk,
+						    struct netd_flow_fwd_new **n)
+{
+	struct netd_flow_fwd *f;
+
+	fk->addr = r->client;
+	fk->port_a = r->client_port;
+	fk->port_b = r->published_port;
+	fk->proto = rk->proto;
+	*n = NULL;
+	f = bpf_map_lookup_elem(&netd_flows_fwd, fk);
+	if (f && fwd_is(f, rk))
+		return f;
+	*n = bpf_map_lookup_elem(&netd_flows_fwd_new, fk);
+	if (*n && fwd_is(&(*n)->fwd, rk))
+		return &(*n)->fwd;
+	*n = NULL;
+	return NULL;
+}
+
+/* VXLAN to this node: a task's answer to a flow this program translated? It must come
+ * from the VTEP the flow was sent to (outer IPv4 source): anything else that names a
+ * flow of XDP's is dropped and counted, never unwrapped. */
 static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config *cfg)
 {
 	void *data = (void *)(long)ctx->data;
@@ -659,8 +762,12 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	__be16 *ports = (__be16 *)(ip + 1);
 	__u16 *l4_check;
 	struct netd_flow_key rk = {};
+	struct netd_flow_key fk = {};
 	struct netd_flow_rev *r;
-	int unconfirmed = 0;
+	struct netd_flow_fwd *f;
+	struct netd_flow_fwd_new *n;
+	int syn_ack = 0;
+	__be32 seq = 0;
 	__be32 client;
 	__be16 client_port, published_port;
 
@@ -684,7 +791,6 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 		r = bpf_map_lookup_elem(&netd_flows_rev_new, &rk);
 		if (!r)
 			return XDP_PASS; /* the kernel path's flow (its ports are below SNAT_FIRST) */
-		unconfirmed = 1;
 	}
 	if (!vxlan_whole(oip, oudp, bpf_ntohs(ip->tot_len), end) || !ip_whole(ip, end) ||
 	    !l4_fits(ip, end))
@@ -692,15 +798,26 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	client = r->client;
 	client_port = r->client_port;
 	published_port = r->published_port;
-	if (unconfirmed)
-		answered(&rk, r);
+	f = fwd_of(&rk, r, &fk, &n);
+	if (!f)
+		return count(PASSED, XDP_PASS); /* a reverse half whose flow is gone */
+	if (f->vtep != oip->saddr) {
+		/* Not from the task's node: forged (nftables would have dropped a non-member's,
+		 * had the packet reached it), or sent from another address of the node. */
+		flow_event(NETD_FLOWS_WRONG_VTEP);
+		return count(DROPPED, XDP_DROP);
+	}
 	if (ip->protocol == IPPROTO_TCP) {
 		if ((void *)(tcp + 1) > end) /* l4_fits saw it, the verifier wants it here */
 			return XDP_PASS;
 		l4_check = &tcp->check;
+		syn_ack = tcp->syn && tcp->ack && !tcp->rst;
+		seq = tcp->seq;
 	} else {
 		l4_check = udp->check ? &udp->check : NULL;
 	}
+	if (n)
+		answered(n, ip->protocol, syn_ack, seq);
 	translate(ip, ports, l4_check, cfg->node_ip, published_port, client, client_port);
 	/* Unwrap: the inner frame goes out as it is, with real Ethernet addresses. */
 	if (bpf_xdp_adjust_head(ctx, (int)ENCAP_LEN))

@@ -115,17 +115,40 @@ struct netd_flow_key {
 	__u8 pad[3];
 };
 
-#define NETD_FLOW_KERNEL 1   /* the flow belongs to the kernel path: pass it */
-#define NETD_FLOW_ANSWERED 2 /* unconfirmed, and the task's answer came back through XDP */
+#define NETD_FLOW_KERNEL 1 /* the flow belongs to the kernel path: pass it */
+/* Unconfirmed, and the task answered through XDP from the flow's VTEP: for TCP its
+ * SYN-ACK (whose sequence number is then in netd_flow_fwd_new.isn), for UDP any
+ * datagram. */
+#define NETD_FLOW_ANSWERED 2
 
+/* The value of netd_flows_fwd. Its layout must not change: an older netd may have
+ * pinned the map (aya reuses a pinned map by name without checking its layout). */
 struct netd_flow_fwd {
 	__u32 backend;
-	__u32 vtep;
+	__u32 vtep; /* the task's node: a reply must come from it (outer IPv4 source) */
 	__u16 snat_port;
 	__u16 target_port;
 	__u32 flags;
 };
 
+/* The value of netd_flows_fwd_new: an unconfirmed flow's forward half, the established
+ * layout and what confirming it takes. `isn`: the sequence number of the task's SYN-ACK
+ * as it lies in the packet (network byte order), set with NETD_FLOW_ANSWERED; a TCP flow
+ * is confirmed only by a client ACK whose ack_seq is isn + 1. 0 and unused for UDP. The
+ * loader (ebpf/src/lib.rs) re-creates a pin of this map that has an older value size. */
+struct netd_flow_fwd_new {
+	struct netd_flow_fwd fwd;
+	__u32 isn;
+};
+
+/* layout_probe.c does not list netd_flow_fwd_new yet: its layout is pinned down here
+ * and by the same numbers in maps.rs's test. */
+_Static_assert(sizeof(struct netd_flow_fwd_new) == 20, "netd_flow_fwd_new: 20 bytes");
+_Static_assert(__builtin_offsetof(struct netd_flow_fwd_new, isn) == 16,
+	       "netd_flow_fwd_new: isn at 16");
+
+/* The value of netd_flows_rev and netd_flows_rev_new (a fixed layout, as
+ * netd_flow_fwd's). */
 struct netd_flow_rev {
 	__u32 client;
 	__u16 client_port;
@@ -142,11 +165,14 @@ struct netd_xdp_stats {
 
 /* Flow counters of the fast path: netd_xdp_flow_stats is a per-CPU array of __u64
  * indexed by these (an array, not a struct, so that a counter can be added without
- * changing the layout of a map pinned by an older netd). */
-#define NETD_FLOWS_OPENED 0    /* new flows, entered into the unconfirmed tables */
-#define NETD_FLOWS_CONFIRMED 1 /* flows promoted into the established tables */
-#define NETD_FLOWS_REFUSED 2   /* new flows without a free translation port: kernel path */
-#define NETD_FLOWS_LOST 3      /* unconfirmed flows found without their other half */
-#define NETD_FLOWS_COUNTERS 4
+ * changing its value layout; a pin with fewer entries than NETD_FLOWS_COUNTERS, an older
+ * netd's, is re-created by the loader). */
+#define NETD_FLOWS_OPENED 0     /* new flows, entered into the unconfirmed tables */
+#define NETD_FLOWS_CONFIRMED 1  /* flows promoted into the established tables */
+#define NETD_FLOWS_REFUSED 2    /* new flows without a free translation port: kernel path */
+#define NETD_FLOWS_LOST 3       /* flows found without their reverse half: forgotten */
+#define NETD_FLOWS_WRONG_VTEP 4 /* answers from an outer source not the flow's VTEP: dropped */
+#define NETD_FLOWS_BAD_ACK 5    /* client ACKs of an answered TCP flow not acking its SYN-ACK */
+#define NETD_FLOWS_COUNTERS 6
 
 #endif

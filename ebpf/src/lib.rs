@@ -89,8 +89,10 @@ pub const INGRESS_XDP_MAPS: &[&str] = &[
 /// The flow tables of [`INGRESS_XDP`] (LRU hashes of 131072 entries each): confirmed
 /// flows (forward, reverse), then unconfirmed ones (forward, reverse). A new flow enters
 /// the unconfirmed tables and moves to the confirmed ones when the client sends again
-/// after the task's answer came back, so a flood of new flows churns only the
-/// unconfirmed tables.
+/// after the task's answer came back from the task's VTEP (TCP: an ACK of the task's
+/// SYN-ACK, ack_seq = its ISN + 1; UDP, more weakly: any datagram from the same
+/// 4-tuple), so a flood of flows that are never answered, or of TCP flows from spoofed
+/// sources, churns only the unconfirmed tables.
 pub const INGRESS_XDP_FLOW_MAPS: &[&str] = &[
     "netd_flows_fwd",
     "netd_flows_rev",
@@ -111,6 +113,7 @@ pub fn load_ingress_xdp_sized(
     pin_dir: &Path,
     flow_entries: Option<u32>,
 ) -> Result<Ebpf, EbpfError> {
+    unpin_reshaped(pin_dir)?;
     let mut loader = EbpfLoader::new();
     if let Some(n) = flow_entries {
         for name in INGRESS_XDP_FLOW_MAPS {
@@ -118,6 +121,51 @@ pub fn load_ingress_xdp_sized(
         }
     }
     load_pinned(&mut loader, INGRESS_XDP, pin_dir)
+}
+
+/// Maps of [`INGRESS_XDP`] whose shape changed since an older netd could have pinned
+/// them, with what this version needs: (name, value size, least entries). aya reuses a
+/// pinned map by name without looking at its shape, so the program would meet the old
+/// map: the verifier refuses a program that reads past a value's end (and netd could not
+/// load it at all), and an index past an array's end is silently never counted. Add a
+/// map here whenever its value grows or an array gains entries.
+const INGRESS_XDP_RESHAPED: &[(&str, usize, u32)] = &[
+    // 16 bytes before the SYN-ACK's sequence number was kept.
+    (
+        "netd_flows_fwd_new",
+        std::mem::size_of::<maps::FlowFwdNew>(),
+        1,
+    ),
+    // 4 counters before wrong_vtep and bad_ack.
+    (
+        "netd_xdp_flow_stats",
+        std::mem::size_of::<u64>(),
+        maps::FLOWS_COUNTERS,
+    ),
+];
+
+/// Removes the pins in `pin_dir` of maps [`INGRESS_XDP_RESHAPED`] finds in an older
+/// shape, so that loading makes them afresh: what they held (unconfirmed flows,
+/// counters) is lost, and a program still attached keeps the maps it has.
+fn unpin_reshaped(pin_dir: &Path) -> Result<(), EbpfError> {
+    for (name, value_size, min_entries) in INGRESS_XDP_RESHAPED {
+        let pin = pin_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        // Not a map the kernel can describe: the loader reports it.
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+            continue;
+        };
+        if info.value_size() as usize == *value_size && info.max_entries() >= *min_entries {
+            continue;
+        }
+        std::fs::remove_file(&pin).map_err(|e| EbpfError::FileError {
+            path: pin.clone(),
+            error: e,
+        })?;
+    }
+    Ok(())
 }
 
 /// Where bpffs is mounted on Linux.

@@ -127,18 +127,33 @@ pub struct FlowKey {
 
 /// [`FlowFwd::flags`]: the flow belongs to the kernel path (XDP passes it on).
 pub const FLOW_KERNEL: u32 = 1;
-/// [`FlowFwd::flags`]: an unconfirmed flow whose task answered through XDP (the
-/// client's next packet confirms it).
+/// [`FlowFwd::flags`]: an unconfirmed flow whose task answered through XDP from the
+/// flow's VTEP (TCP: its SYN-ACK, whose sequence number is in [`FlowFwdNew::isn`]; UDP:
+/// any datagram). The client's next packet confirms it (TCP: an ACK of that SYN-ACK).
 pub const FLOW_ANSWERED: u32 = 2;
 
+/// The value of `netd_flows_fwd` (and the start of `netd_flows_fwd_new`'s). Its layout
+/// must not change: an older netd may have pinned the map.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowFwd {
     pub backend: u32,
+    /// The task's node: the only outer source its answers are taken from.
     pub vtep: u32,
     pub snat_port: u16,
     pub target_port: u16,
     pub flags: u32,
+}
+
+/// The value of `netd_flows_fwd_new`: an unconfirmed flow's forward half and the
+/// sequence number of the task's SYN-ACK as it lies in the packet (network byte order;
+/// set with [`FLOW_ANSWERED`], 0 for UDP). A TCP flow is confirmed only by an ACK of
+/// ISN + 1.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowFwdNew {
+    pub fwd: FlowFwd,
+    pub isn: u32,
 }
 
 #[repr(C)]
@@ -161,14 +176,18 @@ pub struct XdpStats {
 
 /// Indexes of `netd_xdp_flow_stats` (a per-CPU array of u64): new flows (entered into
 /// the unconfirmed tables), confirmed flows (moved to the established ones), refused
-/// flows (no free translation port: left to the kernel path), lost flows (an
-/// unconfirmed flow found without its other half, evicted by newer ones).
+/// flows (no free translation port: left to the kernel path), lost flows (a flow of
+/// either table found without its reverse half, evicted apart: forgotten), answers from
+/// an outer source other than the flow's VTEP (dropped), client ACKs of an answered
+/// unconfirmed TCP flow that do not acknowledge the task's SYN-ACK (not promoted).
 pub const FLOWS_OPENED: u32 = 0;
 pub const FLOWS_CONFIRMED: u32 = 1;
 pub const FLOWS_REFUSED: u32 = 2;
 pub const FLOWS_LOST: u32 = 3;
-/// The number of flow counters.
-pub const FLOWS_COUNTERS: u32 = 4;
+pub const FLOWS_WRONG_VTEP: u32 = 4;
+pub const FLOWS_BAD_ACK: u32 = 5;
+/// The number of flow counters (the entries of `netd_xdp_flow_stats`).
+pub const FLOWS_COUNTERS: u32 = 6;
 
 // SAFETY: plain #[repr(C)] integers with explicit padding fields: every bit pattern is a
 // valid value and there are no implicit padding bytes.
@@ -186,6 +205,7 @@ unsafe impl aya::Pod for PortValue {}
 unsafe impl aya::Pod for MeshBackend {}
 unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowFwd {}
+unsafe impl aya::Pod for FlowFwdNew {}
 unsafe impl aya::Pod for FlowRev {}
 unsafe impl aya::Pod for XdpStats {}
 unsafe impl aya::Pod for Counter {}
@@ -273,6 +293,11 @@ mod tests {
         assert_eq!(offset_of!(FlowFwd, snat_port), netd_flow_fwd_snat_port);
         assert_eq!(offset_of!(FlowFwd, target_port), netd_flow_fwd_target_port);
         assert_eq!(offset_of!(FlowFwd, flags), netd_flow_fwd_flags);
+        // layout_probe.c does not list netd_flow_fwd_new: netd_maps.h holds it to the
+        // same numbers with _Static_assert.
+        assert_eq!(size_of::<FlowFwdNew>(), 20);
+        assert_eq!(offset_of!(FlowFwdNew, fwd), 0);
+        assert_eq!(offset_of!(FlowFwdNew, isn), 16);
         assert_eq!(size_of::<FlowRev>(), netd_flow_rev_SIZE);
         assert_eq!(offset_of!(FlowRev, client), netd_flow_rev_client);
         assert_eq!(offset_of!(FlowRev, client_port), netd_flow_rev_client_port);

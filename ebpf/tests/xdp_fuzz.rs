@@ -2,8 +2,9 @@
 //! pseudo-random corpus (valid Ethernet/IPv4/TCP/UDP/VXLAN frames, then truncated,
 //! given lying lengths, options, fragment bits, bad TCP offsets and UDP lengths, short
 //! inner frames, random bytes), the documented rules, the regressions the fuzzing found,
-//! and the flow tables' resistance to floods (unconfirmed flows never evict confirmed
-//! ones).
+//! the flow tables' resistance to floods (unconfirmed flows never evict confirmed ones,
+//! blind ACKs confirm nothing) and the reply path's source check (answers only from the
+//! flow's VTEP).
 //!
 //! Needs root. Each test runs on a thread of its own inside a network namespace of its
 //! own (unshared, so it goes with the thread): a veth whose end `fz0` holds the node's
@@ -14,7 +15,8 @@
 //!
 //! Addresses: the node 198.18.0.11, the other node (VTEP) 198.18.0.12, the client
 //! 198.18.0.100, the node's ingress address 198.19.255.11, tasks 198.19.255.21/22 (on
-//! the other node) and .31 (on this node).
+//! the other node) and .31 (on this node); a host that is no VTEP of any task,
+//! 198.18.0.66, forges answers.
 
 use std::collections::HashMap as Map;
 use std::net::Ipv4Addr;
@@ -25,9 +27,9 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::Xdp;
 use aya::{Ebpf, TestRun, TestRunOptions};
 use netd_ebpf::maps::{
-    BackendKey, FlowFwd, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey, PortValue,
-    XdpStats, FLOWS_CONFIRMED, FLOWS_COUNTERS, FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED,
-    FLOW_ANSWERED, FLOW_KERNEL,
+    BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey,
+    PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_COUNTERS, FLOWS_LOST, FLOWS_OPENED,
+    FLOWS_REFUSED, FLOWS_WRONG_VTEP, FLOW_ANSWERED, FLOW_KERNEL,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -38,6 +40,8 @@ const XDP_TX: u32 = 3;
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
 const VTEP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// A host of the underlay that is no task's VTEP.
+const FORGER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 66);
 const INGRESS: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 11);
 const TASKS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(198, 19, 255, 21),
@@ -293,12 +297,26 @@ impl Harness {
         m.get(&which, 0).expect("read flow stats").iter().sum()
     }
 
+    /// The established forward map, `netd_flows_fwd`.
     fn fwd_map(&self, name: &str) -> HashMap<&MapData, FlowKey, FlowFwd> {
         HashMap::try_from(self.obj.map(name).expect("flow map")).expect("flow map")
     }
 
+    /// The unconfirmed forward map, `netd_flows_fwd_new`.
+    fn new_map(&self) -> HashMap<&MapData, FlowKey, FlowFwdNew> {
+        HashMap::try_from(self.obj.map("netd_flows_fwd_new").expect("flow map")).expect("flow map")
+    }
+
     fn rev_map(&self, name: &str) -> HashMap<&MapData, FlowKey, FlowRev> {
         HashMap::try_from(self.obj.map(name).expect("flow map")).expect("flow map")
+    }
+
+    fn rev_map_mut(&mut self, name: &str) -> HashMap<&mut MapData, FlowKey, FlowRev> {
+        HashMap::try_from(self.obj.map_mut(name).expect("flow map")).expect("flow map")
+    }
+
+    fn fwd_map_mut(&mut self, name: &str) -> HashMap<&mut MapData, FlowKey, FlowFwd> {
+        HashMap::try_from(self.obj.map_mut(name).expect("flow map")).expect("flow map")
     }
 
     /// Runs `frame`, which must come back as XDP_TX; the frame sent.
@@ -474,6 +492,50 @@ fn vxlan(inner: &[u8], vni: u32) -> Vec<u8> {
     payload.extend_from_slice(inner);
     let u = udp(VTEP, NODE, 51000, VXLAN_PORT, &payload, false);
     ethernet(NODE_MAC, VTEP_MAC, 0x0800, &ipv4(VTEP, NODE, UDP, &u))
+}
+
+/// VXLAN frame `f` as another host would send it: outer IPv4 source `src` (header
+/// checksum fixed; the outer UDP checksum is none).
+fn from_outer(mut f: Vec<u8>, src: Ipv4Addr) -> Vec<u8> {
+    f[ETH + 12..ETH + 16].copy_from_slice(&src.octets());
+    fix_ip(&mut f, ETH);
+    f
+}
+
+/// The sequence number of every segment `tcp` builds: the task's ISN in its SYN-ACKs.
+const TASK_ISN: u32 = 0x1000_0000;
+
+/// Sets the sequence and/or acknowledgement number of the TCP segment whose IPv4 header
+/// (20 bytes) is at `ip` in `f`, with the TCP checksum.
+fn set_seq_ack(f: &mut [u8], ip: usize, seq: Option<u32>, ack: Option<u32>) {
+    let t = ip + 20;
+    if let Some(seq) = seq {
+        f[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
+    }
+    if let Some(ack) = ack {
+        f[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());
+    }
+    f[t + 16..t + 18].copy_from_slice(&[0, 0]);
+    let tot = u16_at(f, ip + 2) as usize;
+    let c = checksum(&[
+        &pseudo(&f[ip + 12..ip + 16], &f[ip + 16..ip + 20], TCP, tot - 20),
+        &f[t..ip + tot],
+    ]);
+    f[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The client's segment (from CLIENT:`sport`) with acknowledgement number `ack`.
+fn segment_acking(sport: u16, flags: u8, ack: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = segment(CLIENT, sport, flags, payload);
+    set_seq_ack(&mut f, ETH, None, Some(ack));
+    f
+}
+
+/// The task's SYN-ACK in TCP flow `f`, with sequence number `isn`.
+fn syn_ack(f: &Flow, isn: u32) -> Vec<u8> {
+    let mut a = answer(f, SYN | ACK, b"");
+    set_seq_ack(&mut a, ENCAP + ETH, Some(isn), None);
+    a
 }
 
 /// A flow as the program translated it: the task side and the client side.
@@ -1422,7 +1484,7 @@ fn rev_key(f: &Flow) -> FlowKey {
 fn tables(h: &Harness, key: &FlowKey) -> (Option<FlowFwd>, Option<FlowFwd>) {
     (
         h.fwd_map("netd_flows_fwd").get(key, 0).ok(),
-        h.fwd_map("netd_flows_fwd_new").get(key, 0).ok(),
+        h.new_map().get(key, 0).ok().map(|n| n.fwd),
     )
 }
 
@@ -1439,13 +1501,14 @@ fn handshake(h: &Harness, sport: u16) -> Flow {
     );
     let sa = answer(&flow, SYN | ACK, b"");
     check_unwrapped(&sa, &h.tx(&sa, "SYN-ACK"), &flow, "SYN-ACK");
-    let (est, new) = tables(h, &key);
+    let (est, _) = tables(h, &key);
     assert!(est.is_none(), "an answer alone confirms nothing");
+    let new = h.new_map().get(&key, 0).ok();
     assert!(
-        new.is_some_and(|f| f.flags & FLOW_ANSWERED != 0),
-        "the answer is marked: {new:?}"
+        new.is_some_and(|n| n.fwd.flags & FLOW_ANSWERED != 0 && n.isn == TASK_ISN.to_be()),
+        "the answer is marked, its ISN kept: {new:?}"
     );
-    let ack = segment(CLIENT, sport, ACK, b"");
+    let ack = segment_acking(sport, ACK, TASK_ISN.wrapping_add(1), b"");
     let out = h.tx(&ack, "ACK");
     assert_eq!(
         check_wrapped(&ack, &out, "ACK"),
@@ -1481,8 +1544,11 @@ fn exchange_tcp(h: &Harness, flow: &Flow, sport: u16) {
 
 const FLOOD_TABLE: u32 = 64;
 
-/// How many entries a flow map holds.
+/// How many entries a forward flow map holds.
 fn entries(h: &Harness, name: &str) -> usize {
+    if name == "netd_flows_fwd_new" {
+        return h.new_map().keys().count();
+    }
     h.fwd_map(name).keys().count()
 }
 
@@ -1678,4 +1744,352 @@ fn flow_counters_count() {
             PerCpuArray::try_from(h.obj.map("netd_xdp_flow_stats").expect("map")).expect("map");
         assert_eq!(m.len(), FLOWS_COUNTERS);
     });
+}
+
+// ---- answers only from the flow's VTEP ----
+
+/// XDP runs before nftables, whose rule against VXLAN from non-members never sees what
+/// XDP takes: an answer naming a flow of XDP's (its task, target and translation port)
+/// from an outer source that is not the VTEP of the flow's task is dropped and counted,
+/// never unwrapped, and marks nothing; the same answer from the VTEP goes through. For
+/// an unconfirmed and an established TCP flow and a UDP one.
+#[test]
+fn a_forged_reply_from_a_non_vtep_source_is_dropped_and_counted() {
+    with_harness("forged", None, |h| {
+        let refused = |h: &Harness, frame: &[u8], n: u64, what: &str| {
+            let before = h.stats();
+            let (verdict, _) = h.run(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(verdict, XDP_DROP, "{what}: not unwrapped\n{}", hex(frame));
+            let after = h.stats();
+            assert_eq!(after.returned, before.returned, "{what}: nothing returned");
+            assert_eq!(after.dropped - before.dropped, 1, "{what}: counted dropped");
+            assert_eq!(h.flow_stat(FLOWS_WRONG_VTEP), n, "{what}: counted");
+        };
+        // An unconfirmed TCP flow: a forged SYN-ACK neither goes out nor marks it.
+        let s = syn(47000, TCP_PORT);
+        let flow = check_wrapped(&s, &h.tx(&s, "SYN"), "SYN");
+        let key = flow_key(CLIENT, 47000, TCP_PORT, TCP);
+        let sa = syn_ack(&flow, 0x5555_0000);
+        refused(h, &from_outer(sa.clone(), FORGER), 1, "a forged SYN-ACK");
+        // Another member's address is no better than a stranger's.
+        refused(
+            h,
+            &from_outer(sa.clone(), NODE),
+            2,
+            "a SYN-ACK from this node",
+        );
+        let n = h.new_map().get(&key, 0).expect("still unconfirmed");
+        assert_eq!(
+            n.fwd.flags & FLOW_ANSWERED,
+            0,
+            "a forged answer marks nothing"
+        );
+        assert_eq!(n.isn, 0, "a forged answer sets no ISN");
+        // A client ACK of the forged SYN-ACK confirms nothing.
+        let ack = segment_acking(47000, ACK, 0x5555_0001, b"");
+        assert_eq!(check_wrapped(&ack, &h.tx(&ack, "ACK"), "ACK"), flow);
+        assert!(
+            matches!(tables(h, &key), (None, Some(_))),
+            "still unconfirmed"
+        );
+        // The task's own SYN-ACK, from its VTEP.
+        check_unwrapped(
+            &sa,
+            &h.tx(&sa, "the real SYN-ACK"),
+            &flow,
+            "the real SYN-ACK",
+        );
+        let ack = segment_acking(47000, ACK, 0x5555_0001, b"");
+        assert_eq!(check_wrapped(&ack, &h.tx(&ack, "ACK"), "ACK"), flow);
+        assert!(matches!(tables(h, &key), (Some(_), None)), "now confirmed");
+        // An established flow: forged data is refused, the task's goes through.
+        let data = answer(&flow, ACK | PSH, b"HTTP/1.1 200 OK\r\n\r\n");
+        refused(h, &from_outer(data.clone(), FORGER), 3, "forged data");
+        check_unwrapped(&data, &h.tx(&data, "the task's data"), &flow, "data");
+        // UDP.
+        let q = datagram(CLIENT, 47001, UDP_PORT, b"q");
+        let uflow = check_wrapped(&q, &h.tx(&q, "a datagram"), "a datagram");
+        let a = answer(&uflow, 0, b"answer");
+        refused(h, &from_outer(a.clone(), FORGER), 4, "a forged datagram");
+        let ukey = flow_key(CLIENT, 47001, UDP_PORT, UDP);
+        let n = h.new_map().get(&ukey, 0).expect("unconfirmed");
+        assert_eq!(
+            n.fwd.flags & FLOW_ANSWERED,
+            0,
+            "a forged answer marks nothing"
+        );
+        check_unwrapped(&a, &h.tx(&a, "the task's answer"), &uflow, "the answer");
+        assert_eq!(h.flow_stat(FLOWS_WRONG_VTEP), 4);
+        // An answer of no flow of XDP's (a port of the kernel path's) is not XDP's to
+        // judge: the kernel's, whatever its source.
+        let mut other = uflow;
+        other.snat_port = 2000;
+        passed(h, &from_outer(answer(&other, 0, b"x"), FORGER), "no flow's");
+        assert_eq!(h.flow_stat(FLOWS_WRONG_VTEP), 4);
+    });
+}
+
+// ---- confirming a TCP flow takes an ACK of the task's SYN-ACK ----
+
+/// An ACK before the task's SYN-ACK, an ACK whose number is not the SYN-ACK's ISN + 1,
+/// and a data answer of the task instead of a SYN-ACK, confirm nothing; the ACK of the
+/// SYN-ACK does (also when ISN + 1 wraps to 0).
+#[test]
+fn a_blind_ack_does_not_confirm_a_tcp_flow_and_the_right_one_does() {
+    with_harness("blindack", None, |h| {
+        for (sport, isn) in [(48000u16, 0x1234_5678u32), (48001, 0xffff_ffff)] {
+            let s = syn(sport, TCP_PORT);
+            let flow = check_wrapped(&s, &h.tx(&s, "SYN"), "SYN");
+            let key = flow_key(CLIENT, sport, TCP_PORT, TCP);
+            let right = isn.wrapping_add(1);
+            // Before any answer.
+            let early = segment_acking(sport, ACK, right, b"");
+            assert_eq!(check_wrapped(&early, &h.tx(&early, "early"), "early"), flow);
+            assert!(
+                matches!(tables(h, &key), (None, Some(_))),
+                "not before the answer"
+            );
+            // The task's data is not a SYN-ACK: no answer yet for TCP.
+            let d = answer(&flow, ACK | PSH, b"early data");
+            check_unwrapped(&d, &h.tx(&d, "data"), &flow, "data");
+            let n = h.new_map().get(&key, 0).expect("unconfirmed");
+            assert_eq!(n.fwd.flags & FLOW_ANSWERED, 0, "only a SYN-ACK answers TCP");
+            let sa = syn_ack(&flow, isn);
+            check_unwrapped(&sa, &h.tx(&sa, "SYN-ACK"), &flow, "SYN-ACK");
+            let n = h.new_map().get(&key, 0).expect("unconfirmed");
+            assert_eq!(n.isn, isn.to_be(), "the ISN as in the packet");
+            let bad_before = h.flow_stat(FLOWS_BAD_ACK);
+            let confirmed = h.flow_stat(FLOWS_CONFIRMED);
+            // Off by one either way, the right number in the wrong byte order, others.
+            let mut wrong = vec![isn, isn.wrapping_add(2), right.swap_bytes(), 0x2000_0000, 0];
+            wrong.retain(|a| *a != right);
+            for (i, ack) in wrong.iter().copied().enumerate() {
+                for flags in [ACK, ACK | PSH] {
+                    let f = segment_acking(sport, flags, ack, b"x");
+                    let what = format!("ACK {ack:#x}");
+                    // Forwarded as the kernel path would (the task's TCP refuses it).
+                    assert_eq!(check_wrapped(&f, &h.tx(&f, &what), &what), flow);
+                    assert!(
+                        matches!(tables(h, &key), (None, Some(_))),
+                        "{what} (case {i}) confirms nothing"
+                    );
+                }
+            }
+            assert_eq!(
+                h.flow_stat(FLOWS_BAD_ACK) - bad_before,
+                2 * wrong.len() as u64,
+                "every wrong ACK counted"
+            );
+            // A SYN-ACK again (retransmitted) changes nothing; a RST-less, SYN-less ACK
+            // of the right number confirms.
+            check_unwrapped(&sa, &h.tx(&sa, "again"), &flow, "SYN-ACK again");
+            let ack = segment_acking(sport, ACK, right, b"");
+            assert_eq!(check_wrapped(&ack, &h.tx(&ack, "ACK"), "ACK"), flow);
+            assert!(
+                matches!(tables(h, &key), (Some(_), None)),
+                "the right ACK confirms"
+            );
+            assert_eq!(h.flow_stat(FLOWS_CONFIRMED) - confirmed, 1);
+            exchange_tcp(h, &flow, sport);
+        }
+    });
+}
+
+/// A flood (16 times the table) of spoofed SYNs, each answered by the task, each
+/// followed by a blind ACK from its spoofed source (a wrong acknowledgement number: the
+/// SYN-ACK went to the spoofed address): no flow of the flood is confirmed, and the
+/// established connection keeps its translation.
+#[test]
+fn an_established_tcp_flow_survives_a_flood_of_syns_with_blind_acks() {
+    with_harness("blindflood", Some(FLOOD_TABLE), |h| {
+        let flow = handshake(h, 49000);
+        let mut rng = Rng(9);
+        let n = 16 * FLOOD_TABLE as usize;
+        for _ in 0..n {
+            let src = Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(198, 18, 128, 0)) + rng.below(1 << 15) as u32,
+            );
+            let port = rng.range(1024, 65535) as u16;
+            let seg = |flags: u8| {
+                client_frame(
+                    src,
+                    TCP,
+                    &tcp(&Seg {
+                        src,
+                        dst: NODE,
+                        sport: port,
+                        dport: TCP_PORT,
+                        flags,
+                        options: if flags & SYN != 0 {
+                            &SYN_OPTIONS[..]
+                        } else {
+                            &[]
+                        },
+                        payload: &[],
+                    }),
+                )
+            };
+            let s = seg(SYN);
+            let spoofed = check_wrapped(&s, &h.tx(&s, "a flood SYN"), "a flood SYN");
+            let isn = rng.next() as u32;
+            let sa = syn_ack(&spoofed, isn);
+            assert_eq!(h.run(&sa).expect("run").0, XDP_DROP, "a SYN-ACK to nowhere");
+            let mut blind = seg(ACK);
+            let mut guess = rng.next() as u32;
+            if guess == isn.wrapping_add(1) {
+                guess ^= 1;
+            }
+            set_seq_ack(&mut blind, ETH, Some(0x1000_0001), Some(guess));
+            let out = h.tx(&blind, "a blind ACK");
+            assert_eq!(check_wrapped(&blind, &out, "a blind ACK"), spoofed);
+        }
+        assert_eq!(
+            h.flow_stat(FLOWS_CONFIRMED),
+            1,
+            "only the real connection is confirmed"
+        );
+        assert_eq!(
+            entries(h, "netd_flows_fwd"),
+            1,
+            "the flood stays out of the established table"
+        );
+        exchange_tcp(h, &flow, 49000);
+        assert_eq!(
+            h.flow_stat(FLOWS_BAD_ACK),
+            n as u64,
+            "every blind ACK counted"
+        );
+    });
+}
+
+// ---- both halves of a flow, also when established ----
+
+/// An established flow whose reverse half was evicted (or whose translation port a
+/// newer flow holds by now) is forgotten on its next packet, counted lost, and never
+/// sends from that port; a reverse half whose forward half is gone unwraps nothing.
+#[test]
+fn an_established_flow_without_its_reverse_half_is_forgotten() {
+    with_harness("halves", None, |h| {
+        // TCP, its reverse half gone: the kernel path's from now on.
+        let a = handshake(h, 50000);
+        let akey = flow_key(CLIENT, 50000, TCP_PORT, TCP);
+        h.rev_map_mut("netd_flows_rev")
+            .remove(&rev_key(&a))
+            .expect("remove the reverse half");
+        passed(h, &segment(CLIENT, 50000, ACK | PSH, b"x"), "a lone half");
+        assert_eq!(h.flow_stat(FLOWS_LOST), 1);
+        assert!(matches!(tables(h, &akey), (None, None)), "forgotten");
+        // TCP, its translation port another client's by now.
+        let b = handshake(h, 50001);
+        let bkey = flow_key(CLIENT, 50001, TCP_PORT, TCP);
+        let thief = FlowRev {
+            client: be(Ipv4Addr::new(198, 18, 0, 101)),
+            client_port: 50001u16.to_be(),
+            published_port: TCP_PORT.to_be(),
+        };
+        h.rev_map_mut("netd_flows_rev")
+            .insert(rev_key(&b), thief, 0)
+            .expect("another flow on the port");
+        passed(h, &segment(CLIENT, 50001, ACK | PSH, b"x"), "a shared port");
+        assert_eq!(h.flow_stat(FLOWS_LOST), 2);
+        assert!(matches!(tables(h, &bkey), (None, None)), "forgotten");
+        assert_eq!(
+            h.rev_map("netd_flows_rev").get(&rev_key(&b), 0).ok(),
+            Some(thief),
+            "the other flow keeps its port"
+        );
+        // UDP, its reverse half gone: the next datagram opens a new flow.
+        let q = datagram(CLIENT, 50002, UDP_PORT, b"1");
+        let u = check_wrapped(&q, &h.tx(&q, "a datagram"), "a datagram");
+        let r = answer(&u, 0, b"answer");
+        check_unwrapped(&r, &h.tx(&r, "the answer"), &u, "the answer");
+        let q = datagram(CLIENT, 50002, UDP_PORT, b"2");
+        assert_eq!(check_wrapped(&q, &h.tx(&q, "again"), "again"), u);
+        let ukey = flow_key(CLIENT, 50002, UDP_PORT, UDP);
+        assert!(matches!(tables(h, &ukey), (Some(_), None)), "confirmed");
+        h.rev_map_mut("netd_flows_rev")
+            .remove(&rev_key(&u))
+            .expect("remove the reverse half");
+        let opened = h.flow_stat(FLOWS_OPENED);
+        let q = datagram(CLIENT, 50002, UDP_PORT, b"3");
+        let reopened = check_wrapped(&q, &h.tx(&q, "after"), "after");
+        assert_eq!(h.flow_stat(FLOWS_LOST), 3);
+        assert_eq!(h.flow_stat(FLOWS_OPENED) - opened, 1, "a new flow");
+        assert!(matches!(tables(h, &ukey), (None, Some(_))), "unconfirmed");
+        assert!(
+            h.rev_map("netd_flows_rev_new")
+                .get(&rev_key(&reopened), 0)
+                .is_ok(),
+            "with a reverse half of its own"
+        );
+        // A reverse half without its forward half: its answers are not unwrapped.
+        let c = handshake(h, 50003);
+        let ckey = flow_key(CLIENT, 50003, TCP_PORT, TCP);
+        h.fwd_map_mut("netd_flows_fwd")
+            .remove(&ckey)
+            .expect("remove the forward half");
+        passed(
+            h,
+            &answer(&c, ACK | PSH, b"data"),
+            "an answer of a lone half",
+        );
+    });
+}
+
+// ---- maps an older netd pinned ----
+
+/// aya reuses a pinned map by name whatever its shape: the loader makes afresh the
+/// maps an older netd pinned in a shape this program cannot use (unconfirmed forward
+/// values of 16 bytes, before the SYN-ACK's ISN was kept; 4 flow counters), so that the
+/// program loads and counts, and keeps the maps whose shape is right, with their flows.
+#[test]
+fn maps_an_older_netd_pinned_in_another_shape_are_made_afresh() {
+    netd_ebpf::ensure_bpffs().expect("bpffs");
+    let dir = PinDir(
+        std::path::Path::new(netd_ebpf::BPFFS)
+            .join(format!("netdtest-xdpfuzz-reshaped-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(&dir.0).expect("pin dir");
+    let old_new = HashMap::<MapData, FlowKey, FlowFwd>::create(64, 0).expect("a map");
+    old_new
+        .pin(dir.0.join("netd_flows_fwd_new"))
+        .expect("pin the old unconfirmed table");
+    let old_stats = PerCpuArray::<MapData, u64>::create(4, 0).expect("a map");
+    old_stats
+        .pin(dir.0.join("netd_xdp_flow_stats"))
+        .expect("pin the old counters");
+    let key = flow_key(CLIENT, 51000, TCP_PORT, TCP);
+    let kept = FlowFwd {
+        backend: be(TASKS[0]),
+        vtep: be(VTEP),
+        snat_port: 40000u16.to_be(),
+        target_port: TARGET.to_be(),
+        flags: 0,
+    };
+    let mut est = HashMap::<MapData, FlowKey, FlowFwd>::create(64, 0).expect("a map");
+    est.insert(key, kept, 0).expect("an established flow");
+    est.pin(dir.0.join("netd_flows_fwd"))
+        .expect("pin the established table");
+
+    let mut obj = netd_ebpf::load_ingress_xdp_sized(&dir.0, Some(64)).expect("load");
+    let prog: &mut Xdp = obj
+        .program_mut(netd_ebpf::INGRESS_XDP_PROGRAM)
+        .expect("program in the object")
+        .try_into()
+        .expect("an XDP program");
+    prog.load()
+        .expect("the verifier accepts the program with the maps made afresh");
+    let info = |name: &str| aya::maps::MapInfo::from_pin(dir.0.join(name)).expect("pinned");
+    assert_eq!(
+        info("netd_flows_fwd_new").value_size() as usize,
+        std::mem::size_of::<FlowFwdNew>()
+    );
+    assert_eq!(info("netd_xdp_flow_stats").max_entries(), FLOWS_COUNTERS);
+    let m: HashMap<_, FlowKey, FlowFwd> =
+        HashMap::try_from(obj.map("netd_flows_fwd").expect("map")).expect("map");
+    assert_eq!(
+        m.get(&key, 0).ok(),
+        Some(kept),
+        "a map of the right shape is kept"
+    );
 }

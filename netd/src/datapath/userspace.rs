@@ -304,8 +304,13 @@ fn handle<'a>(
             // port's. Counted apart, neither translated nor dropped.
             stats.refused_full.fetch_add(1, Ordering::Relaxed);
             shared.refused_full.fetch_add(1, Ordering::Relaxed);
-            *refusal = nat::refusal(pkt, &f)?;
-            Some(refusal.as_slice())
+            match nat::refusal(pkt, &f) {
+                Some(r) => {
+                    *refusal = r;
+                    Some(refusal.as_slice())
+                }
+                None => shared.dropped(),
+            }
         }
         Outbound::Drop => shared.dropped(),
     }

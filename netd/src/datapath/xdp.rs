@@ -10,12 +10,19 @@
 //!
 //! Flow state is two tables of two LRU maps each (netd_ebpf::INGRESS_XDP_FLOW_MAPS): new
 //! flows enter the unconfirmed table and move to the established one once the client
-//! sends again after the task's answer came back, so a flood of new flows (spoofed SYNs,
-//! datagrams from random ports) never evicts an established flow. `netd status` counts flows opened,
-//! confirmed, refused (no free translation port) and lost (an unconfirmed flow evicted
-//! in half). Each map holds 131072 flows; `NETD_XDP_FLOW_ENTRIES=N` in the daemon's
-//! environment makes them N each when netd creates them (the lab's flood test uses a
-//! small table; maps already pinned keep their size).
+//! sends again after the task answered (from its node's VTEP: answers from any other
+//! outer source are dropped). TCP needs the client's ACK of the task's SYN-ACK (ack_seq
+//! = its ISN + 1), which a spoofed source never sees; UDP, which has no sequence numbers,
+//! only needs a second datagram from the same 4-tuple after the answer. So floods of
+//! spoofed SYNs (with blind ACKs or without) or of datagrams nobody sends twice never
+//! evict an established flow; spoofed UDP flows that the task answers and that are sent
+//! twice are confirmed and can. `netd status` counts flows opened, confirmed, refused (no
+//! free translation port), lost (a flow found with its reverse half evicted: forgotten),
+//! answers from a wrong VTEP (dropped) and bad ACKs (a client ACK that does not
+//! acknowledge the task's SYN-ACK: not confirmed). Each map holds 131072 flows;
+//! `NETD_XDP_FLOW_ENTRIES=N` in the daemon's environment makes them N each when netd
+//! creates them (the lab's flood test uses a small table; maps already pinned keep their
+//! size).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -28,8 +35,8 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{links::FdLink, Xdp, XdpMode};
 use aya::Ebpf;
 use netd_ebpf::maps::{
-    BackendKey, IngressConfig, MeshBackend, PortKey, PortValue, XdpStats, FLOWS_CONFIRMED,
-    FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED,
+    BackendKey, IngressConfig, MeshBackend, PortKey, PortValue, XdpStats, FLOWS_BAD_ACK,
+    FLOWS_CONFIRMED, FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_WRONG_VTEP,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -303,7 +310,7 @@ impl Loaded {
         s
     }
 
-    /// The flow counters, summed over CPUs: (opened, confirmed, refused, lost).
+    /// The flow counters, summed over CPUs (a counter the pinned map lacks reads 0).
     fn flow_stats(&self) -> FlowStats {
         let sum = |i: u32| -> u64 {
             self.flow_stats
@@ -316,6 +323,8 @@ impl Loaded {
             confirmed: sum(FLOWS_CONFIRMED),
             refused: sum(FLOWS_REFUSED),
             lost: sum(FLOWS_LOST),
+            wrong_vtep: sum(FLOWS_WRONG_VTEP),
+            bad_ack: sum(FLOWS_BAD_ACK),
         }
     }
 }
@@ -329,8 +338,16 @@ struct FlowStats {
     confirmed: u64,
     /// New flows without a free translation port (left to the kernel path).
     refused: u64,
-    /// Unconfirmed flows found evicted in half (left to the kernel path, or reopened).
+    /// Flows (of either table) found with their reverse half evicted: forgotten (left to
+    /// the kernel path, or reopened).
     lost: u64,
+    /// Answers of an XDP flow whose outer (VXLAN) source was not the VTEP of the flow's
+    /// task: dropped, never unwrapped (forged, or sent from another address of the
+    /// task's node).
+    wrong_vtep: u64,
+    /// Client ACKs of an answered, unconfirmed TCP flow that did not acknowledge the
+    /// task's SYN-ACK (blind ACKs from spoofed sources): forwarded, not confirmed.
+    bad_ack: u64,
 }
 
 fn port_key((proto, port): (u8, u16)) -> PortKey {
