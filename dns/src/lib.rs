@@ -4,11 +4,13 @@
 //!   one record at a time, and the scoped lookup rules.
 //! - [`message`]: one packet in, one decision out (answer, forward, drop); all the bad
 //!   input handling lives here, where a fuzz test can reach it.
-//! - [`upstream`]: forwarding other names to the node's resolvers.
+//! - [`upstream`]: forwarding other names to the node's resolvers, whose answers
+//!   [`cache`] keeps for their TTL.
 //! - [`server`]: the UDP and TCP sockets of each task, served by the one process;
 //!   [`batch`]: its batched UDP system calls.
 
 pub mod batch;
+pub mod cache;
 pub mod message;
 pub mod server;
 pub mod table;

@@ -3,7 +3,8 @@
 //! fresh UDP socket on a random port and a fresh query id, accepts only a matching
 //! answer, retries over TCP when the answer is truncated, and gives up on a server after
 //! its share of a total budget that stays inside a stub resolver's own timeout. At most
-//! `MAX_IN_FLIGHT` forwards run at once; past that the client gets REFUSED at once.
+//! `MAX_IN_FLIGHT` forwards run at once; past that the client gets REFUSED at once. An
+//! answer that may be kept is, for its TTL (`crate::cache`), and asked again from memory.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +69,8 @@ pub enum ForwardError {
 pub struct Upstream {
     servers: Vec<SocketAddr>,
     in_flight: Arc<Semaphore>,
+    /// Answers kept for their TTL (see `crate::cache`).
+    cache: crate::cache::ForwardCache,
 }
 
 /// Whether `reply` answers `query` (same id, a response, the same question).
@@ -123,12 +126,28 @@ impl Upstream {
         Upstream {
             servers: servers.into_iter().take(MAX_SERVERS).collect(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            cache: Default::default(),
         }
     }
 
-    /// Asks the servers in turn; returns the first matching answer's bytes (with our
-    /// id: the caller relays it under the client's).
+    /// Answers kept from upstream right now.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The answer to `request`: from the cache while it holds one, else from the
+    /// servers in turn (the first matching answer's bytes, with our id: the caller
+    /// relays it under the client's), kept if it may be.
     pub async fn forward(&self, request: &Message) -> Result<Vec<u8>, ForwardError> {
+        if let Some(kept) = self.cache.get(request, std::time::Instant::now()) {
+            return Ok(kept);
+        }
+        let reply = self.ask(request).await?;
+        self.cache.put(request, &reply, std::time::Instant::now());
+        Ok(reply)
+    }
+
+    async fn ask(&self, request: &Message) -> Result<Vec<u8>, ForwardError> {
         let _permit = self
             .in_flight
             .clone()

@@ -197,6 +197,8 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             "config": d.dns.config(),
             "tasks_served": d.dns.listener_count(),
             "forward_budget_ms": crate::dns::FORWARD_BUDGET.as_millis() as u64,
+            // Upstream answers kept for their TTL.
+            "forwarded_answers_cached": d.dns.forward_cache_len(),
         },
         "kernel": kernel_facts(),
         "reconcile": { "errors": report.errors, "task_errors": report.task_errors },

@@ -105,6 +105,10 @@ impl Dns {
         self.listeners.lock().map(|l| l.len()).unwrap_or(0)
     }
 
+    pub fn forward_cache_len(&self) -> usize {
+        self.shared.upstream.cached()
+    }
+
     /// Brings the record table to `st`: removes what is gone, upserts the rest (an
     /// unchanged record is a no-op). Names on tasks of down nodes stay: the task still
     /// exists, and its node may be back in seconds.

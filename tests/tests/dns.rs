@@ -436,3 +436,34 @@ fn the_dns_answers_inside_tasks_only() -> Result<()> {
     assert_eq!(seen(), before, "queries from outside tasks were forwarded");
     Ok(())
 }
+
+/// A forwarded name asked again is answered from netd's cache for its TTL: upstream
+/// hears it once, and the second answer's TTL has not grown.
+#[test]
+fn a_forwarded_answer_is_kept_for_its_ttl() -> Result<()> {
+    let (mut lab, w1) = one_node_with_web("dfwc")?;
+    lab.start_upstream_dns()?;
+    let ttl = |out: &str| -> Option<u32> {
+        out.lines()
+            .find(|l| l.starts_with("outside.example.org.") && l.contains("\tA\t"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    };
+    let asked = || {
+        lab.upstream_queries()
+            .matches("outside.example.org")
+            .count()
+    };
+    let first = lab.dig(&w1, &["outside.example.org"])?;
+    assert!(first.contains("198.18.0.100"), "{first}");
+    let after_first = asked();
+    assert!(after_first > 0, "the first query did not go upstream");
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = lab.dig(&w1, &["outside.example.org"])?;
+    assert!(second.contains("198.18.0.100"), "{second}");
+    let (a, b) = (ttl(&first), ttl(&second));
+    assert!(a.is_some() && b <= a, "TTLs {a:?} then {b:?}");
+    assert_eq!(asked(), after_first, "the second query went upstream too");
+    let cached = lab.cli_json(0, &["status"])?["dns"]["forwarded_answers_cached"].as_u64();
+    assert_eq!(cached, Some(1));
+    Ok(())
+}
