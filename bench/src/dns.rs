@@ -269,8 +269,8 @@ pub fn run(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
          names, the upstream zone forwarded to the same upstream unbound as netd's). \
          Workloads: one hot name; {} distinct names in turn (every service, every task \
          name, `tasks.web` with {} addresses, and {MISSING} names that do not exist); one \
-         forwarded name (`{forwarded}`: netd forwards each query, unbound answers from its \
-         cache after the first). netd ran with its per-listener answer cache on (as it \
+         forwarded name (`{forwarded}`: both answer it from their cache of upstream \
+         answers after the first query). netd ran with its per-listener answer cache on (as it \
          runs) and off (`--dns-answer-cache false`: every query through the record table); \
          unbound has no such cache for local data. Each netd run is followed by an unbound \
          run of the same workload ({rounds} pairs per row); queries/s and latencies are the \
@@ -334,10 +334,10 @@ pub fn run(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
         "\n**Reading** (this run). Cluster names: netd answers {:.2}× unbound's rate on the \
          hot name and {:.2}× on the distinct names with its answer cache, {:.2}× and {:.2}× \
          without it, so what it gains or loses against unbound is the record table's own, \
-         not the cache's. Forwarded names: {:.2}× (cache on) and {:.2}× (off): netd sends \
-         every such query upstream and relays the answer, while unbound answers from its \
-         cache after the first; netd keeps no cache of forwarded answers, and that is \
-         the difference this row measures.",
+         not the cache's. Forwarded names: {:.2}× (answer cache on) and {:.2}× (off): \
+         both servers answer the name from their cache of upstream answers after the \
+         first query (netd's is kept for the answer's TTL whatever the per-listener \
+         answer cache does), so this row compares the two caches' paths.",
         r(0, true),
         r(1, true),
         r(0, false),
