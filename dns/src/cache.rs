@@ -80,9 +80,9 @@ fn keep_for(reply: &Message) -> Option<u32> {
 }
 
 impl ForwardCache {
-    /// The kept answer to `request` at `now`, its TTLs aged, encoded; None if there is
-    /// none or it expired.
-    pub fn get(&self, request: &Message, now: Instant) -> Option<Vec<u8>> {
+    /// The kept answer to `request` at `now`, its TTLs aged; None if there is none or it
+    /// expired.
+    pub fn get(&self, request: &Message, now: Instant) -> Option<Message> {
         let key = key(request)?;
         let mut entries = self.entries.lock().ok()?;
         let c = entries.get(&key)?;
@@ -105,18 +105,15 @@ impl ForwardCache {
         {
             r.ttl = r.ttl.saturating_sub(age);
         }
-        reply.to_vec().ok()
+        Some(reply)
     }
 
     /// Keeps upstream's `reply` to `request` (received at `now`) if it may be kept.
-    pub fn put(&self, request: &Message, reply: &[u8], now: Instant) {
+    pub fn put(&self, request: &Message, reply: &Message, now: Instant) {
         let Some(key) = key(request) else {
             return;
         };
-        let Ok(parsed) = Message::from_vec(reply) else {
-            return;
-        };
-        let Some(ttl) = keep_for(&parsed) else {
+        let Some(ttl) = keep_for(reply) else {
             return;
         };
         let Ok(mut entries) = self.entries.lock() else {
@@ -133,7 +130,7 @@ impl ForwardCache {
         entries.insert(
             key,
             Cached {
-                reply: parsed,
+                reply: reply.clone(),
                 stored: now,
                 ttl,
             },
@@ -187,8 +184,14 @@ mod tests {
         )
     }
 
-    fn ttls(bytes: &[u8]) -> Vec<u32> {
-        let m = Message::from_vec(bytes).unwrap();
+    /// What upstream sent, as bytes off the wire: only what parses is kept.
+    fn put_bytes(c: &ForwardCache, req: &Message, bytes: &[u8], now: Instant) {
+        if let Ok(m) = Message::from_vec(bytes) {
+            c.put(req, &m, now);
+        }
+    }
+
+    fn ttls(m: &Message) -> Vec<u32> {
         m.answers
             .iter()
             .chain(&m.authorities)
@@ -204,7 +207,7 @@ mod tests {
         let mut r = reply_to(&req, ResponseCode::NoError);
         r.add_answer(a("outside.example.org.", 300));
         r.add_answer(a("outside.example.org.", 120));
-        c.put(&req, &r.to_vec().unwrap(), t0);
+        put_bytes(&c, &req, &r.to_vec().unwrap(), t0);
         // Asked again 20 s later (in another case): the TTLs have aged by 20 s.
         let again = request("OUTSIDE.example.org.", RecordType::A);
         let hit = c.get(&again, t0 + Duration::from_secs(20)).expect("kept");
@@ -225,13 +228,13 @@ mod tests {
         let req = request("nosuch.example.org.", RecordType::A);
         let mut nx = reply_to(&req, ResponseCode::NXDomain);
         nx.add_authority(soa(300, 30));
-        c.put(&req, &nx.to_vec().unwrap(), t0);
+        put_bytes(&c, &req, &nx.to_vec().unwrap(), t0);
         assert!(c.get(&req, t0 + Duration::from_secs(29)).is_some());
         assert!(c.get(&req, t0 + Duration::from_secs(30)).is_none());
         // Capped: an SOA asking for an hour gets a minute.
         let mut long = reply_to(&req, ResponseCode::NXDomain);
         long.add_authority(soa(3600, 3600));
-        c.put(&req, &long.to_vec().unwrap(), t0);
+        put_bytes(&c, &req, &long.to_vec().unwrap(), t0);
         assert!(c
             .get(&req, t0 + Duration::from_secs(MAX_NEGATIVE_TTL.into()))
             .is_none());
@@ -244,10 +247,10 @@ mod tests {
         let mut zero = reply_to(&req, ResponseCode::NoError);
         zero.add_answer(a("nosuch.example.org.", 0));
         for m in [bare, fail, cut, zero] {
-            c.put(&req, &m.to_vec().unwrap(), t0);
+            put_bytes(&c, &req, &m.to_vec().unwrap(), t0);
             assert!(c.get(&req, t0).is_none(), "{m:?} was kept");
         }
-        c.put(&req, b"\x01\x02garbage", t0);
+        put_bytes(&c, &req, b"\x01\x02garbage", t0);
         assert!(c.is_empty());
     }
 
@@ -260,7 +263,7 @@ mod tests {
             let req = request(&name, RecordType::A);
             let mut r = reply_to(&req, ResponseCode::NoError);
             r.add_answer(a(&name, 60));
-            c.put(&req, &r.to_vec().unwrap(), t0);
+            put_bytes(&c, &req, &r.to_vec().unwrap(), t0);
         }
         assert!(c.len() <= MAX_ENTRIES);
     }

@@ -195,10 +195,9 @@ pub fn handle(packet: &[u8], tcp: bool, table: &Table, networks: &[String]) -> A
 
 /// Turns an upstream's answer into the answer to `request`: the client's id, and cut to
 /// the client's size limit. Anything unusable from upstream becomes SERVFAIL.
-pub fn relay(upstream: Option<&[u8]>, request: &Message, tcp: bool) -> Vec<u8> {
+pub fn relay(upstream: Option<Message>, request: &Message, tcp: bool) -> Vec<u8> {
     let limit = size_limit(request, tcp);
-    let parsed = upstream.and_then(|b| Message::from_vec(b).ok());
-    match parsed {
+    match upstream {
         Some(mut m) if m.metadata.message_type == MessageType::Response => {
             m.metadata.id = request.metadata.id;
             // Our own EDNS view to the client, whatever the upstream said.

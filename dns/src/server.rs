@@ -122,7 +122,7 @@ async fn forwarded(
         return message::refused(request, tcp);
     };
     match shared.upstream.forward(request).await {
-        Ok(reply) => message::relay(Some(&reply), request, tcp),
+        Ok(reply) => message::relay(Some(reply), request, tcp),
         Err(ForwardError::Busy) => message::refused(request, tcp),
         Err(ForwardError::Failed) => message::relay(None, request, tcp),
     }

@@ -86,7 +86,7 @@ fn answers(reply: &Message, query: &Message) -> bool {
         })
 }
 
-async fn over_udp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<(Vec<u8>, bool)> {
+async fn over_udp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<(Message, bool)> {
     let bind: SocketAddr = if server.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -101,14 +101,15 @@ async fn over_udp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<(
         let n = sock.recv(&mut buf).await.ok()?;
         if let Ok(reply) = Message::from_vec(&buf[..n]) {
             if answers(&reply, query) {
-                return Some((buf[..n].to_vec(), reply.metadata.truncation));
+                let truncated = reply.metadata.truncation;
+                return Some((reply, truncated));
             }
         }
         // Anything else is not our answer (spoofed or stale): keep waiting.
     }
 }
 
-async fn over_tcp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<Vec<u8>> {
+async fn over_tcp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<Message> {
     let mut s = TcpStream::connect(server).await.ok()?;
     let len = u16::try_from(bytes.len()).ok()?;
     s.write_all(&len.to_be_bytes()).await.ok()?;
@@ -118,7 +119,7 @@ async fn over_tcp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<V
     let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
     s.read_exact(&mut buf).await.ok()?;
     let reply = Message::from_vec(&buf).ok()?;
-    answers(&reply, query).then_some(buf)
+    answers(&reply, query).then_some(reply)
 }
 
 impl Upstream {
@@ -136,9 +137,9 @@ impl Upstream {
     }
 
     /// The answer to `request`: from the cache while it holds one, else from the
-    /// servers in turn (the first matching answer's bytes, with our id: the caller
+    /// servers in turn (the first matching answer, parsed once, with our id: the caller
     /// relays it under the client's), kept if it may be.
-    pub async fn forward(&self, request: &Message) -> Result<Vec<u8>, ForwardError> {
+    pub async fn forward(&self, request: &Message) -> Result<Message, ForwardError> {
         if let Some(kept) = self.cache.get(request, std::time::Instant::now()) {
             return Ok(kept);
         }
@@ -147,7 +148,7 @@ impl Upstream {
         Ok(reply)
     }
 
-    async fn ask(&self, request: &Message) -> Result<Vec<u8>, ForwardError> {
+    async fn ask(&self, request: &Message) -> Result<Message, ForwardError> {
         let _permit = self
             .in_flight
             .clone()

@@ -131,8 +131,8 @@ fn hostname() -> String {
 /// The store's endpoints tasks must not reach. An endpoint given by name is not
 /// protected (nft rules take addresses, and a name may resolve differently later): said
 /// at start.
-fn protected_endpoints(spec: &str) -> Vec<std::net::SocketAddrV4> {
-    let Ok(spec) = store::etcd::parse_spec(spec, Some("")) else {
+fn protected_endpoints(etcd: Option<&store::etcd::EtcdSpec>) -> Vec<std::net::SocketAddrV4> {
+    let Some(spec) = etcd else {
         return vec![];
     };
     spec.endpoints
@@ -268,10 +268,13 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
             tokio::time::sleep(GARBAGE_INTERVAL).await;
         }
     });
+    // Where etcd is (None for a local store), without the password: for the address
+    // this node announces and the endpoints tasks must not reach.
+    let etcd = store::etcd::parse_spec(&args.store, Some("")).ok();
     let address = match args.advertise_addr {
         Some(a) => Some(a),
-        None => store::etcd::parse_spec(&args.store, Some(""))
-            .ok()
+        None => etcd
+            .as_ref()
             .and_then(|s| s.endpoints.first().cloned())
             .map(|e| source_address_towards(store::etcd::host_port(&e)))
             .transpose()?,
@@ -351,7 +354,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
             overlay_mtu,
             bridge_mtu: args.underlay_mtu,
             tasks_reach_node: args.allow_tasks_to_node,
-            protected: protected_endpoints(&args.store),
+            protected: protected_endpoints(etcd.as_ref()),
         },
         Some(dns.clone()),
         Some(datapath.clone()),

@@ -331,10 +331,6 @@ fn a_task_cannot_use_another_networks_vip_on_either_datapath() -> Result<()> {
     Ok(())
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 /// Isolation on every path of the routing mesh (its XDP fast path and the kernel path):
 /// published services of two networks answer through every node, but their tasks reach
 /// each other neither across the ingress network (which carries the mesh, not traffic
@@ -371,9 +367,9 @@ fn isolation_holds_on_the_mesh_on_both_paths() -> Result<()> {
                 format!("{port}:80"),
             ]
         };
-        lab.cli(0, &strs(&publish("web", "front", "8080")))?;
-        lab.cli(0, &strs(&publish("api", "back", "8081")))?;
-        let refused = lab.cli_json(0, &strs(&publish("vault", "sealed", "8082")))?;
+        lab.cli(0, &netd_lab::strs(&publish("web", "front", "8080")))?;
+        lab.cli(0, &netd_lab::strs(&publish("api", "back", "8081")))?;
+        let refused = lab.cli_json(0, &netd_lab::strs(&publish("vault", "sealed", "8082")))?;
         let err = refused["error"].as_str().unwrap_or_default();
         assert!(err.contains("--internal"), "{xdp}: {refused}");
         lab.cli(0, &["service", "create", "vault", "--network", "sealed"])?;

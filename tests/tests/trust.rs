@@ -41,10 +41,6 @@ fn cert_args(id: &Identity) -> Vec<String> {
     .collect()
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 #[test]
 fn the_tcp_api_serves_only_clients_with_a_certificate_of_its_ca() -> Result<()> {
     let mut lab = Lab::start("tls", 1)?;
@@ -143,12 +139,12 @@ fn the_tcp_api_serves_only_clients_with_a_certificate_of_its_ca() -> Result<()> 
     let mut args = cert_args(&stranger);
     args[1] = ca.clone(); // trusts the daemon, presents the stranger's certificate
     args.push(url.clone());
-    let (ok, out) = curl(&outside, &strs(&args))?;
+    let (ok, out) = curl(&outside, &netd_lab::strs(&args))?;
     assert!(!ok && !out.contains("secured"), "{out}");
     // The operator's certificate: served.
     let mut args = cert_args(&client);
     args.push(url);
-    let (ok, out) = curl(&outside, &strs(&args))?;
+    let (ok, out) = curl(&outside, &netd_lab::strs(&args))?;
     assert!(ok && out.contains("secured"), "{out}");
     Ok(())
 }
