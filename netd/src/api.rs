@@ -24,6 +24,10 @@ use crate::store::Store;
 
 pub struct Daemon {
     pub store: Arc<dyn Store>,
+    /// The node's in-memory view of the desired state: what every read answers from.
+    pub view: Arc<crate::view::View>,
+    /// The revision this node's DNS and load-balancer tables hold (see `follow`).
+    pub followed: tokio::sync::watch::Receiver<u64>,
     pub dns: Arc<crate::dns::Dns>,
     pub node: String,
     pub pools: Pools,
@@ -91,8 +95,10 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
     })
 }
 
-async fn load(d: &Daemon) -> Result<State, ApiError> {
-    Ok(State::load(d.store.as_ref()).await?)
+/// The node's view of the state: a snapshot that already holds every write this node
+/// acknowledged (writes wait for their revision to reach the view).
+async fn load(d: &Daemon) -> Result<Arc<State>, ApiError> {
+    Ok(d.view.state())
 }
 
 /// After a write at `revision`: this node's kernel, DNS and load balancer match it (a
@@ -108,6 +114,9 @@ async fn settle(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, A
 /// Waits (bounded) until every other live node's DNS and load balancer applied
 /// `revision`.
 async fn await_others(d: &Daemon, revision: u64) {
+    if !crate::follow::await_local(&d.followed, revision).await {
+        tracing::warn!(revision, "this node's DNS and load balancer are late");
+    }
     if !crate::follow::await_cluster(d.store.as_ref(), &d.node, revision).await {
         tracing::warn!(
             revision,
@@ -201,7 +210,18 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             "forwarded_answers_cached": d.dns.forward_cache_len(),
         },
         "kernel": kernel_facts(),
-        "reconcile": { "errors": report.errors, "task_errors": report.task_errors },
+        "reconcile": {
+            "errors": report.errors,
+            "task_errors": report.task_errors,
+            // Kept open between steps, one per namespace the node works in.
+            "netlink_sockets": d.reconciler.netlink_sockets(),
+        },
+        // The store revision this node's view holds, and the one its DNS and load
+        // balancer hold.
+        "state": {
+            "revision": d.view.state().revision,
+            "tables_revision": *d.followed.borrow(),
+        },
         "overlay": {
             // Accepted only from the other live nodes' underlay addresses.
             "vxlan_from_non_members_dropped": d.reconciler.vxlan_foreign_dropped().await,
@@ -280,7 +300,7 @@ async fn network_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiEr
     {
         check_not_routed(subnet).await?;
     }
-    let net = state::create_network(d.store.as_ref(), &d.pools, req).await?;
+    let net = state::create_network(&d.view, &d.pools, req).await?;
     settle(&d, net.revision).await?;
     Ok((StatusCode::CREATED, Json(net.value)).into_response())
 }
@@ -309,7 +329,7 @@ async fn check_not_routed(subnet: ipnetwork::Ipv4Network) -> Result<(), ApiError
 }
 
 async fn network_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
-    let net = state::remove_network(d.store.as_ref(), &name).await?;
+    let net = state::remove_network(&d.view, &name).await?;
     settle(&d, net.revision).await?;
     Ok(Json(json!(net.value)))
 }
@@ -321,7 +341,7 @@ async fn service_ls(AxState(d): Ctx) -> ApiResult<Value> {
         .values()
         .map(|s| {
             let mut v = json!(s);
-            v["replicas"] = json!(st.tasks.values().filter(|t| t.service == s.name).count());
+            v["replicas"] = json!(st.tasks_of(&s.name).count());
             v
         })
         .collect();
@@ -334,9 +354,7 @@ async fn service_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult
     let mut v = json!(svc);
     let report = d.reconciler.last_report();
     let tasks: Vec<Value> = st
-        .tasks
-        .values()
-        .filter(|t| t.service == name)
+        .tasks_of(&name)
         .map(|t| task_view(&d, &st, &report, t))
         .collect();
     v["tasks"] = json!(tasks);
@@ -347,16 +365,16 @@ async fn service_inspect(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult
 /// The service's VIPs as this node's datapath balances them, with its connection
 /// counters (each node counts the connections its own tasks open).
 fn load_balancer_view(d: &Daemon, st: &State, svc: &crate::model::Service) -> Value {
-    let table = crate::datapath::LbTable::from_state(st);
+    let entries = crate::datapath::LbTable::entries_of(st, svc);
     let counters = d.datapath.counters();
     let vips: Vec<Value> = svc
         .vips
         .iter()
         .map(|(network, vip)| {
             let per = counters.get(vip);
-            let backends: Vec<Value> = table
-                .vips
-                .get(vip)
+            let backends: Vec<Value> = entries
+                .iter()
+                .find(|e| e.vip == *vip)
                 .map(|e| e.backends.as_slice())
                 .unwrap_or_default()
                 .iter()
@@ -388,7 +406,7 @@ async fn service_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiEr
         crate::node_ports::check(&req.publish, &served_ports(&d))
             .map_err(state::Error::Conflict)?;
     }
-    let svc = state::create_service(d.store.as_ref(), &d.pools, req).await?;
+    let svc = state::create_service(&d.view, &d.pools, req).await?;
     settle(&d, svc.revision).await?;
     Ok((StatusCode::CREATED, Json(svc.value)).into_response())
 }
@@ -412,7 +430,7 @@ fn served_ports(d: &Daemon) -> std::collections::BTreeSet<(Protocol, u16)> {
 }
 
 async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
-    let svc = state::remove_service(d.store.as_ref(), &name).await?;
+    let svc = state::remove_service(&d.view, &name).await?;
     settle(&d, svc.revision).await?;
     Ok(Json(json!(svc.value)))
 }
@@ -543,7 +561,7 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
             .check(std::path::Path::new(&req.netns))
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e))?;
     }
-    let task = state::attach_task(d.store.as_ref(), &d.node, req).await?;
+    let task = state::attach_task(&d.view, &d.node, req).await?;
     let failure = if local {
         converge_to(&d, task.revision)
             .await?
@@ -555,7 +573,7 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
     };
     if let Some(e) = failure {
         // Undo: the caller is told it failed, so nothing may remain of it.
-        let _ = state::detach_task(d.store.as_ref(), &task.id).await;
+        let _ = state::detach_task(&d.view, &task.id).await;
         let _ = converge(&d).await;
         // The task's node refused its namespace: a bad request, whichever node judged.
         if let Some(why) = e.strip_prefix(netns::REFUSED) {
@@ -582,7 +600,7 @@ const REMOTE_ATTACH_WAIT: std::time::Duration = std::time::Duration::from_secs(1
 /// reconcile failed. Our own reconcile runs too, so the new task's endpoints are known
 /// here when this returns.
 async fn remote_outcome(d: &Daemon, id: &str) -> Result<Option<String>, ApiError> {
-    let mut changes = d.store.subscribe();
+    let mut changes = d.view.watch();
     let deadline = tokio::time::Instant::now() + REMOTE_ATTACH_WAIT;
     loop {
         let st = load(d).await?;
@@ -600,7 +618,7 @@ async fn remote_outcome(d: &Daemon, id: &str) -> Result<Option<String>, ApiError
         let wait = tokio::time::sleep(std::time::Duration::from_millis(200));
         if tokio::time::timeout_at(deadline, async {
             tokio::select! {
-                _ = changes.recv() => {}
+                _ = changes.changed() => {}
                 _ = wait => {}
             }
         })
@@ -613,7 +631,7 @@ async fn remote_outcome(d: &Daemon, id: &str) -> Result<Option<String>, ApiError
 }
 
 async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {
-    let task = state::detach_task(d.store.as_ref(), &id).await?;
+    let task = state::detach_task(&d.view, &id).await?;
     settle(&d, task.revision).await?;
     Ok(Json(json!(task.value)))
 }
@@ -635,7 +653,7 @@ async fn reserve(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let req: ReserveRequest = body(&bytes)?;
-    let done = state::reserve_address(d.store.as_ref(), &name, req.address, &req.owner).await?;
+    let done = state::reserve_address(&d.view, &name, req.address, &req.owner).await?;
     let (ip, prefix) = done.value;
     Ok((
         StatusCode::CREATED,
@@ -661,7 +679,7 @@ async fn release(
         .iter()
         .find(|(k, _)| k == "owner")
         .map(|(_, v)| v.as_str());
-    let done = state::release_address(d.store.as_ref(), &name, ip, owner).await?;
+    let done = state::release_address(&d.view, &name, ip, owner).await?;
     Ok(Json(json!({"released": done.value})))
 }
 
@@ -723,7 +741,7 @@ async fn binding_put(
         ));
     }
     let value: Value = body(&bytes)?;
-    state::bind(d.store.as_ref(), &frontend, &id, Some(&value)).await?;
+    state::bind(&d.view, &frontend, &id, Some(&value)).await?;
     Ok(Json(value))
 }
 
@@ -731,6 +749,6 @@ async fn binding_delete(
     AxState(d): Ctx,
     Path((frontend, id)): Path<(String, String)>,
 ) -> ApiResult<Value> {
-    state::bind(d.store.as_ref(), &frontend, &id, None).await?;
+    state::bind(&d.view, &frontend, &id, None).await?;
     Ok(Json(json!({})))
 }

@@ -22,6 +22,7 @@ use crate::reconcile::{NodeConfig, Reconciler};
 use crate::state::{self, Pools};
 use crate::store;
 use crate::tls::TlsFiles;
+use crate::view::View;
 
 pub const DEFAULT_API: &str = "unix:/run/netd/netd.sock";
 
@@ -255,12 +256,17 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     let store = open_store(&args.store, &store_tls)
         .await
         .with_context(|| format!("open store {}", store::etcd::redact(&args.store)))?;
+    // From here on, every read of the desired state is the view's (read once, then
+    // kept by the store's change feed).
+    let view = View::open(store.clone())
+        .await
+        .context("read the desired state")?;
     // Finish what a remover that died (or failed) half-way left, now and from time to
     // time (see state::collect_garbage).
-    let collector = store.clone();
+    let collector = view.clone();
     tokio::spawn(async move {
         loop {
-            match state::collect_garbage(collector.as_ref()).await {
+            match state::collect_garbage(&collector).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(records = n, "released what earlier removals left"),
                 Err(e) => tracing::warn!("release what earlier removals left: {e}"),
@@ -294,7 +300,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         "load-balancing datapath"
     );
     state::register_node(
-        store.as_ref(),
+        &view,
         Node {
             name: node.clone(),
             address,
@@ -312,7 +318,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     };
     // A clash with a network made before (its subnet) leaves the mesh unusable until the
     // user resolves it, not the node.
-    if let Err(e) = state::ensure_ingress(store.as_ref(), &pools, &node).await {
+    if let Err(e) = state::ensure_ingress(&view, &pools, &node).await {
         tracing::warn!("the ingress network: {e}");
     }
     state::announce_alive(
@@ -326,27 +332,29 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     // CNI DELs that came while this daemon was away go first: their namespaces are gone,
     // and the initial reconcile should not try to rebuild them.
     if let Some(queue) = crate::frontends::cni_queue::queue_dir(api_spec) {
-        drain_cni_queue(store.as_ref(), &node, &queue).await;
+        drain_cni_queue(&view, &node, &queue).await;
         tokio::spawn({
-            let (store, node) = (store.clone(), node.clone());
+            let (view, node) = (view.clone(), node.clone());
             async move {
                 loop {
                     tokio::time::sleep(CNI_QUEUE_INTERVAL).await;
-                    drain_cni_queue(store.as_ref(), &node, &queue).await;
+                    drain_cni_queue(&view, &node, &queue).await;
                 }
             }
         });
     }
 
     let dns = Arc::new(Dns::new(dns_config(&args)?));
+    let (followed_tx, followed) = tokio::sync::watch::channel(0);
     tokio::spawn(follow::follow(
-        store.clone(),
+        view.clone(),
         node.clone(),
         dns.clone(),
         datapath.clone(),
+        followed_tx,
     ));
     let reconciler = Arc::new(Reconciler::new(
-        store.clone(),
+        view.clone(),
         NodeConfig {
             name: node.clone(),
             gwbridge_subnet: args.gwbridge_subnet,
@@ -378,6 +386,8 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     let daemon = Arc::new(Daemon {
         dns,
         store,
+        view,
+        followed,
         node: node.clone(),
         pools,
         reconciler,
@@ -420,8 +430,8 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
 /// plugin that found it down a moment before it came up).
 const CNI_QUEUE_INTERVAL: Duration = Duration::from_secs(2);
 
-async fn drain_cni_queue(store: &dyn store::Store, node: &str, queue: &Path) {
-    match crate::frontends::cni_queue::drain(store, node, queue).await {
+async fn drain_cni_queue(view: &View, node: &str, queue: &Path) {
+    match crate::frontends::cni_queue::drain(view, node, queue).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(tasks = n, "detached the tasks of queued CNI DELs"),
         Err(e) => tracing::warn!("queued CNI DELs: {e:#}"),

@@ -3,7 +3,7 @@
 //! sockets at 127.0.0.11:53, bound inside its namespace by a short-lived thread and then
 //! served by the daemon's runtime. No process or thread per task.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -137,6 +137,26 @@ impl Dns {
         }
         for t in st.tasks.values() {
             table.upsert_task(task_record(t));
+        }
+    }
+
+    /// Brings the records of `services` and `tasks` (a change's) to `st`, and nothing
+    /// else: the cost of a change, not of the table.
+    pub fn sync_changed(&self, st: &State, services: &BTreeSet<String>, tasks: &BTreeSet<String>) {
+        let Ok(mut table) = self.shared.table.write() else {
+            return;
+        };
+        for name in services {
+            match st.services.get(name) {
+                Some(svc) => table.upsert_service(service_record(svc)),
+                None => table.remove_service(name),
+            }
+        }
+        for id in tasks {
+            match st.tasks.get(id) {
+                Some(t) => table.upsert_task(task_record(t)),
+                None => table.remove_task(id),
+            }
         }
     }
 

@@ -3,13 +3,17 @@
 //! live node reports that its tables hold the write's revision, so a name or a backend
 //! change is in force cluster-wide when the write is acknowledged.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
 
 use crate::datapath::{Datapath, LbTable};
 use crate::dns::Dns;
 use crate::state::State;
-use crate::store::Store;
+use crate::store::{Store, ROOT};
+use crate::view::View;
 
 /// Where each node reports the store revision its tables hold. Outside `/netd/` on
 /// purpose: nobody watches it, so reports cause no reconcile.
@@ -20,43 +24,132 @@ const APPLIED_TTL: Duration = Duration::from_secs(10);
 /// How long a write waits for the other nodes' tables to catch up before it answers anyway.
 const CLUSTER_WAIT: Duration = Duration::from_secs(2);
 
-/// Follows the store on its own, so a change reaches the DNS records and the VIP
+/// What one change touched, in the terms of the tables that follow it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Services whose record or VIP entries may have changed.
+    pub services: BTreeSet<String>,
+    /// Tasks whose record may have changed.
+    pub tasks: BTreeSet<String>,
+}
+
+impl Touched {
+    /// From the store keys one revision changed, with the states before and after.
+    pub fn of(prev: &State, next: &State, keys: &[String]) -> Touched {
+        let mut t = Touched::default();
+        for k in keys {
+            let Some(rest) = k.strip_prefix(ROOT) else {
+                continue;
+            };
+            let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
+            match kind {
+                "services" => {
+                    t.services.insert(name.to_string());
+                    // Its tasks come and go with it (orphans).
+                    t.tasks.extend(prev.task_ids_of(name));
+                    t.tasks.extend(next.task_ids_of(name));
+                }
+                "tasks" => {
+                    t.tasks.insert(name.to_string());
+                    for st in [prev, next] {
+                        if let Some(task) = st.any_task(name) {
+                            t.services.insert(task.service.clone());
+                        }
+                    }
+                }
+                // A node up or down: its tasks join or leave their VIPs.
+                "alive" => {
+                    for st in [prev, next] {
+                        t.services.extend(
+                            st.tasks
+                                .values()
+                                .filter(|task| task.node == name)
+                                .map(|task| task.service.clone()),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        t
+    }
+}
+
+/// Follows the node's view on its own, so a change reaches the DNS records and the VIP
 /// backends without waiting for a reconcile step of the kernel (which may be busy with
-/// something slower). In a cluster, it then tells the others which revision its tables
-/// hold (`applied/`, outside the watched prefix, so the report itself wakes no one).
+/// something slower). Each change updates only what it touched. In a cluster, it then
+/// tells the others which revision its tables hold (`applied/`, outside the watched
+/// prefix, so the report itself wakes no one); `local` tells this node's API.
 pub async fn follow(
-    store: Arc<dyn Store>,
+    view: Arc<View>,
     node: String,
     dns: Arc<Dns>,
     datapath: Arc<dyn Datapath>,
+    local: watch::Sender<u64>,
 ) {
-    let mut changes = store.subscribe();
+    let store = view.store_arc();
+    let mut updates = view.subscribe();
+    let mut st = view.state();
+    let mut prev = st.clone();
+    // None: compare everything (the first pass, after a lag or a failed apply).
+    let mut changed: Option<Arc<[String]>> = None;
+    let mut table = LbTable::default();
     let mut reported = 0;
     loop {
-        match State::load(store.as_ref()).await {
-            Ok(st) => {
+        let touched_vips = match &changed {
+            None => {
                 dns.sync_table(&st);
-                // A revision the load balancer could not take is not reported as held.
-                let applied = datapath
-                    .apply(&LbTable::from_state(&st))
-                    .inspect_err(|e| tracing::warn!("load balancer: {e:#}"))
-                    .is_ok();
-                if applied && store.shared() && st.revision > reported {
-                    let key = format!("{APPLIED}{node}");
-                    let value = st.revision.to_string().into_bytes();
-                    match store.put_ephemeral(&key, value, APPLIED_TTL).await {
-                        Ok(()) => reported = st.revision,
-                        Err(e) => tracing::debug!("report applied revision: {e}"),
-                    }
+                table = LbTable::from_state(&st);
+                None
+            }
+            Some(keys) => {
+                let touched = Touched::of(&prev, &st, keys);
+                dns.sync_changed(&st, &touched.services, &touched.tasks);
+                Some(table.update(&prev, &st, &touched.services))
+            }
+        };
+        // A revision the load balancer could not take is not reported as held.
+        let applied = datapath
+            .apply(&table, touched_vips.as_ref())
+            .inspect_err(|e| tracing::warn!("load balancer: {e:#}"))
+            .is_ok();
+        if applied {
+            local.send_replace(st.revision);
+            if store.shared() && st.revision > reported {
+                let key = format!("{APPLIED}{node}");
+                let value = st.revision.to_string().into_bytes();
+                match store.put_ephemeral(&key, value, APPLIED_TTL).await {
+                    Ok(()) => reported = st.revision,
+                    Err(e) => tracing::debug!("report applied revision: {e}"),
                 }
             }
-            Err(e) => tracing::debug!("follow: read desired state: {e}"),
         }
-        match changes.recv().await {
-            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        let full = !applied;
+        loop {
+            match updates.recv().await {
+                Ok(u) if u.state.revision <= st.revision => continue,
+                Ok(u) => {
+                    prev = std::mem::replace(&mut st, u.state);
+                    changed = if full { None } else { u.changed };
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    prev = std::mem::replace(&mut st, view.state());
+                    changed = None;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+            break;
         }
     }
+}
+
+/// Waits (at most `CLUSTER_WAIT`) until this node's own tables hold `revision`; false if
+/// they did not.
+pub async fn await_local(local: &watch::Receiver<u64>, revision: u64) -> bool {
+    let mut rx = local.clone();
+    tokio::time::timeout(CLUSTER_WAIT, rx.wait_for(|r| *r >= revision))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 /// Waits (at most `CLUSTER_WAIT`) until every other live node reports tables at
@@ -94,5 +187,135 @@ pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> boo
             return false;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{self, fixture, ServiceCreate, TaskAttach};
+
+    /// Drives the incremental table with every update of the view, the way `follow`
+    /// does, and checks it against the table computed from scratch.
+    struct Follower {
+        rx: broadcast::Receiver<crate::view::Update>,
+        st: Arc<State>,
+        table: LbTable,
+    }
+
+    impl Follower {
+        fn new(view: &View) -> Self {
+            let st = view.state();
+            Follower {
+                rx: view.subscribe(),
+                table: LbTable::from_state(&st),
+                st,
+            }
+        }
+
+        async fn catch_up(&mut self, view: &View) {
+            let target = view.store().list(ROOT).await.unwrap().revision;
+            while self.st.revision < target {
+                let u = self.rx.recv().await.unwrap();
+                if u.state.revision <= self.st.revision {
+                    continue;
+                }
+                let keys = u.changed.expect("no resync in this test");
+                let touched = Touched::of(&self.st, &u.state, &keys);
+                let vips = self.table.update(&self.st, &u.state, &touched.services);
+                // Only VIPs of the change are touched.
+                for vip in &vips {
+                    let of_change = [&self.st, &u.state].iter().any(|s| {
+                        touched.services.iter().any(|n| {
+                            s.services
+                                .get(n)
+                                .is_some_and(|svc| svc.vips.values().any(|v| v == vip))
+                        })
+                    });
+                    assert!(of_change, "{vip} touched by a change not its own");
+                }
+                self.st = u.state;
+                assert_eq!(
+                    self.table,
+                    LbTable::from_state(&self.st),
+                    "at {}",
+                    self.st.revision
+                );
+            }
+        }
+    }
+
+    fn attach(service: &str, netns: &str, node: &str) -> TaskAttach {
+        TaskAttach {
+            service: service.into(),
+            netns: netns.into(),
+            node: Some(node.into()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_kept_change_by_change_is_the_table_computed_whole() {
+        let (_dir, v) = fixture::setup().await;
+        fixture::add_node(&v, "n2").await;
+        let mut f = Follower::new(&v);
+        fixture::web_on_front(&v).await;
+        for name in ["db", "cache"] {
+            state::create_service(
+                &v,
+                &fixture::pools(),
+                ServiceCreate {
+                    name: name.into(),
+                    networks: vec!["front".into()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let mut ids = vec![];
+        for i in 0..6 {
+            let svc = ["web", "db", "cache"][i % 3];
+            let node = ["n1", "n2"][i % 2];
+            let t = state::attach_task(&v, "n1", attach(svc, &format!("/run/netns/t{i}"), node))
+                .await
+                .unwrap();
+            ids.push(t.id.clone());
+            f.catch_up(&v).await;
+        }
+        assert_eq!(
+            f.table
+                .vips
+                .values()
+                .map(|e| e.backends.len())
+                .sum::<usize>(),
+            6
+        );
+        state::detach_task(&v, &ids[0]).await.unwrap();
+        f.catch_up(&v).await;
+        // n2 goes down: its tasks leave every VIP; it comes back: they return.
+        let n2 = format!("{ROOT}alive/n2");
+        v.store()
+            .txn(vec![], vec![crate::store::Op::Delete(n2)])
+            .await
+            .unwrap();
+        f.catch_up(&v).await;
+        assert_eq!(
+            f.table
+                .vips
+                .values()
+                .map(|e| e.backends.len())
+                .sum::<usize>(),
+            2
+        );
+        state::announce_alive(v.store(), "n2", Duration::from_secs(10))
+            .await
+            .unwrap();
+        f.catch_up(&v).await;
+        state::remove_service(&v, "db").await.unwrap();
+        f.catch_up(&v).await;
+        state::collect_garbage(&v).await.unwrap();
+        f.catch_up(&v).await;
+        assert_eq!(f.table.vips.len(), 2);
     }
 }

@@ -2,7 +2,6 @@
 //! choices stick (each address is a create-if-absent key), so these functions only need to
 //! pick the lowest free candidate; a freed address is therefore the first to come back.
 
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -153,22 +152,26 @@ pub fn check_gateway(subnet: Ipv4Network, gateway: Ipv4Addr) -> Result<(), IpamE
 }
 
 /// The lowest host address of `subnet` not in `used` (the gateway belongs in `used`).
-pub fn allocate_ip(subnet: Ipv4Network, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr, IpamError> {
+pub fn allocate_ip(
+    subnet: Ipv4Network,
+    used: impl Fn(&Ipv4Addr) -> bool,
+) -> Result<Ipv4Addr, IpamError> {
     hosts(subnet)
-        .find(|ip| !used.contains(ip))
+        .find(|ip| !used(ip))
         .ok_or(IpamError::SubnetExhausted(subnet))
 }
 
 /// The lowest VNI from 4096 up that is not in `used`.
-pub fn allocate_vni(used: &BTreeSet<u32>) -> Result<u32, IpamError> {
+pub fn allocate_vni(used: impl Fn(&u32) -> bool) -> Result<u32, IpamError> {
     (FIRST_VNI..=MAX_VNI)
-        .find(|v| !used.contains(v))
+        .find(|v| !used(v))
         .ok_or(IpamError::VniExhausted)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn subnets_in_special_ranges_are_refused() {
@@ -245,18 +248,18 @@ mod tests {
         let subnet = net("198.19.0.0/29"); // hosts .1 - .6
         let mut used = BTreeSet::from([default_gateway(subnet)]);
         let mut got = vec![];
-        while let Ok(ip) = allocate_ip(subnet, &used) {
+        while let Ok(ip) = allocate_ip(subnet, |ip| used.contains(ip)) {
             assert!(used.insert(ip), "{ip} handed out twice");
             got.push(ip);
         }
         assert_eq!(got.len(), 5);
         assert_eq!(
-            allocate_ip(subnet, &used),
+            allocate_ip(subnet, |ip| used.contains(ip)),
             Err(IpamError::SubnetExhausted(subnet))
         );
         used.remove(&Ipv4Addr::new(198, 19, 0, 4));
         assert_eq!(
-            allocate_ip(subnet, &used).unwrap(),
+            allocate_ip(subnet, |ip| used.contains(ip)).unwrap(),
             Ipv4Addr::new(198, 19, 0, 4)
         );
     }
@@ -273,9 +276,9 @@ mod tests {
     #[test]
     fn vnis_start_at_4096() {
         let mut used = BTreeSet::new();
-        assert_eq!(allocate_vni(&used).unwrap(), 4096);
+        assert_eq!(allocate_vni(|v| used.contains(v)).unwrap(), 4096);
         used.insert(4096);
         used.insert(4098);
-        assert_eq!(allocate_vni(&used).unwrap(), 4097);
+        assert_eq!(allocate_vni(|v| used.contains(v)).unwrap(), 4097);
     }
 }

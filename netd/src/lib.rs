@@ -26,3 +26,4 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod verify;
+pub mod view;

@@ -2,10 +2,12 @@
 //! (a bind mount of the namespace under /run/netns), and running netlink work inside one.
 //!
 //! `setns` changes the namespace of the calling *thread*. Doing it on a tokio worker would
-//! leak the namespace into unrelated tasks, so every piece of work inside a namespace gets
-//! a fresh OS thread that enters it, runs a single-threaded runtime with its own netlink
-//! socket, and exits. Sockets opened there stay bound to that namespace.
+//! leak the namespace into unrelated tasks, so a socket for a namespace is made by a
+//! fresh OS thread that enters it and exits; the socket stays bound to that namespace.
+//! The reconciler keeps one netlink socket per namespace ([`NetlinkPool`]); one-off work
+//! ([`with_netlink`]) opens its own.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::os::fd::AsFd;
@@ -22,7 +24,7 @@ pub const NETNS_DIR: &str = "/run/netns";
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 
 /// Which namespace a piece of work runs in.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Netns {
     /// The daemon's own namespace: the node's "root" namespace (in the lab, the node netns).
     Home,
@@ -153,6 +155,109 @@ where
         })
     })
     .await
+}
+
+/// One netlink socket per namespace, opened on first use and kept: a reconcile step
+/// talks to the kernel through sockets it already has, instead of a thread, a runtime
+/// and a socket per operation. A socket keeps its namespace alive, so the pool lets go
+/// of every namespace that is no longer wanted or no longer the one at its path
+/// ([`NetlinkPool::retain`], after each step), and the kernel can free it.
+#[derive(Default)]
+pub struct NetlinkPool {
+    entries: std::sync::Mutex<HashMap<Netns, PoolEntry>>,
+}
+
+struct PoolEntry {
+    /// The namespace file's (device, inode) when the socket was opened: a namespace made
+    /// anew at the same path is another namespace.
+    id: Option<(u64, u64)>,
+    handle: rtnetlink::Handle,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PoolEntry {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// The (device, inode) of the namespace at `ns` now (None: the daemon's own).
+fn ns_id(ns: &Netns) -> Result<Option<(u64, u64)>> {
+    match ns {
+        Netns::Home => Ok(None),
+        Netns::Path(p) => file_id(p)
+            .map(Some)
+            .with_context(|| format!("netns {} is gone", p.display())),
+    }
+}
+
+impl NetlinkPool {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A handle on the socket of `ns`, opened if this is the first use (or the
+    /// namespace at that path changed).
+    pub async fn handle(&self, ns: &Netns) -> Result<rtnetlink::Handle> {
+        let id = ns_id(ns)?;
+        if let Ok(entries) = self.entries.lock() {
+            if let Some(e) = entries.get(ns) {
+                if e.id == id && !e.conn.is_finished() {
+                    return Ok(e.handle.clone());
+                }
+            }
+        }
+        // The socket is made by a thread inside the namespace (and stays bound to it);
+        // its connection runs on the daemon's runtime like any other task.
+        let sock = run_in(ns, || {
+            rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
+                .context("open netlink socket")
+        })
+        .await?;
+        // SAFETY: the descriptor is a netlink socket we own (into_raw_fd gave it up).
+        let sock = unsafe {
+            <rtnetlink::sys::TokioSocket as std::os::fd::FromRawFd>::from_raw_fd(
+                std::os::fd::IntoRawFd::into_raw_fd(sock),
+            )
+        };
+        let (conn, handle, _) = rtnetlink::from_socket(sock);
+        let entry = PoolEntry {
+            id,
+            handle: handle.clone(),
+            conn: tokio::spawn(conn),
+        };
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.insert(ns.clone(), entry);
+        }
+        Ok(handle)
+    }
+
+    /// Runs `work` with the socket of `ns`.
+    pub async fn with<F, Fut, R>(&self, ns: &Netns, work: F) -> Result<R>
+    where
+        F: FnOnce(rtnetlink::Handle) -> Fut,
+        Fut: Future<Output = Result<R>>,
+    {
+        let handle = self.handle(ns).await?;
+        work(handle).await
+    }
+
+    /// Closes the sockets of namespaces `keep` does not want, and of those whose path
+    /// holds another namespace now (or none).
+    pub fn retain(&self, keep: impl Fn(&Netns) -> bool) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|ns, e| keep(ns) && ns_id(ns).ok() == Some(e.id));
+        }
+    }
+
+    /// How many namespaces have a socket open (for `netd status` and tests).
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Runs a blocking closure on a fresh thread inside `ns` (for sysctl writes and sockets).

@@ -26,7 +26,7 @@ use crate::netlink::{self, Link, Peer};
 use crate::netns::{self, Netns};
 use crate::nftables::{self, BridgeRules, PortGuard, PortRule, Ruleset};
 use crate::state::{self, State, TaskStatus, INGRESS};
-use crate::store::Store;
+use crate::view::View;
 
 /// This node's fixed settings, from the daemon's command line.
 #[derive(Debug, Clone)]
@@ -64,7 +64,7 @@ pub struct Report {
 }
 
 pub struct Reconciler {
-    store: Arc<dyn Store>,
+    view: Arc<View>,
     cfg: NodeConfig,
     /// The embedded DNS: its table follows every step, and every local task gets its
     /// listener here.
@@ -92,6 +92,8 @@ pub struct Reconciler {
     /// Handed-over tasks whose runtime has finished with their interface: not asked
     /// of the kernel again every step.
     handed: std::sync::Mutex<BTreeSet<String>>,
+    /// One netlink socket per namespace the node works in, kept between steps.
+    netlink: netns::NetlinkPool,
 }
 
 /// Where a task endpoint's host-side veth lives and what it plugs into.
@@ -106,14 +108,14 @@ struct Attachment {
 
 impl Reconciler {
     pub fn new(
-        store: Arc<dyn Store>,
+        view: Arc<View>,
         cfg: NodeConfig,
         dns: Option<Arc<Dns>>,
         datapath: Option<Arc<dyn Datapath>>,
         xdp: Option<Arc<XdpMesh>>,
     ) -> Self {
         Reconciler {
-            store,
+            view,
             cfg,
             dns,
             datapath,
@@ -125,6 +127,7 @@ impl Reconciler {
             nft_tags: std::sync::Mutex::new(HashMap::new()),
             applied: std::sync::atomic::AtomicU64::new(0),
             handed: std::sync::Mutex::new(BTreeSet::new()),
+            netlink: netns::NetlinkPool::new(),
         }
     }
 
@@ -196,15 +199,15 @@ impl Reconciler {
     /// Re-runs whenever the store changes, and every `interval` to repair drift (those
     /// steps read every table back from the kernel).
     pub async fn run_forever(self: Arc<Self>, interval: Duration) {
-        let mut changes = self.store.subscribe();
+        let mut changes = self.view.watch();
         let mut checked = true;
         loop {
             if let Err(e) = self.run(checked).await {
                 tracing::warn!("reconcile: {e:#}");
             }
             checked = tokio::select! {
-                r = changes.recv() => {
-                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                r = changes.changed() => {
+                    if r.is_err() {
                         return;
                     }
                     false
@@ -237,13 +240,9 @@ impl Reconciler {
 
     /// One step; the caller holds the step lock.
     async fn run_locked(&self, checked: bool) -> Result<Report> {
-        let st = State::load(self.store.as_ref())
-            .await
-            .context("read desired state")?;
-        if let Some(dns) = &self.dns {
-            dns.sync_table(&st);
-        }
+        let st = self.view.state();
         let report = self.step(&st, checked).await;
+        self.close_unwanted_sockets(&st);
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();
         }
@@ -261,7 +260,7 @@ impl Reconciler {
             })
             .filter(|(id, status)| st.task_status.get(id) != Some(status))
             .collect();
-        if let Err(e) = state::publish_task_status(self.store.as_ref(), &st, changed).await {
+        if let Err(e) = state::publish_task_status(self.view.store(), &st, changed).await {
             tracing::warn!("publish task status: {e}");
         }
         for (task, e) in &report.task_errors {
@@ -271,6 +270,32 @@ impl Reconciler {
             tracing::warn!("{e}");
         }
         Ok(report)
+    }
+
+    /// Lets go of the netlink sockets of namespaces this node has no use for any more (a
+    /// detached task's, a removed network's sandbox): a socket would keep its namespace,
+    /// and the interfaces in it, alive.
+    fn close_unwanted_sockets(&self, st: &State) {
+        let node = &self.cfg.name;
+        let mut keep: BTreeSet<Netns> = st
+            .tasks
+            .values()
+            .filter(|t| &t.node == node)
+            .map(|t| Netns::Path(PathBuf::from(&t.netns)))
+            .collect();
+        keep.extend(
+            st.networks
+                .values()
+                .map(|n| Netns::named(&naming::sandbox_netns(node, &n.id))),
+        );
+        keep.insert(Netns::named(&naming::ingress_sbox_netns(node)));
+        self.netlink
+            .retain(|ns| matches!(ns, Netns::Home) || keep.contains(ns));
+    }
+
+    /// Open netlink sockets (one per namespace the node works in).
+    pub fn netlink_sockets(&self) -> usize {
+        self.netlink.len()
     }
 
     fn attachment(&self, st: &State, ep: &Endpoint) -> Option<Attachment> {
@@ -572,7 +597,7 @@ impl Reconciler {
         let node = &self.cfg.name;
         let Some(addr) = st.lb_addrs.get(&net.id).and_then(|m| m.get(node)).copied() else {
             // A node that joined after the ingress network was made.
-            state::ensure_lb_addresses(self.store.as_ref(), node, &[INGRESS.to_string()]).await?;
+            state::ensure_lb_addresses(&self.view, node, &[INGRESS.to_string()]).await?;
             anyhow::bail!("waiting for this node's address on the ingress network");
         };
         let name = naming::ingress_sbox_netns(node);
@@ -616,11 +641,12 @@ impl Reconciler {
         };
         self.ensure_task(st, &task).await?;
         let local = ipam::ingress_sbox_local_address(gw);
-        netns::with_netlink(&Netns::named(&name), move |h| async move {
-            let eth1 = netlink::require_link(&h, "eth1").await?;
-            netlink::ensure_address(&h, &eth1, local, gw.prefix()).await
-        })
-        .await?;
+        self.netlink
+            .with(&Netns::named(&name), move |h| async move {
+                let eth1 = netlink::require_link(&h, "eth1").await?;
+                netlink::ensure_address(&h, &eth1, local, gw.prefix()).await
+            })
+            .await?;
         netns::run_in(&Netns::named(&name), || {
             netns::write_sysctl("net.ipv4.ip_forward", "1")
         })
@@ -650,19 +676,20 @@ impl Reconciler {
         let ifname = match &table {
             Some(t) => {
                 let ip = t.node_ip;
-                netns::with_netlink(&Netns::Home, move |h| async move {
-                    for l in netlink::links(&h).await? {
-                        if netlink::ipv4_addresses(&h, l.index)
-                            .await?
-                            .iter()
-                            .any(|(a, _)| *a == ip)
-                        {
-                            return Ok(Some((l.name, l.kind)));
+                self.netlink
+                    .with(&Netns::Home, move |h| async move {
+                        for l in netlink::links(&h).await? {
+                            if netlink::ipv4_addresses(&h, l.index)
+                                .await?
+                                .iter()
+                                .any(|(a, _)| *a == ip)
+                            {
+                                return Ok(Some((l.name, l.kind)));
+                            }
                         }
-                    }
-                    Ok(None)
-                })
-                .await?
+                        Ok(None)
+                    })
+                    .await?
             }
             None => None,
         };
@@ -739,14 +766,14 @@ impl Reconciler {
         overlays: &[&Network],
     ) -> Result<BTreeMap<String, String>> {
         let node = &self.cfg.name;
-        let table = LbTable::from_state(st);
-        dp.apply(&table)?;
+        // The table itself follows the store in `follow`; the step needs its VIPs only.
+        let mut vips = LbTable::vips_by_network(st);
         let lb_addr = |net: &Network| st.lb_addrs.get(&net.id).and_then(|m| m.get(node)).copied();
         if dp.needs_lb_addresses() && overlays.iter().any(|n| lb_addr(n).is_none()) {
             // Tasks attached before this node used a translating datapath: reserve its
             // addresses now; the store change brings another step that uses them.
             let names: Vec<String> = overlays.iter().map(|n| n.name.clone()).collect();
-            state::ensure_lb_addresses(self.store.as_ref(), node, &names).await?;
+            state::ensure_lb_addresses(&self.view, node, &names).await?;
         }
         let sandboxes: Vec<SandboxLb> = overlays
             .iter()
@@ -754,12 +781,7 @@ impl Reconciler {
             .map(|n| SandboxLb {
                 network: n.name.clone(),
                 netns: Netns::named(&naming::sandbox_netns(node, &n.id)),
-                vips: table
-                    .vips
-                    .values()
-                    .filter(|v| v.network == n.name)
-                    .map(|v| v.vip)
-                    .collect(),
+                vips: vips.remove(&n.name).unwrap_or_default(),
                 lb_addr: lb_addr(n),
             })
             .collect();
@@ -784,14 +806,15 @@ impl Reconciler {
         }
         let mtu = self.cfg.bridge_mtu;
         let names: Vec<String> = want.iter().map(|(n, _, _)| n.clone()).collect();
-        netns::with_netlink(&Netns::Home, move |h| async move {
-            for (name, gw, prefix) in want {
-                let br = netlink::ensure_bridge(&h, &name, mtu).await?;
-                netlink::ensure_address(&h, &br, gw, prefix).await?;
-            }
-            Ok(())
-        })
-        .await?;
+        self.netlink
+            .with(&Netns::Home, move |h| async move {
+                for (name, gw, prefix) in want {
+                    let br = netlink::ensure_bridge(&h, &name, mtu).await?;
+                    netlink::ensure_address(&h, &br, gw, prefix).await?;
+                }
+                Ok(())
+            })
+            .await?;
         netns::run_in(&Netns::Home, move || {
             // Egress from the bridges is routed by the node.
             netns::write_sysctl("net.ipv4.ip_forward", "1")?;
@@ -822,61 +845,68 @@ impl Reconciler {
         netns::run_in(&sandbox, netns::bridge_netfilter_off).await?;
         let mtu = self.cfg.overlay_mtu;
         let (gw, prefix) = (net.gateway, net.subnet.prefix());
-        let has_vxlan = netns::with_netlink(&sandbox, move |h| async move {
-            if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
-                netlink::set_up(&h, &lo).await?;
-            }
-            let br = netlink::ensure_bridge(&h, SANDBOX_BRIDGE, mtu).await?;
-            netlink::ensure_address(&h, &br, gw, prefix).await?;
-            Ok(netlink::link_by_name(&h, SANDBOX_VXLAN).await?.is_some())
-        })
-        .await?;
+        let has_vxlan = self
+            .netlink
+            .with(&sandbox, move |h| async move {
+                if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
+                    netlink::set_up(&h, &lo).await?;
+                }
+                let br = netlink::ensure_bridge(&h, SANDBOX_BRIDGE, mtu).await?;
+                netlink::ensure_address(&h, &br, gw, prefix).await?;
+                Ok(netlink::link_by_name(&h, SANDBOX_VXLAN).await?.is_some())
+            })
+            .await?;
         if !has_vxlan {
             let vni = net.vni.context("overlay network without a VNI")?;
             let tmp = naming::vxlan_tmp_if(&net.id);
             let port = self.cfg.vxlan_port;
             let fd = sandbox.open()?.context("sandbox netns file")?;
-            netns::with_netlink(&Netns::Home, move |h| async move {
-                if let Some(stale) = netlink::link_by_name(&h, &tmp).await? {
-                    netlink::delete_link(&h, stale.index).await?;
-                }
-                netlink::create_vxlan(&h, &tmp, vni, port, mtu).await?;
-                let link = netlink::require_link(&h, &tmp).await?;
-                netlink::move_to_netns(&h, &link, fd.as_fd()).await
-            })
-            .await?;
+            self.netlink
+                .with(&Netns::Home, move |h| async move {
+                    if let Some(stale) = netlink::link_by_name(&h, &tmp).await? {
+                        netlink::delete_link(&h, stale.index).await?;
+                    }
+                    netlink::create_vxlan(&h, &tmp, vni, port, mtu).await?;
+                    let link = netlink::require_link(&h, &tmp).await?;
+                    netlink::move_to_netns(&h, &link, fd.as_fd()).await
+                })
+                .await?;
             let tmp = naming::vxlan_tmp_if(&net.id);
-            netns::with_netlink(&sandbox, move |h| async move {
-                let link = netlink::require_link(&h, &tmp).await?;
-                h.link()
-                    .set(
-                        rtnetlink::LinkUnspec::new_with_index(link.index)
-                            .name(SANDBOX_VXLAN)
-                            .build(),
-                    )
-                    .execute()
-                    .await
-                    .context("rename vxlan")?;
-                Ok(())
-            })
-            .await?;
+            self.netlink
+                .with(&sandbox, move |h| async move {
+                    let link = netlink::require_link(&h, &tmp).await?;
+                    h.link()
+                        .set(
+                            rtnetlink::LinkUnspec::new_with_index(link.index)
+                                .name(SANDBOX_VXLAN)
+                                .build(),
+                        )
+                        .execute()
+                        .await
+                        .context("rename vxlan")?;
+                    Ok(())
+                })
+                .await?;
         }
-        netns::with_netlink(&sandbox, move |h| async move {
-            let br = netlink::require_link(&h, SANDBOX_BRIDGE).await?;
-            let vx = netlink::require_link(&h, SANDBOX_VXLAN).await?;
-            netlink::set_controller(&h, &vx, br.index).await?;
-            netlink::set_up(&h, &vx).await
-        })
-        .await
+        self.netlink
+            .with(&sandbox, move |h| async move {
+                let br = netlink::require_link(&h, SANDBOX_BRIDGE).await?;
+                let vx = netlink::require_link(&h, SANDBOX_VXLAN).await?;
+                netlink::set_controller(&h, &vx, br.index).await?;
+                netlink::set_up(&h, &vx).await
+            })
+            .await
     }
 
     async fn ensure_peers(&self, net: &Network, peers: Vec<Peer>) -> Result<()> {
         let sandbox = Netns::named(&naming::sandbox_netns(&self.cfg.name, &net.id));
-        let changed = netns::with_netlink(&sandbox, move |h| async move {
-            let vx = netlink::require_link(&h, SANDBOX_VXLAN).await?;
-            netlink::ensure_vxlan_peers(&h, &vx, &peers).await
-        })
-        .await?;
+        let changed = self
+            .netlink
+            .with(&sandbox, move |h| async move {
+                let vx = netlink::require_link(&h, SANDBOX_VXLAN).await?;
+                netlink::ensure_vxlan_peers(&h, &vx, &peers).await
+            })
+            .await?;
         if changed > 0 {
             tracing::info!(network = net.name, changed, "remote task entries updated");
         }
@@ -899,21 +929,22 @@ impl Reconciler {
         }
         let endpoints = task.endpoints.clone();
         let gateway = task.default_gateway;
-        netns::with_netlink(&task_ns, move |h| async move {
-            if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
-                netlink::set_up(&h, &lo).await?;
-            }
-            if let Some(gw) = gateway {
-                let ep = endpoints
-                    .iter()
-                    .find(|e| Ipv4Network::new(e.ip, e.prefix).is_ok_and(|n| n.contains(gw)))
-                    .context("no endpoint reaches the default gateway")?;
-                let link = netlink::require_link(&h, &ep.ifname).await?;
-                netlink::ensure_default_route(&h, &link, gw).await?;
-            }
-            Ok(())
-        })
-        .await
+        self.netlink
+            .with(&task_ns, move |h| async move {
+                if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
+                    netlink::set_up(&h, &lo).await?;
+                }
+                if let Some(gw) = gateway {
+                    let ep = endpoints
+                        .iter()
+                        .find(|e| Ipv4Network::new(e.ip, e.prefix).is_ok_and(|n| n.contains(gw)))
+                        .context("no endpoint reaches the default gateway")?;
+                    let link = netlink::require_link(&h, &ep.ifname).await?;
+                    netlink::ensure_default_route(&h, &link, gw).await?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn ensure_endpoint(
@@ -927,10 +958,11 @@ impl Reconciler {
         self.plug_host_side(ep, a).await?;
         let ep = ep.clone();
         let mtu = a.mtu;
-        netns::with_netlink(task_ns, move |h| async move {
-            configure_task_side(&h, &ep, mtu, keep_name).await
-        })
-        .await
+        self.netlink
+            .with(task_ns, move |h| async move {
+                configure_task_side(&h, &ep, mtu, keep_name).await
+            })
+            .await
     }
 
     /// The veth pair of an endpoint, made unless its host side exists: the host side
@@ -946,10 +978,11 @@ impl Reconciler {
         let host_if = naming::endpoint_if(&ep.id);
         let exists = {
             let host_if = host_if.clone();
-            netns::with_netlink(&a.parent, move |h| async move {
-                Ok(netlink::link_by_name(&h, &host_if).await?.is_some())
-            })
-            .await?
+            self.netlink
+                .with(&a.parent, move |h| async move {
+                    Ok(netlink::link_by_name(&h, &host_if).await?.is_some())
+                })
+                .await?
         };
         if exists {
             return Ok(());
@@ -960,42 +993,44 @@ impl Reconciler {
             None => None,
         };
         let parent_fd = a.parent.open()?;
-        netns::with_netlink(&Netns::Home, move |h| async move {
-            for stale in [&host_if, &tmp] {
-                if let Some(l) = netlink::link_by_name(&h, stale).await? {
-                    netlink::delete_link(&h, l.index).await?;
+        self.netlink
+            .with(&Netns::Home, move |h| async move {
+                for stale in [&host_if, &tmp] {
+                    if let Some(l) = netlink::link_by_name(&h, stale).await? {
+                        netlink::delete_link(&h, l.index).await?;
+                    }
                 }
-            }
-            netlink::create_veth_in(
-                &h,
-                &host_if,
-                parent_fd.as_ref().map(|f| f.as_fd()),
-                &tmp,
-                task_fd.as_ref().map(|f| f.as_fd()),
-            )
+                netlink::create_veth_in(
+                    &h,
+                    &host_if,
+                    parent_fd.as_ref().map(|f| f.as_fd()),
+                    &tmp,
+                    task_fd.as_ref().map(|f| f.as_fd()),
+                )
+                .await
+            })
             .await
-        })
-        .await
     }
 
     /// The host side of an endpoint: MTU, on its bridge, isolation, up.
     async fn plug_host_side(&self, ep: &Endpoint, a: &Attachment) -> Result<()> {
         let host_if = naming::endpoint_if(&ep.id);
         let (bridge, mtu, isolated) = (a.bridge.clone(), a.mtu, a.isolated);
-        netns::with_netlink(&a.parent, move |h| async move {
-            let br = netlink::require_link(&h, &bridge).await?;
-            let l = netlink::require_link(&h, &host_if).await?;
-            netlink::set_mtu(&h, &l, mtu).await?;
-            // Port flags only exist once the link is enslaved: read it again if it just was.
-            let l = if netlink::set_controller(&h, &l, br.index).await? {
-                netlink::require_link(&h, &host_if).await?
-            } else {
-                l
-            };
-            netlink::set_isolated(&h, &l, isolated).await?;
-            netlink::set_up(&h, &l).await
-        })
-        .await
+        self.netlink
+            .with(&a.parent, move |h| async move {
+                let br = netlink::require_link(&h, &bridge).await?;
+                let l = netlink::require_link(&h, &host_if).await?;
+                netlink::set_mtu(&h, &l, mtu).await?;
+                // Port flags only exist once the link is enslaved: read it again if it just was.
+                let l = if netlink::set_controller(&h, &l, br.index).await? {
+                    netlink::require_link(&h, &host_if).await?
+                } else {
+                    l
+                };
+                netlink::set_isolated(&h, &l, isolated).await?;
+                netlink::set_up(&h, &l).await
+            })
+            .await
     }
 
     /// A handed-over task whose namespace does not exist yet: its first endpoint's pair,
@@ -1015,17 +1050,21 @@ impl Reconciler {
             crate::model::mac_for_ip(ep.ip),
             a.mtu,
         );
-        netns::with_netlink(&Netns::Home, move |h| async move {
-            // Already taken by the runtime: nothing to prepare.
-            let Some(link) = netlink::link_by_name(&h, &tmp).await? else {
-                return Ok(());
-            };
-            if link.mac != mac || link.mtu != mtu || link.alias.as_deref() != Some(alias.as_str()) {
-                netlink::configure_down(&h, &link, &tmp, mac, mtu, &alias).await?;
-            }
-            Ok(())
-        })
-        .await
+        self.netlink
+            .with(&Netns::Home, move |h| async move {
+                // Already taken by the runtime: nothing to prepare.
+                let Some(link) = netlink::link_by_name(&h, &tmp).await? else {
+                    return Ok(());
+                };
+                if link.mac != mac
+                    || link.mtu != mtu
+                    || link.alias.as_deref() != Some(alias.as_str())
+                {
+                    netlink::configure_down(&h, &link, &tmp, mac, mtu, &alias).await?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn sweep(
@@ -1050,29 +1089,31 @@ impl Reconciler {
             }
             let ns = Netns::named(&name);
             let keep = wanted.get(&ns).cloned().unwrap_or_default();
-            netns::with_netlink(&ns, move |h| async move {
-                sweep_links(&h, |l| {
-                    l.name.starts_with(naming::ENDPOINT_PREFIX) && !keep.contains(&l.name)
+            self.netlink
+                .with(&ns, move |h| async move {
+                    sweep_links(&h, |l| {
+                        l.name.starts_with(naming::ENDPOINT_PREFIX) && !keep.contains(&l.name)
+                    })
+                    .await
                 })
-                .await
-            })
-            .await?;
+                .await?;
         }
         let keep = wanted.get(&Netns::Home).cloned().unwrap_or_default();
         let bridges = wanted_bridges.clone();
         let waiting = waiting.clone();
-        netns::with_netlink(&Netns::Home, move |h| async move {
-            sweep_links(&h, |l| {
-                let n = l.name.as_str();
-                (n.starts_with(naming::ENDPOINT_PREFIX) && !keep.contains(n))
-                    || (n.starts_with(naming::TASK_TMP_PREFIX) && !waiting.contains(n))
-                    || n.starts_with(naming::VXLAN_TMP_PREFIX)
-                    || (n.starts_with(naming::BRIDGE_PREFIX) && !bridges.contains(n))
-                    || (n == GWBRIDGE_IF && !gwbridge)
+        self.netlink
+            .with(&Netns::Home, move |h| async move {
+                sweep_links(&h, |l| {
+                    let n = l.name.as_str();
+                    (n.starts_with(naming::ENDPOINT_PREFIX) && !keep.contains(n))
+                        || (n.starts_with(naming::TASK_TMP_PREFIX) && !waiting.contains(n))
+                        || n.starts_with(naming::VXLAN_TMP_PREFIX)
+                        || (n.starts_with(naming::BRIDGE_PREFIX) && !bridges.contains(n))
+                        || (n == GWBRIDGE_IF && !gwbridge)
+                })
+                .await
             })
             .await
-        })
-        .await
     }
 }
 
@@ -1088,9 +1129,8 @@ fn ingress_backends(st: &State) -> Vec<(&PortSpec, Vec<(&str, Ipv4Addr)>)> {
             .filter(|p| p.mode == PublishMode::Ingress)
         {
             let mut backends: Vec<(&str, Ipv4Addr)> = st
-                .tasks
-                .values()
-                .filter(|t| t.service == svc.name && st.node_alive(&t.node))
+                .tasks_of(&svc.name)
+                .filter(|t| st.node_alive(&t.node))
                 .filter_map(|t| {
                     let ep = t.endpoints.iter().find(|e| e.network == INGRESS)?;
                     Some((t.node.as_str(), ep.ip))
@@ -1363,6 +1403,23 @@ mod tests {
     use super::*;
     use crate::model::Node;
 
+    /// Service `web` on `front`, publishing `ports`: the service of [`task`]'s tasks.
+    fn web(ports: &[&str]) -> crate::model::Service {
+        crate::model::Service {
+            id: "s1".into(),
+            name: "web".into(),
+            networks: vec!["front".into()],
+            endpoint_mode: crate::model::EndpointMode::Vip,
+            aliases: vec![],
+            publish: ports
+                .iter()
+                .map(|p| crate::model::parse_publish(p).unwrap())
+                .collect(),
+            vips: Default::default(),
+            created_at: 0,
+        }
+    }
+
     fn task(id: &str, node: &str, eps: &[(&str, &str)]) -> Task {
         Task {
             id: id.into(),
@@ -1402,6 +1459,7 @@ mod tests {
     #[test]
     fn peers_are_the_live_remote_tasks_of_the_network() {
         let mut st = State::default();
+        st.services.insert("web".into(), web(&[]));
         for (n, a) in [
             ("n1", Some("198.18.0.11")),
             ("n2", Some("198.18.0.12")),
@@ -1423,7 +1481,7 @@ mod tests {
             task("d", "n3", &[("front", "198.19.0.5")]),
             task("e", "n4", &[("front", "198.19.0.6")]),
         ] {
-            st.tasks.insert(t.id.clone(), t);
+            st.insert_task(t);
         }
         let peers = remote_peers(&st, "n1", "front");
         assert_eq!(
@@ -1462,20 +1520,7 @@ mod tests {
         st.alive = ["n1", "n3"].iter().map(|s| s.to_string()).collect();
         st.services.insert(
             "web".into(),
-            crate::model::Service {
-                id: "s1".into(),
-                name: "web".into(),
-                networks: vec!["front".into()],
-                endpoint_mode: crate::model::EndpointMode::Vip,
-                aliases: vec![],
-                publish: vec![
-                    crate::model::parse_publish("4567:80").unwrap(),
-                    crate::model::parse_publish("4568:53/udp").unwrap(),
-                    crate::model::parse_publish("4570:80,mode=host").unwrap(),
-                ],
-                vips: Default::default(),
-                created_at: 0,
-            },
+            web(&["4567:80", "4568:53/udp", "4570:80,mode=host"]),
         );
         for t in [
             task(
@@ -1495,7 +1540,7 @@ mod tests {
                 &[("front", "198.19.0.4"), (INGRESS, "198.19.255.4")],
             ),
         ] {
-            st.tasks.insert(t.id.clone(), t);
+            st.insert_task(t);
         }
         let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         // The kernel path (the ingress sandbox): ingress-mode ports only, target ports.

@@ -17,7 +17,7 @@
 //! - `taskstatus/ID`: written by the task's node after each reconcile that changed it,
 //!   so any node's API can tell whether a task's interfaces are up
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -30,7 +30,9 @@ use crate::model::{
     self, Driver, Endpoint, EndpointMode, Network, Node, PortSpec, PublishMode, Service, Task,
     GWBRIDGE,
 };
-use crate::store::{Compare, Op, Store, StoreError, MAX_TXN_OPS, ROOT};
+use crate::store::{Compare, Event, KeyValue, Op, Snapshot, Store, StoreError, MAX_TXN_OPS, ROOT};
+use crate::view::View;
+use imbl::{OrdMap, OrdSet};
 const META_NETWORKS: &str = "/netd/meta/networks";
 /// Names netd uses itself.
 const RESERVED_NETWORKS: &[&str] = &[GWBRIDGE, "ingress", "host", "none"];
@@ -74,8 +76,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The lowest free address of `subnet`, which belongs to `owner` (a network, a node's
 /// gwbridge): when none is left, the error says whose subnet is full.
-fn allocate_in(owner: &str, subnet: Ipv4Network, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr> {
-    ipam::allocate_ip(subnet, used).map_err(|e| match e {
+fn allocate_in(owner: &str, subnet: Ipv4Network, used: &OrdSet<Ipv4Addr>) -> Result<Ipv4Addr> {
+    ipam::allocate_ip(subnet, |ip| used.contains(ip)).map_err(|e| match e {
         IpamError::SubnetExhausted(s) => {
             Error::Exhausted(format!("{owner} ({s}) has no free address left"))
         }
@@ -161,39 +163,47 @@ pub struct TaskAttach {
 }
 
 /// The whole desired state at one store revision, with each key's revision for compares.
+/// Its maps are persistent (`imbl`): a copy shares everything with the original, so the
+/// node's view ([`crate::view::View`]) hands a snapshot to every reader for the price of
+/// a pointer, and applies one change in O(log n).
 #[derive(Debug, Clone, Default)]
 pub struct State {
     pub revision: u64,
-    pub networks: BTreeMap<String, Network>,
-    pub services: BTreeMap<String, Service>,
-    pub tasks: BTreeMap<String, Task>,
-    pub nodes: BTreeMap<String, Node>,
+    pub networks: OrdMap<String, Network>,
+    pub services: OrdMap<String, Service>,
+    pub tasks: OrdMap<String, Task>,
+    pub nodes: OrdMap<String, Node>,
     /// Network id -> addresses held in it.
-    pub ipam: HashMap<String, BTreeSet<Ipv4Addr>>,
+    pub ipam: OrdMap<String, OrdSet<Ipv4Addr>>,
     /// Node name -> gwbridge addresses held on it.
-    pub gwipam: HashMap<String, BTreeSet<Ipv4Addr>>,
-    pub vnis: BTreeSet<u32>,
+    pub gwipam: OrdMap<String, OrdSet<Ipv4Addr>>,
+    pub vnis: OrdSet<u32>,
     /// Network id -> node -> that node's load-balancer address on the network.
-    pub lb_addrs: BTreeMap<String, BTreeMap<String, Ipv4Addr>>,
+    pub lb_addrs: OrdMap<String, OrdMap<String, Ipv4Addr>>,
     /// Nodes whose daemon holds its liveness lease.
-    pub alive: BTreeSet<String>,
+    pub alive: OrdSet<String>,
     /// Task id -> what its node last reported.
-    pub task_status: BTreeMap<String, TaskStatus>,
+    pub task_status: OrdMap<String, TaskStatus>,
     /// (network id, address) -> who reserved it before any task holds it (a runtime
     /// whose IPAM hands out addresses before the container exists: Docker's).
-    pub reservations: BTreeMap<(String, Ipv4Addr), String>,
+    pub reservations: OrdMap<(String, Ipv4Addr), String>,
     /// Front end -> its id -> what it bound there (Docker: a Docker network id -> the
     /// netd network and service its containers join).
-    pub bindings: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    pub bindings: OrdMap<String, OrdMap<String, serde_json::Value>>,
     /// Who holds each address key (`ipam/…`, `gwipam/…`): `task:ID`, `vip:NAME`,
     /// `lb:NODE`, `gateway`, or a reservation. A task's release deletes only the keys
     /// that are still its own.
-    holders: HashMap<String, String>,
+    holders: OrdMap<String, String>,
     /// Tasks whose service is gone: a `service rm` committed, and its tasks wait for
     /// [`collect_garbage`]. Every reader already treats them as gone (they are not in
     /// `tasks`); their addresses stay held until they are released.
-    pub orphans: BTreeMap<String, Task>,
-    revs: HashMap<String, u64>,
+    pub orphans: OrdMap<String, Task>,
+    /// Service name -> the ids of its tasks (orphans included): what keeps a service's
+    /// backends and names a lookup, not a scan of every task.
+    by_service: OrdMap<String, OrdSet<String>>,
+    /// Task name -> task id (`tasknames/`).
+    task_names: OrdMap<String, String>,
+    revs: OrdMap<String, u64>,
 }
 
 /// How a task's node sees it after its last reconcile.
@@ -222,96 +232,275 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl State {
+    /// Reads the whole state from the store. The daemon does this once (its view then
+    /// follows the change feed); the CLI's direct reads and tests use it as is.
     pub async fn load(store: &dyn Store) -> Result<State> {
-        let snap = store.list(ROOT).await?;
-        let mut st = State {
-            revision: snap.revision,
-            ..State::default()
+        State::from_snapshot(store.list(ROOT).await?)
+    }
+
+    /// The state a snapshot of every key under `/netd/` describes.
+    pub fn from_snapshot(snap: Snapshot) -> Result<State> {
+        let mut st = State::default();
+        for kv in &snap.kvs {
+            st.put(kv)?;
+        }
+        st.revision = snap.revision;
+        Ok(st)
+    }
+
+    /// Applies one committed change (from the store's change feed). A value that does
+    /// not decode is an error and leaves the state as it was.
+    pub fn apply(&mut self, event: &Event) -> Result<()> {
+        match event {
+            Event::Put(kv) => {
+                self.put(kv)?;
+                self.revision = self.revision.max(kv.mod_revision);
+            }
+            Event::Delete { key, revision } => {
+                self.delete(key);
+                self.revision = self.revision.max(*revision);
+            }
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, kv: &KeyValue) -> Result<()> {
+        let (k, v) = (kv.key.as_str(), kv.value.as_slice());
+        let Some(rest) = k.strip_prefix(ROOT) else {
+            return Ok(());
         };
-        for kv in snap.kvs {
-            let rest = &kv.key[ROOT.len()..];
-            let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
-            match kind {
-                "networks" => {
-                    st.networks
-                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
+        let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
+        // Decode first: a bad value must change nothing.
+        enum Value {
+            Network(Network),
+            Service(Service),
+            Task(Task),
+            Node(Node),
+            Holder(String),
+            Addr(Ipv4Addr),
+            Status(TaskStatus),
+            Binding(serde_json::Value),
+            Id(String),
+            Other,
+        }
+        let value = match kind {
+            "networks" => Value::Network(decode(k, v)?),
+            "services" => Value::Service(decode(k, v)?),
+            "tasks" => Value::Task(decode(k, v)?),
+            "nodes" => Value::Node(decode(k, v)?),
+            "ipam" | "gwipam" => Value::Holder(decode(k, v)?),
+            "lbaddr" => Value::Addr(decode(k, v)?),
+            "taskstatus" => Value::Status(decode(k, v)?),
+            "bindings" => Value::Binding(decode(k, v)?),
+            "tasknames" => Value::Id(decode(k, v)?),
+            _ => Value::Other,
+        };
+        self.delete(k);
+        let name = name.to_string();
+        match value {
+            Value::Network(n) => {
+                self.networks.insert(name, n);
+            }
+            Value::Service(svc) => {
+                // Its orphans come back: a service of that name exists again.
+                for id in self.by_service.get(&name).cloned().unwrap_or_default() {
+                    if let Some(t) = self.orphans.remove(&id) {
+                        self.tasks.insert(id, t);
+                    }
                 }
-                "services" => {
-                    st.services
-                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
-                }
-                "tasks" => {
-                    st.tasks
-                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
-                }
-                "nodes" => {
-                    st.nodes
-                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
-                }
-                "ipam" | "gwipam" => {
-                    if let Some((owner, ip)) = name.split_once('/') {
-                        if let Ok(ip) = ip.parse() {
-                            let holder: String = decode(&kv.key, &kv.value)?;
-                            if kind == "ipam" {
-                                if let Some(r) = holder.strip_prefix(RESERVED) {
-                                    st.reservations
-                                        .insert((owner.to_string(), ip), r.to_string());
-                                }
+                self.services.insert(name, svc);
+            }
+            // Its key is its id.
+            Value::Task(t) => self.insert_task(t),
+            Value::Node(n) => {
+                self.nodes.insert(name, n);
+            }
+            Value::Holder(holder) => {
+                if let Some((owner, ip)) = name.split_once('/') {
+                    if let Ok(ip) = ip.parse() {
+                        if kind == "ipam" {
+                            if let Some(r) = holder.strip_prefix(RESERVED) {
+                                self.reservations
+                                    .insert((owner.to_string(), ip), r.to_string());
                             }
-                            st.holders.insert(kv.key.clone(), holder);
-                            let map = if kind == "ipam" {
-                                &mut st.ipam
-                            } else {
-                                &mut st.gwipam
-                            };
-                            map.entry(owner.to_string()).or_default().insert(ip);
                         }
+                        self.holders.insert(k.to_string(), holder);
+                        let map = if kind == "ipam" {
+                            &mut self.ipam
+                        } else {
+                            &mut self.gwipam
+                        };
+                        map.entry(owner.to_string()).or_default().insert(ip);
                     }
                 }
-                "lbaddr" => {
-                    if let Some((net, node)) = name.split_once('/') {
-                        st.lb_addrs
-                            .entry(net.to_string())
-                            .or_default()
-                            .insert(node.to_string(), decode(&kv.key, &kv.value)?);
-                    }
+            }
+            Value::Addr(addr) => {
+                if let Some((net, node)) = name.split_once('/') {
+                    self.lb_addrs
+                        .entry(net.to_string())
+                        .or_default()
+                        .insert(node.to_string(), addr);
                 }
+            }
+            Value::Status(status) => {
+                self.task_status.insert(name, status);
+            }
+            Value::Binding(b) => {
+                if let Some((frontend, id)) = name.split_once('/') {
+                    self.bindings
+                        .entry(frontend.to_string())
+                        .or_default()
+                        .insert(id.to_string(), b);
+                }
+            }
+            Value::Id(id) => {
+                self.task_names.insert(name, id);
+            }
+            Value::Other => match kind {
                 "vni" => {
-                    if let Ok(v) = name.parse() {
-                        st.vnis.insert(v);
+                    if let Ok(vni) = name.parse() {
+                        self.vnis.insert(vni);
                     }
                 }
                 "alive" => {
-                    st.alive.insert(name.to_string());
-                }
-                "taskstatus" => {
-                    st.task_status
-                        .insert(name.to_string(), decode(&kv.key, &kv.value)?);
-                }
-                "bindings" => {
-                    if let Some((frontend, id)) = name.split_once('/') {
-                        st.bindings
-                            .entry(frontend.to_string())
-                            .or_default()
-                            .insert(id.to_string(), decode(&kv.key, &kv.value)?);
-                    }
+                    self.alive.insert(name);
                 }
                 _ => {}
-            }
-            st.revs.insert(kv.key, kv.mod_revision);
+            },
         }
-        let orphaned: Vec<String> = st
-            .tasks
-            .values()
-            .filter(|t| !st.services.contains_key(&t.service))
-            .map(|t| t.id.clone())
-            .collect();
-        for id in orphaned {
-            if let Some(t) = st.tasks.remove(&id) {
-                st.orphans.insert(id, t);
-            }
+        self.revs.insert(k.to_string(), kv.mod_revision);
+        Ok(())
+    }
+
+    /// Forgets `k` and everything derived from it.
+    fn delete(&mut self, k: &str) {
+        let Some(rest) = k.strip_prefix(ROOT) else {
+            return;
+        };
+        if self.revs.remove(k).is_none() {
+            return;
         }
-        Ok(st)
+        let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
+        match kind {
+            "networks" => {
+                self.networks.remove(name);
+            }
+            "services" => {
+                self.services.remove(name);
+                // Its tasks become orphans until they are collected.
+                for id in self.by_service.get(name).cloned().unwrap_or_default() {
+                    if let Some(t) = self.tasks.remove(&id) {
+                        self.orphans.insert(id, t);
+                    }
+                }
+            }
+            "tasks" => {
+                let gone = self
+                    .tasks
+                    .remove(name)
+                    .or_else(|| self.orphans.remove(name));
+                if let Some(t) = gone {
+                    if let Some(ids) = self.by_service.get_mut(&t.service) {
+                        ids.remove(name);
+                        if ids.is_empty() {
+                            self.by_service.remove(&t.service);
+                        }
+                    }
+                }
+            }
+            "nodes" => {
+                self.nodes.remove(name);
+            }
+            "ipam" | "gwipam" => {
+                self.holders.remove(k);
+                if let Some((owner, ip)) = name.split_once('/') {
+                    if let Ok(ip) = ip.parse::<Ipv4Addr>() {
+                        if kind == "ipam" {
+                            self.reservations.remove(&(owner.to_string(), ip));
+                        }
+                        let map = if kind == "ipam" {
+                            &mut self.ipam
+                        } else {
+                            &mut self.gwipam
+                        };
+                        if let Some(set) = map.get_mut(owner) {
+                            set.remove(&ip);
+                            if set.is_empty() {
+                                map.remove(owner);
+                            }
+                        }
+                    }
+                }
+            }
+            "lbaddr" => {
+                if let Some((net, node)) = name.split_once('/') {
+                    if let Some(m) = self.lb_addrs.get_mut(net) {
+                        m.remove(node);
+                        if m.is_empty() {
+                            self.lb_addrs.remove(net);
+                        }
+                    }
+                }
+            }
+            "vni" => {
+                if let Ok(vni) = name.parse::<u32>() {
+                    self.vnis.remove(&vni);
+                }
+            }
+            "alive" => {
+                self.alive.remove(name);
+            }
+            "taskstatus" => {
+                self.task_status.remove(name);
+            }
+            "bindings" => {
+                if let Some((frontend, id)) = name.split_once('/') {
+                    if let Some(m) = self.bindings.get_mut(frontend) {
+                        m.remove(id);
+                        if m.is_empty() {
+                            self.bindings.remove(frontend);
+                        }
+                    }
+                }
+            }
+            "tasknames" => {
+                self.task_names.remove(name);
+            }
+            _ => {}
+        }
+    }
+
+    /// Adds a task record as its store key would (for states built by hand in tests of
+    /// pure logic); its service decides whether it is live or an orphan.
+    pub fn insert_task(&mut self, t: Task) {
+        self.by_service
+            .entry(t.service.clone())
+            .or_default()
+            .insert(t.id.clone());
+        if self.services.contains_key(&t.service) {
+            self.tasks.insert(t.id.clone(), t);
+        } else {
+            self.orphans.insert(t.id.clone(), t);
+        }
+    }
+
+    /// The tasks of `service` (not its orphans), by id.
+    pub fn tasks_of<'a>(&'a self, service: &str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.by_service
+            .get(service)
+            .into_iter()
+            .flat_map(|ids| ids.iter())
+            .filter_map(|id| self.tasks.get(id))
+    }
+
+    /// The ids of `service`'s tasks and orphans.
+    pub fn task_ids_of(&self, service: &str) -> OrdSet<String> {
+        self.by_service.get(service).cloned().unwrap_or_default()
+    }
+
+    /// The task a store key is about, live or orphaned.
+    pub fn any_task(&self, id: &str) -> Option<&Task> {
+        self.tasks.get(id).or_else(|| self.orphans.get(id))
     }
 
     /// A compare that holds only if `key` is as this snapshot saw it.
@@ -349,7 +538,11 @@ impl State {
         if let Some(t) = self.tasks.get(id_or_name) {
             return Ok(t);
         }
-        if let Some(t) = self.tasks.values().find(|t| t.name == id_or_name) {
+        if let Some(t) = self
+            .task_names
+            .get(id_or_name)
+            .and_then(|id| self.tasks.get(id))
+        {
             return Ok(t);
         }
         let by_prefix: Vec<_> = self
@@ -400,22 +593,29 @@ impl<T> std::ops::Deref for Committed<T> {
 
 /// Runs `attempt` until its transaction commits; `attempt` returns the writes to make and
 /// the value to hand back once they stick.
-async fn commit<T, F>(store: &dyn Store, mut attempt: F) -> Result<Committed<T>>
+/// The state comes from the node's view; a compare that fails means the store moved on,
+/// so the next attempt waits for the view to move past what it saw. Once a write sticks,
+/// the view holds it before this returns: whoever asked reads their own write.
+async fn commit<T, F>(view: &View, mut attempt: F) -> Result<Committed<T>>
 where
     F: FnMut(&State) -> Result<(Vec<Compare>, Vec<Op>, T)>,
 {
+    let mut state = view.state();
     for _ in 0..MAX_RETRIES {
-        let state = State::load(store).await?;
         let (compares, ops, value) = attempt(&state)?;
-        if let Some(revision) = store.txn(compares, ops).await? {
-            return Ok(Committed { value, revision });
+        match view.store().txn(compares, ops).await? {
+            Some(revision) => {
+                view.at_least(revision).await?;
+                return Ok(Committed { value, revision });
+            }
+            None => state = view.at_least(state.revision + 1).await?,
         }
     }
     Err(Error::Contention)
 }
 
-pub async fn register_node(store: &dyn Store, node: Node) -> Result<()> {
-    commit(store, |st| {
+pub async fn register_node(view: &View, node: Node) -> Result<()> {
+    commit(view, |st| {
         let k = key("nodes", &node.name);
         if let Some(old) = st.nodes.get(&node.name) {
             // Keep the gwbridge subnet stable: tasks already hold addresses in it.
@@ -485,7 +685,7 @@ pub async fn publish_task_status(
 }
 
 pub async fn create_network(
-    store: &dyn Store,
+    view: &View,
     pools: &Pools,
     req: NetworkCreate,
 ) -> Result<Committed<Network>> {
@@ -515,7 +715,7 @@ pub async fn create_network(
         ipam::check_gateway(subnet, gw)?;
     }
     let id = model::random_id(12);
-    commit(store, |st| {
+    commit(view, |st| {
         if st.networks.contains_key(&req.name) {
             return Err(Error::Conflict(format!(
                 "network {:?} already exists",
@@ -570,7 +770,7 @@ fn network_ops(
         .gateway
         .unwrap_or_else(|| ipam::default_gateway(subnet));
     let vni = match spec.driver {
-        Driver::Overlay => Some(ipam::allocate_vni(&st.vnis)?),
+        Driver::Overlay => Some(ipam::allocate_vni(|v| st.vnis.contains(v))?),
         Driver::Bridge => None,
     };
     let net = Network {
@@ -600,8 +800,8 @@ fn network_ops(
     Ok(net)
 }
 
-pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<Network>> {
-    let removed = commit(store, |st| {
+pub async fn remove_network(view: &View, name: &str) -> Result<Committed<Network>> {
+    let removed = commit(view, |st| {
         let net = st.network(name)?.clone();
         if let Some(svc) = st
             .services
@@ -641,7 +841,7 @@ pub async fn remove_network(store: &dyn Store, name: &str) -> Result<Committed<N
         ))
     })
     .await?;
-    release_later(store).await;
+    release_later(view).await;
     Ok(removed)
 }
 
@@ -654,7 +854,7 @@ pub const MAX_SERVICE_NETWORKS: usize = 24;
 pub const MAX_SERVICE_PORTS: usize = 32;
 
 pub async fn create_service(
-    store: &dyn Store,
+    view: &View,
     pools: &Pools,
     req: ServiceCreate,
 ) -> Result<Committed<Service>> {
@@ -687,7 +887,7 @@ pub async fn create_service(
     check_publish(&req.publish, mode)?;
     let id = model::random_id(12);
     let ingress_id = model::random_id(12);
-    commit(store, |st| {
+    commit(view, |st| {
         if st.services.contains_key(&req.name) {
             return Err(Error::Conflict(format!(
                 "service {:?} already exists",
@@ -797,9 +997,9 @@ fn check_publish(publish: &[PortSpec], mode: EndpointMode) -> Result<()> {
 /// `swarm init`), and gives `node` its address on it. The first node to start creates it,
 /// with an address for every node known then; two starting at once race on the
 /// network's key, and the loser only adds its address.
-pub async fn ensure_ingress(store: &dyn Store, pools: &Pools, node: &str) -> Result<()> {
+pub async fn ensure_ingress(view: &View, pools: &Pools, node: &str) -> Result<()> {
     let id = model::random_id(12);
-    commit(store, |st| {
+    commit(view, |st| {
         if st.networks.contains_key(INGRESS) {
             return Ok((vec![], vec![], ()));
         }
@@ -809,7 +1009,7 @@ pub async fn ensure_ingress(store: &dyn Store, pools: &Pools, node: &str) -> Res
         Ok((compares, ops, ()))
     })
     .await?;
-    commit(store, |st| {
+    commit(view, |st| {
         let net = st.network(INGRESS)?;
         let mut compares = vec![st.unchanged(&key("networks", INGRESS))];
         let mut ops = vec![];
@@ -876,8 +1076,8 @@ fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
 /// service, its ports and its VIPs go in one transaction, which is the moment every
 /// reader stops seeing its tasks too ([`State::orphans`]); the tasks are released after,
 /// in transactions etcd takes at its defaults, however many there are.
-pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Committed<Service>> {
-    let removed = commit(store, |st| {
+pub async fn remove_service(view: &View, name: &str) -> Result<Committed<Service>> {
+    let removed = commit(view, |st| {
         let svc = st.service(name)?.clone();
         let sk = key("services", name);
         let compares = vec![st.unchanged(&sk)];
@@ -896,7 +1096,7 @@ pub async fn remove_service(store: &dyn Store, name: &str) -> Result<Committed<S
         Ok((compares, ops, svc))
     })
     .await?;
-    release_later(store).await;
+    release_later(view).await;
     Ok(removed)
 }
 
@@ -942,8 +1142,8 @@ fn garbage_batch(st: &State) -> (Vec<Compare>, Vec<Op>, usize) {
 
 /// After a removal committed: release what hung on it now. A failure here does not undo
 /// or fail the removal (it is done); the daemons' periodic collection finishes the work.
-async fn release_later(store: &dyn Store) {
-    if let Err(e) = collect_garbage(store).await {
+async fn release_later(view: &View) {
+    if let Err(e) = collect_garbage(view).await {
         tracing::warn!("release what a removal left (will retry): {e}");
     }
 }
@@ -953,31 +1153,35 @@ async fn release_later(store: &dyn Store) {
 /// a time. Idempotent, and safe on any node at once (a task changed under a batch fails
 /// its compare and is read again); run after every removal and at a daemon's start, which
 /// finishes the work of a remover that died half-way. Returns how many records it freed.
-pub async fn collect_garbage(store: &dyn Store) -> Result<usize> {
+pub async fn collect_garbage(view: &View) -> Result<usize> {
     let mut freed = 0;
     let mut misses = 0;
+    let mut st = view.state();
     loop {
-        let st = State::load(store).await?;
         let (compares, ops, count) = garbage_batch(&st);
         if count == 0 {
             return Ok(freed);
         }
-        match store.txn(compares, ops).await? {
-            Some(_) => freed += count,
+        st = match view.store().txn(compares, ops).await? {
+            Some(revision) => {
+                freed += count;
+                view.at_least(revision).await?
+            }
             None => {
                 misses += 1;
                 if misses >= MAX_RETRIES {
                     return Err(Error::Contention);
                 }
+                view.at_least(st.revision + 1).await?
             }
-        }
+        };
     }
 }
 
 /// Records a task attachment. `local_node` is the daemon's own node; the kernel work is
 /// done by the reconciler of the task's node.
 pub async fn attach_task(
-    store: &dyn Store,
+    view: &View,
     local_node: &str,
     req: TaskAttach,
 ) -> Result<Committed<Task>> {
@@ -1005,7 +1209,7 @@ pub async fn attach_task(
     check_publish(&req.publish, EndpointMode::Dnsrr)?;
     let node_name = req.node.clone().unwrap_or_else(|| local_node.to_string());
     let id = model::random_id(16);
-    commit(store, |st| {
+    commit(view, |st| {
         let svc = st.service(&req.service)?;
         let node = st.nodes.get(&node_name).ok_or_else(|| {
             Error::NotFound(format!("node {node_name:?} is not part of this cluster"))
@@ -1043,23 +1247,18 @@ pub async fn attach_task(
         };
         let name = match &req.name {
             Some(n) => n.clone(),
-            None => {
-                let slots: BTreeSet<String> = st
-                    .tasks
-                    .values()
-                    .chain(st.orphans.values())
-                    .map(|t| t.name.clone())
-                    .collect();
-                (1..)
-                    .map(|i| format!("{}-{i}", svc.name))
-                    .find(|n| !slots.contains(n))
-                    .unwrap_or_default()
-            }
+            // Task names (orphans' too) are an index: the first free slot is a lookup
+            // per slot, not a scan of every task.
+            None => (1..)
+                .map(|i| format!("{}-{i}", svc.name))
+                .find(|n| !st.task_names.contains_key(n))
+                .unwrap_or_default(),
         };
-        if st.tasks.values().any(|t| t.name == name) {
+        let holder = st.task_names.get(&name);
+        if holder.is_some_and(|id| st.tasks.contains_key(id)) {
             return Err(Error::Conflict(format!("task name {name:?} is taken")));
         }
-        if st.orphans.values().any(|t| t.name == name) {
+        if holder.is_some_and(|id| st.orphans.contains_key(id)) {
             return Err(Error::Conflict(format!(
                 "task name {name:?} belongs to a task of a removed service that is still \
                  being released; try again in a moment"
@@ -1278,7 +1477,7 @@ fn lb_address_ops(
     st: &State,
     node: &str,
     net: &Network,
-    taken: &BTreeSet<Ipv4Addr>,
+    taken: &OrdSet<Ipv4Addr>,
     compares: &mut Vec<Compare>,
     ops: &mut Vec<Op>,
 ) -> Result<()> {
@@ -1303,11 +1502,11 @@ fn lb_address_ops(
 /// Gives `node` a load-balancer address on each overlay in `networks` that lacks one (a
 /// node that switched to the userspace datapath with tasks already attached).
 pub async fn ensure_lb_addresses(
-    store: &dyn Store,
+    view: &View,
     node: &str,
     networks: &[String],
 ) -> Result<Option<u64>> {
-    let st = State::load(store).await?;
+    let st = view.state();
     let missing = networks.iter().any(|n| {
         st.networks.get(n).is_some_and(|net| {
             !st.lb_addrs
@@ -1322,7 +1521,7 @@ pub async fn ensure_lb_addresses(
     // defaults. The addresses are independent, so chunks need not commit together.
     let mut revision = None;
     for chunk in networks.chunks(32) {
-        let done = commit(store, |st| {
+        let done = commit(view, |st| {
             let mut compares = vec![];
             let mut ops = vec![];
             for n in chunk {
@@ -1352,8 +1551,8 @@ fn endpoint(network: &str, ip: Ipv4Addr, prefix: u8, ifname: String) -> Endpoint
     }
 }
 
-pub async fn detach_task(store: &dyn Store, id_or_name: &str) -> Result<Committed<Task>> {
-    commit(store, |st| {
+pub async fn detach_task(view: &View, id_or_name: &str) -> Result<Committed<Task>> {
+    commit(view, |st| {
         let task = st.task(id_or_name)?.clone();
         let compares = vec![st.unchanged(&key("tasks", &task.id))];
         let ops = task_release_ops(st, &task);
@@ -1370,13 +1569,13 @@ const RESERVED: &str = "reserved:";
 /// (an address already reserved is handed to the new owner); else the lowest free. The
 /// gateway is answered as is (it is the network's, never a task's).
 pub async fn reserve_address(
-    store: &dyn Store,
+    view: &View,
     network: &str,
     address: Option<Ipv4Addr>,
     owner: &str,
 ) -> Result<Committed<(Ipv4Addr, u8)>> {
     model::validate_token("reservation owner", owner).map_err(Error::Invalid)?;
-    commit(store, |st| {
+    commit(view, |st| {
         let net = st.network(network)?;
         let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
         let ip = match address {
@@ -1415,12 +1614,12 @@ pub async fn reserve_address(
 /// Releases a reservation (of `owner`, when given). Returns whether there was one; an
 /// address a task holds is left alone (the task's detach frees it).
 pub async fn release_address(
-    store: &dyn Store,
+    view: &View,
     network: &str,
     ip: Ipv4Addr,
     owner: Option<&str>,
 ) -> Result<Committed<bool>> {
-    commit(store, |st| {
+    commit(view, |st| {
         let net = st.network(network)?;
         let held = st.reservations.get(&(net.id.clone(), ip));
         if held.is_none() || owner.is_some_and(|o| held.map(String::as_str) != Some(o)) {
@@ -1456,7 +1655,7 @@ impl State {
 
 /// Records what front end `frontend` bound to its own id (`value` None: removes it).
 pub async fn bind(
-    store: &dyn Store,
+    view: &View,
     frontend: &str,
     id: &str,
     value: Option<&serde_json::Value>,
@@ -1468,7 +1667,7 @@ pub async fn bind(
         Some(v) => Op::Put(k, encode(v)),
         None => Op::Delete(k),
     };
-    commit(store, |_| Ok((vec![], vec![op.clone()], ()))).await
+    commit(view, |_| Ok((vec![], vec![op.clone()], ()))).await
 }
 
 /// Stores with registered, live nodes, for unit tests of code built on the state.
@@ -1478,7 +1677,7 @@ pub(crate) mod fixture {
     use crate::store::local::LocalStore;
 
     /// Network `front` and service `web` (VIP mode) on it.
-    pub async fn web_on_front(s: &dyn Store) -> Service {
+    pub async fn web_on_front(s: &View) -> Service {
         create_network(
             s,
             &pools(),
@@ -1512,7 +1711,7 @@ pub(crate) mod fixture {
     }
 
     /// Registers node `name` (gwbridge 198.18.1.0/24) and marks it alive.
-    pub async fn add_node(store: &dyn Store, name: &str) {
+    pub async fn add_node(store: &View, name: &str) {
         register_node(
             store,
             Node {
@@ -1525,23 +1724,29 @@ pub(crate) mod fixture {
         )
         .await
         .unwrap();
-        announce_alive(store, name, std::time::Duration::from_secs(10))
+        announce_alive(store.store(), name, std::time::Duration::from_secs(10))
             .await
             .unwrap();
     }
 
-    /// A local store with node `n1`.
-    pub async fn setup() -> (tempfile::TempDir, LocalStore) {
+    /// A view of a local store with node `n1`.
+    pub async fn setup() -> (tempfile::TempDir, std::sync::Arc<View>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        add_node(&store, "n1").await;
-        (dir, store)
+        let store = std::sync::Arc::new(LocalStore::open(dir.path()).unwrap());
+        let view = View::open(store).await.unwrap();
+        add_node(&view, "n1").await;
+        (dir, view)
+    }
+
+    /// A view of a test's store.
+    pub async fn view(s: &crate::store::testing::SharedStore) -> std::sync::Arc<View> {
+        View::open(s.clone()).await.unwrap()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fixture::{add_node, pools, web_on_front};
+    use super::fixture::{self, add_node, pools, web_on_front};
     use super::*;
     use crate::store::testing::{store_test, SharedStore};
 
@@ -1564,7 +1769,8 @@ mod tests {
     store_test!(
         networks_get_distinct_subnets_and_vnis,
         |s: SharedStore| async move {
-            let s = s.as_ref();
+            let v = fixture::view(&s).await;
+            let s = v.as_ref();
             add_node(s, "n1").await;
             let a = create_network(s, &pools(), net("a")).await.unwrap();
             let b = create_network(s, &pools(), net("b")).await.unwrap();
@@ -1589,7 +1795,8 @@ mod tests {
     store_test!(
         removals_of_any_size_fit_etcds_default_transactions,
         |s: SharedStore| async move {
-            let s = s.as_ref();
+            let v = fixture::view(&s).await;
+            let s = v.as_ref();
             add_node(s, "n1").await;
             let mut front = net("front");
             front.subnet = Some("198.19.8.0/22".into());
@@ -1613,13 +1820,13 @@ mod tests {
                     .unwrap();
             }
             remove_service(s, "web").await.unwrap();
-            let st = State::load(s).await.unwrap();
+            let st = State::load(s.store()).await.unwrap();
             assert!(st.tasks.is_empty() && st.orphans.is_empty());
             let net_id = st.networks["front"].id.clone();
             assert_eq!(st.ipam[&net_id].len(), 151, "gateway and reservations left");
             assert!(st.gwipam.values().all(|a| a.is_empty()));
             remove_network(s, "front").await.unwrap();
-            let st = State::load(s).await.unwrap();
+            let st = State::load(s.store()).await.unwrap();
             assert!(st.ipam.values().all(|a| a.is_empty()) && st.reservations.is_empty());
 
             // A remover that died after its first transaction: the tasks are gone for
@@ -1632,11 +1839,12 @@ mod tests {
                     .unwrap();
             }
             assert!(s
+                .store()
                 .txn(vec![], vec![Op::Delete(key("services", "web"))])
                 .await
                 .unwrap()
                 .is_some());
-            let st = State::load(s).await.unwrap();
+            let st = State::load(s.store()).await.unwrap();
             assert!(st.tasks.is_empty());
             assert_eq!(st.orphans.len(), 3);
             // A new service of the same name would adopt them: not until they are gone.
@@ -1651,7 +1859,7 @@ mod tests {
             ));
             assert_eq!(collect_garbage(s).await.unwrap(), 3);
             create_service(s, &pools(), again).await.unwrap();
-            let st = State::load(s).await.unwrap();
+            let st = State::load(s.store()).await.unwrap();
             assert!(st.orphans.is_empty() && st.gwipam.values().all(|a| a.is_empty()));
             assert_eq!(collect_garbage(s).await.unwrap(), 0, "idempotent");
         }
@@ -1664,7 +1872,11 @@ mod tests {
     #[tokio::test]
     async fn the_largest_calls_fit_one_default_transaction() {
         let dir = tempfile::tempdir().unwrap();
-        let s = crate::store::local::LocalStore::open(dir.path()).unwrap();
+        let s = View::open(std::sync::Arc::new(
+            crate::store::local::LocalStore::open(dir.path()).unwrap(),
+        ))
+        .await
+        .unwrap();
         for i in 0..40 {
             register_node(
                 &s,
@@ -1679,7 +1891,7 @@ mod tests {
             .await
             .unwrap();
         }
-        announce_alive(&s, "n1", std::time::Duration::from_secs(10))
+        announce_alive(s.store(), "n1", std::time::Duration::from_secs(10))
             .await
             .unwrap();
         let nets: Vec<String> = (0..MAX_SERVICE_NETWORKS)
@@ -1691,7 +1903,7 @@ mod tests {
         let publish = (0..MAX_SERVICE_PORTS as u16)
             .map(|i| model::parse_publish(&format!("{}:80", 8000 + i)).unwrap())
             .collect();
-        assert!(State::load(&s).await.unwrap().ingress().is_none());
+        assert!(State::load(s.store()).await.unwrap().ingress().is_none());
         create_service(
             &s,
             &pools(),
@@ -1704,7 +1916,7 @@ mod tests {
         )
         .await
         .expect("the largest create fits");
-        let st = State::load(&s).await.unwrap();
+        let st = State::load(s.store()).await.unwrap();
         assert!(st.ingress().is_some(), "made with the service");
         attach_task(&s, "n1", attach("big", "/run/netns/big", "n1"))
             .await
@@ -1725,26 +1937,27 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("at most 24 networks"), "{err}");
         remove_service(&s, "big").await.unwrap();
-        assert!(State::load(&s).await.unwrap().orphans.is_empty());
+        assert!(State::load(s.store()).await.unwrap().orphans.is_empty());
     }
 
     store_test!(
         a_transaction_bigger_than_etcds_default_is_refused,
         |s: SharedStore| async move {
-            let s = s.as_ref();
+            let v = fixture::view(&s).await;
+            let s = v.as_ref();
             let ops: Vec<Op> = (0..=MAX_TXN_OPS)
                 .map(|i| Op::Put(format!("/netd/x/{i}"), b"1".to_vec()))
                 .collect();
-            let err = s.txn(vec![], ops).await.unwrap_err();
+            let err = s.store().txn(vec![], ops).await.unwrap_err();
             assert!(err.to_string().contains("128"), "{err}");
             assert!(
-                State::load(s).await.unwrap().revs.is_empty(),
+                State::load(s.store()).await.unwrap().revs.is_empty(),
                 "nothing written"
             );
             let ok: Vec<Op> = (0..MAX_TXN_OPS)
                 .map(|i| Op::Put(format!("/netd/x/{i}"), b"1".to_vec()))
                 .collect();
-            assert!(s.txn(vec![], ok).await.unwrap().is_some());
+            assert!(s.store().txn(vec![], ok).await.unwrap().is_some());
         }
     );
 
@@ -1752,14 +1965,14 @@ mod tests {
         concurrent_allocations_never_collide,
         |s: SharedStore| async move {
             for n in ["n1", "n2", "n3"] {
-                add_node(s.as_ref(), n).await;
+                add_node(&*fixture::view(&s).await, n).await;
             }
             // Networks (subnets and VNIs) created at the same moment.
             let mut nets = vec![];
             for i in 0..6 {
                 let s = s.clone();
                 nets.push(tokio::spawn(async move {
-                    create_network(s.as_ref(), &pools(), net(&format!("net{i}")))
+                    create_network(&*fixture::view(&s).await, &pools(), net(&format!("net{i}")))
                         .await
                         .unwrap()
                 }));
@@ -1777,7 +1990,7 @@ mod tests {
                 let s = s.clone();
                 svcs.push(tokio::spawn(async move {
                     create_service(
-                        s.as_ref(),
+                        &*fixture::view(&s).await,
                         &pools(),
                         ServiceCreate {
                             name: format!("svc{i}"),
@@ -1800,7 +2013,7 @@ mod tests {
                     let node = format!("n{}", i % 3 + 1);
                     let svc = format!("svc{}", i % 4);
                     attach_task(
-                        s.as_ref(),
+                        &*fixture::view(&s).await,
                         "n1",
                         attach(&svc, &format!("/run/netns/x{i}"), &node),
                     )
@@ -1831,9 +2044,9 @@ mod tests {
         a_published_port_belongs_to_one_service_and_brings_the_ingress_network,
         |s: SharedStore| async move {
             for n in ["n1", "n2"] {
-                add_node(s.as_ref(), n).await;
+                add_node(&*fixture::view(&s).await, n).await;
             }
-            create_network(s.as_ref(), &pools(), net("front"))
+            create_network(&*fixture::view(&s).await, &pools(), net("front"))
                 .await
                 .unwrap();
             let publish = |p: u16| vec![model::parse_publish(&format!("{p}:80")).unwrap()];
@@ -1844,7 +2057,7 @@ mod tests {
                 let publish = publish(4567);
                 racers.push(tokio::spawn(async move {
                     create_service(
-                        s.as_ref(),
+                        &*fixture::view(&s).await,
                         &pools(),
                         ServiceCreate {
                             name: format!("web{i}"),
@@ -1871,7 +2084,7 @@ mod tests {
             // Each node takes its address on it in its own transaction (its reconcile
             // does, as it finds the sandbox without one).
             for n in ["n1", "n2"] {
-                ensure_lb_addresses(s.as_ref(), n, &[INGRESS.to_string()])
+                ensure_lb_addresses(&*fixture::view(&s).await, n, &[INGRESS.to_string()])
                     .await
                     .unwrap();
             }
@@ -1881,9 +2094,13 @@ mod tests {
             let addrs: BTreeSet<Ipv4Addr> = st.lb_addrs[&ingress.id].values().copied().collect();
             assert_eq!(addrs.len(), 2);
             // A task of the service sits on the ingress network too, off the node addresses.
-            let t = attach_task(s.as_ref(), "n1", attach(&won[0], "/run/netns/a", "n1"))
-                .await
-                .unwrap();
+            let t = attach_task(
+                &*fixture::view(&s).await,
+                "n1",
+                attach(&won[0], "/run/netns/a", "n1"),
+            )
+            .await
+            .unwrap();
             let on_ingress: Vec<&Endpoint> = t
                 .endpoints
                 .iter()
@@ -1892,9 +2109,11 @@ mod tests {
             assert_eq!(on_ingress.len(), 1);
             assert!(!addrs.contains(&on_ingress[0].ip));
             // Freed by service rm, the port is free at once.
-            remove_service(s.as_ref(), &won[0]).await.unwrap();
+            remove_service(&*fixture::view(&s).await, &won[0])
+                .await
+                .unwrap();
             create_service(
-                s.as_ref(),
+                &*fixture::view(&s).await,
                 &pools(),
                 ServiceCreate {
                     name: "again".into(),
@@ -1909,10 +2128,10 @@ mod tests {
     );
 
     store_test!(a_down_node_gets_no_tasks, |s: SharedStore| async move {
-        add_node(s.as_ref(), "n1").await;
-        web_on_front(s.as_ref()).await;
+        add_node(&*fixture::view(&s).await, "n1").await;
+        web_on_front(&*fixture::view(&s).await).await;
         register_node(
-            s.as_ref(),
+            &*fixture::view(&s).await,
             Node {
                 name: "n2".into(),
                 address: None,
@@ -1923,17 +2142,28 @@ mod tests {
         )
         .await
         .unwrap();
-        let e = attach_task(s.as_ref(), "n1", attach("web", "/run/netns/a", "n2")).await;
+        let e = attach_task(
+            &*fixture::view(&s).await,
+            "n1",
+            attach("web", "/run/netns/a", "n2"),
+        )
+        .await;
         assert!(matches!(e, Err(Error::Conflict(m)) if m.contains("down")));
         assert!(State::load(s.as_ref()).await.unwrap().tasks.is_empty());
-        let e = attach_task(s.as_ref(), "n1", attach("web", "/run/netns/a", "n9")).await;
+        let e = attach_task(
+            &*fixture::view(&s).await,
+            "n1",
+            attach("web", "/run/netns/a", "n9"),
+        )
+        .await;
         assert!(matches!(e, Err(Error::NotFound(_))));
     });
 
     store_test!(
         a_network_in_use_cannot_be_removed_and_detach_frees_addresses,
         |s: SharedStore| async move {
-            let s = s.as_ref();
+            let v = fixture::view(&s).await;
+            let s = v.as_ref();
             add_node(s, "n1").await;
             let svc = web_on_front(s).await;
             let t = attach_task(s, "n1", attach("web", "/run/netns/a", "n1"))
@@ -1941,8 +2171,8 @@ mod tests {
                 .unwrap();
             assert_eq!(t.name, "web-1");
             publish_task_status(
-                s,
-                &State::load(s).await.unwrap(),
+                s.store(),
+                &State::load(s.store()).await.unwrap(),
                 vec![(t.id.clone(), TaskStatus { error: None })],
             )
             .await
@@ -1954,17 +2184,17 @@ mod tests {
             let ip = t.endpoints[0].ip;
             assert_ne!(Some(&ip), svc.vips.get("front"));
             detach_task(s, "web-1").await.unwrap();
-            let st = State::load(s).await.unwrap();
+            let st = State::load(s.store()).await.unwrap();
             assert!(st.task_status.is_empty(), "status outlived its task");
             let t2 = attach_task(s, "n1", attach("web", "/run/netns/b", "n1"))
                 .await
                 .unwrap();
             assert_eq!(t2.endpoints[0].ip, ip, "a freed address comes back");
             remove_service(s, "web").await.unwrap();
-            let st = State::load(s).await.unwrap();
+            let st = State::load(s.store()).await.unwrap();
             assert!(st.tasks.is_empty());
             remove_network(s, "front").await.unwrap();
-            let st = State::load(s).await.unwrap();
+            let st = State::load(s.store()).await.unwrap();
             assert!(st.ipam.is_empty() && st.gwipam.is_empty() && st.vnis.is_empty());
         }
     );
@@ -1986,7 +2216,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let before = State::load(&s).await.unwrap();
+        let before = State::load(s.store()).await.unwrap();
         let err = attach_task(&s, "n1", attach("web", "/run/netns/t9", "n1"))
             .await
             .unwrap_err();
@@ -1996,7 +2226,7 @@ mod tests {
                 .contains("network \"tiny\" (198.19.9.0/29) has no free address left"),
             "{err}"
         );
-        let after = State::load(&s).await.unwrap();
+        let after = State::load(s.store()).await.unwrap();
         assert_eq!(after.revision, before.revision, "something was written");
         // A pool with no /24 left names the pool and what to do.
         let small = Pools {
@@ -2027,12 +2257,12 @@ mod tests {
             publish: vec![port],
             ..Default::default()
         };
-        let before = State::load(&s).await.unwrap().revision;
+        let before = State::load(s.store()).await.unwrap().revision;
         let err = create_service(&s, &pools(), svc("vault", &["sealed"]))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("--internal"), "{err}");
-        assert_eq!(State::load(&s).await.unwrap().revision, before);
+        assert_eq!(State::load(s.store()).await.unwrap().revision, before);
         // With a way out as well, it may.
         create_service(&s, &pools(), svc("web", &["sealed", "front"]))
             .await
@@ -2073,7 +2303,7 @@ mod tests {
             .collect();
         assert_eq!(legs, [("back", "net1"), (GWBRIDGE, "eth0")]);
         assert_eq!(t.labels["cni.container_id"], "c1");
-        let st = State::load(&s).await.unwrap();
+        let st = State::load(s.store()).await.unwrap();
         assert_eq!(
             st.services["web"].publish, req.publish,
             "the port joined the service"
@@ -2090,7 +2320,7 @@ mod tests {
         ));
         // Refused, changing nothing: a network the service is not on, a bad interface
         // name, an ingress-mode port.
-        let before = State::load(&s).await.unwrap().revision;
+        let before = State::load(s.store()).await.unwrap().revision;
         let mut bad = attach("web", "/run/netns/d", "n1");
         create_network(&s, &pools(), net("other")).await.unwrap();
         bad.network = Some("other".into());
@@ -2110,7 +2340,7 @@ mod tests {
             attach_task(&s, "n1", bad).await,
             Err(Error::Invalid(_))
         ));
-        let st = State::load(&s).await.unwrap();
+        let st = State::load(s.store()).await.unwrap();
         assert_eq!(st.tasks.len(), 2);
         assert!(st.revision > before, "only the network create committed");
         assert_eq!(st.services["web"].publish.len(), 1);

@@ -28,7 +28,7 @@ use aya::Ebpf;
 use netd_ebpf::maps::{BackendKey, BackendValue, Counter, CounterKey, NetnsNet, VipKey, VipValue};
 use serde_json::json;
 
-use super::{Counters, Datapath, DatapathStatus, LbTable, Mode, SandboxLb};
+use super::{Counters, Datapath, DatapathStatus, LbTable, Mode, SandboxLb, VipEntry};
 use crate::model::Task;
 use crate::netns::{self, Netns};
 
@@ -72,6 +72,9 @@ struct Inner {
     /// Netns file (device, inode) -> netns cookie: a cookie never changes for a live
     /// namespace, and asking for it costs a thread.
     cookies: StdHashMap<(u64, u64), u64>,
+    /// The maps may differ from `want` anywhere (just loaded, or a pass failed): the
+    /// next step programs the whole table.
+    unsure: bool,
 }
 
 /// The object loaded against the pinned maps, and what the maps hold.
@@ -86,9 +89,19 @@ struct Loaded {
     /// is balanced only for tasks on its network.
     vip_nets: HashMap<MapData, u32, u32>,
     netns_nets: HashMap<MapData, NetnsNet, u8>,
-    /// VIP -> (slot, backends) as programmed.
-    slots: BTreeMap<Ipv4Addr, (u32, Vec<Ipv4Addr>)>,
+    /// VIP -> what the maps hold for it: kept here so that a change compares in memory
+    /// and writes only what differs (no map read per VIP).
+    slots: BTreeMap<Ipv4Addr, Programmed>,
     next_slot: u32,
+}
+
+/// One VIP as programmed.
+#[derive(Debug, Clone)]
+struct Programmed {
+    slot: u32,
+    /// Its network's number in `netd_vip_nets` (None: none there).
+    net: Option<u32>,
+    backends: Vec<Ipv4Addr>,
 }
 
 fn vip_key(vip: Ipv4Addr) -> VipKey {
@@ -167,7 +180,12 @@ impl Loaded {
                 .into_iter()
                 .map(|b| from_be(b.addr))
                 .collect();
-            l.slots.insert(from_be(k.addr), (v.service, backends));
+            let programmed = Programmed {
+                slot: v.service,
+                net: l.vip_nets.get(&k.addr, 0).ok(),
+                backends,
+            };
+            l.slots.insert(from_be(k.addr), programmed);
             l.next_slot = l.next_slot.max(v.service.wrapping_add(1));
         }
         Ok(l)
@@ -200,81 +218,115 @@ impl Loaded {
         Ok(())
     }
 
-    /// Programs `table`; unchanged VIPs are left alone (their round-robin position too).
-    fn program(&mut self, table: &LbTable) -> Result<usize> {
+    /// Programs `table` for the VIPs in `touched` (all when None); unchanged VIPs are
+    /// left alone (their round-robin position too).
+    fn program(&mut self, table: &LbTable, touched: Option<&BTreeSet<Ipv4Addr>>) -> Result<usize> {
+        let all: BTreeSet<Ipv4Addr>;
+        let vips = match touched {
+            Some(t) => t,
+            None => {
+                all = self
+                    .slots
+                    .keys()
+                    .chain(table.vips.keys())
+                    .copied()
+                    .collect();
+                &all
+            }
+        };
         let mut changed = 0;
-        let gone: Vec<Ipv4Addr> = self
-            .slots
-            .keys()
-            .filter(|v| !table.vips.contains_key(v))
-            .copied()
-            .collect();
-        for vip in gone {
-            self.vips
-                .remove(&vip_key(vip))
-                .or_else(ignore_missing)
-                .with_context(|| format!("remove VIP {vip}"))?;
-            self.vip_nets
-                .remove(&be(vip))
-                .or_else(ignore_missing)
-                .with_context(|| format!("remove the network of VIP {vip}"))?;
-            if let Some((slot, old)) = self.slots.remove(&vip) {
-                drop_slot(&mut self.backends, &mut self.rr, slot, old.len());
-                self.drop_counters(vip, &old, &[]);
-            }
-            changed += 1;
-        }
-        for (vip, entry) in &table.vips {
-            // The VIP's network first: a connect() that finds the VIP finds its network.
-            let net = network_number(&entry.network);
-            if self.vip_nets.get(&be(*vip), 0).ok() != Some(net) {
-                self.vip_nets
-                    .insert(be(*vip), net, 0)
-                    .with_context(|| format!("record the network of VIP {vip}"))?;
-            }
-            let old = self.slots.get(vip).cloned();
-            if old.as_ref().map(|(_, b)| b) == Some(&entry.backends) {
-                continue;
-            }
-            let slot = self.next_slot;
-            self.next_slot = self.next_slot.wrapping_add(1).max(1);
-            for (i, b) in entry.backends.iter().enumerate() {
-                let key = BackendKey {
-                    service: slot,
-                    index: i as u32,
-                };
-                let value = BackendValue {
-                    addr: be(*b),
-                    pad: 0,
-                };
-                self.backends
-                    .insert(key, value, 0)
-                    .with_context(|| format!("write backend {b} of VIP {vip}"))?;
-            }
-            self.rr
-                .insert(slot, 0, 0)
-                .with_context(|| format!("round-robin slot of VIP {vip}"))?;
-            let value = VipValue {
-                service: slot,
-                count: entry.backends.len() as u32,
+        for vip in vips {
+            let done = match table.vips.get(vip) {
+                Some(entry) => self.program_vip(*vip, entry)?,
+                None => self.remove_vip(*vip)?,
             };
-            // The switch: one map update, seen whole by every later connect().
-            self.vips
-                .insert(vip_key(*vip), value, 0)
-                .with_context(|| format!("switch VIP {vip}"))?;
-            if let Some((old_slot, old_backends)) = old {
-                drop_slot(
-                    &mut self.backends,
-                    &mut self.rr,
-                    old_slot,
-                    old_backends.len(),
-                );
-                self.drop_counters(*vip, &old_backends, &entry.backends);
-            }
-            self.slots.insert(*vip, (slot, entry.backends.clone()));
-            changed += 1;
+            changed += usize::from(done);
         }
         Ok(changed)
+    }
+
+    /// Takes a VIP out of the maps; false if it was not there.
+    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<bool> {
+        let Some(old) = self.slots.remove(&vip) else {
+            return Ok(false);
+        };
+        self.vips
+            .remove(&vip_key(vip))
+            .or_else(ignore_missing)
+            .with_context(|| format!("remove VIP {vip}"))?;
+        self.vip_nets
+            .remove(&be(vip))
+            .or_else(ignore_missing)
+            .with_context(|| format!("remove the network of VIP {vip}"))?;
+        drop_slot(
+            &mut self.backends,
+            &mut self.rr,
+            old.slot,
+            old.backends.len(),
+        );
+        self.drop_counters(vip, &old.backends, &[]);
+        Ok(true)
+    }
+
+    /// Programs one VIP's backends in a fresh slot and switches the VIP to it; false if
+    /// the maps hold them already.
+    fn program_vip(&mut self, vip: Ipv4Addr, entry: &VipEntry) -> Result<bool> {
+        // The VIP's network first: a connect() that finds the VIP finds its network.
+        let net = network_number(&entry.network);
+        let old = self.slots.get(&vip).cloned();
+        if old.as_ref().and_then(|o| o.net) != Some(net) {
+            self.vip_nets
+                .insert(be(vip), net, 0)
+                .with_context(|| format!("record the network of VIP {vip}"))?;
+            if let Some(p) = self.slots.get_mut(&vip) {
+                p.net = Some(net);
+            }
+        }
+        if old.as_ref().map(|o| &o.backends) == Some(&entry.backends) {
+            return Ok(old.and_then(|o| o.net) != Some(net));
+        }
+        let slot = self.next_slot;
+        self.next_slot = self.next_slot.wrapping_add(1).max(1);
+        for (i, b) in entry.backends.iter().enumerate() {
+            let key = BackendKey {
+                service: slot,
+                index: i as u32,
+            };
+            let value = BackendValue {
+                addr: be(*b),
+                pad: 0,
+            };
+            self.backends
+                .insert(key, value, 0)
+                .with_context(|| format!("write backend {b} of VIP {vip}"))?;
+        }
+        self.rr
+            .insert(slot, 0, 0)
+            .with_context(|| format!("round-robin slot of VIP {vip}"))?;
+        let value = VipValue {
+            service: slot,
+            count: entry.backends.len() as u32,
+        };
+        // The switch: one map update, seen whole by every later connect().
+        self.vips
+            .insert(vip_key(vip), value, 0)
+            .with_context(|| format!("switch VIP {vip}"))?;
+        if let Some(old) = old {
+            drop_slot(
+                &mut self.backends,
+                &mut self.rr,
+                old.slot,
+                old.backends.len(),
+            );
+            self.drop_counters(vip, &old.backends, &entry.backends);
+        }
+        let programmed = Programmed {
+            slot,
+            net: Some(net),
+            backends: entry.backends.clone(),
+        };
+        self.slots.insert(vip, programmed);
+        Ok(true)
     }
 
     /// Counters of backends that left the VIP go with them.
@@ -423,11 +475,15 @@ impl EbpfDatapath {
 
 #[async_trait]
 impl Datapath for EbpfDatapath {
-    fn apply(&self, table: &LbTable) -> Result<()> {
+    fn apply(&self, table: &LbTable, touched: Option<&BTreeSet<Ipv4Addr>>) -> Result<()> {
         let mut inner = self.lock()?;
         inner.want = Some(table.clone());
+        let inner = &mut *inner;
         if let Some(l) = inner.loaded.as_mut() {
-            let changed = l.program(table)?;
+            // A failed pass leaves the maps unknown: the next step compares them all.
+            inner.unsure = true;
+            let changed = l.program(table, touched)?;
+            inner.unsure = false;
             if changed > 0 {
                 tracing::info!(changed, "eBPF load balancer updated");
             }
@@ -482,12 +538,16 @@ impl Datapath for EbpfDatapath {
         inner.cookies = found.iter().copied().collect();
         if inner.loaded.is_none() {
             inner.loaded = Some(Loaded::load(&self.dir)?);
+            inner.unsure = true;
         }
         let want = inner.want.clone();
+        let inner = &mut *inner;
         let l = inner.loaded.as_mut().context("eBPF object not loaded")?;
-        // Maps first, then the hooks: a hook never runs against half-filled maps.
-        if let Some(want) = want {
-            l.program(&want)?;
+        // Maps first, then the hooks: a hook never runs against half-filled maps. Once
+        // programmed whole, the maps follow `apply`'s changes alone.
+        if let (Some(want), true) = (want, inner.unsure) {
+            l.program(&want, None)?;
+            inner.unsure = false;
         }
         let cookies: Vec<u64> = found.iter().map(|(_, c)| *c).collect();
         l.set_netns(&cookies, &nets)?;

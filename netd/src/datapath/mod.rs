@@ -10,7 +10,7 @@ pub mod nat;
 pub mod userspace;
 pub mod xdp;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::model::{EndpointMode, Task};
+use crate::model::{EndpointMode, Service, Task};
 use crate::netns::Netns;
 use crate::state::State;
 
@@ -55,41 +55,91 @@ pub struct VipEntry {
     pub backends: Vec<Ipv4Addr>,
 }
 
-/// The load-balancing state every datapath reads.
+/// The load-balancing state every datapath reads. A persistent map: the datapaths keep a
+/// copy for the price of a pointer, and a change touches only its VIPs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LbTable {
-    pub vips: BTreeMap<Ipv4Addr, VipEntry>,
+    pub vips: imbl::OrdMap<Ipv4Addr, VipEntry>,
 }
 
 impl LbTable {
     pub fn from_state(st: &State) -> Self {
-        let mut vips = BTreeMap::new();
+        let mut vips = imbl::OrdMap::new();
         for svc in st.services.values() {
-            if svc.endpoint_mode != EndpointMode::Vip {
-                continue;
+            for e in LbTable::entries_of(st, svc) {
+                vips.insert(e.vip, e);
             }
-            for (network, vip) in &svc.vips {
+        }
+        LbTable { vips }
+    }
+
+    /// The VIPs of one service with their backends (the tasks of live nodes), from its
+    /// own tasks only: the cost of a service's entry does not grow with the cluster.
+    pub fn entries_of(st: &State, svc: &Service) -> Vec<VipEntry> {
+        if svc.endpoint_mode != EndpointMode::Vip {
+            return vec![];
+        }
+        svc.vips
+            .iter()
+            .map(|(network, vip)| {
                 let mut backends: Vec<Ipv4Addr> = st
-                    .tasks
-                    .values()
-                    .filter(|t| t.service == svc.name && st.node_alive(&t.node))
+                    .tasks_of(&svc.name)
+                    .filter(|t| st.node_alive(&t.node))
                     .flat_map(|t| t.endpoints.iter())
                     .filter(|e| &e.network == network)
                     .map(|e| e.ip)
                     .collect();
                 backends.sort();
-                vips.insert(
-                    *vip,
-                    VipEntry {
-                        service: svc.name.clone(),
-                        network: network.clone(),
-                        vip: *vip,
-                        backends,
-                    },
-                );
+                VipEntry {
+                    service: svc.name.clone(),
+                    network: network.clone(),
+                    vip: *vip,
+                    backends,
+                }
+            })
+            .collect()
+    }
+
+    /// Brings the entries of `services` from `prev` to `next`; returns the VIPs whose
+    /// entry may have changed (what a datapath must look at).
+    pub fn update(
+        &mut self,
+        prev: &State,
+        next: &State,
+        services: &BTreeSet<String>,
+    ) -> BTreeSet<Ipv4Addr> {
+        let mut touched = BTreeSet::new();
+        for name in services {
+            if let Some(old) = prev.services.get(name) {
+                for vip in old.vips.values() {
+                    if self.vips.get(vip).is_some_and(|e| &e.service == name) {
+                        self.vips.remove(vip);
+                        touched.insert(*vip);
+                    }
+                }
+            }
+            if let Some(svc) = next.services.get(name) {
+                for e in LbTable::entries_of(next, svc) {
+                    touched.insert(e.vip);
+                    self.vips.insert(e.vip, e);
+                }
             }
         }
-        LbTable { vips }
+        touched
+    }
+
+    /// The VIPs on each network (what the userspace datapath routes into its sandbox).
+    pub fn vips_by_network(st: &State) -> BTreeMap<String, Vec<Ipv4Addr>> {
+        let mut by = BTreeMap::<String, Vec<Ipv4Addr>>::new();
+        for svc in st.services.values() {
+            if svc.endpoint_mode != EndpointMode::Vip {
+                continue;
+            }
+            for (network, vip) in &svc.vips {
+                by.entry(network.clone()).or_default().push(*vip);
+            }
+        }
+        by
     }
 }
 
@@ -113,7 +163,9 @@ pub struct SandboxLb {
 pub trait Datapath: Send + Sync {
     /// Makes the datapath balance exactly `table` from now on. Each VIP switches from its
     /// old backends to its new ones in one step; unchanged VIPs are not touched.
-    fn apply(&self, table: &LbTable) -> Result<()>;
+    /// `touched` names the only VIPs that may differ from the table applied before (a
+    /// change's), `None` that any may (a first or a full pass).
+    fn apply(&self, table: &LbTable, touched: Option<&BTreeSet<Ipv4Addr>>) -> Result<()>;
     /// Brings the node-side kernel objects to what `tasks` (this node's tasks that are up)
     /// and `sandboxes` need; returns the tasks it could not serve, with why.
     async fn sync_local(
@@ -209,7 +261,7 @@ mod tests {
             .unwrap();
             ips.push(t.endpoints[0].ip);
         }
-        let st = State::load(&s).await.unwrap();
+        let st = State::load(s.store()).await.unwrap();
         let table = LbTable::from_state(&st);
         let vip = svc.vips["front"];
         ips.sort();
@@ -238,7 +290,7 @@ mod tests {
             .unwrap();
             by_node.push(t.endpoints[0].ip);
         }
-        let mut st = State::load(&s).await.unwrap();
+        let mut st = State::load(s.store()).await.unwrap();
         let vip = svc.vips["front"];
         assert_eq!(LbTable::from_state(&st).vips[&vip].backends.len(), 2);
         // n2's lease is gone: its task is no backend, although it still exists.

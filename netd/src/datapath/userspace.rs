@@ -23,7 +23,7 @@
 //! are refused as by a VIP without backends and counted in `netd status`
 //! (`flows_refused_full`), established ones are never evicted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -381,23 +381,42 @@ async fn serve(
 
 #[async_trait]
 impl Datapath for UserspaceDatapath {
-    fn apply(&self, table: &LbTable) -> Result<()> {
+    fn apply(&self, table: &LbTable, touched: Option<&BTreeSet<Ipv4Addr>>) -> Result<()> {
         let mut t = self
             .shared
             .table
             .write()
             .map_err(|_| anyhow!("LB table poisoned"))?;
-        if *t != *table {
-            // One swap: a packet sees the old table or the new one.
-            *t = table.clone();
-            if let Ok(mut c) = self.shared.counters.lock() {
-                c.retain(|vip, per| {
-                    let Some(e) = table.vips.get(vip) else {
-                        return false;
-                    };
-                    per.retain(|b, _| e.backends.contains(b));
-                    true
-                });
+        let differs = match touched {
+            Some(vips) => vips.iter().any(|v| t.vips.get(v) != table.vips.get(v)),
+            None => *t != *table,
+        };
+        if !differs {
+            return Ok(());
+        }
+        // One swap (a pointer's worth: the table is persistent): a packet sees the old
+        // table or the new one.
+        *t = table.clone();
+        drop(t);
+        let keep = |vip: &Ipv4Addr, per: &mut BTreeMap<Ipv4Addr, u64>| {
+            let Some(e) = table.vips.get(vip) else {
+                return false;
+            };
+            per.retain(|b, _| e.backends.contains(b));
+            true
+        };
+        if let Ok(mut c) = self.shared.counters.lock() {
+            match touched {
+                Some(vips) => {
+                    for vip in vips {
+                        if let Some(per) = c.get_mut(vip) {
+                            if !keep(vip, per) {
+                                c.remove(vip);
+                            }
+                        }
+                    }
+                }
+                None => c.retain(|vip, per| keep(vip, per)),
             }
         }
         Ok(())

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{self, State};
-use crate::store::Store;
+use crate::state;
+use crate::view::View;
 
 /// Labels by which a CNI attachment is found: one task per (container, interface).
 pub const LABEL_CONTAINER: &str = "cni.container_id";
@@ -79,7 +79,7 @@ fn sanitize(s: &str) -> String {
 /// Detaches this node's tasks named by each queued DEL, then removes its file. Returns
 /// how many tasks were detached. A file that cannot be parsed is moved aside with a
 /// `.bad` suffix (and logged) so that it does not block the queue.
-pub async fn drain(store: &dyn Store, node: &str, dir: &Path) -> Result<usize> {
+pub async fn drain(view: &View, node: &str, dir: &Path) -> Result<usize> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -95,7 +95,7 @@ pub async fn drain(store: &dyn Store, node: &str, dir: &Path) -> Result<usize> {
     if files.is_empty() {
         return Ok(0);
     }
-    let st = State::load(store).await?;
+    let st = view.state();
     let mut detached = 0;
     for path in files {
         let del: QueuedDelete = match std::fs::read(&path)
@@ -115,7 +115,7 @@ pub async fn drain(store: &dyn Store, node: &str, dir: &Path) -> Result<usize> {
             .values()
             .filter(|t| t.node == node && labels.iter().all(|(k, v)| t.labels.get(k) == Some(v)))
         {
-            match state::detach_task(store, &task.id).await {
+            match state::detach_task(view, &task.id).await {
                 Ok(_) | Err(state::Error::NotFound(_)) => detached += 1,
                 Err(e) => return Err(e).context("detach a task of a queued CNI DEL"),
             }
@@ -182,7 +182,7 @@ mod tests {
         enqueue(queue.path(), &del).unwrap();
         std::fs::write(queue.path().join("junk.json"), b"{").unwrap();
         assert_eq!(drain(&s, "n1", queue.path()).await.unwrap(), 1);
-        let st = State::load(&s).await.unwrap();
+        let st = crate::state::State::load(s.store()).await.unwrap();
         let nodes: Vec<&str> = st.tasks.values().map(|t| t.node.as_str()).collect();
         assert_eq!(nodes, ["n2"], "n2's attachment of the same container stays");
         let left: Vec<String> = std::fs::read_dir(queue.path())

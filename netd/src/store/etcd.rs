@@ -23,7 +23,7 @@ use etcd_client::{
 use tokio::sync::{broadcast, Mutex};
 use tokio::task::JoinHandle;
 
-use super::{Compare, KeyValue, Op, Snapshot, Store, StoreError, ROOT};
+use super::{Change, Compare, Event, KeyValue, Op, Snapshot, Store, StoreError, ROOT};
 
 /// How long one etcd call may take before it fails (etcd down, partitioned).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,7 +49,7 @@ struct Lease {
 pub struct EtcdStore {
     client: Client,
     spec: EtcdSpec,
-    changes: broadcast::Sender<u64>,
+    changes: broadcast::Sender<Change>,
     lease: Arc<Mutex<Lease>>,
     watcher: JoinHandle<()>,
     keeper: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -229,7 +229,7 @@ impl EtcdStore {
             .map_err(etcd_err("connect"))?;
         let status = client.status().await.map_err(etcd_err("status"))?;
         let revision = status.header().map(|h| h.revision()).unwrap_or(0);
-        let (changes, _) = broadcast::channel(64);
+        let (changes, _) = broadcast::channel(super::FEED_CAPACITY);
         let watcher = tokio::spawn(watch_changes(client.clone(), changes.clone(), revision));
         Ok(EtcdStore {
             client,
@@ -253,10 +253,10 @@ impl Drop for EtcdStore {
     }
 }
 
-/// Follows every change under `/netd/` from `revision` on and announces the new revision.
-/// After a broken stream it re-subscribes from the last revision seen, and announces once
-/// more so that watchers re-read whatever the outage may have hidden.
-async fn watch_changes(client: Client, tx: broadcast::Sender<u64>, mut revision: i64) {
+/// Follows every change under `/netd/` from `revision` on and passes each revision's
+/// events on. After a broken stream it resumes from the last revision seen, so nothing is
+/// missed; only when etcd compacted that history away does it announce a resync.
+async fn watch_changes(client: Client, tx: broadcast::Sender<Change>, mut revision: i64) {
     loop {
         let mut c = client.clone();
         let options = WatchOptions::new()
@@ -268,21 +268,17 @@ async fn watch_changes(client: Client, tx: broadcast::Sender<u64>, mut revision:
                     Ok(Some(resp)) => {
                         if resp.canceled() {
                             // History before our revision was compacted away: start
-                            // from now; the announcement below makes watchers re-read.
+                            // from now, and tell readers to list again.
                             tracing::warn!(reason = resp.cancel_reason(), "etcd watch canceled");
                             if let Some(h) = resp.header() {
                                 revision = revision.max(h.revision());
                             }
+                            let _ = tx.send(Change::Resync(revision as u64));
                             break;
                         }
-                        let newest = resp
-                            .events()
-                            .iter()
-                            .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
-                            .max();
-                        if let Some(r) = newest {
-                            revision = revision.max(r);
-                            let _ = tx.send(revision as u64);
+                        for (rev, events) in by_revision(resp.events()) {
+                            revision = revision.max(rev as i64);
+                            let _ = tx.send(Change::Events(rev, events.into()));
                         }
                     }
                     Ok(None) => break,
@@ -295,11 +291,36 @@ async fn watch_changes(client: Client, tx: broadcast::Sender<u64>, mut revision:
             Err(e) => tracing::debug!("etcd watch: {e}"),
         }
         tokio::time::sleep(RETRY).await;
-        let _ = tx.send(revision as u64);
     }
 }
 
-/// Grants a lease and puts every ephemeral key on it.
+/// Groups a watch response's events by revision (etcd sends a transaction's events
+/// together, in order, and never splits one revision across responses).
+fn by_revision(events: &[etcd_client::Event]) -> Vec<(u64, Vec<Event>)> {
+    let mut out: Vec<(u64, Vec<Event>)> = vec![];
+    for e in events {
+        let Some(kv) = e.kv() else { continue };
+        let Ok(key) = kv.key_str() else { continue };
+        let rev = kv.mod_revision() as u64;
+        let event = match e.event_type() {
+            etcd_client::EventType::Put => Event::Put(KeyValue {
+                key: key.to_string(),
+                value: kv.value().to_vec(),
+                mod_revision: rev,
+            }),
+            etcd_client::EventType::Delete => Event::Delete {
+                key: key.to_string(),
+                revision: rev,
+            },
+        };
+        match out.last_mut() {
+            Some((r, evs)) if *r == rev => evs.push(event),
+            _ => out.push((rev, vec![event])),
+        }
+    }
+    out
+}
+
 async fn grant_and_put(client: &Client, lease: &mut Lease) -> Result<i64, StoreError> {
     let mut c = client.clone();
     let id = c
@@ -441,7 +462,7 @@ impl Store for EtcdStore {
         Ok(resp.succeeded().then_some(revision))
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<u64> {
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
 

@@ -9,13 +9,14 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Mutex};
 
-use super::{Compare, KeyValue, Op, Snapshot, Store, StoreError};
+use super::{Change, Compare, Event, KeyValue, Op, Snapshot, Store, StoreError};
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
@@ -45,7 +46,7 @@ impl Data {
 pub struct LocalStore {
     dir: PathBuf,
     data: Mutex<Data>,
-    changes: broadcast::Sender<u64>,
+    changes: broadcast::Sender<Change>,
     /// Held for the life of the store: a second daemon on the same directory would
     /// overwrite our commits.
     _lock: File,
@@ -90,7 +91,7 @@ impl LocalStore {
         };
         // A temp file left by a crash mid-commit was never acknowledged: drop it.
         let _ = fs::remove_file(dir.join(format!("{STATE_FILE}.tmp")));
-        let (changes, _) = broadcast::channel(64);
+        let (changes, _) = broadcast::channel(super::FEED_CAPACITY);
         Ok(LocalStore {
             dir: dir.to_path_buf(),
             data: Mutex::new(data),
@@ -166,6 +167,7 @@ impl Store for LocalStore {
             keys: data.keys.clone(),
             ephemeral: data.ephemeral.clone(),
         };
+        let mut events = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
                 Op::Put(k, v) => {
@@ -173,6 +175,11 @@ impl Store for LocalStore {
                         path: k.clone(),
                         reason: format!("value is not UTF-8: {e}"),
                     })?;
+                    events.push(Event::Put(KeyValue {
+                        key: k.clone(),
+                        value: value.clone().into_bytes(),
+                        mod_revision: revision,
+                    }));
                     next.keys.insert(
                         k,
                         Entry {
@@ -182,18 +189,21 @@ impl Store for LocalStore {
                     );
                 }
                 Op::Delete(k) => {
-                    next.keys.remove(&k);
-                    next.ephemeral.remove(&k);
+                    // Like etcd: deleting a missing key is no event.
+                    let was = next.keys.remove(&k).or_else(|| next.ephemeral.remove(&k));
+                    if was.is_some() {
+                        events.push(Event::Delete { key: k, revision });
+                    }
                 }
             }
         }
         self.persist(&next)?;
         *data = next;
-        let _ = self.changes.send(revision);
+        let _ = self.changes.send(Change::Events(revision, events.into()));
         Ok(Some(revision))
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<u64> {
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
 
@@ -210,16 +220,28 @@ impl Store for LocalStore {
         let mut data = self.data.lock().await;
         data.revision += 1;
         let rev = data.revision;
+        let event = Event::Put(KeyValue {
+            key: key.to_string(),
+            value: value.clone().into_bytes(),
+            mod_revision: rev,
+        });
         data.ephemeral.insert(key.to_string(), Entry { value, rev });
-        let _ = self.changes.send(rev);
+        let _ = self.changes.send(Change::Events(rev, Arc::from([event])));
         Ok(())
     }
 
     async fn withdraw_ephemeral(&self) -> Result<(), StoreError> {
         let mut data = self.data.lock().await;
-        data.ephemeral.clear();
+        if data.ephemeral.is_empty() {
+            return Ok(());
+        }
         data.revision += 1;
-        let _ = self.changes.send(data.revision);
+        let revision = data.revision;
+        let events: Vec<Event> = std::mem::take(&mut data.ephemeral)
+            .into_keys()
+            .map(|key| Event::Delete { key, revision })
+            .collect();
+        let _ = self.changes.send(Change::Events(revision, events.into()));
         Ok(())
     }
 

@@ -8,6 +8,7 @@ pub mod local;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -107,6 +108,33 @@ pub enum Op {
     Delete(String),
 }
 
+/// One committed change to one key, as the change feed tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(KeyValue),
+    Delete { key: String, revision: u64 },
+}
+
+/// What the change feed announces: the events of one revision (every key one
+/// transaction wrote, in order), or that events were lost (etcd compacted the history a
+/// resumed watch needed) and a reader must list again.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Events(u64, Arc<[Event]>),
+    Resync(u64),
+}
+
+impl Change {
+    pub fn revision(&self) -> u64 {
+        match self {
+            Change::Events(r, _) | Change::Resync(r) => *r,
+        }
+    }
+}
+
+/// How many changes a slow receiver may fall behind before it must list again.
+pub const FEED_CAPACITY: usize = 4096;
+
 /// A consistent read of every key under a prefix.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -122,9 +150,10 @@ pub trait Store: Send + Sync {
     /// failed and nothing was written. `Ok(Some(revision))` (the revision of this write)
     /// is returned only once the write is durable.
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<Option<u64>, StoreError>;
-    /// Fires (with the new revision) after every committed change, so watchers can
-    /// re-read; a lagging receiver only needs to re-read once.
-    fn subscribe(&self) -> broadcast::Receiver<u64>;
+    /// Every committed change under `/netd/`, in revision order, from the moment of the
+    /// call: what keeps a node's in-memory view ([`crate::view::View`]) current without
+    /// reading the whole state again. A receiver that lags must list again.
+    fn subscribe(&self) -> broadcast::Receiver<Change>;
     /// Publishes `key` for as long as this process lives and reaches the store: when the
     /// process dies the key vanishes `ttl` later by itself (an etcd lease). This is how
     /// the other nodes learn that a node is down.
@@ -299,26 +328,61 @@ mod tests {
         }
     );
 
-    store_test!(watchers_hear_of_every_commit, |s: SharedStore| async move {
-        let mut rx = s.subscribe();
-        assert!(s
-            .txn(vec![], vec![put("/netd/w", "1")])
-            .await
-            .unwrap()
-            .is_some());
-        let rev = s.list("/netd/w").await.unwrap().kvs[0].mod_revision;
-        let heard = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+    /// The next change of the feed whose revision is at least `rev`.
+    async fn next_change(rx: &mut broadcast::Receiver<Change>, rev: u64) -> Change {
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
             loop {
                 match rx.recv().await {
-                    Ok(r) if r >= rev => return r,
+                    Ok(c) if c.revision() >= rev => return c,
                     Ok(_) => continue,
                     Err(e) => panic!("change feed closed: {e}"),
                 }
             }
         })
         .await
-        .expect("no change announced within 5 s");
-        assert!(heard >= rev);
+        .expect("no change announced within 5 s")
+    }
+
+    store_test!(watchers_hear_every_write, |s: SharedStore| async move {
+        let mut rx = s.subscribe();
+        let rev = s
+            .txn(vec![], vec![put("/netd/w/a", "1"), put("/netd/w/b", "2")])
+            .await
+            .unwrap()
+            .unwrap();
+        let Change::Events(at, events) = next_change(&mut rx, rev).await else {
+            panic!("a resync instead of the write's events");
+        };
+        assert_eq!(at, rev);
+        let written: Vec<(String, Vec<u8>, u64)> = events
+            .iter()
+            .map(|e| match e {
+                Event::Put(kv) => (kv.key.clone(), kv.value.clone(), kv.mod_revision),
+                Event::Delete { key, .. } => panic!("unexpected delete of {key}"),
+            })
+            .collect();
+        assert_eq!(
+            written,
+            vec![
+                ("/netd/w/a".into(), b"1".to_vec(), rev),
+                ("/netd/w/b".into(), b"2".to_vec(), rev)
+            ]
+        );
+        let rev = s
+            .txn(vec![], vec![Op::Delete("/netd/w/a".into())])
+            .await
+            .unwrap()
+            .unwrap();
+        let Change::Events(_, events) = next_change(&mut rx, rev).await else {
+            panic!("a resync instead of the delete");
+        };
+        assert_eq!(
+            events.as_ref(),
+            &[Event::Delete {
+                key: "/netd/w/a".into(),
+                revision: rev
+            }]
+        );
     });
 
     store_test!(

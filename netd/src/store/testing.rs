@@ -172,3 +172,86 @@ macro_rules! store_test {
     };
 }
 pub(crate) use store_test;
+
+/// What a store was asked to do: how many lists (and keys they returned), transactions
+/// (and the operations in them). The scale tests compare these between a small and a
+/// large cluster.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    pub lists: usize,
+    pub keys_listed: usize,
+    pub txns: usize,
+    pub ops: usize,
+}
+
+/// A store that counts its traffic on the way to another.
+pub struct CountingStore {
+    inner: SharedStore,
+    traffic: std::sync::Mutex<Traffic>,
+}
+
+impl CountingStore {
+    pub fn new(inner: SharedStore) -> Self {
+        CountingStore {
+            inner,
+            traffic: Default::default(),
+        }
+    }
+
+    /// The traffic since the last call.
+    pub fn take(&self) -> Traffic {
+        self.traffic
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Traffic)) {
+        if let Ok(mut t) = self.traffic.lock() {
+            f(&mut t);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for CountingStore {
+    async fn list(&self, prefix: &str) -> Result<super::Snapshot, super::StoreError> {
+        let snap = self.inner.list(prefix).await?;
+        self.count(|t| {
+            t.lists += 1;
+            t.keys_listed += snap.kvs.len();
+        });
+        Ok(snap)
+    }
+    async fn txn(
+        &self,
+        compares: Vec<super::Compare>,
+        ops: Vec<super::Op>,
+    ) -> Result<Option<u64>, super::StoreError> {
+        self.count(|t| {
+            t.txns += 1;
+            t.ops += ops.len();
+        });
+        self.inner.txn(compares, ops).await
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<super::Change> {
+        self.inner.subscribe()
+    }
+    async fn put_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), super::StoreError> {
+        self.inner.put_ephemeral(key, value, ttl).await
+    }
+    async fn withdraw_ephemeral(&self) -> Result<(), super::StoreError> {
+        self.inner.withdraw_ephemeral().await
+    }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
