@@ -4,8 +4,10 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use netd_lab::{
     connect_from, diff_lines, field, http_get, http_get_from, udp_ask_from, underlay_ip, Lab,
 };
@@ -332,5 +334,79 @@ fn detach_and_rm_remove_everything_netd_made() -> Result<()> {
         .args(["-f", &prefix])
         .output()?;
     assert!(procs.stdout.is_empty(), "lab left processes");
+    Ok(())
+}
+
+/// netd keeps a netlink socket per namespace it works in, and a socket keeps its
+/// namespace alive. When a runtime deletes a task's namespace without a detach (a crash),
+/// the namespace must still die, taking its side of the task's veth with it: the socket
+/// is closed once the path no longer holds that namespace.
+#[test]
+fn a_deleted_task_namespace_is_not_kept_alive_by_netd() -> Result<()> {
+    let mut lab = web_lab("nlk", &[])?;
+    let node_name = lab.nodes[0].name.clone();
+    let sandboxes = || -> Result<BTreeSet<String>> {
+        Ok(std::fs::read_dir("/run/netns")?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("netd-{node_name}-")))
+            .collect())
+    };
+    let joined = sandboxes()?;
+    // The overlay's sandbox appears with its first task.
+    let (_, path) = lab.add_task_netns("first")?;
+    lab.cli(
+        0,
+        &["task", "attach", "web", "--netns", &path, "--name", "first"],
+    )?;
+    let sandbox = sandboxes()?
+        .difference(&joined)
+        .next()
+        .cloned()
+        .context("no sandbox for the overlay")?;
+    let links = |lab: &Lab| -> Result<BTreeSet<String>> {
+        let out = lab.exec_in(&sandbox, &["ip", "-o", "link", "show"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            .collect())
+    };
+    let sockets = |lab: &Lab| -> Result<u64> {
+        let st = lab.cli_json(0, &["status"])?;
+        st["reconcile"]["netlink_sockets"]
+            .as_u64()
+            .context("status has no reconcile.netlink_sockets")
+    };
+    let before = links(&lab)?;
+    let (name, path) = lab.add_task_netns("gone")?;
+    lab.cli(
+        0,
+        &["task", "attach", "web", "--netns", &path, "--name", "gone"],
+    )?;
+    let host_side: Vec<String> = links(&lab)?.difference(&before).cloned().collect();
+    assert_eq!(
+        host_side.len(),
+        1,
+        "the task's port in the sandbox: {host_side:?}"
+    );
+    let open = sockets(&lab)?;
+    // The runtime deletes the namespace; the task is still attached.
+    let out = Command::new("ip").args(["netns", "del", &name]).output()?;
+    anyhow::ensure!(out.status.success(), "ip netns del: {out:?}");
+    // Any change brings a step; the namespace must die with nothing but netd holding it.
+    lab.cli(0, &["service", "create", "other", "--network", "front"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while links(&lab)?.contains(&host_side[0]) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the deleted namespace still lives: its veth {} is in the sandbox",
+            host_side[0]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        sockets(&lab)? < open,
+        "the socket of the deleted namespace is still open"
+    );
     Ok(())
 }
