@@ -16,6 +16,7 @@ use serde_json::Value;
 mod attach;
 mod dns;
 mod ingress;
+mod scale;
 mod vip;
 
 #[derive(Parser)]
@@ -105,6 +106,32 @@ enum Cmd {
         #[arg(long, default_value = "bench/results/vip.md")]
         out: PathBuf,
     },
+    /// netd's cost as the cluster grows: 10 → 1,000 → 10,000 services and back to 10 in
+    /// a 3-node cluster on etcd (API operations/s, attach→reachable, backend changes,
+    /// DNS and VIP rates, RSS, etcd size; nftables with every service as rules against
+    /// eBPF at the biggest size; table + SVG plot).
+    Scale {
+        /// Service counts to grow through (probe + filler services); the bench then
+        /// shrinks back to the first.
+        #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+        scales: Vec<usize>,
+        /// DNS/VIP rounds per step (alternating); the median round counts.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per DNS or VIP run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Samples of attach→reachable and of the backend change per step.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+        /// The table; the plot goes next to it with the extension .svg.
+        #[arg(long, default_value = "bench/results/scale.md")]
+        out: PathBuf,
+        /// Seconds the whole run may take; past them it stops with an error, tears the
+        /// lab down and writes what it measured to OUT with the extension .partial.md.
+        #[arg(long, default_value_t = 1800)]
+        time_limit: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -135,6 +162,21 @@ fn main() -> Result<()> {
             out,
         } => ingress::run(seconds, rounds, threads, tasks, &out),
         Cmd::Attach { rounds, out } => attach::run(rounds, &out),
+        Cmd::Scale {
+            scales,
+            rounds,
+            seconds,
+            samples,
+            out,
+            time_limit,
+        } => scale::run(&scale::Opts {
+            scales,
+            rounds,
+            seconds,
+            samples,
+            out,
+            time_limit,
+        }),
     }
 }
 

@@ -484,6 +484,19 @@ impl Lab {
         ))
     }
 
+    /// The process id of the lab's etcd while it runs (for memory figures).
+    pub fn etcd_pid(&self) -> Option<u32> {
+        self.etcd
+            .as_ref()
+            .and_then(|(_, child)| child.as_ref())
+            .map(Child::id)
+    }
+
+    /// The process id of node `i`'s daemon while it runs (for memory figures).
+    pub fn daemon_pid(&self, i: usize) -> Option<u32> {
+        self.nodes.get(i)?.daemon.as_ref().map(Child::id)
+    }
+
     /// Stops the lab's etcd (SIGTERM, or SIGKILL when `kill`); its data stays.
     pub fn stop_etcd(&mut self, kill: bool) -> Result<()> {
         if let Some(child) = self.etcd.as_mut().and_then(|e| e.1.take()) {
