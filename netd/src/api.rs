@@ -402,7 +402,8 @@ fn load_balancer_view(d: &Daemon, st: &State, svc: &crate::model::Service) -> Va
 
 async fn service_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError> {
     let req: ServiceCreate = body(&bytes)?;
-    if !req.force {
+    // (Reading the node's sockets costs a walk of its socket tables: only for ports.)
+    if !req.force && !req.publish.is_empty() {
         crate::node_ports::check(&req.publish, &served_ports(&d))
             .map_err(state::Error::Conflict)?;
     }
@@ -445,7 +446,11 @@ fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
     } else {
         st.task_status.get(&t.id).map(|s| s.error.clone())
     };
-    let waiting = t.node == d.node && report.pending.contains(&t.id);
+    let waiting = if t.node == d.node {
+        report.pending.contains(&t.id)
+    } else {
+        st.task_status.get(&t.id).is_some_and(|s| s.pending)
+    };
     v["state"] = json!(match error {
         _ if !st.node_alive(&t.node) => "node down".to_string(),
         _ if waiting => "pending: its runtime has not started it yet".to_string(),
@@ -562,12 +567,11 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e))?;
     }
     let task = state::attach_task(&d.view, &d.node, req).await?;
-    let failure = if local {
-        converge_to(&d, task.revision)
-            .await?
-            .task_errors
-            .get(&task.id)
-            .cloned()
+    // The revision at which its node reported it up: from then on, VIPs balance to it.
+    let (failure, up_at) = if local {
+        let report = converge_to(&d, task.revision).await?;
+        let failure = report.task_errors.get(&task.id).cloned();
+        (failure, d.reconciler.status_revision())
     } else {
         remote_outcome(&d, &task.id).await?
     };
@@ -581,8 +585,9 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
         }
         return Err(Error::Kernel(format!("attaching task {}: {e}", task.name)).into());
     }
-    // This node reconciled already (above); only the other nodes are waited for.
-    await_others(&d, task.revision).await;
+    // This node reconciled already (above); only the other nodes are waited for, until
+    // their load balancers take the task too.
+    await_others(&d, task.revision.max(up_at)).await;
     let st = load(&d).await?;
     let report = d.reconciler.last_report();
     Ok((
@@ -597,9 +602,10 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
 const REMOTE_ATTACH_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Waits until the task's node published a status for `id`; `Some(error)` if its
-/// reconcile failed. Our own reconcile runs too, so the new task's endpoints are known
-/// here when this returns.
-async fn remote_outcome(d: &Daemon, id: &str) -> Result<Option<String>, ApiError> {
+/// reconcile failed, with the revision the status was seen at (the task joins VIPs on a
+/// node once that revision is applied there). Our own reconcile runs too, so the new
+/// task's endpoints are known here when this returns.
+async fn remote_outcome(d: &Daemon, id: &str) -> Result<(Option<String>, u64), ApiError> {
     let mut changes = d.view.watch();
     let deadline = tokio::time::Instant::now() + REMOTE_ATTACH_WAIT;
     loop {
@@ -607,7 +613,7 @@ async fn remote_outcome(d: &Daemon, id: &str) -> Result<Option<String>, ApiError
         match st.task_status.get(id) {
             Some(status) => {
                 converge(d).await?;
-                return Ok(status.error.clone());
+                return Ok((status.error.clone(), st.revision));
             }
             None if !st.tasks.contains_key(id) => {
                 return Err(Error::NotFound(format!("task {id} was detached meanwhile")).into())
@@ -625,7 +631,7 @@ async fn remote_outcome(d: &Daemon, id: &str) -> Result<Option<String>, ApiError
         .await
         .is_err()
         {
-            return Ok(None);
+            return Ok((None, 0));
         }
     }
 }

@@ -49,6 +49,14 @@ impl Touched {
                     t.tasks.extend(prev.task_ids_of(name));
                     t.tasks.extend(next.task_ids_of(name));
                 }
+                // A task's node reported it up (or not): its VIPs follow.
+                "taskstatus" => {
+                    for st in [prev, next] {
+                        if let Some(task) = st.any_task(name) {
+                            t.services.insert(task.service.clone());
+                        }
+                    }
+                }
                 "tasks" => {
                     t.tasks.insert(name.to_string());
                     for st in [prev, next] {
@@ -282,6 +290,12 @@ mod tests {
                 .unwrap();
             ids.push(t.id.clone());
             f.catch_up(&v).await;
+            let ip = t.endpoints[0].ip;
+            assert!(f.table.vips.values().all(|e| !e.backends.contains(&ip)));
+            // Its node reports it up: now it is a backend.
+            state::fixture::report_up(&v, &[&t.id]).await;
+            f.catch_up(&v).await;
+            assert!(f.table.vips.values().any(|e| e.backends.contains(&ip)));
         }
         assert_eq!(
             f.table

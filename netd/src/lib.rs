@@ -21,6 +21,7 @@ pub mod netlink;
 pub mod netns;
 pub mod nftables;
 pub mod node_ports;
+pub mod plan;
 pub mod reconcile;
 pub mod state;
 pub mod store;

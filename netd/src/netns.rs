@@ -242,6 +242,13 @@ impl NetlinkPool {
         work(handle).await
     }
 
+    /// Closes the socket of `ns`, if one is open (before removing the namespace).
+    pub fn forget(&self, ns: &Netns) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(ns);
+        }
+    }
+
     /// Closes the sockets of namespaces `keep` does not want, and of those whose path
     /// holds another namespace now (or none).
     pub fn retain(&self, keep: impl Fn(&Netns) -> bool) {

@@ -211,6 +211,16 @@ pub struct State {
 pub struct TaskStatus {
     /// `None` when every interface of the task is configured.
     pub error: Option<String>,
+    /// Its runtime has not taken its first endpoint yet (see [`Task::handoff`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+}
+
+impl TaskStatus {
+    /// Its node reported every interface working: the task may take connections.
+    pub fn up(&self) -> bool {
+        self.error.is_none() && !self.pending
+    }
 }
 
 fn key(kind: &str, name: &str) -> String {
@@ -484,6 +494,13 @@ impl State {
         }
     }
 
+    /// Whether task `id`'s node reported it up (see [`TaskStatus::up`]): only then does
+    /// it join its service's VIPs and published ports, so no connection is sent to a
+    /// task whose interfaces are not there yet.
+    pub fn task_up(&self, id: &str) -> bool {
+        self.task_status.get(id).is_some_and(TaskStatus::up)
+    }
+
     /// The tasks of `service` (not its orphans), by id.
     pub fn tasks_of<'a>(&'a self, service: &str) -> impl Iterator<Item = &'a Task> + 'a {
         self.by_service
@@ -664,24 +681,27 @@ pub async fn alive_nodes(store: &dyn Store) -> Result<BTreeSet<String>> {
 
 /// Records what this node's reconcile made of its tasks, for the ones whose status
 /// changed. A task removed meanwhile gets no status (the compare on its record fails).
+/// Returns the revision of the last status written, if any.
 pub async fn publish_task_status(
     store: &dyn Store,
     st: &State,
     changed: Vec<(String, TaskStatus)>,
-) -> Result<()> {
+) -> Result<Option<u64>> {
+    let mut last = None;
     for (id, status) in changed {
         let tk = key("tasks", &id);
         if !st.tasks.contains_key(&id) {
             continue;
         }
-        store
+        let written = store
             .txn(
                 vec![st.unchanged(&tk)],
                 vec![Op::Put(key("taskstatus", &id), encode(&status))],
             )
             .await?;
+        last = written.or(last);
     }
-    Ok(())
+    Ok(last)
 }
 
 pub async fn create_network(
@@ -1738,6 +1758,25 @@ pub(crate) mod fixture {
         (dir, view)
     }
 
+    /// Publishes tasks `ids` as up, as their node's reconcile would, and waits for the
+    /// view to have it.
+    pub async fn report_up(view: &View, ids: &[&str]) {
+        let st = view.state();
+        let up = ids
+            .iter()
+            .map(|id| {
+                let status = TaskStatus {
+                    error: None,
+                    pending: false,
+                };
+                (id.to_string(), status)
+            })
+            .collect();
+        if let Some(rev) = publish_task_status(view.store(), &st, up).await.unwrap() {
+            view.at_least(rev).await.unwrap();
+        }
+    }
+
     /// A view of a test's store.
     pub async fn view(s: &crate::store::testing::SharedStore) -> std::sync::Arc<View> {
         View::open(s.clone()).await.unwrap()
@@ -1838,13 +1877,14 @@ mod tests {
                     .await
                     .unwrap();
             }
-            assert!(s
+            let rev = s
                 .store()
                 .txn(vec![], vec![Op::Delete(key("services", "web"))])
                 .await
                 .unwrap()
-                .is_some());
-            let st = State::load(s.store()).await.unwrap();
+                .unwrap();
+            // A write behind the view's back: wait until the view has it.
+            let st = s.at_least(rev).await.unwrap();
             assert!(st.tasks.is_empty());
             assert_eq!(st.orphans.len(), 3);
             // A new service of the same name would adopt them: not until they are gone.
@@ -2173,7 +2213,13 @@ mod tests {
             publish_task_status(
                 s.store(),
                 &State::load(s.store()).await.unwrap(),
-                vec![(t.id.clone(), TaskStatus { error: None })],
+                vec![(
+                    t.id.clone(),
+                    TaskStatus {
+                        error: None,
+                        pending: false,
+                    },
+                )],
             )
             .await
             .unwrap();

@@ -93,6 +93,9 @@ struct Loaded {
     /// and writes only what differs (no map read per VIP).
     slots: BTreeMap<Ipv4Addr, Programmed>,
     next_slot: u32,
+    /// The task namespaces and their networks as the maps hold them after the last
+    /// [`Loaded::set_netns`] (None: not known, read the maps).
+    netns_set: Option<(BTreeSet<u64>, BTreeSet<NetnsNet>)>,
 }
 
 /// One VIP as programmed.
@@ -173,6 +176,7 @@ impl Loaded {
             obj,
             slots: BTreeMap::new(),
             next_slot: 1,
+            netns_set: None,
         };
         let entries: Vec<(VipKey, VipValue)> = l.vips.iter().filter_map(|r| r.ok()).collect();
         for (k, v) in entries {
@@ -341,6 +345,15 @@ impl Loaded {
 
     /// The task namespaces the hooks act for, and the networks each is on.
     fn set_netns(&mut self, cookies: &[u64], nets: &BTreeSet<NetnsNet>) -> Result<()> {
+        // What the last call left: no map walk (two syscalls a key) when nothing changed.
+        let want = (
+            cookies.iter().copied().collect::<BTreeSet<u64>>(),
+            nets.clone(),
+        );
+        if self.netns_set.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        self.netns_set = None;
         let present: Vec<u64> = self.netns.keys().filter_map(|k| k.ok()).collect();
         for c in &present {
             if !cookies.contains(c) {
@@ -361,6 +374,7 @@ impl Loaded {
                 .insert(k, 1, 0)
                 .context("record a task namespace's network")?;
         }
+        self.netns_set = Some(want);
         Ok(())
     }
 

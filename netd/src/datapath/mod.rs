@@ -84,7 +84,7 @@ impl LbTable {
             .map(|(network, vip)| {
                 let mut backends: Vec<Ipv4Addr> = st
                     .tasks_of(&svc.name)
-                    .filter(|t| st.node_alive(&t.node))
+                    .filter(|t| st.node_alive(&t.node) && st.task_up(&t.id))
                     .flat_map(|t| t.endpoints.iter())
                     .filter(|e| &e.network == network)
                     .map(|e| e.ip)
@@ -247,6 +247,7 @@ mod tests {
         let (_dir, s) = fixture::setup().await;
         let svc = fixture::web_on_front(&s).await;
         let mut ips = vec![];
+        let mut ids = vec![];
         for i in 0..3 {
             let t = state::attach_task(
                 &s,
@@ -260,7 +261,15 @@ mod tests {
             .await
             .unwrap();
             ips.push(t.endpoints[0].ip);
+            ids.push(t.id.clone());
         }
+        // Not a backend before its node reported it up.
+        let st = State::load(s.store()).await.unwrap();
+        assert!(LbTable::from_state(&st).vips[&svc.vips["front"]]
+            .backends
+            .is_empty());
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        fixture::report_up(&s, &ids).await;
         let st = State::load(s.store()).await.unwrap();
         let table = LbTable::from_state(&st);
         let vip = svc.vips["front"];
@@ -289,6 +298,7 @@ mod tests {
             .await
             .unwrap();
             by_node.push(t.endpoints[0].ip);
+            fixture::report_up(&s, &[&t.id]).await;
         }
         let mut st = State::load(s.store()).await.unwrap();
         let vip = svc.vips["front"];

@@ -13,7 +13,7 @@
 //! ingress does).
 //!
 //! Other nodes reach a node's LB address like a task: `br0` carries its MAC, and the
-//! cluster programs it into every sandbox's VXLAN tables (reconcile::remote_peers).
+//! cluster programs it into every sandbox's VXLAN tables (plan::remote_peers).
 //! The TUN devices are persistent and the flows journaled (conntrack), so a restarted
 //! netd picks up established connections where the last one stopped.
 //!

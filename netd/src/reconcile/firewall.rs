@@ -1,0 +1,122 @@
+//! The firewall applier: the node's nftables table (masquerade, isolation, published
+//! ports, VXLAN from members only, tasks kept off the node), the ingress sandbox's DNAT,
+//! and the port security of every overlay sandbox. Each table is replaced whole and
+//! atomically (`nftables`); a step after a change trusts the tag it applied last and
+//! runs no `nft` for a table whose rules did not change, while the periodic step reads
+//! the kernel again and repairs drift.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{anyhow, Result};
+use async_trait::async_trait;
+
+use super::Firewall;
+use crate::netns::{self, Netns};
+use crate::nftables::{self, Ruleset, SandboxGuards};
+
+#[derive(Default)]
+pub struct KernelFirewall {
+    /// The tag last applied per (namespace inode, table).
+    tags: std::sync::Mutex<HashMap<(u64, &'static str), String>>,
+    /// VXLAN datagrams from non-members dropped by node rulesets that were replaced
+    /// since start (each new ruleset counts from zero).
+    vxlan_foreign: AtomicU64,
+    /// The same for tasks' connections to the node or the store.
+    task_to_node: AtomicU64,
+}
+
+/// The inode of a namespace's file: a namespace made anew has another.
+fn netns_inode(ns: &Netns) -> Option<u64> {
+    let path = match ns {
+        Netns::Home => std::path::Path::new("/proc/self/ns/net"),
+        Netns::Path(p) => p.as_path(),
+    };
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+}
+
+/// A named counter of the node's netd table, plus what the tables it replaced counted.
+async fn counted(name: &'static str, replaced: &AtomicU64) -> u64 {
+    let now = tokio::task::spawn_blocking(move || nftables::counter(name))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    now + replaced.load(Ordering::Relaxed)
+}
+
+impl KernelFirewall {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether table `table` in `ns` is known to hold `tag` already (only trusted when
+    /// the step does not read the kernel anyway).
+    fn known(&self, ns: &Netns, table: &'static str, tag: &str, checked: bool) -> bool {
+        if checked {
+            return false;
+        }
+        let Some(ino) = netns_inode(ns) else {
+            return false;
+        };
+        self.tags
+            .lock()
+            .map(|m| m.get(&(ino, table)).map(String::as_str) == Some(tag))
+            .unwrap_or(false)
+    }
+
+    fn applied(&self, ns: &Netns, table: &'static str, tag: String) {
+        if let (Some(ino), Ok(mut m)) = (netns_inode(ns), self.tags.lock()) {
+            m.insert((ino, table), tag);
+        }
+    }
+}
+
+#[async_trait]
+impl Firewall for KernelFirewall {
+    async fn node(&self, rules: Ruleset, checked: bool) -> Result<()> {
+        let tag = rules.hash_hex();
+        if self.known(&Netns::Home, "ip", &tag, checked) {
+            return Ok(());
+        }
+        let applied = tokio::task::spawn_blocking(move || nftables::apply(&rules))
+            .await
+            .map_err(|e| anyhow!("{e}"))??;
+        self.applied(&Netns::Home, "ip", tag);
+        self.vxlan_foreign
+            .fetch_add(applied.vxlan_foreign_before, Ordering::Relaxed);
+        self.task_to_node
+            .fetch_add(applied.task_to_node_before, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn namespace(&self, ns: &Netns, rules: Ruleset, checked: bool) -> Result<()> {
+        let tag = rules.hash_hex();
+        if self.known(ns, "ip", &tag, checked) {
+            return Ok(());
+        }
+        netns::run_in(ns, move || nftables::apply(&rules)).await?;
+        self.applied(ns, "ip", tag);
+        Ok(())
+    }
+
+    async fn guards(&self, ns: &Netns, guards: SandboxGuards, checked: bool) -> Result<()> {
+        let tag = guards.tag();
+        if self.known(ns, "bridge", &tag, checked) {
+            return Ok(());
+        }
+        netns::run_in(ns, move || nftables::apply_guards(&guards)).await?;
+        self.applied(ns, "bridge", tag);
+        Ok(())
+    }
+
+    async fn vxlan_foreign_dropped(&self) -> u64 {
+        counted(nftables::VXLAN_FOREIGN, &self.vxlan_foreign).await
+    }
+
+    async fn task_to_node_dropped(&self) -> u64 {
+        counted(nftables::TASK_TO_NODE, &self.task_to_node).await
+    }
+}

@@ -1,0 +1,720 @@
+//! One reconcile step turns the kernel of this node into what the store says it should
+//! be. The kernel is the source of truth for what exists: every step reads links,
+//! addresses, routes, namespaces and nftables, changes only what differs, then sweeps the
+//! netd-named objects nothing desires. Running it twice changes nothing the second time,
+//! which is what lets netd restart (even after `kill -9`) without touching live traffic.
+//!
+//! A step is a pure plan ([`crate::plan::NodePlan`]: what should be, from the state)
+//! handed to one applier per concern, each behind a small trait so that the sequencing
+//! here can be tested with fakes: [`Links`] (bridges, sandboxes, peers, endpoints,
+//! sweep), [`Firewall`] (nftables), [`Mesh`] (the XDP fast path), the VIP datapath
+//! ([`Datapath`]) and the DNS listeners ([`Listeners`]). The step writes nothing to the
+//! store but one thing: a node that lacks its own address on a network asks for it.
+
+mod firewall;
+mod links;
+mod mesh;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+
+pub use self::firewall::KernelFirewall;
+pub use self::links::KernelLinks;
+pub use self::mesh::KernelMesh;
+use crate::datapath::xdp::{MeshTable, XdpMesh};
+use crate::datapath::Datapath;
+use crate::dns::Dns;
+use crate::model::Task;
+use crate::naming;
+use crate::netns::{self, Netns};
+use crate::nftables::{Ruleset, SandboxGuards};
+pub use crate::plan::NodeConfig;
+use crate::plan::{IngressPlan, NodeBridge, NodePlan, OverlayPlan, TaskPlan, Wanted};
+use crate::state::{self, State, TaskStatus, INGRESS};
+use crate::view::View;
+
+/// Links in the node's namespaces: what [`KernelLinks`] does with netlink.
+#[async_trait]
+pub trait Links: Send + Sync {
+    /// Called first in every step (a kernel applier reads what it needs once per step).
+    /// `checked`: the periodic step, which must trust nothing it remembers.
+    fn begin(&self, _checked: bool) {}
+    /// The node's bridges, with their gateway addresses; forwarding on.
+    async fn bridges(&self, bridges: &[NodeBridge]) -> Result<()>;
+    /// An overlay's sandbox: its namespace, bridge and VXLAN device.
+    async fn sandbox(&self, o: &OverlayPlan) -> Result<()>;
+    /// The remote tasks of an overlay on its VXLAN device; how many entries changed.
+    async fn peers(&self, o: &OverlayPlan) -> Result<usize>;
+    /// A task's endpoints, loopback and default route.
+    async fn task(&self, t: &TaskPlan) -> Result<()>;
+    /// A handed-over task: true once its runtime took its first endpoint (then it is
+    /// plumbed like any task), false while that endpoint waits for the runtime.
+    async fn handoff(&self, t: &TaskPlan) -> Result<bool>;
+    /// The node's ingress sandbox, plumbed as task `t`.
+    async fn ingress_sandbox(&self, i: &IngressPlan, t: &TaskPlan) -> Result<()>;
+    /// Removes the netd-named links and sandboxes `w` does not want.
+    async fn sweep(&self, w: &Wanted) -> Result<()>;
+    /// Lets go of what the applier holds for namespaces not in `keep`.
+    fn keep_sockets(&self, _keep: &BTreeSet<Netns>) {}
+    /// Netlink sockets held open (for `netd status`).
+    fn sockets(&self) -> usize {
+        0
+    }
+}
+
+/// nftables tables: what [`KernelFirewall`] does.
+#[async_trait]
+pub trait Firewall: Send + Sync {
+    /// The node's own table. `checked`: read the kernel, trust nothing remembered.
+    async fn node(&self, rules: Ruleset, checked: bool) -> Result<()>;
+    /// The table of another namespace (the ingress sandbox's).
+    async fn namespace(&self, ns: &Netns, rules: Ruleset, checked: bool) -> Result<()>;
+    /// The port security of an overlay sandbox.
+    async fn guards(&self, ns: &Netns, guards: SandboxGuards, checked: bool) -> Result<()>;
+    async fn vxlan_foreign_dropped(&self) -> u64 {
+        0
+    }
+    async fn task_to_node_dropped(&self) -> u64 {
+        0
+    }
+}
+
+/// The routing mesh's fast path: what [`KernelMesh`] does.
+#[async_trait]
+pub trait Mesh: Send + Sync {
+    /// Runs the fast path for `table` (None: removes it); the interface it runs on.
+    async fn sync(&self, table: Option<&MeshTable>) -> Result<Option<String>>;
+    fn status(&self) -> serde_json::Value;
+}
+
+/// The embedded DNS's listeners: one in every task that is up.
+#[async_trait]
+pub trait Listeners: Send + Sync {
+    /// Serves exactly `tasks`; the ones it could not serve, with why.
+    async fn serve(&self, tasks: &[&Task]) -> BTreeMap<String, String>;
+}
+
+#[async_trait]
+impl Listeners for Dns {
+    async fn serve(&self, tasks: &[&Task]) -> BTreeMap<String, String> {
+        self.sync_listeners(tasks).await
+    }
+}
+
+/// The appliers a reconciler drives.
+pub struct Appliers {
+    pub links: Arc<dyn Links>,
+    pub firewall: Arc<dyn Firewall>,
+    pub mesh: Option<Arc<dyn Mesh>>,
+    pub dns: Option<Arc<dyn Listeners>>,
+    pub datapath: Option<Arc<dyn Datapath>>,
+}
+
+/// What the last reconcile could not do, per task id; surfaced by `netd task ls`.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub task_errors: BTreeMap<String, String>,
+    pub errors: Vec<String>,
+    /// Tasks whose runtime has not made their namespace yet (see [`Task::handoff`]):
+    /// their first endpoint waits in the node's namespace for the runtime to take it.
+    pub pending: BTreeSet<String>,
+}
+
+impl Report {
+    /// The tasks of `plan` without an error so far in this step.
+    fn up<'a>(&self, plan: &'a NodePlan) -> Vec<&'a Task> {
+        plan.tasks
+            .iter()
+            .map(|t| &t.task)
+            .filter(|t| !self.task_errors.contains_key(&t.id) && !self.pending.contains(&t.id))
+            .collect()
+    }
+}
+
+pub struct Reconciler {
+    view: Arc<View>,
+    cfg: NodeConfig,
+    appliers: Appliers,
+    /// One step at a time: two concurrent steps would race to create the same objects.
+    step: Mutex<()>,
+    last: std::sync::Mutex<Report>,
+    /// The store revision the last finished step applied.
+    applied: std::sync::atomic::AtomicU64,
+    /// The store revision of the last task status this node published.
+    status_revision: std::sync::atomic::AtomicU64,
+}
+
+impl Reconciler {
+    /// A reconciler of this node's kernel (netlink, nftables, XDP).
+    pub fn new(
+        view: Arc<View>,
+        cfg: NodeConfig,
+        dns: Option<Arc<Dns>>,
+        datapath: Option<Arc<dyn Datapath>>,
+        xdp: Option<Arc<XdpMesh>>,
+    ) -> Self {
+        let netlink = Arc::new(netns::NetlinkPool::new());
+        let appliers = Appliers {
+            links: Arc::new(KernelLinks::new(cfg.clone(), netlink.clone())),
+            firewall: Arc::new(KernelFirewall::new()),
+            mesh: xdp.map(|x| Arc::new(KernelMesh::new(x, netlink)) as Arc<dyn Mesh>),
+            dns: dns.map(|d| d as Arc<dyn Listeners>),
+            datapath,
+        };
+        Reconciler::with_appliers(view, cfg, appliers)
+    }
+
+    pub fn with_appliers(view: Arc<View>, cfg: NodeConfig, appliers: Appliers) -> Self {
+        Reconciler {
+            view,
+            cfg,
+            appliers,
+            step: Mutex::new(()),
+            last: std::sync::Mutex::new(Report::default()),
+            applied: std::sync::atomic::AtomicU64::new(0),
+            status_revision: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// VXLAN datagrams dropped on this node because a host that is not a live member of
+    /// the cluster sent them (since netd started), for `netd status`.
+    pub async fn vxlan_foreign_dropped(&self) -> u64 {
+        self.appliers.firewall.vxlan_foreign_dropped().await
+    }
+
+    /// New connections from tasks to this node or the store, dropped (since netd
+    /// started), for `netd status`.
+    pub async fn task_to_node_dropped(&self) -> u64 {
+        self.appliers.firewall.task_to_node_dropped().await
+    }
+
+    /// The XDP fast path, for `netd status`.
+    pub fn xdp_status(&self) -> serde_json::Value {
+        self.appliers
+            .mesh
+            .as_ref()
+            .map(|m| m.status())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Open netlink sockets (one per namespace the node works in).
+    pub fn netlink_sockets(&self) -> usize {
+        self.appliers.links.sockets()
+    }
+
+    /// The store revision of the last task status this node published: a task joins
+    /// VIPs on every node once that revision is applied there.
+    pub fn status_revision(&self) -> u64 {
+        self.status_revision
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn last_report(&self) -> Report {
+        self.last.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Re-runs whenever the store changes, and every `interval` to repair drift (those
+    /// steps read every table back from the kernel).
+    pub async fn run_forever(self: Arc<Self>, interval: Duration) {
+        let mut changes = self.view.watch();
+        let mut checked = true;
+        loop {
+            if let Err(e) = self.run(checked).await {
+                tracing::warn!("reconcile: {e:#}");
+            }
+            checked = tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = tokio::time::sleep(interval) => true,
+            };
+        }
+    }
+
+    /// One step, after a change: tables known to be right are not read back.
+    pub async fn run_once(&self) -> Result<Report> {
+        self.run(false).await
+    }
+
+    /// Makes the kernel match a state at `revision` or later: a step that began after a
+    /// write (the one its change event started) serves the caller who made it, instead of
+    /// a second one behind it.
+    pub async fn run_for(&self, revision: u64) -> Result<Report> {
+        let _guard = self.step.lock().await;
+        if self.applied.load(std::sync::atomic::Ordering::Acquire) >= revision {
+            return Ok(self.last_report());
+        }
+        self.run_locked(false).await
+    }
+
+    async fn run(&self, checked: bool) -> Result<Report> {
+        let _guard = self.step.lock().await;
+        self.run_locked(checked).await
+    }
+
+    /// One step; the caller holds the step lock.
+    async fn run_locked(&self, checked: bool) -> Result<Report> {
+        let st = self.view.state();
+        let report = self.step(&st, checked).await;
+        if let Ok(mut last) = self.last.lock() {
+            *last = report.clone();
+        }
+        self.applied
+            .store(st.revision, std::sync::atomic::Ordering::Release);
+        let changed: Vec<(String, TaskStatus)> = st
+            .tasks
+            .values()
+            .filter(|t| t.node == self.cfg.name)
+            .map(|t| {
+                let status = TaskStatus {
+                    error: report.task_errors.get(&t.id).cloned(),
+                    pending: report.pending.contains(&t.id),
+                };
+                (t.id.clone(), status)
+            })
+            .filter(|(id, status)| st.task_status.get(id) != Some(status))
+            .collect();
+        match state::publish_task_status(self.view.store(), &st, changed).await {
+            Ok(Some(revision)) => self
+                .status_revision
+                .store(revision, std::sync::atomic::Ordering::Release),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("publish task status: {e}"),
+        }
+        for (task, e) in &report.task_errors {
+            tracing::warn!(task, "{e}");
+        }
+        for e in &report.errors {
+            tracing::warn!("{e}");
+        }
+        Ok(report)
+    }
+
+    async fn step(&self, st: &State, checked: bool) -> Report {
+        let a = &self.appliers;
+        let translating = a.datapath.as_ref().is_some_and(|d| d.needs_lb_addresses());
+        let plan = NodePlan::from_state(st, &self.cfg, translating);
+        let mut report = Report::default();
+        a.links.begin(checked);
+
+        // 1. Node-level bridges, then the overlay sandboxes the local tasks need.
+        if let Err(e) = a.links.bridges(&plan.bridges).await {
+            report.errors.push(format!("node bridges: {e:#}"));
+        }
+        let mut broken = BTreeSet::new();
+        for o in &plan.overlays {
+            if let Err(e) = a.links.sandbox(o).await {
+                let net = &o.network.name;
+                report
+                    .errors
+                    .push(format!("sandbox of network {net}: {e:#}"));
+                broken.insert(net.clone());
+            }
+        }
+        let ready = |o: &&OverlayPlan| !broken.contains(&o.network.name);
+
+        // 2. Remote tasks on those overlays, reachable through their node's VTEP.
+        for o in plan.overlays.iter().filter(ready) {
+            match a.links.peers(o).await {
+                Ok(0) => {}
+                Ok(changed) => {
+                    tracing::info!(
+                        network = o.network.name,
+                        changed,
+                        "remote task entries updated"
+                    )
+                }
+                Err(e) => report
+                    .errors
+                    .push(format!("remote tasks of network {}: {e:#}", o.network.name)),
+            }
+        }
+
+        // 3. Task endpoints.
+        for t in &plan.tasks {
+            let id = &t.task.id;
+            if let Some(bad) = t
+                .task
+                .endpoints
+                .iter()
+                .find(|e| broken.contains(&e.network))
+            {
+                let why = format!("sandbox of network {} is not ready", bad.network);
+                report.task_errors.insert(id.clone(), why);
+                continue;
+            }
+            if t.task.handoff {
+                match a.links.handoff(t).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        report.pending.insert(id.clone());
+                        continue;
+                    }
+                    Err(e) => {
+                        report.task_errors.insert(id.clone(), format!("{e:#}"));
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = a.links.task(t).await {
+                report.task_errors.insert(id.clone(), format!("{e:#}"));
+            }
+        }
+
+        // 3b. The ingress sandbox: the node's leg on the ingress network.
+        let isbox_up = self.ingress_sandbox(&plan, &broken, &mut report).await;
+
+        // 4. The embedded DNS in every task that is up (and in no other).
+        if let Some(dns) = &a.dns {
+            let up = report.up(&plan);
+            let errors = dns.serve(&up).await;
+            report.task_errors.extend(errors);
+        }
+
+        // 5. VIP load balancing for the tasks that are up.
+        if let Some(dp) = &a.datapath {
+            if let Err(e) = self
+                .load_balancer(dp.as_ref(), &plan, &broken, &mut report)
+                .await
+            {
+                report.errors.push(format!("load balancer: {e:#}"));
+            }
+        }
+
+        // 6. The fast path in front of the kernel path (or gone with the mesh) first: the
+        // node's rules send what it leaves to the kernel on a path of their own.
+        let mut xdp_iface = None;
+        if let Some(m) = &a.mesh {
+            match m.sync(plan.mesh.as_ref().filter(|_| isbox_up)).await {
+                Ok(i) => xdp_iface = i,
+                Err(e) => report
+                    .errors
+                    .push(format!("XDP fast path (kernel path in use): {e:#}")),
+            }
+        }
+        // Node firewall: masquerade, isolation and published ports; the ingress
+        // sandbox's DNAT onto the service's tasks.
+        let up: BTreeSet<String> = report.up(&plan).iter().map(|t| t.id.clone()).collect();
+        let rules = plan.node_ruleset(&up, isbox_up, xdp_iface.as_deref());
+        if let Err(e) = a.firewall.node(rules, checked).await {
+            report.errors.push(format!("nftables: {e:#}"));
+        }
+        if let (Some(i), true) = (&plan.ingress, isbox_up) {
+            let ns = Netns::named(&naming::ingress_sbox_netns(&self.cfg.name));
+            if let Err(e) = a.firewall.namespace(&ns, i.rules.clone(), checked).await {
+                report
+                    .errors
+                    .push(format!("ingress sandbox nftables: {e:#}"));
+            }
+        }
+
+        // 6b. Port security in every overlay sandbox: a task's port lets in only its own
+        // MAC and address.
+        for o in plan.overlays.iter().filter(ready) {
+            let guards = plan.guards(o, isbox_up);
+            if let Err(e) = a.firewall.guards(&o.sandbox, guards, checked).await {
+                report.errors.push(format!(
+                    "port security of network {}: {e:#}",
+                    o.network.name
+                ));
+            }
+        }
+
+        // 7. Sweep what nothing desires any more; the task sides that wait for their
+        // runtime stay in the node's namespace.
+        let mut wanted = plan.wanted.clone();
+        wanted.waiting = plan
+            .tasks
+            .iter()
+            .filter(|t| report.pending.contains(&t.task.id))
+            .filter_map(|t| t.task.endpoints.first())
+            .map(|ep| naming::task_tmp_if(&ep.id))
+            .collect();
+        if let Err(e) = a.links.sweep(&wanted).await {
+            report.errors.push(format!("sweep: {e:#}"));
+        }
+        // A socket keeps its namespace (and the interfaces in it) alive.
+        let mut keep: BTreeSet<Netns> = plan
+            .tasks
+            .iter()
+            .map(|t| Netns::Path(PathBuf::from(&t.task.netns)))
+            .collect();
+        keep.extend(wanted.sandboxes.iter().map(|n| Netns::named(n)));
+        a.links.keep_sockets(&keep);
+        report
+    }
+
+    /// Builds the ingress sandbox if the plan has one; whether it is up.
+    async fn ingress_sandbox(
+        &self,
+        plan: &NodePlan,
+        broken: &BTreeSet<String>,
+        report: &mut Report,
+    ) -> bool {
+        let Some(i) = &plan.ingress else {
+            return false;
+        };
+        if broken.contains(&i.network.name) {
+            report
+                .errors
+                .push("ingress sandbox: the ingress network's sandbox is not ready".into());
+            return false;
+        }
+        let Some(t) = &i.sandbox else {
+            // A node that joined after the ingress network was made.
+            let node = &self.cfg.name;
+            let why = match state::ensure_lb_addresses(&self.view, node, &[INGRESS.into()]).await {
+                Ok(_) => "waiting for this node's address on the ingress network".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            report.errors.push(format!("ingress sandbox: {why}"));
+            return false;
+        };
+        match self.appliers.links.ingress_sandbox(i, t).await {
+            Ok(()) => true,
+            Err(e) => {
+                report.errors.push(format!("ingress sandbox: {e:#}"));
+                false
+            }
+        }
+    }
+
+    /// The datapath's node-side objects for the tasks that are up and the overlays whose
+    /// sandbox is.
+    async fn load_balancer(
+        &self,
+        dp: &dyn Datapath,
+        plan: &NodePlan,
+        broken: &BTreeSet<String>,
+        report: &mut Report,
+    ) -> Result<()> {
+        if !plan.lb_addresses_missing.is_empty() {
+            // Tasks attached before this node used a translating datapath: reserve its
+            // addresses now; the store change brings another step that uses them.
+            state::ensure_lb_addresses(&self.view, &self.cfg.name, &plan.lb_addresses_missing)
+                .await?;
+        }
+        let sandboxes: Vec<_> = plan
+            .lb_sandboxes
+            .iter()
+            .filter(|s| !broken.contains(&s.network))
+            .cloned()
+            .collect();
+        let up = report.up(plan);
+        let errors = dp.sync_local(&up, &sandboxes).await?;
+        report.task_errors.extend(errors);
+        Ok(())
+    }
+}
+
+/// The step's sequencing, with fake appliers: what each concern is asked to do, and what
+/// a failure in one means for the others.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{fixture, TaskAttach};
+
+    #[derive(Default)]
+    struct FakeLinks {
+        /// Networks whose sandbox fails.
+        broken: BTreeSet<String>,
+        tasks: std::sync::Mutex<Vec<String>>,
+        swept: std::sync::Mutex<Option<Wanted>>,
+    }
+
+    #[async_trait]
+    impl Links for FakeLinks {
+        async fn bridges(&self, _: &[NodeBridge]) -> Result<()> {
+            Ok(())
+        }
+        async fn sandbox(&self, o: &OverlayPlan) -> Result<()> {
+            if self.broken.contains(&o.network.name) {
+                anyhow::bail!("no sandbox today");
+            }
+            Ok(())
+        }
+        async fn peers(&self, _: &OverlayPlan) -> Result<usize> {
+            Ok(0)
+        }
+        async fn task(&self, t: &TaskPlan) -> Result<()> {
+            self.tasks.lock().unwrap().push(t.task.name.clone());
+            Ok(())
+        }
+        async fn handoff(&self, _: &TaskPlan) -> Result<bool> {
+            Ok(false)
+        }
+        async fn ingress_sandbox(&self, _: &IngressPlan, _: &TaskPlan) -> Result<()> {
+            Ok(())
+        }
+        async fn sweep(&self, w: &Wanted) -> Result<()> {
+            *self.swept.lock().unwrap() = Some(w.clone());
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeFirewall {
+        node: std::sync::Mutex<Vec<Ruleset>>,
+    }
+
+    #[async_trait]
+    impl Firewall for FakeFirewall {
+        async fn node(&self, rules: Ruleset, _: bool) -> Result<()> {
+            self.node.lock().unwrap().push(rules);
+            Ok(())
+        }
+        async fn namespace(&self, _: &Netns, _: Ruleset, _: bool) -> Result<()> {
+            Ok(())
+        }
+        async fn guards(&self, _: &Netns, _: SandboxGuards, _: bool) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeDns {
+        served: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Listeners for FakeDns {
+        async fn serve(&self, tasks: &[&Task]) -> BTreeMap<String, String> {
+            *self.served.lock().unwrap() = tasks.iter().map(|t| t.name.clone()).collect();
+            BTreeMap::new()
+        }
+    }
+
+    fn cfg() -> NodeConfig {
+        NodeConfig {
+            name: "n1".into(),
+            gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
+            vxlan_port: 4789,
+            overlay_mtu: 1450,
+            bridge_mtu: 1500,
+            tasks_reach_node: false,
+            protected: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_behind_a_broken_sandbox_is_reported_and_left_out_of_dns_and_ports() {
+        let (_dir, v) = fixture::setup().await;
+        fixture::web_on_front(&v).await;
+        for net in ["back"] {
+            state::create_network(
+                &v,
+                &fixture::pools(),
+                state::NetworkCreate {
+                    name: net.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        state::create_service(
+            &v,
+            &fixture::pools(),
+            state::ServiceCreate {
+                name: "api".into(),
+                networks: vec!["back".into()],
+                publish: vec![crate::model::parse_publish("8080:80,mode=host").unwrap()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        for (svc, name) in [("web", "w1"), ("api", "a1")] {
+            state::attach_task(
+                &v,
+                "n1",
+                TaskAttach {
+                    service: svc.into(),
+                    netns: format!("/run/netns/{name}"),
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let links = Arc::new(FakeLinks {
+            broken: BTreeSet::from(["back".to_string()]),
+            ..Default::default()
+        });
+        let firewall = Arc::new(FakeFirewall::default());
+        let dns = Arc::new(FakeDns::default());
+        let r = Reconciler::with_appliers(
+            v.clone(),
+            cfg(),
+            Appliers {
+                links: links.clone(),
+                firewall: firewall.clone(),
+                mesh: None,
+                dns: Some(dns.clone()),
+                datapath: None,
+            },
+        );
+        let report = r.run_once().await.unwrap();
+        // The sandbox's failure is the node's error, and its task's.
+        assert!(report
+            .errors
+            .iter()
+            .any(|e| e.contains("sandbox of network back")));
+        let st = v.state();
+        let a1 = st.task("a1").unwrap();
+        assert!(report.task_errors[&a1.id].contains("not ready"));
+        // The other task is plumbed and served; the broken one is neither.
+        assert_eq!(*links.tasks.lock().unwrap(), vec!["w1".to_string()]);
+        assert_eq!(*dns.served.lock().unwrap(), vec!["w1".to_string()]);
+        // Its host-mode port has no target while it is not up.
+        let rules = firewall.node.lock().unwrap().last().cloned().unwrap();
+        let port = rules.ports.iter().find(|p| p.port == 8080).unwrap();
+        assert!(port.targets.is_empty(), "{port:?}");
+        // The sweep still keeps both tasks' links: a failure is no reason to remove.
+        let swept = links.swept.lock().unwrap().clone().unwrap();
+        let kept: usize = swept.links.values().map(|l| l.len()).sum();
+        assert_eq!(kept, 4, "{swept:?}");
+        // With the sandbox back, both are up and the port has its target.
+        let links = Arc::new(FakeLinks::default());
+        let r = Reconciler::with_appliers(
+            v.clone(),
+            cfg(),
+            Appliers {
+                links: links.clone(),
+                firewall: firewall.clone(),
+                mesh: None,
+                dns: Some(dns.clone()),
+                datapath: None,
+            },
+        );
+        let report = r.run_once().await.unwrap();
+        assert!(
+            report.errors.is_empty() && report.task_errors.is_empty(),
+            "{report:?}"
+        );
+        let rules = firewall.node.lock().unwrap().last().cloned().unwrap();
+        let port = rules.ports.iter().find(|p| p.port == 8080).unwrap();
+        let gw_ip = a1
+            .endpoints
+            .iter()
+            .find(|e| e.network == crate::model::GWBRIDGE)
+            .unwrap()
+            .ip;
+        assert_eq!(port.targets, vec![gw_ip]);
+    }
+}
