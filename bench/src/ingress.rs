@@ -1,12 +1,13 @@
 //! `netd-bench ingress`: new connections per second, keep-alive requests per second and
 //! p99 latency from a client on the underlay to a node that runs none of the service's
 //! tasks, through netd's routing mesh (its XDP fast path on n3, its kernel path on n4),
-//! side by side with the same client connecting straight to a task (a host-mode port on
-//! its node: the limit), HAProxy on n3, and nftables DNAT + masquerade on n3. HAProxy and
-//! nftables balance to the nodes that run tasks, onto a host-mode port (the usual way to
-//! put either in front of Swarm nodes). Also UDP through the published port on both
-//! paths: round trips per second, and the rate at which the ingress node forwards a
-//! one-way flood.
+//! side by side with the same client connecting straight to the same tasks (the
+//! service's host-mode port on their nodes: the limit), HAProxy on n3, and nftables DNAT
+//! with masquerade on n3. HAProxy and nftables balance to the nodes that run tasks, onto
+//! that host-mode port (the usual way to put either in front of Swarm nodes). Also UDP
+//! through the published port on both paths: round trips per second, and the rate at
+//! which the ingress node forwards a one-way flood offered at the same rate to each.
+//! Ratios are medians of the ratios of runs of the same round.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -18,7 +19,8 @@ use anyhow::{bail, Context, Result};
 use netd_bench::load;
 use netd_bench::plot::{bar_chart, Panel};
 use netd_bench::report::{
-    conn_req_cells, header, machine, median_run, ms, plot_beside, quantile, write_results,
+    conn_req_cells, header, machine, median, median_run, ms, paired_ratio, plot_beside, quantile,
+    write_results,
 };
 use netd_lab::{underlay_ip, Lab};
 
@@ -38,14 +40,16 @@ const MAX_OPS: u64 = 2_000_000;
 
 struct Path_ {
     label: &'static str,
-    addr: SocketAddr,
+    /// Client thread `i` connects to `addrs[i % len]`.
+    addrs: Vec<SocketAddr>,
     conns: Vec<load::Run>,
     reqs: Vec<load::Run>,
 }
 
 /// What the figures mean, as every results file says it.
-const READING: &str = "\n**Reading.** The limit is a client connecting straight to a \
-task: a host-mode port on the task's own node (one DNAT, no overlay). Every other path \
+const READING: &str = "\n**Reading.** The limit is a client connecting straight to the \
+tasks: the service's host-mode port on each task's own node (one DNAT, no overlay), the \
+client's threads spread over both nodes as the mesh spreads its connections. Every other path \
 crosses an ingress node (n3, n4, n5) first, then the overlay (netd's mesh) or the \
 underlay (HAProxy, nftables: onto the same host-mode ports) to a node that runs tasks. \
 The lab's underlay is veth, made to act like a wire (full checksums on every frame; an \
@@ -56,11 +60,11 @@ runs the same program on the packet in line; netd's `auto` takes generic there, 
 a NIC. Client, servers and all the network namespaces share the machine's 2 CPUs, so \
 every figure is the whole system's: what the mesh saves on the ingress node is diluted \
 by what client, task node and task spend on every connection. The UDP forwarding rate \
-isolates the ingress node: the client floods the published port from CPU 0, the ingress \
-node's interface is polled on CPU 1, and n1 and n2 count (and drop) the VXLAN datagrams \
-that arrive for the tasks at their interface's netdev ingress hook, the same way for \
-every path. Where forwarded equals sent, the ingress node kept up with the client and \
-its figure is a lower bound.\n\n";
+isolates the ingress node: the client floods the published port from CPU 0 at the same \
+offered rate for every path, the ingress node's interface is polled on CPU 1, and n1 and \
+n2 count (and drop) the VXLAN datagrams that arrive for the tasks at their interface's \
+netdev ingress hook, the same way for every path. A path that forwards all it is offered \
+kept up: its figure is a lower bound, and its ratio to a path that did not is one too.\n\n";
 
 /// The Ethernet address of `netns`'s eth0.
 fn mac_of(lab: &Lab, netns: &str) -> Result<[u8; 6]> {
@@ -162,7 +166,14 @@ fn nft(lab: &Lab, netns: &str, script: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path) -> Result<()> {
+pub fn run(
+    seconds: u64,
+    rounds: usize,
+    threads: usize,
+    tasks: usize,
+    flood_pps: u64,
+    out: &Path,
+) -> Result<()> {
     // n1, n2 run the tasks; n3 takes connections on the XDP fast path as netd runs it by
     // default (`auto`: generic on a veth), n5 on native XDP, n4 on the kernel path. The
     // lab is a wire lab (see `Lab`); each node runs only the XDP it is measured with, so
@@ -177,6 +188,9 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
         0,
         &["network", "create", "front", "--subnet", "198.19.50.0/24"],
     )?;
+    // One service, one set of tasks for every path: the mesh publishes it in ingress
+    // mode, and the limit, HAProxy and nftables reach the same tasks through the same
+    // service's host-mode port on their nodes.
     let publish = format!("{MESH_PORT}:80");
     let host = format!("{HOST_PORT}:80,mode=host");
     let udp = format!("{UDP_PORT}:80/udp");
@@ -192,16 +206,6 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
             &publish,
             "--publish",
             &udp,
-        ],
-    )?;
-    lab.cli(
-        0,
-        &[
-            "service",
-            "create",
-            "hostp",
-            "--network",
-            "front",
             "--publish",
             &host,
         ],
@@ -210,7 +214,6 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     for i in 0..tasks {
         let node = lab.nodes[i % 2].name.clone();
         lab.attach_whoami(0, "mesh", &format!("m{i}"), Some(&node))?;
-        lab.attach_whoami(0, "hostp", &format!("h{i}"), Some(&node))?;
     }
     let client = lab.add_host("client", CLIENT_HOST)?;
     lab.whoami_host("direct", DIRECT_HOST, 80)?;
@@ -253,44 +256,47 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
 
     let mut paths = vec![
         Path_ {
-            label: "straight to a task (host-mode port on n1)",
-            addr: SocketAddr::from((n1, HOST_PORT)),
+            label: "straight to the tasks (host-mode ports on n1 and n2)",
+            addrs: vec![
+                SocketAddr::from((n1, HOST_PORT)),
+                SocketAddr::from((n2, HOST_PORT)),
+            ],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
             label: "HAProxy on n3 (L4, round-robin to n1/n2 host ports)",
-            addr: SocketAddr::from((n3, HAPROXY_PORT)),
+            addrs: vec![SocketAddr::from((n3, HAPROXY_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
             label: "nftables DNAT + masquerade on n3",
-            addr: SocketAddr::from((n3, NFT_PORT)),
+            addrs: vec![SocketAddr::from((n3, NFT_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
             label: "netd routing mesh via n3 (XDP fast path, auto: generic)",
-            addr: SocketAddr::from((n3, MESH_PORT)),
+            addrs: vec![SocketAddr::from((n3, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
             label: "netd routing mesh via n4 (kernel path, --xdp off)",
-            addr: SocketAddr::from((n4, MESH_PORT)),
+            addrs: vec![SocketAddr::from((n4, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
             label: "netd routing mesh via n5 (XDP fast path, native)",
-            addr: SocketAddr::from((n5, MESH_PORT)),
+            addrs: vec![SocketAddr::from((n5, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
             label: "reference: a server on the underlay (no cluster, no task)",
-            addr: SocketAddr::from((underlay_ip(DIRECT_HOST), 80)),
+            addrs: vec![SocketAddr::from((underlay_ip(DIRECT_HOST), 80))],
             conns: vec![],
             reqs: vec![],
         },
@@ -318,16 +324,18 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     ];
     // Every path answers before the runs start.
     for p in &paths {
-        let mut ok = false;
-        for _ in 0..50 {
-            if netd_lab::http_get_from(&client, p.addr).is_ok() {
-                ok = true;
-                break;
+        for addr in &p.addrs {
+            let mut ok = false;
+            for _ in 0..50 {
+                if netd_lab::http_get_from(&client, *addr).is_ok() {
+                    ok = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !ok {
-            bail!("{} ({}) does not answer", p.label, p.addr);
+            if !ok {
+                bail!("{} ({addr}) does not answer", p.label);
+            }
         }
     }
     for (label, addr, _) in &udp_targets {
@@ -339,10 +347,12 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
         for p in paths.iter_mut() {
             eprintln!("round {}: {}", round + 1, p.label);
             let d = Duration::from_secs(seconds);
-            p.conns
-                .push(load::new_connections(&client, p.addr, threads, d, MAX_OPS)?);
-            p.reqs
-                .push(load::http_keepalive(&client, p.addr, threads, d, MAX_OPS)?);
+            p.conns.push(load::new_connections_to(
+                &client, &p.addrs, threads, d, MAX_OPS,
+            )?);
+            p.reqs.push(load::http_keepalive_to(
+                &client, &p.addrs, threads, d, MAX_OPS,
+            )?);
         }
         for (i, (label, addr, ingress)) in udp_targets.iter().enumerate() {
             eprintln!("round {}: UDP, {label}", round + 1);
@@ -369,7 +379,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
                         SocketAddr::V6(_) => bail!("IPv4 only"),
                     },
                 };
-                load::udp_flood(&client, flow, 0, d, MAX_OPS * 10)
+                load::udp_flood(&client, flow, 0, d, MAX_OPS * 10, Some(flood_pps))
             });
             // The sinks go even when the flood failed: they drop all VXLAN.
             threaded_napi(&lab, ingress, false)?;
@@ -386,14 +396,19 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
     let mut md = header("Ingress routing mesh");
     writeln!(
         md,
-        "Machine: {}. A 5-node lab cluster (etcd); {tasks} whoami tasks per service on n1 and \
-         n2, none on n3, n4 or n5; n3 runs the XDP fast path as netd does by default \
-         (`--xdp auto`, generic on a veth), n5 runs it native (`--xdp native`), n4 only the \
-         kernel path; n1, n2 and n4 run `--xdp off`. The client is a host on \
-         the underlay. New connections: {threads} client threads each connect, send one HTTP \
-         GET, read the answer and close with a reset, for {seconds} s. Requests: HTTP/1.1 \
-         keep-alive GETs over {threads} connections for {seconds} s. Each path ran {rounds} \
-         times, alternating; the table shows the median run.\n",
+        "Machine: {}. A 5-node lab cluster (etcd); one service with {tasks} whoami tasks on \
+         n1 and n2, none on n3, n4 or n5, published three ways: in ingress mode (netd's \
+         mesh), in host mode on the tasks' nodes (the limit, HAProxy's and nftables' \
+         backends), and UDP in ingress mode, so every path reaches the same tasks. n3 runs \
+         the XDP fast path as netd does by default (`--xdp auto`, generic on a veth), n5 \
+         runs it native (`--xdp native`), n4 only the kernel path; n1, n2 and n4 run `--xdp \
+         off`. The client is a host on the underlay. New connections: {threads} client \
+         threads each connect, send one HTTP GET, read the answer and close with a reset, \
+         for {seconds} s (the limit's threads go to n1's and n2's host-mode ports in turn: \
+         the same tasks the mesh spreads over). Requests: HTTP/1.1 keep-alive GETs over \
+         {threads} connections for {seconds} s. Each path ran {rounds} times, alternating \
+         round by round; the table shows the median run, the ratios are the median of the \
+         ratios of runs of the same round.\n",
         machine()
     )?;
     writeln!(
@@ -412,48 +427,68 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, tasks: usize, out: &Path
         md,
         "\nUDP through the published port: round trips ({} sockets, one datagram in flight \
          each, request and answer; each round trip is two packets through the ingress node), \
-         and a one-way flood of 64-byte datagrams (one flow; ready-made frames through a \
-         packet socket, sendmmsg batches of 64, on CPU 0) with what the ingress node forwarded on CPU 1 (its interface polled by a \
-         NAPI thread pinned there):\n\n| path | round trips/s | p99 | flood: forwarded/s | flood: sent/s \
-         |\n|---|---|---|---|---|",
+         and a one-way flood of 64-byte datagrams offered at {flood_pps} per second to every \
+         path (one flow; ready-made frames through a packet socket, sendmmsg batches of 64, \
+         paced, on CPU 0) with what the ingress node forwarded on CPU 1 (its interface \
+         polled by a NAPI thread pinned there). Where forwarded equals offered, the path \
+         kept up and its rate is a lower bound:\n\n| path | round trips/s | p99 | flood: \
+         forwarded/s | flood: sent/s | forwarded / offered |\n|---|---|---|---|---|---|",
         threads * 2
     )?;
-    let mut udp = vec![];
-    let mut fwd = vec![];
+    // Per path, per round: forwarded/s.
+    let forwarded: Vec<Vec<f64>> = flood_runs
+        .iter()
+        .map(|runs| runs.iter().map(|(f, _)| *f).collect())
+        .collect();
     for (i, (label, _, _)) in udp_targets.iter().enumerate() {
         let r = median_run(&udp_runs[i]);
-        let mut f = flood_runs[i].clone();
-        f.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (forwarded, sent) = f.get(f.len() / 2).copied().unwrap_or_default();
+        let fwd = median(&forwarded[i]);
+        let sent = median(&flood_runs[i].iter().map(|(_, s)| *s).collect::<Vec<_>>());
         writeln!(
             md,
-            "| {label} | {:.0} | {} | {forwarded:.0} | {sent:.0} |",
+            "| {label} | {:.0} | {} | {fwd:.0} | {sent:.0} | {:.2} |",
             r.per_second(),
-            ms(quantile(&r.latencies, 0.99))
+            ms(quantile(&r.latencies, 0.99)),
+            fwd / flood_pps.max(1) as f64
         )?;
-        udp.push(r.per_second());
-        fwd.push(forwarded);
     }
-    let ratio = |a: f64, b: f64| a / b.max(1e-9);
+    // Ratios of runs of the same round.
+    let pair = |a: usize, b: usize, conns: bool| {
+        let (pa, pb) = (&paths[a], &paths[b]);
+        if conns {
+            paired_ratio(&pa.conns, &pb.conns)
+        } else {
+            paired_ratio(&pa.reqs, &pb.reqs)
+        }
+    };
+    let flood_pair = |a: usize, b: usize| {
+        let ratios: Vec<f64> = forwarded[a]
+            .iter()
+            .zip(&forwarded[b])
+            .map(|(x, y)| x / y.max(1e-9))
+            .collect();
+        median(&ratios)
+    };
     writeln!(
         md,
-        "\n**Ratios** (same run), against the targets: XDP mesh / straight to a task = \
-         {:.2}× new connections/s, {:.2}× requests/s (target ≥ 0.8×); XDP mesh / HAProxy = \
-         {:.2}× new connections/s (target ≥ 2×); XDP / kernel path = {:.2}× UDP packets \
-         forwarded per second (target ≥ 2×), {:.2}× UDP round trips/s. Also: XDP mesh / \
-         nftables = {:.2}× new connections/s; kernel-path mesh / straight to a task = {:.2}×; \
-         native XDP (n5) / straight to a task = {:.2}× new connections/s, {:.2}× requests/s; \
-         native XDP / kernel path = {:.2}× UDP packets forwarded per second.",
-        ratio(cps[3], cps[0]),
-        ratio(rps[3], rps[0]),
-        ratio(cps[3], cps[1]),
-        ratio(fwd[0], fwd[1]),
-        ratio(udp[0], udp[1]),
-        ratio(cps[3], cps[2]),
-        ratio(cps[4], cps[0]),
-        ratio(cps[5], cps[0]),
-        ratio(rps[5], rps[0]),
-        ratio(fwd[2], fwd[1]),
+        "\n**Ratios** (median of the rounds' ratios), against the targets: XDP mesh / \
+         straight to the tasks = {:.2}× new connections/s, {:.2}× requests/s (target ≥ 0.8×); \
+         XDP mesh / HAProxy = {:.2}× new connections/s (target ≥ 2×); XDP / kernel path = \
+         {:.2}× UDP packets forwarded per second at the same offered load (target ≥ 2×), \
+         {:.2}× UDP round trips/s. Also: XDP mesh / nftables = {:.2}× new connections/s; \
+         kernel-path mesh / straight to the tasks = {:.2}×; native XDP (n5) / straight to \
+         the tasks = {:.2}× new connections/s, {:.2}× requests/s; native XDP / kernel path = \
+         {:.2}× UDP packets forwarded per second.",
+        pair(3, 0, true),
+        pair(3, 0, false),
+        pair(3, 1, true),
+        flood_pair(0, 1),
+        paired_ratio(&udp_runs[0], &udp_runs[1]),
+        pair(3, 2, true),
+        pair(4, 0, true),
+        pair(5, 0, true),
+        pair(5, 0, false),
+        flood_pair(2, 1),
     )?;
     md.push_str(READING);
     let (svg_path, link) = plot_beside(out)?;

@@ -25,19 +25,19 @@ impl Run {
     }
 }
 
-/// Runs `work` on `threads` client threads inside `netns`; each returns how many
-/// operations it did and their latencies (at most its share of `MAX_SAMPLES`).
+/// Runs `work` on `threads` client threads inside `netns`; each gets its number and its
+/// share of `MAX_SAMPLES`, and returns how many operations it did and their latencies.
 fn on_threads<F>(netns: &str, threads: usize, work: F) -> Result<Run>
 where
-    F: Fn(usize) -> Result<(u64, Vec<Duration>)> + Send + Sync + Clone + 'static,
+    F: Fn(usize, usize) -> Result<(u64, Vec<Duration>)> + Send + Sync + Clone + 'static,
 {
     let samples = MAX_SAMPLES / threads.max(1);
     let start = Instant::now();
     let workers: Vec<_> = (0..threads)
-        .map(|_| {
+        .map(|i| {
             let netns = netns.to_string();
             let work = work.clone();
-            std::thread::spawn(move || in_netns(&netns, move || work(samples)))
+            std::thread::spawn(move || in_netns(&netns, move || work(i, samples)))
         })
         .collect();
     let mut run = Run {
@@ -71,9 +71,25 @@ pub fn http_keepalive(
     duration: Duration,
     max_requests: u64,
 ) -> Result<Run> {
+    http_keepalive_to(netns, &[addr], conns, duration, max_requests)
+}
+
+/// As [`http_keepalive`], connection `i` to `addrs[i % addrs.len()]`: the same load
+/// spread over several servers (the tasks a load balancer would spread it over).
+pub fn http_keepalive_to(
+    netns: &str,
+    addrs: &[SocketAddr],
+    conns: usize,
+    duration: Duration,
+    max_requests: u64,
+) -> Result<Run> {
     let per_conn = max_requests / conns.max(1) as u64;
-    on_threads(netns, conns, move |samples| {
-        let mut s = open(addr)?;
+    let addrs = addrs.to_vec();
+    if addrs.is_empty() {
+        anyhow::bail!("no address to load");
+    }
+    on_threads(netns, conns, move |i, samples| {
+        let mut s = open(addrs[i % addrs.len()])?;
         let mut buf = Vec::with_capacity(4096);
         let mut lat = Vec::new();
         let mut done = 0;
@@ -101,8 +117,24 @@ pub fn new_connections(
     duration: Duration,
     max_conns: u64,
 ) -> Result<Run> {
+    new_connections_to(netns, &[addr], threads, duration, max_conns)
+}
+
+/// As [`new_connections`], thread `i` to `addrs[i % addrs.len()]`.
+pub fn new_connections_to(
+    netns: &str,
+    addrs: &[SocketAddr],
+    threads: usize,
+    duration: Duration,
+    max_conns: u64,
+) -> Result<Run> {
     let per_thread = max_conns / threads.max(1) as u64;
-    on_threads(netns, threads, move |samples| {
+    let addrs = addrs.to_vec();
+    if addrs.is_empty() {
+        anyhow::bail!("no address to load");
+    }
+    on_threads(netns, threads, move |i, samples| {
+        let addr = addrs[i % addrs.len()];
         let mut buf = Vec::with_capacity(4096);
         let mut lat = Vec::new();
         let mut done = 0;
@@ -163,7 +195,7 @@ pub fn udp_round_trips(
     max: u64,
 ) -> Result<Run> {
     let per_thread = max / threads.max(1) as u64;
-    on_threads(netns, threads, move |samples| {
+    on_threads(netns, threads, move |_, samples| {
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
         s.connect(addr)?;
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -225,21 +257,24 @@ pub fn udp_frame(flow: &RawFlow) -> Vec<u8> {
     f
 }
 
-/// One-way UDP datagrams of `flow`, as fast as one thread on `cpu` can hand ready-made
-/// frames to `netns`'s eth0: a packet socket with the qdisc bypassed, 64 frames per
-/// sendmmsg(2), so the sender's own stack costs little next to what it measures. Until
-/// `duration` passes or `max` frames are sent; `requests` is the number sent (whoever
-/// counts what arrived reports the rate). A batch the device refuses is not counted.
+/// One-way UDP datagrams of `flow` from one thread on `cpu`, handing ready-made frames to
+/// `netns`'s eth0: a packet socket with the qdisc bypassed, 64 frames per sendmmsg(2), so
+/// the sender's own stack costs little next to what it measures. At `pps` frames per
+/// second (the same offered load for every path it is compared on), or as fast as it
+/// can. Until `duration` passes or `max` frames are sent; `requests` is the number sent
+/// (whoever counts what arrived reports the rate). A batch the device refuses is not
+/// counted.
 pub fn udp_flood(
     netns: &str,
     flow: RawFlow,
     cpu: usize,
     duration: Duration,
     max: u64,
+    pps: Option<u64>,
 ) -> Result<Run> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const BATCH: usize = 64;
-    on_threads(netns, 1, move |_| {
+    on_threads(netns, 1, move |_, _| {
         pin_to_cpu(0, cpu)?;
         // SAFETY: plain socket(2); the descriptor is owned below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
@@ -288,8 +323,25 @@ pub fn udp_flood(
             m.msg_hdr.msg_iovlen = 1;
         }
         let mut done = 0;
-        let until = Instant::now() + duration;
+        let start = Instant::now();
+        let until = start + duration;
         while done < max && Instant::now() < until {
+            // At a given rate: the next batch waits for its time (a spin for the last
+            // stretch, a sleep can oversleep by more than a batch's share).
+            if let Some(rate) = pps {
+                let due = start + Duration::from_secs_f64(done as f64 / rate.max(1) as f64);
+                loop {
+                    let now = Instant::now();
+                    if now >= due {
+                        break;
+                    }
+                    if due - now > Duration::from_micros(200) {
+                        std::thread::sleep(due - now - Duration::from_micros(100));
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
             // SAFETY: `msgs` holds BATCH initialised headers whose one iovec points at
             // `frame`; all outlive the call.
             let n = unsafe {

@@ -73,9 +73,13 @@ enum Cmd {
         /// Client threads (connections for the keep-alive runs).
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// whoami tasks per service (spread over two nodes).
+        /// whoami tasks of the service (spread over two nodes).
         #[arg(long, default_value_t = 4)]
         tasks: usize,
+        /// The UDP flood's offered load, datagrams per second, the same on every path
+        /// (below what the client can send while any path runs).
+        #[arg(long, default_value_t = 150_000)]
+        flood_pps: u64,
         /// The table; the plot goes next to it with the extension .svg.
         #[arg(long, default_value = "bench/results/ingress.md")]
         out: PathBuf,
@@ -159,8 +163,9 @@ fn main() -> Result<()> {
             rounds,
             threads,
             tasks,
+            flood_pps,
             out,
-        } => ingress::run(seconds, rounds, threads, tasks, &out),
+        } => ingress::run(seconds, rounds, threads, tasks, flood_pps, &out),
         Cmd::Attach { rounds, out } => attach::run(rounds, &out),
         Cmd::Scale {
             scales,

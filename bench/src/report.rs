@@ -31,6 +31,18 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The median of the per-round ratios `a[i] / b[i]` of two paths whose runs alternated
+/// round by round: a ratio of runs made side by side, not of medians picked per path
+/// (the machine drifts between rounds).
+pub fn paired_ratio(a: &[crate::load::Run], b: &[crate::load::Run]) -> f64 {
+    let ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(a, b)| a.per_second() / b.per_second().max(1e-9))
+        .collect();
+    median(&ratios)
+}
+
 /// The median run by rate (of runs that alternated with other paths).
 pub fn median_run(runs: &[crate::load::Run]) -> &crate::load::Run {
     let mut v: Vec<&crate::load::Run> = runs.iter().collect();
