@@ -206,7 +206,13 @@ impl NodePlan {
             .filter(|i| i.sandbox.is_some())
             .and_then(|i| mesh_table(st, cfg, &i.network));
         // The ingress network carries no VIP: the routing mesh balances it.
-        let mut vips = LbTable::vips_by_network(st);
+        // Only a translating datapath routes VIPs into the sandboxes (a walk of every
+        // service: not done for the others).
+        let mut vips = if translating {
+            LbTable::vips_by_network(st)
+        } else {
+            BTreeMap::new()
+        };
         let lb_addr = |net: &Network| st.lb_addrs.get(&net.id).and_then(|m| m.get(node)).copied();
         let vip_overlays: Vec<&Network> = overlay_nets
             .values()
@@ -233,8 +239,7 @@ impl NodePlan {
             })
             .collect();
         let published = st
-            .services
-            .values()
+            .publishing()
             .flat_map(|svc| {
                 svc.publish.iter().map(move |p| Published {
                     spec: *p,
@@ -530,7 +535,7 @@ fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> 
 /// rotate over exactly this list.
 fn ingress_backends(st: &State) -> Vec<(&PortSpec, Vec<(&str, Ipv4Addr)>)> {
     let mut out = vec![];
-    for svc in st.services.values() {
+    for svc in st.publishing() {
         for p in svc
             .publish
             .iter()
@@ -715,7 +720,7 @@ mod tests {
     #[test]
     fn peers_are_the_live_remote_tasks_of_the_network() {
         let mut st = State::default();
-        st.services.insert("web".into(), web(&[]));
+        st.insert_service(web(&[]));
         for (n, a) in [
             ("n1", Some("198.18.0.11")),
             ("n2", Some("198.18.0.12")),
@@ -774,10 +779,7 @@ mod tests {
             st.nodes.insert(n.into(), node(n, Some(a)));
         }
         st.alive = ["n1", "n3"].iter().map(|s| s.to_string()).collect();
-        st.services.insert(
-            "web".into(),
-            web(&["4567:80", "4568:53/udp", "4570:80,mode=host"]),
-        );
+        st.insert_service(web(&["4567:80", "4568:53/udp", "4570:80,mode=host"]));
         for t in [
             task(
                 "a",
@@ -892,8 +894,7 @@ mod tests {
         ] {
             st.networks.insert(n.name.clone(), n);
         }
-        st.services
-            .insert("web".into(), web(&["4570:80,mode=host", "4567:80"]));
+        st.insert_service(web(&["4570:80,mode=host", "4567:80"]));
         st.insert_task(task(
             "a",
             "n1",

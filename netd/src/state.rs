@@ -203,6 +203,9 @@ pub struct State {
     by_service: OrdMap<String, OrdSet<String>>,
     /// Task name -> task id (`tasknames/`).
     task_names: OrdMap<String, String>,
+    /// The services that publish a port: what the mesh and the node's firewall go
+    /// through, without a scan of every service.
+    publishing: OrdSet<String>,
     revs: OrdMap<String, u64>,
 }
 
@@ -318,6 +321,9 @@ impl State {
                         self.tasks.insert(id, t);
                     }
                 }
+                if !svc.publish.is_empty() {
+                    self.publishing.insert(name.clone());
+                }
                 self.services.insert(name, svc);
             }
             // Its key is its id.
@@ -397,6 +403,7 @@ impl State {
             }
             "services" => {
                 self.services.remove(name);
+                self.publishing.remove(name);
                 // Its tasks become orphans until they are collected.
                 for id in self.by_service.get(name).cloned().unwrap_or_default() {
                     if let Some(t) = self.tasks.remove(&id) {
@@ -480,6 +487,15 @@ impl State {
         }
     }
 
+    /// Adds a service record as its store key would (for states built by hand in tests of
+    /// pure logic).
+    pub fn insert_service(&mut self, svc: Service) {
+        if !svc.publish.is_empty() {
+            self.publishing.insert(svc.name.clone());
+        }
+        self.services.insert(svc.name.clone(), svc);
+    }
+
     /// Adds a task record as its store key would (for states built by hand in tests of
     /// pure logic); its service decides whether it is live or an orphan.
     pub fn insert_task(&mut self, t: Task) {
@@ -499,6 +515,11 @@ impl State {
     /// task whose interfaces are not there yet.
     pub fn task_up(&self, id: &str) -> bool {
         self.task_status.get(id).is_some_and(TaskStatus::up)
+    }
+
+    /// The services that publish ports.
+    pub fn publishing(&self) -> impl Iterator<Item = &Service> + '_ {
+        self.publishing.iter().filter_map(|n| self.services.get(n))
     }
 
     /// The tasks of `service` (not its orphans), by id.
