@@ -43,12 +43,7 @@ fn dnsperf(lab: &Lab, netns: &str, server: &str, queries: &Path, seconds: u64) -
         ],
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let figure = |label: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(label))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
+    let figure = |label: &str| dnsperf_figure(&text, label);
     let qps = figure("Queries per second:")
         .with_context(|| format!("dnsperf printed no rate: {text:.2000}"))?;
     let lost = figure("Queries lost:").unwrap_or(0.0) as usize;
@@ -348,4 +343,12 @@ pub fn run(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
     write_results(out, &md, None)?;
     lab.teardown();
     Ok(())
+}
+
+/// A figure of dnsperf's summary (`  Queries per second:   12345.6`), by its label.
+pub(crate) fn dnsperf_figure(text: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
 }

@@ -579,12 +579,7 @@ fn dnsperf(lab: &Lab, netns: &str, queries: &Path, seconds: u64) -> Result<(f64,
         ],
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let figure = |label: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(label))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
+    let figure = |label: &str| crate::dns::dnsperf_figure(&text, label);
     let qps = figure("Queries per second:").with_context(|| {
         format!(
             "dnsperf (Debian package dnsperf) printed no rate: {text:.2000}{}",

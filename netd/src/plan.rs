@@ -659,7 +659,7 @@ pub fn remote_peers(st: &State, local_node: &str, network: &str) -> Vec<Peer> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::Node;
     use imbl::OrdMap;
@@ -852,7 +852,8 @@ mod tests {
         );
     }
 
-    fn cfg(name: &str) -> NodeConfig {
+    /// The settings of node `name` in these tests (its gwbridge is the fixture's).
+    pub(crate) fn cfg(name: &str) -> NodeConfig {
         NodeConfig {
             name: name.into(),
             gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),

@@ -599,15 +599,7 @@ mod tests {
     }
 
     fn cfg() -> NodeConfig {
-        NodeConfig {
-            name: "n1".into(),
-            gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
-            vxlan_port: 4789,
-            overlay_mtu: 1450,
-            bridge_mtu: 1500,
-            tasks_reach_node: false,
-            protected: vec![],
-        }
+        crate::plan::tests::cfg("n1")
     }
 
     #[tokio::test]
@@ -658,18 +650,17 @@ mod tests {
         });
         let firewall = Arc::new(FakeFirewall::default());
         let dns = Arc::new(FakeDns::default());
-        let r = Reconciler::with_appliers(
-            v.clone(),
-            cfg(),
-            Appliers {
+        let step = |links: &Arc<FakeLinks>| {
+            let appliers = Appliers {
                 links: links.clone(),
                 firewall: firewall.clone(),
                 mesh: None,
                 dns: Some(dns.clone()),
                 datapath: None,
-            },
-        );
-        let report = r.run_once().await.unwrap();
+            };
+            Reconciler::with_appliers(v.clone(), cfg(), appliers)
+        };
+        let report = step(&links).run_once().await.unwrap();
         // The sandbox's failure is the node's error, and its task's.
         assert!(report
             .errors
@@ -690,19 +681,10 @@ mod tests {
         let kept: usize = swept.links.values().map(|l| l.len()).sum();
         assert_eq!(kept, 4, "{swept:?}");
         // With the sandbox back, both are up and the port has its target.
-        let links = Arc::new(FakeLinks::default());
-        let r = Reconciler::with_appliers(
-            v.clone(),
-            cfg(),
-            Appliers {
-                links: links.clone(),
-                firewall: firewall.clone(),
-                mesh: None,
-                dns: Some(dns.clone()),
-                datapath: None,
-            },
-        );
-        let report = r.run_once().await.unwrap();
+        let report = step(&Arc::new(FakeLinks::default()))
+            .run_once()
+            .await
+            .unwrap();
         assert!(
             report.errors.is_empty() && report.task_errors.is_empty(),
             "{report:?}"
