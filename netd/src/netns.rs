@@ -226,9 +226,17 @@ impl NetlinkPool {
             handle: handle.clone(),
             conn: tokio::spawn(conn),
         };
-        if let Ok(mut entries) = self.entries.lock() {
-            entries.insert(ns.clone(), entry);
+        let mut entries = self
+            .entries
+            .lock()
+            .map_err(|_| anyhow!("netlink pool poisoned"))?;
+        // Someone opened one meanwhile: theirs stays (a caller may be using it), ours goes.
+        if let Some(e) = entries.get(ns) {
+            if e.id == id && !e.conn.is_finished() {
+                return Ok(e.handle.clone());
+            }
         }
+        entries.insert(ns.clone(), entry);
         Ok(handle)
     }
 
