@@ -243,6 +243,24 @@ struct Stage {
 }
 
 impl Stage {
+    /// One batch of API calls: its rate for the table, its time for the phases.
+    fn record(
+        &mut self,
+        what: &str,
+        phase: String,
+        n: usize,
+        took: Duration,
+        calls: Vec<Duration>,
+    ) {
+        self.batches.push(Batch {
+            what: what.into(),
+            count: n,
+            took,
+            calls,
+        });
+        self.phases.push((phase, took));
+    }
+
     fn rate(&self, prefix: &str) -> Option<f64> {
         self.batches
             .iter()
@@ -316,13 +334,13 @@ impl World {
                     self.probes.push((vip, vec![]));
                 }
             }
-            st.batches.push(Batch {
-                what: "service create".into(),
-                count: n,
+            st.record(
+                "service create",
+                format!("create {n} services"),
+                n,
                 took,
                 calls,
-            });
-            st.phases.push((format!("create {n} services"), took));
+            );
         }
 
         // Namespaces first (not timed), then the attaches.
@@ -383,13 +401,7 @@ impl World {
                     self.probes[*s].1.push(task_ip(v)?);
                 }
             }
-            st.batches.push(Batch {
-                what: "task attach".into(),
-                count: n,
-                took,
-                calls,
-            });
-            st.phases.push((format!("attach {n} tasks"), took));
+            st.record("task attach", format!("attach {n} tasks"), n, took, calls);
         }
         if !self.base {
             // The clients' own ARP retry timer (1 s by default) would otherwise dominate
@@ -418,13 +430,7 @@ impl World {
             eprintln!("detaching {n} tasks");
             let (_, took, calls) =
                 run_requests(&self.apis, detaches, "task detach", self.deadline)?;
-            st.batches.push(Batch {
-                what: "task detach".into(),
-                count: n,
-                took,
-                calls,
-            });
-            st.phases.push((format!("detach {n} tasks"), took));
+            st.record("task detach", format!("detach {n} tasks"), n, took, calls);
             self.filler_attached = fillers.min(self.filler_attached);
         }
         let removes: Vec<Req> = (fillers..self.fillers)
@@ -439,13 +445,7 @@ impl World {
             let n = removes.len();
             eprintln!("removing {n} services");
             let (_, took, calls) = run_requests(&self.apis, removes, "service rm", self.deadline)?;
-            st.batches.push(Batch {
-                what: "service rm".into(),
-                count: n,
-                took,
-                calls,
-            });
-            st.phases.push((format!("remove {n} services"), took));
+            st.record("service rm", format!("remove {n} services"), n, took, calls);
         }
         self.fillers = fillers;
         Ok(())

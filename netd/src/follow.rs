@@ -201,7 +201,7 @@ pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{self, fixture, ServiceCreate, TaskAttach};
+    use crate::state::{self, fixture, ServiceCreate};
 
     /// Drives the incremental table with every update of the view, the way `follow`
     /// does, and checks it against the table computed from scratch.
@@ -253,13 +253,11 @@ mod tests {
         }
     }
 
-    fn attach(service: &str, netns: &str, node: &str) -> TaskAttach {
-        TaskAttach {
-            service: service.into(),
-            netns: netns.into(),
-            node: Some(node.into()),
-            ..Default::default()
-        }
+    use crate::state::fixture::attach;
+
+    /// Backends over all VIPs of the table.
+    fn backends(t: &LbTable) -> usize {
+        t.vips.values().map(|e| e.backends.len()).sum()
     }
 
     #[tokio::test]
@@ -297,14 +295,7 @@ mod tests {
             f.catch_up(&v).await;
             assert!(f.table.vips.values().any(|e| e.backends.contains(&ip)));
         }
-        assert_eq!(
-            f.table
-                .vips
-                .values()
-                .map(|e| e.backends.len())
-                .sum::<usize>(),
-            6
-        );
+        assert_eq!(backends(&f.table), 6);
         state::detach_task(&v, &ids[0]).await.unwrap();
         f.catch_up(&v).await;
         // n2 goes down: its tasks leave every VIP; it comes back: they return.
@@ -314,14 +305,7 @@ mod tests {
             .await
             .unwrap();
         f.catch_up(&v).await;
-        assert_eq!(
-            f.table
-                .vips
-                .values()
-                .map(|e| e.backends.len())
-                .sum::<usize>(),
-            2
-        );
+        assert_eq!(backends(&f.table), 2);
         state::announce_alive(v.store(), "n2", Duration::from_secs(10))
             .await
             .unwrap();

@@ -1798,6 +1798,16 @@ pub(crate) mod fixture {
         }
     }
 
+    /// An attach of a task of `service` in `netns` on `node`.
+    pub fn attach(service: &str, netns: &str, node: &str) -> TaskAttach {
+        TaskAttach {
+            service: service.into(),
+            netns: netns.into(),
+            node: Some(node.into()),
+            ..Default::default()
+        }
+    }
+
     /// A view of a test's store.
     pub async fn view(s: &crate::store::testing::SharedStore) -> std::sync::Arc<View> {
         View::open(s.clone()).await.unwrap()
@@ -1817,14 +1827,7 @@ mod tests {
         }
     }
 
-    fn attach(service: &str, netns: &str, node: &str) -> TaskAttach {
-        TaskAttach {
-            service: service.into(),
-            netns: netns.into(),
-            node: Some(node.into()),
-            ..Default::default()
-        }
-    }
+    use super::fixture::attach;
 
     store_test!(
         networks_get_distinct_subnets_and_vnis,
