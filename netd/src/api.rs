@@ -205,6 +205,8 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             "address": netd_dns::server::DNS_ADDR.to_string(),
             "config": d.dns.config(),
             "tasks_served": d.dns.listener_count(),
+            // Whether a restart keeps the DNS ports open (see fdstore).
+            "handover": d.dns.handover_status(),
             "forward_budget_ms": crate::dns::FORWARD_BUDGET.as_millis() as u64,
             // Upstream answers kept for their TTL.
             "forwarded_answers_cached": d.dns.forward_cache_len(),
@@ -215,6 +217,10 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             "task_errors": report.task_errors,
             // Kept open between steps, one per namespace the node works in.
             "netlink_sockets": d.reconciler.netlink_sockets(),
+            // What this netd changed in the kernel since it started, by kind (a restart
+            // that finds everything right changes nothing).
+            "kernel_writes": crate::writes::snapshot(),
+            "steps": d.reconciler.steps(),
         },
         // The store revision this node's view holds, and the one its DNS and load
         // balancer hold.

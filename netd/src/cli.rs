@@ -55,6 +55,13 @@ pub enum Command {
     Node(NodeCmd),
     /// Show the daemon's state: node, store, datapath and kernel features.
     Status,
+    /// Hold the sockets netd serves in task namespaces across its restarts (started by
+    /// the daemon; see `netd::fdstore`).
+    #[command(hide = true)]
+    FdStore {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,7 +151,7 @@ pub fn run(cli: &Cli) -> Result<()> {
     let c = Client::new(&cli.api).with_tls(&cli.tls);
     let out = cli.output;
     match &cli.command {
-        Command::Daemon(_) => bail!("the daemon is started by main"),
+        Command::Daemon(_) | Command::FdStore { .. } => bail!("started by main"),
         Command::Status => {
             let v = c.get("/v1/status")?;
             print_record(out, &v);

@@ -344,7 +344,28 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         });
     }
 
-    let dns = Arc::new(Dns::new(dns_config(&args)?));
+    let mut dns = Dns::new(dns_config(&args)?);
+    // The DNS sockets of the netd before (kept by the fd store while it restarted) are
+    // served again, from a complete record table, before the first step.
+    let fd_store = Path::new(crate::datapath::userspace::RUN_ROOT)
+        .join(&node)
+        .join("fd-store.sock");
+    let opened = std::fs::create_dir_all(fd_store.parent().unwrap_or(Path::new("/")))
+        .context("state directory")
+        .and_then(|()| std::env::current_exe().context("netd's own executable"))
+        .and_then(|exe| crate::fdstore::FdStore::open(&fd_store, &exe));
+    match opened {
+        Ok((store, held)) => {
+            tracing::info!(store = store.describe(), tasks = held.len(), "dns sockets kept across restarts");
+            dns.hand_over(store, held);
+        }
+        Err(e) => {
+            tracing::warn!("no fd store, a restart closes the DNS ports for a moment: {e:#}");
+            dns.no_hand_over(format!("{e:#}"));
+        }
+    }
+    dns.sync_table(&view.state());
+    let dns = Arc::new(dns);
     let (followed_tx, followed) = tokio::sync::watch::channel(0);
     tokio::spawn(follow::follow(
         view.clone(),

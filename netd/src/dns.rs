@@ -15,6 +15,9 @@ use netd_dns::table::{Mode, Port, ServiceRecord, Table, TaskRecord, Ttls};
 use netd_dns::upstream::Upstream;
 use serde::Serialize;
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::fdstore::{FdStore, Held, Key};
 use crate::model::{EndpointMode, Protocol, Task, GWBRIDGE};
 use crate::netns::{self, Netns};
 use crate::state::State;
@@ -34,8 +37,31 @@ pub struct Dns {
     cfg: DnsConfig,
     shared: Arc<Shared>,
     /// Task id -> its listener and the namespace it was opened in.
-    listeners: std::sync::Mutex<HashMap<String, (Vec<Listener>, String)>>,
+    listeners: std::sync::Mutex<HashMap<String, Served>>,
+    handover: Handover,
 }
+
+/// One task's DNS sockets being served.
+struct Served {
+    /// Kept for its drop, which stops serving.
+    _serving: Vec<Listener>,
+    netns: String,
+    /// Under which key the fd store holds duplicates (None: it does not).
+    held: Option<Key>,
+}
+
+/// Sockets that outlive this netd (see [`crate::fdstore`]).
+enum Handover {
+    Off(String),
+    On {
+        store: FdStore,
+        /// What the netd before left, by task id, until a step takes it or lets it go.
+        left: std::sync::Mutex<HashMap<String, (Key, Vec<OwnedFd>)>>,
+    },
+}
+
+/// What the fd store calls a task's DNS sockets.
+const HELD_KIND: &str = "dns";
 
 fn service_record(svc: &crate::model::Service) -> ServiceRecord {
     ServiceRecord {
@@ -94,6 +120,39 @@ impl Dns {
             }),
             cfg,
             listeners: std::sync::Mutex::new(HashMap::new()),
+            handover: Handover::Off("no fd store".into()),
+        }
+    }
+
+    /// Keeps this daemon's sockets in `store` from now on, and serves the ones the netd
+    /// before left there (`held`) instead of opening new ones, so a restart closes no
+    /// port. Call before the first step.
+    pub fn hand_over(&mut self, store: FdStore, held: Held) {
+        let left = held
+            .into_iter()
+            .filter(|(k, _)| k.kind == HELD_KIND)
+            .map(|(k, fds)| (k.id.clone(), (k, fds)))
+            .collect();
+        self.handover = Handover::On {
+            store,
+            left: std::sync::Mutex::new(left),
+        };
+    }
+
+    /// Runs without an fd store, and says why in `netd status`.
+    pub fn no_hand_over(&mut self, why: String) {
+        self.handover = Handover::Off(why);
+    }
+
+    /// For `netd status`.
+    pub fn handover_status(&self) -> serde_json::Value {
+        match &self.handover {
+            Handover::Off(why) => serde_json::json!({"active": false, "reason": why}),
+            Handover::On { store, .. } => serde_json::json!({
+                "active": true,
+                "store": store.describe(),
+                "tasks_held": self.listeners.lock().map(|l| l.values().filter(|s| s.held.is_some()).count()).unwrap_or(0),
+            }),
         }
     }
 
@@ -164,7 +223,7 @@ impl Dns {
     /// Returns the tasks it could not serve, with why.
     pub async fn sync_listeners(&self, tasks: &[&Task]) -> BTreeMap<String, String> {
         let mut errors = BTreeMap::new();
-        let stale: Vec<String> = {
+        let stale: Vec<(String, Served)> = {
             let Ok(mut l) = self.listeners.lock() else {
                 return errors;
             };
@@ -174,15 +233,16 @@ impl Dns {
                 .collect();
             let stale: Vec<String> = l
                 .iter()
-                .filter(|(id, (_, ns))| keep.get(id.as_str()) != Some(&ns.as_str()))
+                .filter(|(id, s)| keep.get(id.as_str()) != Some(&s.netns.as_str()))
                 .map(|(id, _)| id.clone())
                 .collect();
-            for id in &stale {
-                l.remove(id);
-            }
             stale
+                .into_iter()
+                .filter_map(|id| l.remove(&id).map(|s| (id, s)))
+                .collect::<Vec<_>>()
         };
-        for id in stale {
+        for (id, served) in stale {
+            self.release(served.held.as_ref());
             tracing::info!(task = id, "dns listener closed");
         }
         for t in tasks {
@@ -195,9 +255,9 @@ impl Dns {
                 continue;
             }
             match self.open(t).await {
-                Ok(listener) => {
+                Ok(served) => {
                     if let Ok(mut l) = self.listeners.lock() {
-                        l.insert(t.id.clone(), (listener, t.netns.clone()));
+                        l.insert(t.id.clone(), served);
                     }
                 }
                 Err(e) => {
@@ -205,10 +265,69 @@ impl Dns {
                 }
             }
         }
+        // What the netd before held for tasks this step does not serve goes now.
+        if let Handover::On { left, .. } = &self.handover {
+            let unclaimed: Vec<Key> = left
+                .lock()
+                .map(|mut l| l.drain().map(|(_, (k, _))| k).collect())
+                .unwrap_or_default();
+            for k in unclaimed {
+                self.release(Some(&k));
+            }
+        }
         errors
     }
 
-    async fn open(&self, t: &Task) -> Result<Vec<Listener>> {
+    /// Tells the fd store to close what it holds under `key`.
+    fn release(&self, key: Option<&Key>) {
+        if let (Handover::On { store, .. }, Some(k)) = (&self.handover, key) {
+            if let Err(e) = store.remove(k) {
+                tracing::warn!(task = k.id, "fd store: {e:#}");
+            }
+        }
+    }
+
+    /// The sockets the netd before left for `t`, if they are still bound where `t`'s
+    /// DNS must be.
+    fn take_left(&self, t: &Task, addrs: &[SocketAddr]) -> Option<Sockets> {
+        let Handover::On { left, .. } = &self.handover else {
+            return None;
+        };
+        let (key, fds) = left.lock().ok()?.remove(&t.id)?;
+        if key.netns != t.netns || !key.netns_current() {
+            self.release(Some(&key));
+            return None;
+        }
+        match adopt(fds, addrs) {
+            Ok(s) => Some((s, Some(key))),
+            Err(e) => {
+                tracing::warn!(task = t.id, "the held dns sockets do not fit: {e:#}");
+                self.release(Some(&key));
+                None
+            }
+        }
+    }
+
+    /// Gives the fd store duplicates of `sockets`, so they outlive this netd.
+    fn hold(&self, t: &Task, sockets: &[(std::net::UdpSocket, std::net::TcpListener)]) -> Option<Key> {
+        let Handover::On { store, .. } = &self.handover else {
+            return None;
+        };
+        let fds: Vec<BorrowedFd> = sockets
+            .iter()
+            .flat_map(|(u, l)| [u.as_fd(), l.as_fd()])
+            .collect();
+        let held = Key::new(HELD_KIND, &t.id, &t.netns).and_then(|k| store.put(&k, &fds).map(|()| k));
+        match held {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(task = t.id, "dns sockets not handed to the fd store: {e:#}");
+                None
+            }
+        }
+    }
+
+    async fn open(&self, t: &Task) -> Result<Served> {
         let ns = Netns::Path(PathBuf::from(&t.netns));
         // In a Docker container Docker's own resolver takes 127.0.0.11:53 (a DNAT in the
         // container); it forwards what it does not know to the daemon's `--dns`, which
@@ -218,33 +337,86 @@ impl Dns {
         } else {
             vec![DNS_ADDR]
         };
-        let sockets = netns::run_in(&ns, move || {
-            addrs
-                .iter()
-                .map(|a| {
-                    let udp =
-                        std::net::UdpSocket::bind(a).with_context(|| format!("bind udp {a}"))?;
-                    let tcp =
-                        std::net::TcpListener::bind(a).with_context(|| format!("bind tcp {a}"))?;
-                    Ok((udp, tcp))
+        let (sockets, held) = match self.take_left(t, &addrs) {
+            Some(left) => left,
+            None => {
+                let sockets = netns::run_in(&ns, move || {
+                    addrs
+                        .iter()
+                        .map(|a| {
+                            let udp = std::net::UdpSocket::bind(a)
+                                .with_context(|| format!("bind udp {a}"))?;
+                            let tcp = std::net::TcpListener::bind(a)
+                                .with_context(|| format!("bind tcp {a}"))?;
+                            Ok((udp, tcp))
+                        })
+                        .collect::<Result<Vec<_>>>()
                 })
-                .collect::<Result<Vec<_>>>()
-        })
-        .await?;
+                .await?;
+                crate::writes::count(crate::writes::Kind::DnsSocket, sockets.len() as u64);
+                let held = self.hold(t, &sockets);
+                (sockets, held)
+            }
+        };
         let querier = server::Querier {
             networks: task_record(t).addrs.into_iter().map(|(n, _)| n).collect(),
             // A task without a default route (only internal networks) has no way out, and
             // its DNS must not be one either.
             forward: t.default_gateway.is_some(),
         };
-        sockets
+        let listeners = sockets
             .into_iter()
             .map(|(udp, tcp)| {
                 server::listen(self.shared.clone(), querier.clone(), udp, tcp)
                     .map_err(|e| anyhow!("{e}"))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>();
+        match listeners {
+            Ok(listeners) => Ok(Served {
+                _serving: listeners,
+                netns: t.netns.clone(),
+                held,
+            }),
+            Err(e) => {
+                self.release(held.as_ref());
+                Err(e)
+            }
+        }
     }
+}
+
+/// A task's DNS sockets (UDP and TCP per address), and their key in the fd store.
+type Sockets = (Vec<(std::net::UdpSocket, std::net::TcpListener)>, Option<Key>);
+
+/// Turns held descriptors back into sockets, checking that they are what `addrs` needs:
+/// a UDP socket and a listening TCP socket bound to each address, in order.
+fn adopt(
+    fds: Vec<OwnedFd>,
+    addrs: &[SocketAddr],
+) -> Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>> {
+    use nix::sys::socket::{getsockopt, sockopt, SockType};
+    if fds.len() != 2 * addrs.len() {
+        return Err(anyhow!("{} descriptors for {} addresses", fds.len(), addrs.len()));
+    }
+    let mut fds = fds.into_iter();
+    let mut out = vec![];
+    for a in addrs {
+        let (Some(u), Some(l)) = (fds.next(), fds.next()) else {
+            break;
+        };
+        if getsockopt(&u, sockopt::SockType)? != SockType::Datagram
+            || getsockopt(&l, sockopt::SockType)? != SockType::Stream
+            || !getsockopt(&l, sockopt::AcceptConn)?
+        {
+            return Err(anyhow!("not a UDP socket and a TCP listener for {a}"));
+        }
+        let (udp, tcp) = (std::net::UdpSocket::from(u), std::net::TcpListener::from(l));
+        if udp.local_addr()? != *a || tcp.local_addr()? != *a {
+            return Err(anyhow!("bound elsewhere than {a}"));
+        }
+        out.push((udp, tcp));
+    }
+    Ok(out)
 }
 
 /// Where netd also answers in a task whose runtime runs a resolver of its own on

@@ -6,6 +6,15 @@ use netd::client::ApiError;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::FdStore { socket } = &cli.command {
+        return match netd::fdstore::serve(socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("netd fd-store: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Daemon(args) = cli.command {
         tracing_subscriber::fmt()
             .with_env_filter(

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crate::model::format_mac;
+use crate::writes::{self, Kind};
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
@@ -118,6 +119,7 @@ pub async fn require_link(handle: &Handle, name: &str) -> Result<Link> {
 }
 
 pub async fn delete_link(handle: &Handle, index: u32) -> Result<()> {
+    wrote();
     handle
         .link()
         .del(index)
@@ -127,6 +129,7 @@ pub async fn delete_link(handle: &Handle, index: u32) -> Result<()> {
 }
 
 async fn set(handle: &Handle, msg: LinkMessage, what: &str) -> Result<()> {
+    wrote();
     handle
         .link()
         .set(msg)
@@ -180,6 +183,7 @@ pub async fn set_controller(handle: &Handle, link: &Link, controller: u32) -> Re
 /// bridge itself: isolated ports only talk to the bridge and non-isolated ports).
 pub async fn set_isolated(handle: &Handle, link: &Link, isolated: bool) -> Result<()> {
     if link.isolated != isolated {
+        wrote();
         handle
             .link()
             .set_port(LinkBridgePort::new(link.index).isolated(isolated).build())
@@ -230,6 +234,7 @@ pub async fn ensure_bridge(handle: &Handle, name: &str, mtu: u32) -> Result<Link
     let link = match link_by_name(handle, name).await? {
         Some(l) => l,
         None => {
+            wrote();
             handle
                 .link()
                 .add(LinkBridge::new(name).mtu(mtu).build())
@@ -278,6 +283,7 @@ pub async fn create_veth_in(
             }
         }
     }
+    wrote();
     handle
         .link()
         .add(msg)
@@ -295,6 +301,7 @@ pub async fn create_vxlan(
     port: u16,
     mtu: u32,
 ) -> Result<()> {
+    wrote();
     handle
         .link()
         .add(
@@ -344,6 +351,7 @@ pub async fn ensure_address(handle: &Handle, link: &Link, ip: Ipv4Addr, prefix: 
     {
         return Ok(());
     }
+    wrote();
     handle
         .address()
         .add(link.index, IpAddr::V4(ip), prefix)
@@ -428,6 +436,7 @@ pub async fn ensure_default_route(handle: &Handle, link: &Link, gateway: Ipv4Add
     if default_route(handle).await? == Some((gateway, Some(link.index))) {
         return Ok(());
     }
+    wrote();
     handle
         .route()
         .add(
@@ -456,6 +465,7 @@ pub async fn host_routes_via(handle: &Handle, index: u32) -> Result<Vec<Ipv4Addr
 pub async fn ensure_host_routes(handle: &Handle, link: &Link, dsts: &[Ipv4Addr]) -> Result<()> {
     let present = host_routes_via(handle, link.index).await?;
     for d in dsts.iter().filter(|d| !present.contains(d)) {
+        wrote();
         handle
             .route()
             .add(
@@ -470,6 +480,7 @@ pub async fn ensure_host_routes(handle: &Handle, link: &Link, dsts: &[Ipv4Addr])
             .with_context(|| format!("route {d}/32 dev {}", link.name))?;
     }
     for d in present.iter().filter(|d| !dsts.contains(d)) {
+        wrote();
         handle
             .route()
             .del(
@@ -572,6 +583,7 @@ pub async fn ensure_vxlan_peers(handle: &Handle, vxlan: &Link, peers: &[Peer]) -
     let mut changed = 0;
     for p in peers {
         if !have.fdb.iter().any(|(_, m, d)| *m == p.mac && *d == p.vtep) {
+            wrote();
             handle
                 .neighbours()
                 .add_bridge(vxlan.index, &p.mac)
@@ -590,6 +602,7 @@ pub async fn ensure_vxlan_peers(handle: &Handle, vxlan: &Link, peers: &[Peer]) -
             .iter()
             .any(|(_, ip, m)| *ip == p.ip && m.as_slice() == p.mac)
         {
+            wrote();
             handle
                 .neighbours()
                 .add(vxlan.index, IpAddr::V4(p.ip))
@@ -603,6 +616,7 @@ pub async fn ensure_vxlan_peers(handle: &Handle, vxlan: &Link, peers: &[Peer]) -
     }
     for (msg, mac, _) in have.fdb {
         if !peers.iter().any(|p| p.mac == mac) {
+            wrote();
             handle
                 .neighbours()
                 .del(msg)
@@ -614,6 +628,7 @@ pub async fn ensure_vxlan_peers(handle: &Handle, vxlan: &Link, peers: &[Peer]) -
     }
     for (msg, ip, _) in have.neigh {
         if !peers.iter().any(|p| p.ip == ip) {
+            wrote();
             handle
                 .neighbours()
                 .del(msg)
@@ -624,4 +639,9 @@ pub async fn ensure_vxlan_peers(handle: &Handle, vxlan: &Link, peers: &[Peer]) -
         }
     }
     Ok(changed)
+}
+
+/// Counts one rtnetlink request that changes the kernel (see [`crate::writes`]).
+fn wrote() {
+    writes::count(Kind::Netlink, 1);
 }

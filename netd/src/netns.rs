@@ -422,5 +422,6 @@ pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
     if current.trim() == value {
         return Ok(());
     }
+    crate::writes::count(crate::writes::Kind::Sysctl, 1);
     fs::write(&path, value).with_context(|| format!("write {path}"))
 }

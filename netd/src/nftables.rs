@@ -268,6 +268,7 @@ impl Ruleset {
 }
 
 fn nft(script: &str) -> Result<String> {
+    crate::writes::count(crate::writes::Kind::Nftables, 1);
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

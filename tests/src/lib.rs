@@ -994,7 +994,7 @@ impl Lab {
             out.push_str(&String::from_utf8_lossy(&neigh.stdout));
         }
         let o = self.exec_in(&node.netns, &["nft", "list", "ruleset"])?;
-        out.push_str(&String::from_utf8_lossy(&o.stdout));
+        out.push_str(&without_counts(&String::from_utf8_lossy(&o.stdout)));
         // The node's BPF pins by name and inode: a re-pinned link or map is a new inode.
         out.push_str("### bpf pins\n");
         let mut pins: Vec<String> = fs::read_dir(Path::new("/sys/fs/bpf/netd").join(&node.name))
@@ -1092,6 +1092,33 @@ fn without_timers(text: &str) -> String {
             }
             out.push_str(tok);
             out.push(' ');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Drops what traffic changes in an nftables listing: the numbers of `counter packets N
+/// bytes N`.
+fn without_counts(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut words = line.split(' ').peekable();
+        let mut first = true;
+        while let Some(w) = words.next() {
+            if !first {
+                out.push(' ');
+            }
+            first = false;
+            out.push_str(w);
+            if w == "packets" || w == "bytes" {
+                if let Some(n) = words.peek() {
+                    if n.parse::<u64>().is_ok() {
+                        words.next();
+                        out.push_str(" _");
+                    }
+                }
+            }
         }
         out.push('\n');
     }
@@ -1307,6 +1334,31 @@ pub fn in_netns<T: Send + 'static>(
     })
     .join()
     .map_err(|_| anyhow!("netns thread panicked"))?
+}
+
+/// One query by dig from `netns` (one try, 5 s timeout, like glibc's first try): the
+/// answer's lines, or why there is none, and how long it took.
+pub fn dig_once(netns: &str, name: &str, tcp: bool) -> (Result<Vec<String>, String>, Duration) {
+    let start = Instant::now();
+    let mut args = vec!["netns", "exec", netns, "dig", "+time=5", "+tries=1", "+short"];
+    if tcp {
+        args.push("+tcp");
+    }
+    args.push(name);
+    let out = std::process::Command::new("ip").args(&args).output();
+    let answer = match out {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()),
+        Ok(o) => Err(format!(
+            "dig exited {}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout).trim()
+        )),
+        Err(e) => Err(format!("run dig: {e}")),
+    };
+    (answer, start.elapsed())
 }
 
 /// Opens a TCP connection from inside `netns`.

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use netd_lab::{in_netns, Lab};
+use netd_lab::{dig_once, in_netns, Lab};
 
 fn status(dig_output: &str) -> &str {
     dig_output
@@ -255,6 +255,81 @@ fn bad_packets_and_stalled_tcp_clients_do_not_hurt_the_dns() -> Result<()> {
     lab.stop_daemon(0, true)?;
     lab.start_daemon(0)?;
     assert_eq!(lab.dig_short(&w1, "web")?, vec![web_vip]);
+    Ok(())
+}
+
+#[test]
+fn a_netd_killed_and_restarted_leaves_no_dns_query_unanswered() -> Result<()> {
+    let (mut lab, w1) = one_node_with_web("dk")?;
+    let web_vip = vip(&lab, "web", "front")?;
+    let st = lab.cli_json(0, &["status"])?;
+    assert_eq!(st["dns"]["handover"]["active"], true, "{st}");
+    // A client asks again and again, over UDP and TCP, while netd is killed and started.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asker = {
+        let (stop, w1) = (stop.clone(), w1.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut answers = vec![];
+            for i in 0..4000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                answers.push(dig_once(&w1, "web", i % 2 == 1));
+            }
+            answers
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    lab.stop_daemon(0, true)?;
+    // Down long enough for several queries to wait on the held sockets.
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.start_daemon(0)?;
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = asker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the asking thread panicked"))?;
+    let wrong: Vec<_> = answers
+        .iter()
+        .filter(|(a, _)| a.as_ref().ok() != Some(&vec![web_vip.clone()]))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} queries not answered with {web_vip} across the restart: {wrong:?}",
+        wrong.len(),
+        answers.len()
+    );
+    // Some query waited for the new netd (it was asked while none ran) and got its answer.
+    let waited = answers
+        .iter()
+        .filter(|(_, took)| *took > Duration::from_millis(500))
+        .count();
+    assert!(
+        waited > 0,
+        "no query was asked while netd was down: {answers:?}"
+    );
+    // The new netd serves the sockets the fd store kept, not new ones.
+    let st = lab.cli_json(0, &["status"])?;
+    let store = st["dns"]["handover"]["store"].as_str().unwrap_or_default();
+    assert!(store.contains("kept from the netd before"), "{st}");
+    assert_eq!(st["dns"]["handover"]["tasks_held"], 1, "{st}");
+    // A detached task's sockets are closed everywhere, the fd store's copy too (which
+    // would otherwise keep the namespace alive): the port is free in the task again.
+    lab.cli(0, &["task", "detach", "web-1"])?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = in_netns(&w1, || {
+        UdpSocket::bind("127.0.0.11:53")?;
+        Ok(())
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "127.0.0.11:53 still bound in a detached task: {e:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = lab.cli_json(0, &["status"])?;
+    assert_eq!(st["dns"]["handover"]["tasks_held"], 0, "{st}");
     Ok(())
 }
 

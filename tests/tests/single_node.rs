@@ -186,6 +186,12 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
     assert_eq!(status["datapath"]["active"], "ebpf", "{status}");
     assert_eq!(status["datapath"]["requested"], "auto", "{status}");
     assert_eq!(status["datapath"]["detail"]["attached"], true, "{status}");
+    // The netd that built the node counts what it wrote (the check after the restart
+    // below relies on these counters).
+    let built = &status["reconcile"]["kernel_writes"];
+    for kind in ["netlink", "nftables", "bpf", "dns_sockets"] {
+        assert!(built[kind].as_u64() > Some(0), "no {kind} write counted: {built}");
+    }
     let b = lab.task_ip(0, "b", "front")?;
     let mut conn = connect_from(&lab.ns("a"), addr(b))?;
     assert_eq!(field(&http_get(&mut conn)?, "Hostname"), Some("b"));
@@ -195,8 +201,15 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
     // kill -9: the data plane keeps working while netd is down ...
     lab.stop_daemon(0, true)?;
     assert_eq!(field(&http_get(&mut conn)?, "Hostname"), Some("b"));
-    // ... and a restarted netd finds everything in place and touches nothing.
+    // ... and a restarted netd finds everything in place and touches nothing: it
+    // reports no kernel write of any kind, and the kernel reads back the same.
     lab.start_daemon(0)?;
+    let status = lab.cli_json(0, &["status"])?;
+    let writes = &status["reconcile"]["kernel_writes"];
+    assert!(
+        writes.as_object().is_some_and(|w| !w.is_empty() && w.values().all(|n| n == 0)),
+        "a restarted netd wrote to the kernel: {writes}"
+    );
     let after = lab.kernel_snapshot(0)?;
     assert!(
         after == before,

@@ -16,14 +16,18 @@
 //!   established a new one is refused ([`Outbound::Full`]). Unconfirmed flows also
 //!   expire after 30 s.
 //!
-//! Every confirmed flow (handshake complete, or UDP answered) and its removal is
-//! appended to a journal file (fixed 24-byte records) in /run, so a netd restarted after
-//! `kill -9` translates the established flows as before: the page cache keeps what a
-//! dead process wrote. Unconfirmed flows are not journaled, so a flood writes nothing (a
-//! restart loses the handshakes in progress: a client whose SYN was not answered yet
-//! retransmits it and gets a new flow; one whose SYN-ACK passed in the microseconds
-//! before its ACK does sees that connection fail). The journal is compacted on load and
-//! whenever it grows well beyond the table.
+//! Every flow its backend answered (a SYN-ACK, a UDP reply) and its removal is appended
+//! to a journal file (fixed 24-byte records) in /run, so a netd restarted after
+//! `kill -9` translates the flows as before: the page cache keeps what a dead process
+//! wrote. A flow is journaled as soon as the backend answers, not when the client
+//! completes the handshake: a client whose ACK and request follow a SYN-ACK that the
+//! netd before passed would otherwise send them into a flow the new netd does not know,
+//! and its connection would hang (seen in the restart-under-load test). Flows nobody
+//! answered are not journaled, so a SYN flood towards a VIP writes nothing unless the
+//! backend answers it, and then one record to add and one to remove a flow (a restart
+//! loses only handshakes not answered yet: the client retransmits its SYN and gets a
+//! new flow). The journal is compacted on load and whenever it grows well beyond the
+//! table.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -139,7 +143,7 @@ impl Entry {
     }
 
     /// Whether both sides took part: a TCP handshake completed, or a UDP answer came.
-    /// Only such flows are journaled.
+    /// Early drops spare only such flows.
     fn confirmed(&self, proto: u8) -> bool {
         if proto == UDP {
             self.replied
@@ -297,8 +301,8 @@ impl Conntrack {
     fn early_drop(&mut self) -> bool {
         while let Some(k) = self.unconfirmed.pop_front() {
             if self.fwd.get(&k).is_some_and(|e| !e.confirmed(k.proto)) {
-                // Never journaled: nothing to write.
-                self.remove(&k);
+                // Journaled if the backend answered: then its end is too.
+                self.end(&k);
                 self.early_drops += 1;
                 return true;
             }
@@ -430,12 +434,12 @@ impl Conntrack {
         }
     }
 
-    /// Journals `k` if it just became confirmed.
+    /// Journals `k` once its backend answered.
     fn confirm(&mut self, k: &FwdKey) {
         let Some(e) = self.fwd.get_mut(k) else {
             return;
         };
-        if e.logged || !e.confirmed(k.proto) {
+        if e.logged || !e.replied {
             return;
         }
         e.logged = true;
@@ -938,14 +942,20 @@ pub(crate) mod tests {
             gone = opened(&mut ct, &udp(C, 11, VIP, 53), 0).1;
             ct.inbound(&udp(B, 53, LB, gone), 0).unwrap();
             assert_eq!(ct.expire(UDP_TIMEOUT + 1), 1);
-            // Unconfirmed flows are not journaled: neither an unanswered SYN nor an
+            // Flows nobody answered are not journaled: neither an unanswered SYN nor an
             // unanswered datagram.
             opened(&mut ct, &tcp(C, 12, VIP, 80, "S"), 0);
             opened(&mut ct, &udp(C, 13, VIP, 53), 0);
+            // A handshake the backend answered is: the client's ACK and request may
+            // come after the restart.
+            let answered = opened(&mut ct, &tcp(C, 14, VIP, 80, "S"), 0).1;
+            ct.inbound(&tcp(B, 80, LB, answered, "SA"), 0).unwrap();
             // Dropped without any goodbye, as by kill -9.
         }
         let mut ct = Conntrack::open(&path, 500, DEFAULT_MAX_FLOWS).unwrap();
-        assert_eq!(ct.len(), 1);
+        assert_eq!(ct.len(), 2);
+        let r = ct.outbound(&tcp(C, 14, VIP, 80, "A"), 500, || panic!("known flow"));
+        assert!(matches!(r, Outbound::Translate { new: false, .. }), "{r:?}");
         let r = ct.outbound(&tcp(C, 10, VIP, 80, "A"), 500, || panic!("known flow"));
         assert_eq!(
             r,
@@ -956,8 +966,8 @@ pub(crate) mod tests {
             }
         );
         assert!(ct.inbound(&udp(B, 53, LB, gone), 500).is_none());
-        // Compacted: one record left on disk.
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), RECORD as u64);
+        // Compacted: one record per flow left on disk.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * RECORD as u64);
         // A torn or foreign file is read as far as it makes sense, never a panic.
         std::fs::write(&path, [7u8; 50]).unwrap();
         assert!(Conntrack::open(&path, 0, DEFAULT_MAX_FLOWS)

@@ -20,6 +20,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::writes::{self, Kind};
 use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
@@ -358,21 +359,25 @@ impl Loaded {
         for c in &present {
             if !cookies.contains(c) {
                 self.netns.remove(c).or_else(ignore_missing)?;
+                writes::count(Kind::Bpf, 1);
             }
         }
         for c in cookies {
             if !present.contains(c) {
                 self.netns.insert(c, 1, 0).context("add task netns")?;
+                writes::count(Kind::Bpf, 1);
             }
         }
         let present: BTreeSet<NetnsNet> = self.netns_nets.keys().filter_map(|k| k.ok()).collect();
         for k in present.difference(nets) {
             self.netns_nets.remove(k).or_else(ignore_missing)?;
+            writes::count(Kind::Bpf, 1);
         }
         for k in nets.difference(&present) {
             self.netns_nets
                 .insert(k, 1, 0)
                 .context("record a task namespace's network")?;
+            writes::count(Kind::Bpf, 1);
         }
         self.netns_set = Some(want);
         Ok(())
@@ -497,6 +502,7 @@ impl Datapath for EbpfDatapath {
             // A failed pass leaves the maps unknown: the next step compares them all.
             inner.unsure = true;
             let changed = l.program(table, touched)?;
+            writes::count(Kind::Bpf, changed as u64);
             inner.unsure = false;
             if changed > 0 {
                 tracing::info!(changed, "eBPF load balancer updated");

@@ -258,6 +258,7 @@ impl Loaded {
             .copied()
             .collect();
         for k in gone {
+            crate::writes::count(crate::writes::Kind::Bpf, 1);
             let _ = self.ports.remove(&port_key(k));
             if let Some((slot, _, old)) = self.slots.remove(&k) {
                 drop_slot(&mut self.backends, &mut self.rr, slot, old.len());
@@ -271,6 +272,7 @@ impl Loaded {
                 }
             }
             // A fresh slot, then one switch of the port's value, as for VIPs.
+            crate::writes::count(crate::writes::Kind::Bpf, 1);
             let slot = self.next_slot;
             self.next_slot = self.next_slot.wrapping_add(1).max(1);
             for (i, b) in backends.iter().enumerate() {

@@ -262,6 +262,7 @@ impl KernelLinks {
             self.netlink
                 .with(&sandbox, move |h| async move {
                     let link = netlink::require_link(&h, &tmp).await?;
+                    crate::writes::count(crate::writes::Kind::Netlink, 1);
                     h.link()
                         .set(
                             rtnetlink::LinkUnspec::new_with_index(link.index)

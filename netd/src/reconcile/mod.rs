@@ -148,6 +148,8 @@ pub struct Reconciler {
     applied: std::sync::atomic::AtomicU64,
     /// The store revision of the last task status this node published.
     status_revision: std::sync::atomic::AtomicU64,
+    /// Steps run since the daemon started.
+    steps: std::sync::atomic::AtomicU64,
 }
 
 impl Reconciler {
@@ -179,6 +181,7 @@ impl Reconciler {
             last: std::sync::Mutex::new(Report::default()),
             applied: std::sync::atomic::AtomicU64::new(0),
             status_revision: std::sync::atomic::AtomicU64::new(0),
+            steps: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -218,6 +221,11 @@ impl Reconciler {
     pub fn status_revision(&self) -> u64 {
         self.status_revision
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Steps run since the daemon started (for `netd status`).
+    pub fn steps(&self) -> u64 {
+        self.steps.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn last_report(&self) -> Report {
@@ -270,6 +278,8 @@ impl Reconciler {
     async fn run_locked(&self, checked: bool) -> Result<Report> {
         let st = self.view.state();
         let report = self.step(&st, checked).await;
+        self.steps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();
         }

@@ -1,0 +1,227 @@
+//! A node's netd killed with -9 and started again while clients use everything it
+//! serves there: names (dig over UDP and TCP in a task), a VIP (new connections from a
+//! task) and a published port (new connections from a host on the underlay). No request
+//! may fail, and the new netd must find the node right: its first step writes nothing
+//! to the kernel. On both datapaths. (The same at 10,000 services is a phase of
+//! `netd-bench scale`.)
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use netd_lab::{diff_lines, dig_once, field, http_get, in_netns, Lab};
+
+const PUBLISHED: u16 = 4567;
+const OUTSIDE_HOST: u8 = 100;
+/// Networks besides `front`, each with services and a task on the restarted node (so
+/// the restart finds sandboxes, peers and VIPs of many networks).
+const OTHER_NETWORKS: usize = 6;
+const SERVICES_PER_NETWORK: usize = 8;
+/// Longest a client waits for one request (a resolver's first try is 5 s).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the clients run, and most requests each makes.
+const LOAD_LIMIT: Duration = Duration::from_secs(60);
+const MAX_REQUESTS: usize = 5000;
+
+/// One request's outcome: when it started, how long it took, what went wrong.
+struct Outcome {
+    start: Instant,
+    took: Duration,
+    error: Option<String>,
+}
+
+/// A client asking again and again until told to stop.
+struct Client {
+    what: &'static str,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<Outcome>>,
+}
+
+impl Client {
+    fn start(
+        what: &'static str,
+        mut ask: impl FnMut(usize) -> Result<()> + Send + 'static,
+    ) -> Client {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + LOAD_LIMIT;
+            let mut out = vec![];
+            for i in 0..MAX_REQUESTS {
+                if flag.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let start = Instant::now();
+                let error = ask(i).err().map(|e| format!("{e:#}"));
+                out.push(Outcome {
+                    start,
+                    took: start.elapsed(),
+                    error,
+                });
+            }
+            out
+        });
+        Client { what, stop, thread }
+    }
+
+    fn finish(self) -> Result<(&'static str, Vec<Outcome>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let out = self
+            .thread
+            .join()
+            .map_err(|_| anyhow!("{} client panicked", self.what))?;
+        Ok((self.what, out))
+    }
+}
+
+/// One HTTP GET over a new connection from the calling thread's namespace to `addr`.
+fn get(addr: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let body = http_get(&mut s)?;
+    field(&body, "Hostname").context("no whoami answer")?;
+    Ok(())
+}
+
+/// Runs `get` against `addr` from inside `netns`, on a thread that stays there.
+fn http_client(what: &'static str, netns: String, addr: SocketAddr) -> Result<Client> {
+    // Enter the namespace once: the client thread is made by a thread inside it.
+    in_netns(&netns, move || Ok(Client::start(what, move |_| get(addr))))
+}
+
+fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
+    let mut lab = Lab::build(tag, 2, true, datapath)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.40.0/24"],
+    )?;
+    let publish = format!("{PUBLISHED}:80");
+    lab.cli(
+        0,
+        &[
+            "service", "create", "web", "--network", "front", "--publish", &publish,
+        ],
+    )?;
+    for i in 0..4 {
+        let node = lab.nodes[i % 2].name.clone();
+        lab.attach_whoami(0, "web", &format!("w{i}"), Some(&node))?;
+    }
+    lab.cli(0, &["service", "create", "clients", "--network", "front"])?;
+    let n1 = lab.nodes[0].name.clone();
+    let (cli, path) = lab.add_task_netns("cli")?;
+    lab.cli(
+        0,
+        &[
+            "task", "attach", "clients", "--netns", &path, "--name", "cli", "--node", &n1,
+        ],
+    )?;
+    for n in 0..OTHER_NETWORKS {
+        let net = format!("net{n}");
+        let subnet = format!("198.19.{}.0/24", 50 + n);
+        lab.cli(0, &["network", "create", &net, "--subnet", &subnet])?;
+        for s in 0..SERVICES_PER_NETWORK {
+            lab.cli(
+                0,
+                &["service", "create", &format!("s{n}x{s}"), "--network", &net],
+            )?;
+        }
+        let (_, path) = lab.add_task_netns(&format!("t{n}"))?;
+        let task = format!("t{n}");
+        lab.cli(
+            0,
+            &[
+                "task", "attach", &format!("s{n}x0"), "--netns", &path, "--name", &task,
+                "--node", &n1,
+            ],
+        )?;
+    }
+    let vip = lab.vip(0, "web", "front")?;
+    let outside = lab.add_host("out", OUTSIDE_HOST)?;
+    let node_ip: Ipv4Addr = lab.nodes[0].ip;
+    let before = lab.kernel_snapshot(0)?;
+
+    let dns = {
+        let (cli, vip) = (cli.clone(), vip.to_string());
+        Client::start("dns", move |i| {
+            let (answer, _) = dig_once(&cli, "web", i % 2 == 1);
+            match answer {
+                Ok(a) if a == vec![vip.clone()] => Ok(()),
+                other => Err(anyhow!("{other:?}")),
+            }
+        })
+    };
+    let to_vip = http_client("vip", cli.clone(), SocketAddr::from((vip, 80)))?;
+    let to_mesh = http_client(
+        "published port",
+        outside.clone(),
+        SocketAddr::from((node_ip, PUBLISHED)),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    lab.stop_daemon(0, true)?;
+    // Down for long enough that every client asks while no netd runs.
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.start_daemon(0)?;
+    let started = Instant::now();
+    let status = lab.cli_json(0, &["status"])?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let results = [dns.finish()?, to_vip.finish()?, to_mesh.finish()?];
+
+    for (what, outcomes) in &results {
+        let failed: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.error.as_ref().map(|e| format!("{:?} in: {e}", o.took)))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{what}: {} of {} requests failed across the restart: {failed:?}",
+            failed.len(),
+            outcomes.len()
+        );
+        let while_down = outcomes
+            .iter()
+            .filter(|o| o.start > killed && o.start < started)
+            .count();
+        assert!(
+            while_down > 0,
+            "{what}: no request while netd was down ({} in all)",
+            outcomes.len()
+        );
+    }
+    // The new netd changed nothing: it counts no kernel write, and the kernel reads back
+    // as before (counters aside).
+    let writes = &status["reconcile"]["kernel_writes"];
+    assert!(
+        writes
+            .as_object()
+            .is_some_and(|w| !w.is_empty() && w.values().all(|n| n == 0)),
+        "the restarted netd wrote to the kernel: {writes}"
+    );
+    let after = lab.kernel_snapshot(0)?;
+    assert!(
+        after == before,
+        "the restart changed the kernel:\n{}",
+        diff_lines(&before, &after)
+    );
+    // Every local task's DNS came from the sockets the fd store kept.
+    assert_eq!(
+        status["dns"]["handover"]["tasks_held"],
+        status["dns"]["tasks_served"],
+        "{status}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_killed_netd_restarts_under_load_without_a_failed_request_ebpf() -> Result<()> {
+    restart_under_load("rke", "auto")
+}
+
+#[test]
+fn a_killed_netd_restarts_under_load_without_a_failed_request_userspace() -> Result<()> {
+    restart_under_load("rku", "userspace")
+}
