@@ -178,6 +178,22 @@ fn filler(i: usize) -> String {
     format!("f{i}")
 }
 
+/// Networks besides NETWORK, for the fillers: 99 /24s above the overlay's /17.
+const OTHER_NETWORKS: usize = 99;
+
+fn other_network(n: usize) -> String {
+    format!("net{n:02}")
+}
+
+/// The network of filler `i`: the fillers go round the 100 networks (so the first
+/// FILLER_TASKS fillers' tasks put a sandbox of every network on every node).
+fn filler_network(i: usize) -> String {
+    match i % (OTHER_NETWORKS + 1) {
+        0 => NETWORK.to_string(),
+        n => other_network(n - 1),
+    }
+}
+
 fn probe(s: usize) -> String {
     format!("probe{s}")
 }
@@ -310,13 +326,20 @@ impl World {
             names.extend((0..PROBES).map(probe));
             names.push(CLIENT_SERVICE.into());
         }
-        names.extend((self.fillers..fillers).map(filler));
         for (k, name) in names.iter().enumerate() {
             creates.push(Req {
                 api: k % self.apis.len(),
                 method: "POST",
                 path: "/v1/services".into(),
                 body: Some(json!({"name": name, "networks": [NETWORK]})),
+            });
+        }
+        for i in self.fillers..fillers {
+            creates.push(Req {
+                api: i % self.apis.len(),
+                method: "POST",
+                path: "/v1/services".into(),
+                body: Some(json!({"name": filler(i), "networks": [filler_network(i)]})),
             });
         }
         if !creates.is_empty() {
@@ -693,6 +716,164 @@ fn measure(w: &mut World, o: &Opts, queries: &Path, st: &mut Stage) -> Result<()
     memory(w, st)
 }
 
+/// How long the restart phase's load runs, and when in it n1's netd is killed.
+const RESTART_LOAD: Duration = Duration::from_secs(12);
+const RESTART_AFTER: Duration = Duration::from_secs(3);
+/// dnsperf's timeout for a query (a resolver's first try).
+const DNS_TIMEOUT_SECS: u64 = 5;
+
+/// What a kill -9 and restart of n1's netd did to the clients and to the kernel.
+struct RestartRun {
+    services: usize,
+    networks: usize,
+    tasks: usize,
+    /// From the kill until the new netd's API answered (after its first step).
+    down: Duration,
+    dns_qps: f64,
+    dns_sent: u64,
+    dns_lost: u64,
+    /// The VIP load's connections, and why it stopped early (a failed connection).
+    vip_conns: u64,
+    vip_failure: Option<String>,
+    vip_max: Duration,
+    /// The new netd's kernel writes by kind, and its steps, just after it came up.
+    writes: Value,
+    steps: u64,
+    /// Its DNS: tasks served, and of them from the sockets the fd store kept.
+    dns_tasks: u64,
+    dns_held: u64,
+    /// Lines of n1's kernel listing that differ after the restart.
+    kernel_diff: usize,
+}
+
+/// Kills n1's netd (SIGKILL) and starts it again while c1 on n1 asks netd's DNS
+/// (dnsperf) and connects to probe0's VIP; then compares n1's kernel with before.
+fn restart(w: &mut World, queries: &Path) -> Result<RestartRun> {
+    let c1 = w.lab.ns(CLIENTS[0]);
+    let before = w.lab.kernel_snapshot(0)?;
+    let dns = {
+        let (c1, queries) = (c1.clone(), queries.display().to_string());
+        std::thread::spawn(move || {
+            std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &c1,
+                    "dnsperf",
+                    "-s",
+                    "127.0.0.11",
+                    "-d",
+                    &queries,
+                ])
+                .args(["-l", &RESTART_LOAD.as_secs().to_string()])
+                .args(["-t", &DNS_TIMEOUT_SECS.to_string()])
+                .output()
+        })
+    };
+    let vip = SocketAddr::from((w.probes[0].0, PORT));
+    let load = {
+        let c1 = c1.clone();
+        std::thread::spawn(move || load::new_connections(&c1, vip, 1, RESTART_LOAD, MAX_CONNS))
+    };
+    std::thread::sleep(RESTART_AFTER);
+    let killed = Instant::now();
+    w.lab.stop_daemon(0, true)?;
+    w.lab.start_daemon(0)?;
+    let down = killed.elapsed();
+    let status = w.lab.cli_json(0, &["status"])?;
+    let dns_out = dns
+        .join()
+        .map_err(|_| anyhow!("dnsperf thread panicked"))?
+        .context("run dnsperf")?;
+    let text = String::from_utf8_lossy(&dns_out.stdout);
+    let figure = |label: &str| crate::dns::dnsperf_figure(&text, label);
+    let dns_qps = figure("Queries per second:")
+        .with_context(|| format!("dnsperf printed no rate: {text:.2000}"))?;
+    let (vip_conns, vip_failure, vip_max) =
+        match load.join().map_err(|_| anyhow!("load thread panicked"))? {
+            Ok(run) => (
+                run.requests,
+                None,
+                run.latencies.iter().max().copied().unwrap_or_default(),
+            ),
+            Err(e) => (0, Some(format!("{e:#}")), Duration::ZERO),
+        };
+    let after = w.lab.kernel_snapshot(0)?;
+    let kernel_diff = netd_lab::diff_lines(&before, &after).lines().count();
+    let tasks = w.lab.cli_json(0, &["task", "ls"])?;
+    Ok(RestartRun {
+        services: w.services(),
+        networks: OTHER_NETWORKS + 1,
+        tasks: tasks.as_array().map(|a| a.len()).unwrap_or(0),
+        down,
+        dns_qps,
+        dns_sent: figure("Queries sent:").unwrap_or(0.0) as u64,
+        dns_lost: figure("Queries lost:").unwrap_or(0.0) as u64,
+        vip_conns,
+        vip_failure,
+        vip_max,
+        writes: status["reconcile"]["kernel_writes"].clone(),
+        steps: status["reconcile"]["steps"].as_u64().unwrap_or(0),
+        dns_tasks: status["dns"]["tasks_served"].as_u64().unwrap_or(0),
+        dns_held: status["dns"]["handover"]["tasks_held"]
+            .as_u64()
+            .unwrap_or(0),
+        kernel_diff,
+    })
+}
+
+fn restart_section(md: &mut String, r: &RestartRun) -> Result<()> {
+    writeln!(
+        md,
+        "\n## Restart at {} services\n\nWith {} services, {} networks and {} tasks in the \
+         cluster, n1's netd is killed (SIGKILL) {} s into a {} s load from the client task \
+         c1 on n1 and started again at once: dnsperf against 127.0.0.11 (the same query \
+         mix, {DNS_TIMEOUT_SECS} s timeout, a resolver's first try) and new connections to \
+         probe0's VIP (one thread, each connect has a 3 s timeout; the first failure stops \
+         it). Then n1's kernel (links, addresses, routes, VXLAN entries of every sandbox \
+         and task namespace, the nftables ruleset without its counters, the BPF pins) is \
+         listed again and compared with the listing from before.\n",
+        thousands(r.services),
+        thousands(r.services),
+        r.networks,
+        r.tasks,
+        RESTART_AFTER.as_secs(),
+        RESTART_LOAD.as_secs()
+    )?;
+    let writes: Vec<String> = r
+        .writes
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| format!("{k} {v}")).collect())
+        .unwrap_or_default();
+    writeln!(
+        md,
+        "| figure | value |\n|---|---|\n\
+         | kill → the new netd's API answers (its first step done) | {} |\n\
+         | DNS queries sent / lost | {} / {} ({:.0} queries/s over the whole load) |\n\
+         | VIP new connections | {} ({}) , slowest {} |\n\
+         | the new netd's kernel writes when its API answered | {} |\n\
+         | its steps by then | {} |\n\
+         | local tasks whose DNS sockets came from the fd store | {} of {} |\n\
+         | lines of n1's kernel listing changed | {} |",
+        ms(r.down),
+        r.dns_sent,
+        r.dns_lost,
+        r.dns_qps,
+        r.vip_conns,
+        r.vip_failure
+            .as_deref()
+            .map(|e| format!("stopped by a failure: {e}"))
+            .unwrap_or_else(|| "none failed".into()),
+        ms(r.vip_max),
+        writes.join(", "),
+        r.steps,
+        r.dns_held,
+        r.dns_tasks,
+        r.kernel_diff
+    )?;
+    Ok(())
+}
+
 /// The nftables path: kube-proxy's nftables mode in the client's namespace, one map
 /// `address . protocol . port → goto chain` holding every service, a chain per service
 /// that DNATs to `numgen random` over its backends.
@@ -842,9 +1023,19 @@ pub fn run(o: &Opts) -> Result<()> {
         probes: vec![],
         deadline: started + Duration::from_secs(o.time_limit),
     };
-    Client::new(&w.apis[0])
+    let client = Client::new(&w.apis[0]);
+    client
         .post("/v1/networks", &json!({"name": NETWORK, "subnet": SUBNET}))
         .context("create the network")?;
+    for n in 0..OTHER_NETWORKS {
+        let subnet = format!("198.19.{}.0/24", 128 + n);
+        client
+            .post(
+                "/v1/networks",
+                &json!({"name": other_network(n), "subnet": subnet}),
+            )
+            .with_context(|| format!("create network {}", other_network(n)))?;
+    }
     // The sample tasks of the probes (attached and detached at every step).
     w.lab.whoami_task("samp", PORT)?;
     w.lab.whoami_task("nb", PORT)?;
@@ -863,6 +1054,7 @@ pub fn run(o: &Opts) -> Result<()> {
     let biggest = o.scales.iter().copied().max().unwrap_or(PROBES);
     let mut stages = vec![];
     let mut nft = None;
+    let mut restarted = None;
     let mut stopped = None;
     for (k, (label, scale)) in steps.iter().enumerate() {
         let mut st = Stage {
@@ -884,6 +1076,11 @@ pub fn run(o: &Opts) -> Result<()> {
                 eprintln!("== nftables vs eBPF at {label}");
                 nft = Some(nft_vs_ebpf(&mut w, o)?);
                 st.phases.push(("nftables vs eBPF".into(), t.elapsed()));
+                w.check_time("the restart under load")?;
+                let t = Instant::now();
+                eprintln!("== restart of n1's netd under load at {label}");
+                restarted = Some(restart(&mut w, &queries)?);
+                st.phases.push(("restart under load".into(), t.elapsed()));
             }
             Ok(())
         })();
@@ -908,7 +1105,13 @@ pub fn run(o: &Opts) -> Result<()> {
         // What was measured before the failure, beside the results of the last
         // complete run (which stay as they were).
         if !stages.is_empty() {
-            let md = results(o, &stages, nft.as_ref(), started.elapsed())?;
+            let md = results(
+                o,
+                &stages,
+                nft.as_ref(),
+                restarted.as_ref(),
+                started.elapsed(),
+            )?;
             let partial = o.out.with_extension("partial.md");
             write_results(
                 &partial,
@@ -919,7 +1122,13 @@ pub fn run(o: &Opts) -> Result<()> {
         w.lab.teardown();
         return Err(e.context(how));
     }
-    let md = results(o, &stages, nft.as_ref(), started.elapsed())?;
+    let md = results(
+        o,
+        &stages,
+        nft.as_ref(),
+        restarted.as_ref(),
+        started.elapsed(),
+    )?;
     let (svg_path, link) = plot_beside(&o.out)?;
     let svg = plot(&stages, nft.as_ref());
     write_results(&o.out, &format!("{md}\n{link}\n"), Some((&svg_path, &svg)))?;
@@ -965,14 +1174,22 @@ fn plot(stages: &[Stage], nft: Option<&NftRun>) -> String {
     )
 }
 
-fn results(o: &Opts, stages: &[Stage], nft: Option<&NftRun>, total: Duration) -> Result<String> {
+fn results(
+    o: &Opts,
+    stages: &[Stage],
+    nft: Option<&NftRun>,
+    restarted: Option<&RestartRun>,
+    total: Duration,
+) -> Result<String> {
     let mut md = header("Scale: 10 → 10,000 services");
     writeln!(
         md,
         "Machine: {}. A 3-node lab cluster on one etcd (every node a network namespace, \
-         eBPF datapath), one overlay network `{NETWORK}` ({SUBNET}: the lab's pool holds \
+         eBPF datapath), 100 overlay networks: `{NETWORK}` ({SUBNET}: the lab's pool holds \
          its ingress network at 198.19.255.0/24 and 198.18.0.0/16 its underlay and \
-         gwbridges, so no /16 is free). Whole run: {:.0} s.\n",
+         gwbridges, so no /16 is free) with the probes and clients, and {OTHER_NETWORKS} \
+         /24s for the fillers, which go round all 100 networks (so the filler tasks put a \
+         sandbox of every network on every node). Whole run: {:.0} s.\n",
         machine(),
         total.as_secs_f64()
     )?;
@@ -1274,6 +1491,30 @@ fn results(o: &Opts, stages: &[Stage], nft: Option<&NftRun>, total: Duration) ->
             thousands(n.services),
             median(&n.nft),
             median(&n.ebpf)
+        ));
+    }
+
+    if let Some(r) = restarted {
+        restart_section(&mut md, r)?;
+        reading.push(format!(
+            "a kill -9 restart of n1's netd at {} services was answering again after {}, \
+             {} of {} DNS queries were lost, the VIP load {} ({} connections), the new \
+             netd counted {} kernel writes and {} lines of the kernel's listing changed",
+            thousands(r.services),
+            ms(r.down),
+            r.dns_lost,
+            r.dns_sent,
+            if r.vip_failure.is_some() {
+                "failed"
+            } else {
+                "had no failure"
+            },
+            r.vip_conns,
+            r.writes
+                .as_object()
+                .map(|o| o.values().filter_map(|v| v.as_u64()).sum::<u64>())
+                .unwrap_or(0),
+            r.kernel_diff
         ));
     }
 

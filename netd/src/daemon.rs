@@ -356,7 +356,11 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         .and_then(|exe| crate::fdstore::FdStore::open(&fd_store, &exe));
     match opened {
         Ok((store, held)) => {
-            tracing::info!(store = store.describe(), tasks = held.len(), "dns sockets kept across restarts");
+            tracing::info!(
+                store = store.describe(),
+                tasks = held.len(),
+                "dns sockets kept across restarts"
+            );
             dns.hand_over(store, held);
         }
         Err(e) => {

@@ -309,7 +309,11 @@ impl Dns {
     }
 
     /// Gives the fd store duplicates of `sockets`, so they outlive this netd.
-    fn hold(&self, t: &Task, sockets: &[(std::net::UdpSocket, std::net::TcpListener)]) -> Option<Key> {
+    fn hold(
+        &self,
+        t: &Task,
+        sockets: &[(std::net::UdpSocket, std::net::TcpListener)],
+    ) -> Option<Key> {
         let Handover::On { store, .. } = &self.handover else {
             return None;
         };
@@ -317,7 +321,8 @@ impl Dns {
             .iter()
             .flat_map(|(u, l)| [u.as_fd(), l.as_fd()])
             .collect();
-        let held = Key::new(HELD_KIND, &t.id, &t.netns).and_then(|k| store.put(&k, &fds).map(|()| k));
+        let held =
+            Key::new(HELD_KIND, &t.id, &t.netns).and_then(|k| store.put(&k, &fds).map(|()| k));
         match held {
             Ok(k) => Some(k),
             Err(e) => {
@@ -386,7 +391,10 @@ impl Dns {
 }
 
 /// A task's DNS sockets (UDP and TCP per address), and their key in the fd store.
-type Sockets = (Vec<(std::net::UdpSocket, std::net::TcpListener)>, Option<Key>);
+type Sockets = (
+    Vec<(std::net::UdpSocket, std::net::TcpListener)>,
+    Option<Key>,
+);
 
 /// Turns held descriptors back into sockets, checking that they are what `addrs` needs:
 /// a UDP socket and a listening TCP socket bound to each address, in order.
@@ -396,7 +404,11 @@ fn adopt(
 ) -> Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>> {
     use nix::sys::socket::{getsockopt, sockopt, SockType};
     if fds.len() != 2 * addrs.len() {
-        return Err(anyhow!("{} descriptors for {} addresses", fds.len(), addrs.len()));
+        return Err(anyhow!(
+            "{} descriptors for {} addresses",
+            fds.len(),
+            addrs.len()
+        ));
     }
     let mut fds = fds.into_iter();
     let mut out = vec![];

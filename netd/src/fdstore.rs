@@ -116,13 +116,8 @@ fn receive<T: for<'de> Deserialize<'de>>(fd: RawFd) -> Result<Option<(T, Vec<Own
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = socket::recvmsg::<()>(
-            fd,
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .context("receive from the fd store")?;
+        let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+            .context("receive from the fd store")?;
         let mut fds = vec![];
         for c in msg.cmsgs().context("control messages")? {
             if let ControlMessageOwned::ScmRights(raw) = c {
@@ -332,7 +327,11 @@ fn spawn(path: &Path, exe: &Path) -> Result<u32> {
         .stdout(std::process::Stdio::null());
     // SAFETY: only setsid(2) runs between fork and exec.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
     }
     let mut child = cmd
         .spawn()

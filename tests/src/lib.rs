@@ -1340,7 +1340,9 @@ pub fn in_netns<T: Send + 'static>(
 /// answer's lines, or why there is none, and how long it took.
 pub fn dig_once(netns: &str, name: &str, tcp: bool) -> (Result<Vec<String>, String>, Duration) {
     let start = Instant::now();
-    let mut args = vec!["netns", "exec", netns, "dig", "+time=5", "+tries=1", "+short"];
+    let mut args = vec![
+        "netns", "exec", netns, "dig", "+time=5", "+tries=1", "+short",
+    ];
     if tcp {
         args.push("+tcp");
     }

@@ -103,7 +103,13 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
     lab.cli(
         0,
         &[
-            "service", "create", "web", "--network", "front", "--publish", &publish,
+            "service",
+            "create",
+            "web",
+            "--network",
+            "front",
+            "--publish",
+            &publish,
         ],
     )?;
     for i in 0..4 {
@@ -134,8 +140,15 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
         lab.cli(
             0,
             &[
-                "task", "attach", &format!("s{n}x0"), "--netns", &path, "--name", &task,
-                "--node", &n1,
+                "task",
+                "attach",
+                &format!("s{n}x0"),
+                "--netns",
+                &path,
+                "--name",
+                &task,
+                "--node",
+                &n1,
             ],
         )?;
     }
@@ -209,8 +222,7 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
     );
     // Every local task's DNS came from the sockets the fd store kept.
     assert_eq!(
-        status["dns"]["handover"]["tasks_held"],
-        status["dns"]["tasks_served"],
+        status["dns"]["handover"]["tasks_held"], status["dns"]["tasks_served"],
         "{status}"
     );
     Ok(())

@@ -190,7 +190,10 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
     // below relies on these counters).
     let built = &status["reconcile"]["kernel_writes"];
     for kind in ["netlink", "nftables", "bpf", "dns_sockets"] {
-        assert!(built[kind].as_u64() > Some(0), "no {kind} write counted: {built}");
+        assert!(
+            built[kind].as_u64() > Some(0),
+            "no {kind} write counted: {built}"
+        );
     }
     let b = lab.task_ip(0, "b", "front")?;
     let mut conn = connect_from(&lab.ns("a"), addr(b))?;
@@ -207,7 +210,9 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
     let status = lab.cli_json(0, &["status"])?;
     let writes = &status["reconcile"]["kernel_writes"];
     assert!(
-        writes.as_object().is_some_and(|w| !w.is_empty() && w.values().all(|n| n == 0)),
+        writes
+            .as_object()
+            .is_some_and(|w| !w.is_empty() && w.values().all(|n| n == 0)),
         "a restarted netd wrote to the kernel: {writes}"
     );
     let after = lab.kernel_snapshot(0)?;
