@@ -251,6 +251,9 @@ struct Stage {
     vip: Vec<f64>,
     /// VmRSS of each node's daemon, KiB.
     rss: Vec<u64>,
+    /// Each node's netd CPU (its own and its children's, such as `nft`) per second of a
+    /// window with no load and no API call: the cost of its periodic work.
+    idle_cpu: Vec<f64>,
     etcd_rss: u64,
     etcd_keys: u64,
     etcd_db: u64,
@@ -656,13 +659,44 @@ fn etcd_num(v: &Value, key: &str) -> u64 {
     }
 }
 
+/// A quiet window long enough for every node's periodic checked step (`--resync`, 10 s).
+const IDLE_WINDOW: Duration = Duration::from_secs(12);
+
+/// CPU seconds process `pid` and its reaped children used so far.
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start after its ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the command.
+    let ticks: u64 = fields
+        .get(11..15)
+        .context("short /proc/PID/stat")?
+        .iter()
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .sum();
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
 fn memory(w: &World, st: &mut Stage) -> Result<()> {
+    let mut pids = vec![];
     for i in 0..w.nodes.len() {
         let pid = w
             .lab
             .daemon_pid(i)
             .with_context(|| format!("netd on {} is not running", w.nodes[i]))?;
         st.rss.push(rss_kib(pid)?);
+        pids.push(pid);
+    }
+    let before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect::<Result<_>>()?;
+    let t = Instant::now();
+    std::thread::sleep(IDLE_WINDOW);
+    let secs = t.elapsed().as_secs_f64();
+    for (pid, b) in pids.iter().zip(before) {
+        st.idle_cpu.push((cpu_secs(*pid)? - b) / secs);
     }
     if let Some(pid) = w.lab.etcd_pid() {
         st.etcd_rss = rss_kib(pid)?;
@@ -1230,8 +1264,16 @@ fn results(
          reading the answer and closing with a reset, {} s. DNS and VIP alternate, {} \
          rounds; the median round counts. *Memory*: VmRSS of each node's netd and of etcd, \
          the number of keys under `/netd/` and etcd's db size (total, and in use: etcd \
-         keeps its history, nothing compacts it in the lab) from etcd's own gateway.\n",
-        o.samples, o.samples, o.seconds, o.seconds, o.rounds
+         keeps its history, nothing compacts it in the lab) from etcd's own gateway. \
+         *CPU at rest*: each netd's CPU time (its own and its reaped children's, such as \
+         `nft`) over {} s without load or API calls, per second (100% is one core): the \
+         cost of its periodic work, such as the checked step every 10 s (`--resync`).\n",
+        o.samples,
+        o.samples,
+        o.seconds,
+        o.seconds,
+        o.rounds,
+        IDLE_WINDOW.as_secs()
     )?;
 
     writeln!(md, "## Per step\n")?;
@@ -1326,8 +1368,8 @@ fn results(
     writeln!(
         md,
         "| step | services | netd RSS n1, n2, n3 | per 1,000 services (mean, vs the step \
-         before) | etcd RSS | etcd keys under /netd/ | etcd db size (in use) |\n\
-         |---|---|---|---|---|---|---|"
+         before) | netd CPU at rest n1, n2, n3 | etcd RSS | etcd keys under /netd/ | etcd db size (in use) |\n\
+         |---|---|---|---|---|---|---|---|"
     )?;
     let mean_rss = |s: &Stage| mib(s.rss.iter().sum::<u64>()) / s.rss.len().max(1) as f64;
     let mut slopes = vec![];
@@ -1344,10 +1386,15 @@ fn results(
         };
         writeln!(
             md,
-            "| {} | {} | {} MiB | {slope} | {:.1} MiB | {} | {:.1} MiB ({:.1} MiB) |",
+            "| {} | {} | {} MiB | {slope} | {} | {:.1} MiB | {} | {:.1} MiB ({:.1} MiB) |",
             s.label,
             thousands(s.services),
             rss.join(", "),
+            s.idle_cpu
+                .iter()
+                .map(|c| format!("{:.0}%", c * 100.0))
+                .collect::<Vec<_>>()
+                .join(", "),
             mib(s.etcd_rss),
             thousands(s.etcd_keys as usize),
             s.etcd_db as f64 / 1048576.0,

@@ -286,12 +286,22 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
             .transpose()?,
     };
     let overlay_mtu = args.underlay_mtu - 50;
+    // The descriptors of the netd before (DNS sockets, TUN devices), kept by the fd store
+    // while it restarted, are served again, so a restart closes no port and drops no
+    // packet that reached one.
+    let (fd_store, mut held) = open_fd_store(&node);
     let datapath = datapath::open(
         args.datapath,
         &node,
         args.cgroup.clone(),
         overlay_mtu,
         args.userspace_conntrack_max as usize,
+        fd_store.as_ref().ok().map(|s| {
+            (
+                s.clone(),
+                crate::fdstore::take(&mut held, crate::datapath::userspace::HELD_KIND),
+            )
+        }),
     )?;
     tracing::info!(
         node,
@@ -345,28 +355,9 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     }
 
     let mut dns = Dns::new(dns_config(&args)?);
-    // The DNS sockets of the netd before (kept by the fd store while it restarted) are
-    // served again, from a complete record table, before the first step.
-    let fd_store = Path::new(crate::datapath::userspace::RUN_ROOT)
-        .join(&node)
-        .join("fd-store.sock");
-    let opened = std::fs::create_dir_all(fd_store.parent().unwrap_or(Path::new("/")))
-        .context("state directory")
-        .and_then(|()| std::env::current_exe().context("netd's own executable"))
-        .and_then(|exe| crate::fdstore::FdStore::open(&fd_store, &exe));
-    match opened {
-        Ok((store, held)) => {
-            tracing::info!(
-                store = store.describe(),
-                tasks = held.len(),
-                "dns sockets kept across restarts"
-            );
-            dns.hand_over(store, held);
-        }
-        Err(e) => {
-            tracing::warn!("no fd store, a restart closes the DNS ports for a moment: {e:#}");
-            dns.no_hand_over(format!("{e:#}"));
-        }
+    match fd_store {
+        Ok(store) => dns.hand_over(store, held),
+        Err(why) => dns.no_hand_over(why),
     }
     dns.sync_table(&view.state());
     let dns = Arc::new(dns);
@@ -395,6 +386,12 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
             &node, args.xdp,
         ))),
     ));
+    // What the netd before left open is served once the tables hold the state (a
+    // userspace load balancer without them would refuse every new flow).
+    if !follow::await_local(&followed, view.state().revision).await {
+        tracing::warn!("the DNS and load-balancer tables are late; resuming anyway");
+    }
+    reconciler.resume().await;
     let report = reconciler.run_once().await.context("initial reconcile")?;
     tracing::info!(
         node,
@@ -449,6 +446,36 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         tracing::warn!("withdraw liveness: {e}");
     }
     serve_result
+}
+
+/// This node's fd store (started if none runs) and what it holds; or why there is none.
+fn open_fd_store(
+    node: &str,
+) -> (
+    std::result::Result<Arc<crate::fdstore::FdStore>, String>,
+    crate::fdstore::Held,
+) {
+    let path = Path::new(crate::datapath::userspace::RUN_ROOT)
+        .join(node)
+        .join("fd-store.sock");
+    let opened = std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")))
+        .context("state directory")
+        .and_then(|()| std::env::current_exe().context("netd's own executable"))
+        .and_then(|exe| crate::fdstore::FdStore::open(&path, &exe));
+    match opened {
+        Ok((store, held)) => {
+            tracing::info!(
+                store = store.describe(),
+                entries = held.len(),
+                "descriptors kept across restarts"
+            );
+            (Ok(Arc::new(store)), held)
+        }
+        Err(e) => {
+            tracing::warn!("no fd store, a restart closes the DNS ports for a moment: {e:#}");
+            (Err(format!("{e:#}")), vec![])
+        }
+    }
 }
 
 /// How often the daemon looks for CNI DELs queued while it could not be reached (a

@@ -54,7 +54,7 @@ struct Served {
 enum Handover {
     Off(String),
     On {
-        store: FdStore,
+        store: Arc<FdStore>,
         /// What the netd before left, by task id, until a step takes it or lets it go.
         left: std::sync::Mutex<HashMap<String, (Key, Vec<OwnedFd>)>>,
     },
@@ -127,12 +127,17 @@ impl Dns {
     /// Keeps this daemon's sockets in `store` from now on, and serves the ones the netd
     /// before left there (`held`) instead of opening new ones, so a restart closes no
     /// port. Call before the first step.
-    pub fn hand_over(&mut self, store: FdStore, held: Held) {
-        let left = held
+    pub fn hand_over(&mut self, store: Arc<FdStore>, mut held: Held) {
+        let left = crate::fdstore::take(&mut held, HELD_KIND)
             .into_iter()
-            .filter(|(k, _)| k.kind == HELD_KIND)
             .map(|(k, fds)| (k.id.clone(), (k, fds)))
             .collect();
+        // Entries no part of this netd claims (of a kind it no longer uses) go.
+        for (k, _) in held {
+            if let Err(e) = store.remove(&k) {
+                tracing::warn!("fd store: {e:#}");
+            }
+        }
         self.handover = Handover::On {
             store,
             left: std::sync::Mutex::new(left),
@@ -276,6 +281,32 @@ impl Dns {
             }
         }
         errors
+    }
+
+    /// Serves those of `tasks` whose sockets the netd before left (see
+    /// [`crate::reconcile::Reconciler::resume`]).
+    pub async fn resume_held(&self, tasks: &[&Task]) {
+        for t in tasks {
+            let held = match &self.handover {
+                Handover::On { left, .. } => left.lock().is_ok_and(|l| l.contains_key(&t.id)),
+                Handover::Off(_) => false,
+            };
+            let serving = self
+                .listeners
+                .lock()
+                .map_or(true, |l| l.contains_key(&t.id));
+            if !held || serving {
+                continue;
+            }
+            match self.open(t).await {
+                Ok(served) => {
+                    if let Ok(mut l) = self.listeners.lock() {
+                        l.insert(t.id.clone(), served);
+                    }
+                }
+                Err(e) => tracing::warn!(task = t.id, "resume dns: {e:#}"),
+            }
+        }
     }
 
     /// Tells the fd store to close what it holds under `key`.

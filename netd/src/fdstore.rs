@@ -228,6 +228,15 @@ pub struct FdStore {
 /// What the store held when netd connected: the sockets of the netd before.
 pub type Held = Vec<(Key, Vec<OwnedFd>)>;
 
+/// Takes the entries of `kind` out of `held`.
+pub fn take(held: &mut Held, kind: &str) -> Held {
+    let (mine, rest) = std::mem::take(held)
+        .into_iter()
+        .partition(|(k, _)| k.kind == kind);
+    *held = rest;
+    mine
+}
+
 impl FdStore {
     /// Connects to the store at `path` (starting one with `exe fd-store` when none
     /// answers) and takes back what it holds.

@@ -1336,12 +1336,12 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow!("netns thread panicked"))?
 }
 
-/// One query by dig from `netns` (one try, 5 s timeout, like glibc's first try): the
-/// answer's lines, or why there is none, and how long it took.
+/// One lookup by dig from `netns` as glibc's resolver makes it by default (5 s timeout,
+/// 2 tries): the answer's lines, or why there is none, and how long it took.
 pub fn dig_once(netns: &str, name: &str, tcp: bool) -> (Result<Vec<String>, String>, Duration) {
     let start = Instant::now();
     let mut args = vec![
-        "netns", "exec", netns, "dig", "+time=5", "+tries=1", "+short",
+        "netns", "exec", netns, "dig", "+time=5", "+tries=2", "+short",
     ];
     if tcp {
         args.push("+tcp");
@@ -1349,8 +1349,11 @@ pub fn dig_once(netns: &str, name: &str, tcp: bool) -> (Result<Vec<String>, Stri
     args.push(name);
     let out = std::process::Command::new("ip").args(&args).output();
     let answer = match out {
+        // dig notes a failed try (";; communications error ...") before the answer of the
+        // next: the lookup is the answer.
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout)
             .lines()
+            .filter(|l| !l.starts_with(';'))
             .map(str::to_string)
             .collect()),
         Ok(o) => Err(format!(

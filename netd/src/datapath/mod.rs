@@ -7,6 +7,7 @@
 pub mod conntrack;
 pub mod ebpf;
 pub mod nat;
+pub mod tun;
 pub mod userspace;
 pub mod xdp;
 
@@ -20,6 +21,7 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use serde::Serialize;
 
+use crate::fdstore::{FdStore, Held};
 use crate::model::{EndpointMode, Service, Task};
 use crate::netns::Netns;
 use crate::state::State;
@@ -173,6 +175,9 @@ pub trait Datapath: Send + Sync {
         tasks: &[&Task],
         sandboxes: &[SandboxLb],
     ) -> Result<BTreeMap<String, String>>;
+    /// After a restart, before the first step: serves at once the `sandboxes` whose
+    /// devices the netd before left running (and nothing else).
+    async fn resume(&self, _sandboxes: &[SandboxLb]) {}
     fn counters(&self) -> Counters;
     /// Whether the node needs an address of its own on each overlay (the userspace
     /// datapath translates client addresses to it).
@@ -193,32 +198,49 @@ pub struct DatapathStatus {
     pub detail: serde_json::Value,
 }
 
+/// Lets the fd store close descriptors nothing will serve.
+fn release(tuns: Option<(Arc<FdStore>, Held)>) {
+    let Some((store, held)) = tuns else {
+        return;
+    };
+    for (k, _) in held {
+        if let Err(e) = store.remove(&k) {
+            tracing::warn!("fd store: {e:#}");
+        }
+    }
+}
+
 /// Opens the datapath `mode` asks for. `auto` tries eBPF and falls back to userspace when
 /// the kernel refuses it, keeping the kernel's reason for `netd status`.
 /// `conntrack_max` bounds each userspace conntrack table (unused by eBPF).
+/// `tuns`: the fd store and the TUN descriptors the netd before left there; the
+/// userspace path serves them again, the eBPF path lets them go.
 pub fn open(
     mode: Mode,
     node: &str,
     cgroup: Option<PathBuf>,
     overlay_mtu: u32,
     conntrack_max: usize,
+    tuns: Option<(Arc<FdStore>, Held)>,
 ) -> Result<Arc<dyn Datapath>> {
-    let userspace = |reason: String| -> Result<Arc<dyn Datapath>> {
+    let userspace = |reason: String, tuns| -> Result<Arc<dyn Datapath>> {
         Ok(Arc::new(userspace::UserspaceDatapath::new(
             node,
             overlay_mtu,
             mode,
             reason,
             conntrack_max,
+            tuns,
         )?))
     };
     match mode {
         Mode::Ebpf => {
             let dp = ebpf::EbpfDatapath::open(node, cgroup, mode, "requested with --datapath ebpf")
                 .context("eBPF datapath (--datapath ebpf)")?;
+            release(tuns);
             Ok(Arc::new(dp))
         }
-        Mode::Userspace => userspace("requested with --datapath userspace".into()),
+        Mode::Userspace => userspace("requested with --datapath userspace".into(), tuns),
         Mode::Auto => {
             match ebpf::EbpfDatapath::open(
                 node,
@@ -226,11 +248,14 @@ pub fn open(
                 mode,
                 "the kernel accepted the eBPF programs",
             ) {
-                Ok(dp) => Ok(Arc::new(dp)),
+                Ok(dp) => {
+                    release(tuns);
+                    Ok(Arc::new(dp))
+                }
                 Err(e) => {
                     let reason = format!("eBPF unavailable, using userspace: {e:#}");
                     tracing::warn!("{reason}");
-                    userspace(reason)
+                    userspace(reason, tuns)
                 }
             }
         }

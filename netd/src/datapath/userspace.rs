@@ -1,7 +1,7 @@
 //! The userspace datapath: where the kernel refuses the eBPF programs (or with
 //! `--datapath userspace`), netd itself moves VIP traffic.
 //!
-//! In each overlay sandbox of this node, a TUN device `lb0` (tokio-tun) owns the
+//! In each overlay sandbox of this node, a TUN device `lb0` (see [`super::tun`]) owns the
 //! network's VIPs and this node's load-balancer address on the network (/32 routes), and
 //! `br0` answers ARP for them (proxy_arp). A task's packet to a VIP therefore reaches the
 //! sandbox, which forwards it into `lb0`; netd translates it (client -> the node's LB
@@ -14,8 +14,10 @@
 //!
 //! Other nodes reach a node's LB address like a task: `br0` carries its MAC, and the
 //! cluster programs it into every sandbox's VXLAN tables (plan::remote_peers).
-//! The TUN devices are persistent and the flows journaled (conntrack), so a restarted
-//! netd picks up established connections where the last one stopped.
+//! The TUN devices are persistent, their descriptors held by the fd store while netd
+//! restarts (packets queue on them instead of being dropped), and the flows journaled
+//! (conntrack), so a restarted netd picks up established connections where the last one
+//! stopped, and the connections opened while it was away.
 //!
 //! Hardened as a NAT facing untrusted tasks must be (see conntrack): only the flow's
 //! backend address and port can answer it, ports on the LB address are random, and each
@@ -25,6 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,7 +36,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use async_trait::async_trait;
 use serde_json::json;
-use tokio_tun::Tun;
+
+use super::tun::{self, Tun};
+use crate::fdstore::{FdStore, Held, Key};
 
 use super::conntrack::{Conntrack, Outbound};
 use super::nat;
@@ -117,7 +122,12 @@ struct Running {
     sandbox: SandboxLb,
     stats: Arc<SandboxStats>,
     task: tokio::task::JoinHandle<()>,
+    /// Under which key the fd store holds the device's descriptor (None: it does not).
+    held: Option<Key>,
 }
+
+/// What the fd store calls a sandbox's TUN descriptor (its id: the network).
+pub const HELD_KIND: &str = "tun";
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -134,6 +144,10 @@ pub struct UserspaceDatapath {
     reason: String,
     shared: Arc<Shared>,
     running: tokio::sync::Mutex<BTreeMap<String, Running>>,
+    /// Where the TUN descriptors outlive this netd.
+    store: Option<Arc<FdStore>>,
+    /// What the netd before left there, by network, until a step takes it or lets it go.
+    left: Mutex<HashMap<String, (Key, Vec<OwnedFd>)>>,
 }
 
 fn now_secs() -> u64 {
@@ -149,8 +163,20 @@ impl UserspaceDatapath {
         requested: Mode,
         reason: String,
         conntrack_max: usize,
+        tuns: Option<(Arc<FdStore>, Held)>,
     ) -> Result<Self> {
+        let (store, left) = match tuns {
+            Some((store, held)) => (
+                Some(store),
+                held.into_iter()
+                    .map(|(k, fds)| (k.id.clone(), (k, fds)))
+                    .collect(),
+            ),
+            None => (None, HashMap::new()),
+        };
         Ok(UserspaceDatapath {
+            store,
+            left: Mutex::new(left),
             run_dir: Path::new(RUN_ROOT).join(node),
             mtu,
             conntrack_max,
@@ -167,22 +193,45 @@ impl UserspaceDatapath {
         let lb = sb
             .lb_addr
             .with_context(|| format!("no load-balancer address on network {}", sb.network))?;
-        let rt = tokio::runtime::Handle::current();
-        let mtu = self.mtu;
-        let tun = netns::run_in(&sb.netns, move || {
-            // The device is made in this thread's netns (the sandbox); its fd is served
-            // by the daemon's runtime.
-            let _rt = rt.enter();
-            let mut queues = Tun::builder()
-                .name(SANDBOX_TUN)
-                .mtu(mtu as i32)
-                .persist()
-                .up()
-                .build()
-                .map_err(|e| anyhow!("create TUN {SANDBOX_TUN}: {e}"))?;
-            queues.pop().context("tokio-tun returned no queue")
+        let path = match &sb.netns {
+            netns::Netns::Path(p) => Some(p.display().to_string()),
+            netns::Netns::Home => None,
+        };
+        let (fd, held) = match self.take_left(&sb.network, path.as_deref()) {
+            Some((key, fd)) => (fd, Some(key)),
+            None => {
+                // The device is made in the sandbox; its descriptor is served by the
+                // daemon's runtime.
+                let fd = netns::run_in(&sb.netns, || {
+                    tun::open(SANDBOX_TUN).map_err(|e| anyhow!("create TUN {SANDBOX_TUN}: {e}"))
+                })
+                .await?;
+                let held = path.and_then(|p| self.hold(&sb.network, &p, &fd));
+                (fd, held)
+            }
+        };
+        let started = self.serve_tun(sb, lb, fd).await;
+        if started.is_err() {
+            self.release(held.as_ref());
+        }
+        let (stats, task) = started?;
+        tracing::info!(network = sb.network, %lb, "userspace load balancer serving");
+        Ok(Running {
+            sandbox: sb.clone(),
+            stats,
+            task,
+            held,
         })
-        .await?;
+    }
+
+    /// Configures the sandbox around the device and starts its packet loop.
+    async fn serve_tun(
+        &self,
+        sb: &SandboxLb,
+        lb: Ipv4Addr,
+        fd: OwnedFd,
+    ) -> Result<(Arc<SandboxStats>, tokio::task::JoinHandle<()>)> {
+        let tun = Tun::new(fd).context("serve the TUN device")?;
         self.configure(sb).await?;
         let path = self.run_dir.join(format!("conntrack-{}", sb.network));
         let ct = Conntrack::open(&path, now_secs(), self.conntrack_max).with_context(|| {
@@ -205,12 +254,50 @@ impl UserspaceDatapath {
             stats.clone(),
             sb.network.clone(),
         ));
-        tracing::info!(network = sb.network, %lb, "userspace load balancer serving");
-        Ok(Running {
-            sandbox: sb.clone(),
-            stats,
-            task,
-        })
+        Ok((stats, task))
+    }
+
+    /// The TUN descriptor the netd before left for `network`, if it is still that
+    /// sandbox's device (else the store closes it).
+    fn take_left(&self, network: &str, netns: Option<&str>) -> Option<(Key, OwnedFd)> {
+        let (key, fds) = self.left.lock().ok()?.remove(network)?;
+        let fits = Some(key.netns.as_str()) == netns
+            && key.netns_current()
+            && fds.len() == 1
+            && fds
+                .first()
+                .and_then(|f| tun::name_of(f.as_fd()).ok())
+                .as_deref()
+                == Some(SANDBOX_TUN);
+        if !fits {
+            // Ours closes as it goes out of scope, the store's now.
+            self.release(Some(&key));
+            return None;
+        }
+        fds.into_iter().next().map(|fd| (key, fd))
+    }
+
+    /// Gives the fd store a duplicate of the sandbox's TUN descriptor.
+    fn hold(&self, network: &str, netns: &str, fd: &OwnedFd) -> Option<Key> {
+        let store = self.store.as_ref()?;
+        let held = Key::new(HELD_KIND, network, netns)
+            .and_then(|k| store.put(&k, &[fd.as_fd()]).map(|()| k));
+        match held {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(network, "TUN descriptor not handed to the fd store: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Tells the fd store to close what it holds under `key`.
+    fn release(&self, key: Option<&Key>) {
+        if let (Some(store), Some(k)) = (&self.store, key) {
+            if let Err(e) = store.remove(k) {
+                tracing::warn!(network = k.id, "fd store: {e:#}");
+            }
+        }
     }
 
     /// Routes, ARP answers, forwarding and the bridge MAC of the sandbox.
@@ -218,8 +305,10 @@ impl UserspaceDatapath {
         let lb = sb.lb_addr.context("no load-balancer address")?;
         let mut dsts = sb.vips.clone();
         dsts.push(lb);
+        let mtu = self.mtu;
         netns::with_netlink(&sb.netns, move |h| async move {
             let tun = netlink::require_link(&h, SANDBOX_TUN).await?;
+            netlink::set_mtu(&h, &tun, mtu).await?;
             netlink::set_up(&h, &tun).await?;
             netlink::ensure_host_routes(&h, &tun, &dsts).await?;
             // Other nodes send to the LB address with this MAC (their VXLAN tables).
@@ -422,13 +511,38 @@ impl Datapath for UserspaceDatapath {
         Ok(())
     }
 
+    async fn resume(&self, sandboxes: &[SandboxLb]) {
+        let mut running = self.running.lock().await;
+        for sb in sandboxes {
+            let held = self.left.lock().is_ok_and(|l| l.contains_key(&sb.network));
+            if !held || running.contains_key(&sb.network) {
+                continue;
+            }
+            match self.start(sb).await {
+                Ok(r) => {
+                    running.insert(sb.network.clone(), r);
+                }
+                Err(e) => tracing::warn!(network = sb.network, "resume the load balancer: {e:#}"),
+            }
+        }
+    }
+
     async fn sync_local(
         &self,
         _tasks: &[&Task],
         sandboxes: &[SandboxLb],
     ) -> Result<BTreeMap<String, String>> {
         let mut running = self.running.lock().await;
-        running.retain(|net, _| sandboxes.iter().any(|s| &s.network == net));
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|net| !sandboxes.iter().any(|s| &s.network == *net))
+            .cloned()
+            .collect();
+        for net in gone {
+            if let Some(r) = running.remove(&net) {
+                self.release(r.held.as_ref());
+            }
+        }
         let mut errors = vec![];
         for sb in sandboxes {
             let same = running
@@ -446,7 +560,9 @@ impl Datapath for UserspaceDatapath {
                     })
                 }
                 _ => {
-                    running.remove(&sb.network);
+                    if let Some(old) = running.remove(&sb.network) {
+                        self.release(old.held.as_ref());
+                    }
                     self.start(sb).await.map(|r| {
                         running.insert(sb.network.clone(), r);
                     })
@@ -455,6 +571,15 @@ impl Datapath for UserspaceDatapath {
             if let Err(e) = result {
                 errors.push(format!("load balancer of network {}: {e:#}", sb.network));
             }
+        }
+        // What the netd before left for sandboxes this node no longer serves goes now.
+        let unclaimed: Vec<Key> = self
+            .left
+            .lock()
+            .map(|mut l| l.drain().map(|(_, (k, _))| k).collect())
+            .unwrap_or_default();
+        for k in unclaimed {
+            self.release(Some(&k));
         }
         if errors.is_empty() {
             Ok(BTreeMap::new())

@@ -98,12 +98,18 @@ pub trait Mesh: Send + Sync {
 pub trait Listeners: Send + Sync {
     /// Serves exactly `tasks`; the ones it could not serve, with why.
     async fn serve(&self, tasks: &[&Task]) -> BTreeMap<String, String>;
+    /// After a restart, before the first step: serves those of `tasks` whose sockets
+    /// the netd before left open (and nothing else).
+    async fn resume(&self, _tasks: &[&Task]) {}
 }
 
 #[async_trait]
 impl Listeners for Dns {
     async fn serve(&self, tasks: &[&Task]) -> BTreeMap<String, String> {
         self.sync_listeners(tasks).await
+    }
+    async fn resume(&self, tasks: &[&Task]) {
+        self.resume_held(tasks).await
     }
 }
 
@@ -250,6 +256,24 @@ impl Reconciler {
                 }
                 _ = tokio::time::sleep(interval) => true,
             };
+        }
+    }
+
+    /// After a restart, before the first step: serves at once what the netd before left
+    /// open (DNS sockets, TUN devices) for this node's tasks and sandboxes, so that the
+    /// gap a restart leaves is the daemon's start, not its first step (which checks every
+    /// namespace of the node: seconds at scale).
+    pub async fn resume(&self) {
+        let st = self.view.state();
+        let a = &self.appliers;
+        let translating = a.datapath.as_ref().is_some_and(|d| d.needs_lb_addresses());
+        let plan = NodePlan::from_state(&st, &self.cfg, translating);
+        if let Some(dns) = &a.dns {
+            let tasks: Vec<&Task> = plan.tasks.iter().map(|t| &t.task).collect();
+            dns.resume(&tasks).await;
+        }
+        if let Some(dp) = &a.datapath {
+            dp.resume(&plan.lb_sandboxes).await;
         }
     }
 
