@@ -16,6 +16,8 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use ipnetwork::Ipv4Network;
 
+mod table_tag;
+
 pub const TABLE: &str = "netd";
 
 /// One node-local bridge whose traffic needs rules.
@@ -293,8 +295,16 @@ fn nft(script: &str) -> Result<String> {
 }
 
 /// The hash tag of the ruleset currently in the kernel, if netd's table (`[FAMILY,
-/// NAME]`) exists.
+/// NAME]`) exists: its comment, read over netlink (no process), or by `nft` where that
+/// fails.
 fn current_tag(table: &[&str]) -> Result<Option<String>> {
+    let tag = |comment: &str| comment.strip_prefix("netd:").map(str::to_string);
+    if let ([family, name], Some(f)) = (table, table.first().and_then(|f| table_tag::family(f))) {
+        match table_tag::table_comment(f, name) {
+            Ok(comment) => return Ok(comment.as_deref().and_then(tag)),
+            Err(e) => tracing::debug!("read table {family} {name} over netlink: {e}"),
+        }
+    }
     let out = Command::new("nft")
         .args(["list", "table"])
         .args(table)
@@ -306,9 +316,9 @@ fn current_tag(table: &[&str]) -> Result<Option<String>> {
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text.lines().find_map(|l| {
         l.trim()
-            .strip_prefix("comment \"netd:")
+            .strip_prefix("comment \"")
             .and_then(|s| s.strip_suffix('"'))
-            .map(str::to_string)
+            .and_then(tag)
     }))
 }
 
