@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use crate::fdstore::{FdStore, Held, Key};
+use crate::fdstore::{self, FdStore, Held, Key};
 use crate::model::{EndpointMode, Protocol, Task, GWBRIDGE};
 use crate::netns::{self, Netns};
 use crate::state::State;
@@ -50,15 +50,8 @@ struct Served {
     held: Option<Key>,
 }
 
-/// Sockets that outlive this netd (see [`crate::fdstore`]).
-enum Handover {
-    Off(String),
-    On {
-        store: Arc<FdStore>,
-        /// What the netd before left, by task id, until a step takes it or lets it go.
-        left: std::sync::Mutex<HashMap<String, (Key, Vec<OwnedFd>)>>,
-    },
-}
+/// Sockets that outlive this netd (see [`crate::fdstore`]), or why they do not.
+type Handover = std::result::Result<fdstore::Handover, String>;
 
 /// What the fd store calls a task's DNS sockets.
 const HELD_KIND: &str = "dns";
@@ -120,7 +113,7 @@ impl Dns {
             }),
             cfg,
             listeners: std::sync::Mutex::new(HashMap::new()),
-            handover: Handover::Off("no fd store".into()),
+            handover: Err("no fd store".into()),
         }
     }
 
@@ -128,34 +121,24 @@ impl Dns {
     /// before left there (`held`) instead of opening new ones, so a restart closes no
     /// port. Call before the first step.
     pub fn hand_over(&mut self, store: Arc<FdStore>, mut held: Held) {
-        let left = crate::fdstore::take(&mut held, HELD_KIND)
-            .into_iter()
-            .map(|(k, fds)| (k.id.clone(), (k, fds)))
-            .collect();
-        // Entries no part of this netd claims (of a kind it no longer uses) go.
-        for (k, _) in held {
-            if let Err(e) = store.remove(&k) {
-                tracing::warn!("fd store: {e:#}");
-            }
-        }
-        self.handover = Handover::On {
-            store,
-            left: std::sync::Mutex::new(left),
-        };
+        let mine = fdstore::take(&mut held, HELD_KIND);
+        // Entries of a kind no part of this netd uses go.
+        fdstore::Handover::new(store.clone(), "other", held).release_unclaimed();
+        self.handover = Ok(fdstore::Handover::new(store, HELD_KIND, mine));
     }
 
     /// Runs without an fd store, and says why in `netd status`.
     pub fn no_hand_over(&mut self, why: String) {
-        self.handover = Handover::Off(why);
+        self.handover = Err(why);
     }
 
     /// For `netd status`.
     pub fn handover_status(&self) -> serde_json::Value {
         match &self.handover {
-            Handover::Off(why) => serde_json::json!({"active": false, "reason": why}),
-            Handover::On { store, .. } => serde_json::json!({
+            Err(why) => serde_json::json!({"active": false, "reason": why}),
+            Ok(h) => serde_json::json!({
                 "active": true,
-                "store": store.describe(),
+                "store": h.store().describe(),
                 "tasks_held": self.listeners.lock().map(|l| l.values().filter(|s| s.held.is_some()).count()).unwrap_or(0),
             }),
         }
@@ -271,14 +254,8 @@ impl Dns {
             }
         }
         // What the netd before held for tasks this step does not serve goes now.
-        if let Handover::On { left, .. } = &self.handover {
-            let unclaimed: Vec<Key> = left
-                .lock()
-                .map(|mut l| l.drain().map(|(_, (k, _))| k).collect())
-                .unwrap_or_default();
-            for k in unclaimed {
-                self.release(Some(&k));
-            }
+        if let Ok(h) = &self.handover {
+            h.release_unclaimed();
         }
         errors
     }
@@ -287,10 +264,7 @@ impl Dns {
     /// [`crate::reconcile::Reconciler::resume`]).
     pub async fn resume_held(&self, tasks: &[&Task]) {
         for t in tasks {
-            let held = match &self.handover {
-                Handover::On { left, .. } => left.lock().is_ok_and(|l| l.contains_key(&t.id)),
-                Handover::Off(_) => false,
-            };
+            let held = self.handover.as_ref().is_ok_and(|h| h.left_for(&t.id));
             let serving = self
                 .listeners
                 .lock()
@@ -311,29 +285,21 @@ impl Dns {
 
     /// Tells the fd store to close what it holds under `key`.
     fn release(&self, key: Option<&Key>) {
-        if let (Handover::On { store, .. }, Some(k)) = (&self.handover, key) {
-            if let Err(e) = store.remove(k) {
-                tracing::warn!(task = k.id, "fd store: {e:#}");
-            }
+        if let Ok(h) = &self.handover {
+            h.release(key);
         }
     }
 
     /// The sockets the netd before left for `t`, if they are still bound where `t`'s
     /// DNS must be.
     fn take_left(&self, t: &Task, addrs: &[SocketAddr]) -> Option<Sockets> {
-        let Handover::On { left, .. } = &self.handover else {
-            return None;
-        };
-        let (key, fds) = left.lock().ok()?.remove(&t.id)?;
-        if key.netns != t.netns || !key.netns_current() {
-            self.release(Some(&key));
-            return None;
-        }
+        let h = self.handover.as_ref().ok()?;
+        let (key, fds) = h.take_left(&t.id, &t.netns)?;
         match adopt(fds, addrs) {
             Ok(s) => Some((s, Some(key))),
             Err(e) => {
                 tracing::warn!(task = t.id, "the held dns sockets do not fit: {e:#}");
-                self.release(Some(&key));
+                h.release(Some(&key));
                 None
             }
         }
@@ -345,22 +311,11 @@ impl Dns {
         t: &Task,
         sockets: &[(std::net::UdpSocket, std::net::TcpListener)],
     ) -> Option<Key> {
-        let Handover::On { store, .. } = &self.handover else {
-            return None;
-        };
         let fds: Vec<BorrowedFd> = sockets
             .iter()
             .flat_map(|(u, l)| [u.as_fd(), l.as_fd()])
             .collect();
-        let held =
-            Key::new(HELD_KIND, &t.id, &t.netns).and_then(|k| store.put(&k, &fds).map(|()| k));
-        match held {
-            Ok(k) => Some(k),
-            Err(e) => {
-                tracing::warn!(task = t.id, "dns sockets not handed to the fd store: {e:#}");
-                None
-            }
-        }
+        self.handover.as_ref().ok()?.hold(&t.id, &t.netns, &fds)
     }
 
     async fn open(&self, t: &Task) -> Result<Served> {

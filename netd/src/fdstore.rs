@@ -15,7 +15,7 @@
 //! longer names the namespace the sockets were opened in, and exits when it holds
 //! nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -235,6 +235,83 @@ pub fn take(held: &mut Held, kind: &str) -> Held {
         .partition(|(k, _)| k.kind == kind);
     *held = rest;
     mine
+}
+
+/// One part of netd's use of the store (a kind of entry): what it holds there, and what
+/// the netd before left, until that part's first step takes it or lets it go.
+pub struct Handover {
+    store: std::sync::Arc<FdStore>,
+    kind: &'static str,
+    left: std::sync::Mutex<HashMap<String, (Key, Vec<OwnedFd>)>>,
+}
+
+impl Handover {
+    /// `held`: the store's entries of `kind` when this netd connected.
+    pub fn new(store: std::sync::Arc<FdStore>, kind: &'static str, held: Held) -> Self {
+        let left = held
+            .into_iter()
+            .map(|(k, fds)| (k.id.clone(), (k, fds)))
+            .collect();
+        Handover {
+            store,
+            kind,
+            left: std::sync::Mutex::new(left),
+        }
+    }
+
+    pub fn store(&self) -> &FdStore {
+        &self.store
+    }
+
+    /// Whether the netd before left something for `id`.
+    pub fn left_for(&self, id: &str) -> bool {
+        self.left.lock().is_ok_and(|l| l.contains_key(id))
+    }
+
+    /// What the netd before left for `id`, if it was opened in the namespace that
+    /// `netns` still names; anything else it left for `id` is let go.
+    pub fn take_left(&self, id: &str, netns: &str) -> Option<(Key, Vec<OwnedFd>)> {
+        let (key, fds) = self.left.lock().ok()?.remove(id)?;
+        if key.netns != netns || !key.netns_current() {
+            self.release(Some(&key));
+            return None;
+        }
+        Some((key, fds))
+    }
+
+    /// Lets go of everything the netd before left that nothing took.
+    pub fn release_unclaimed(&self) {
+        let unclaimed: Vec<Key> = self
+            .left
+            .lock()
+            .map(|mut l| l.drain().map(|(_, (k, _))| k).collect())
+            .unwrap_or_default();
+        for k in unclaimed {
+            self.release(Some(&k));
+        }
+    }
+
+    /// Has the store hold duplicates of `fds` for `id`, opened in `netns`; None (and a
+    /// warning: the part then works without a handover) if it cannot.
+    pub fn hold(&self, id: &str, netns: &str, fds: &[BorrowedFd]) -> Option<Key> {
+        let held = Key::new(self.kind, id, netns).and_then(|k| self.store.put(&k, fds).map(|()| k));
+        match held {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(kind = self.kind, id, "not handed to the fd store: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Has the store close what it holds under `key`.
+    pub fn release(&self, key: Option<&Key>) {
+        if let Some(k) = key {
+            if let Err(e) = self.store.remove(k) {
+                tracing::warn!(kind = k.kind, id = k.id, "fd store: {e:#}");
+            }
+        }
+    }
 }
 
 impl FdStore {

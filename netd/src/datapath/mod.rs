@@ -200,13 +200,8 @@ pub struct DatapathStatus {
 
 /// Lets the fd store close descriptors nothing will serve.
 fn release(tuns: Option<(Arc<FdStore>, Held)>) {
-    let Some((store, held)) = tuns else {
-        return;
-    };
-    for (k, _) in held {
-        if let Err(e) = store.remove(&k) {
-            tracing::warn!("fd store: {e:#}");
-        }
+    if let Some((store, held)) = tuns {
+        crate::fdstore::Handover::new(store, userspace::HELD_KIND, held).release_unclaimed();
     }
 }
 

@@ -38,7 +38,7 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::tun::{self, Tun};
-use crate::fdstore::{FdStore, Held, Key};
+use crate::fdstore::{FdStore, Handover, Held, Key};
 
 use super::conntrack::{Conntrack, Outbound};
 use super::nat;
@@ -144,10 +144,9 @@ pub struct UserspaceDatapath {
     reason: String,
     shared: Arc<Shared>,
     running: tokio::sync::Mutex<BTreeMap<String, Running>>,
-    /// Where the TUN descriptors outlive this netd.
-    store: Option<Arc<FdStore>>,
-    /// What the netd before left there, by network, until a step takes it or lets it go.
-    left: Mutex<HashMap<String, (Key, Vec<OwnedFd>)>>,
+    /// Where the TUN descriptors outlive this netd (by network), and what the netd
+    /// before left there.
+    handover: Option<Handover>,
 }
 
 fn now_secs() -> u64 {
@@ -165,18 +164,8 @@ impl UserspaceDatapath {
         conntrack_max: usize,
         tuns: Option<(Arc<FdStore>, Held)>,
     ) -> Result<Self> {
-        let (store, left) = match tuns {
-            Some((store, held)) => (
-                Some(store),
-                held.into_iter()
-                    .map(|(k, fds)| (k.id.clone(), (k, fds)))
-                    .collect(),
-            ),
-            None => (None, HashMap::new()),
-        };
         Ok(UserspaceDatapath {
-            store,
-            left: Mutex::new(left),
+            handover: tuns.map(|(store, held)| Handover::new(store, HELD_KIND, held)),
             run_dir: Path::new(RUN_ROOT).join(node),
             mtu,
             conntrack_max,
@@ -260,43 +249,28 @@ impl UserspaceDatapath {
     /// The TUN descriptor the netd before left for `network`, if it is still that
     /// sandbox's device (else the store closes it).
     fn take_left(&self, network: &str, netns: Option<&str>) -> Option<(Key, OwnedFd)> {
-        let (key, fds) = self.left.lock().ok()?.remove(network)?;
-        let fits = Some(key.netns.as_str()) == netns
-            && key.netns_current()
-            && fds.len() == 1
-            && fds
-                .first()
-                .and_then(|f| tun::name_of(f.as_fd()).ok())
-                .as_deref()
-                == Some(SANDBOX_TUN);
-        if !fits {
-            // Ours closes as it goes out of scope, the store's now.
-            self.release(Some(&key));
-            return None;
-        }
-        fds.into_iter().next().map(|fd| (key, fd))
-    }
-
-    /// Gives the fd store a duplicate of the sandbox's TUN descriptor.
-    fn hold(&self, network: &str, netns: &str, fd: &OwnedFd) -> Option<Key> {
-        let store = self.store.as_ref()?;
-        let held = Key::new(HELD_KIND, network, netns)
-            .and_then(|k| store.put(&k, &[fd.as_fd()]).map(|()| k));
-        match held {
-            Ok(k) => Some(k),
-            Err(e) => {
-                tracing::warn!(network, "TUN descriptor not handed to the fd store: {e:#}");
+        let h = self.handover.as_ref()?;
+        let (key, fds) = h.take_left(network, netns?)?;
+        let is_lb0 = |f: &OwnedFd| tun::name_of(f.as_fd()).ok().as_deref() == Some(SANDBOX_TUN);
+        match <[OwnedFd; 1]>::try_from(fds) {
+            Ok([fd]) if is_lb0(&fd) => Some((key, fd)),
+            _ => {
+                // Ours closes as it goes out of scope, the store's now.
+                h.release(Some(&key));
                 None
             }
         }
     }
 
+    /// Gives the fd store a duplicate of the sandbox's TUN descriptor.
+    fn hold(&self, network: &str, netns: &str, fd: &OwnedFd) -> Option<Key> {
+        self.handover.as_ref()?.hold(network, netns, &[fd.as_fd()])
+    }
+
     /// Tells the fd store to close what it holds under `key`.
     fn release(&self, key: Option<&Key>) {
-        if let (Some(store), Some(k)) = (&self.store, key) {
-            if let Err(e) = store.remove(k) {
-                tracing::warn!(network = k.id, "fd store: {e:#}");
-            }
+        if let Some(h) = &self.handover {
+            h.release(key);
         }
     }
 
@@ -514,7 +488,10 @@ impl Datapath for UserspaceDatapath {
     async fn resume(&self, sandboxes: &[SandboxLb]) {
         let mut running = self.running.lock().await;
         for sb in sandboxes {
-            let held = self.left.lock().is_ok_and(|l| l.contains_key(&sb.network));
+            let held = self
+                .handover
+                .as_ref()
+                .is_some_and(|h| h.left_for(&sb.network));
             if !held || running.contains_key(&sb.network) {
                 continue;
             }
@@ -573,13 +550,8 @@ impl Datapath for UserspaceDatapath {
             }
         }
         // What the netd before left for sandboxes this node no longer serves goes now.
-        let unclaimed: Vec<Key> = self
-            .left
-            .lock()
-            .map(|mut l| l.drain().map(|(_, (k, _))| k).collect())
-            .unwrap_or_default();
-        for k in unclaimed {
-            self.release(Some(&k));
+        if let Some(h) = &self.handover {
+            h.release_unclaimed();
         }
         if errors.is_empty() {
             Ok(BTreeMap::new())
