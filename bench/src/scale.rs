@@ -236,6 +236,8 @@ struct Stage {
     attach_call: Vec<Duration>,
     reach: Vec<Duration>,
     reach_miss: usize,
+    /// n2's last reconcile step after each attach→reachable sample.
+    n2_step: Vec<Duration>,
     change: Vec<Duration>,
     change_call: Vec<Duration>,
     change_miss: usize,
@@ -497,6 +499,11 @@ fn attach_reachable(w: &mut World, samples: usize, st: &mut Stage) -> Result<()>
         match load::first_connect(&from, addr, PROBE_LIMIT)? {
             Some(d) => st.reach.push(d),
             None => st.reach_miss += 1,
+        }
+        // The step on n2 that programmed the new task (its last one by now).
+        let n2 = Client::new(&w.apis[1]).get("/v1/status")?;
+        if let Some(ms) = n2["reconcile"]["last_step_ms"].as_f64() {
+            st.n2_step.push(Duration::from_secs_f64(ms / 1000.0));
         }
         client
             .delete("/v1/tasks/samp")
@@ -1253,7 +1260,9 @@ fn results(
          n1 through n1's API, then the time from the call's return until the client task \
          on n2 first completes a TCP connect to the task's address (attempts every 2 ms, \
          20 ms connect timeout, the client's ARP retry timer at 10 ms), {} samples, the \
-         task detached between them (as the overlay bench). *Backend change*: a whoami \
+         task detached between them (as the overlay bench); *n2's step*: how long n2's last \
+         reconcile step took after each sample (`netd status`: `reconcile.last_step_ms`), \
+         the one that programmed the task as a VXLAN peer. *Backend change*: a whoami \
          task attached to probe1 through n1's API while the client task on each of the 3 \
          nodes connects to probe1's VIP again and again (every 0.2 ms) until the new task \
          answers; the time from the call's start until the last node got it, {} samples \
@@ -1280,8 +1289,8 @@ fn results(
     writeln!(
         md,
         "| step | services | service creates/s | task attaches/s | attach call p50 | \
-         attach→reachable p50 | p99 | backend change p50 | p99 | DNS queries/s | VIP new \
-         connections/s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+         attach→reachable p50 | p99 | n2's step p50 | p99 | backend change p50 | p99 | DNS \
+         queries/s | VIP new connections/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     let opt = |v: Option<f64>| v.map_or("–".to_string(), |r| format!("{r:.0}"));
     for s in stages {
@@ -1293,6 +1302,12 @@ fn results(
         if s.reach_miss > 0 {
             let _ = write!(reach, " ({} not reached in 5 s)", s.reach_miss);
         }
+        let _ = write!(
+            reach,
+            " | {} | {}",
+            ms(quantile(&s.n2_step, 0.5)),
+            ms(quantile(&s.n2_step, 0.99))
+        );
         let mut change = format!(
             "{} | {}",
             ms(quantile(&s.change, 0.5)),

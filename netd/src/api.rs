@@ -221,6 +221,7 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             // that finds everything right changes nothing).
             "kernel_writes": crate::writes::snapshot(),
             "steps": d.reconciler.steps(),
+            "last_step_ms": d.reconciler.last_step().as_secs_f64() * 1000.0,
         },
         // The store revision this node's view holds, and the one its DNS and load
         // balancer hold.

@@ -9,7 +9,7 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 /// Network drivers. `overlay` spans nodes over VXLAN; `bridge` is local to one node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
     Overlay,
@@ -25,7 +25,7 @@ impl Driver {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Network {
     pub id: String,
     pub name: String,
@@ -98,7 +98,7 @@ pub struct Service {
 }
 
 /// One interface of a task: on a service network or on the node's gwbridge.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Endpoint {
     /// Short random id; every kernel object of this endpoint is named after it.
     pub id: String,
@@ -114,7 +114,7 @@ pub struct Endpoint {
 /// The pseudo network name of a task's egress endpoint on the node-local gwbridge.
 pub const GWBRIDGE: &str = "gwbridge";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Task {
     pub id: String,
     pub name: String,

@@ -513,7 +513,7 @@ pub async fn ensure_mac(handle: &Handle, link: &Link, mac: [u8; 6]) -> Result<()
 
 /// A remote task as the overlay's VXLAN device must know it: its address, its MAC, and
 /// the underlay address of the node (VTEP) it lives on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Peer {
     pub ip: Ipv4Addr,
     pub mac: [u8; 6],

@@ -37,7 +37,7 @@ pub struct NodeConfig {
 }
 
 /// Where a task endpoint's host-side veth lives and what it plugs into.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Attachment {
     pub parent: Netns,
     pub bridge: String,
@@ -47,7 +47,7 @@ pub struct Attachment {
 }
 
 /// A bridge in the node's namespace: a bridge-driver network's, or the gwbridge.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NodeBridge {
     pub ifname: String,
     pub gateway: Ipv4Addr,
@@ -55,7 +55,7 @@ pub struct NodeBridge {
 }
 
 /// An overlay network this node carries: its sandbox and the remote tasks in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OverlayPlan {
     pub network: Network,
     pub sandbox: Netns,
@@ -63,14 +63,14 @@ pub struct OverlayPlan {
 }
 
 /// One endpoint of a local task and where it plugs in (None: its network is gone).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Leg {
     pub endpoint: Endpoint,
     pub attachment: Option<Attachment>,
 }
 
 /// A local task and its legs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TaskPlan {
     pub task: Task,
     pub legs: Vec<Leg>,
@@ -91,7 +91,7 @@ pub struct IngressPlan {
 }
 
 /// What nothing may sweep: endpoint links per namespace, sandboxes, bridges.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Wanted {
     pub links: BTreeMap<Netns, BTreeSet<String>>,
     pub sandboxes: BTreeSet<String>,

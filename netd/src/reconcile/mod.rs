@@ -156,6 +156,8 @@ pub struct Reconciler {
     status_revision: std::sync::atomic::AtomicU64,
     /// Steps run since the daemon started.
     steps: std::sync::atomic::AtomicU64,
+    /// How long the last step took, µs.
+    last_step_us: std::sync::atomic::AtomicU64,
 }
 
 impl Reconciler {
@@ -188,6 +190,7 @@ impl Reconciler {
             applied: std::sync::atomic::AtomicU64::new(0),
             status_revision: std::sync::atomic::AtomicU64::new(0),
             steps: std::sync::atomic::AtomicU64::new(0),
+            last_step_us: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -232,6 +235,12 @@ impl Reconciler {
     /// Steps run since the daemon started (for `netd status`).
     pub fn steps(&self) -> u64 {
         self.steps.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How long the last step took (for `netd status`: a step after a change should
+    /// cost the change, not the node).
+    pub fn last_step(&self) -> Duration {
+        Duration::from_micros(self.last_step_us.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn last_report(&self) -> Report {
@@ -301,9 +310,14 @@ impl Reconciler {
     /// One step; the caller holds the step lock.
     async fn run_locked(&self, checked: bool) -> Result<Report> {
         let st = self.view.state();
+        let began = std::time::Instant::now();
         let report = self.step(&st, checked).await;
         self.steps
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.last_step_us.store(
+            began.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();
         }
