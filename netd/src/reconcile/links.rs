@@ -625,10 +625,10 @@ async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32, keep_name: boo
 
 /// A hash of a plan's part and of the identity (device, inode) of each namespace it
 /// lives in; None if one of them does not exist (nothing to remember then).
-fn fingerprint(part: &impl std::hash::Hash, namespaces: &[&Netns]) -> Option<u64> {
+fn fingerprint(part: &impl std::fmt::Debug, namespaces: &[&Netns]) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    part.hash(&mut h);
+    format!("{part:?}").hash(&mut h);
     for ns in namespaces {
         let id = match ns {
             Netns::Home => (0, 0),
