@@ -331,13 +331,19 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     if let Err(e) = state::ensure_ingress(&view, &pools, &node).await {
         tracing::warn!("the ingress network: {e}");
     }
-    state::announce_alive(
+    let alive_at = state::announce_alive(
         store.as_ref(),
         &node,
         Duration::from_secs(args.lease_ttl.max(2)),
     )
     .await
     .context("announce node liveness")?;
+    // The first DNS and load-balancer tables are built from the view: one that does not
+    // hold this node alive yet (a restart after the lease ran out, or any restart on a
+    // local store) would take the node's own tasks out of their VIPs for a moment.
+    view.at_least(alive_at)
+        .await
+        .context("wait for the view to hold this node's liveness")?;
 
     // CNI DELs that came while this daemon was away go first: their namespaces are gone,
     // and the initial reconcile should not try to rebuild them.

@@ -213,7 +213,9 @@ fn restarting_netd_keeps_connections_and_changes_nothing_in_the_kernel() -> Resu
         writes
             .as_object()
             .is_some_and(|w| !w.is_empty() && w.values().all(|n| n == 0)),
-        "a restarted netd wrote to the kernel: {writes}"
+        "a restarted netd wrote to the kernel: {writes}\nkernel diff:\n{}\nlog:\n{}",
+        diff_lines(&before, &lab.kernel_snapshot(0)?),
+        lab.daemon_log(0)
     );
     let after = lab.kernel_snapshot(0)?;
     assert!(

@@ -355,29 +355,34 @@ impl Loaded {
             return Ok(());
         }
         self.netns_set = None;
+        let mut changed = 0u64;
         let present: Vec<u64> = self.netns.keys().filter_map(|k| k.ok()).collect();
         for c in &present {
             if !cookies.contains(c) {
                 self.netns.remove(c).or_else(ignore_missing)?;
-                writes::count(Kind::Bpf, 1);
+                changed += 1;
             }
         }
         for c in cookies {
             if !present.contains(c) {
                 self.netns.insert(c, 1, 0).context("add task netns")?;
-                writes::count(Kind::Bpf, 1);
+                changed += 1;
             }
         }
         let present: BTreeSet<NetnsNet> = self.netns_nets.keys().filter_map(|k| k.ok()).collect();
         for k in present.difference(nets) {
             self.netns_nets.remove(k).or_else(ignore_missing)?;
-            writes::count(Kind::Bpf, 1);
+            changed += 1;
         }
         for k in nets.difference(&present) {
             self.netns_nets
                 .insert(k, 1, 0)
                 .context("record a task namespace's network")?;
-            writes::count(Kind::Bpf, 1);
+            changed += 1;
+        }
+        writes::count(Kind::Bpf, changed);
+        if changed > 0 {
+            tracing::info!(changed, "eBPF task namespaces updated");
         }
         self.netns_set = Some(want);
         Ok(())
