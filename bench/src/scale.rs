@@ -238,6 +238,8 @@ struct Stage {
     reach_miss: usize,
     /// n2's last reconcile step after each attach→reachable sample.
     n2_step: Vec<Duration>,
+    /// The same steps part by part (`reconcile.last_step_phases_ms`).
+    n2_phases: BTreeMap<String, Vec<Duration>>,
     change: Vec<Duration>,
     change_call: Vec<Duration>,
     change_miss: usize,
@@ -504,6 +506,18 @@ fn attach_reachable(w: &mut World, samples: usize, st: &mut Stage) -> Result<()>
         let n2 = Client::new(&w.apis[1]).get("/v1/status")?;
         if let Some(ms) = n2["reconcile"]["last_step_ms"].as_f64() {
             st.n2_step.push(Duration::from_secs_f64(ms / 1000.0));
+        }
+        for (part, ms) in n2["reconcile"]["last_step_phases_ms"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(ms) = ms.as_f64() {
+                st.n2_phases
+                    .entry(part.clone())
+                    .or_default()
+                    .push(Duration::from_secs_f64(ms / 1000.0));
+            }
         }
         client
             .delete("/v1/tasks/samp")
@@ -1351,6 +1365,30 @@ fn results(
          and the probers' connections to the VIP that failed (refused, timed out or reset) \
          during the changes, per step: {}.\n",
         call_p99.join("; ")
+    )?;
+
+    let parts: Vec<String> = stages
+        .iter()
+        .map(|s| {
+            let mut by_p50: Vec<(&String, Duration)> = s
+                .n2_phases
+                .iter()
+                .map(|(part, d)| (part, quantile(d, 0.5)))
+                .collect();
+            by_p50.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+            let top: Vec<String> = by_p50
+                .iter()
+                .take(4)
+                .map(|(part, d)| format!("{part} {}", ms(*d)))
+                .collect();
+            format!("{}: {}", s.label, top.join(", "))
+        })
+        .collect();
+    writeln!(
+        md,
+        "n2's step, its four largest parts (p50 over the attach→reachable samples, \
+         `netd status` → `reconcile.last_step_phases_ms`), per step: {}.\n",
+        parts.join("; ")
     )?;
 
     writeln!(md, "## API operations\n")?;

@@ -222,6 +222,12 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             "kernel_writes": crate::writes::snapshot(),
             "steps": d.reconciler.steps(),
             "last_step_ms": d.reconciler.last_step().as_secs_f64() * 1000.0,
+            // Where that step spent its time, part by part.
+            "last_step_phases_ms": report
+                .phases
+                .iter()
+                .map(|(name, d)| (name.to_string(), (d.as_secs_f64() * 1000.0).into()))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
         },
         // The store revision this node's view holds, and the one its DNS and load
         // balancer hold.

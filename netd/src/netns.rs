@@ -84,7 +84,7 @@ pub struct NotTasks {
 }
 
 /// A namespace file's identity (device, inode).
-fn file_id(p: &Path) -> Option<(u64, u64)> {
+pub fn file_id(p: &Path) -> Option<(u64, u64)> {
     let m = fs::metadata(p).ok()?;
     Some((
         std::os::unix::fs::MetadataExt::dev(&m),

@@ -179,12 +179,14 @@ impl NodePlan {
         if let Some(net) = ingress_net {
             overlay_nets.insert(net.id.as_str(), net);
         }
+        let names: Vec<&str> = overlay_nets.values().map(|n| n.name.as_str()).collect();
+        let mut peers = remote_peers_of(st, node, &names);
         let overlays: Vec<OverlayPlan> = overlay_nets
             .values()
             .map(|n| OverlayPlan {
                 network: (*n).clone(),
                 sandbox: Netns::named(&naming::sandbox_netns(node, &n.id)),
-                peers: remote_peers(st, node, &n.name),
+                peers: peers.remove(n.name.as_str()).unwrap_or_default(),
             })
             .collect();
         let tasks: Vec<TaskPlan> = local.iter().map(|t| task_plan(st, cfg, t)).collect();
@@ -618,44 +620,61 @@ fn vxlan_members(st: &State, local: &str) -> Vec<Ipv4Addr> {
 /// The tasks of other nodes on overlay `network`, as this node's VXLAN device must know
 /// them. Tasks of a node that is down (no lease) or that announced no underlay address are
 /// left out: their traffic would go nowhere, and leaving them out is what withdraws them.
+#[cfg(test)]
 pub fn remote_peers(st: &State, local_node: &str, network: &str) -> Vec<Peer> {
-    let mut peers: Vec<Peer> = st
-        .tasks
+    remote_peers_of(st, local_node, &[network])
+        .remove(network)
+        .unwrap_or_default()
+}
+
+/// [`remote_peers`] of each of `networks`, in one walk of the cluster's tasks (a step
+/// plans every overlay of the node: one walk per overlay cost overlays × tasks).
+pub fn remote_peers_of<'a>(
+    st: &State,
+    local_node: &str,
+    networks: &[&'a str],
+) -> BTreeMap<&'a str, Vec<Peer>> {
+    let mut out: BTreeMap<&str, Vec<Peer>> = networks.iter().map(|n| (*n, vec![])).collect();
+    // The underlay address of each other live node, looked up once.
+    let vteps: BTreeMap<&str, Ipv4Addr> = st
+        .nodes
         .values()
-        .filter(|t| t.node != local_node && st.node_alive(&t.node))
-        .filter_map(|t| {
-            let vtep = st.nodes.get(&t.node)?.address?;
-            Some(
-                t.endpoints
-                    .iter()
-                    .filter(|e| e.network == network)
-                    .map(move |e| Peer {
-                        ip: e.ip,
-                        mac: crate::model::mac_for_ip(e.ip),
-                        vtep,
-                    }),
-            )
-        })
-        .flatten()
+        .filter(|n| n.name != local_node && st.node_alive(&n.name))
+        .filter_map(|n| Some((n.name.as_str(), n.address?)))
         .collect();
-    // Other nodes' load-balancer addresses answer like tasks (userspace datapath).
-    let lb = st
-        .networks
-        .get(network)
-        .and_then(|n| st.lb_addrs.get(&n.id))
-        .into_iter()
-        .flatten()
-        .filter(|(n, _)| n.as_str() != local_node && st.node_alive(n))
-        .filter_map(|(n, ip)| {
-            Some(Peer {
-                ip: *ip,
-                mac: crate::model::mac_for_ip(*ip),
-                vtep: st.nodes.get(n)?.address?,
-            })
-        });
-    peers.extend(lb);
-    peers.sort();
-    peers
+    for t in st.tasks.values() {
+        let Some(vtep) = vteps.get(t.node.as_str()) else {
+            continue;
+        };
+        for e in &t.endpoints {
+            if let Some(peers) = out.get_mut(e.network.as_str()) {
+                peers.push(Peer {
+                    ip: e.ip,
+                    mac: crate::model::mac_for_ip(e.ip),
+                    vtep: *vtep,
+                });
+            }
+        }
+    }
+    for (network, peers) in out.iter_mut() {
+        // Other nodes' load-balancer addresses answer like tasks (userspace datapath).
+        let lb = st
+            .networks
+            .get(*network)
+            .and_then(|n| st.lb_addrs.get(&n.id))
+            .into_iter()
+            .flatten()
+            .filter_map(|(n, ip)| {
+                Some(Peer {
+                    ip: *ip,
+                    mac: crate::model::mac_for_ip(*ip),
+                    vtep: *vteps.get(n.as_str())?,
+                })
+            });
+        peers.extend(lb);
+        peers.sort();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -27,8 +27,8 @@ pub struct KernelLinks {
     /// Handed-over tasks whose runtime has finished with their interface: not asked
     /// of the kernel again every step.
     handed: std::sync::Mutex<BTreeSet<String>>,
-    /// The namespaces no task may have (the node's, the machine's, netd's own), read at
-    /// the start of each step.
+    /// The namespaces no task may have (the node's, the machine's, netd's own), read once
+    /// per step, when its first task needs work.
     not_tasks: std::sync::Mutex<Option<netns::NotTasks>>,
     /// What steps applied and found right, by part ("task ID", "sandbox NS", ...): the
     /// fingerprint of the plan's part and of the namespaces it lives in. A step after a
@@ -38,6 +38,8 @@ pub struct KernelLinks {
     done: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Whether the current step is a checked one.
     checked: std::sync::atomic::AtomicBool,
+    /// The identity of each namespace the current step read (see [`Self::ns_ids`]).
+    ns_seen: std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, u64)>>,
 }
 
 impl KernelLinks {
@@ -49,20 +51,24 @@ impl KernelLinks {
             not_tasks: Default::default(),
             done: Default::default(),
             checked: Default::default(),
+            ns_seen: Default::default(),
         }
     }
 
     /// Runs `work` unless part `key` was done for the same fingerprint (and this step is
-    /// not a checked one); remembers the fingerprint (taken after the work: it may make
-    /// the namespace) when it succeeds. None when skipped.
+    /// not a checked one): a hash of `part` and of the identity of each of `namespaces`.
+    /// Remembers the fingerprint (with the namespaces read again after the work: it may
+    /// make them) when it succeeds. None when skipped.
     async fn unless_done<T>(
         &self,
         key: String,
-        fingerprint: impl Fn() -> Option<u64>,
+        part: &impl std::fmt::Debug,
+        namespaces: &[&Netns],
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<Option<T>> {
         let checked = self.checked.load(std::sync::atomic::Ordering::Relaxed);
-        let before = fingerprint();
+        let part = text_hash(part);
+        let before = self.ns_ids(namespaces, false).map(|ids| part ^ ids);
         let done = |d: &std::collections::HashMap<String, u64>| d.get(&key).copied();
         if !checked && before.is_some() && self.done.lock().ok().and_then(|d| done(&d)) == before {
             return Ok(None);
@@ -71,10 +77,37 @@ impl KernelLinks {
             d.remove(&key);
         }
         let out = work.await?;
-        if let (Some(after), Ok(mut d)) = (fingerprint(), self.done.lock()) {
+        let after = self.ns_ids(namespaces, true).map(|ids| part ^ ids);
+        if let (Some(after), Ok(mut d)) = (after, self.done.lock()) {
             d.insert(key, after);
         }
         Ok(Some(out))
+    }
+
+    /// A hash of the identity (device, inode) of each of `namespaces`; None if one does
+    /// not exist. Within a step each namespace is read once (many tasks plug into one
+    /// sandbox) unless `fresh`: after a part's work, which may have made it anew.
+    fn ns_ids(&self, namespaces: &[&Netns], fresh: bool) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut seen = self.ns_seen.lock().ok()?;
+        for ns in namespaces {
+            let id = match ns {
+                Netns::Home => (0, 0),
+                Netns::Path(p) => match seen.get(p).filter(|_| !fresh) {
+                    Some(id) => *id,
+                    None => match netns::file_id(p) {
+                        Some(id) => *seen.entry(p.clone()).insert_entry(id).get(),
+                        None => {
+                            seen.remove(p);
+                            return None;
+                        }
+                    },
+                },
+            };
+            id.hash(&mut h);
+        }
+        Some(h.finish())
     }
 
     /// Whether a handed-over task's runtime has set up its interface (remembered once
@@ -96,8 +129,12 @@ impl KernelLinks {
 #[async_trait]
 impl Links for KernelLinks {
     fn begin(&self, checked: bool) {
+        // Read again at the step's first task that needs work (most steps have none).
         if let Ok(mut n) = self.not_tasks.lock() {
-            *n = Some(netns::NotTasks::read());
+            *n = None;
+        }
+        if let Ok(mut seen) = self.ns_seen.lock() {
+            seen.clear();
         }
         self.checked
             .store(checked, std::sync::atomic::Ordering::Relaxed);
@@ -109,33 +146,36 @@ impl Links for KernelLinks {
     }
 
     async fn bridges(&self, bridges: &[NodeBridge]) -> Result<()> {
-        let fp = || fingerprint(&bridges, &[&Netns::Home]);
-        self.unless_done("bridges".into(), fp, self.ensure_bridges(bridges))
-            .await
-            .map(|_| ())
+        self.unless_done(
+            "bridges".into(),
+            &bridges,
+            &[&Netns::Home],
+            self.ensure_bridges(bridges),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn sandbox(&self, o: &OverlayPlan) -> Result<()> {
-        let fp = || fingerprint(&o.network, &[&o.sandbox]);
         let key = format!("sandbox {:?}", o.sandbox);
-        self.unless_done(key, fp, self.ensure_sandbox(o))
+        self.unless_done(key, &o.network, &[&o.sandbox], self.ensure_sandbox(o))
             .await
             .map(|_| ())
     }
 
     async fn peers(&self, o: &OverlayPlan) -> Result<usize> {
-        let fp = || fingerprint(&o.peers, &[&o.sandbox]);
         let key = format!("peers {:?}", o.sandbox);
         Ok(self
-            .unless_done(key, fp, self.ensure_peers(o))
+            .unless_done(key, &o.peers, &[&o.sandbox], self.ensure_peers(o))
             .await?
             .unwrap_or(0))
     }
 
     async fn task(&self, t: &TaskPlan) -> Result<()> {
-        let fp = || task_fingerprint(t);
         let key = format!("task {}", t.task.id);
-        self.unless_done(key, fp, self.ensure_task(t))
+        let namespaces = task_namespaces(t);
+        let namespaces: Vec<&Netns> = namespaces.iter().collect();
+        self.unless_done(key, t, &namespaces, self.ensure_task(t))
             .await
             .map(|_| ())
     }
@@ -149,11 +189,12 @@ impl Links for KernelLinks {
     }
 
     async fn ingress_sandbox(&self, i: &IngressPlan, t: &TaskPlan) -> Result<()> {
-        let fp =
-            || task_fingerprint(t).map(|f| f ^ fingerprint(&i.local_address, &[]).unwrap_or(0));
+        let namespaces = task_namespaces(t);
+        let namespaces: Vec<&Netns> = namespaces.iter().collect();
         self.unless_done(
             "ingress sandbox".into(),
-            fp,
+            &(t, &i.local_address),
+            &namespaces,
             self.ensure_ingress_sandbox(i, t),
         )
         .await
@@ -161,8 +202,7 @@ impl Links for KernelLinks {
     }
 
     async fn sweep(&self, w: &Wanted) -> Result<()> {
-        let fp = || fingerprint(w, &[]);
-        self.unless_done("sweep".into(), fp, self.ensure_swept(w))
+        self.unless_done("sweep".into(), w, &[], self.ensure_swept(w))
             .await
             .map(|_| ())
     }
@@ -299,15 +339,12 @@ impl KernelLinks {
     async fn ensure_task(&self, t: &TaskPlan) -> Result<()> {
         // A namespace that is not a task's (the node's, netd's own) is never plumbed: an
         // attach through another node's API only meets this check here.
-        let refused = self
-            .not_tasks
+        self.not_tasks
             .lock()
             .map_err(|_| anyhow!("poisoned lock"))?
-            .as_ref()
-            .map(|n| n.check(Path::new(&t.task.netns)));
-        if let Some(Err(e)) = refused {
-            return Err(anyhow!("{e}"));
-        }
+            .get_or_insert_with(netns::NotTasks::read)
+            .check(Path::new(&t.task.netns))
+            .map_err(|e| anyhow!("{e}"))?;
         self.plumb(t).await
     }
 
@@ -623,37 +660,22 @@ async fn configure_task_side(h: &Handle, ep: &Endpoint, mtu: u32, keep_name: boo
     netlink::set_up(h, &link).await
 }
 
-/// A hash of a plan's part and of the identity (device, inode) of each namespace it
-/// lives in; None if one of them does not exist (nothing to remember then).
-fn fingerprint(part: &impl std::fmt::Debug, namespaces: &[&Netns]) -> Option<u64> {
+/// A hash of a plan part's text (every field, nested ones too, without a `Hash` for
+/// each type).
+fn text_hash(part: &impl std::fmt::Debug) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     format!("{part:?}").hash(&mut h);
-    for ns in namespaces {
-        let id = match ns {
-            Netns::Home => (0, 0),
-            Netns::Path(p) => {
-                let m = std::fs::metadata(p).ok()?;
-                (
-                    std::os::unix::fs::MetadataExt::dev(&m),
-                    std::os::unix::fs::MetadataExt::ino(&m),
-                )
-            }
-        };
-        id.hash(&mut h);
-    }
-    Some(h.finish())
+    h.finish()
 }
 
-/// A task's fingerprint: its plan, its namespace and the namespaces its legs plug into.
-fn task_fingerprint(t: &TaskPlan) -> Option<u64> {
-    let own = Netns::Path(PathBuf::from(&t.task.netns));
-    let parents: Vec<&Netns> = t
-        .legs
-        .iter()
-        .filter_map(|l| l.attachment.as_ref().map(|a| &a.parent))
-        .collect();
-    let mut all = vec![&own];
-    all.extend(parents);
-    fingerprint(t, &all)
+/// The namespaces a task's part lives in: its own and the ones its legs plug into.
+fn task_namespaces(t: &TaskPlan) -> Vec<Netns> {
+    let mut all = vec![Netns::Path(PathBuf::from(&t.task.netns))];
+    all.extend(
+        t.legs
+            .iter()
+            .filter_map(|l| l.attachment.as_ref().map(|a| a.parent.clone())),
+    );
+    all
 }

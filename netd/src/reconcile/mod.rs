@@ -130,6 +130,31 @@ pub struct Report {
     /// Tasks whose runtime has not made their namespace yet (see [`Task::handoff`]):
     /// their first endpoint waits in the node's namespace for the runtime to take it.
     pub pending: BTreeSet<String>,
+    /// How long each part of the step took, in step order (`netd status` shows the last
+    /// step's: where a slow step spends its time).
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+/// Splits a step's time into its parts.
+struct Phases {
+    mark: std::time::Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases {
+            mark: std::time::Instant::now(),
+            done: vec![],
+        }
+    }
+
+    /// Ends part `name` (begun where the last one ended).
+    fn end(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, now - self.mark));
+        self.mark = now;
+    }
 }
 
 impl Report {
@@ -355,9 +380,11 @@ impl Reconciler {
     async fn step(&self, st: &State, checked: bool) -> Report {
         let a = &self.appliers;
         let translating = a.datapath.as_ref().is_some_and(|d| d.needs_lb_addresses());
+        let mut phases = Phases::start();
         let plan = NodePlan::from_state(st, &self.cfg, translating);
         let mut report = Report::default();
         a.links.begin(checked);
+        phases.end("plan");
 
         // 1. Node-level bridges, then the overlay sandboxes the local tasks need.
         if let Err(e) = a.links.bridges(&plan.bridges).await {
@@ -374,6 +401,7 @@ impl Reconciler {
             }
         }
         let ready = |o: &&OverlayPlan| !broken.contains(&o.network.name);
+        phases.end("sandboxes");
 
         // 2. Remote tasks on those overlays, reachable through their node's VTEP.
         for o in plan.overlays.iter().filter(ready) {
@@ -391,6 +419,7 @@ impl Reconciler {
                     .push(format!("remote tasks of network {}: {e:#}", o.network.name)),
             }
         }
+        phases.end("peers");
 
         // 3. Task endpoints.
         for t in &plan.tasks {
@@ -422,9 +451,11 @@ impl Reconciler {
                 report.task_errors.insert(id.clone(), format!("{e:#}"));
             }
         }
+        phases.end("tasks");
 
         // 3b. The ingress sandbox: the node's leg on the ingress network.
         let isbox_up = self.ingress_sandbox(&plan, &broken, &mut report).await;
+        phases.end("ingress_sandbox");
 
         // 4. The embedded DNS in every task that is up (and in no other).
         if let Some(dns) = &a.dns {
@@ -432,6 +463,7 @@ impl Reconciler {
             let errors = dns.serve(&up).await;
             report.task_errors.extend(errors);
         }
+        phases.end("dns");
 
         // 5. VIP load balancing for the tasks that are up.
         if let Some(dp) = &a.datapath {
@@ -442,6 +474,7 @@ impl Reconciler {
                 report.errors.push(format!("load balancer: {e:#}"));
             }
         }
+        phases.end("load_balancer");
 
         // 6. The fast path in front of the kernel path (or gone with the mesh) first: the
         // node's rules send what it leaves to the kernel on a path of their own.
@@ -454,6 +487,7 @@ impl Reconciler {
                     .push(format!("XDP fast path (kernel path in use): {e:#}")),
             }
         }
+        phases.end("xdp");
         // Node firewall: masquerade, isolation and published ports; the ingress
         // sandbox's DNAT onto the service's tasks.
         let up: BTreeSet<String> = report.up(&plan).iter().map(|t| t.id.clone()).collect();
@@ -469,6 +503,7 @@ impl Reconciler {
                     .push(format!("ingress sandbox nftables: {e:#}"));
             }
         }
+        phases.end("firewall");
 
         // 6b. Port security in every overlay sandbox: a task's port lets in only its own
         // MAC and address.
@@ -481,6 +516,7 @@ impl Reconciler {
                 ));
             }
         }
+        phases.end("port_security");
 
         // 7. Sweep what nothing desires any more; the task sides that wait for their
         // runtime stay in the node's namespace.
@@ -503,6 +539,8 @@ impl Reconciler {
             .collect();
         keep.extend(wanted.sandboxes.iter().map(|n| Netns::named(n)));
         a.links.keep_sockets(&keep);
+        phases.end("sweep");
+        report.phases = phases.done;
         report
     }
 
