@@ -104,6 +104,65 @@ pub struct Wanted {
     pub waiting: BTreeSet<String>,
 }
 
+/// What a step after a change needs to look at: the parts of the node's kernel that the
+/// change between two states can touch. A step that only adds or removes tasks visits
+/// those tasks and the overlays they are on (their sandboxes, peers and port security),
+/// not every task and overlay of the node. None from [`Scope::between`] means
+/// everything (a change to networks, nodes or their liveness, or load-balancer
+/// addresses reaches every overlay).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Tasks added, removed or changed, and tasks the last step left failed or pending
+    /// (see [`Scope::retry`]).
+    pub tasks: BTreeSet<String>,
+    /// Networks (names) of those tasks, before and after.
+    pub networks: BTreeSet<String>,
+    /// Whether one of the changed tasks is or was on this node (what the sweep removes
+    /// or keeps follows only from those).
+    pub local: bool,
+}
+
+impl Scope {
+    /// The scope of the change from `prev` to `next` for node `node`.
+    pub fn between(prev: &State, next: &State, node: &str) -> Option<Scope> {
+        use imbl::ordmap::DiffItem;
+        // Each a walk of what differs only (the maps share what did not change).
+        if prev.networks.diff(&next.networks).next().is_some()
+            || prev.nodes.diff(&next.nodes).next().is_some()
+            || prev.lb_addrs.diff(&next.lb_addrs).next().is_some()
+            || prev.alive != next.alive
+        {
+            return None;
+        }
+        let mut scope = Scope::default();
+        for item in prev.tasks.diff(&next.tasks) {
+            let tasks: Vec<&Task> = match item {
+                DiffItem::Add(_, t) | DiffItem::Remove(_, t) => vec![t],
+                DiffItem::Update { old, new } => vec![old.1, new.1],
+            };
+            for t in tasks {
+                scope.tasks.insert(t.id.clone());
+                scope
+                    .networks
+                    .extend(t.endpoints.iter().map(|e| e.network.clone()));
+                scope.local |= t.node == node;
+            }
+        }
+        Some(scope)
+    }
+
+    /// Adds tasks a step must visit again whatever changed (their last try failed, or
+    /// they wait for their runtime).
+    pub fn retry<'a>(&mut self, tasks: impl IntoIterator<Item = &'a String>) {
+        self.tasks.extend(tasks.into_iter().cloned());
+    }
+}
+
+/// Whether `scope` (None: everything) covers overlay network `name`.
+pub fn in_scope_network(scope: Option<&Scope>, name: &str) -> bool {
+    scope.is_none_or(|s| s.networks.contains(name))
+}
+
 /// Everything this node should hold, from one state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodePlan {
@@ -922,6 +981,56 @@ pub(crate) mod tests {
         ));
         st.insert_task(task("b", "n2", &[("back", "198.19.1.2")]));
         st
+    }
+
+    #[test]
+    fn a_step_after_a_task_change_visits_that_task_and_its_networks_only() {
+        let before = two_nodes();
+        // Nothing changed: nothing to visit.
+        assert_eq!(
+            Scope::between(&before, &before.clone(), "n1"),
+            Some(Scope::default())
+        );
+        // A task on n2 joins `front` and `back`: n1 redoes those overlays' peers, and
+        // has no task of its own to visit or sweep.
+        let mut after = before.clone();
+        after.insert_task(task(
+            "c",
+            "n2",
+            &[("front", "198.19.0.3"), ("back", "198.19.1.3")],
+        ));
+        let s = Scope::between(&before, &after, "n1").unwrap();
+        assert_eq!(s.tasks, BTreeSet::from(["c".to_string()]));
+        assert_eq!(
+            s.networks,
+            BTreeSet::from(["back".to_string(), "front".to_string()])
+        );
+        assert!(!s.local);
+        assert!(in_scope_network(Some(&s), "front"));
+        assert!(!in_scope_network(Some(&s), "lan"));
+        // For n2 the task is its own: its sweep runs.
+        assert!(Scope::between(&before, &after, "n2").unwrap().local);
+        // Removed again: the same parts.
+        assert_eq!(Scope::between(&after, &before, "n1"), Some(s));
+    }
+
+    #[test]
+    fn a_change_to_networks_nodes_or_liveness_makes_a_whole_step() {
+        let before = two_nodes();
+        let mut after = before.clone();
+        after.alive.remove("n2");
+        assert_eq!(Scope::between(&before, &after, "n1"), None);
+        let mut after = before.clone();
+        after
+            .nodes
+            .insert("n3".into(), node("n3", Some("198.18.0.13")));
+        assert_eq!(Scope::between(&before, &after, "n1"), None);
+        let mut after = before.clone();
+        after.networks.insert(
+            "new".into(),
+            network("new", "x1", Driver::Overlay, "198.19.3.0/24"),
+        );
+        assert_eq!(Scope::between(&before, &after, "n1"), None);
     }
 
     #[test]

@@ -35,7 +35,9 @@ use crate::naming;
 use crate::netns::{self, Netns};
 use crate::nftables::{Ruleset, SandboxGuards};
 pub use crate::plan::NodeConfig;
-use crate::plan::{IngressPlan, NodeBridge, NodePlan, OverlayPlan, TaskPlan, Wanted};
+use crate::plan::{
+    in_scope_network, IngressPlan, NodeBridge, NodePlan, OverlayPlan, Scope, TaskPlan, Wanted,
+};
 use crate::state::{self, State, TaskStatus, INGRESS};
 use crate::view::View;
 
@@ -183,6 +185,9 @@ pub struct Reconciler {
     steps: std::sync::atomic::AtomicU64,
     /// How long the last step took, µs.
     last_step_us: std::sync::atomic::AtomicU64,
+    /// The state the last step worked from: the next one after a change visits what
+    /// differs from it ([`Scope`]).
+    stepped: std::sync::Mutex<Option<Arc<State>>>,
 }
 
 impl Reconciler {
@@ -216,6 +221,7 @@ impl Reconciler {
             status_revision: std::sync::atomic::AtomicU64::new(0),
             steps: std::sync::atomic::AtomicU64::new(0),
             last_step_us: std::sync::atomic::AtomicU64::new(0),
+            stepped: std::sync::Mutex::new(None),
         }
     }
 
@@ -336,7 +342,11 @@ impl Reconciler {
     async fn run_locked(&self, checked: bool) -> Result<Report> {
         let st = self.view.state();
         let began = std::time::Instant::now();
-        let report = self.step(&st, checked).await;
+        let scope = if checked { None } else { self.scope(&st) };
+        let report = self.step(&st, checked, scope.as_ref()).await;
+        if let Ok(mut stepped) = self.stepped.lock() {
+            *stepped = Some(st.clone());
+        }
         self.steps
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.last_step_us.store(
@@ -377,7 +387,25 @@ impl Reconciler {
         Ok(report)
     }
 
-    async fn step(&self, st: &State, checked: bool) -> Report {
+    /// What a step from `st` must visit after the last one (None: everything): what
+    /// changed since, and what that step could not finish. A step that left a node-level
+    /// error is followed by a whole one.
+    fn scope(&self, st: &State) -> Option<Scope> {
+        let prev = self.stepped.lock().ok()?.clone()?;
+        let last = self.last_report();
+        if !last.errors.is_empty() {
+            return None;
+        }
+        let mut scope = Scope::between(&prev, st, &self.cfg.name)?;
+        scope.retry(last.task_errors.keys().chain(&last.pending));
+        // Tasks that waited for their runtime may have stopped waiting: the sweep keeps
+        // their interfaces in the node's namespace only while they do.
+        scope.local |= !last.pending.is_empty();
+        Some(scope)
+    }
+
+    /// One step from state `st`, over `scope` (None: every part of the node).
+    async fn step(&self, st: &State, checked: bool, scope: Option<&Scope>) -> Report {
         let a = &self.appliers;
         let translating = a.datapath.as_ref().is_some_and(|d| d.needs_lb_addresses());
         let mut phases = Phases::start();
@@ -391,7 +419,8 @@ impl Reconciler {
             report.errors.push(format!("node bridges: {e:#}"));
         }
         let mut broken = BTreeSet::new();
-        for o in &plan.overlays {
+        let in_scope = |o: &&OverlayPlan| in_scope_network(scope, &o.network.name);
+        for o in plan.overlays.iter().filter(in_scope) {
             if let Err(e) = a.links.sandbox(o).await {
                 let net = &o.network.name;
                 report
@@ -404,7 +433,7 @@ impl Reconciler {
         phases.end("sandboxes");
 
         // 2. Remote tasks on those overlays, reachable through their node's VTEP.
-        for o in plan.overlays.iter().filter(ready) {
+        for o in plan.overlays.iter().filter(ready).filter(in_scope) {
             match a.links.peers(o).await {
                 Ok(0) => {}
                 Ok(changed) => {
@@ -421,8 +450,10 @@ impl Reconciler {
         }
         phases.end("peers");
 
-        // 3. Task endpoints.
-        for t in &plan.tasks {
+        // 3. Task endpoints (a handed-over task's until its runtime took it over).
+        let visit =
+            |t: &&TaskPlan| t.task.handoff || scope.is_none_or(|s| s.tasks.contains(&t.task.id));
+        for t in plan.tasks.iter().filter(visit) {
             let id = &t.task.id;
             if let Some(bad) = t
                 .task
@@ -507,7 +538,7 @@ impl Reconciler {
 
         // 6b. Port security in every overlay sandbox: a task's port lets in only its own
         // MAC and address.
-        for o in plan.overlays.iter().filter(ready) {
+        for o in plan.overlays.iter().filter(ready).filter(in_scope) {
             let guards = plan.guards(o, isbox_up);
             if let Err(e) = a.firewall.guards(&o.sandbox, guards, checked).await {
                 report.errors.push(format!(
@@ -528,8 +559,11 @@ impl Reconciler {
             .filter_map(|t| t.task.endpoints.first())
             .map(|ep| naming::task_tmp_if(&ep.id))
             .collect();
-        if let Err(e) = a.links.sweep(&wanted).await {
-            report.errors.push(format!("sweep: {e:#}"));
+        let sweep = scope.is_none_or(|s| s.local) || !report.pending.is_empty();
+        if sweep {
+            if let Err(e) = a.links.sweep(&wanted).await {
+                report.errors.push(format!("sweep: {e:#}"));
+            }
         }
         // A socket keeps its namespace (and the interfaces in it) alive.
         let mut keep: BTreeSet<Netns> = plan
@@ -619,6 +653,8 @@ mod tests {
         /// Networks whose sandbox fails.
         broken: BTreeSet<String>,
         tasks: std::sync::Mutex<Vec<String>>,
+        /// The networks whose peers a step programmed.
+        peers: std::sync::Mutex<Vec<String>>,
         swept: std::sync::Mutex<Option<Wanted>>,
     }
 
@@ -633,7 +669,8 @@ mod tests {
             }
             Ok(())
         }
-        async fn peers(&self, _: &OverlayPlan) -> Result<usize> {
+        async fn peers(&self, o: &OverlayPlan) -> Result<usize> {
+            self.peers.lock().unwrap().push(o.network.name.clone());
             Ok(0)
         }
         async fn task(&self, t: &TaskPlan) -> Result<()> {
@@ -784,5 +821,83 @@ mod tests {
             .unwrap()
             .ip;
         assert_eq!(port.targets, vec![gw_ip]);
+    }
+
+    #[tokio::test]
+    async fn a_step_after_a_task_change_visits_that_task_and_its_overlays_only() {
+        let (_dir, v) = fixture::setup().await;
+        fixture::web_on_front(&v).await;
+        fixture::add_node(&v, "n2").await;
+        for net in ["back"] {
+            state::create_network(
+                &v,
+                &fixture::pools(),
+                state::NetworkCreate {
+                    name: net.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        state::create_service(
+            &v,
+            &fixture::pools(),
+            state::ServiceCreate {
+                name: "api".into(),
+                networks: vec!["back".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        for (svc, name) in [("web", "w1"), ("api", "a1")] {
+            let mut req = fixture::attach(svc, &format!("/run/netns/{name}"), "n1");
+            req.name = Some(name.into());
+            state::attach_task(&v, "n1", req).await.unwrap();
+        }
+        let links = Arc::new(FakeLinks::default());
+        let dns = Arc::new(FakeDns::default());
+        let appliers = Appliers {
+            links: links.clone(),
+            firewall: Arc::new(FakeFirewall::default()),
+            mesh: None,
+            dns: Some(dns.clone()),
+            datapath: None,
+        };
+        let r = Reconciler::with_appliers(v.clone(), cfg(), appliers);
+        let visited = |links: &FakeLinks| {
+            let mut t = std::mem::take(&mut *links.tasks.lock().unwrap());
+            let mut p = std::mem::take(&mut *links.peers.lock().unwrap());
+            t.sort();
+            p.sort();
+            (t, p)
+        };
+        // The first step visits everything.
+        r.run_once().await.unwrap();
+        let (tasks, peers) = visited(&links);
+        assert_eq!(tasks, vec!["a1".to_string(), "w1".to_string()]);
+        assert_eq!(peers, vec!["back".to_string(), "front".to_string()]);
+        // A task on n2 joins `front`: n1 redoes front's peers, and no task of its own.
+        let mut req = fixture::attach("web", "/run/netns/w2", "n2");
+        req.name = Some("w2".into());
+        state::attach_task(&v, "n2", req).await.unwrap();
+        r.run_once().await.unwrap();
+        assert_eq!(visited(&links), (vec![], vec!["front".to_string()]));
+        // A task of its own on `back`: that task and back's peers; the DNS still serves
+        // every local task.
+        let mut req = fixture::attach("api", "/run/netns/a2", "n1");
+        req.name = Some("a2".into());
+        state::attach_task(&v, "n1", req).await.unwrap();
+        r.run_once().await.unwrap();
+        assert_eq!(
+            visited(&links),
+            (vec!["a2".to_string()], vec!["back".to_string()])
+        );
+        assert_eq!(dns.served.lock().unwrap().len(), 3);
+        // The periodic (checked) step visits everything again.
+        r.run(true).await.unwrap();
+        let (tasks, peers) = visited(&links);
+        assert_eq!((tasks.len(), peers.len()), (3, 2));
     }
 }
