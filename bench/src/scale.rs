@@ -240,6 +240,8 @@ struct Stage {
     n2_step: Vec<Duration>,
     /// The same steps part by part (`reconcile.last_step_phases_ms`).
     n2_phases: BTreeMap<String, Vec<Duration>>,
+    /// What those steps visited (`reconcile.last_step_scope`), counted.
+    n2_scopes: BTreeMap<String, usize>,
     change: Vec<Duration>,
     change_call: Vec<Duration>,
     change_miss: usize,
@@ -506,6 +508,9 @@ fn attach_reachable(w: &mut World, samples: usize, st: &mut Stage) -> Result<()>
         let n2 = Client::new(&w.apis[1]).get("/v1/status")?;
         if let Some(ms) = n2["reconcile"]["last_step_ms"].as_f64() {
             st.n2_step.push(Duration::from_secs_f64(ms / 1000.0));
+        }
+        if let Some(scope) = n2["reconcile"]["last_step_scope"].as_str() {
+            *st.n2_scopes.entry(scope.to_string()).or_default() += 1;
         }
         for (part, ms) in n2["reconcile"]["last_step_phases_ms"]
             .as_object()
@@ -1381,13 +1386,24 @@ fn results(
                 .take(4)
                 .map(|(part, d)| format!("{part} {}", ms(*d)))
                 .collect();
-            format!("{}: {}", s.label, top.join(", "))
+            let scopes: Vec<String> = s
+                .n2_scopes
+                .iter()
+                .map(|(scope, n)| format!("{n}× {scope}"))
+                .collect();
+            format!(
+                "{}: {} (visited: {})",
+                s.label,
+                top.join(", "),
+                scopes.join(", ")
+            )
         })
         .collect();
     writeln!(
         md,
         "n2's step, its four largest parts (p50 over the attach→reachable samples, \
-         `netd status` → `reconcile.last_step_phases_ms`), per step: {}.\n",
+         `netd status` → `reconcile.last_step_phases_ms`) and what it visited \
+         (`last_step_scope`), per step: {}.\n",
         parts.join("; ")
     )?;
 

@@ -222,6 +222,8 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             "kernel_writes": crate::writes::snapshot(),
             "steps": d.reconciler.steps(),
             "last_step_ms": d.reconciler.last_step().as_secs_f64() * 1000.0,
+            // What it visited: the whole node, or what the change touched.
+            "last_step_scope": report.scope,
             // Where that step spent its time, part by part.
             "last_step_phases_ms": report
                 .phases

@@ -107,9 +107,9 @@ pub struct Wanted {
 /// What a step after a change needs to look at: the parts of the node's kernel that the
 /// change between two states can touch. A step that only adds or removes tasks visits
 /// those tasks and the overlays they are on (their sandboxes, peers and port security),
-/// not every task and overlay of the node. None from [`Scope::between`] means
-/// everything (a change to networks, nodes or their liveness, or load-balancer
-/// addresses reaches every overlay).
+/// not every task and overlay of the node. An error from [`Scope::between`] means
+/// everything, and says why (a change to networks, nodes or their liveness, or
+/// load-balancer addresses reaches every overlay).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
     /// Tasks added, removed or changed, and tasks the last step left failed or pending
@@ -124,15 +124,17 @@ pub struct Scope {
 
 impl Scope {
     /// The scope of the change from `prev` to `next` for node `node`.
-    pub fn between(prev: &State, next: &State, node: &str) -> Option<Scope> {
+    pub fn between(prev: &State, next: &State, node: &str) -> Result<Scope, &'static str> {
         use imbl::ordmap::DiffItem;
         // Each a walk of what differs only (the maps share what did not change).
-        if prev.networks.diff(&next.networks).next().is_some()
-            || prev.nodes.diff(&next.nodes).next().is_some()
-            || prev.lb_addrs.diff(&next.lb_addrs).next().is_some()
-            || prev.alive != next.alive
-        {
-            return None;
+        if prev.networks.diff(&next.networks).next().is_some() {
+            return Err("networks changed");
+        }
+        if prev.nodes.diff(&next.nodes).next().is_some() || prev.alive != next.alive {
+            return Err("nodes changed");
+        }
+        if prev.lb_addrs.diff(&next.lb_addrs).next().is_some() {
+            return Err("load-balancer addresses changed");
         }
         let mut scope = Scope::default();
         for item in prev.tasks.diff(&next.tasks) {
@@ -148,7 +150,7 @@ impl Scope {
                 scope.local |= t.node == node;
             }
         }
-        Some(scope)
+        Ok(scope)
     }
 
     /// Adds tasks a step must visit again whatever changed (their last try failed, or
@@ -989,7 +991,7 @@ pub(crate) mod tests {
         // Nothing changed: nothing to visit.
         assert_eq!(
             Scope::between(&before, &before.clone(), "n1"),
-            Some(Scope::default())
+            Ok(Scope::default())
         );
         // A task on n2 joins `front` and `back`: n1 redoes those overlays' peers, and
         // has no task of its own to visit or sweep.
@@ -1011,7 +1013,7 @@ pub(crate) mod tests {
         // For n2 the task is its own: its sweep runs.
         assert!(Scope::between(&before, &after, "n2").unwrap().local);
         // Removed again: the same parts.
-        assert_eq!(Scope::between(&after, &before, "n1"), Some(s));
+        assert_eq!(Scope::between(&after, &before, "n1"), Ok(s));
     }
 
     #[test]
@@ -1019,18 +1021,21 @@ pub(crate) mod tests {
         let before = two_nodes();
         let mut after = before.clone();
         after.alive.remove("n2");
-        assert_eq!(Scope::between(&before, &after, "n1"), None);
+        assert_eq!(Scope::between(&before, &after, "n1"), Err("nodes changed"));
         let mut after = before.clone();
         after
             .nodes
             .insert("n3".into(), node("n3", Some("198.18.0.13")));
-        assert_eq!(Scope::between(&before, &after, "n1"), None);
+        assert_eq!(Scope::between(&before, &after, "n1"), Err("nodes changed"));
         let mut after = before.clone();
         after.networks.insert(
             "new".into(),
             network("new", "x1", Driver::Overlay, "198.19.3.0/24"),
         );
-        assert_eq!(Scope::between(&before, &after, "n1"), None);
+        assert_eq!(
+            Scope::between(&before, &after, "n1"),
+            Err("networks changed")
+        );
     }
 
     #[test]

@@ -413,7 +413,9 @@ fn a_deleted_task_namespace_is_not_kept_alive_by_netd() -> Result<()> {
     // The runtime deletes the namespace; the task is still attached.
     let out = Command::new("ip").args(["netns", "del", &name]).output()?;
     anyhow::ensure!(out.status.success(), "ip netns del: {out:?}");
-    // Any change brings a step; the namespace must die with nothing but netd holding it.
+    // netd's periodic step (every 10 s) finds it gone: the namespace must die with
+    // nothing but netd holding it. (A change elsewhere in the cluster does not look at
+    // the node's task namespaces: a step visits what the change touched.)
     lab.cli(0, &["service", "create", "other", "--network", "front"])?;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while links(&lab)?.contains(&host_side[0]) {

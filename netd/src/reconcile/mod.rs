@@ -135,6 +135,8 @@ pub struct Report {
     /// How long each part of the step took, in step order (`netd status` shows the last
     /// step's: where a slow step spends its time).
     pub phases: Vec<(&'static str, Duration)>,
+    /// What the step visited: the whole node (and why) or the parts a change touched.
+    pub scope: String,
 }
 
 /// Splits a step's time into its parts.
@@ -283,9 +285,16 @@ impl Reconciler {
     pub async fn run_forever(self: Arc<Self>, interval: Duration) {
         let mut changes = self.view.watch();
         let mut checked = true;
+        // A deadline, not a sleep per wait: changes more often than `interval` must not
+        // put the checked step off for ever (steps after a change visit only what it
+        // touched).
+        let mut next_check = tokio::time::Instant::now() + interval;
         loop {
             if let Err(e) = self.run(checked).await {
                 tracing::warn!("reconcile: {e:#}");
+            }
+            if checked {
+                next_check = tokio::time::Instant::now() + interval;
             }
             checked = tokio::select! {
                 r = changes.changed() => {
@@ -294,7 +303,7 @@ impl Reconciler {
                     }
                     false
                 }
-                _ = tokio::time::sleep(interval) => true,
+                _ = tokio::time::sleep_until(next_check) => true,
             };
         }
     }
@@ -342,8 +351,16 @@ impl Reconciler {
     async fn run_locked(&self, checked: bool) -> Result<Report> {
         let st = self.view.state();
         let began = std::time::Instant::now();
-        let scope = if checked { None } else { self.scope(&st) };
-        let report = self.step(&st, checked, scope.as_ref()).await;
+        let scope = if checked {
+            Err("periodic check")
+        } else {
+            self.scope(&st)
+        };
+        let mut report = self.step(&st, checked, scope.as_ref().ok()).await;
+        report.scope = match &scope {
+            Ok(s) => format!("{} tasks, {} networks", s.tasks.len(), s.networks.len()),
+            Err(why) => format!("whole node ({why})"),
+        };
         if let Ok(mut stepped) = self.stepped.lock() {
             *stepped = Some(st.clone());
         }
@@ -387,21 +404,22 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// What a step from `st` must visit after the last one (None: everything): what
-    /// changed since, and what that step could not finish. A step that left a node-level
-    /// error is followed by a whole one.
-    fn scope(&self, st: &State) -> Option<Scope> {
-        let prev = self.stepped.lock().ok()?.clone()?;
+    /// What a step from `st` must visit after the last one (an error: everything, and
+    /// why): what changed since, and what that step could not finish. A step that left a
+    /// node-level error is followed by a whole one.
+    fn scope(&self, st: &State) -> Result<Scope, &'static str> {
+        let prev = self.stepped.lock().ok().and_then(|s| s.clone());
+        let prev = prev.ok_or("first step")?;
         let last = self.last_report();
         if !last.errors.is_empty() {
-            return None;
+            return Err("the last step failed");
         }
         let mut scope = Scope::between(&prev, st, &self.cfg.name)?;
         scope.retry(last.task_errors.keys().chain(&last.pending));
         // Tasks that waited for their runtime may have stopped waiting: the sweep keeps
         // their interfaces in the node's namespace only while they do.
         scope.local |= !last.pending.is_empty();
-        Some(scope)
+        Ok(scope)
     }
 
     /// One step from state `st`, over `scope` (None: every part of the node).
@@ -550,29 +568,32 @@ impl Reconciler {
         phases.end("port_security");
 
         // 7. Sweep what nothing desires any more; the task sides that wait for their
-        // runtime stay in the node's namespace.
-        let mut wanted = plan.wanted.clone();
-        wanted.waiting = plan
-            .tasks
-            .iter()
-            .filter(|t| report.pending.contains(&t.task.id))
-            .filter_map(|t| t.task.endpoints.first())
-            .map(|ep| naming::task_tmp_if(&ep.id))
-            .collect();
+        // runtime stay in the node's namespace. Only the node's own tasks make or free
+        // what the sweep removes: a step that touched none of them skips it, and the
+        // netlink sockets' check (a stat of every namespace held) with it; a namespace
+        // deleted behind netd's back is let go at the next periodic step.
         let sweep = scope.is_none_or(|s| s.local) || !report.pending.is_empty();
         if sweep {
+            let mut wanted = plan.wanted.clone();
+            wanted.waiting = plan
+                .tasks
+                .iter()
+                .filter(|t| report.pending.contains(&t.task.id))
+                .filter_map(|t| t.task.endpoints.first())
+                .map(|ep| naming::task_tmp_if(&ep.id))
+                .collect();
             if let Err(e) = a.links.sweep(&wanted).await {
                 report.errors.push(format!("sweep: {e:#}"));
             }
+            // A socket keeps its namespace (and the interfaces in it) alive.
+            let mut keep: BTreeSet<Netns> = plan
+                .tasks
+                .iter()
+                .map(|t| Netns::Path(PathBuf::from(&t.task.netns)))
+                .collect();
+            keep.extend(wanted.sandboxes.iter().map(|n| Netns::named(n)));
+            a.links.keep_sockets(&keep);
         }
-        // A socket keeps its namespace (and the interfaces in it) alive.
-        let mut keep: BTreeSet<Netns> = plan
-            .tasks
-            .iter()
-            .map(|t| Netns::Path(PathBuf::from(&t.task.netns)))
-            .collect();
-        keep.extend(wanted.sandboxes.iter().map(|n| Netns::named(n)));
-        a.links.keep_sockets(&keep);
         phases.end("sweep");
         report.phases = phases.done;
         report
