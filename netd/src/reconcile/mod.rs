@@ -172,6 +172,11 @@ impl Report {
     }
 }
 
+/// How long without a change before a due checked step runs.
+const CHECK_QUIET: Duration = Duration::from_secs(1);
+/// How long past its due time a stream of changes may put off the checked step.
+const CHECK_PUT_OFF: Duration = Duration::from_secs(50);
+
 pub struct Reconciler {
     view: Arc<View>,
     cfg: NodeConfig,
@@ -285,25 +290,31 @@ impl Reconciler {
     pub async fn run_forever(self: Arc<Self>, interval: Duration) {
         let mut changes = self.view.watch();
         let mut checked = true;
-        // A deadline, not a sleep per wait: changes more often than `interval` must not
-        // put the checked step off for ever (steps after a change visit only what it
-        // touched).
-        let mut next_check = tokio::time::Instant::now() + interval;
+        let mut due = tokio::time::Instant::now() + interval;
+        let mut last_change = tokio::time::Instant::now();
         loop {
             if let Err(e) = self.run(checked).await {
                 tracing::warn!("reconcile: {e:#}");
             }
             if checked {
-                next_check = tokio::time::Instant::now() + interval;
+                due = tokio::time::Instant::now() + interval;
             }
+            // The checked step reads the whole node back (hundreds of ms at scale) and
+            // holds off every change meanwhile: once due, it waits for a quiet moment,
+            // but a stream of changes puts it off by CHECK_PUT_OFF at most (steps after a
+            // change visit only what it touched; drift elsewhere is the check's).
+            let wake = (last_change + CHECK_QUIET)
+                .max(due)
+                .min(due + CHECK_PUT_OFF);
             checked = tokio::select! {
                 r = changes.changed() => {
                     if r.is_err() {
                         return;
                     }
+                    last_change = tokio::time::Instant::now();
                     false
                 }
-                _ = tokio::time::sleep_until(next_check) => true,
+                _ = tokio::time::sleep_until(wake) => true,
             };
         }
     }
