@@ -172,6 +172,9 @@ fn raise_open_files_limit() {
 /// remover releases it at once).
 const GARBAGE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How long a starting daemon waits for its view to show its own liveness.
+const ALIVE_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a starting daemon waits for an unreachable etcd (a node booting before etcd
 /// answers) before it gives up.
 const STORE_WAIT: Duration = Duration::from_secs(30);
@@ -331,7 +334,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     if let Err(e) = state::ensure_ingress(&view, &pools, &node).await {
         tracing::warn!("the ingress network: {e}");
     }
-    let alive_at = state::announce_alive(
+    state::announce_alive(
         store.as_ref(),
         &node,
         Duration::from_secs(args.lease_ttl.max(2)),
@@ -341,9 +344,19 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     // The first DNS and load-balancer tables are built from the view: one that does not
     // hold this node alive yet (a restart after the lease ran out, or any restart on a
     // local store) would take the node's own tasks out of their VIPs for a moment.
-    view.at_least(alive_at)
-        .await
-        .context("wait for the view to hold this node's liveness")?;
+    let mut current = view.watch();
+    // A bool at once: the watch's value stays locked (the view frozen) while its
+    // reference lives.
+    let seen = matches!(
+        tokio::time::timeout(ALIVE_WAIT, current.wait_for(|st| st.node_alive(&node))).await,
+        Ok(Ok(_))
+    );
+    if !seen {
+        tracing::warn!(
+            "the store's change feed has not shown this node alive after {ALIVE_WAIT:?}: \
+             its own tasks stay out of their VIPs until it does"
+        );
+    }
 
     // CNI DELs that came while this daemon was away go first: their namespaces are gone,
     // and the initial reconcile should not try to rebuild them.

@@ -154,9 +154,16 @@ impl Scope {
     }
 
     /// Adds tasks a step must visit again whatever changed (their last try failed, or
-    /// they wait for their runtime).
-    pub fn retry<'a>(&mut self, tasks: impl IntoIterator<Item = &'a String>) {
-        self.tasks.extend(tasks.into_iter().cloned());
+    /// they wait for their runtime), and the overlays they are on in `st` (what failed
+    /// may be there).
+    pub fn retry<'a>(&mut self, st: &State, tasks: impl IntoIterator<Item = &'a String>) {
+        for id in tasks {
+            if let Some(t) = st.tasks.get(id) {
+                self.networks
+                    .extend(t.endpoints.iter().map(|e| e.network.clone()));
+            }
+            self.tasks.insert(id.clone());
+        }
     }
 }
 

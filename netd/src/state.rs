@@ -682,17 +682,9 @@ pub async fn register_node(view: &View, node: Node) -> Result<()> {
 }
 
 /// Announces that this node's daemon is up, for as long as it lives (see `alive/`).
-/// Returns a store revision at which the announcement is visible: tables built from a
-/// view older than that would leave the node's own tasks out of their VIPs.
-pub async fn announce_alive(
-    store: &dyn Store,
-    node: &str,
-    ttl: std::time::Duration,
-) -> Result<u64> {
+pub async fn announce_alive(store: &dyn Store, node: &str, ttl: std::time::Duration) -> Result<()> {
     let since = encode(&model::now_secs());
-    let k = key("alive", node);
-    store.put_ephemeral(&k, since, ttl).await?;
-    Ok(store.list(&k).await?.revision)
+    Ok(store.put_ephemeral(&key("alive", node), since, ttl).await?)
 }
 
 /// The nodes whose daemon holds its liveness lease, read from `alive/` alone (cheap

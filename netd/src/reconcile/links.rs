@@ -156,11 +156,11 @@ impl Links for KernelLinks {
         .map(|_| ())
     }
 
-    async fn sandbox(&self, o: &OverlayPlan) -> Result<()> {
+    async fn sandbox(&self, o: &OverlayPlan) -> Result<bool> {
         let key = format!("sandbox {:?}", o.sandbox);
         self.unless_done(key, &o.network, &[&o.sandbox], self.ensure_sandbox(o))
             .await
-            .map(|_| ())
+            .map(|done| done.is_some())
     }
 
     async fn peers(&self, o: &OverlayPlan) -> Result<usize> {

@@ -50,7 +50,9 @@ pub trait Links: Send + Sync {
     /// The node's bridges, with their gateway addresses; forwarding on.
     async fn bridges(&self, bridges: &[NodeBridge]) -> Result<()>;
     /// An overlay's sandbox: its namespace, bridge and VXLAN device.
-    async fn sandbox(&self, o: &OverlayPlan) -> Result<()>;
+    /// Whether it did work (made or remade the sandbox: the tasks plugged into it are
+    /// plugged again).
+    async fn sandbox(&self, o: &OverlayPlan) -> Result<bool>;
     /// The remote tasks of an overlay on its VXLAN device; how many entries changed.
     async fn peers(&self, o: &OverlayPlan) -> Result<usize>;
     /// A task's endpoints, loopback and default route.
@@ -426,7 +428,7 @@ impl Reconciler {
             return Err("the last step failed");
         }
         let mut scope = Scope::between(&prev, st, &self.cfg.name)?;
-        scope.retry(last.task_errors.keys().chain(&last.pending));
+        scope.retry(st, last.task_errors.keys().chain(&last.pending));
         // Tasks that waited for their runtime may have stopped waiting: the sweep keeps
         // their interfaces in the node's namespace only while they do.
         scope.local |= !last.pending.is_empty();
@@ -449,13 +451,20 @@ impl Reconciler {
         }
         let mut broken = BTreeSet::new();
         let in_scope = |o: &&OverlayPlan| in_scope_network(scope, &o.network.name);
+        let mut remade = BTreeSet::new();
         for o in plan.overlays.iter().filter(in_scope) {
-            if let Err(e) = a.links.sandbox(o).await {
-                let net = &o.network.name;
-                report
-                    .errors
-                    .push(format!("sandbox of network {net}: {e:#}"));
-                broken.insert(net.clone());
+            let net = &o.network.name;
+            match a.links.sandbox(o).await {
+                Ok(true) => {
+                    remade.insert(net.clone());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    report
+                        .errors
+                        .push(format!("sandbox of network {net}: {e:#}"));
+                    broken.insert(net.clone());
+                }
             }
         }
         let ready = |o: &&OverlayPlan| !broken.contains(&o.network.name);
@@ -480,8 +489,12 @@ impl Reconciler {
         phases.end("peers");
 
         // 3. Task endpoints (a handed-over task's until its runtime took it over).
-        let visit =
-            |t: &&TaskPlan| t.task.handoff || scope.is_none_or(|s| s.tasks.contains(&t.task.id));
+        // and those plugged into a sandbox this step made anew.
+        let visit = |t: &&TaskPlan| {
+            t.task.handoff
+                || scope.is_none_or(|s| s.tasks.contains(&t.task.id))
+                || t.task.endpoints.iter().any(|e| remade.contains(&e.network))
+        };
         for t in plan.tasks.iter().filter(visit) {
             let id = &t.task.id;
             if let Some(bad) = t
@@ -684,6 +697,8 @@ mod tests {
     struct FakeLinks {
         /// Networks whose sandbox fails.
         broken: BTreeSet<String>,
+        /// Networks whose sandbox is made anew at every visit.
+        remade: std::sync::Mutex<BTreeSet<String>>,
         tasks: std::sync::Mutex<Vec<String>>,
         /// The networks whose peers a step programmed.
         peers: std::sync::Mutex<Vec<String>>,
@@ -695,11 +710,11 @@ mod tests {
         async fn bridges(&self, _: &[NodeBridge]) -> Result<()> {
             Ok(())
         }
-        async fn sandbox(&self, o: &OverlayPlan) -> Result<()> {
+        async fn sandbox(&self, o: &OverlayPlan) -> Result<bool> {
             if self.broken.contains(&o.network.name) {
                 anyhow::bail!("no sandbox today");
             }
-            Ok(())
+            Ok(self.remade.lock().unwrap().contains(&o.network.name))
         }
         async fn peers(&self, o: &OverlayPlan) -> Result<usize> {
             self.peers.lock().unwrap().push(o.network.name.clone());
@@ -927,6 +942,18 @@ mod tests {
             (vec!["a2".to_string()], vec!["back".to_string()])
         );
         assert_eq!(dns.served.lock().unwrap().len(), 3);
+        // A sandbox made anew (deleted behind netd's back) in a step for a remote task:
+        // the node's own tasks on that network are plugged in again.
+        links.remade.lock().unwrap().insert("front".into());
+        let mut req = fixture::attach("web", "/run/netns/w3", "n2");
+        req.name = Some("w3".into());
+        state::attach_task(&v, "n2", req).await.unwrap();
+        r.run_once().await.unwrap();
+        assert_eq!(
+            visited(&links),
+            (vec!["w1".to_string()], vec!["front".to_string()])
+        );
+        links.remade.lock().unwrap().clear();
         // The periodic (checked) step visits everything again.
         r.run(true).await.unwrap();
         let (tasks, peers) = visited(&links);
