@@ -118,7 +118,8 @@ pub struct DaemonArgs {
     /// (default /run/docker/plugins/netd.sock, where dockerd looks for plugins).
     #[arg(long, num_args = 0..=1, default_missing_value = crate::frontends::docker::DEFAULT_SOCKET)]
     pub docker_plugin: Option<std::path::PathBuf>,
-    /// Seconds between reconciles when nothing changes (repairs drift).
+    /// Seconds between checked reconciles, which read the whole node back and repair
+    /// drift (each waits for a second without changes, 50 s at most).
     #[arg(long, default_value_t = 10)]
     pub resync: u64,
 }

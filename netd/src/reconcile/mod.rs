@@ -488,8 +488,8 @@ impl Reconciler {
         }
         phases.end("peers");
 
-        // 3. Task endpoints (a handed-over task's until its runtime took it over).
-        // and those plugged into a sandbox this step made anew.
+        // 3. Task endpoints: of the tasks in scope, of a handed-over task until its
+        // runtime took it over, and of the tasks plugged into a sandbox made anew.
         let visit = |t: &&TaskPlan| {
             t.task.handoff
                 || scope.is_none_or(|s| s.tasks.contains(&t.task.id))
@@ -772,34 +772,31 @@ mod tests {
         crate::plan::tests::cfg("n1")
     }
 
+    /// Network `back` and service `api` on it, publishing `publish`.
+    async fn api_on_back(v: &View, publish: &[&str]) {
+        let pools = fixture::pools();
+        let back = state::NetworkCreate {
+            name: "back".into(),
+            ..Default::default()
+        };
+        state::create_network(v, &pools, back).await.unwrap();
+        let api = state::ServiceCreate {
+            name: "api".into(),
+            networks: vec!["back".into()],
+            publish: publish
+                .iter()
+                .map(|p| crate::model::parse_publish(p).unwrap())
+                .collect(),
+            ..Default::default()
+        };
+        state::create_service(v, &pools, api).await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_task_behind_a_broken_sandbox_is_reported_and_left_out_of_dns_and_ports() {
         let (_dir, v) = fixture::setup().await;
         fixture::web_on_front(&v).await;
-        for net in ["back"] {
-            state::create_network(
-                &v,
-                &fixture::pools(),
-                state::NetworkCreate {
-                    name: net.into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        }
-        state::create_service(
-            &v,
-            &fixture::pools(),
-            state::ServiceCreate {
-                name: "api".into(),
-                networks: vec!["back".into()],
-                publish: vec![crate::model::parse_publish("8080:80,mode=host").unwrap()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        api_on_back(&v, &["8080:80,mode=host"]).await;
         for (svc, name) in [("web", "w1"), ("api", "a1")] {
             state::attach_task(
                 &v,
@@ -875,29 +872,7 @@ mod tests {
         let (_dir, v) = fixture::setup().await;
         fixture::web_on_front(&v).await;
         fixture::add_node(&v, "n2").await;
-        for net in ["back"] {
-            state::create_network(
-                &v,
-                &fixture::pools(),
-                state::NetworkCreate {
-                    name: net.into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        }
-        state::create_service(
-            &v,
-            &fixture::pools(),
-            state::ServiceCreate {
-                name: "api".into(),
-                networks: vec!["back".into()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        api_on_back(&v, &[]).await;
         for (svc, name) in [("web", "w1"), ("api", "a1")] {
             let mut req = fixture::attach(svc, &format!("/run/netns/{name}"), "n1");
             req.name = Some(name.into());
