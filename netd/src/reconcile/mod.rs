@@ -772,6 +772,13 @@ mod tests {
         crate::plan::tests::cfg("n1")
     }
 
+    /// Task `name` of `service` attached on `node`, in namespace /run/netns/NAME.
+    async fn attach_named(v: &View, service: &str, name: &str, node: &str) {
+        let mut req = fixture::attach(service, &format!("/run/netns/{name}"), node);
+        req.name = Some(name.into());
+        state::attach_task(v, node, req).await.unwrap();
+    }
+
     /// Network `back` and service `api` on it, publishing `publish`.
     async fn api_on_back(v: &View, publish: &[&str]) {
         let pools = fixture::pools();
@@ -874,9 +881,7 @@ mod tests {
         fixture::add_node(&v, "n2").await;
         api_on_back(&v, &[]).await;
         for (svc, name) in [("web", "w1"), ("api", "a1")] {
-            let mut req = fixture::attach(svc, &format!("/run/netns/{name}"), "n1");
-            req.name = Some(name.into());
-            state::attach_task(&v, "n1", req).await.unwrap();
+            attach_named(&v, svc, name, "n1").await;
         }
         let links = Arc::new(FakeLinks::default());
         let dns = Arc::new(FakeDns::default());
@@ -901,16 +906,12 @@ mod tests {
         assert_eq!(tasks, vec!["a1".to_string(), "w1".to_string()]);
         assert_eq!(peers, vec!["back".to_string(), "front".to_string()]);
         // A task on n2 joins `front`: n1 redoes front's peers, and no task of its own.
-        let mut req = fixture::attach("web", "/run/netns/w2", "n2");
-        req.name = Some("w2".into());
-        state::attach_task(&v, "n2", req).await.unwrap();
+        attach_named(&v, "web", "w2", "n2").await;
         r.run_once().await.unwrap();
         assert_eq!(visited(&links), (vec![], vec!["front".to_string()]));
         // A task of its own on `back`: that task and back's peers; the DNS still serves
         // every local task.
-        let mut req = fixture::attach("api", "/run/netns/a2", "n1");
-        req.name = Some("a2".into());
-        state::attach_task(&v, "n1", req).await.unwrap();
+        attach_named(&v, "api", "a2", "n1").await;
         r.run_once().await.unwrap();
         assert_eq!(
             visited(&links),
@@ -920,9 +921,7 @@ mod tests {
         // A sandbox made anew (deleted behind netd's back) in a step for a remote task:
         // the node's own tasks on that network are plugged in again.
         links.remade.lock().unwrap().insert("front".into());
-        let mut req = fixture::attach("web", "/run/netns/w3", "n2");
-        req.name = Some("w3".into());
-        state::attach_task(&v, "n2", req).await.unwrap();
+        attach_named(&v, "web", "w3", "n2").await;
         r.run_once().await.unwrap();
         assert_eq!(
             visited(&links),
