@@ -102,16 +102,15 @@ async fn load(d: &Daemon) -> Result<Arc<State>, ApiError> {
 }
 
 /// After a write at `revision`: this node's kernel, DNS and load balancer match it (a
-/// reconcile step), and every other live node's DNS and load balancer have it (bounded
-/// wait), so the caller's next query or connection anywhere in the cluster sees the
-/// change.
+/// reconcile step), and every other live node's too (bounded wait), so the caller's next
+/// query or connection anywhere in the cluster sees the change.
 async fn settle(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, ApiError> {
     let report = converge_to(d, revision).await?;
     await_others(d, revision).await;
     Ok(report)
 }
 
-/// Waits (bounded) until every other live node's DNS and load balancer applied
+/// Waits (bounded) until every other live node's DNS, load balancer and kernel applied
 /// `revision`.
 async fn await_others(d: &Daemon, revision: u64) {
     if !crate::follow::await_local(&d.followed, revision).await {
@@ -120,7 +119,7 @@ async fn await_others(d: &Daemon, revision: u64) {
     if !crate::follow::await_cluster(d.store.as_ref(), &d.node, revision).await {
         tracing::warn!(
             revision,
-            "a live node's DNS and load balancer did not confirm the change in time"
+            "a live node did not confirm the change in its tables and kernel in time"
         );
     }
 }

@@ -384,7 +384,6 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     let (followed_tx, followed) = tokio::sync::watch::channel(0);
     tokio::spawn(follow::follow(
         view.clone(),
-        node.clone(),
         dns.clone(),
         datapath.clone(),
         followed_tx,
@@ -405,6 +404,12 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         Some(Arc::new(crate::datapath::xdp::XdpMesh::new(
             &node, args.xdp,
         ))),
+    ));
+    tokio::spawn(follow::report_applied(
+        store.clone(),
+        node.clone(),
+        followed.clone(),
+        reconciler.applied(),
     ));
     // What the netd before left open is served once the tables hold the state (a
     // userspace load balancer without them would refuse every new flow).

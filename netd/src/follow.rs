@@ -1,7 +1,8 @@
 //! The node's tables that follow the store on their own: the embedded DNS records and
 //! the load balancer's backends. A write through the API waits (briefly) until every
-//! live node reports that its tables hold the write's revision, so a name or a backend
-//! change is in force cluster-wide when the write is acknowledged.
+//! live node reports that its tables and its kernel hold the write's revision, so a name,
+//! a backend or a new task's reachability is in force cluster-wide when the write is
+//! acknowledged.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ const APPLIED: &str = "/netd-applied/";
 /// The reports live on the node's lease (the TTL given here is only used if the report
 /// comes first).
 const APPLIED_TTL: Duration = Duration::from_secs(10);
+/// How soon a report the store refused is sent again.
+const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long a write waits for the other nodes' tables to catch up before it answers anyway.
 const CLUSTER_WAIT: Duration = Duration::from_secs(2);
 
@@ -85,24 +88,21 @@ impl Touched {
 
 /// Follows the node's view on its own, so a change reaches the DNS records and the VIP
 /// backends without waiting for a reconcile step of the kernel (which may be busy with
-/// something slower). Each change updates only what it touched. In a cluster, it then
-/// tells the others which revision its tables hold (`applied/`, outside the watched
-/// prefix, so the report itself wakes no one); `local` tells this node's API.
+/// something slower). Each change updates only what it touched. `local` tells which
+/// revision the tables hold (this node's API waits on it; [`report_applied`] tells the
+/// other nodes).
 pub async fn follow(
     view: Arc<View>,
-    node: String,
     dns: Arc<Dns>,
     datapath: Arc<dyn Datapath>,
     local: watch::Sender<u64>,
 ) {
-    let store = view.store_arc();
     let mut updates = view.subscribe();
     let mut st = view.state();
     let mut prev = st.clone();
     // None: compare everything (the first pass, after a lag or a failed apply).
     let mut changed: Option<Arc<[String]>> = None;
     let mut table = LbTable::default();
-    let mut reported = 0;
     loop {
         let touched_vips = match &changed {
             None => {
@@ -123,14 +123,6 @@ pub async fn follow(
             .is_ok();
         if applied {
             local.send_replace(st.revision);
-            if store.shared() && st.revision > reported {
-                let key = format!("{APPLIED}{node}");
-                let value = st.revision.to_string().into_bytes();
-                match store.put_ephemeral(&key, value, APPLIED_TTL).await {
-                    Ok(()) => reported = st.revision,
-                    Err(e) => tracing::debug!("report applied revision: {e}"),
-                }
-            }
         }
         let full = !applied;
         loop {
@@ -151,6 +143,55 @@ pub async fn follow(
     }
 }
 
+/// Tells the other nodes (`applied/`, outside the watched prefix, so the report itself
+/// wakes no one) the revision this node has in force: the lower of what its DNS and
+/// load-balancer tables hold (`tables`, from [`follow`]) and what its kernel holds
+/// (`kernel`, from the reconciler). A write on another node waits for it, so that once
+/// acknowledged, a new task is not only a backend here but reachable: its VXLAN peer is
+/// programmed too. Nothing to report on a store of one node.
+pub async fn report_applied(
+    store: Arc<dyn Store>,
+    node: String,
+    mut tables: watch::Receiver<u64>,
+    mut kernel: watch::Receiver<u64>,
+) {
+    if !store.shared() {
+        return;
+    }
+    let key = format!("{APPLIED}{node}");
+    let mut reported = 0;
+    loop {
+        let revision = (*tables.borrow_and_update()).min(*kernel.borrow_and_update());
+        let mut failed = false;
+        if revision > reported {
+            let value = revision.to_string().into_bytes();
+            match store.put_ephemeral(&key, value, APPLIED_TTL).await {
+                Ok(()) => reported = revision,
+                Err(e) => {
+                    tracing::debug!("report applied revision: {e}");
+                    failed = true;
+                }
+            }
+        }
+        // A report the store refused is tried again, changes or not.
+        let retry = async {
+            if failed {
+                tokio::time::sleep(REPORT_RETRY).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let woke = tokio::select! {
+            r = tables.changed() => r,
+            r = kernel.changed() => r,
+            () = retry => Ok(()),
+        };
+        if woke.is_err() {
+            return;
+        }
+    }
+}
+
 /// Waits (at most `CLUSTER_WAIT`) until this node's own tables hold `revision`; false if
 /// they did not.
 pub async fn await_local(local: &watch::Receiver<u64>, revision: u64) -> bool {
@@ -160,7 +201,7 @@ pub async fn await_local(local: &watch::Receiver<u64>, revision: u64) -> bool {
         .is_ok_and(|r| r.is_ok())
 }
 
-/// Waits (at most `CLUSTER_WAIT`) until every other live node reports tables at
+/// Waits (at most `CLUSTER_WAIT`) until every other live node reports tables and kernel at
 /// `revision` or later; false if one did not. Nothing to wait for on a store of one
 /// node.
 pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> bool {

@@ -186,8 +186,9 @@ pub struct Reconciler {
     /// One step at a time: two concurrent steps would race to create the same objects.
     step: Mutex<()>,
     last: std::sync::Mutex<Report>,
-    /// The store revision the last finished step applied.
-    applied: std::sync::atomic::AtomicU64,
+    /// The store revision the last finished step applied: the API waits on it for this
+    /// node, and the node reports it (with its tables') to the others.
+    applied: tokio::sync::watch::Sender<u64>,
     /// The store revision of the last task status this node published.
     status_revision: std::sync::atomic::AtomicU64,
     /// Steps run since the daemon started.
@@ -226,7 +227,7 @@ impl Reconciler {
             appliers,
             step: Mutex::new(()),
             last: std::sync::Mutex::new(Report::default()),
-            applied: std::sync::atomic::AtomicU64::new(0),
+            applied: tokio::sync::watch::Sender::new(0),
             status_revision: std::sync::atomic::AtomicU64::new(0),
             steps: std::sync::atomic::AtomicU64::new(0),
             last_step_us: std::sync::atomic::AtomicU64::new(0),
@@ -270,6 +271,13 @@ impl Reconciler {
     pub fn status_revision(&self) -> u64 {
         self.status_revision
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The store revision of the state the last finished step worked from: everything a
+    /// change at or before it needs in this node's kernel (a remote task's VXLAN peer,
+    /// say) is in place, or reported as failed.
+    pub fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Steps run since the daemon started (for `netd status`).
@@ -349,7 +357,7 @@ impl Reconciler {
     /// a second one behind it.
     pub async fn run_for(&self, revision: u64) -> Result<Report> {
         let _guard = self.step.lock().await;
-        if self.applied.load(std::sync::atomic::Ordering::Acquire) >= revision {
+        if *self.applied.borrow() >= revision {
             return Ok(self.last_report());
         }
         self.run_locked(false).await
@@ -386,8 +394,7 @@ impl Reconciler {
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();
         }
-        self.applied
-            .store(st.revision, std::sync::atomic::Ordering::Release);
+        self.applied.send_replace(st.revision);
         let changed: Vec<(String, TaskStatus)> = st
             .tasks
             .values()
