@@ -260,6 +260,8 @@ struct Stage {
     /// Each node's netd CPU (its own and its children's, such as `nft`) per second of a
     /// window with no load and no API call: the cost of its periodic work.
     idle_cpu: Vec<f64>,
+    /// n2's periodic checked step seen at rest: how long it took and its largest parts.
+    n2_checked: Option<(Duration, Vec<(String, Duration)>)>,
     etcd_rss: u64,
     etcd_keys: u64,
     etcd_db: u64,
@@ -685,8 +687,8 @@ fn etcd_num(v: &Value, key: &str) -> u64 {
     }
 }
 
-/// A quiet window long enough for every node's periodic checked step (`--resync`, 10 s).
-const IDLE_WINDOW: Duration = Duration::from_secs(12);
+/// A quiet window long enough for every node's periodic checked step (`--resync`, 30 s).
+const IDLE_WINDOW: Duration = Duration::from_secs(32);
 
 /// CPU seconds process `pid` and its reaped children used so far.
 fn cpu_secs(pid: u32) -> Result<f64> {
@@ -723,6 +725,25 @@ fn memory(w: &World, st: &mut Stage) -> Result<()> {
     let secs = t.elapsed().as_secs_f64();
     for (pid, b) in pids.iter().zip(before) {
         st.idle_cpu.push((cpu_secs(*pid)? - b) / secs);
+    }
+    // The window covers a periodic checked step of every node: n2's, if nothing ran
+    // after it, says where that CPU goes.
+    let n2 = Client::new(&w.apis[1]).get("/v1/status")?;
+    let r = &n2["reconcile"];
+    if r["last_step_scope"]
+        .as_str()
+        .is_some_and(|s| s.contains("periodic check"))
+    {
+        let secs = |v: &Value| Duration::from_secs_f64(v.as_f64().unwrap_or(0.0) / 1000.0);
+        let mut parts: Vec<(String, Duration)> = r["last_step_phases_ms"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), secs(v)))
+            .collect();
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+        parts.truncate(4);
+        st.n2_checked = Some((secs(&r["last_step_ms"]), parts));
     }
     if let Some(pid) = w.lab.etcd_pid() {
         st.etcd_rss = rss_kib(pid)?;
@@ -1295,7 +1316,7 @@ fn results(
          keeps its history, nothing compacts it in the lab) from etcd's own gateway. \
          *CPU at rest*: each netd's CPU time (its own and its reaped children's, such as \
          `nft`) over {} s without load or API calls, per second (100% is one core): the \
-         cost of its periodic work, such as the checked step every 10 s (`--resync`).\n",
+         cost of its periodic work, such as the checked step every 30 s (`--resync`).\n",
         o.samples,
         o.samples,
         o.seconds,
@@ -1468,6 +1489,26 @@ fn results(
             thousands(s.etcd_keys as usize),
             s.etcd_db as f64 / 1048576.0,
             s.etcd_db_in_use as f64 / 1048576.0
+        )?;
+    }
+
+    let checked: Vec<String> = stages
+        .iter()
+        .filter_map(|s| {
+            let (took, parts) = s.n2_checked.as_ref()?;
+            let parts: Vec<String> = parts
+                .iter()
+                .map(|(k, d)| format!("{k} {}", ms(*d)))
+                .collect();
+            Some(format!("{}: {} ({})", s.label, ms(*took), parts.join(", ")))
+        })
+        .collect();
+    if !checked.is_empty() {
+        writeln!(
+            md,
+            "\nn2's periodic checked step (`--resync`, which reads the node's kernel state \
+             back) as seen at rest, and its four largest parts, per step: {}.",
+            checked.join("; ")
         )?;
     }
 

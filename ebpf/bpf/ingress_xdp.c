@@ -61,10 +61,10 @@
 #define VXLAN_FLAG_VNI 0x08000000
 /* Outer Ethernet + IPv4 + UDP + VXLAN headers: what encapsulation adds. */
 #define ENCAP_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) + 8)
-/* The largest frame the underlay carries (MTU 1500 + Ethernet header). */
-#define UNDERLAY_FRAME 1514
-/* MSS inside the overlay: MTU 1450 - 40 bytes of IPv4 and TCP headers. */
-#define OVERLAY_MSS 1410
+/* The overlay's MTU when the config does not say (an underlay of 1500). */
+#define DEFAULT_OVERLAY_MTU 1450
+/* IPv4 and TCP headers without options: an MSS is the MTU less these. */
+#define TCPIP_HEADERS 40
 #define SNAT_FIRST 32768
 #define SNAT_TRIES 8
 
@@ -587,17 +587,25 @@ static __always_inline void answered(struct netd_flow_fwd_new *n, __u8 proto, in
 	__sync_fetch_and_or(&n->fwd.flags, NETD_FLOW_ANSWERED);
 }
 
+/* The largest IP packet the overlay carries: what the underlay carries less VXLAN's
+ * 50 bytes (netd writes it from --underlay-mtu). */
+static __always_inline __u32 overlay_mtu(const struct netd_ingress_config *cfg)
+{
+	return cfg->overlay_mtu ? cfg->overlay_mtu : DEFAULT_OVERLAY_MTU;
+}
+
 /* A SYN's MSS, when it is the first option (as Linux sends it), is lowered to what fits
  * the overlay once wrapped: the client then never sends a segment VXLAN cannot carry. */
-static __always_inline void clamp_mss(struct tcphdr *tcp, void *end)
+static __always_inline void clamp_mss(struct tcphdr *tcp, void *end, __u32 mtu)
 {
 	__u8 *opt = (__u8 *)(tcp + 1);
 	__u16 *mss = (__u16 *)(opt + 2);
-	__u16 want = bpf_htons(OVERLAY_MSS);
+	__u16 most = mtu > TCPIP_HEADERS ? mtu - TCPIP_HEADERS : 0;
+	__u16 want = bpf_htons(most);
 
 	if (tcp->doff < 6 || (void *)(opt + 4) > end)
 		return;
-	if (opt[0] != 2 || opt[1] != 4 || bpf_ntohs(*mss) <= OVERLAY_MSS)
+	if (opt[0] != 2 || opt[1] != 4 || bpf_ntohs(*mss) <= most)
 		return;
 	csum_replace2(&tcp->check, *mss, want);
 	*mss = want;
@@ -661,9 +669,9 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	if (f.flags & NETD_FLOW_KERNEL)
 		return count(PASSED, XDP_PASS);
 	if (tcp_syn)
-		clamp_mss(tcp, end);
+		clamp_mss(tcp, end, overlay_mtu(cfg));
 	inner_len = bpf_ntohs(ip->tot_len);
-	if (inner_len + ENCAP_LEN + sizeof(struct ethhdr) > UNDERLAY_FRAME)
+	if (inner_len > overlay_mtu(cfg))
 		return count(DROPPED, XDP_DROP); /* a UDP datagram too big to wrap */
 	translate(ip, ports, l4_check, cfg->ingress_ip, f.snat_port, f.backend, f.target_port);
 	__u16 entropy = (__u16)(fk.addr ^ fk.port_a);

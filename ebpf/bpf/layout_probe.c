@@ -42,6 +42,7 @@ int main(void)
 	OFF(netd_ingress_config, ingress_ip);
 	OFF(netd_ingress_config, vni);
 	OFF(netd_ingress_config, vxlan_port);
+	OFF(netd_ingress_config, overlay_mtu);
 	SIZE(netd_port_key);
 	OFF(netd_port_key, port);
 	OFF(netd_port_key, proto);

@@ -76,7 +76,9 @@ struct netd_ingress_config {
 	__u32 ingress_ip; /* the node's address on the ingress network: the SNAT source */
 	__u32 vni;        /* the ingress network's VNI, host byte order */
 	__u16 vxlan_port; /* network byte order */
-	__u16 pad;
+	/* The largest IP packet the overlay carries (--underlay-mtu - 50), host byte order;
+	 * 0 (a config an older netd wrote): 1450. */
+	__u16 overlay_mtu;
 };
 
 /* A published port (network byte order) and its L4 protocol. */

@@ -12,6 +12,7 @@ use std::path::Path;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 pub mod maps;
+pub mod relink;
 
 /// The compiled `sock_lb` object (ELF with BTF), aligned as aya's loader wants it.
 pub static SOCK_LB: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));

@@ -86,7 +86,8 @@ pub struct IngressConfig {
     /// Host byte order.
     pub vni: u32,
     pub vxlan_port: u16,
-    pub pad: u16,
+    /// The largest IP packet the overlay carries, host byte order (0: 1450).
+    pub overlay_mtu: u16,
 }
 
 #[repr(C)]
@@ -268,6 +269,10 @@ mod tests {
         assert_eq!(
             offset_of!(IngressConfig, vxlan_port),
             netd_ingress_config_vxlan_port
+        );
+        assert_eq!(
+            offset_of!(IngressConfig, overlay_mtu),
+            netd_ingress_config_overlay_mtu
         );
         assert_eq!(size_of::<PortKey>(), netd_port_key_SIZE);
         assert_eq!(offset_of!(PortKey, port), netd_port_key_port);

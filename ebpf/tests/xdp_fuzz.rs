@@ -173,8 +173,9 @@ fn be(a: Ipv4Addr) -> u32 {
 }
 
 impl Harness {
-    /// Config, published ports and backends, as netd writes them.
-    fn program(&mut self) {
+    /// The config as netd writes it, for an overlay of `overlay_mtu` (0: the config of a
+    /// netd that did not say).
+    fn configure(&mut self, overlay_mtu: u16) {
         let mut cfg: Array<_, IngressConfig> =
             Array::try_from(self.obj.map_mut("netd_ingress_cfg").expect("cfg map")).expect("cfg");
         cfg.set(
@@ -184,11 +185,16 @@ impl Harness {
                 ingress_ip: be(INGRESS),
                 vni: VNI,
                 vxlan_port: VXLAN_PORT.to_be(),
-                pad: 0,
+                overlay_mtu,
             },
             0,
         )
         .expect("write config");
+    }
+
+    /// Config, published ports and backends, as netd writes them (a 1500-byte underlay).
+    fn program(&mut self) {
+        self.configure(1500 - ENCAP as u16);
         let mut backends: HashMap<_, BackendKey, MeshBackend> =
             HashMap::try_from(self.obj.map_mut("netd_mesh_backends").expect("backends"))
                 .expect("backends");
@@ -1352,6 +1358,55 @@ fn without_a_neighbour_a_request_is_dropped_and_counted() {
         let after = h.stats();
         assert_eq!(after.dropped - before.dropped, 1);
         assert_eq!(after.forwarded, before.forwarded);
+    });
+}
+
+/// The MSS of a wrapped SYN (TCP options right after a 20-byte TCP header).
+fn wrapped_mss(out: &[u8]) -> u16 {
+    let opt = ENCAP + ETH + 20 + 20;
+    assert_eq!(
+        &out[opt..opt + 2],
+        &[2, 4],
+        "MSS option first: {}",
+        hex(out)
+    );
+    u16_at(out, opt + 2)
+}
+
+/// The MSS clamp and the largest datagram wrapped follow the overlay MTU netd writes
+/// (from `--underlay-mtu`), not a 1500-byte underlay; a config without one means 1450.
+#[test]
+fn the_mss_clamp_and_the_size_limit_follow_the_overlay_mtu() {
+    with_harness("mtu", None, |h| {
+        // A datagram whose IP packet is `size` bytes long.
+        let sized =
+            |sport: u16, size: usize| datagram(CLIENT, sport, UDP_PORT, &vec![7; size - 28]);
+        let mut sport = 41200;
+        let mut next = || {
+            sport += 1;
+            sport
+        };
+        for (mtu, mss) in [(1350u16, 1310u16), (0, 1410), (1450, 1410), (8950, 1460)] {
+            h.configure(mtu);
+            let what = format!("overlay MTU {mtu}");
+            let out = h.tx(&syn(next(), TCP_PORT), &what);
+            assert_eq!(wrapped_mss(&out), mss, "{what}");
+            assert!(
+                l4_checksum_ok(&out[ENCAP..], ETH),
+                "{what}: inner TCP checksum after the clamp"
+            );
+            let most = if mtu == 0 { 1450 } else { mtu.min(2000) } as usize;
+            h.tx(
+                &sized(next(), most),
+                &format!("{what}: a datagram of {most} bytes"),
+            );
+            if mtu <= 1450 {
+                let before = h.stats();
+                let (verdict, _) = h.run(&sized(next(), most + 1)).expect("run");
+                assert_eq!(verdict, XDP_DROP, "{what}: a datagram one byte too big");
+                assert_eq!(h.stats().dropped, before.dropped + 1, "{what}: counted");
+            }
+        }
     });
 }
 

@@ -596,6 +596,7 @@ fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> 
         ingress_ip: *st.lb_addrs.get(&net.id)?.get(&cfg.name)?,
         vni: net.vni?,
         vxlan_port: cfg.vxlan_port,
+        overlay_mtu: u16::try_from(cfg.overlay_mtu).unwrap_or(u16::MAX),
         ports,
     })
 }

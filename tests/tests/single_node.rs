@@ -364,6 +364,11 @@ fn detach_and_rm_remove_everything_netd_made() -> Result<()> {
 #[test]
 fn a_deleted_task_namespace_is_not_kept_alive_by_netd() -> Result<()> {
     let mut lab = web_lab("nlk", &[])?;
+    // The periodic checked step is what finds the namespace gone: sooner than its
+    // default 30 s.
+    lab.daemon_args = vec!["--resync".into(), "5".into()];
+    lab.stop_daemon(0, false)?;
+    lab.start_daemon(0)?;
     let node_name = lab.nodes[0].name.clone();
     let sandboxes = || -> Result<BTreeSet<String>> {
         Ok(std::fs::read_dir("/run/netns")?
@@ -413,7 +418,7 @@ fn a_deleted_task_namespace_is_not_kept_alive_by_netd() -> Result<()> {
     // The runtime deletes the namespace; the task is still attached.
     let out = Command::new("ip").args(["netns", "del", &name]).output()?;
     anyhow::ensure!(out.status.success(), "ip netns del: {out:?}");
-    // netd's periodic step (every 10 s) finds it gone: the namespace must die with
+    // netd's periodic step (here every 5 s) finds it gone: the namespace must die with
     // nothing but netd holding it. (A change elsewhere in the cluster does not look at
     // the node's task namespaces: a step visits what the change touched.)
     lab.cli(0, &["service", "create", "other", "--network", "front"])?;

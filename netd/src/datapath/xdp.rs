@@ -88,6 +88,9 @@ pub struct MeshTable {
     pub ingress_ip: Ipv4Addr,
     pub vni: u32,
     pub vxlan_port: u16,
+    /// The largest IP packet the overlay carries (`--underlay-mtu` less VXLAN's 50
+    /// bytes): the MSS clamp and the size limit of wrapped datagrams follow it.
+    pub overlay_mtu: u16,
     pub ports: Vec<MeshPort>,
 }
 
@@ -138,6 +141,8 @@ struct Loaded {
     /// Port -> (slot, value, backends) as programmed.
     slots: BTreeMap<(u8, u16), (u32, PortValue, Vec<MeshBackend>)>,
     next_slot: u32,
+    /// The pinned link runs this object's program (attached or checked by this netd).
+    linked: bool,
 }
 
 fn be(a: Ipv4Addr) -> u32 {
@@ -164,6 +169,7 @@ impl Loaded {
             obj,
             slots: BTreeMap::new(),
             next_slot: 1,
+            linked: false,
         };
         // After a restart: what the pinned maps hold, so unchanged ports stay untouched.
         let ports: Vec<(PortKey, PortValue)> = l.ports.iter().filter_map(|r| r.ok()).collect();
@@ -179,6 +185,8 @@ impl Loaded {
     /// Attaches to `ifname` unless the pinned link is there; returns the mode used.
     /// `auto` takes generic mode on a veth: native XDP_TX on a veth hands frames to the
     /// peer's XDP, and without a program there (the peer is not netd's) they are lost.
+    /// A pinned link that runs other code (the netd before was another version) gets
+    /// this netd's program, atomically.
     fn attach(
         &mut self,
         dir: &Path,
@@ -187,15 +195,21 @@ impl Loaded {
         setting: Setting,
     ) -> Result<Option<String>> {
         let pin = dir.join("link_netd_ingress");
-        if pin.exists() {
-            return Ok(None);
-        }
         let prog: &mut Xdp = self
             .obj
             .program_mut(netd_ebpf::INGRESS_XDP_PROGRAM)
             .context("program netd_ingress missing")?
             .try_into()
             .context("netd_ingress")?;
+        if pin.exists() {
+            if !self.linked {
+                if netd_ebpf::relink::relink_xdp(prog, &pin)? {
+                    tracing::info!(link = %pin.display(), "XDP link runs this netd's program now");
+                }
+                self.linked = true;
+            }
+            return Ok(None);
+        }
         let modes: &[(XdpMode, &str)] = match setting {
             Setting::Native => &[(XdpMode::Driver, "native")],
             Setting::Generic => &[(XdpMode::Skb, "generic")],
@@ -210,6 +224,7 @@ impl Loaded {
                         .map_err(|e| anyhow!("XDP link is not an fd link: {e}"))?;
                     link.pin(&pin)
                         .with_context(|| format!("pin {}", pin.display()))?;
+                    self.linked = true;
                     return Ok(Some(name.to_string()));
                 }
                 Err(e) => last = Some(format!("{name}: {e}")),
@@ -227,7 +242,7 @@ impl Loaded {
             ingress_ip: be(t.ingress_ip),
             vni: t.vni,
             vxlan_port: t.vxlan_port.to_be(),
-            pad: 0,
+            overlay_mtu: t.overlay_mtu,
         };
         self.cfg.set(0, cfg, 0).context("write ingress config")?;
         let want: BTreeMap<(u8, u16), (PortValue, Vec<MeshBackend>)> = t

@@ -1,0 +1,82 @@
+//! A pinned XDP link outlives the netd that made it (the fast path keeps working while
+//! netd restarts), so a new netd finds the old program running there. It has to put its
+//! own program on that link, atomically (no packet meets no program), or an upgrade would
+//! keep running the old code against maps the new netd fills in a new way.
+
+use std::io;
+use std::path::Path;
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
+use aya::programs::{loaded_programs, Xdp};
+
+/// What a pinned link runs, as the kernel describes the program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedProgram {
+    pub id: u32,
+    /// The program's name (at most 15 bytes of its function name).
+    pub name: String,
+    /// The kernel's hash of the program's instructions (map references left out): the
+    /// same code loaded twice has the same tag.
+    pub tag: u64,
+}
+
+fn error(what: &str, pin: &Path, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what} {}: {e}", pin.display()))
+}
+
+/// The program the link pinned at `pin` runs.
+pub fn linked_program(pin: &Path) -> io::Result<LinkedProgram> {
+    let link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| error("open link", pin, e))?);
+    let id = link
+        .info()
+        .map_err(|e| error("describe link", pin, e))?
+        .program_id();
+    let info = loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .ok_or_else(|| error("find the program of link", pin, format!("no program {id}")))?;
+    Ok(LinkedProgram {
+        id,
+        name: info.name_as_str().unwrap_or_default().to_string(),
+        tag: info.tag(),
+    })
+}
+
+/// Makes the XDP link pinned at `pin` run `prog` (loaded) unless it runs the same code
+/// already; true if it replaced the program. The replacement is one `BPF_LINK_UPDATE`:
+/// every packet meets either the old program or the new one. The pin keeps the link.
+pub fn relink_xdp(prog: &mut Xdp, pin: &Path) -> io::Result<bool> {
+    let ours = prog
+        .info()
+        .map_err(|e| error("describe the program for", pin, e))?;
+    if linked_program(pin)?.tag == ours.tag() {
+        return Ok(false);
+    }
+    let link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| error("open link", pin, e))?);
+    let link = XdpLink::try_from(link).map_err(|e| error("not an XDP link:", pin, e))?;
+    let id = prog
+        .attach_to_link(link)
+        .map_err(|e| error("replace the program of link", pin, e))?;
+    // The program keeps the link's descriptor until it is dropped; the pin is what holds
+    // the link, so ours is closed now (that detaches nothing).
+    drop(
+        prog.take_link(id)
+            .map_err(|e| error("release link", pin, e))?,
+    );
+    Ok(true)
+}
+
+/// As [`relink_xdp`], with program `name` of the compiled `object` (no maps pinned): for
+/// the lab, to put another program on a link as an older netd would have left it.
+pub fn relink_object(pin: &Path, object: &[u8], name: &str) -> io::Result<bool> {
+    let mut obj = aya::Ebpf::load(object).map_err(|e| error("load the object for", pin, e))?;
+    let prog: &mut Xdp = obj
+        .program_mut(name)
+        .ok_or_else(|| error("no program", pin, name))?
+        .try_into()
+        .map_err(|e| error("not an XDP program for", pin, e))?;
+    prog.load()
+        .map_err(|e| error("the kernel refused the program for", pin, e))?;
+    relink_xdp(prog, pin)
+}
