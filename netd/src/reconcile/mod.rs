@@ -377,7 +377,9 @@ impl Reconciler {
         } else {
             self.scope(&st)
         };
+        let scoped = began.elapsed();
         let mut report = self.step(&st, checked, scope.as_ref().ok()).await;
+        report.phases.insert(0, ("scope", scoped));
         report.scope = match &scope {
             Ok(s) => format!("{} tasks, {} networks", s.tasks.len(), s.networks.len()),
             Err(why) => format!("whole node ({why})"),
