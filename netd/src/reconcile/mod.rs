@@ -539,8 +539,24 @@ impl Reconciler {
         let isbox_up = self.ingress_sandbox(&plan, &broken, &mut report).await;
         phases.end("ingress_sandbox");
 
+        // The DNS listeners and the VIP hooks serve the node's own tasks that are up: a
+        // step in which none of them changed, no sandbox was made anew or failed, and no
+        // overlay's VIPs are routed into sandboxes (a translating datapath) leaves them as
+        // the last step did (a task whose listener or hook failed there is retried, which
+        // makes it a change of its own).
+        let own_unchanged = !translating
+            && remade.is_empty()
+            && broken.is_empty()
+            && scope.is_some_and(|s| {
+                !s.local
+                    && !s
+                        .tasks
+                        .iter()
+                        .any(|id| st.tasks.get(id).is_some_and(|t| t.node == self.cfg.name))
+            });
+
         // 4. The embedded DNS in every task that is up (and in no other).
-        if let Some(dns) = &a.dns {
+        if let (Some(dns), false) = (&a.dns, own_unchanged) {
             let up = report.up(&plan);
             let errors = dns.serve(&up).await;
             report.task_errors.extend(errors);
@@ -548,7 +564,7 @@ impl Reconciler {
         phases.end("dns");
 
         // 5. VIP load balancing for the tasks that are up.
-        if let Some(dp) = &a.datapath {
+        if let (Some(dp), false) = (&a.datapath, own_unchanged) {
             if let Err(e) = self
                 .load_balancer(dp.as_ref(), &plan, &broken, &mut report)
                 .await
@@ -767,12 +783,16 @@ mod tests {
     #[derive(Default)]
     struct FakeDns {
         served: std::sync::Mutex<Vec<String>>,
+        /// Steps that asked for the listeners.
+        calls: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
     impl Listeners for FakeDns {
         async fn serve(&self, tasks: &[&Task]) -> BTreeMap<String, String> {
             *self.served.lock().unwrap() = tasks.iter().map(|t| t.name.clone()).collect();
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             BTreeMap::new()
         }
     }
@@ -914,10 +934,14 @@ mod tests {
         let (tasks, peers) = visited(&links);
         assert_eq!(tasks, vec!["a1".to_string(), "w1".to_string()]);
         assert_eq!(peers, vec!["back".to_string(), "front".to_string()]);
-        // A task on n2 joins `front`: n1 redoes front's peers, and no task of its own.
+        // A task on n2 joins `front`: n1 redoes front's peers, and no task of its own;
+        // its tasks' DNS listeners are left as they are.
+        let calls = || dns.calls.load(std::sync::atomic::Ordering::Relaxed);
+        let before = calls();
         attach_named(&v, "web", "w2", "n2").await;
         r.run_once().await.unwrap();
         assert_eq!(visited(&links), (vec![], vec!["front".to_string()]));
+        assert_eq!(calls(), before, "a remote change asked for the listeners");
         // A task of its own on `back`: that task and back's peers; the DNS still serves
         // every local task.
         attach_named(&v, "api", "a2", "n1").await;
@@ -926,6 +950,7 @@ mod tests {
             visited(&links),
             (vec!["a2".to_string()], vec!["back".to_string()])
         );
+        assert_eq!(calls(), before + 1);
         assert_eq!(dns.served.lock().unwrap().len(), 3);
         // A sandbox made anew (deleted behind netd's back) in a step for a remote task:
         // the node's own tasks on that network are plugged in again.
