@@ -156,12 +156,18 @@ pub fn new_connections_to(
 
 /// Tries to connect from `netns` to `addr` every few milliseconds until it works or
 /// `limit` passes; returns how long it took (None if it never worked).
-pub fn first_connect(netns: &str, addr: SocketAddr, limit: Duration) -> Result<Option<Duration>> {
+pub fn first_connect(
+    netns: &str,
+    addr: SocketAddr,
+    limit: Duration,
+) -> Result<Option<(Duration, u32)>> {
     in_netns(netns, move || {
         let start = Instant::now();
+        let mut attempts = 0;
         while start.elapsed() < limit {
+            attempts += 1;
             if TcpStream::connect_timeout(&addr, Duration::from_millis(20)).is_ok() {
-                return Ok(Some(start.elapsed()));
+                return Ok(Some((start.elapsed(), attempts)));
             }
             std::thread::sleep(Duration::from_millis(2));
         }

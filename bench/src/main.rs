@@ -316,7 +316,7 @@ fn overlay(seconds: u64, rounds: usize, conns: usize, attaches: usize, out: &Pat
         let ip = attach(&mut lab, 0, "tgt", &tgt_path)?;
         let addr = SocketAddr::from((ip, PORT));
         match load::first_connect(&probe, addr, Duration::from_secs(5))? {
-            Some(d) => latencies.push(d),
+            Some((d, _)) => latencies.push(d),
             None => misses += 1,
         }
         lab.cli(0, &["task", "detach", "tgt"])?;
