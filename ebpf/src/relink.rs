@@ -19,6 +19,19 @@ pub struct LinkedProgram {
     /// The kernel's hash of the program's instructions (map references left out): the
     /// same code loaded twice has the same tag.
     pub tag: u64,
+    /// The maps the program uses, sorted: the same code with maps made anew (a reshaped
+    /// map unpinned and created again) has the same tag and must still be replaced, or it
+    /// would keep reading the orphaned maps.
+    pub map_ids: Vec<u32>,
+}
+
+fn map_ids(info: &aya::programs::ProgramInfo, pin: &Path) -> io::Result<Vec<u32>> {
+    let mut ids = info
+        .map_ids()
+        .map_err(|e| error("list the maps of the program for", pin, e))?
+        .unwrap_or_default();
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 fn error(what: &str, pin: &Path, e: impl std::fmt::Display) -> io::Error {
@@ -40,17 +53,19 @@ pub fn linked_program(pin: &Path) -> io::Result<LinkedProgram> {
         id,
         name: info.name_as_str().unwrap_or_default().to_string(),
         tag: info.tag(),
+        map_ids: map_ids(&info, pin)?,
     })
 }
 
 /// Makes the XDP link pinned at `pin` run `prog` (loaded) unless it runs the same code
-/// already; true if it replaced the program. The replacement is one `BPF_LINK_UPDATE`:
+/// on the same maps already; true if it replaced the program. The replacement is one `BPF_LINK_UPDATE`:
 /// every packet meets either the old program or the new one. The pin keeps the link.
 pub fn relink_xdp(prog: &mut Xdp, pin: &Path) -> io::Result<bool> {
     let ours = prog
         .info()
         .map_err(|e| error("describe the program for", pin, e))?;
-    if linked_program(pin)?.tag == ours.tag() {
+    let linked = linked_program(pin)?;
+    if linked.tag == ours.tag() && linked.map_ids == map_ids(&ours, pin)? {
         return Ok(false);
     }
     let link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| error("open link", pin, e))?);
@@ -67,10 +82,22 @@ pub fn relink_xdp(prog: &mut Xdp, pin: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
-/// As [`relink_xdp`], with program `name` of the compiled `object` (no maps pinned): for
-/// the lab, to put another program on a link as an older netd would have left it.
+/// As [`relink_xdp`], with program `name` of the compiled `object` on maps of its own:
+/// for the lab, to put another program on a link as an older netd would have left it.
+/// Maps the object pins by name go to a directory beside the link's pin, removed again
+/// once the program holds them (no pin is left in the root of bpffs).
 pub fn relink_object(pin: &Path, object: &[u8], name: &str) -> io::Result<bool> {
-    let mut obj = aya::Ebpf::load(object).map_err(|e| error("load the object for", pin, e))?;
+    let mut maps = pin.as_os_str().to_owned();
+    maps.push("_maps");
+    let maps = std::path::PathBuf::from(maps);
+    std::fs::create_dir_all(&maps).map_err(|e| error("make", &maps, e))?;
+    let loaded = aya::EbpfLoader::new()
+        .default_map_pin_directory(&maps)
+        .load(object)
+        .map_err(|e| error("load the object for", pin, e));
+    let removed = std::fs::remove_dir_all(&maps).map_err(|e| error("remove", &maps, e));
+    let mut obj = loaded?;
+    removed?;
     let prog: &mut Xdp = obj
         .program_mut(name)
         .ok_or_else(|| error("no program", pin, name))?

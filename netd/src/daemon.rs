@@ -89,8 +89,13 @@ pub struct DaemonArgs {
     /// UDP port of VXLAN.
     #[arg(long, default_value_t = 4789)]
     pub vxlan_port: u16,
-    /// MTU of the underlay; overlays get 50 bytes less for the VXLAN header.
-    #[arg(long, default_value_t = 1500)]
+    /// MTU of the underlay; overlays get 50 bytes less for the VXLAN header. At least
+    /// 118, so that an overlay keeps IPv4's minimum of 68 bytes (and a TCP MSS above 0).
+    #[arg(
+        long,
+        default_value_t = 1500,
+        value_parser = clap::value_parser!(u32).range(118..=65535)
+    )]
     pub underlay_mtu: u32,
     /// Seconds the cluster waits after this daemon dies before marking the node down
     /// and withdrawing its tasks (the etcd lease TTL).
@@ -584,5 +589,30 @@ impl ApiSpec {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        daemon: super::DaemonArgs,
+    }
+
+    #[test]
+    fn an_underlay_mtu_that_leaves_no_room_for_an_overlay_is_refused() {
+        for bad in ["90", "117", "65536", "0"] {
+            let Err(e) = Cli::try_parse_from(["netd", "--underlay-mtu", bad]) else {
+                panic!("--underlay-mtu {bad} was taken");
+            };
+            assert!(e.to_string().contains("118..=65535"), "{bad}: {e}");
+        }
+        let cli = Cli::try_parse_from(["netd", "--underlay-mtu", "118"]).expect("118");
+        assert_eq!(cli.daemon.underlay_mtu, 118);
+        let cli = Cli::try_parse_from(["netd"]).expect("defaults");
+        assert_eq!(cli.daemon.underlay_mtu, 1500);
     }
 }

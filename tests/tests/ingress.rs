@@ -248,34 +248,51 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         _ => {}
     }
 
-    // n3's XDP link runs other code, as an older netd would have left it (here the lab's
-    // wire program, which passes everything to the kernel path).
+    // n3's XDP link runs other code, as an older netd would have left it: the lab's wire
+    // program (which passes everything to the kernel path), then netd's own program on
+    // maps of its own (the same code, as when a reshaped map was made anew: the new netd's
+    // maps would go unread).
     let link = std::path::Path::new("/sys/fs/bpf/netd-xdp")
         .join(&lab.nodes[2].name)
         .join("link_netd_ingress");
-    if xdp != "off" {
-        netd_ebpf::relink::relink_object(&link, netd_ebpf::WIRE_PEER, "netd_wire_peer")?;
-        let running = netd_ebpf::relink::linked_program(&link)?;
-        if running.name != "netd_wire_peer" {
-            bail!("the lab could not put an old program on n3's link: {running:?}");
+    let old_programs = [
+        (netd_ebpf::WIRE_PEER, "netd_wire_peer"),
+        (netd_ebpf::INGRESS_XDP, netd_ebpf::INGRESS_XDP_PROGRAM),
+    ];
+    for (object, program) in old_programs {
+        let mut old = None;
+        if xdp != "off" {
+            netd_ebpf::relink::relink_object(&link, object, program)?;
+            let running = netd_ebpf::relink::linked_program(&link)?;
+            if running.name != program {
+                bail!("the lab could not put {program} on n3's link: {running:?}");
+            }
+            old = Some(running);
         }
-    }
-    // n3's daemon dies (kill -9): its published port keeps answering (the pinned XDP
-    // program and the kernel path stay), and keeps answering once it is back.
-    lab.stop_daemon(2, true)?;
-    let names = requests(&client, nodes[2], PUBLISHED, 5)?;
-    lab.start_daemon(2)?;
-    let (_, before) = xdp_path(&lab, 2)?;
-    let again = requests(&client, nodes[2], PUBLISHED, 5)?;
-    if names.len() != 5 || again.len() != 5 {
-        bail!("n3 across a restart: {names:?} then {again:?}");
-    }
-    // The new netd put its own program back on the link, which carries the flows again.
-    if xdp != "off" {
-        let running = netd_ebpf::relink::linked_program(&link)?;
-        let (_, after) = xdp_path(&lab, 2)?;
-        if running.name != "netd_ingress" || after < before + 20 {
-            bail!("after the restart n3's link runs {running:?}, XDP packets {before} -> {after}");
+        // n3's daemon dies (kill -9): its published port keeps answering (the pinned XDP
+        // program and the kernel path stay), and keeps answering once it is back.
+        lab.stop_daemon(2, true)?;
+        let names = requests(&client, nodes[2], PUBLISHED, 5)?;
+        lab.start_daemon(2)?;
+        let (_, before) = xdp_path(&lab, 2)?;
+        let again = requests(&client, nodes[2], PUBLISHED, 5)?;
+        if names.len() != 5 || again.len() != 5 {
+            bail!("n3 across a restart: {names:?} then {again:?}");
+        }
+        // The new netd put its own program back on the link, which carries the flows
+        // again (the counters are in the maps netd pinned).
+        if let Some(old) = old {
+            let running = netd_ebpf::relink::linked_program(&link)?;
+            let (_, after) = xdp_path(&lab, 2)?;
+            if running.name != netd_ebpf::INGRESS_XDP_PROGRAM
+                || running.id == old.id
+                || after < before + 20
+            {
+                bail!(
+                    "after the restart over {program}, n3's link runs {running:?} (was {old:?}), XDP packets {before} -> {after}; n3's XDP: {}",
+                    lab.cli_json(2, &["status"])?["routing_mesh"]["xdp"]
+                );
+            }
         }
     }
 

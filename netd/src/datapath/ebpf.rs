@@ -504,7 +504,9 @@ impl Datapath for EbpfDatapath {
         inner.want = Some(table.clone());
         let inner = &mut *inner;
         if let Some(l) = inner.loaded.as_mut() {
-            // A failed pass leaves the maps unknown: the next step compares them all.
+            // A failed pass leaves the maps unknown: the next pass (this one's retry with
+            // the next change, or the next step's) compares them all.
+            let touched = touched.filter(|_| !inner.unsure);
             inner.unsure = true;
             let changed = l.program(table, touched)?;
             writes::count(Kind::Bpf, changed as u64);

@@ -202,13 +202,26 @@ impl Loaded {
             .try_into()
             .context("netd_ingress")?;
         if pin.exists() {
-            if !self.linked {
-                if netd_ebpf::relink::relink_xdp(prog, &pin)? {
-                    tracing::info!(link = %pin.display(), "XDP link runs this netd's program now");
-                }
-                self.linked = true;
+            if self.linked {
+                return Ok(None);
             }
-            return Ok(None);
+            match netd_ebpf::relink::relink_xdp(prog, &pin) {
+                Ok(replaced) => {
+                    if replaced {
+                        tracing::info!(link = %pin.display(), "XDP link runs this netd's program now");
+                    }
+                    self.linked = true;
+                    return Ok(None);
+                }
+                // A link that cannot take the program (its interface went away, the link
+                // was detached) would fail every step from here on: drop the pin, which
+                // releases the link, and attach afresh below.
+                Err(e) => {
+                    tracing::warn!(link = %pin.display(), error = %e, "XDP link unusable; attaching anew");
+                    std::fs::remove_file(&pin)
+                        .with_context(|| format!("remove the unusable link {}", pin.display()))?;
+                }
+            }
         }
         let modes: &[(XdpMode, &str)] = match setting {
             Setting::Native => &[(XdpMode::Driver, "native")],

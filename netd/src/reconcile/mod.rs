@@ -543,7 +543,8 @@ impl Reconciler {
         // step in which none of them changed, no sandbox was made anew or failed, and no
         // overlay's VIPs are routed into sandboxes (a translating datapath) leaves them as
         // the last step did (a task whose listener or hook failed there is retried, which
-        // makes it a change of its own).
+        // makes it a change of its own; so is a handed-over task still waiting for its
+        // runtime, which may come up in any step).
         let own_unchanged = !translating
             && remade.is_empty()
             && broken.is_empty()
@@ -966,5 +967,19 @@ mod tests {
         r.run(true).await.unwrap();
         let (tasks, peers) = visited(&links);
         assert_eq!((tasks.len(), peers.len()), (3, 2));
+        // A task of its own that its runtime has not taken over yet may come up in any
+        // step: while it waits (pending), a remote change asks for the listeners too.
+        let mut req = fixture::attach("web", "/run/netns/h1", "n1");
+        req.handoff = true;
+        state::attach_task(&v, "n1", req).await.unwrap();
+        r.run_once().await.unwrap();
+        let before = calls();
+        attach_named(&v, "web", "w4", "n2").await;
+        r.run_once().await.unwrap();
+        assert_eq!(
+            calls(),
+            before + 1,
+            "a step skipped a waiting handoff's listeners"
+        );
     }
 }
