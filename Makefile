@@ -2,7 +2,7 @@
 # need first (a fresh machine has none of them) and must run as root: netd creates
 # network namespaces, links and nftables rules.
 
-APT_PACKAGES := nftables iproute2 ethtool iputils-ping procps util-linux curl etcd-server protobuf-compiler \
+APT_PACKAGES := nftables conntrack iproute2 ethtool iputils-ping procps util-linux curl etcd-server protobuf-compiler \
   dnsutils unbound clang-19 libbpf-dev python3 \
   containerd runc podman conmon containernetworking-plugins busybox-static iptables docker.io
 # Only `make bench` needs these.

@@ -199,6 +199,12 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "routing_mesh": {
             "kernel_path": "nftables DNAT in the node and its ingress sandbox",
             "xdp": d.reconciler.xdp_status(),
+            // Flows (tracked by the kernel path, and the fast path's) removed because their
+            // task went away: none is left steering a client to a task that is gone.
+            "flows_removed": {
+                "kernel": d.reconciler.flows_removed().0,
+                "xdp": d.reconciler.flows_removed().1,
+            },
         },
         "dns": {
             "address": netd_dns::server::DNS_ADDR.to_string(),

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;

@@ -167,6 +167,45 @@ impl Scope {
     }
 }
 
+/// An address a task held on a network and holds no more (the task went, or left that
+/// network): flows translated to it must go with it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GoneEndpoint {
+    pub ip: Ipv4Addr,
+    pub network: String,
+    /// The node the task ran on (a gwbridge address is only unique on its node).
+    pub node: String,
+}
+
+/// The endpoints of `prev` that `next` no longer has (a walk of the tasks that differ).
+pub fn gone_endpoints(prev: &State, next: &State) -> BTreeSet<GoneEndpoint> {
+    use imbl::ordmap::DiffItem;
+    let mut gone = BTreeSet::new();
+    for item in prev.tasks.diff(&next.tasks) {
+        let (old, new) = match item {
+            DiffItem::Remove(_, t) => (t, None),
+            DiffItem::Update { old, new } => (old.1, Some(new.1)),
+            DiffItem::Add(..) => continue,
+        };
+        for e in &old.endpoints {
+            let kept = new.is_some_and(|n| {
+                n.node == old.node
+                    && n.endpoints
+                        .iter()
+                        .any(|x| x.ip == e.ip && x.network == e.network)
+            });
+            if !kept {
+                gone.insert(GoneEndpoint {
+                    ip: e.ip,
+                    network: e.network.clone(),
+                    node: old.node.clone(),
+                });
+            }
+        }
+    }
+    gone
+}
+
 /// Whether `scope` (None: everything) covers overlay network `name`.
 pub fn in_scope_network(scope: Option<&Scope>, name: &str) -> bool {
     scope.is_none_or(|s| s.networks.contains(name))
@@ -991,6 +1030,52 @@ pub(crate) mod tests {
         ));
         st.insert_task(task("b", "n2", &[("back", "198.19.1.2")]));
         st
+    }
+
+    #[test]
+    fn the_endpoints_a_change_took_away_are_gone_and_no_others() {
+        let gone = |ip: &str, network: &str, node: &str| GoneEndpoint {
+            ip: ip.parse().unwrap(),
+            network: network.into(),
+            node: node.into(),
+        };
+        let before = two_nodes();
+        assert!(gone_endpoints(&before, &before.clone()).is_empty());
+        // A task added takes nothing away.
+        let mut after = before.clone();
+        after.insert_task(task("c", "n2", &[("front", "198.19.0.3")]));
+        assert!(gone_endpoints(&before, &after).is_empty());
+        // Removed: every endpoint of it, with the node it ran on.
+        assert_eq!(
+            gone_endpoints(&before, &{
+                let mut st = before.clone();
+                st.tasks.remove("a");
+                st
+            }),
+            BTreeSet::from([
+                gone("198.19.0.2", "front", "n1"),
+                gone("198.18.1.2", GWBRIDGE, "n1"),
+            ])
+        );
+        // Changed: what it no longer holds (an address, or its node: a gwbridge address
+        // means something else on another node).
+        let mut moved = before.clone();
+        moved.insert_task(task(
+            "a",
+            "n2",
+            &[("front", "198.19.0.2"), (GWBRIDGE, "198.18.1.2")],
+        ));
+        assert_eq!(gone_endpoints(&before, &moved).len(), 2);
+        let mut readdressed = before.clone();
+        readdressed.insert_task(task(
+            "a",
+            "n1",
+            &[("front", "198.19.0.9"), (GWBRIDGE, "198.18.1.2")],
+        ));
+        assert_eq!(
+            gone_endpoints(&before, &readdressed),
+            BTreeSet::from([gone("198.19.0.2", "front", "n1")])
+        );
     }
 
     #[test]

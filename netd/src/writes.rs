@@ -19,17 +19,20 @@ pub enum Kind {
     Bpf,
     /// A DNS socket bound in a task namespace (not one taken over from the netd before).
     DnsSocket,
+    /// A connection-tracking entry deleted (a flow to a task that went away).
+    Conntrack,
 }
 
-const KINDS: [(Kind, &str); 5] = [
+const KINDS: [(Kind, &str); 6] = [
     (Kind::Netlink, "netlink"),
     (Kind::Nftables, "nftables"),
     (Kind::Sysctl, "sysctl"),
     (Kind::Bpf, "bpf"),
     (Kind::DnsSocket, "dns_sockets"),
+    (Kind::Conntrack, "conntrack"),
 ];
 
-static COUNTS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static COUNTS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 
 /// Records `n` writes of `kind`.
 pub fn count(kind: Kind, n: u64) {

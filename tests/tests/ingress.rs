@@ -170,6 +170,25 @@ fn refused(client: &str, addr: SocketAddr) -> Result<()> {
 }
 
 /// What node `i`'s fast path did: (mode, packets forwarded and returned by XDP).
+/// One datagram to `addr` on `socket`: the whoami name that answered (a datagram lost
+/// on the way is sent again, twice at most).
+fn udp_ask_on(socket: &std::net::UdpSocket, addr: SocketAddr) -> Result<String> {
+    let mut buf = [0u8; 2048];
+    let mut last = None;
+    for _ in 0..3 {
+        socket.send_to(b"who", addr)?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) if from == addr => {
+                let body = String::from_utf8_lossy(&buf[..n]).into_owned();
+                return Ok(field(&body, "Hostname").context("whoami name")?.to_string());
+            }
+            Ok((_, from)) => bail!("a UDP answer from {from}, asked {addr}"),
+            Err(e) => last = Some(e),
+        }
+    }
+    bail!("no UDP answer from {addr}: {last:?}")
+}
+
 fn xdp_path(lab: &Lab, i: usize) -> Result<(String, u64)> {
     let x = &lab.cli_json(i, &["status"])?["routing_mesh"]["xdp"];
     let mode = x["mode"].as_str().unwrap_or_default().to_string();
@@ -313,9 +332,36 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         bail!("UDP answer {answer:?} from {from}, asked {asked}");
     }
 
+    // A UDP flow whose task goes away, through n3 (no task there) and through n1 (tasks
+    // there too): the same client socket's next datagram is taken by another task at
+    // once, not steered to the gone one by a flow left behind.
+    let mut attached: BTreeSet<String> = (0..5).map(|i| format!("w{i}")).collect();
+    for via in [nodes[2], nodes[0]] {
+        let asked = SocketAddr::from((via, 4568));
+        let socket = in_netns(&client, || Ok(std::net::UdpSocket::bind("0.0.0.0:0")?))?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let first = udp_ask_on(&socket, asked)?;
+        if !attached.remove(&first) {
+            bail!("a UDP flow via {via} reached {first}, not an attached task");
+        }
+        lab.cli(0, &["task", "detach", &first])?;
+        let next = udp_ask_on(&socket, asked)
+            .with_context(|| format!("the flow via {via} after {first} was detached"))?;
+        if !attached.contains(&next) {
+            bail!("via {via}, after {first} was detached the flow reached {next}");
+        }
+    }
+    let removed = |i: usize| -> Result<u64> {
+        let f = &lab.cli_json(i, &["status"])?["routing_mesh"]["flows_removed"];
+        Ok(f["xdp"].as_u64().unwrap_or(0) + f["kernel"].as_u64().unwrap_or(0))
+    };
+    if removed(2)? == 0 || removed(0)? == 0 {
+        bail!("netd status counted no removed flow on n3 or n1");
+    }
+
     // Scale to 0: refused at once on every node; back up: answers again.
-    for i in 0..5 {
-        lab.cli(0, &["task", "detach", &format!("w{i}")])?;
+    for name in &attached {
+        lab.cli(0, &["task", "detach", name])?;
     }
     for node in &nodes {
         refused(&client, SocketAddr::from((*node, PUBLISHED)))?;

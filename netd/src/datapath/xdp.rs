@@ -24,7 +24,7 @@
 //! creates them (the lab's flood test uses a small table; maps already pinned keep their
 //! size).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -35,8 +35,9 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{links::FdLink, Xdp, XdpMode};
 use aya::Ebpf;
 use netd_ebpf::maps::{
-    BackendKey, IngressConfig, MeshBackend, PortKey, PortValue, XdpStats, FLOWS_BAD_ACK,
-    FLOWS_CONFIRMED, FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_WRONG_VTEP,
+    BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey,
+    PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED,
+    FLOWS_WRONG_VTEP,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -138,11 +139,69 @@ struct Loaded {
     stats: PerCpuArray<MapData, XdpStats>,
     /// Flow counters, indexed by netd_ebpf::maps::FLOWS_*.
     flow_stats: PerCpuArray<MapData, u64>,
+    /// The flow tables (established and unconfirmed), for removing the flows of a task
+    /// that left its port.
+    flows: FlowMaps,
+    /// Flows removed because their task left (since this netd started).
+    flows_removed: u64,
     /// Port -> (slot, value, backends) as programmed.
     slots: BTreeMap<(u8, u16), (u32, PortValue, Vec<MeshBackend>)>,
     next_slot: u32,
     /// The pinned link runs this object's program (attached or checked by this netd).
     linked: bool,
+}
+
+/// The fast path's flow tables (see ebpf/bpf/ingress_xdp.c): forward halves keyed by
+/// the client's side, reverse halves by the task's.
+struct FlowMaps {
+    fwd: HashMap<MapData, FlowKey, FlowFwd>,
+    fwd_new: HashMap<MapData, FlowKey, FlowFwdNew>,
+    rev: HashMap<MapData, FlowKey, FlowRev>,
+    rev_new: HashMap<MapData, FlowKey, FlowRev>,
+}
+
+impl FlowMaps {
+    /// Removes the flows of the tasks in `left` ((protocol, published port, task address
+    /// as in the maps)), both halves in both tables, so that none steers a client's next
+    /// packet to a task that is gone (the program then picks anew); how many flows. A
+    /// walk of the tables, done only when a task leaves a port.
+    fn forget(&mut self, left: &BTreeSet<(u8, u16, u32)>) -> u64 {
+        let gone =
+            |proto: u8, port: u16, task: u32| left.contains(&(proto, u16::from_be(port), task));
+        let fwd: Vec<FlowKey> = self
+            .fwd
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, f)| gone(k.proto, k.port_b, f.backend))
+            .map(|(k, _)| k)
+            .collect();
+        let fwd_new: Vec<FlowKey> = self
+            .fwd_new
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, n)| gone(k.proto, k.port_b, n.fwd.backend))
+            .map(|(k, _)| k)
+            .collect();
+        let removed = fwd.iter().filter(|k| self.fwd.remove(k).is_ok()).count()
+            + fwd_new
+                .iter()
+                .filter(|k| self.fwd_new.remove(k).is_ok())
+                .count();
+        // The reverse halves (keyed by the task's side; the published port is in the
+        // value), also those whose forward half was evicted before.
+        for map in [&mut self.rev, &mut self.rev_new] {
+            let stale: Vec<FlowKey> = map
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(k, v)| gone(k.proto, v.published_port, k.addr))
+                .map(|(k, _)| k)
+                .collect();
+            for k in &stale {
+                let _ = map.remove(k);
+            }
+        }
+        removed as u64
+    }
 }
 
 fn be(a: Ipv4Addr) -> u32 {
@@ -166,6 +225,13 @@ impl Loaded {
             rr: take_map(&mut obj, "netd_mesh_rr")?,
             stats: take_map(&mut obj, "netd_xdp_stats")?,
             flow_stats: take_map(&mut obj, "netd_xdp_flow_stats")?,
+            flows: FlowMaps {
+                fwd: take_map(&mut obj, "netd_flows_fwd")?,
+                fwd_new: take_map(&mut obj, "netd_flows_fwd_new")?,
+                rev: take_map(&mut obj, "netd_flows_rev")?,
+                rev_new: take_map(&mut obj, "netd_flows_rev_new")?,
+            },
+            flows_removed: 0,
             obj,
             slots: BTreeMap::new(),
             next_slot: 1,
@@ -279,6 +345,17 @@ impl Loaded {
                 ((p.proto, p.port), (value, backends))
             })
             .collect();
+        // Backends that leave a port (or go with it): their flows go too, once the port
+        // no longer picks them.
+        let mut left: BTreeSet<(u8, u16, u32)> = BTreeSet::new();
+        for (k, (_, _, old)) in &self.slots {
+            let now = want.get(k).map(|(_, b)| b.as_slice()).unwrap_or_default();
+            left.extend(
+                old.iter()
+                    .filter(|b| !now.iter().any(|n| n.addr == b.addr))
+                    .map(|b| (k.0, k.1, b.addr)),
+            );
+        }
         let gone: Vec<(u8, u16)> = self
             .slots
             .keys()
@@ -322,6 +399,14 @@ impl Loaded {
                 .context("switch published port")?;
             if let Some((old, _, b)) = self.slots.insert(k, (slot, value, backends)) {
                 drop_slot(&mut self.backends, &mut self.rr, old, b.len());
+            }
+        }
+        if !left.is_empty() {
+            let removed = self.flows.forget(&left);
+            crate::writes::count(crate::writes::Kind::Bpf, removed);
+            self.flows_removed += removed;
+            if removed > 0 {
+                tracing::info!(removed, "XDP flows of tasks that left removed");
             }
         }
         Ok(())
@@ -473,5 +558,13 @@ impl XdpMesh {
             })),
             "flows": flows,
         })
+    }
+
+    /// Flows removed because their task left the port (0 while nothing is loaded).
+    pub fn flows_removed(&self) -> u64 {
+        self.lock()
+            .ok()
+            .and_then(|i| i.loaded.as_ref().map(|l| l.flows_removed))
+            .unwrap_or(0)
     }
 }

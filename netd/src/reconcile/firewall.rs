@@ -3,15 +3,19 @@
 //! and the port security of every overlay sandbox. Each table is replaced whole and
 //! atomically (`nftables`); a step after a change trusts the tag it applied last and
 //! runs no `nft` for a table whose rules did not change, while the periodic step reads
-//! the kernel again and repairs drift.
+//! the kernel again and repairs drift. Connection tracking is netfilter's too: the
+//! flows translated to a task that went away are deleted here.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, Result};
 use async_trait::async_trait;
+use ipnetwork::Ipv4Network;
 
 use super::Firewall;
+use crate::conntrack;
 use crate::netns::{self, Netns};
 use crate::nftables::{self, Ruleset, SandboxGuards};
 
@@ -24,6 +28,8 @@ pub struct KernelFirewall {
     vxlan_foreign: AtomicU64,
     /// The same for tasks' connections to the node or the store.
     task_to_node: AtomicU64,
+    /// Tracked flows deleted because their task went away.
+    flows_removed: AtomicU64,
 }
 
 /// The inode of a namespace's file: a namespace made anew has another.
@@ -118,5 +124,38 @@ impl Firewall for KernelFirewall {
 
     async fn task_to_node_dropped(&self) -> u64 {
         counted(nftables::TASK_TO_NODE, &self.task_to_node).await
+    }
+
+    async fn forget_flows(&self, ns: &Netns, to: Vec<Ipv4Addr>) -> Result<u64> {
+        let n = netns::run_in(ns, move || {
+            to.iter()
+                .map(|a| conntrack::forget_replies_from(*a))
+                .sum::<Result<u64>>()
+        })
+        .await?;
+        self.flows_removed.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    async fn forget_flows_except(
+        &self,
+        ns: &Netns,
+        within: Ipv4Network,
+        keep: BTreeSet<Ipv4Addr>,
+    ) -> Result<u64> {
+        let n = netns::run_in(ns, move || {
+            conntrack::reply_sources()?
+                .into_iter()
+                .filter(|(a, _)| within.contains(*a) && !keep.contains(a))
+                .map(|(a, _)| conntrack::forget_replies_from(a))
+                .sum::<Result<u64>>()
+        })
+        .await?;
+        self.flows_removed.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flows_removed(&self) -> u64 {
+        self.flows_removed.load(Ordering::Relaxed)
     }
 }

@@ -79,4 +79,8 @@ impl Mesh for KernelMesh {
     fn status(&self) -> serde_json::Value {
         self.xdp.status()
     }
+
+    fn flows_removed(&self) -> u64 {
+        self.xdp.flows_removed()
+    }
 }

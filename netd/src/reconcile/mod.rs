@@ -16,6 +16,7 @@ mod links;
 mod mesh;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,8 @@ use crate::netns::{self, Netns};
 use crate::nftables::{Ruleset, SandboxGuards};
 pub use crate::plan::NodeConfig;
 use crate::plan::{
-    in_scope_network, IngressPlan, NodeBridge, NodePlan, OverlayPlan, Scope, TaskPlan, Wanted,
+    in_scope_network, GoneEndpoint, IngressPlan, NodeBridge, NodePlan, OverlayPlan, Scope,
+    TaskPlan, Wanted,
 };
 use crate::state::{self, State, TaskStatus, INGRESS};
 use crate::view::View;
@@ -87,6 +89,25 @@ pub trait Firewall: Send + Sync {
     async fn task_to_node_dropped(&self) -> u64 {
         0
     }
+    /// Deletes the tracked flows of `ns` that were translated to one of `to` (tasks that
+    /// went away); how many.
+    async fn forget_flows(&self, _ns: &Netns, _to: Vec<Ipv4Addr>) -> Result<u64> {
+        Ok(0)
+    }
+    /// Deletes the tracked flows of `ns` translated to an address of `within` that is not
+    /// in `keep` (after a restart: the tasks that went while no netd watched); how many.
+    async fn forget_flows_except(
+        &self,
+        _ns: &Netns,
+        _within: ipnetwork::Ipv4Network,
+        _keep: BTreeSet<Ipv4Addr>,
+    ) -> Result<u64> {
+        Ok(0)
+    }
+    /// Tracked flows deleted since netd started.
+    fn flows_removed(&self) -> u64 {
+        0
+    }
 }
 
 /// The routing mesh's fast path: what [`KernelMesh`] does.
@@ -95,6 +116,10 @@ pub trait Mesh: Send + Sync {
     /// Runs the fast path for `table` (None: removes it); the interface it runs on.
     async fn sync(&self, table: Option<&MeshTable>) -> Result<Option<String>>;
     fn status(&self) -> serde_json::Value;
+    /// Flows removed because their task left its port, since netd started.
+    fn flows_removed(&self) -> u64 {
+        0
+    }
 }
 
 /// The embedded DNS's listeners: one in every task that is up.
@@ -377,8 +402,14 @@ impl Reconciler {
         } else {
             self.scope(&st)
         };
+        // The endpoints that went since the last step (None: none before, as after a
+        // restart).
+        let prev = self.stepped.lock().ok().and_then(|s| s.clone());
+        let gone = prev.map(|p| crate::plan::gone_endpoints(&p, &st));
         let scoped = began.elapsed();
-        let mut report = self.step(&st, checked, scope.as_ref().ok()).await;
+        let mut report = self
+            .step(&st, checked, scope.as_ref().ok(), gone.as_ref())
+            .await;
         report.phases.insert(0, ("scope", scoped));
         report.scope = match &scope {
             Ok(s) => format!("{} tasks, {} networks", s.tasks.len(), s.networks.len()),
@@ -444,8 +475,15 @@ impl Reconciler {
         Ok(scope)
     }
 
-    /// One step from state `st`, over `scope` (None: every part of the node).
-    async fn step(&self, st: &State, checked: bool, scope: Option<&Scope>) -> Report {
+    /// One step from state `st`, over `scope` (None: every part of the node); `gone`:
+    /// the endpoints that went since the last step (None: no step before).
+    async fn step(
+        &self,
+        st: &State,
+        checked: bool,
+        scope: Option<&Scope>,
+        gone: Option<&BTreeSet<GoneEndpoint>>,
+    ) -> Report {
         let a = &self.appliers;
         let translating = a.datapath.as_ref().is_some_and(|d| d.needs_lb_addresses());
         let mut phases = Phases::start();
@@ -604,6 +642,13 @@ impl Reconciler {
         }
         phases.end("firewall");
 
+        // 6a. Flows that went with their task: the kernel path's tracked flows translated
+        // to it (XDP's own went with the mesh table above).
+        if let Err(e) = self.forget_flows(&plan, st, isbox_up, gone).await {
+            report.errors.push(format!("flows of gone tasks: {e:#}"));
+        }
+        phases.end("flows");
+
         // 6b. Port security in every overlay sandbox: a task's port lets in only its own
         // MAC and address.
         for o in plan.overlays.iter().filter(ready).filter(in_scope) {
@@ -647,6 +692,69 @@ impl Reconciler {
         phases.end("sweep");
         report.phases = phases.done;
         report
+    }
+
+    /// Deletes the tracked flows translated to endpoints that went: in the ingress
+    /// sandbox, those to a task's ingress address (cluster-wide unique: from any node);
+    /// in the node's namespace, those to a gwbridge address of the node's own (host-mode
+    /// ports). With no step before (a restart), the ingress sandbox's flows to any
+    /// address of the ingress network that no task or node holds now.
+    async fn forget_flows(
+        &self,
+        plan: &NodePlan,
+        st: &State,
+        isbox_up: bool,
+        gone: Option<&BTreeSet<GoneEndpoint>>,
+    ) -> Result<()> {
+        let fw = &self.appliers.firewall;
+        let isbox = plan
+            .ingress
+            .as_ref()
+            .filter(|_| isbox_up)
+            .map(|i| (Netns::named(&naming::ingress_sbox_netns(&self.cfg.name)), i));
+        let Some(gone) = gone else {
+            if let Some((ns, i)) = isbox {
+                let keep: BTreeSet<Ipv4Addr> = st
+                    .tasks
+                    .values()
+                    .flat_map(|t| t.endpoints.iter())
+                    .filter(|e| e.network == INGRESS)
+                    .map(|e| e.ip)
+                    .chain(
+                        st.lb_addrs
+                            .get(&i.network.id)
+                            .into_iter()
+                            .flat_map(|m| m.values().copied()),
+                    )
+                    .collect();
+                fw.forget_flows_except(&ns, i.network.subnet, keep).await?;
+            }
+            return Ok(());
+        };
+        let to = |network: &str, node: Option<&str>| -> Vec<Ipv4Addr> {
+            gone.iter()
+                .filter(|g| g.network == network && node.is_none_or(|n| g.node == n))
+                .map(|g| g.ip)
+                .collect()
+        };
+        if let Some((ns, _)) = isbox {
+            let to = to(INGRESS, None);
+            if !to.is_empty() {
+                fw.forget_flows(&ns, to).await?;
+            }
+        }
+        let host = to(crate::model::GWBRIDGE, Some(&self.cfg.name));
+        if !host.is_empty() {
+            fw.forget_flows(&Netns::Home, host).await?;
+        }
+        Ok(())
+    }
+
+    /// Tracked flows (kernel path) and XDP flows removed because their task went away,
+    /// since netd started: for `netd status`.
+    pub fn flows_removed(&self) -> (u64, u64) {
+        let xdp = self.appliers.mesh.as_ref().map_or(0, |m| m.flows_removed());
+        (self.appliers.firewall.flows_removed(), xdp)
     }
 
     /// Builds the ingress sandbox if the plan has one; whether it is up.
