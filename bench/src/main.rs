@@ -119,8 +119,10 @@ enum Cmd {
         /// shrinks back to the first.
         #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
         scales: Vec<usize>,
-        /// DNS/VIP rounds per step (alternating); the median round counts.
-        #[arg(long, default_value_t = 3)]
+        /// DNS/VIP rounds per step (alternating, each with its control); the median of
+        /// the rounds' ratios counts (5: the ratio's noise between steps stays below the
+        /// targets' 5%).
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Seconds per DNS or VIP run.
         #[arg(long, default_value_t = 3)]

@@ -68,6 +68,11 @@
 #define SNAT_FIRST 32768
 #define SNAT_TRIES 8
 
+/* How long a UDP flow may go without a packet, in NETD_FLOW_SEEN units (2^30 ns): about
+ * 120 s, the kernel path's conntrack timeout for an answered UDP flow. The loader may
+ * set it otherwise (netd-ebpf's IngressOptions). */
+volatile const __u32 udp_idle_units = 112;
+
 struct vxlanhdr {
 	__be32 flags;
 	__be32 vni;
@@ -187,6 +192,36 @@ static __always_inline void flow_event(__u32 which)
 
 	if (n)
 		(*n)++;
+}
+
+/* Now, as a flow's last-seen stamp (see NETD_FLOW_SEEN_SHIFT). */
+static __always_inline __u32 seen_now(void)
+{
+	return (__u32)(bpf_ktime_get_ns() >> 30) & NETD_FLOW_SEEN_MASK;
+}
+
+/* `flags` with its last-seen stamp set to `now`. */
+static __always_inline __u32 seen_at(__u32 flags, __u32 now)
+{
+	return (flags & ((1 << NETD_FLOW_SEEN_SHIFT) - 1)) | (now << NETD_FLOW_SEEN_SHIFT);
+}
+
+/* Whether a UDP flow with `flags` has gone without a packet for longer than allowed
+ * (modulo the stamp's range, so a wrap of the clock's units is no expiry). */
+static __always_inline int idle_udp(__u8 proto, __u32 flags, __u32 now)
+{
+	__u32 seen = flags >> NETD_FLOW_SEEN_SHIFT;
+
+	return proto == IPPROTO_UDP && ((now - seen) & NETD_FLOW_SEEN_MASK) > udp_idle_units;
+}
+
+/* An established flow's packet (`f` in the map): its stamp moves on, written only when
+ * it changed. Unconfirmed entries keep the stamp of their making (their flags also take
+ * an atomic bit from the answer path, which a plain store could undo). */
+static __always_inline void seen(struct netd_flow_fwd *f, __u32 now)
+{
+	if ((f->flags >> NETD_FLOW_SEEN_SHIFT) != now)
+		f->flags = seen_at(f->flags, now);
 }
 
 /* ---- checksums (RFC 1624: HC' = ~(~HC + ~m + m')) ---- */
@@ -399,11 +434,11 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 	out->vtep = b->vtep;
 	out->target_port = pv->target_port;
 	out->snat_port = 0;
-	out->flags = 0;
+	out->flags = seen_at(0, seen_now());
 	if (b->vtep == cfg->node_ip) {
 		/* A task on this node: the kernel path's flow. A UDP one is remembered, so that
 		 * its next datagrams follow the first one there. */
-		out->flags = NETD_FLOW_KERNEL;
+		out->flags |= NETD_FLOW_KERNEL;
 		if (fk->proto == IPPROTO_UDP) {
 			n.fwd = *out;
 			bpf_map_update_elem(&netd_flows_fwd_new, fk, &n, BPF_ANY);
@@ -538,6 +573,7 @@ static __always_inline enum table flow_of(struct netd_ingress_config *cfg,
 	struct netd_flow_fwd_new copy;
 	struct netd_flow_fwd *e;
 	enum table t;
+	__u32 now;
 
 	if (syn) {
 		/* A new connection on a 4-tuple seen before (the client reused its port, as
@@ -548,13 +584,27 @@ static __always_inline enum table flow_of(struct netd_ingress_config *cfg,
 		forget(&netd_flows_fwd_new, &netd_flows_rev_new, fk);
 		return new_flow(cfg, pv, fk, f) ? UNCONFIRMED : NO_FLOW;
 	}
+	now = seen_now();
 	e = bpf_map_lookup_elem(&netd_flows_fwd, fk);
+	if (e && idle_udp(fk->proto, e->flags, now)) {
+		/* The client comes back after a silence: a new flow, a new pick (the task may
+		 * have gone meanwhile, as conntrack's entry would have). */
+		forget(&netd_flows_fwd, &netd_flows_rev, fk);
+		flow_event(NETD_FLOWS_EXPIRED);
+		e = NULL;
+	}
 	if (e) {
+		seen(e, now);
 		*f = *e;
 		if (established(fk, f))
 			return ESTABLISHED;
 	}
 	n = bpf_map_lookup_elem(&netd_flows_fwd_new, fk);
+	if (n && idle_udp(fk->proto, n->fwd.flags, now)) {
+		forget(&netd_flows_fwd_new, &netd_flows_rev_new, fk);
+		flow_event(NETD_FLOWS_EXPIRED);
+		n = NULL;
+	}
 	if (n) {
 		copy = *n;
 		*f = copy.fwd;
@@ -826,6 +876,8 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	}
 	if (n)
 		answered(n, ip->protocol, syn_ack, seq);
+	else
+		seen(f, seen_now()); /* an answer keeps an established flow alive too */
 	translate(ip, ports, l4_check, cfg->node_ip, published_port, client, client_port);
 	/* Unwrap: the inner frame goes out as it is, with real Ethernet addresses. */
 	if (bpf_xdp_adjust_head(ctx, (int)ENCAP_LEN))

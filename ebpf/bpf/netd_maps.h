@@ -118,6 +118,12 @@ struct netd_flow_key {
 };
 
 #define NETD_FLOW_KERNEL 1 /* the flow belongs to the kernel path: pass it */
+/* Bits 8-31 of a flow's flags: when a packet of it was last seen (either way), in units
+ * of 2^30 ns (about 1.07 s), modulo 2^24: UDP flows idle longer than the program's
+ * udp_idle_units are forgotten. Kept in the flags so that the value's layout (pinned by
+ * older netds) stays as it was; a flow an older netd made reads as seen long ago. */
+#define NETD_FLOW_SEEN_SHIFT 8
+#define NETD_FLOW_SEEN_MASK 0xffffff
 /* Unconfirmed, and the task answered through XDP from the flow's VTEP: for TCP its
  * SYN-ACK (whose sequence number is then in netd_flow_fwd_new.isn), for UDP any
  * datagram. */
@@ -175,6 +181,7 @@ struct netd_xdp_stats {
 #define NETD_FLOWS_LOST 3       /* flows found without their reverse half: forgotten */
 #define NETD_FLOWS_WRONG_VTEP 4 /* answers from an outer source not the flow's VTEP: dropped */
 #define NETD_FLOWS_BAD_ACK 5    /* client ACKs of an answered TCP flow not acking its SYN-ACK */
-#define NETD_FLOWS_COUNTERS 6
+#define NETD_FLOWS_EXPIRED 6    /* UDP flows forgotten after udp_idle_units without a packet */
+#define NETD_FLOWS_COUNTERS 7
 
 #endif

@@ -114,12 +114,45 @@ pub fn load_ingress_xdp_sized(
     pin_dir: &Path,
     flow_entries: Option<u32>,
 ) -> Result<Ebpf, EbpfError> {
+    load_ingress_xdp_with(
+        pin_dir,
+        &IngressOptions {
+            flow_entries,
+            ..Default::default()
+        },
+    )
+}
+
+/// What a loader of [`INGRESS_XDP`] may set otherwise than the object does.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IngressOptions {
+    /// The size of each flow table (see [`load_ingress_xdp_sized`]).
+    pub flow_entries: Option<u32>,
+    /// How long a UDP flow may go without a packet before it is forgotten (and its
+    /// client's next datagram makes a new pick); the object's own is about 120 s.
+    /// Rounded up to the program's units of 2^30 ns.
+    pub udp_idle: Option<std::time::Duration>,
+}
+
+/// The program's units (2^30 ns) for `d`, rounded up.
+fn seen_units(d: std::time::Duration) -> u32 {
+    let units = d.as_nanos().div_ceil(1 << 30);
+    units.min(u128::from(maps::FLOW_SEEN_MASK)) as u32
+}
+
+/// As [`load_ingress_xdp`], with `options`.
+pub fn load_ingress_xdp_with(pin_dir: &Path, options: &IngressOptions) -> Result<Ebpf, EbpfError> {
     unpin_reshaped(pin_dir)?;
     let mut loader = EbpfLoader::new();
-    if let Some(n) = flow_entries {
+    if let Some(n) = options.flow_entries {
         for name in INGRESS_XDP_FLOW_MAPS {
             loader.map_max_entries(name, n);
         }
+    }
+    let idle;
+    if let Some(d) = options.udp_idle {
+        idle = seen_units(d);
+        loader.override_global("udp_idle_units", &idle, true);
     }
     load_pinned(&mut loader, INGRESS_XDP, pin_dir)
 }
@@ -137,7 +170,7 @@ const INGRESS_XDP_RESHAPED: &[(&str, usize, u32)] = &[
         std::mem::size_of::<maps::FlowFwdNew>(),
         1,
     ),
-    // 4 counters before wrong_vtep and bad_ack.
+    // 4 counters before wrong_vtep and bad_ack, 6 before expired.
     (
         "netd_xdp_flow_stats",
         std::mem::size_of::<u64>(),
@@ -223,4 +256,18 @@ fn load_pinned(
         error: e,
     })?;
     loader.default_map_pin_directory(pin_dir).load(object)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn idle_times_round_up_to_the_programs_units() {
+        assert_eq!(super::seen_units(Duration::from_secs(1)), 1);
+        assert_eq!(super::seen_units(Duration::from_nanos((1 << 30) + 1)), 2);
+        // The object's default, 112 units, is about 120 s.
+        assert_eq!(super::seen_units(Duration::from_secs(120)), 112);
+        assert_eq!(super::seen_units(Duration::from_secs(u64::MAX)), 0xff_ffff);
+    }
 }

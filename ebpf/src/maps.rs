@@ -132,6 +132,11 @@ pub const FLOW_KERNEL: u32 = 1;
 /// flow's VTEP (TCP: its SYN-ACK, whose sequence number is in [`FlowFwdNew::isn`]; UDP:
 /// any datagram). The client's next packet confirms it (TCP: an ACK of that SYN-ACK).
 pub const FLOW_ANSWERED: u32 = 2;
+/// [`FlowFwd::flags`] bits 8-31: when the flow last saw a packet, in units of 2^30 ns
+/// modulo 2^24 (ebpf/bpf/netd_maps.h, `NETD_FLOW_SEEN_SHIFT`).
+pub const FLOW_SEEN_SHIFT: u32 = 8;
+/// The range of that stamp.
+pub const FLOW_SEEN_MASK: u32 = 0xff_ffff;
 
 /// The value of `netd_flows_fwd` (and the start of `netd_flows_fwd_new`'s). Its layout
 /// must not change: an older netd may have pinned the map.
@@ -187,8 +192,10 @@ pub const FLOWS_REFUSED: u32 = 2;
 pub const FLOWS_LOST: u32 = 3;
 pub const FLOWS_WRONG_VTEP: u32 = 4;
 pub const FLOWS_BAD_ACK: u32 = 5;
+/// UDP flows forgotten after going without a packet for the program's idle time.
+pub const FLOWS_EXPIRED: u32 = 6;
 /// The number of flow counters (the entries of `netd_xdp_flow_stats`).
-pub const FLOWS_COUNTERS: u32 = 6;
+pub const FLOWS_COUNTERS: u32 = 7;
 
 // SAFETY: plain #[repr(C)] integers with explicit padding fields: every bit pattern is a
 // valid value and there are no implicit padding bytes.

@@ -28,8 +28,8 @@ use aya::programs::Xdp;
 use aya::{Ebpf, TestRun, TestRunOptions};
 use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey,
-    PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_COUNTERS, FLOWS_LOST, FLOWS_OPENED,
-    FLOWS_REFUSED, FLOWS_WRONG_VTEP, FLOW_ANSWERED, FLOW_KERNEL,
+    PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_COUNTERS, FLOWS_EXPIRED, FLOWS_LOST,
+    FLOWS_OPENED, FLOWS_REFUSED, FLOWS_WRONG_VTEP, FLOW_ANSWERED, FLOW_KERNEL,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -89,6 +89,19 @@ fn with_harness<T: Send + 'static>(
     flow_entries: Option<u32>,
     f: impl FnOnce(&mut Harness) -> T + Send + 'static,
 ) -> T {
+    let options = netd_ebpf::IngressOptions {
+        flow_entries,
+        ..Default::default()
+    };
+    with_harness_options(name, options, f)
+}
+
+/// As [`with_harness`], the program loaded with `options`.
+fn with_harness_options<T: Send + 'static>(
+    name: &str,
+    options: netd_ebpf::IngressOptions,
+    f: impl FnOnce(&mut Harness) -> T + Send + 'static,
+) -> T {
     let name = name.to_string();
     let thread = std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
@@ -99,7 +112,7 @@ fn with_harness<T: Send + 'static>(
             std::path::Path::new(netd_ebpf::BPFFS)
                 .join(format!("netdtest-xdpfuzz-{name}-{}", std::process::id())),
         );
-        let mut obj = netd_ebpf::load_ingress_xdp_sized(&dir.0, flow_entries)
+        let mut obj = netd_ebpf::load_ingress_xdp_with(&dir.0, &options)
             .expect("parse ingress_xdp.o and create its maps");
         let prog: &mut Xdp = obj
             .program_mut(netd_ebpf::INGRESS_XDP_PROGRAM)
@@ -1785,6 +1798,53 @@ fn a_reset_or_a_new_syn_ends_an_established_flow() {
 }
 
 /// The flow counters: opened, confirmed (and none lost or refused here).
+/// A UDP flow that goes without a packet either way for longer than the idle time is
+/// forgotten: the client's next datagram opens a new flow (a new pick), counted expired.
+/// One whose client keeps sending, or whose task keeps answering, keeps its flow.
+#[test]
+fn an_idle_udp_flow_expires_and_a_busy_one_does_not() {
+    let options = netd_ebpf::IngressOptions {
+        udp_idle: Some(std::time::Duration::from_secs(1)),
+        ..Default::default()
+    };
+    with_harness_options("udpidle", options, |h| {
+        let key = flow_key(CLIENT, 47000, UDP_PORT, UDP);
+        let ask = |h: &Harness, what: &str| {
+            let q = datagram(CLIENT, 47000, UDP_PORT, what.as_bytes());
+            check_wrapped(&q, &h.tx(&q, what), what)
+        };
+        let tell = |h: &Harness, flow: &Flow, what: &str| {
+            let a = answer(flow, 0, what.as_bytes());
+            check_unwrapped(&a, &h.tx(&a, what), flow, what);
+        };
+        let flow = ask(h, "one");
+        tell(h, &flow, "the answer");
+        assert_eq!(ask(h, "two"), flow);
+        assert!(matches!(tables(h, &key), (Some(_), None)), "confirmed");
+        // Units of the stamp are 2^30 ns: a flow is idle once two of them passed without
+        // a packet, so every half second keeps it, and 3 s of silence does not.
+        let pause = || std::thread::sleep(std::time::Duration::from_millis(500));
+        for i in 0..6 {
+            pause();
+            assert_eq!(ask(h, &format!("busy client {i}")), flow);
+        }
+        for i in 0..6 {
+            pause();
+            tell(h, &flow, &format!("busy task {i}"));
+        }
+        assert_eq!(ask(h, "after the task talked"), flow);
+        assert_eq!(h.flow_stat(FLOWS_EXPIRED), 0, "a busy flow expired");
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        ask(h, "after a silence");
+        assert_eq!(h.flow_stat(FLOWS_EXPIRED), 1, "the idle flow was kept");
+        assert_eq!(h.flow_stat(FLOWS_OPENED), 2);
+        assert!(
+            matches!(tables(h, &key), (None, Some(_))),
+            "the silence ends in a new, unconfirmed flow"
+        );
+    });
+}
+
 #[test]
 fn flow_counters_count() {
     with_harness("counters", None, |h| {

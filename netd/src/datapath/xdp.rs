@@ -36,8 +36,8 @@ use aya::programs::{links::FdLink, Xdp, XdpMode};
 use aya::Ebpf;
 use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey,
-    PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED,
-    FLOWS_WRONG_VTEP,
+    PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED, FLOWS_LOST, FLOWS_OPENED,
+    FLOWS_REFUSED, FLOWS_WRONG_VTEP,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -102,6 +102,23 @@ const ROOT: &str = "/sys/fs/bpf/netd-xdp";
 pub const FLOW_ENTRIES_ENV: &str = "NETD_XDP_FLOW_ENTRIES";
 
 /// The flow maps' size from [`FLOW_ENTRIES_ENV`], if it is set.
+/// Seconds a UDP flow of the fast path may go without a packet (the program's own is
+/// about 120 s, as the kernel path's conntrack keeps an answered UDP flow): for tests
+/// that watch flows expire, as [`FLOW_ENTRIES_ENV`] is.
+pub const UDP_IDLE_ENV: &str = "NETD_XDP_UDP_IDLE_SECS";
+
+fn udp_idle() -> Result<Option<std::time::Duration>> {
+    let Some(v) = std::env::var_os(UDP_IDLE_ENV) else {
+        return Ok(None);
+    };
+    match v.to_str().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(n) if n > 0 => Ok(Some(std::time::Duration::from_secs(n))),
+        _ => Err(anyhow!(
+            "{UDP_IDLE_ENV}={v:?}: not a number of seconds (1 or more)"
+        )),
+    }
+}
+
 fn flow_entries() -> Result<Option<u32>> {
     let Some(v) = std::env::var_os(FLOW_ENTRIES_ENV) else {
         return Ok(None);
@@ -210,7 +227,11 @@ fn be(a: Ipv4Addr) -> u32 {
 
 impl Loaded {
     fn load(dir: &Path) -> Result<Self> {
-        let mut obj = netd_ebpf::load_ingress_xdp_sized(dir, flow_entries()?)
+        let options = netd_ebpf::IngressOptions {
+            flow_entries: flow_entries()?,
+            udp_idle: udp_idle()?,
+        };
+        let mut obj = netd_ebpf::load_ingress_xdp_with(dir, &options)
             .with_context(|| format!("load ingress_xdp with maps in {}", dir.display()))?;
         let prog: &mut Xdp = obj
             .program_mut(netd_ebpf::INGRESS_XDP_PROGRAM)
@@ -440,6 +461,7 @@ impl Loaded {
             lost: sum(FLOWS_LOST),
             wrong_vtep: sum(FLOWS_WRONG_VTEP),
             bad_ack: sum(FLOWS_BAD_ACK),
+            expired: sum(FLOWS_EXPIRED),
         }
     }
 }
@@ -463,6 +485,8 @@ struct FlowStats {
     /// Client ACKs of an answered, unconfirmed TCP flow that did not acknowledge the
     /// task's SYN-ACK (blind ACKs from spoofed sources): forwarded, not confirmed.
     bad_ack: u64,
+    /// UDP flows forgotten after going idle (the client's next datagram picks anew).
+    expired: u64,
 }
 
 fn port_key((proto, port): (u8, u16)) -> PortKey {
