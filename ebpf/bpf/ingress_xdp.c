@@ -644,6 +644,88 @@ static __always_inline __u32 overlay_mtu(const struct netd_ingress_config *cfg)
 	return cfg->overlay_mtu ? cfg->overlay_mtu : DEFAULT_OVERLAY_MTU;
 }
 
+/* The ICMP header of a "fragmentation needed" error (RFC 1191): linux/icmp.h cannot be
+ * included here, it pulls in the C library's headers. */
+struct frag_needed_hdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 unused;
+	__be16 mtu;
+};
+#define ICMP_DEST_UNREACH 3
+#define ICMP_FRAG_NEEDED 4
+
+/* What an ICMP error quotes of the packet it is about: its IP header (no options reach
+ * here) and the first 8 bytes behind it (the ports). */
+#define ICMP_QUOTE (sizeof(struct iphdr) + 8)
+/* The error's whole frame: Ethernet, IPv4 and ICMP headers, then the quote. */
+#define ICMP_FRAME (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct frag_needed_hdr) + \
+		    ICMP_QUOTE)
+
+/* A client's packet too big for the overlay with DF set: answered, as a router on the
+ * path would, with ICMP "fragmentation needed" (type 3, code 4) from the node's address,
+ * naming the overlay's MTU, so that the client's path MTU drops; the packet itself goes
+ * nowhere. The frame is turned into the answer in place: the headers are prepended (the
+ * packet's own Ethernet header, which they cover, is not needed: send() looks the MACs
+ * up), so the quoted IP header is where the packet's was, and the tail is cut. */
+static __always_inline int frag_needed(struct xdp_md *ctx, struct netd_ingress_config *cfg)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	struct frag_needed_hdr *icmp;
+	struct ethhdr *eth;
+	__be32 client;
+	__u32 sum = 0;
+	__u16 *w;
+	int excess;
+
+	if ((void *)(ip + 1) > end)
+		return count(DROPPED, XDP_DROP);
+	client = ip->saddr;
+	if (bpf_xdp_adjust_head(ctx, -(int)(sizeof(struct iphdr) + sizeof(struct frag_needed_hdr))))
+		return count(DROPPED, XDP_DROP);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	excess = (int)(end - data) - (int)ICMP_FRAME;
+	if (excess < 0 || bpf_xdp_adjust_tail(ctx, -excess))
+		return count(DROPPED, XDP_DROP);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	icmp = (void *)(ip + 1);
+	if ((void *)icmp + sizeof(*icmp) + ICMP_QUOTE > end)
+		return count(DROPPED, XDP_DROP);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = 0xc0; /* internetwork control, as the kernel's own ICMP errors */
+	ip->tot_len = bpf_htons(sizeof(*ip) + sizeof(*icmp) + ICMP_QUOTE);
+	ip->id = 0;
+	ip->frag_off = 0;
+	ip->ttl = 64;
+	ip->protocol = IPPROTO_ICMP;
+	ip->saddr = cfg->node_ip;
+	ip->daddr = client;
+	ip->check = 0;
+	ip->check = ip_header_checksum(ip);
+	icmp->type = ICMP_DEST_UNREACH;
+	icmp->code = ICMP_FRAG_NEEDED;
+	icmp->checksum = 0;
+	icmp->unused = 0;
+	icmp->mtu = bpf_htons(overlay_mtu(cfg));
+	/* The checksum covers the ICMP header and the quote: 36 bytes, 18 words. */
+	w = (__u16 *)icmp;
+#pragma unroll
+	for (int i = 0; i < (int)((sizeof(*icmp) + ICMP_QUOTE) / 2); i++)
+		sum += w[i];
+	icmp->checksum = fold(sum);
+	flow_event(NETD_FLOWS_TOO_BIG);
+	return send(ctx, eth, cfg->node_ip, client, DROPPED);
+}
+
 /* A SYN's MSS, when it is the first option (as Linux sends it), is lowered to what fits
  * the overlay once wrapped: the client then never sends a segment VXLAN cannot carry. */
 static __always_inline void clamp_mss(struct tcphdr *tcp, void *end, __u32 mtu)
@@ -721,8 +803,15 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	if (tcp_syn)
 		clamp_mss(tcp, end, overlay_mtu(cfg));
 	inner_len = bpf_ntohs(ip->tot_len);
-	if (inner_len > overlay_mtu(cfg))
-		return count(DROPPED, XDP_DROP); /* a UDP datagram too big to wrap */
+	if (inner_len > overlay_mtu(cfg)) {
+		/* Too big to wrap. With DF the client learns the overlay's MTU; without, the
+		 * datagram is dropped (the kernel path would fragment it, but from another
+		 * translation port than the flow's: the task would see two clients). */
+		if (ip->frag_off & bpf_htons(0x4000))
+			return frag_needed(ctx, cfg);
+		flow_event(NETD_FLOWS_TOO_BIG);
+		return count(DROPPED, XDP_DROP);
+	}
 	translate(ip, ports, l4_check, cfg->ingress_ip, f.snat_port, f.backend, f.target_port);
 	__u16 entropy = (__u16)(fk.addr ^ fk.port_a);
 

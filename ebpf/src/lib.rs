@@ -170,7 +170,7 @@ const INGRESS_XDP_RESHAPED: &[(&str, usize, u32)] = &[
         std::mem::size_of::<maps::FlowFwdNew>(),
         1,
     ),
-    // 4 counters before wrong_vtep and bad_ack, 6 before expired.
+    // 4 counters before wrong_vtep and bad_ack, 6 before expired, 7 before too_big.
     (
         "netd_xdp_flow_stats",
         std::mem::size_of::<u64>(),

@@ -194,8 +194,11 @@ pub const FLOWS_WRONG_VTEP: u32 = 4;
 pub const FLOWS_BAD_ACK: u32 = 5;
 /// UDP flows forgotten after going without a packet for the program's idle time.
 pub const FLOWS_EXPIRED: u32 = 6;
+/// Client packets too big for the overlay: with DF answered by ICMP "fragmentation
+/// needed" naming the overlay's MTU, without it dropped.
+pub const FLOWS_TOO_BIG: u32 = 7;
 /// The number of flow counters (the entries of `netd_xdp_flow_stats`).
-pub const FLOWS_COUNTERS: u32 = 7;
+pub const FLOWS_COUNTERS: u32 = 8;
 
 // SAFETY: plain #[repr(C)] integers with explicit padding fields: every bit pattern is a
 // valid value and there are no implicit padding bytes.

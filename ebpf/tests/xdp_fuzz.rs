@@ -29,7 +29,7 @@ use aya::{Ebpf, TestRun, TestRunOptions};
 use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey,
     PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_COUNTERS, FLOWS_EXPIRED, FLOWS_LOST,
-    FLOWS_OPENED, FLOWS_REFUSED, FLOWS_WRONG_VTEP, FLOW_ANSWERED, FLOW_KERNEL,
+    FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP, FLOW_ANSWERED, FLOW_KERNEL,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -1414,13 +1414,52 @@ fn the_mss_clamp_and_the_size_limit_follow_the_overlay_mtu() {
                 &format!("{what}: a datagram of {most} bytes"),
             );
             if mtu <= 1450 {
+                // One byte too big, DF set: the client hears "fragmentation needed".
+                let big = sized(next(), most + 1);
+                let out = h.tx(&big, &format!("{what}: a DF datagram one byte too big"));
+                check_frag_needed(&big, &out, most as u16, &what);
+                // Without DF: dropped, counted.
+                let mut big = sized(next(), most + 1);
+                big[ETH + 6..ETH + 8].copy_from_slice(&[0, 0]);
+                fix_ip(&mut big, ETH);
                 let before = h.stats();
-                let (verdict, _) = h.run(&sized(next(), most + 1)).expect("run");
+                let (verdict, _) = h.run(&big).expect("run");
                 assert_eq!(verdict, XDP_DROP, "{what}: a datagram one byte too big");
                 assert_eq!(h.stats().dropped, before.dropped + 1, "{what}: counted");
             }
         }
+        assert_eq!(h.flow_stat(FLOWS_TOO_BIG), 6, "too big, counted");
     });
+}
+
+/// `out` is the ICMP "fragmentation needed" a router would send the client about its
+/// packet `input`: from the node's address, naming `mtu`, quoting the packet's IP header
+/// and first 8 bytes, with right checksums.
+fn check_frag_needed(input: &[u8], out: &[u8], mtu: u16, what: &str) {
+    let ctx = || format!("{what}\n in: {}\nout: {}", hex(input), hex(out));
+    assert_eq!(out.len(), ETH + 20 + 8 + 28, "length: {}", ctx());
+    assert_eq!(&out[0..6], &CLIENT_MAC, "destination MAC: {}", ctx());
+    assert_eq!(out[ETH], 0x45, "IPv4, no options: {}", ctx());
+    assert_eq!(
+        u16_at(out, ETH + 2),
+        20 + 8 + 28,
+        "IP total length: {}",
+        ctx()
+    );
+    assert_eq!(
+        checksum(&[&out[ETH..ETH + 20]]),
+        0,
+        "IP checksum: {}",
+        ctx()
+    );
+    assert_eq!(out[ETH + 9], 1, "protocol ICMP: {}", ctx());
+    assert_eq!(ip_at(out, ETH + 12), NODE, "source: {}", ctx());
+    assert_eq!(ip_at(out, ETH + 16), CLIENT, "destination: {}", ctx());
+    let icmp = &out[ETH + 20..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "type and code: {}", ctx());
+    assert_eq!(u16_at(icmp, 6), mtu, "next-hop MTU: {}", ctx());
+    assert_eq!(checksum(&[icmp]), 0, "ICMP checksum: {}", ctx());
+    assert_eq!(&icmp[8..], &input[ETH..ETH + 28], "the quote: {}", ctx());
 }
 
 // ---- regressions: what the fuzzing found the program sending on ----

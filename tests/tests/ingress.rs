@@ -170,6 +170,62 @@ fn refused(client: &str, addr: SocketAddr) -> Result<()> {
 }
 
 /// What node `i`'s fast path did: (mode, packets forwarded and returned by XDP).
+/// Sends one `payload`-byte datagram to `to` with fragmentation forbidden (DF) and
+/// returns the socket's path MTU once the network had its say (the interface's, 1500
+/// here, if nobody sent "fragmentation needed" within 2 s).
+fn path_mtu_after(to: SocketAddr, payload: usize) -> Result<u32> {
+    use std::os::fd::AsRawFd;
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let fd = s.as_raw_fd();
+    let set = |opt: libc::c_int, v: libc::c_int| -> Result<()> {
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            bail!("setsockopt {opt}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)?;
+    s.connect(to)?;
+    let mtu = || -> Result<u32> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket; v and len are of the sizes passed.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_MTU,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            bail!("getsockopt IP_MTU: {}", std::io::Error::last_os_error());
+        }
+        Ok(v as u32)
+    };
+    let before = mtu()?;
+    s.send(&vec![0u8; payload])?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let now = mtu()?;
+        if now != before {
+            return Ok(now);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    mtu()
+}
+
 /// One datagram to `addr` on `socket`: the whoami name that answered (a datagram lost
 /// on the way is sent again, twice at most).
 fn udp_ask_on(socket: &std::net::UdpSocket, addr: SocketAddr) -> Result<String> {
@@ -330,6 +386,20 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
     let (answer, from) = udp_ask_from(&client, asked)?;
     if from != asked || field(&answer, "Hostname").is_none() {
         bail!("UDP answer {answer:?} from {from}, asked {asked}");
+    }
+
+    // Path MTU: a client socket that forbids fragmentation and sends more than the
+    // overlay carries hears "fragmentation needed" naming the overlay's MTU from the node
+    // it dialled (XDP answers it itself; the kernel path's ingress sandbox does, through
+    // both NATs), through n3 (no task) and n1.
+    for via in [nodes[2], nodes[0]] {
+        let to = SocketAddr::from((via, 4568));
+        let mtu = in_netns(&client, move || path_mtu_after(to, 1472))?;
+        if mtu != 1450 {
+            bail!(
+                "after a 1472-byte DF datagram to {to}, the client's path MTU is {mtu}, not 1450"
+            );
+        }
     }
 
     // A UDP flow whose task goes away, through n3 (no task there) and through n1 (tasks

@@ -37,7 +37,7 @@ use aya::Ebpf;
 use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey,
     PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED, FLOWS_LOST, FLOWS_OPENED,
-    FLOWS_REFUSED, FLOWS_WRONG_VTEP,
+    FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -462,6 +462,7 @@ impl Loaded {
             wrong_vtep: sum(FLOWS_WRONG_VTEP),
             bad_ack: sum(FLOWS_BAD_ACK),
             expired: sum(FLOWS_EXPIRED),
+            too_big: sum(FLOWS_TOO_BIG),
         }
     }
 }
@@ -487,6 +488,9 @@ struct FlowStats {
     bad_ack: u64,
     /// UDP flows forgotten after going idle (the client's next datagram picks anew).
     expired: u64,
+    /// Client packets too big for the overlay: with DF set answered with ICMP
+    /// "fragmentation needed" (the overlay's MTU), without it dropped.
+    too_big: u64,
 }
 
 fn port_key((proto, port): (u8, u16)) -> PortKey {
