@@ -25,11 +25,22 @@ pub struct LinkedProgram {
     pub map_ids: Vec<u32>,
 }
 
+/// The ids of the program's named maps (the pinned ones). Its data sections (`.rodata`
+/// with the load-time settings) are made anew with every load, so their ids say nothing:
+/// a change of a setting alone (the UDP idle time, a test knob) waits for the next
+/// replacement; the flow table's size reshapes a pinned map and is seen.
 fn map_ids(info: &aya::programs::ProgramInfo, pin: &Path) -> io::Result<Vec<u32>> {
-    let mut ids = info
+    let mut ids = vec![];
+    for id in info
         .map_ids()
         .map_err(|e| error("list the maps of the program for", pin, e))?
-        .unwrap_or_default();
+        .unwrap_or_default()
+    {
+        let map = aya::maps::MapInfo::from_id(id).map_err(|e| error("describe a map of", pin, e))?;
+        if !map.name_as_str().unwrap_or_default().contains('.') {
+            ids.push(id);
+        }
+    }
     ids.sort_unstable();
     Ok(ids)
 }
