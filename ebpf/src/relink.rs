@@ -36,7 +36,8 @@ fn map_ids(info: &aya::programs::ProgramInfo, pin: &Path) -> io::Result<Vec<u32>
         .map_err(|e| error("list the maps of the program for", pin, e))?
         .unwrap_or_default()
     {
-        let map = aya::maps::MapInfo::from_id(id).map_err(|e| error("describe a map of", pin, e))?;
+        let map =
+            aya::maps::MapInfo::from_id(id).map_err(|e| error("describe a map of", pin, e))?;
         if !map.name_as_str().unwrap_or_default().contains('.') {
             ids.push(id);
         }

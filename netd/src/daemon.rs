@@ -65,6 +65,13 @@ pub struct DaemonArgs {
     /// the driver takes it, else generic), native, generic, or off (kernel path only).
     #[arg(long, default_value = "auto")]
     pub xdp: crate::datapath::xdp::Setting,
+    /// Who a task behind a published port (ingress mode) sees as its peer: the client
+    /// itself (its address, and its port unless two flows would clash), or, as Docker
+    /// Swarm does, this node's address on the ingress network (snat, for comparison).
+    /// Today's XDP fast path translates flows to remote tasks as snat does in either
+    /// setting.
+    #[arg(long, default_value = "client")]
+    pub mesh_source: crate::mesh_return::MeshSource,
     /// Flows the userspace datapath tracks per overlay network at most; new flows beyond
     /// are refused (established ones are never evicted).
     #[arg(
@@ -406,6 +413,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
             bridge_mtu: args.underlay_mtu,
             tasks_reach_node: args.allow_tasks_to_node,
             protected: protected_endpoints(etcd.as_ref()),
+            mesh_source: args.mesh_source,
         },
         Some(dns.clone()),
         Some(datapath.clone()),

@@ -17,6 +17,7 @@ pub mod fdstore;
 pub mod follow;
 pub mod frontends;
 pub mod ipam;
+pub mod mesh_return;
 pub mod model;
 pub mod naming;
 pub mod netlink;

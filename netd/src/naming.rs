@@ -65,6 +65,9 @@ pub fn ingress_sbox_netns(node: &str) -> String {
     format!("{}isbox", sandbox_prefix(node))
 }
 
+/// The ingress sandbox's leg on the gwbridge, towards the node.
+pub const INGRESS_SBOX_GWBRIDGE_IF: &str = "eth1";
+
 /// Endpoint ids of the ingress sandbox's two legs (ingress network, gwbridge); the
 /// names of their interfaces derive from them as for any endpoint.
 pub const INGRESS_SBOX_ENDPOINTS: [&str; 2] = ["isbingress", "isbgwbridg"];

@@ -17,7 +17,8 @@ use netlink_packet_route::link::{
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::rule::{RuleAction, RuleMessage, RulePortRange};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
@@ -644,4 +645,233 @@ pub async fn ensure_vxlan_peers(handle: &Handle, vxlan: &Link, peers: &[Peer]) -
 /// Counts one rtnetlink request that changes the kernel (see [`crate::writes`]).
 fn wrote() {
     writes::count(Kind::Netlink, 1);
+}
+
+/// A policy-routing rule of netd's (the routing mesh's way back to the ingress node that
+/// took a flow: docs/architecture.md, "Source address"). Each of netd's rules has a preference of its
+/// own in a range netd owns, so netd tells its rules from anyone else's by that alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rule {
+    pub pref: u32,
+    pub selector: RuleSelector,
+    /// The table looked up; None: the packet is dropped (blackhole).
+    pub table: Option<u32>,
+}
+
+/// What a [`Rule`] matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuleSelector {
+    /// Every packet.
+    All,
+    /// Packets from this address (a /32).
+    From(Ipv4Addr),
+    /// UDP datagrams from this source port.
+    UdpSport(u16),
+    /// Packets whose mark, under the mask (the second), is the first.
+    Mark(u32, u32),
+}
+
+impl Rule {
+    /// The rule a kernel message describes, when it is one netd could have written.
+    fn from_message(msg: &RuleMessage) -> Option<Rule> {
+        use netlink_packet_route::rule::RuleAttribute as A;
+        let (mut pref, mut table) = (None, u32::from(msg.header.table));
+        let (mut from, mut mark, mut mask, mut udp, mut sport) = (None, None, None, false, None);
+        for a in &msg.attributes {
+            match a {
+                A::Priority(p) => pref = Some(*p),
+                A::Table(t) => table = *t,
+                A::Source(IpAddr::V4(ip)) if msg.header.src_len == 32 => from = Some(*ip),
+                A::FwMark(m) => mark = Some(*m),
+                A::FwMask(m) => mask = Some(*m),
+                A::IpProtocol(netlink_packet_route::IpProtocol::Udp) => udp = true,
+                A::SourcePortRange(r) if r.start == r.end => sport = Some(r.start),
+                _ => {}
+            }
+        }
+        let selector = match (from, mark, udp, sport) {
+            (None, None, false, None) => RuleSelector::All,
+            (Some(ip), None, false, None) => RuleSelector::From(ip),
+            (None, Some(m), false, None) => RuleSelector::Mark(m, mask.unwrap_or(u32::MAX)),
+            (None, None, true, Some(p)) => RuleSelector::UdpSport(p),
+            _ => return None,
+        };
+        let table = match msg.header.action {
+            RuleAction::ToTable => Some(table),
+            RuleAction::Blackhole => None,
+            _ => return None,
+        };
+        Some(Rule {
+            pref: pref?,
+            selector,
+            table,
+        })
+    }
+}
+
+/// Exactly `wanted` among the IPv4 rules whose preference is in `prefs`: missing ones
+/// added, others (whoever wrote them) removed. Returns how many changed.
+pub async fn ensure_rules(
+    handle: &Handle,
+    prefs: std::ops::RangeInclusive<u32>,
+    wanted: &[Rule],
+) -> Result<usize> {
+    use netlink_packet_route::rule::RuleAttribute as A;
+    let dump: Vec<RuleMessage> = handle
+        .rule()
+        .get(rtnetlink::IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .context("list rules")?;
+    let mut present = vec![];
+    let mut changed = 0;
+    for msg in dump {
+        let pref = msg.attributes.iter().find_map(|a| match a {
+            A::Priority(p) => Some(*p),
+            _ => None,
+        });
+        if !pref.is_some_and(|p| prefs.contains(&p)) {
+            continue;
+        }
+        match Rule::from_message(&msg) {
+            Some(r) if wanted.contains(&r) && !present.contains(&r) => present.push(r),
+            other => {
+                wrote();
+                changed += 1;
+                handle
+                    .rule()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .with_context(|| format!("remove rule {other:?} (pref {pref:?})"))?;
+            }
+        }
+    }
+    for r in wanted.iter().filter(|r| !present.contains(r)) {
+        let mut add = handle.rule().add().v4().priority(r.pref);
+        add = match r.table {
+            Some(t) => add.table_id(t).action(RuleAction::ToTable),
+            None => add.action(RuleAction::Blackhole),
+        };
+        add = match r.selector {
+            RuleSelector::All => add,
+            RuleSelector::From(ip) => add.source_prefix(ip, 32),
+            RuleSelector::Mark(m, mask) => {
+                add.message_mut().attributes.push(A::FwMask(mask));
+                add.fw_mark(m)
+            }
+            RuleSelector::UdpSport(p) => {
+                let attrs = &mut add.message_mut().attributes;
+                attrs.push(A::IpProtocol(netlink_packet_route::IpProtocol::Udp));
+                attrs.push(A::SourcePortRange(RulePortRange { start: p, end: p }));
+                add
+            }
+        };
+        wrote();
+        changed += 1;
+        add.execute().await.with_context(|| format!("rule {r:?}"))?;
+    }
+    Ok(changed)
+}
+
+/// A route of one of netd's own tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableRoute {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    /// Reached through this neighbour (taken as on-link), else directly.
+    pub gateway: Option<Ipv4Addr>,
+    /// The link's index.
+    pub oif: u32,
+    /// The source address of packets the host itself sends this way.
+    pub src: Option<Ipv4Addr>,
+}
+
+impl TableRoute {
+    fn from_message(msg: &RouteMessage) -> (u32, TableRoute) {
+        let mut table = u32::from(msg.header.table);
+        let mut r = TableRoute {
+            dst: Ipv4Addr::UNSPECIFIED,
+            prefix: msg.header.destination_prefix_length,
+            gateway: None,
+            oif: 0,
+            src: None,
+        };
+        for a in &msg.attributes {
+            match a {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => r.dst = *ip,
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => r.gateway = Some(*ip),
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => r.src = Some(*ip),
+                RouteAttribute::Oif(i) => r.oif = *i,
+                _ => {}
+            }
+        }
+        (table, r)
+    }
+}
+
+/// Exactly `wanted` in routing table `table` (one netd owns: everything else there is
+/// removed). Returns how many changed.
+pub async fn ensure_table_routes(
+    handle: &Handle,
+    table: u32,
+    wanted: &[TableRoute],
+) -> Result<usize> {
+    let dump: Vec<RouteMessage> = handle
+        .route()
+        .get(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(table)
+                .build(),
+        )
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("list routes of table {table}"))?;
+    let mut present = vec![];
+    let mut changed = 0;
+    for msg in dump {
+        let (t, r) = TableRoute::from_message(&msg);
+        if t != table {
+            continue;
+        }
+        if wanted.contains(&r) && !present.contains(&r) {
+            present.push(r);
+            continue;
+        }
+        wrote();
+        changed += 1;
+        handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("remove route {r:?} of table {table}"))?;
+    }
+    for r in wanted.iter().filter(|r| !present.contains(r)) {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(r.dst, r.prefix)
+            .output_interface(r.oif)
+            .table_id(table);
+        if let Some(gw) = r.gateway {
+            b = b.gateway(gw).onlink();
+        } else {
+            b = b.scope(netlink_packet_route::route::RouteScope::Link);
+        }
+        if let Some(src) = r.src {
+            b = b.pref_source(src);
+        }
+        wrote();
+        changed += 1;
+        handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("route {r:?} in table {table}"))?;
+    }
+    Ok(changed)
 }

@@ -124,6 +124,85 @@ pub struct Ruleset {
     pub tasks_reach_node: bool,
     /// Services beyond the node that tasks must not reach (etcd's endpoints).
     pub protected: Vec<std::net::SocketAddrV4>,
+    /// An ingress sandbox's memory of which node took each flow to a local task (see
+    /// [`crate::mesh_return`]).
+    pub mesh_zones: Option<MeshZones>,
+}
+
+/// The ingress sandbox's zone and mark rules: a new flow arriving on `ifname` for one of
+/// `local_tasks` from another node's sandbox (known by its MAC) gets that node's id as
+/// its conntrack zone (original direction only: two nodes may bring the same client
+/// address and port) and as its mark, which its replies carry to their routing rule.
+/// Routed between tasks and nodes on the ingress network, a new flow must come from a
+/// node's sandbox: a task never reaches another task through the mesh.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct MeshZones {
+    pub ifname: String,
+    /// The sandbox's leg towards the node: a task's own datagram from a published UDP
+    /// port (which its rule sends here) leaves through it masqueraded, as egress.
+    pub egress_if: String,
+    pub local_tasks: Vec<std::net::Ipv4Addr>,
+    /// (MAC, node id).
+    pub nodes: Vec<(String, u16)>,
+}
+
+impl MeshZones {
+    /// Lines of the raw prerouting chain, the mangle prerouting chain, the forward
+    /// chain and the nat postrouting chain.
+    fn render(&self) -> [Vec<String>; 4] {
+        let i = &self.ifname;
+        // New flows only: a reply to a client that came in from the node is no new flow.
+        let nat = vec![format!(
+            "iifname \"{i}\" oifname \"{}\" masquerade",
+            self.egress_if
+        )];
+        let mut forward = vec![];
+        let node_macs = self
+            .nodes
+            .iter()
+            .map(|(mac, _)| mac.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        forward.push(if self.nodes.is_empty() {
+            format!("iifname \"{i}\" oifname \"{i}\" ct state new counter drop")
+        } else {
+            format!(
+                "iifname \"{i}\" oifname \"{i}\" ct state new ether saddr != {{ {node_macs} }} counter drop"
+            )
+        });
+        if self.nodes.is_empty() || self.local_tasks.is_empty() {
+            let mangle = vec!["ct direction reply meta mark set ct mark".into()];
+            return [vec![], mangle, forward, nat];
+        }
+        let tasks = self
+            .local_tasks
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ids = self
+            .nodes
+            .iter()
+            .map(|(mac, id)| format!("{mac} : {id}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let marks = self
+            .nodes
+            .iter()
+            .map(|(mac, id)| format!("{mac} : 0x{:08x}", crate::mesh_return::mark(*id)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let raw = vec![format!(
+            "iifname \"{i}\" ip daddr {{ {tasks} }} ct original zone set ether saddr map {{ {ids} }}"
+        )];
+        let mangle = vec![
+            format!(
+                "iifname \"{i}\" ip daddr {{ {tasks} }} ct state new ct mark set ether saddr map {{ {marks} }}"
+            ),
+            "ct direction reply meta mark set ct mark".into(),
+        ];
+        [raw, mangle, forward, nat]
+    }
 }
 
 /// The named counter of VXLAN datagrams dropped because a non-member sent them.
@@ -138,6 +217,7 @@ impl Ruleset {
             && self.ports.is_empty()
             && self.masquerade_out.is_empty()
             && self.untracked_udp.is_none()
+            && self.mesh_zones.is_none()
     }
 
     pub fn hash_hex(&self) -> String {
@@ -225,6 +305,14 @@ impl Ruleset {
             .iter()
             .map(|p| format!("udp dport {p} notrack"))
             .collect();
+        let [zones, mangle, mesh_forward, mesh_nat] = self
+            .mesh_zones
+            .as_ref()
+            .map(MeshZones::render)
+            .unwrap_or_default();
+        forward.extend(mesh_forward);
+        nat.extend(mesh_nat);
+        let raw_prerouting: Vec<String> = raw.iter().cloned().chain(zones).collect();
         input.extend(
             self.untracked_udp
                 .iter()
@@ -255,6 +343,7 @@ impl Ruleset {
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n\
              \tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{}\t}}\n\
              \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n\
+             \tchain mangle_prerouting {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n{}\t}}\n\
              \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
              \tcounter {TASK_TO_NODE} {{\n\t}}\n\
              \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n{}\t}}\n}}\n",
@@ -262,8 +351,9 @@ impl Ruleset {
             indent(&dnat_output),
             indent(&nat),
             indent(&forward),
+            indent(&raw_prerouting),
             indent(&raw),
-            indent(&raw),
+            indent(&mangle),
             indent(&input),
         )
     }
@@ -396,6 +486,9 @@ pub struct PortGuard {
     /// The port may only talk to [`SandboxGuards::mesh`] (a task's leg on the ingress
     /// network: that network carries the routing mesh, not traffic between tasks).
     pub confined: bool,
+    /// The port is a router's (the node's ingress sandbox): it forwards packets of
+    /// other sources (the mesh's clients), so only its MAC and ARP are checked.
+    pub router: bool,
 }
 
 /// Everything a sandbox's bridge table enforces.
@@ -449,14 +542,40 @@ impl SandboxGuards {
             String::new()
         } else {
             let mesh = join(self.mesh.iter().map(|a| a.to_string()).collect());
+            // Frames go to the sandboxes' MACs, whatever their IP destination: a task's
+            // answer to a mesh client carries the client's address.
+            let mesh_macs = join(
+                self.mesh
+                    .iter()
+                    .map(|a| crate::model::format_mac(&crate::model::mac_for_ip(*a)))
+                    .collect(),
+            );
             format!(
                 "\tset confined {{\n\t\ttype ifname\n\t\telements = {{ {} }}\n\t}}\n\
                  \tset mesh {{\n\t\ttype ipv4_addr\n\t\telements = {{ {mesh} }}\n\t}}\n\
+                 \tset mesh_macs {{\n\t\ttype ether_addr\n\t\telements = {{ {mesh_macs} }}\n\t}}\n\
                  \tchain confine {{\n\
-                 \t\tether type ip ip daddr != @mesh counter drop\n\
+                 \t\tether type ip ether daddr != @mesh_macs counter drop\n\
                  \t\tether type arp arp daddr ip != @mesh counter drop\n\
                  \t}}\n",
                 join(confined)
+            )
+        };
+        let routers: Vec<String> = self
+            .ports
+            .iter()
+            .filter(|g| g.router)
+            .map(|g| format!("\"{}\"", g.ifname))
+            .collect();
+        let (routers_set, routers_return) = if routers.is_empty() {
+            (String::new(), "")
+        } else {
+            (
+                format!(
+                    "\tset routers {{\n\t\ttype ifname\n\t\telements = {{ {} }}\n\t}}\n",
+                    join(routers)
+                ),
+                "\t\tiifname @routers return\n",
             )
         };
         let jump_confine = if confinement.is_empty() {
@@ -471,13 +590,14 @@ impl SandboxGuards {
              \tset macs {{\n\t\ttype ifname . ether_addr\n\t\telements = {{ {macs} }}\n\t}}\n\
              \tset addrs {{\n\t\ttype ifname . ipv4_addr\n\t\telements = {{ {addrs} }}\n\t}}\n\
              \tset hosts {{\n\t\ttype ifname . ether_addr . ipv4_addr\n\t\telements = {{ {hosts} }}\n\t}}\n\
-             {confinement}\
+             {confinement}{routers_set}\
              \tchain ports {{\n\
              \t\tiifname != @ports return\n\
              \t\tiifname . ether saddr != @macs counter drop\n\
              \t\tether type != {{ ip, arp }} counter drop\n\
-             \t\tether type ip iifname . ip saddr != @addrs counter drop\n\
              \t\tether type arp iifname . arp saddr ether . arp saddr ip != @hosts counter drop\n\
+             {routers_return}\
+             \t\tether type ip iifname . ip saddr != @addrs counter drop\n\
              {jump_confine}\
              \t}}\n\
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tjump ports\n\t}}\n\
@@ -654,6 +774,7 @@ mod tests {
             mac: "02:42:c6:13:00:05".into(),
             ip: "198.19.0.5".parse().unwrap(),
             confined: false,
+            router: false,
         };
         let guards = SandboxGuards {
             ports: vec![g],
@@ -675,15 +796,17 @@ mod tests {
         }
         assert_eq!(s.matches("jump ports").count(), 2);
         assert!(!s.contains("confine"));
+        assert!(!s.contains("routers"));
     }
 
     #[test]
     fn ingress_task_ports_talk_to_the_mesh_only() {
-        let port = |ifname: &str, ip: &str, confined| PortGuard {
+        let port = |ifname: &str, ip: &str, confined: bool| PortGuard {
             ifname: ifname.into(),
             mac: "02:42:c6:13:ff:05".into(),
             ip: ip.parse().unwrap(),
             confined,
+            router: !confined,
         };
         let guards = SandboxGuards {
             ports: vec![
@@ -700,16 +823,66 @@ mod tests {
             "set confined {\n\t\ttype ifname\n\t\telements = { \"ndetask\" }",
             "elements = { 198.19.255.2, 198.19.255.3 }",
             "iifname @confined jump confine",
-            "ether type ip ip daddr != @mesh counter drop",
+            "elements = { 02:42:c6:13:ff:02, 02:42:c6:13:ff:03 }",
+            "ether type ip ether daddr != @mesh_macs counter drop",
             "ether type arp arp daddr ip != @mesh counter drop",
+            "set routers {\n\t\ttype ifname\n\t\telements = { \"ndesbox\" }",
         ] {
             assert!(s.contains(want), "{want} missing in {s}");
         }
-        // The port checks come first: a confined port still cannot spoof.
-        assert!(s.find("ip saddr != @addrs").unwrap() < s.find("jump confine").unwrap());
+        // The port checks come first: a confined port still cannot spoof; a router's
+        // port is checked for its MAC and ARP only (it forwards clients' packets).
+        let at = |what: &str| s.find(what).unwrap();
+        assert!(at("ip saddr != @addrs") < at("jump confine"));
+        assert!(at("ether saddr != @macs") < at("iifname @routers return"));
+        assert!(at("arp saddr ip != @hosts") < at("iifname @routers return"));
+        assert!(at("iifname @routers return") < at("ip saddr != @addrs"));
         let mut other = guards.clone();
         other.mesh.pop();
         assert_ne!(guards.tag(), other.tag());
+    }
+
+    #[test]
+    fn an_ingress_sandbox_remembers_the_node_of_each_flow_to_a_local_task() {
+        let zones = MeshZones {
+            ifname: "eth0".into(),
+            egress_if: "eth1".into(),
+            local_tasks: vec!["198.19.255.5".parse().unwrap()],
+            nodes: vec![("02:42:c6:13:ff:03".into(), 3)],
+        };
+        let r = Ruleset {
+            mesh_zones: Some(zones.clone()),
+            ..Default::default()
+        };
+        let s = r.render();
+        let chain = |name: &str| {
+            let at = s.find(&format!("chain {name} ")).unwrap();
+            s[at..at + s[at..].find("\t}").unwrap()].to_string()
+        };
+        assert!(chain("raw_prerouting").contains(
+            "iifname \"eth0\" ip daddr { 198.19.255.5 } ct original zone set ether saddr map { 02:42:c6:13:ff:03 : 3 }"
+        ));
+        let mangle = chain("mangle_prerouting");
+        assert!(mangle.contains("priority mangle"));
+        assert!(mangle.contains(
+            "ct state new ct mark set ether saddr map { 02:42:c6:13:ff:03 : 0x6e640003 }"
+        ));
+        assert!(mangle.contains("ct direction reply meta mark set ct mark"));
+        assert!(chain("forward").contains(
+            "iifname \"eth0\" oifname \"eth0\" ct state new ether saddr != { 02:42:c6:13:ff:03 } counter drop"
+        ), "only other nodes' sandboxes open flows routed back onto the ingress network");
+        assert!(chain("postrouting").contains("iifname \"eth0\" oifname \"eth1\" masquerade"));
+        // With no other node, nothing is routed between tasks on the ingress network.
+        let alone = Ruleset {
+            mesh_zones: Some(MeshZones {
+                nodes: vec![],
+                ..zones
+            }),
+            ..Default::default()
+        }
+        .render();
+        assert!(alone.contains("iifname \"eth0\" oifname \"eth0\" ct state new counter drop"));
+        assert!(!alone.contains("zone set"));
     }
 
     #[test]

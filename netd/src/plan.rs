@@ -14,11 +14,12 @@ use ipnetwork::Ipv4Network;
 use crate::datapath::xdp::{MeshPort, MeshTable};
 use crate::datapath::{LbTable, SandboxLb};
 use crate::ipam;
+use crate::mesh_return::{self, MeshSource, SandboxReturn, TaskReturn};
 use crate::model::{Driver, Endpoint, Network, PortSpec, Protocol, PublishMode, Task, GWBRIDGE};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE};
 use crate::netlink::Peer;
 use crate::netns::{self, Netns};
-use crate::nftables::{BridgeRules, PortGuard, PortRule, Ruleset, SandboxGuards};
+use crate::nftables::{BridgeRules, MeshZones, PortGuard, PortRule, Ruleset, SandboxGuards};
 use crate::state::{State, INGRESS};
 
 /// This node's fixed settings, from the daemon's command line.
@@ -34,6 +35,8 @@ pub struct NodeConfig {
     pub tasks_reach_node: bool,
     /// The store's endpoints, which tasks must not reach.
     pub protected: Vec<std::net::SocketAddrV4>,
+    /// `--mesh-source`: whether this node's ingress sandbox keeps the client's address.
+    pub mesh_source: MeshSource,
 }
 
 /// Where a task endpoint's host-side veth lives and what it plugs into.
@@ -74,6 +77,8 @@ pub struct Leg {
 pub struct TaskPlan {
     pub task: Task,
     pub legs: Vec<Leg>,
+    /// A published task's way back to mesh clients (both modes: a cluster may mix them).
+    pub mesh_return: Option<TaskReturn>,
 }
 
 /// The node's ingress sandbox: built like a task (see [`ingress_sandbox_task`]), with the
@@ -88,6 +93,8 @@ pub struct IngressPlan {
     /// leftovers arrive.
     pub local_address: Ipv4Addr,
     pub rules: Ruleset,
+    /// The sandbox's routes and rules of the mesh's way back.
+    pub mesh_return: SandboxReturn,
 }
 
 /// What nothing may sweep: endpoint links per namespace, sandboxes, bridges.
@@ -297,18 +304,26 @@ impl NodePlan {
             })
             .collect();
         let tasks: Vec<TaskPlan> = local.iter().map(|t| task_plan(st, cfg, t)).collect();
-        let ingress = ingress_net.map(|net| IngressPlan {
-            network: net.clone(),
-            sandbox: ingress_sandbox_task(st, cfg, net).map(|t| task_plan(st, cfg, &t)),
-            local_address: ipam::ingress_sbox_local_address(cfg.gwbridge_subnet),
-            rules: Ruleset {
-                ports: ingress_ports(
-                    st,
-                    Some((node, ipam::ingress_sbox_local_address(cfg.gwbridge_subnet))),
-                ),
-                masquerade_out: vec!["eth0".into()],
-                ..Default::default()
-            },
+        let ingress = ingress_net.map(|net| {
+            let (mesh_return, mesh_zones) = sandbox_return(st, cfg, net);
+            IngressPlan {
+                network: net.clone(),
+                sandbox: ingress_sandbox_task(st, cfg, net).map(|t| task_plan(st, cfg, &t)),
+                local_address: ipam::ingress_sbox_local_address(cfg.gwbridge_subnet),
+                rules: Ruleset {
+                    ports: ingress_ports(
+                        st,
+                        Some((node, ipam::ingress_sbox_local_address(cfg.gwbridge_subnet))),
+                    ),
+                    masquerade_out: match cfg.mesh_source {
+                        MeshSource::Snat => vec![ISBOX_INGRESS_IF.into()],
+                        MeshSource::Client => vec![],
+                    },
+                    mesh_zones,
+                    ..Default::default()
+                },
+                mesh_return,
+            }
         });
         let mesh = ingress
             .as_ref()
@@ -481,6 +496,7 @@ impl NodePlan {
             vxlan_members: self.vxlan_members.clone(),
             tasks_reach_node: self.cfg.tasks_reach_node,
             protected: self.cfg.protected.clone(),
+            mesh_zones: None,
             gwbridge: self.gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
                 subnet: gw,
@@ -514,16 +530,19 @@ impl NodePlan {
             .map(|t| &t.task)
             .chain(isbox)
             .flat_map(|t| {
-                // On the ingress network, a task talks to the ingress sandboxes only.
+                // On the ingress network, a task talks to the ingress sandboxes only, and
+                // the ingress sandbox routes the mesh's clients.
                 let confined = ingress && !t.service.is_empty();
-                t.endpoints.iter().map(move |e| (e, confined))
+                let router = ingress && t.service.is_empty();
+                t.endpoints.iter().map(move |e| (e, confined, router))
             })
-            .filter(|(e, _)| e.network == o.network.name)
-            .map(|(e, confined)| PortGuard {
+            .filter(|(e, _, _)| e.network == o.network.name)
+            .map(|(e, confined, router)| PortGuard {
                 ifname: naming::endpoint_if(&e.id),
                 mac: crate::model::format_mac(&crate::model::mac_for_ip(e.ip)),
                 ip: e.ip,
                 confined,
+                router,
             })
             .collect();
         let mesh = if ingress {
@@ -564,6 +583,7 @@ pub fn attachment(st: &State, cfg: &NodeConfig, ep: &Endpoint) -> Option<Attachm
 
 fn task_plan(st: &State, cfg: &NodeConfig, t: &Task) -> TaskPlan {
     TaskPlan {
+        mesh_return: task_return(st, cfg, t),
         task: t.clone(),
         legs: t
             .endpoints
@@ -608,13 +628,19 @@ pub fn ingress_sandbox_task(st: &State, cfg: &NodeConfig, net: &Network) -> Opti
             .display()
             .to_string(),
         endpoints: vec![
-            leg(on_ingress, INGRESS, addr, net.subnet.prefix(), "eth0"),
+            leg(
+                on_ingress,
+                INGRESS,
+                addr,
+                net.subnet.prefix(),
+                ISBOX_INGRESS_IF,
+            ),
             leg(
                 on_gwbridge,
                 GWBRIDGE,
                 ipam::ingress_sbox_address(gw),
                 gw.prefix(),
-                "eth1",
+                naming::INGRESS_SBOX_GWBRIDGE_IF,
             ),
         ],
         default_gateway: Some(ipam::default_gateway(gw)),
@@ -622,6 +648,95 @@ pub fn ingress_sandbox_task(st: &State, cfg: &NodeConfig, net: &Network) -> Opti
         handoff: false,
         created_at: 0,
     })
+}
+
+/// The ingress sandbox's leg on the ingress network.
+pub const ISBOX_INGRESS_IF: &str = "eth0";
+
+/// This node's ingress sandbox address on `net`.
+fn own_sandbox_address(st: &State, cfg: &NodeConfig, net: &Network) -> Option<Ipv4Addr> {
+    st.lb_addrs
+        .get(&net.id)
+        .and_then(|m| m.get(&cfg.name))
+        .copied()
+}
+
+/// A local task's way back to mesh clients: a task of a service that publishes a port
+/// in ingress mode, with its leg on the ingress network, answers through this node's
+/// ingress sandbox (see [`crate::mesh_return`]).
+fn task_return(st: &State, cfg: &NodeConfig, t: &Task) -> Option<TaskReturn> {
+    if t.service.is_empty() {
+        return None;
+    }
+    let net = st.ingress()?;
+    let ep = t.endpoints.iter().find(|e| e.network == INGRESS)?;
+    let svc = st.services.get(&t.service);
+    let mut udp_ports: Vec<u16> = svc
+        .into_iter()
+        .flat_map(|s| s.publish.iter())
+        .filter(|p| p.mode == PublishMode::Ingress && p.protocol == Protocol::Udp)
+        .map(|p| p.target)
+        .collect();
+    udp_ports.sort_unstable();
+    udp_ports.dedup();
+    Some(TaskReturn {
+        ifname: ep.ifname.clone(),
+        ip: ep.ip,
+        subnet: net.subnet,
+        gateway: own_sandbox_address(st, cfg, net)?,
+        udp_ports,
+    })
+}
+
+/// The ingress sandbox's share of the way back, and the zone and mark rules of its
+/// ruleset: the other live nodes (with their ids and sandbox MACs), and in client mode
+/// the published tasks elsewhere with their node's sandbox.
+fn sandbox_return(
+    st: &State,
+    cfg: &NodeConfig,
+    net: &Network,
+) -> (SandboxReturn, Option<MeshZones>) {
+    let own = own_sandbox_address(st, cfg, net);
+    let addrs = st.lb_addrs.get(&net.id);
+    let nodes: Vec<(Ipv4Addr, u16)> = addrs
+        .into_iter()
+        .flat_map(|m| m.iter())
+        .filter(|(n, _)| n.as_str() != cfg.name && st.node_alive(n))
+        .filter_map(|(_, a)| Some((*a, mesh_return::node_id(net.subnet, *a)?)))
+        .collect();
+    let mut remote_tasks = vec![];
+    let mut local_tasks = vec![];
+    for (_, backends) in ingress_backends(st) {
+        for (node, ip) in backends {
+            if node == cfg.name {
+                local_tasks.push(ip);
+            } else if cfg.mesh_source == MeshSource::Client {
+                if let Some(via) = addrs.and_then(|m| m.get(node)) {
+                    remote_tasks.push((ip, *via));
+                }
+            }
+        }
+    }
+    remote_tasks.sort_unstable();
+    remote_tasks.dedup();
+    local_tasks.sort_unstable();
+    local_tasks.dedup();
+    let zones = own.map(|_| MeshZones {
+        ifname: ISBOX_INGRESS_IF.into(),
+        egress_if: naming::INGRESS_SBOX_GWBRIDGE_IF.into(),
+        local_tasks,
+        nodes: nodes
+            .iter()
+            .map(|(a, id)| (crate::model::format_mac(&crate::model::mac_for_ip(*a)), *id))
+            .collect(),
+    });
+    (
+        SandboxReturn {
+            nodes,
+            remote_tasks,
+        },
+        zones,
+    )
 }
 
 fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> {
@@ -989,6 +1104,7 @@ pub(crate) mod tests {
             bridge_mtu: 1500,
             tasks_reach_node: false,
             protected: vec![],
+            mesh_source: MeshSource::Client,
         }
     }
 

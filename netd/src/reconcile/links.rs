@@ -14,11 +14,15 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 
 use super::Links;
+use crate::mesh_return;
 use crate::model::{Endpoint, Task};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
 use crate::netlink::{self, Link};
 use crate::netns::{self, Netns};
-use crate::plan::{Attachment, IngressPlan, NodeBridge, NodeConfig, OverlayPlan, TaskPlan, Wanted};
+use crate::plan::{
+    Attachment, IngressPlan, NodeBridge, NodeConfig, OverlayPlan, TaskPlan, Wanted,
+    ISBOX_INGRESS_IF,
+};
 
 pub struct KernelLinks {
     cfg: NodeConfig,
@@ -193,7 +197,7 @@ impl Links for KernelLinks {
         let namespaces: Vec<&Netns> = namespaces.iter().collect();
         self.unless_done(
             "ingress sandbox".into(),
-            &(t, &i.local_address),
+            &(t, &i.local_address, &i.mesh_return),
             &namespaces,
             self.ensure_ingress_sandbox(i, t),
         )
@@ -356,14 +360,31 @@ impl KernelLinks {
             .map_err(|e| anyhow!("{e}"))??;
         self.plumb(t).await?;
         let (local, prefix) = (i.local_address, self.cfg.gwbridge_subnet.prefix());
+        let back = i.mesh_return.clone();
         self.netlink
             .with(&Netns::named(&name), move |h| async move {
-                let eth1 = netlink::require_link(&h, "eth1").await?;
-                netlink::ensure_address(&h, &eth1, local, prefix).await
+                let eth1 = netlink::require_link(&h, naming::INGRESS_SBOX_GWBRIDGE_IF).await?;
+                netlink::ensure_address(&h, &eth1, local, prefix).await?;
+                let eth0 = netlink::require_link(&h, ISBOX_INGRESS_IF).await?;
+                for (table, routes) in back.node_tables(eth0.index) {
+                    netlink::ensure_table_routes(&h, table, &routes).await?;
+                }
+                let tasks = back.task_routes(eth0.index);
+                netlink::ensure_table_routes(&h, mesh_return::REMOTE_TASKS_TABLE, &tasks).await?;
+                netlink::ensure_rules(&h, mesh_return::PREFS, &back.rules()).await?;
+                Ok(())
             })
             .await?;
         netns::run_in(&Netns::named(&name), || {
-            netns::write_sysctl("net.ipv4.ip_forward", "1")
+            netns::write_sysctl("net.ipv4.ip_forward", "1")?;
+            // Mesh flows arrive from clients the sandbox routes elsewhere, and leave on
+            // the link they came in by (a remote task's flows pass through the
+            // sandbox of its node): neither may be refused or redirected.
+            for dev in ["all", "default", ISBOX_INGRESS_IF] {
+                netns::write_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+                netns::write_sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
+            }
+            Ok(())
         })
         .await
     }
@@ -437,6 +458,7 @@ impl KernelLinks {
         }
         let endpoints = task.endpoints.clone();
         let gateway = task.default_gateway;
+        let back = t.mesh_return.clone();
         self.netlink
             .with(&task_ns, move |h| async move {
                 if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
@@ -449,6 +471,12 @@ impl KernelLinks {
                         .context("no endpoint reaches the default gateway")?;
                     let link = netlink::require_link(&h, &ep.ifname).await?;
                     netlink::ensure_default_route(&h, &link, gw).await?;
+                }
+                if let Some(back) = back {
+                    let link = netlink::require_link(&h, &back.ifname).await?;
+                    let routes = back.routes(link.index);
+                    netlink::ensure_table_routes(&h, mesh_return::TASK_TABLE, &routes).await?;
+                    netlink::ensure_rules(&h, mesh_return::PREFS, &back.rules()).await?;
                 }
                 Ok(())
             })
