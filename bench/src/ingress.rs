@@ -283,7 +283,7 @@ pub fn run(
             reqs: vec![],
         },
         Path_ {
-            label: "netd routing mesh via n4 (kernel path, --xdp off)",
+            label: "netd routing mesh via n4 (kernel path, --xdp off; the task sees the client)",
             addrs: vec![SocketAddr::from((n4, MESH_PORT))],
             conns: vec![],
             reqs: vec![],

@@ -27,6 +27,14 @@ pub const MARK_MASK: u32 = 0xffff_0000;
 /// The preferences of netd's policy-routing rules, in tasks and ingress sandboxes.
 pub const PREFS: RangeInclusive<u32> = 30000..=30999;
 const LAST_PREF: u32 = 30999;
+/// The kernel's main routing table.
+const MAIN_TABLE: u32 = 254;
+
+/// Whether routing table `table` is one of the ingress sandbox's (emptied when nothing
+/// wants it: a gone node's).
+pub fn sandbox_table(table: u32) -> bool {
+    table == REMOTE_TASKS_TABLE || table & MARK_MASK == MARK_BASE
+}
 
 /// Who a task behind a published port sees as its peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
@@ -71,19 +79,31 @@ pub struct TaskReturn {
 }
 
 impl TaskReturn {
-    /// Packets from the task's ingress address (and UDP from its published target
-    /// ports) look up [`TASK_TABLE`]; nothing else of the task changes (its own
-    /// connections leave by its default route, DNS stays local).
+    /// First the task's own routes but its default (its networks' subnets: an answer
+    /// to a peer on another network or to a node's ingress address goes there as
+    /// before), then packets from the task's ingress address (and UDP from its
+    /// published target ports) look up [`TASK_TABLE`]. Nothing else of the task
+    /// changes: its own connections leave by its default route, DNS stays local.
     pub fn rules(&self) -> Vec<Rule> {
-        let mut rules = vec![Rule {
-            pref: *PREFS.start(),
-            selector: RuleSelector::From(self.ip),
-            table: Some(TASK_TABLE),
-        }];
+        let mut rules = vec![
+            Rule {
+                pref: *PREFS.start(),
+                selector: RuleSelector::All,
+                table: Some(MAIN_TABLE),
+                suppress_default: true,
+            },
+            Rule {
+                pref: PREFS.start() + 1,
+                selector: RuleSelector::From(self.ip),
+                table: Some(TASK_TABLE),
+                suppress_default: false,
+            },
+        ];
         rules.extend(self.udp_ports.iter().enumerate().map(|(i, p)| Rule {
-            pref: PREFS.start() + 1 + i as u32,
+            pref: PREFS.start() + 2 + i as u32,
             selector: RuleSelector::UdpSport(*p),
             table: Some(TASK_TABLE),
+            suppress_default: false,
         }));
         rules.truncate(PREFS.count());
         rules
@@ -124,63 +144,49 @@ pub struct SandboxReturn {
 }
 
 impl SandboxReturn {
-    /// Remote tasks first, then a table per node mark, then a blackhole for marks of
-    /// nodes that are gone (their replies must not leave by the default route with a
-    /// client's address).
+    /// Remote tasks first, then a table per node mark (one preference for all: the
+    /// marks never overlap, and a node joining or leaving touches its own rule only),
+    /// then a blackhole for marks of nodes that are gone (their replies must not leave
+    /// by the default route with a client's address).
     pub fn rules(&self) -> Vec<Rule> {
-        let mut rules = vec![Rule {
-            pref: *PREFS.start(),
-            selector: RuleSelector::All,
-            table: Some(REMOTE_TASKS_TABLE),
-        }];
-        rules.extend(
-            self.nodes
-                .iter()
-                .take(PREFS.count() - 2)
-                .enumerate()
-                .map(|(i, (_, id))| Rule {
-                    pref: PREFS.start() + 1 + i as u32,
-                    selector: RuleSelector::Mark(mark(*id), u32::MAX),
-                    table: Some(mark(*id)),
-                }),
-        );
-        rules.push(Rule {
-            pref: LAST_PREF,
-            selector: RuleSelector::Mark(MARK_BASE, MARK_MASK),
-            table: None,
-        });
+        let rule = |pref, selector, table| Rule {
+            pref,
+            selector,
+            table,
+            suppress_default: false,
+        };
+        let mut rules = vec![rule(
+            *PREFS.start(),
+            RuleSelector::All,
+            Some(REMOTE_TASKS_TABLE),
+        )];
+        rules.extend(self.nodes.iter().map(|(_, id)| {
+            let selector = RuleSelector::Mark(mark(*id), u32::MAX);
+            rule(PREFS.start() + 1, selector, Some(mark(*id)))
+        }));
+        let gone = RuleSelector::Mark(MARK_BASE, MARK_MASK);
+        rules.push(rule(LAST_PREF, gone, None));
         rules
     }
 
-    /// Each node's table: its ingress sandbox as the default route.
-    pub fn node_tables(&self, oif: u32) -> Vec<(u32, Vec<TableRoute>)> {
-        self.nodes
+    /// Each node's table (its ingress sandbox as the default route), and
+    /// [`REMOTE_TASKS_TABLE`] (each remote task through its node's ingress sandbox).
+    pub fn tables(&self, oif: u32) -> Vec<(u32, Vec<TableRoute>)> {
+        let via = |dst, prefix, gateway| TableRoute {
+            dst,
+            prefix,
+            gateway: Some(gateway),
+            oif,
+            src: None,
+        };
+        let mut tables: Vec<(u32, Vec<TableRoute>)> = self
+            .nodes
             .iter()
-            .map(|(addr, id)| {
-                let route = TableRoute {
-                    dst: Ipv4Addr::UNSPECIFIED,
-                    prefix: 0,
-                    gateway: Some(*addr),
-                    oif,
-                    src: None,
-                };
-                (mark(*id), vec![route])
-            })
-            .collect()
-    }
-
-    /// [`REMOTE_TASKS_TABLE`]: each remote task through its node's ingress sandbox.
-    pub fn task_routes(&self, oif: u32) -> Vec<TableRoute> {
-        self.remote_tasks
-            .iter()
-            .map(|(task, via)| TableRoute {
-                dst: *task,
-                prefix: 32,
-                gateway: Some(*via),
-                oif,
-                src: None,
-            })
-            .collect()
+            .map(|(addr, id)| (mark(*id), vec![via(Ipv4Addr::UNSPECIFIED, 0, *addr)]))
+            .collect();
+        let tasks = self.remote_tasks.iter().map(|(t, b)| via(*t, 32, *b));
+        tables.push((REMOTE_TASKS_TABLE, tasks.collect()));
+        tables
     }
 }
 
@@ -214,10 +220,15 @@ mod tests {
             udp_ports: vec![53, 80],
         };
         let rules = t.rules();
-        assert_eq!(rules.len(), 3);
-        assert_eq!(rules[0].selector, RuleSelector::From(ip("198.19.0.9")));
-        assert_eq!(rules[2].selector, RuleSelector::UdpSport(80));
-        assert!(rules.iter().all(|r| r.table == Some(TASK_TABLE)));
+        assert_eq!(rules.len(), 4);
+        assert_eq!(
+            (rules[0].selector, rules[0].table, rules[0].suppress_default),
+            (RuleSelector::All, Some(254), true),
+            "the task's own subnets first, not its default route"
+        );
+        assert_eq!(rules[1].selector, RuleSelector::From(ip("198.19.0.9")));
+        assert_eq!(rules[3].selector, RuleSelector::UdpSport(80));
+        assert!(rules[1..].iter().all(|r| r.table == Some(TASK_TABLE)));
         assert!(rules.iter().all(|r| PREFS.contains(&r.pref)));
         let routes = t.routes(7);
         assert_eq!(routes[0].gateway, None, "the ingress subnet on the link");
@@ -244,15 +255,22 @@ mod tests {
             "node 3's flows"
         );
         assert_eq!(rules[1].table, Some(0x6e64_0003));
+        assert_eq!(
+            rules[1].pref, rules[2].pref,
+            "node rules share a preference"
+        );
         let last = rules.last().unwrap();
         assert_eq!(
             (last.selector, last.table),
             (RuleSelector::Mark(MARK_BASE, MARK_MASK), None),
             "a gone node's mark is dropped, after the live ones"
         );
-        let tables = s.node_tables(5);
+        let tables = s.tables(5);
         assert_eq!(tables[1].0, 0x6e64_0004);
         assert_eq!(tables[1].1[0].gateway, Some(ip("198.19.0.4")));
-        assert_eq!(s.task_routes(5)[0].gateway, Some(ip("198.19.0.3")));
+        assert_eq!(tables[2].0, REMOTE_TASKS_TABLE);
+        assert_eq!(tables[2].1[0].gateway, Some(ip("198.19.0.3")));
+        assert!(tables.iter().all(|(t, _)| sandbox_table(*t)));
+        assert!(!sandbox_table(TASK_TABLE) && !sandbox_table(254));
     }
 }

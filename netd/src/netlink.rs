@@ -656,6 +656,9 @@ pub struct Rule {
     pub selector: RuleSelector,
     /// The table looked up; None: the packet is dropped (blackhole).
     pub table: Option<u32>,
+    /// A default route found in the table does not count (`suppress_prefixlength 0`):
+    /// the table's more specific routes win, its default falls through.
+    pub suppress_default: bool,
 }
 
 /// What a [`Rule`] matches.
@@ -676,6 +679,7 @@ impl Rule {
     fn from_message(msg: &RuleMessage) -> Option<Rule> {
         use netlink_packet_route::rule::RuleAttribute as A;
         let (mut pref, mut table) = (None, u32::from(msg.header.table));
+        let mut suppress_default = false;
         let (mut from, mut mark, mut mask, mut udp, mut sport) = (None, None, None, false, None);
         for a in &msg.attributes {
             match a {
@@ -686,6 +690,7 @@ impl Rule {
                 A::FwMask(m) => mask = Some(*m),
                 A::IpProtocol(netlink_packet_route::IpProtocol::Udp) => udp = true,
                 A::SourcePortRange(r) if r.start == r.end => sport = Some(r.start),
+                A::SuppressPrefixLen(0) => suppress_default = true,
                 _ => {}
             }
         }
@@ -705,12 +710,14 @@ impl Rule {
             pref: pref?,
             selector,
             table,
+            suppress_default,
         })
     }
 }
 
 /// Exactly `wanted` among the IPv4 rules whose preference is in `prefs`: missing ones
-/// added, others (whoever wrote them) removed. Returns how many changed.
+/// added first, then others (whoever wrote them) removed, so that no packet meets
+/// neither. Returns how many changed.
 pub async fn ensure_rules(
     handle: &Handle,
     prefs: std::ops::RangeInclusive<u32>,
@@ -725,7 +732,7 @@ pub async fn ensure_rules(
         .await
         .context("list rules")?;
     let mut present = vec![];
-    let mut changed = 0;
+    let mut unwanted = vec![];
     for msg in dump {
         let pref = msg.attributes.iter().find_map(|a| match a {
             A::Priority(p) => Some(*p),
@@ -736,24 +743,19 @@ pub async fn ensure_rules(
         }
         match Rule::from_message(&msg) {
             Some(r) if wanted.contains(&r) && !present.contains(&r) => present.push(r),
-            other => {
-                wrote();
-                changed += 1;
-                handle
-                    .rule()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .with_context(|| format!("remove rule {other:?} (pref {pref:?})"))?;
-            }
+            other => unwanted.push((other, pref, msg)),
         }
     }
+    let mut changed = 0;
     for r in wanted.iter().filter(|r| !present.contains(r)) {
         let mut add = handle.rule().add().v4().priority(r.pref);
         add = match r.table {
             Some(t) => add.table_id(t).action(RuleAction::ToTable),
             None => add.action(RuleAction::Blackhole),
         };
+        if r.suppress_default {
+            add.message_mut().attributes.push(A::SuppressPrefixLen(0));
+        }
         add = match r.selector {
             RuleSelector::All => add,
             RuleSelector::From(ip) => add.source_prefix(ip, 32),
@@ -771,6 +773,16 @@ pub async fn ensure_rules(
         wrote();
         changed += 1;
         add.execute().await.with_context(|| format!("rule {r:?}"))?;
+    }
+    for (rule, pref, msg) in unwanted {
+        wrote();
+        changed += 1;
+        handle
+            .rule()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("remove rule {rule:?} (pref {pref:?})"))?;
     }
     Ok(changed)
 }
@@ -812,33 +824,34 @@ impl TableRoute {
     }
 }
 
-/// Exactly `wanted` in routing table `table` (one netd owns: everything else there is
-/// removed). Returns how many changed.
-pub async fn ensure_table_routes(
+/// Exactly `wanted` (table, its routes) in every routing table `owned` says is netd's:
+/// routes missing added, others removed (a table nothing wants any more is emptied).
+/// One dump of the namespace's routes for all of them. Returns how many changed.
+pub async fn ensure_tables(
     handle: &Handle,
-    table: u32,
-    wanted: &[TableRoute],
+    owned: impl Fn(u32) -> bool,
+    wanted: &[(u32, Vec<TableRoute>)],
 ) -> Result<usize> {
+    use std::collections::{BTreeMap, BTreeSet};
     let dump: Vec<RouteMessage> = handle
         .route()
-        .get(
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .table_id(table)
-                .build(),
-        )
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute()
         .try_collect()
         .await
-        .with_context(|| format!("list routes of table {table}"))?;
-    let mut present = vec![];
+        .context("list routes")?;
+    let wanted: BTreeMap<u32, BTreeSet<TableRoute>> = wanted
+        .iter()
+        .map(|(t, routes)| (*t, routes.iter().copied().collect()))
+        .collect();
+    let mut present: BTreeSet<(u32, TableRoute)> = BTreeSet::new();
     let mut changed = 0;
     for msg in dump {
-        let (t, r) = TableRoute::from_message(&msg);
-        if t != table {
+        let (table, r) = TableRoute::from_message(&msg);
+        if !owned(table) && !wanted.contains_key(&table) {
             continue;
         }
-        if wanted.contains(&r) && !present.contains(&r) {
-            present.push(r);
+        if wanted.get(&table).is_some_and(|w| w.contains(&r)) && present.insert((table, r)) {
             continue;
         }
         wrote();
@@ -850,28 +863,30 @@ pub async fn ensure_table_routes(
             .await
             .with_context(|| format!("remove route {r:?} of table {table}"))?;
     }
-    for r in wanted.iter().filter(|r| !present.contains(r)) {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(r.dst, r.prefix)
-            .output_interface(r.oif)
-            .table_id(table);
-        if let Some(gw) = r.gateway {
-            b = b.gateway(gw).onlink();
-        } else {
-            b = b.scope(netlink_packet_route::route::RouteScope::Link);
+    for (table, routes) in &wanted {
+        for r in routes.iter().filter(|r| !present.contains(&(*table, **r))) {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(r.dst, r.prefix)
+                .output_interface(r.oif)
+                .table_id(*table);
+            if let Some(gw) = r.gateway {
+                b = b.gateway(gw).onlink();
+            } else {
+                b = b.scope(netlink_packet_route::route::RouteScope::Link);
+            }
+            if let Some(src) = r.src {
+                b = b.pref_source(src);
+            }
+            wrote();
+            changed += 1;
+            handle
+                .route()
+                .add(b.build())
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("route {r:?} in table {table}"))?;
         }
-        if let Some(src) = r.src {
-            b = b.pref_source(src);
-        }
-        wrote();
-        changed += 1;
-        handle
-            .route()
-            .add(b.build())
-            .replace()
-            .execute()
-            .await
-            .with_context(|| format!("route {r:?} in table {table}"))?;
     }
     Ok(changed)
 }

@@ -129,18 +129,21 @@ pub struct Ruleset {
     pub mesh_zones: Option<MeshZones>,
 }
 
-/// The ingress sandbox's zone and mark rules: a new flow arriving on `ifname` for one of
-/// `local_tasks` from another node's sandbox (known by its MAC) gets that node's id as
+/// The ingress sandbox's zone and mark rules: a new flow arriving on `ifname` for the
+/// ingress network from another node's sandbox (known by its MAC) gets that node's id as
 /// its conntrack zone (original direction only: two nodes may bring the same client
 /// address and port) and as its mark, which its replies carry to their routing rule.
-/// Routed between tasks and nodes on the ingress network, a new flow must come from a
-/// node's sandbox: a task never reaches another task through the mesh.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+/// Routed back onto the ingress network, a new flow must carry a node's mark (a task
+/// never reaches another task through the mesh); routed out towards the node, it must
+/// come from a local published task (a datagram from its published UDP port, which its
+/// rule sends here), and leaves masqueraded, as egress.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MeshZones {
     pub ifname: String,
-    /// The sandbox's leg towards the node: a task's own datagram from a published UDP
-    /// port (which its rule sends here) leaves through it masqueraded, as egress.
+    /// The sandbox's leg towards the node.
     pub egress_if: String,
+    /// The ingress network's subnet.
+    pub subnet: ipnetwork::Ipv4Network,
     pub local_tasks: Vec<std::net::Ipv4Addr>,
     /// (MAC, node id).
     pub nodes: Vec<(String, u16)>,
@@ -150,57 +153,45 @@ impl MeshZones {
     /// Lines of the raw prerouting chain, the mangle prerouting chain, the forward
     /// chain and the nat postrouting chain.
     fn render(&self) -> [Vec<String>; 4] {
-        let i = &self.ifname;
+        use crate::mesh_return::{MARK_BASE, MARK_MASK};
+        let (i, o, subnet) = (&self.ifname, &self.egress_if, self.subnet);
+        let list = |items: Vec<String>| items.join(", ");
         // New flows only: a reply to a client that came in from the node is no new flow.
-        let nat = vec![format!(
-            "iifname \"{i}\" oifname \"{}\" masquerade",
-            self.egress_if
+        let nat = vec![format!("iifname \"{i}\" oifname \"{o}\" masquerade")];
+        let mut forward = vec![format!(
+            "iifname \"{i}\" oifname \"{i}\" ct state new ct mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} counter drop"
         )];
-        let mut forward = vec![];
-        let node_macs = self
-            .nodes
-            .iter()
-            .map(|(mac, _)| mac.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        forward.push(if self.nodes.is_empty() {
-            format!("iifname \"{i}\" oifname \"{i}\" ct state new counter drop")
+        forward.push(if self.local_tasks.is_empty() {
+            format!("iifname \"{i}\" oifname \"{o}\" ct state new counter drop")
         } else {
+            let tasks = list(self.local_tasks.iter().map(|t| t.to_string()).collect());
             format!(
-                "iifname \"{i}\" oifname \"{i}\" ct state new ether saddr != {{ {node_macs} }} counter drop"
+                "iifname \"{i}\" oifname \"{o}\" ct state new ip saddr != {{ {tasks} }} counter drop"
             )
         });
-        if self.nodes.is_empty() || self.local_tasks.is_empty() {
-            let mangle = vec!["ct direction reply meta mark set ct mark".into()];
-            return [vec![], mangle, forward, nat];
+        let mut mangle = vec![];
+        let mut raw = vec![];
+        if !self.nodes.is_empty() {
+            let ids = list(
+                self.nodes
+                    .iter()
+                    .map(|(mac, id)| format!("{mac} : {id}"))
+                    .collect(),
+            );
+            let marks = list(
+                self.nodes
+                    .iter()
+                    .map(|(mac, id)| format!("{mac} : 0x{:08x}", crate::mesh_return::mark(*id)))
+                    .collect(),
+            );
+            raw.push(format!(
+                "iifname \"{i}\" ip daddr {subnet} ct original zone set ether saddr map {{ {ids} }}"
+            ));
+            mangle.push(format!(
+                "iifname \"{i}\" ip daddr {subnet} ct state new ct mark set ether saddr map {{ {marks} }}"
+            ));
         }
-        let tasks = self
-            .local_tasks
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let ids = self
-            .nodes
-            .iter()
-            .map(|(mac, id)| format!("{mac} : {id}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let marks = self
-            .nodes
-            .iter()
-            .map(|(mac, id)| format!("{mac} : 0x{:08x}", crate::mesh_return::mark(*id)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let raw = vec![format!(
-            "iifname \"{i}\" ip daddr {{ {tasks} }} ct original zone set ether saddr map {{ {ids} }}"
-        )];
-        let mangle = vec![
-            format!(
-                "iifname \"{i}\" ip daddr {{ {tasks} }} ct state new ct mark set ether saddr map {{ {marks} }}"
-            ),
-            "ct direction reply meta mark set ct mark".into(),
-        ];
+        mangle.push("ct direction reply meta mark set ct mark".into());
         [raw, mangle, forward, nat]
     }
 }
@@ -241,11 +232,13 @@ impl Ruleset {
             .collect();
         // Ports below 32768: the XDP fast path translates to 32768-65535 on the same
         // address, and the two must never pick one port for two flows.
+        // Not what the interface itself brought (another node's flow that a sandbox in
+        // client mode routes through this one to a local task keeps its client).
         for i in &self.masquerade_out {
             nat.push(format!(
-                "oifname \"{i}\" meta l4proto {{ tcp, udp }} masquerade to :1024-32767"
+                "iifname != \"{i}\" oifname \"{i}\" meta l4proto {{ tcp, udp }} masquerade to :1024-32767"
             ));
-            nat.push(format!("oifname \"{i}\" masquerade"));
+            nat.push(format!("iifname != \"{i}\" oifname \"{i}\" masquerade"));
         }
         let all: Vec<&BridgeRules> = self.gwbridge.iter().chain(self.bridges.iter()).collect();
         for b in &all {
@@ -739,7 +732,9 @@ mod tests {
         let pre = &s[s.find("chain prerouting").unwrap()..s.find("chain output").unwrap()];
         assert!(pre.find(by_iif).unwrap() < pre.find(rr).unwrap());
         assert!(!s.contains("4569"));
-        assert!(s.contains("oifname \"eth0\" meta l4proto { tcp, udp } masquerade to :1024-32767"));
+        assert!(s.contains(
+            "iifname != \"eth0\" oifname \"eth0\" meta l4proto { tcp, udp } masquerade to :1024-32767"
+        ));
     }
 
     #[test]
@@ -847,6 +842,7 @@ mod tests {
         let zones = MeshZones {
             ifname: "eth0".into(),
             egress_if: "eth1".into(),
+            subnet: "198.19.255.0/24".parse().unwrap(),
             local_tasks: vec!["198.19.255.5".parse().unwrap()],
             nodes: vec![("02:42:c6:13:ff:03".into(), 3)],
         };
@@ -855,33 +851,38 @@ mod tests {
             ..Default::default()
         };
         let s = r.render();
-        let chain = |name: &str| {
+        let chain = |s: &str, name: &str| {
             let at = s.find(&format!("chain {name} ")).unwrap();
             s[at..at + s[at..].find("\t}").unwrap()].to_string()
         };
-        assert!(chain("raw_prerouting").contains(
-            "iifname \"eth0\" ip daddr { 198.19.255.5 } ct original zone set ether saddr map { 02:42:c6:13:ff:03 : 3 }"
+        assert!(chain(&s, "raw_prerouting").contains(
+            "iifname \"eth0\" ip daddr 198.19.255.0/24 ct original zone set ether saddr map { 02:42:c6:13:ff:03 : 3 }"
         ));
-        let mangle = chain("mangle_prerouting");
+        let mangle = chain(&s, "mangle_prerouting");
         assert!(mangle.contains("priority mangle"));
         assert!(mangle.contains(
-            "ct state new ct mark set ether saddr map { 02:42:c6:13:ff:03 : 0x6e640003 }"
+            "ip daddr 198.19.255.0/24 ct state new ct mark set ether saddr map { 02:42:c6:13:ff:03 : 0x6e640003 }"
         ));
         assert!(mangle.contains("ct direction reply meta mark set ct mark"));
-        assert!(chain("forward").contains(
-            "iifname \"eth0\" oifname \"eth0\" ct state new ether saddr != { 02:42:c6:13:ff:03 } counter drop"
-        ), "only other nodes' sandboxes open flows routed back onto the ingress network");
-        assert!(chain("postrouting").contains("iifname \"eth0\" oifname \"eth1\" masquerade"));
-        // With no other node, nothing is routed between tasks on the ingress network.
+        let forward = chain(&s, "forward");
+        assert!(forward.contains(
+            "iifname \"eth0\" oifname \"eth0\" ct state new ct mark & 0xffff0000 != 0x6e640000 counter drop"
+        ), "only other nodes' flows are routed back onto the ingress network");
+        assert!(forward.contains(
+            "iifname \"eth0\" oifname \"eth1\" ct state new ip saddr != { 198.19.255.5 } counter drop"
+        ), "only local tasks' own flows leave towards the node");
+        assert!(chain(&s, "postrouting").contains("iifname \"eth0\" oifname \"eth1\" masquerade"));
+        // With no other node, no zones; nothing from the ingress network leaves.
         let alone = Ruleset {
             mesh_zones: Some(MeshZones {
                 nodes: vec![],
+                local_tasks: vec![],
                 ..zones
             }),
             ..Default::default()
         }
         .render();
-        assert!(alone.contains("iifname \"eth0\" oifname \"eth0\" ct state new counter drop"));
+        assert!(alone.contains("iifname \"eth0\" oifname \"eth1\" ct state new counter drop"));
         assert!(!alone.contains("zone set"));
     }
 

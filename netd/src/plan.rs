@@ -144,6 +144,20 @@ impl Scope {
             return Err("load-balancer addresses changed");
         }
         let mut scope = Scope::default();
+        // A service that publishes other ports changes its tasks' way back (the UDP
+        // ports their replies leave from).
+        for item in prev.services.diff(&next.services) {
+            let (name, changed) = match item {
+                DiffItem::Add(name, _) | DiffItem::Remove(name, _) => (name, true),
+                DiffItem::Update { old, new } => (new.0, old.1.publish != new.1.publish),
+            };
+            if changed {
+                for t in next.tasks_of(name) {
+                    scope.tasks.insert(t.id.clone());
+                    scope.local |= t.node == node;
+                }
+            }
+        }
         for item in prev.tasks.diff(&next.tasks) {
             let tasks: Vec<&Task> = match item {
                 DiffItem::Add(_, t) | DiffItem::Remove(_, t) => vec![t],
@@ -724,6 +738,7 @@ fn sandbox_return(
     let zones = own.map(|_| MeshZones {
         ifname: ISBOX_INGRESS_IF.into(),
         egress_if: naming::INGRESS_SBOX_GWBRIDGE_IF.into(),
+        subnet: net.subnet,
         local_tasks,
         nodes: nodes
             .iter()
@@ -1223,6 +1238,15 @@ pub(crate) mod tests {
         assert!(Scope::between(&before, &after, "n2").unwrap().local);
         // Removed again: the same parts.
         assert_eq!(Scope::between(&after, &before, "n1"), Ok(s));
+        // `web` publishes a UDP port more: its tasks' way back changes (the ports their
+        // replies leave from), so its tasks are visited, n1's own among them.
+        let mut after = before.clone();
+        after.insert_service(web(&["4570:80,mode=host", "4567:80", "4568:80/udp"]));
+        let s = Scope::between(&before, &after, "n1").unwrap();
+        let web_tasks: BTreeSet<String> = before.tasks_of("web").map(|t| t.id.clone()).collect();
+        assert!(web_tasks.contains("a"));
+        assert_eq!(s.tasks, web_tasks);
+        assert!(s.local);
     }
 
     #[test]

@@ -312,6 +312,10 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
     // path, TCP and UDP. (The XDP fast path still translates flows to remote tasks to
     // the node's ingress address.)
     if xdp == "off" {
+        let source = &lab.cli_json(2, &["status"])?["routing_mesh"]["source"];
+        if source != "client" {
+            bail!("netd status says the mesh source is {source}, not client (the default)");
+        }
         let client_ip = underlay_ip(CLIENT_HOST);
         for node in &nodes {
             for _ in 0..5 {
@@ -333,6 +337,15 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
                 }
             }
         }
+    }
+
+    // The task's replies to mesh clients leave through its node's ingress sandbox, but
+    // its answers to a peer on its own network do not: w1 asks w0 over `front`, UDP to
+    // the published target port, and hears back from w0's address there.
+    let w0 = SocketAddr::from((lab.task_ip(0, "w0", "front")?, 80));
+    let (answer, from) = udp_ask_from(&lab.ns("w1"), w0)?;
+    if from != w0 || field(&answer, "Hostname") != Some("w0") {
+        bail!("w1 asked {w0} over front: {answer:?} from {from}");
     }
 
     // One client address and port holds connections through all three nodes at once to

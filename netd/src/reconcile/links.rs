@@ -197,9 +197,18 @@ impl Links for KernelLinks {
         let namespaces: Vec<&Netns> = namespaces.iter().collect();
         self.unless_done(
             "ingress sandbox".into(),
-            &(t, &i.local_address, &i.mesh_return),
+            &(t, &i.local_address),
             &namespaces,
             self.ensure_ingress_sandbox(i, t),
+        )
+        .await?;
+        // Apart from the sandbox: remote tasks come and go far more often.
+        let isbox = [Netns::named(&naming::ingress_sbox_netns(&self.cfg.name))];
+        self.unless_done(
+            "mesh return".into(),
+            &i.mesh_return,
+            &[&isbox[0]],
+            self.ensure_mesh_return(i),
         )
         .await
         .map(|_| ())
@@ -360,19 +369,10 @@ impl KernelLinks {
             .map_err(|e| anyhow!("{e}"))??;
         self.plumb(t).await?;
         let (local, prefix) = (i.local_address, self.cfg.gwbridge_subnet.prefix());
-        let back = i.mesh_return.clone();
         self.netlink
             .with(&Netns::named(&name), move |h| async move {
                 let eth1 = netlink::require_link(&h, naming::INGRESS_SBOX_GWBRIDGE_IF).await?;
-                netlink::ensure_address(&h, &eth1, local, prefix).await?;
-                let eth0 = netlink::require_link(&h, ISBOX_INGRESS_IF).await?;
-                for (table, routes) in back.node_tables(eth0.index) {
-                    netlink::ensure_table_routes(&h, table, &routes).await?;
-                }
-                let tasks = back.task_routes(eth0.index);
-                netlink::ensure_table_routes(&h, mesh_return::REMOTE_TASKS_TABLE, &tasks).await?;
-                netlink::ensure_rules(&h, mesh_return::PREFS, &back.rules()).await?;
-                Ok(())
+                netlink::ensure_address(&h, &eth1, local, prefix).await
             })
             .await?;
         netns::run_in(&Netns::named(&name), || {
@@ -387,6 +387,22 @@ impl KernelLinks {
             Ok(())
         })
         .await
+    }
+
+    /// The ingress sandbox's tables and rules of the mesh's way back (one route dump for
+    /// all its tables; a gone node's table is emptied).
+    async fn ensure_mesh_return(&self, i: &IngressPlan) -> Result<()> {
+        let back = i.mesh_return.clone();
+        let name = naming::ingress_sbox_netns(&self.cfg.name);
+        self.netlink
+            .with(&Netns::named(&name), move |h| async move {
+                let eth0 = netlink::require_link(&h, ISBOX_INGRESS_IF).await?;
+                let tables = back.tables(eth0.index);
+                netlink::ensure_tables(&h, mesh_return::sandbox_table, &tables).await?;
+                netlink::ensure_rules(&h, mesh_return::PREFS, &back.rules()).await?;
+                Ok(())
+            })
+            .await
     }
 
     async fn ensure_swept(&self, w: &Wanted) -> Result<()> {
@@ -459,6 +475,9 @@ impl KernelLinks {
         let endpoints = task.endpoints.clone();
         let gateway = task.default_gateway;
         let back = t.mesh_return.clone();
+        // A task that stops being published loses its rules; the ingress sandbox (no
+        // service) keeps its own, which `ensure_mesh_return` writes.
+        let of_a_service = !task.service.is_empty();
         self.netlink
             .with(&task_ns, move |h| async move {
                 if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
@@ -472,11 +491,15 @@ impl KernelLinks {
                     let link = netlink::require_link(&h, &ep.ifname).await?;
                     netlink::ensure_default_route(&h, &link, gw).await?;
                 }
+                let task_table = |t: u32| t == mesh_return::TASK_TABLE;
                 if let Some(back) = back {
                     let link = netlink::require_link(&h, &back.ifname).await?;
-                    let routes = back.routes(link.index);
-                    netlink::ensure_table_routes(&h, mesh_return::TASK_TABLE, &routes).await?;
+                    let tables = [(mesh_return::TASK_TABLE, back.routes(link.index))];
+                    netlink::ensure_tables(&h, task_table, &tables).await?;
                     netlink::ensure_rules(&h, mesh_return::PREFS, &back.rules()).await?;
+                } else if of_a_service {
+                    netlink::ensure_rules(&h, mesh_return::PREFS, &[]).await?;
+                    netlink::ensure_tables(&h, task_table, &[]).await?;
                 }
                 Ok(())
             })
