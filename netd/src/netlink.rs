@@ -392,15 +392,20 @@ pub async fn routed_prefixes(handle: &Handle) -> Result<Vec<(ipnetwork::Ipv4Netw
         .collect())
 }
 
-async fn main_routes(handle: &Handle) -> Result<Vec<MainRoute>> {
-    let routes: Vec<_> = handle
+/// Every IPv4 route of the namespace, of every table.
+async fn route_dump(handle: &Handle) -> Result<Vec<RouteMessage>> {
+    handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute()
         .try_collect()
         .await
-        .context("list routes")?;
-    Ok(routes
+        .context("list routes")
+}
+
+async fn main_routes(handle: &Handle) -> Result<Vec<MainRoute>> {
+    Ok(route_dump(handle)
+        .await?
         .into_iter()
         .filter(|r| r.header.table == 254)
         .map(|r| {
@@ -833,13 +838,7 @@ pub async fn ensure_tables(
     wanted: &[(u32, Vec<TableRoute>)],
 ) -> Result<usize> {
     use std::collections::{BTreeMap, BTreeSet};
-    let dump: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .context("list routes")?;
+    let dump = route_dump(handle).await?;
     let wanted: BTreeMap<u32, BTreeSet<TableRoute>> = wanted
         .iter()
         .map(|(t, routes)| (*t, routes.iter().copied().collect()))

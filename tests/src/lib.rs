@@ -505,6 +505,13 @@ impl Lab {
         Ok(())
     }
 
+    /// Takes node `i` off the underlay (its port on the hub goes down), as a machine that
+    /// died or a pulled cable: nothing reaches it, nothing leaves it.
+    pub fn cut_underlay(&self, i: usize) -> Result<()> {
+        let host = self.nodes[i].ip.octets()[3];
+        ip(&["-n", &self.hub, "link", "set", &format!("u{host}"), "down"])
+    }
+
     /// Plugs a new namespace `name` into the underlay with address .`host`.
     fn plug_underlay(&self, name: &str, host: u8) -> Result<()> {
         let hub_side = format!("u{host}");

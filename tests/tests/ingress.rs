@@ -348,6 +348,38 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         bail!("w1 asked {w0} over front: {answer:?} from {from}");
     }
 
+    // A published task's own connections to the outside still leave through the
+    // gwbridge, masqueraded to its node's address (w0 runs on n1), TCP and UDP: the way
+    // back of the mesh takes only what comes from its ingress address.
+    if xdp == "off" {
+        let listener = in_netns(&client, || Ok(std::net::TcpListener::bind("0.0.0.0:0")?))?;
+        let udp = in_netns(&client, || Ok(std::net::UdpSocket::bind("0.0.0.0:0")?))?;
+        udp.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let (tcp_port, udp_port) = (listener.local_addr()?.port(), udp.local_addr()?.port());
+        let server = underlay_ip(CLIENT_HOST);
+        in_netns(&lab.ns("w0"), move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.send_to(b"out", (server, udp_port))?;
+            let _conn = TcpStream::connect_timeout(
+                &SocketAddr::from((server, tcp_port)),
+                Duration::from_secs(3),
+            )?;
+            Ok(())
+        })
+        .context("w0 reaches a host on the underlay")?;
+        let (_, tcp_peer) = listener.accept()?;
+        let mut buf = [0u8; 16];
+        let (_, udp_peer) = udp.recv_from(&mut buf)?;
+        for (what, peer) in [("TCP", tcp_peer), ("UDP", udp_peer)] {
+            if peer.ip() != std::net::IpAddr::V4(nodes[0]) {
+                bail!(
+                    "w0's own {what} arrived from {peer}, not from its node {}",
+                    nodes[0]
+                );
+            }
+        }
+    }
+
     // One client address and port holds connections through all three nodes at once to
     // a service's only task (on n1): n1's ingress sandbox sees three flows from the same
     // client address and port to the same task, told apart by the node that took each
@@ -614,5 +646,29 @@ fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
                 .all(|n| ["w0", "w2", "w4"].contains(&n.as_str())))
         },
     )?;
+
+    // An ingress node dies mid-flow: n3 (no task) loses its daemon and its cable while a
+    // client holds a connection through it. New flows through n1 work at once (no wait
+    // for the lease: nothing of theirs depends on n3), and on the kernel path the task
+    // still sees the client.
+    let via_n3 = SocketAddr::from((nodes[2], PUBLISHED));
+    let held = in_netns(&client, move || {
+        let mut s = TcpStream::connect_timeout(&via_n3, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut buf = vec![];
+        http_request(&mut s, &mut buf)?;
+        Ok(s)
+    })?;
+    lab.stop_daemon(2, true)?;
+    lab.cut_underlay(2)?;
+    for _ in 0..5 {
+        let body = http_get_from(&client, SocketAddr::from((nodes[0], PUBLISHED)))
+            .context("a new flow through n1 right after n3 died")?;
+        let peer = field(&body, "RemoteAddr").unwrap_or_default();
+        if xdp == "off" && !peer.starts_with(&format!("{}:", underlay_ip(CLIENT_HOST))) {
+            bail!("through n1 after n3 died, the task saw {peer:?}, not the client");
+        }
+    }
+    drop(held);
     Ok(())
 }
