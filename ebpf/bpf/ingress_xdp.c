@@ -644,6 +644,9 @@ static __always_inline __u32 overlay_mtu(const struct netd_ingress_config *cfg)
 	return cfg->overlay_mtu ? cfg->overlay_mtu : DEFAULT_OVERLAY_MTU;
 }
 
+/* IPv4's "don't fragment" bit in frag_off (host order). */
+#define IP_DONT_FRAGMENT 0x4000
+
 /* The ICMP header of a "fragmentation needed" error (RFC 1191): linux/icmp.h cannot be
  * included here, it pulls in the C library's headers. */
 struct frag_needed_hdr {
@@ -807,7 +810,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 		/* Too big to wrap. With DF the client learns the overlay's MTU; without, the
 		 * datagram is dropped (the kernel path would fragment it, but from another
 		 * translation port than the flow's: the task would see two clients). */
-		if (ip->frag_off & bpf_htons(0x4000))
+		if (ip->frag_off & bpf_htons(IP_DONT_FRAGMENT))
 			return frag_needed(ctx, cfg);
 		flow_event(NETD_FLOWS_TOO_BIG);
 		return count(DROPPED, XDP_DROP);

@@ -19,7 +19,7 @@ pub struct LinkedProgram {
     /// The kernel's hash of the program's instructions (map references left out): the
     /// same code loaded twice has the same tag.
     pub tag: u64,
-    /// The maps the program uses, sorted: the same code with maps made anew (a reshaped
+    /// The program's named (pinned) maps, sorted: the same code with maps made anew (a reshaped
     /// map unpinned and created again) has the same tag and must still be replaced, or it
     /// would keep reading the orphaned maps.
     pub map_ids: Vec<u32>,

@@ -36,6 +36,16 @@ pub fn sandbox_table(table: u32) -> bool {
     table == REMOTE_TASKS_TABLE || table & MARK_MASK == MARK_BASE
 }
 
+/// A rule at `pref` that looks up `table` (None: drops).
+fn rule(pref: u32, selector: RuleSelector, table: Option<u32>) -> Rule {
+    Rule {
+        pref,
+        selector,
+        table,
+        suppress_default: false,
+    }
+}
+
 /// Who a task behind a published port sees as its peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum MeshSource {
@@ -85,25 +95,18 @@ impl TaskReturn {
     /// published target ports) look up [`TASK_TABLE`]. Nothing else of the task
     /// changes: its own connections leave by its default route, DNS stays local.
     pub fn rules(&self) -> Vec<Rule> {
+        let own_subnets = Rule {
+            suppress_default: true,
+            ..rule(*PREFS.start(), RuleSelector::All, Some(MAIN_TABLE))
+        };
+        let from_ingress = RuleSelector::From(self.ip);
         let mut rules = vec![
-            Rule {
-                pref: *PREFS.start(),
-                selector: RuleSelector::All,
-                table: Some(MAIN_TABLE),
-                suppress_default: true,
-            },
-            Rule {
-                pref: PREFS.start() + 1,
-                selector: RuleSelector::From(self.ip),
-                table: Some(TASK_TABLE),
-                suppress_default: false,
-            },
+            own_subnets,
+            rule(PREFS.start() + 1, from_ingress, Some(TASK_TABLE)),
         ];
-        rules.extend(self.udp_ports.iter().enumerate().map(|(i, p)| Rule {
-            pref: PREFS.start() + 2 + i as u32,
-            selector: RuleSelector::UdpSport(*p),
-            table: Some(TASK_TABLE),
-            suppress_default: false,
+        rules.extend(self.udp_ports.iter().enumerate().map(|(i, p)| {
+            let pref = PREFS.start() + 2 + i as u32;
+            rule(pref, RuleSelector::UdpSport(*p), Some(TASK_TABLE))
         }));
         rules.truncate(PREFS.count());
         rules
@@ -149,12 +152,6 @@ impl SandboxReturn {
     /// then a blackhole for marks of nodes that are gone (their replies must not leave
     /// by the default route with a client's address).
     pub fn rules(&self) -> Vec<Rule> {
-        let rule = |pref, selector, table| Rule {
-            pref,
-            selector,
-            table,
-            suppress_default: false,
-        };
         let mut rules = vec![rule(
             *PREFS.start(),
             RuleSelector::All,

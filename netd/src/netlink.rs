@@ -653,8 +653,8 @@ fn wrote() {
 }
 
 /// A policy-routing rule of netd's (the routing mesh's way back to the ingress node that
-/// took a flow: docs/architecture.md, "Source address"). Each of netd's rules has a preference of its
-/// own in a range netd owns, so netd tells its rules from anyone else's by that alone.
+/// took a flow: docs/architecture.md, "Source address"). netd's rules have preferences
+/// in a range netd owns, so netd tells its rules from anyone else's by that alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Rule {
     pub pref: u32,

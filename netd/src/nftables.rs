@@ -172,18 +172,17 @@ impl MeshZones {
         let mut mangle = vec![];
         let mut raw = vec![];
         if !self.nodes.is_empty() {
-            let ids = list(
-                self.nodes
-                    .iter()
-                    .map(|(mac, id)| format!("{mac} : {id}"))
-                    .collect(),
-            );
-            let marks = list(
-                self.nodes
-                    .iter()
-                    .map(|(mac, id)| format!("{mac} : 0x{:08x}", crate::mesh_return::mark(*id)))
-                    .collect(),
-            );
+            // Each node's sandbox MAC to a value of its id.
+            let by_mac = |value: &dyn Fn(u16) -> String| {
+                list(
+                    self.nodes
+                        .iter()
+                        .map(|(mac, id)| format!("{mac} : {}", value(*id)))
+                        .collect(),
+                )
+            };
+            let ids = by_mac(&|id| id.to_string());
+            let marks = by_mac(&|id| format!("0x{:08x}", crate::mesh_return::mark(id)));
             raw.push(format!(
                 "iifname \"{i}\" ip daddr {subnet} ct original zone set ether saddr map {{ {ids} }}"
             ));
@@ -336,7 +335,7 @@ impl Ruleset {
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n\
              \tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{}\t}}\n\
              \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n\
-             \tchain mangle_prerouting {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n{}\t}}\n\
+             {}\
              \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
              \tcounter {TASK_TO_NODE} {{\n\t}}\n\
              \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n{}\t}}\n}}\n",
@@ -346,7 +345,16 @@ impl Ruleset {
             indent(&forward),
             indent(&raw_prerouting),
             indent(&raw),
-            indent(&mangle),
+            // Only where it has rules (the ingress sandbox): an empty base chain would
+            // still be a hook every packet of the node passes.
+            if mangle.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "\tchain mangle_prerouting {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n{}\t}}\n",
+                    indent(&mangle)
+                )
+            },
             indent(&input),
         )
     }

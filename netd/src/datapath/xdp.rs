@@ -101,34 +101,31 @@ const ROOT: &str = "/sys/fs/bpf/netd-xdp";
 /// that overflow them; see the module's documentation).
 pub const FLOW_ENTRIES_ENV: &str = "NETD_XDP_FLOW_ENTRIES";
 
-/// The flow maps' size from [`FLOW_ENTRIES_ENV`], if it is set.
 /// Seconds a UDP flow of the fast path may go without a packet (the program's own is
 /// about 120 s, as the kernel path's conntrack keeps an answered UDP flow): for tests
 /// that watch flows expire, as [`FLOW_ENTRIES_ENV`] is.
 pub const UDP_IDLE_ENV: &str = "NETD_XDP_UDP_IDLE_SECS";
 
-fn udp_idle() -> Result<Option<std::time::Duration>> {
-    let Some(v) = std::env::var_os(UDP_IDLE_ENV) else {
-        return Ok(None);
-    };
-    match v.to_str().and_then(|s| s.trim().parse::<u64>().ok()) {
-        Some(n) if n > 0 => Ok(Some(std::time::Duration::from_secs(n))),
-        _ => Err(anyhow!(
-            "{UDP_IDLE_ENV}={v:?}: not a number of seconds (1 or more)"
-        )),
-    }
-}
-
-fn flow_entries() -> Result<Option<u32>> {
-    let Some(v) = std::env::var_os(FLOW_ENTRIES_ENV) else {
+/// A positive number from environment variable `var`, if it is set; `what` names the
+/// unit in the error.
+fn env_count(var: &str, what: &str) -> Result<Option<u32>> {
+    let Some(v) = std::env::var_os(var) else {
         return Ok(None);
     };
     match v.to_str().and_then(|s| s.trim().parse::<u32>().ok()) {
         Some(n) if n > 0 => Ok(Some(n)),
-        _ => Err(anyhow!(
-            "{FLOW_ENTRIES_ENV}={v:?}: not a number of flow entries (1 or more)"
-        )),
+        _ => Err(anyhow!("{var}={v:?}: not a number of {what} (1 or more)")),
     }
+}
+
+/// The idle time from [`UDP_IDLE_ENV`], if it is set.
+fn udp_idle() -> Result<Option<std::time::Duration>> {
+    Ok(env_count(UDP_IDLE_ENV, "seconds")?.map(|n| std::time::Duration::from_secs(n.into())))
+}
+
+/// The flow maps' size from [`FLOW_ENTRIES_ENV`], if it is set.
+fn flow_entries() -> Result<Option<u32>> {
+    env_count(FLOW_ENTRIES_ENV, "flow entries")
 }
 
 pub struct XdpMesh {

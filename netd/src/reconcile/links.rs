@@ -475,9 +475,15 @@ impl KernelLinks {
         let endpoints = task.endpoints.clone();
         let gateway = task.default_gateway;
         let back = t.mesh_return.clone();
-        // A task that stops being published loses its rules; the ingress sandbox (no
-        // service) keeps its own, which `ensure_mesh_return` writes.
-        let of_a_service = !task.service.is_empty();
+        // A task on the ingress network that has no way back planned (its node lacks an
+        // ingress address, say) loses rules it had; the ingress sandbox (no service)
+        // keeps its own, which `ensure_mesh_return` writes. Other tasks never had any:
+        // no dump for them.
+        let may_have_rules = !task.service.is_empty()
+            && task
+                .endpoints
+                .iter()
+                .any(|e| e.network == crate::state::INGRESS);
         self.netlink
             .with(&task_ns, move |h| async move {
                 if let Some(lo) = netlink::link_by_name(&h, "lo").await? {
@@ -497,7 +503,7 @@ impl KernelLinks {
                     let tables = [(mesh_return::TASK_TABLE, back.routes(link.index))];
                     netlink::ensure_tables(&h, task_table, &tables).await?;
                     netlink::ensure_rules(&h, mesh_return::PREFS, &back.rules()).await?;
-                } else if of_a_service {
+                } else if may_have_rules {
                     netlink::ensure_rules(&h, mesh_return::PREFS, &[]).await?;
                     netlink::ensure_tables(&h, task_table, &[]).await?;
                 }
