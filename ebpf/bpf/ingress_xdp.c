@@ -2,12 +2,24 @@
 /* The routing mesh's fast path, on the node's underlay interface (Katran's shape).
  *
  * A packet to NODE_IP:PUBLISHED (TCP or UDP) of a published port: pick a backend task
- * round-robin, translate the packet as the kernel path would (source -> the node's
- * ingress address and a port of its own, destination -> the task's ingress address and
- * the target port), wrap it in VXLAN towards the task's node (ingress VNI) and send it
- * straight back out. The task's answer comes back in VXLAN to this node's VTEP: unwrap
- * it, restore NODE_IP:PUBLISHED -> client, send it out. The kernel stack never sees
- * either direction.
+ * round-robin, translate the packet as the kernel path would, wrap it in VXLAN towards
+ * the task's node (ingress VNI) and send it straight back out. The task's answer comes
+ * back in VXLAN to this node's VTEP: unwrap it, restore NODE_IP:PUBLISHED -> client,
+ * send it out. The kernel stack never sees either direction.
+ *
+ * The translation, by the config's NETD_MESH_CLIENT_SOURCE (decided per flow, when it
+ * opens, and kept in its flags):
+ * - client source (the default): the destination becomes the task's ingress address and
+ *   the target port; the source stays the client's (its port too, unless the task
+ *   already sees a flow of this node from that client address and port: then one from
+ *   the translation range). The inner frame is addressed to the ingress sandbox of the
+ *   task's node (netd_mesh_vias), which remembers that this node took the flow (its
+ *   conntrack zone and mark, by the inner source MAC, as for the kernel path's flows)
+ *   and sends the task's answers back to this node's ingress address, in VXLAN, with the
+ *   client as their inner destination;
+ * - snat: the source becomes the node's ingress address and a port of the translation
+ *   range, and the frame goes to the task itself, which answers that address.
+ * Either way the task's answer is found by its inner 4-tuple (netd_flow_tuple).
  *
  * Flow state, in two tables of two LRU maps each (forward: client 4-tuple -> task and
  * translation port; reverse: task side -> client), as conntrack's "assured" flag works:
@@ -102,6 +114,15 @@ struct {
 	__type(value, struct netd_mesh_backend);
 } netd_mesh_backends SEC(".maps");
 
+/* Each node's VTEP -> its address on the ingress network (see netd_maps.h). */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} netd_mesh_vias SEC(".maps");
+
 /* Next round-robin position per port slot. */
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -125,7 +146,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 131072);
-	__type(key, struct netd_flow_key);
+	__type(key, struct netd_flow_tuple);
 	__type(value, struct netd_flow_rev);
 } netd_flows_rev SEC(".maps");
 
@@ -144,7 +165,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 131072);
-	__type(key, struct netd_flow_key);
+	__type(key, struct netd_flow_tuple);
 	__type(value, struct netd_flow_rev);
 } netd_flows_rev_new SEC(".maps");
 
@@ -340,6 +361,15 @@ static __always_inline void mac_for(__u8 *mac, __be32 addr)
 	mac[5] = a[3];
 }
 
+/* Whether `mac` is netd's MAC for `addr` (see mac_for). */
+static __always_inline int is_mac_for(const __u8 *mac, __be32 addr)
+{
+	const __u8 *a = (const __u8 *)&addr;
+
+	return mac[0] == 0x02 && mac[1] == 0x42 && mac[2] == a[0] && mac[3] == a[1] &&
+	       mac[4] == a[2] && mac[5] == a[3];
+}
+
 /* Fills the Ethernet addresses towards `dst` from the kernel's FIB and neighbours, and
  * sends the frame: back out the same interface, or to the one the route names. */
 static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth, __be32 src, __be32 dst,
@@ -366,14 +396,18 @@ static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth, __be32 s
  * the established table, or in the unconfirmed one. */
 enum table { NO_FLOW, ESTABLISHED, UNCONFIRMED };
 
-/* The reverse key of forward flow `f`: {task, target port, translation port}. */
-static __always_inline struct netd_flow_key reverse_key(struct netd_flow_fwd *f, __u8 proto)
+/* The reverse key of forward flow fk -> f: the task's answer, from {task, target port}
+ * to the client's side as the task sees it (see struct netd_flow_tuple). */
+static __always_inline struct netd_flow_tuple reverse_key(struct netd_ingress_config *cfg,
+							  struct netd_flow_fwd *f,
+							  struct netd_flow_key *fk)
 {
-	struct netd_flow_key rk = {
-		.addr = f->backend,
-		.port_a = f->target_port,
-		.port_b = f->snat_port,
-		.proto = proto,
+	struct netd_flow_tuple rk = {
+		.src = f->backend,
+		.dst = (f->flags & NETD_FLOW_CLIENT) ? fk->addr : cfg->ingress_ip,
+		.sport = f->target_port,
+		.dport = f->snat_port,
+		.proto = fk->proto,
 	};
 
 	return rk;
@@ -386,40 +420,50 @@ static __always_inline int rev_is(struct netd_flow_rev *r, struct netd_flow_key 
 	       r->published_port == fk->port_b;
 }
 
-/* Whether forward half `f` is the flow of reverse key `rk` (XDP's, on the same task,
- * target port and translation port), not a newer flow of the same client 4-tuple. */
-static __always_inline int fwd_is(struct netd_flow_fwd *f, struct netd_flow_key *rk)
+/* Whether forward half fk -> f is the flow of reverse key `rk` (XDP's, with the same
+ * task side and client side as the task sees them), not a newer flow of the same client
+ * 4-tuple. */
+static __always_inline int fwd_is(struct netd_ingress_config *cfg, struct netd_flow_fwd *f,
+				  struct netd_flow_key *fk, struct netd_flow_tuple *rk)
 {
-	return !(f->flags & NETD_FLOW_KERNEL) && f->backend == rk->addr &&
-	       f->target_port == rk->port_a && f->snat_port == rk->port_b;
+	struct netd_flow_tuple mine;
+
+	if (f->flags & NETD_FLOW_KERNEL)
+		return 0;
+	mine = reverse_key(cfg, f, fk);
+	return mine.src == rk->src && mine.dst == rk->dst && mine.sport == rk->sport &&
+	       mine.dport == rk->dport;
 }
 
 /* Forgets the flow of client key `fk` in one table (its forward and reverse maps), if
  * it is there: the reverse half first, which frees the translation port. Both forward
  * maps' values begin with a struct netd_flow_fwd, which is all this reads. */
-static __always_inline void forget(void *fwd_map, void *rev_map, struct netd_flow_key *fk)
+static __always_inline void forget(struct netd_ingress_config *cfg, void *fwd_map, void *rev_map,
+				   struct netd_flow_key *fk)
 {
 	struct netd_flow_fwd *f = bpf_map_lookup_elem(fwd_map, fk);
-	struct netd_flow_key rk;
+	struct netd_flow_tuple rk;
 
 	if (!f)
 		return;
 	if (!(f->flags & NETD_FLOW_KERNEL)) {
-		rk = reverse_key(f, fk->proto);
+		rk = reverse_key(cfg, f, fk);
 		bpf_map_delete_elem(rev_map, &rk);
 	}
 	bpf_map_delete_elem(fwd_map, fk);
 }
 
 /* A new flow to published port `pv`: its backend into `out` and, for a remote one, the
- * reverse half with a free translation port, both into the unconfirmed table. Returns
- * 0 when there is nothing to send it to. */
+ * reverse half with a port that makes it unique (with the client's address kept, the
+ * client's own port first), both into the unconfirmed table. Returns 0 when there is
+ * nothing to send it to. */
 static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd_port_value *pv,
 				    struct netd_flow_key *fk, struct netd_flow_fwd *out)
 {
 	struct netd_backend_key bk = {};
 	struct netd_flow_fwd_new n = {};
 	struct netd_mesh_backend *b;
+	int client = cfg->flags & NETD_MESH_CLIENT_SOURCE;
 	__u32 *next;
 
 	if (pv->count == 0)
@@ -446,14 +490,15 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 		}
 		return 1;
 	}
+	if (client) {
+		/* The task's node must be known to take the flow in (netd writes its entry
+		 * before the ports that lead there). */
+		if (!bpf_map_lookup_elem(&netd_mesh_vias, &b->vtep))
+			return 0;
+		out->flags |= NETD_FLOW_CLIENT;
+	}
 	for (int i = 0; i < SNAT_TRIES; i++) {
-		__u16 port = SNAT_FIRST + (bpf_get_prandom_u32() % SNAT_FIRST);
-		struct netd_flow_key rk = {
-			.addr = b->addr,
-			.port_a = pv->target_port,
-			.port_b = bpf_htons(port),
-			.proto = fk->proto,
-		};
+		struct netd_flow_tuple rk;
 		struct netd_flow_rev rv = {
 			.client = fk->addr,
 			.client_port = fk->port_a,
@@ -464,13 +509,17 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 		 * one: a flow being confirmed meanwhile enters the established map before it
 		 * leaves the unconfirmed one, so either the insertion fails or the look-up
 		 * sees it. */
+		if (client && i == 0)
+			out->snat_port = fk->port_a;
+		else
+			out->snat_port = bpf_htons(SNAT_FIRST + (bpf_get_prandom_u32() % SNAT_FIRST));
+		rk = reverse_key(cfg, out, fk);
 		if (bpf_map_update_elem(&netd_flows_rev_new, &rk, &rv, BPF_NOEXIST))
 			continue;
 		if (bpf_map_lookup_elem(&netd_flows_rev, &rk)) {
 			bpf_map_delete_elem(&netd_flows_rev_new, &rk);
 			continue;
 		}
-		out->snat_port = rk.port_b;
 		n.fwd = *out;
 		bpf_map_update_elem(&netd_flows_fwd_new, fk, &n, BPF_ANY);
 		flow_event(NETD_FLOWS_OPENED);
@@ -485,7 +534,7 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
  * a translation port in use is always in one of the reverse maps (new_flow relies on
  * it). Returns 0 if the established table refused it. */
 static __always_inline int confirm(struct netd_flow_key *fk, struct netd_flow_fwd *f,
-				   struct netd_flow_key *rk, struct netd_flow_rev *rv)
+				   struct netd_flow_tuple *rk, struct netd_flow_rev *rv)
 {
 	int kernel = f->flags & NETD_FLOW_KERNEL;
 
@@ -514,11 +563,12 @@ static __always_inline int acks_syn_ack(struct netd_flow_fwd_new *n, __be32 ack_
  * flows, at once), a packet that `confirms` moves the flow to the established table; a
  * TCP one only if it acknowledges the task's SYN-ACK (`ack_seq`, as in the packet): a
  * blind ACK from a spoofed source leaves the flow unconfirmed, counted. */
-static __always_inline enum table unconfirmed(struct netd_flow_key *fk,
+static __always_inline enum table unconfirmed(struct netd_ingress_config *cfg,
+					      struct netd_flow_key *fk,
 					      struct netd_flow_fwd_new *n, int confirms,
 					      __be32 ack_seq)
 {
-	struct netd_flow_key rk = reverse_key(&n->fwd, fk->proto);
+	struct netd_flow_tuple rk = reverse_key(cfg, &n->fwd, fk);
 	struct netd_flow_rev rv = {};
 	struct netd_flow_rev *r;
 
@@ -546,9 +596,10 @@ static __always_inline enum table unconfirmed(struct netd_flow_key *fk,
  * it. The two maps evict apart, and a lone forward half would send the client's packets
  * from a translation port that new_flow may have given to another flow by now: such a
  * flow is lost (its forward half forgotten). The kernel's flows have no reverse half. */
-static __always_inline int established(struct netd_flow_key *fk, struct netd_flow_fwd *f)
+static __always_inline int established(struct netd_ingress_config *cfg, struct netd_flow_key *fk,
+				       struct netd_flow_fwd *f)
 {
-	struct netd_flow_key rk = reverse_key(f, fk->proto);
+	struct netd_flow_tuple rk = reverse_key(cfg, f, fk);
 	struct netd_flow_rev *r;
 
 	if (f->flags & NETD_FLOW_KERNEL)
@@ -580,8 +631,8 @@ static __always_inline enum table flow_of(struct netd_ingress_config *cfg,
 		 * Katran does: a SYN is always a new pick). The old flow's translation port is
 		 * freed now, so the two maps of a table, which evict apart, never disagree
 		 * about it. */
-		forget(&netd_flows_fwd, &netd_flows_rev, fk);
-		forget(&netd_flows_fwd_new, &netd_flows_rev_new, fk);
+		forget(cfg, &netd_flows_fwd, &netd_flows_rev, fk);
+		forget(cfg, &netd_flows_fwd_new, &netd_flows_rev_new, fk);
 		return new_flow(cfg, pv, fk, f) ? UNCONFIRMED : NO_FLOW;
 	}
 	now = seen_now();
@@ -589,26 +640,26 @@ static __always_inline enum table flow_of(struct netd_ingress_config *cfg,
 	if (e && idle_udp(fk->proto, e->flags, now)) {
 		/* The client comes back after a silence: a new flow, a new pick (the task may
 		 * have gone meanwhile, as conntrack's entry would have). */
-		forget(&netd_flows_fwd, &netd_flows_rev, fk);
+		forget(cfg, &netd_flows_fwd, &netd_flows_rev, fk);
 		flow_event(NETD_FLOWS_EXPIRED);
 		e = NULL;
 	}
 	if (e) {
 		seen(e, now);
 		*f = *e;
-		if (established(fk, f))
+		if (established(cfg, fk, f))
 			return ESTABLISHED;
 	}
 	n = bpf_map_lookup_elem(&netd_flows_fwd_new, fk);
 	if (n && idle_udp(fk->proto, n->fwd.flags, now)) {
-		forget(&netd_flows_fwd_new, &netd_flows_rev_new, fk);
+		forget(cfg, &netd_flows_fwd_new, &netd_flows_rev_new, fk);
 		flow_event(NETD_FLOWS_EXPIRED);
 		n = NULL;
 	}
 	if (n) {
 		copy = *n;
 		*f = copy.fwd;
-		t = unconfirmed(fk, &copy, confirms, ack_seq);
+		t = unconfirmed(cfg, fk, &copy, confirms, ack_seq);
 		if (t != NO_FLOW)
 			return t;
 	}
@@ -766,6 +817,9 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	struct udphdr *oudp;
 	struct iphdr *oip;
 	struct ethhdr *ieth;
+	__be32 source = cfg->ingress_ip; /* what the task sees as the client */
+	__be32 inner_dest;               /* whose MAC the inner frame goes to */
+	__u32 *via;
 	__u32 inner_len;
 	int tcp_syn = 0;
 	int tcp_rst = 0;
@@ -815,19 +869,29 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 		flow_event(NETD_FLOWS_TOO_BIG);
 		return count(DROPPED, XDP_DROP);
 	}
-	translate(ip, ports, l4_check, cfg->ingress_ip, f.snat_port, f.backend, f.target_port);
+	inner_dest = f.backend;
+	if (f.flags & NETD_FLOW_CLIENT) {
+		/* Into the task's node through its ingress sandbox, which the task answers. */
+		via = bpf_map_lookup_elem(&netd_mesh_vias, &f.vtep);
+		if (!via)
+			return count(DROPPED, XDP_DROP); /* the node left: its flows go with it */
+		inner_dest = *via;
+		source = fk.addr;
+	}
+	translate(ip, ports, l4_check, source, f.snat_port, f.backend, f.target_port);
 	__u16 entropy = (__u16)(fk.addr ^ fk.port_a);
 
 	if (tcp_rst) {
 		/* The client aborts: this RST is the flow's last packet. */
 		if (table == ESTABLISHED)
-			forget(&netd_flows_fwd, &netd_flows_rev, &fk);
+			forget(cfg, &netd_flows_fwd, &netd_flows_rev, &fk);
 		else
-			forget(&netd_flows_fwd_new, &netd_flows_rev_new, &fk);
+			forget(cfg, &netd_flows_fwd_new, &netd_flows_rev_new, &fk);
 	}
 
 	/* Wrap: [outer eth | outer ip | udp | vxlan] + the frame, whose Ethernet header
-	 * becomes the inner one (task MAC <- the node's ingress MAC). */
+	 * becomes the inner one (the task's or its node's ingress sandbox's MAC <- this
+	 * node's ingress MAC, which tells that sandbox who took the flow). */
 	if (bpf_xdp_adjust_head(ctx, -(int)ENCAP_LEN))
 		return count(DROPPED, XDP_DROP);
 	data = (void *)(long)ctx->data;
@@ -839,7 +903,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	ieth = (void *)(vx + 1);
 	if ((void *)(ieth + 1) > end)
 		return count(DROPPED, XDP_DROP);
-	mac_for(ieth->h_dest, f.backend);
+	mac_for(ieth->h_dest, inner_dest);
 	mac_for(ieth->h_source, cfg->ingress_ip);
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	oip->version = 4;
@@ -872,7 +936,8 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
  * in the established table, else in the unconfirmed one (where it still is while
  * confirm() moves the flow, whose reverse half goes first); NULL if neither holds this
  * flow. `*n` is the unconfirmed entry when the flow is there, else NULL. */
-static __always_inline struct netd_flow_fwd *fwd_of(struct netd_flow_key *rk,
+static __always_inline struct netd_flow_fwd *fwd_of(struct netd_ingress_config *cfg,
+						    struct netd_flow_tuple *rk,
 						    struct netd_flow_rev *r,
 						    struct netd_flow_key *fk,
 						    struct netd_flow_fwd_new **n)
@@ -885,10 +950,10 @@ static __always_inline struct netd_flow_fwd *fwd_of(struct netd_flow_key *rk,
 	fk->proto = rk->proto;
 	*n = NULL;
 	f = bpf_map_lookup_elem(&netd_flows_fwd, fk);
-	if (f && fwd_is(f, rk))
+	if (f && fwd_is(cfg, f, fk, rk))
 		return f;
 	*n = bpf_map_lookup_elem(&netd_flows_fwd_new, fk);
-	if (*n && fwd_is(&(*n)->fwd, rk))
+	if (*n && fwd_is(cfg, &(*n)->fwd, fk, rk))
 		return &(*n)->fwd;
 	*n = NULL;
 	return NULL;
@@ -911,7 +976,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	struct udphdr *udp = (void *)(ip + 1);
 	__be16 *ports = (__be16 *)(ip + 1);
 	__u16 *l4_check;
-	struct netd_flow_key rk = {};
+	struct netd_flow_tuple rk = {};
 	struct netd_flow_key fk = {};
 	struct netd_flow_rev *r;
 	struct netd_flow_fwd *f;
@@ -928,13 +993,18 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	if (vx->flags != bpf_htonl(VXLAN_FLAG_VNI) || vx->vni != bpf_htonl(cfg->vni << 8) ||
 	    ieth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
-	if (ip->ihl != 5 || ip->daddr != cfg->ingress_ip || (ip->frag_off & bpf_htons(0x3fff)))
+	/* For this node's ingress sandbox: to its address (snat), or to a client through it
+	 * (the task's node sends a client source flow's answers to its MAC). */
+	if (ip->daddr != cfg->ingress_ip && !is_mac_for(ieth->h_dest, cfg->ingress_ip))
+		return XDP_PASS;
+	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
 		return XDP_PASS;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return XDP_PASS;
-	rk.addr = ip->saddr;
-	rk.port_a = ports[0];
-	rk.port_b = ports[1];
+	rk.src = ip->saddr;
+	rk.dst = ip->daddr;
+	rk.sport = ports[0];
+	rk.dport = ports[1];
 	rk.proto = ip->protocol;
 	r = bpf_map_lookup_elem(&netd_flows_rev, &rk);
 	if (!r) {
@@ -948,7 +1018,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	client = r->client;
 	client_port = r->client_port;
 	published_port = r->published_port;
-	f = fwd_of(&rk, r, &fk, &n);
+	f = fwd_of(cfg, &rk, r, &fk, &n);
 	if (!f)
 		return count(PASSED, XDP_PASS); /* a reverse half whose flow is gone */
 	if (f->vtep != oip->saddr) {

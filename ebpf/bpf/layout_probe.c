@@ -43,6 +43,7 @@ int main(void)
 	OFF(netd_ingress_config, vni);
 	OFF(netd_ingress_config, vxlan_port);
 	OFF(netd_ingress_config, overlay_mtu);
+	OFF(netd_ingress_config, flags);
 	SIZE(netd_port_key);
 	OFF(netd_port_key, port);
 	OFF(netd_port_key, proto);
@@ -58,6 +59,12 @@ int main(void)
 	OFF(netd_flow_key, port_a);
 	OFF(netd_flow_key, port_b);
 	OFF(netd_flow_key, proto);
+	SIZE(netd_flow_tuple);
+	OFF(netd_flow_tuple, src);
+	OFF(netd_flow_tuple, dst);
+	OFF(netd_flow_tuple, sport);
+	OFF(netd_flow_tuple, dport);
+	OFF(netd_flow_tuple, proto);
 	SIZE(netd_flow_fwd);
 	OFF(netd_flow_fwd, backend);
 	OFF(netd_flow_fwd, vtep);

@@ -79,7 +79,14 @@ struct netd_ingress_config {
 	/* The largest IP packet the overlay carries (--underlay-mtu - 50), host byte order;
 	 * 0 (a config an older netd wrote): 1450. */
 	__u16 overlay_mtu;
+	__u32 flags; /* NETD_MESH_* */
 };
+
+/* New flows keep the client's address (netd's --mesh-source client): only the
+ * destination is translated, and the frame goes to the task's node's ingress sandbox
+ * (netd_mesh_vias), which sends the task's answers back here. Without it, new flows are
+ * translated to the node's ingress address (--mesh-source snat). */
+#define NETD_MESH_CLIENT_SOURCE 1
 
 /* A published port (network byte order) and its L4 protocol. */
 struct netd_port_key {
@@ -105,14 +112,31 @@ struct netd_mesh_backend {
 	__u32 vtep;
 };
 
-/* One direction of a translated flow: forward {client, client port, published port},
- * reverse {backend, target port, SNAT port}; both with the protocol. The same layouts
- * serve both flow tables: established (netd_flows_fwd, netd_flows_rev) and unconfirmed
- * (netd_flows_fwd_new, netd_flows_rev_new), see ingress_xdp.c. */
+/* netd_mesh_vias maps a node's VTEP (__u32) to its address on the ingress network
+ * (__u32, the MAC of its ingress sandbox follows from it): where a flow that keeps the
+ * client's address enters the task's node. */
+
+/* The forward key of a flow: {client, client port, published port, protocol}. The same
+ * layouts serve both flow tables: established (netd_flows_fwd, netd_flows_rev) and
+ * unconfirmed (netd_flows_fwd_new, netd_flows_rev_new), see ingress_xdp.c. */
 struct netd_flow_key {
 	__u32 addr;
 	__u16 port_a;
 	__u16 port_b;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* The reverse key of a flow: the task's answer as it arrives, inner source and
+ * destination. src:sport is the task and its target port; dst:dport the client's side as
+ * the task saw it: the node's ingress address and a translation port (snat), or the
+ * client's address and its port, or one from the translation range when two flows would
+ * otherwise look alike to the task (client source). */
+struct netd_flow_tuple {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
 	__u8 proto;
 	__u8 pad[3];
 };
@@ -128,13 +152,16 @@ struct netd_flow_key {
  * SYN-ACK (whose sequence number is then in netd_flow_fwd_new.isn), for UDP any
  * datagram. */
 #define NETD_FLOW_ANSWERED 2
+/* The flow keeps the client's address (NETD_MESH_CLIENT_SOURCE when it was opened):
+ * snat_port is the port the task sees the client on. */
+#define NETD_FLOW_CLIENT 4
 
 /* The value of netd_flows_fwd. Its layout must not change: an older netd may have
  * pinned the map (aya reuses a pinned map by name without checking its layout). */
 struct netd_flow_fwd {
 	__u32 backend;
 	__u32 vtep; /* the task's node: a reply must come from it (outer IPv4 source) */
-	__u16 snat_port;
+	__u16 snat_port; /* the reverse key's dport */
 	__u16 target_port;
 	__u32 flags;
 };

@@ -158,31 +158,55 @@ pub fn load_ingress_xdp_with(pin_dir: &Path, options: &IngressOptions) -> Result
 }
 
 /// Maps of [`INGRESS_XDP`] whose shape changed since an older netd could have pinned
-/// them, with what this version needs: (name, value size, least entries). aya reuses a
-/// pinned map by name without looking at its shape, so the program would meet the old
-/// map: the verifier refuses a program that reads past a value's end (and netd could not
-/// load it at all), and an index past an array's end is silently never counted. Add a
-/// map here whenever its value grows or an array gains entries.
-const INGRESS_XDP_RESHAPED: &[(&str, usize, u32)] = &[
+/// them, with what this version needs: (name, key size, value size, least entries). aya
+/// reuses a pinned map by name without looking at its shape, so the program would meet
+/// the old map: the verifier refuses a program that reads past a key's or value's end
+/// (and netd could not load it at all), and an index past an array's end is silently
+/// never counted. Add a map here whenever its key or value changes size or an array
+/// gains entries.
+const INGRESS_XDP_RESHAPED: &[(&str, usize, usize, u32)] = &[
+    // 16 bytes before the config held its flags (the client source).
+    (
+        "netd_ingress_cfg",
+        std::mem::size_of::<u32>(),
+        std::mem::size_of::<maps::IngressConfig>(),
+        1,
+    ),
     // 16 bytes before the SYN-ACK's sequence number was kept.
     (
         "netd_flows_fwd_new",
+        std::mem::size_of::<maps::FlowKey>(),
         std::mem::size_of::<maps::FlowFwdNew>(),
+        1,
+    ),
+    // Keyed by {task, target port, translation port} (12 bytes) before flows could keep
+    // the client's address: their established flows are forgotten with them.
+    (
+        "netd_flows_rev",
+        std::mem::size_of::<maps::FlowTuple>(),
+        std::mem::size_of::<maps::FlowRev>(),
+        1,
+    ),
+    (
+        "netd_flows_rev_new",
+        std::mem::size_of::<maps::FlowTuple>(),
+        std::mem::size_of::<maps::FlowRev>(),
         1,
     ),
     // 4 counters before wrong_vtep and bad_ack, 6 before expired, 7 before too_big.
     (
         "netd_xdp_flow_stats",
+        std::mem::size_of::<u32>(),
         std::mem::size_of::<u64>(),
         maps::FLOWS_COUNTERS,
     ),
 ];
 
 /// Removes the pins in `pin_dir` of maps [`INGRESS_XDP_RESHAPED`] finds in an older
-/// shape, so that loading makes them afresh: what they held (unconfirmed flows,
-/// counters) is lost, and a program still attached keeps the maps it has.
+/// shape, so that loading makes them afresh: what they held (flows, counters) is lost,
+/// and a program still attached keeps the maps it has.
 fn unpin_reshaped(pin_dir: &Path) -> Result<(), EbpfError> {
-    for (name, value_size, min_entries) in INGRESS_XDP_RESHAPED {
+    for (name, key_size, value_size, min_entries) in INGRESS_XDP_RESHAPED {
         let pin = pin_dir.join(name);
         if !pin.exists() {
             continue;
@@ -191,7 +215,10 @@ fn unpin_reshaped(pin_dir: &Path) -> Result<(), EbpfError> {
         let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
             continue;
         };
-        if info.value_size() as usize == *value_size && info.max_entries() >= *min_entries {
+        if info.key_size() as usize == *key_size
+            && info.value_size() as usize == *value_size
+            && info.max_entries() >= *min_entries
+        {
             continue;
         }
         std::fs::remove_file(&pin).map_err(|e| EbpfError::FileError {

@@ -88,7 +88,14 @@ pub struct IngressConfig {
     pub vxlan_port: u16,
     /// The largest IP packet the overlay carries, host byte order (0: 1450).
     pub overlay_mtu: u16,
+    /// [`MESH_CLIENT_SOURCE`] or 0.
+    pub flags: u32,
 }
+
+/// [`IngressConfig::flags`]: new flows keep the client's address (netd's `--mesh-source
+/// client`) and enter the task's node through its ingress sandbox, found in
+/// `netd_mesh_vias` (VTEP -> ingress address, both `u32` in network byte order).
+pub const MESH_CLIENT_SOURCE: u32 = 1;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -126,12 +133,28 @@ pub struct FlowKey {
     pub pad: [u8; 3],
 }
 
+/// The reverse key of a flow (`netd_flows_rev`, `netd_flows_rev_new`): the task's answer
+/// as it arrives, {task, client side as the task sees it} (network byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct FlowTuple {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
 /// [`FlowFwd::flags`]: the flow belongs to the kernel path (XDP passes it on).
 pub const FLOW_KERNEL: u32 = 1;
 /// [`FlowFwd::flags`]: an unconfirmed flow whose task answered through XDP from the
 /// flow's VTEP (TCP: its SYN-ACK, whose sequence number is in [`FlowFwdNew::isn`]; UDP:
 /// any datagram). The client's next packet confirms it (TCP: an ACK of that SYN-ACK).
 pub const FLOW_ANSWERED: u32 = 2;
+/// [`FlowFwd::flags`]: the flow keeps the client's address ([`MESH_CLIENT_SOURCE`] when
+/// it opened); [`FlowFwd::snat_port`] is the port the task sees the client on.
+pub const FLOW_CLIENT: u32 = 4;
 /// [`FlowFwd::flags`] bits 8-31: when the flow last saw a packet, in units of 2^30 ns
 /// modulo 2^24 (ebpf/bpf/netd_maps.h, `NETD_FLOW_SEEN_SHIFT`).
 pub const FLOW_SEEN_SHIFT: u32 = 8;
@@ -215,6 +238,7 @@ unsafe impl aya::Pod for PortKey {}
 unsafe impl aya::Pod for PortValue {}
 unsafe impl aya::Pod for MeshBackend {}
 unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for FlowTuple {}
 unsafe impl aya::Pod for FlowFwd {}
 unsafe impl aya::Pod for FlowFwdNew {}
 unsafe impl aya::Pod for FlowRev {}
@@ -284,6 +308,7 @@ mod tests {
             offset_of!(IngressConfig, overlay_mtu),
             netd_ingress_config_overlay_mtu
         );
+        assert_eq!(offset_of!(IngressConfig, flags), netd_ingress_config_flags);
         assert_eq!(size_of::<PortKey>(), netd_port_key_SIZE);
         assert_eq!(offset_of!(PortKey, port), netd_port_key_port);
         assert_eq!(offset_of!(PortKey, proto), netd_port_key_proto);
@@ -302,6 +327,12 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, port_a), netd_flow_key_port_a);
         assert_eq!(offset_of!(FlowKey, port_b), netd_flow_key_port_b);
         assert_eq!(offset_of!(FlowKey, proto), netd_flow_key_proto);
+        assert_eq!(size_of::<FlowTuple>(), netd_flow_tuple_SIZE);
+        assert_eq!(offset_of!(FlowTuple, src), netd_flow_tuple_src);
+        assert_eq!(offset_of!(FlowTuple, dst), netd_flow_tuple_dst);
+        assert_eq!(offset_of!(FlowTuple, sport), netd_flow_tuple_sport);
+        assert_eq!(offset_of!(FlowTuple, dport), netd_flow_tuple_dport);
+        assert_eq!(offset_of!(FlowTuple, proto), netd_flow_tuple_proto);
         assert_eq!(size_of::<FlowFwd>(), netd_flow_fwd_SIZE);
         assert_eq!(offset_of!(FlowFwd, backend), netd_flow_fwd_backend);
         assert_eq!(offset_of!(FlowFwd, vtep), netd_flow_fwd_vtep);

@@ -14,10 +14,16 @@
 //! test's own under the bpffs, removed at the end (also on panic).
 //!
 //! Addresses: the node 198.18.0.11, the other node (VTEP) 198.18.0.12, the client
-//! 198.18.0.100, the node's ingress address 198.19.255.11, tasks 198.19.255.21/22 (on
-//! the other node) and .31 (on this node); a host that is no VTEP of any task,
-//! 198.18.0.66, forges answers.
+//! 198.18.0.100, the node's ingress address 198.19.255.11, the other node's 198.19.255.12,
+//! tasks 198.19.255.21/22 (on the other node) and .31 (on this node); a host that is no
+//! VTEP of any task, 198.18.0.66, forges answers.
+//!
+//! The harness runs the program as netd configures it by default, flows keeping the
+//! client's address (`--mesh-source client`); the tests whose names say `snat` run it as
+//! `--mesh-source snat` does. The checks of a wrapped or unwrapped frame follow the
+//! harness's setting.
 
+use std::cell::Cell;
 use std::collections::HashMap as Map;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -27,9 +33,10 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::Xdp;
 use aya::{Ebpf, TestRun, TestRunOptions};
 use netd_ebpf::maps::{
-    BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey,
-    PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_COUNTERS, FLOWS_EXPIRED, FLOWS_LOST,
-    FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP, FLOW_ANSWERED, FLOW_KERNEL,
+    BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, FlowTuple, IngressConfig, MeshBackend,
+    PortKey, PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_COUNTERS, FLOWS_EXPIRED,
+    FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP, FLOW_ANSWERED,
+    FLOW_CLIENT, FLOW_KERNEL, MESH_CLIENT_SOURCE,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -43,6 +50,9 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// A host of the underlay that is no task's VTEP.
 const FORGER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 66);
 const INGRESS: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 11);
+/// The other node's ingress address: its sandbox takes the flows that keep the client's
+/// address.
+const VIA: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 12);
 const TASKS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(198, 19, 255, 21),
     Ipv4Addr::new(198, 19, 255, 22),
@@ -59,10 +69,13 @@ const TCP_PORT: u16 = 4567;
 const UDP_PORT: u16 = 4568;
 /// TCP and UDP to the local task only (the kernel path's).
 const LOCAL_PORT: u16 = 4569;
+/// UDP to the first remote task as well, on the same target port as UDP_PORT.
+const UDP_PORT_TOO: u16 = 4570;
 const TARGET: u16 = 80;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ETH: usize = 14;
+const ETH_ALEN: usize = 6;
 /// What encapsulation adds: outer Ethernet, IPv4, UDP and VXLAN headers.
 const ENCAP: usize = 14 + 20 + 8 + 8;
 const OVERLAY_MSS: u16 = 1410;
@@ -80,6 +93,16 @@ struct Harness {
     obj: Ebpf,
     ifindex: u32,
     _dir: PinDir,
+}
+
+thread_local! {
+    /// Whether the harness on this thread keeps the client's address (its config's
+    /// MESH_CLIENT_SOURCE): what check_wrapped expects.
+    static CLIENT_SOURCE: Cell<bool> = const { Cell::new(true) };
+}
+
+fn client_source() -> bool {
+    CLIENT_SOURCE.with(Cell::get)
 }
 
 /// Runs `f` on a thread of its own in a fresh network namespace with the program
@@ -187,7 +210,8 @@ fn be(a: Ipv4Addr) -> u32 {
 
 impl Harness {
     /// The config as netd writes it, for an overlay of `overlay_mtu` (0: the config of a
-    /// netd that did not say).
+    /// netd that did not say), keeping the client's address or not as the thread's
+    /// [`CLIENT_SOURCE`] says.
     fn configure(&mut self, overlay_mtu: u16) {
         let mut cfg: Array<_, IngressConfig> =
             Array::try_from(self.obj.map_mut("netd_ingress_cfg").expect("cfg map")).expect("cfg");
@@ -199,10 +223,21 @@ impl Harness {
                 vni: VNI,
                 vxlan_port: VXLAN_PORT.to_be(),
                 overlay_mtu,
+                flags: if client_source() {
+                    MESH_CLIENT_SOURCE
+                } else {
+                    0
+                },
             },
             0,
         )
         .expect("write config");
+    }
+
+    /// Runs the program as `--mesh-source snat` configures it from now on.
+    fn snat(&mut self) {
+        CLIENT_SOURCE.with(|c| c.set(false));
+        self.program();
     }
 
     /// Config, published ports and backends, as netd writes them (a 1500-byte underlay).
@@ -233,6 +268,9 @@ impl Harness {
                     .expect("write backend");
             }
         }
+        let mut vias: HashMap<_, u32, u32> =
+            HashMap::try_from(self.obj.map_mut("netd_mesh_vias").expect("vias")).expect("vias");
+        vias.insert(be(VTEP), be(VIA), 0).expect("write via");
         let mut rr: HashMap<_, u32, u32> =
             HashMap::try_from(self.obj.map_mut("netd_mesh_rr").expect("rr")).expect("rr");
         for (slot, _) in &slots {
@@ -243,6 +281,7 @@ impl Harness {
         for (proto, port, slot, count) in [
             (TCP, TCP_PORT, 1, 2),
             (UDP, UDP_PORT, 2, 1),
+            (UDP, UDP_PORT_TOO, 2, 1),
             (TCP, LOCAL_PORT, 3, 1),
             (UDP, LOCAL_PORT, 3, 1),
         ] {
@@ -326,11 +365,11 @@ impl Harness {
         HashMap::try_from(self.obj.map("netd_flows_fwd_new").expect("flow map")).expect("flow map")
     }
 
-    fn rev_map(&self, name: &str) -> HashMap<&MapData, FlowKey, FlowRev> {
+    fn rev_map(&self, name: &str) -> HashMap<&MapData, FlowTuple, FlowRev> {
         HashMap::try_from(self.obj.map(name).expect("flow map")).expect("flow map")
     }
 
-    fn rev_map_mut(&mut self, name: &str) -> HashMap<&mut MapData, FlowKey, FlowRev> {
+    fn rev_map_mut(&mut self, name: &str) -> HashMap<&mut MapData, FlowTuple, FlowRev> {
         HashMap::try_from(self.obj.map_mut(name).expect("flow map")).expect("flow map")
     }
 
@@ -557,11 +596,14 @@ fn syn_ack(f: &Flow, isn: u32) -> Vec<u8> {
     a
 }
 
-/// A flow as the program translated it: the task side and the client side.
+/// A flow as the program translated it: the task side, the client as the task sees it
+/// (`seen`: the node's ingress address, or the client's own; `snat_port`: its port),
+/// and the client side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Flow {
     proto: u8,
     task: Ipv4Addr,
+    seen: Ipv4Addr,
     snat_port: u16,
     client: Ipv4Addr,
     client_port: u16,
@@ -573,7 +615,7 @@ fn answer(f: &Flow, flags: u8, payload: &[u8]) -> Vec<u8> {
     let l4 = if f.proto == TCP {
         tcp(&Seg {
             src: f.task,
-            dst: INGRESS,
+            dst: f.seen,
             sport: TARGET,
             dport: f.snat_port,
             flags,
@@ -585,13 +627,15 @@ fn answer(f: &Flow, flags: u8, payload: &[u8]) -> Vec<u8> {
             payload,
         })
     } else {
-        udp(f.task, INGRESS, TARGET, f.snat_port, payload, true)
+        udp(f.task, f.seen, TARGET, f.snat_port, payload, true)
     };
+    // To this node's ingress sandbox, as the task (snat) or its node's sandbox (client
+    // source) sends it.
     let inner = ethernet(
         mac_of(INGRESS),
         mac_of(f.task),
         0x0800,
-        &ipv4(f.task, INGRESS, f.proto, &l4),
+        &ipv4(f.task, f.seen, f.proto, &l4),
     );
     vxlan(&inner, VNI)
 }
@@ -675,7 +719,11 @@ fn is_ipv4(f: &[u8]) -> bool {
 fn published(proto: u8, port: u16) -> bool {
     matches!(
         (proto, port),
-        (TCP, TCP_PORT) | (UDP, UDP_PORT) | (TCP, LOCAL_PORT) | (UDP, LOCAL_PORT)
+        (TCP, TCP_PORT)
+            | (UDP, UDP_PORT)
+            | (UDP, UDP_PORT_TOO)
+            | (TCP, LOCAL_PORT)
+            | (UDP, LOCAL_PORT)
     )
 }
 
@@ -723,7 +771,8 @@ fn reply_of(f: &[u8]) -> Option<usize> {
     if 8 + 8 + ETH + inner > ulen || ulen > outer - 20 {
         return None;
     }
-    (ip_at(f, inner_ip + 16) == INGRESS).then_some(inner_ip)
+    (ip_at(f, inner_ip + 16) == INGRESS || f[vx + 8..vx + 14] == mac_of(INGRESS))
+        .then_some(inner_ip)
 }
 
 /// Checks the frame a well-formed request (`input`) became: one VXLAN packet to the
@@ -794,9 +843,16 @@ fn check_wrapped(input: &[u8], out: &[u8], what: &str) -> Flow {
     let inner = &out[ie..];
     let task = ip_at(inner, ETH + 16);
     assert!(TASKS.contains(&task), "inner destination {task}: {}", ctx());
+    // Keeping the client's address, the frame enters the task's node through its
+    // ingress sandbox; translated to this node's, it goes to the task itself.
+    let (seen, via) = if client_source() {
+        (ip_at(input, ETH + 12), VIA)
+    } else {
+        (INGRESS, task)
+    };
     assert_eq!(
         &inner[0..6],
-        &mac_of(task),
+        &mac_of(via),
         "inner destination MAC: {}",
         ctx()
     );
@@ -806,7 +862,7 @@ fn check_wrapped(input: &[u8], out: &[u8], what: &str) -> Flow {
         "inner source MAC: {}",
         ctx()
     );
-    assert_eq!(ip_at(inner, ETH + 12), INGRESS, "inner source: {}", ctx());
+    assert_eq!(ip_at(inner, ETH + 12), seen, "inner source: {}", ctx());
     assert!(
         well_formed_ip(inner, ETH).is_some(),
         "inner packet not well-formed: {}",
@@ -817,8 +873,10 @@ fn check_wrapped(input: &[u8], out: &[u8], what: &str) -> Flow {
     }
     let proto = input[ETH + 9];
     let snat_port = u16_at(inner, ETH + 20);
+    // The client's own port, unless the task would see two flows alike (then one of the
+    // translation range, as for snat).
     assert!(
-        snat_port >= 32768,
+        snat_port >= 32768 || (client_source() && snat_port == u16_at(input, ETH + 20)),
         "translation port {snat_port}: {}",
         ctx()
     );
@@ -845,6 +903,7 @@ fn check_wrapped(input: &[u8], out: &[u8], what: &str) -> Flow {
     Flow {
         proto,
         task,
+        seen,
         snat_port,
         client: ip_at(input, ETH + 12),
         client_port: u16_at(input, ETH + 20),
@@ -1140,7 +1199,7 @@ fn check_case(
     h: &Harness,
     frame: &[u8],
     kind: Kind,
-    flows: &mut Map<(u8, Ipv4Addr, u16), Flow>,
+    flows: &mut Map<(u8, Ipv4Addr, Ipv4Addr, u16), Flow>,
     tally: &mut [u64; 5],
 ) {
     let what = format!("{kind:?} case");
@@ -1181,7 +1240,7 @@ fn check_case(
         );
         let f = check_wrapped(frame, &out, &what);
         assert_eq!((f.proto, f.published), (proto, port));
-        flows.insert((f.proto, f.task, f.snat_port), f);
+        flows.insert((f.proto, f.task, f.seen, f.snat_port), f);
         return;
     }
     let Some(inner) = reply_of(frame) else {
@@ -1194,6 +1253,7 @@ fn check_case(
     let key = (
         frame[inner + 9],
         ip_at(frame, inner + 12),
+        ip_at(frame, inner + 16),
         u16_at(frame, inner + 22),
     );
     let Some(f) = flows.get(&key) else {
@@ -1213,10 +1273,23 @@ fn check_case(
 /// random mutations. Prints the seed and the tally.
 #[test]
 fn malformed_frames_never_abort_and_only_good_ones_are_sent() {
-    with_harness("corpus", None, |h| {
+    with_harness("corpus", None, corpus);
+}
+
+/// The same with the program translating flows to the node's ingress address.
+#[test]
+fn malformed_frames_never_abort_and_only_good_ones_are_sent_snat() {
+    with_harness("corpus-snat", None, |h| {
+        h.snat();
+        corpus(h)
+    });
+}
+
+fn corpus(h: &mut Harness) {
+    {
         let seed = seed();
         let mut rng = Rng(seed);
-        let mut flows: Map<(u8, Ipv4Addr, u16), Flow> = Map::new();
+        let mut flows: Map<(u8, Ipv4Addr, Ipv4Addr, u16), Flow> = Map::new();
         let mut tally = [0u64; 5];
         let before = h.stats();
         let start = std::time::Instant::now();
@@ -1229,7 +1302,7 @@ fn malformed_frames_never_abort_and_only_good_ones_are_sent() {
             ] {
                 let out = h.tx(&frame, "a valid request");
                 let f = check_wrapped(&frame, &out, "a valid request");
-                flows.insert((f.proto, f.task, f.snat_port), f);
+                flows.insert((f.proto, f.task, f.seen, f.snat_port), f);
                 tally[XDP_TX as usize] += 1;
                 // Its answer comes back out to the client.
                 let reply = answer(&f, SYN | ACK, b"");
@@ -1284,7 +1357,7 @@ fn malformed_frames_never_abort_and_only_good_ones_are_sent() {
             tally[XDP_PASS as usize],
             tally[XDP_TX as usize]
         );
-    });
+    }
 }
 
 // ---- the documented rules ----
@@ -1583,8 +1656,15 @@ fn flow_key(src: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
     }
 }
 
-fn rev_key(f: &Flow) -> FlowKey {
-    flow_key(f.task, TARGET, f.snat_port, f.proto)
+fn rev_key(f: &Flow) -> FlowTuple {
+    FlowTuple {
+        src: be(f.task),
+        dst: be(f.seen),
+        sport: TARGET.to_be(),
+        dport: f.snat_port.to_be(),
+        proto: f.proto,
+        pad: [0; 3],
+    }
 }
 
 /// Where the flow of `key` is: (established, unconfirmed) forward halves.
@@ -1983,6 +2063,107 @@ fn a_forged_reply_from_a_non_vtep_source_is_dropped_and_counted() {
     });
 }
 
+// ---- keeping the client's address ----
+
+/// Keeping the client's address, a flow goes to the ingress sandbox of the task's node
+/// (its MAC) from the client's own address and port, and the answer that sandbox sends
+/// back (to this node's ingress MAC, the client as destination) goes out from the
+/// published port. A second flow the task could not tell from the first (the same client
+/// address and port, task and target port, through another published port) gets a port
+/// of the translation range, and each answer finds its own flow.
+#[test]
+fn a_flow_keeps_the_client_address_and_one_alike_gets_another_port() {
+    with_harness("client", None, |h| {
+        let q = datagram(CLIENT, 52000, UDP_PORT, b"q");
+        let first = check_wrapped(&q, &h.tx(&q, "a datagram"), "a datagram");
+        assert_eq!(
+            (first.seen, first.snat_port),
+            (CLIENT, 52000),
+            "the task sees the client itself"
+        );
+        let (_, new) = tables(h, &flow_key(CLIENT, 52000, UDP_PORT, UDP));
+        assert!(
+            new.is_some_and(|f| f.flags & FLOW_CLIENT != 0),
+            "the flow says it keeps the client's address: {new:?}"
+        );
+        let q = datagram(CLIENT, 52000, UDP_PORT_TOO, b"q");
+        let second = check_wrapped(&q, &h.tx(&q, "a datagram alike"), "a datagram alike");
+        assert_eq!((second.task, second.seen), (first.task, CLIENT));
+        assert!(
+            second.snat_port >= 32768,
+            "the second flow alike keeps port {}",
+            second.snat_port
+        );
+        for f in [first, second] {
+            let a = answer(&f, 0, b"answer");
+            check_unwrapped(&a, &h.tx(&a, "an answer"), &f, "an answer");
+        }
+        let flow = handshake(h, 52001);
+        assert_eq!((flow.seen, flow.snat_port), (CLIENT, 52001));
+        exchange_tcp(h, &flow, 52001);
+    });
+}
+
+/// An answer to a client is this program's only when it is addressed to this node's
+/// ingress sandbox (its MAC): the same packet to another MAC is the kernel's. A flow to
+/// a node whose sandbox netd has not written is not opened (the kernel's), and a flow
+/// whose node left is dropped, not sent where nobody takes it in.
+#[test]
+fn answers_need_the_sandbox_mac_and_flows_need_their_node() {
+    with_harness("client-node", None, |h| {
+        let q = datagram(CLIENT, 52100, UDP_PORT, b"q");
+        let flow = check_wrapped(&q, &h.tx(&q, "a datagram"), "a datagram");
+        let mut a = answer(&flow, 0, b"answer");
+        // The inner frame follows the outer headers: its destination MAC first.
+        a[ENCAP..ENCAP + ETH_ALEN].copy_from_slice(&mac_of(VIA));
+        passed(h, &a, "an answer to another sandbox's MAC");
+        let mut vias: HashMap<_, u32, u32> =
+            HashMap::try_from(h.obj.map_mut("netd_mesh_vias").expect("vias")).expect("vias");
+        vias.remove(&be(VTEP)).expect("remove the node");
+        let q = datagram(CLIENT, 52101, UDP_PORT, b"q");
+        passed(h, &q, "a flow to a node without its sandbox");
+        assert_eq!(
+            tables(h, &flow_key(CLIENT, 52101, UDP_PORT, UDP)),
+            (None, None),
+            "no flow opened"
+        );
+        let again = datagram(CLIENT, 52100, UDP_PORT, b"again");
+        let before = h.stats().dropped;
+        assert_eq!(
+            h.run(&again).expect("run").0,
+            XDP_DROP,
+            "the flow's node left"
+        );
+        assert_eq!(h.stats().dropped, before + 1, "counted dropped");
+    });
+}
+
+/// A flow keeps the translation it opened with when netd's setting changes (a restart
+/// with another --mesh-source): one translated to the node's ingress address goes on so,
+/// both ways, while a new one keeps the client's address.
+#[test]
+fn a_flow_keeps_its_translation_when_the_setting_changes() {
+    with_harness("mixed", None, |h| {
+        h.snat();
+        let old = handshake(h, 52200);
+        assert_eq!(old.seen, INGRESS);
+        CLIENT_SOURCE.with(|c| c.set(true));
+        h.configure(1500 - ENCAP as u16);
+        let d = segment(CLIENT, 52200, ACK | PSH, b"more");
+        let out = h.tx(&d, "the old flow's data");
+        let inner = ENCAP + ETH;
+        assert_eq!(
+            (ip_at(&out, inner + 12), u16_at(&out, inner + 20)),
+            (INGRESS, old.snat_port),
+            "the old flow is still translated to the node's ingress address"
+        );
+        let a = answer(&old, ACK | PSH, b"reply");
+        check_unwrapped(&a, &h.tx(&a, "the old flow's answer"), &old, "answer");
+        let new = handshake(h, 52201);
+        assert_eq!((new.seen, new.snat_port), (CLIENT, 52201));
+    });
+}
+
 // ---- confirming a TCP flow takes an ACK of the task's SYN-ACK ----
 
 /// An ACK before the task's SYN-ACK, an ACK whose number is not the SYN-ACK's ISN + 1,
@@ -2194,8 +2375,10 @@ fn an_established_flow_without_its_reverse_half_is_forgotten() {
 
 /// aya reuses a pinned map by name whatever its shape: the loader makes afresh the
 /// maps an older netd pinned in a shape this program cannot use (unconfirmed forward
-/// values of 16 bytes, before the SYN-ACK's ISN was kept; 4 flow counters), so that the
-/// program loads and counts, and keeps the maps whose shape is right, with their flows.
+/// values of 16 bytes, before the SYN-ACK's ISN was kept; 4 flow counters; reverse
+/// halves keyed by 12 bytes and a config of 16, before flows kept the client's
+/// address), so that the program loads and counts, and keeps the maps whose shape is
+/// right, with their flows.
 #[test]
 fn maps_an_older_netd_pinned_in_another_shape_are_made_afresh() {
     netd_ebpf::ensure_bpffs().expect("bpffs");
@@ -2208,6 +2391,14 @@ fn maps_an_older_netd_pinned_in_another_shape_are_made_afresh() {
     old_new
         .pin(dir.0.join("netd_flows_fwd_new"))
         .expect("pin the old unconfirmed table");
+    let old_rev = HashMap::<MapData, FlowKey, FlowRev>::create(64, 0).expect("a map");
+    old_rev
+        .pin(dir.0.join("netd_flows_rev"))
+        .expect("pin the old reverse halves");
+    let old_cfg = Array::<MapData, [u32; 4]>::create(1, 0).expect("a map");
+    old_cfg
+        .pin(dir.0.join("netd_ingress_cfg"))
+        .expect("pin the old config");
     let old_stats = PerCpuArray::<MapData, u64>::create(4, 0).expect("a map");
     old_stats
         .pin(dir.0.join("netd_xdp_flow_stats"))
@@ -2239,6 +2430,14 @@ fn maps_an_older_netd_pinned_in_another_shape_are_made_afresh() {
         std::mem::size_of::<FlowFwdNew>()
     );
     assert_eq!(info("netd_xdp_flow_stats").max_entries(), FLOWS_COUNTERS);
+    assert_eq!(
+        info("netd_flows_rev").key_size() as usize,
+        std::mem::size_of::<FlowTuple>()
+    );
+    assert_eq!(
+        info("netd_ingress_cfg").value_size() as usize,
+        std::mem::size_of::<IngressConfig>()
+    );
     let m: HashMap<_, FlowKey, FlowFwd> =
         HashMap::try_from(obj.map("netd_flows_fwd").expect("map")).expect("map");
     assert_eq!(

@@ -760,12 +760,22 @@ fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> 
         // No program on the interface while nothing is published.
         return None;
     }
+    let addrs = st.lb_addrs.get(&net.id)?;
+    // The other live nodes' sandboxes, by VTEP: where flows that keep the client's
+    // address enter (the program keeps this node's own flows on the kernel path).
+    let vias = addrs
+        .iter()
+        .filter(|(n, _)| n.as_str() != cfg.name && st.node_alive(n))
+        .filter_map(|(n, a)| Some((st.nodes.get(n)?.address?, *a)))
+        .collect();
     Some(MeshTable {
         node_ip: st.nodes.get(&cfg.name)?.address?,
-        ingress_ip: *st.lb_addrs.get(&net.id)?.get(&cfg.name)?,
+        ingress_ip: *addrs.get(&cfg.name)?,
         vni: net.vni?,
         vxlan_port: cfg.vxlan_port,
         overlay_mtu: u16::try_from(cfg.overlay_mtu).unwrap_or(u16::MAX),
+        client_source: cfg.mesh_source == MeshSource::Client,
+        vias,
         ports,
     })
 }

@@ -248,12 +248,19 @@ fn udp_ask_on(socket: &std::net::UdpSocket, addr: SocketAddr) -> Result<String> 
 }
 
 fn xdp_path(lab: &Lab, i: usize) -> Result<(String, u64)> {
+    let (mode, forwarded, returned) = xdp_packets(lab, i)?;
+    Ok((mode, forwarded + returned))
+}
+
+/// Node `i`'s XDP mode and the packets its fast path forwarded and returned.
+fn xdp_packets(lab: &Lab, i: usize) -> Result<(String, u64, u64)> {
     let x = &lab.cli_json(i, &["status"])?["routing_mesh"]["xdp"];
     let mode = x["mode"].as_str().unwrap_or_default().to_string();
     let p = &x["packets"];
     Ok((
         mode,
-        p["forwarded"].as_u64().unwrap_or(0) + p["returned"].as_u64().unwrap_or(0),
+        p["forwarded"].as_u64().unwrap_or(0),
+        p["returned"].as_u64().unwrap_or(0),
     ))
 }
 
@@ -308,10 +315,11 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         }
     }
     // The task sees the client itself as its peer (issue 15), whichever node the client
-    // dialled, with or without a task there, and whichever task answered: on the kernel
-    // path, TCP and UDP. (The XDP fast path still translates flows to remote tasks to
-    // the node's ingress address.)
-    if xdp == "off" {
+    // dialled, with or without a task there, and whichever task answered: on both paths,
+    // TCP and UDP. With XDP, n3 (no task there) carries its flows both ways on the fast
+    // path (its counters show it), not through its kernel path.
+    {
+        let (_, fwd_before, ret_before) = xdp_packets(&lab, 2)?;
         let source = &lab.cli_json(2, &["status"])?["routing_mesh"]["source"];
         if source != "client" {
             bail!("netd status says the mesh source is {source}, not client (the default)");
@@ -337,6 +345,16 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
                 }
             }
         }
+        let (_, fwd_after, ret_after) = xdp_packets(&lab, 2)?;
+        // Through n3: 5 HTTP exchanges (a handshake, a request, a close each way) and 5
+        // datagrams each way.
+        if xdp != "off" && (fwd_after < fwd_before + 20 || ret_after < ret_before + 20) {
+            bail!(
+                "n3's fast path forwarded {} and returned {} packets of the flows that kept the client's address",
+                fwd_after - fwd_before,
+                ret_after - ret_before
+            );
+        }
     }
 
     // The task's replies to mesh clients leave through its node's ingress sandbox, but
@@ -351,7 +369,7 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
     // A published task's own connections to the outside still leave through the
     // gwbridge, masqueraded to its node's address (w0 runs on n1), TCP and UDP: the way
     // back of the mesh takes only what comes from its ingress address.
-    if xdp == "off" {
+    {
         let listener = in_netns(&client, || Ok(std::net::TcpListener::bind("0.0.0.0:0")?))?;
         let udp = in_netns(&client, || Ok(std::net::UdpSocket::bind("0.0.0.0:0")?))?;
         udp.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -385,8 +403,8 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
     // client address and port to the same task, told apart by the node that took each
     // (point 3 of issue 15). Each works, each shows the client's address, and the first
     // keeps its port (a later one's port changes only because the task could not tell
-    // them apart otherwise).
-    if xdp == "off" {
+    // them apart otherwise). With XDP, n2 and n3 take their flows on the fast path.
+    {
         let client_ip = underlay_ip(CLIENT_HOST);
         lab.cli(
             0,
@@ -665,7 +683,7 @@ fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
         let body = http_get_from(&client, SocketAddr::from((nodes[0], PUBLISHED)))
             .context("a new flow through n1 right after n3 died")?;
         let peer = field(&body, "RemoteAddr").unwrap_or_default();
-        if xdp == "off" && !peer.starts_with(&format!("{}:", underlay_ip(CLIENT_HOST))) {
+        if !peer.starts_with(&format!("{}:", underlay_ip(CLIENT_HOST))) {
             bail!("through n1 after n3 died, the task saw {peer:?}, not the client");
         }
     }

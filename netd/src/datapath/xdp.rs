@@ -35,9 +35,9 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{links::FdLink, Xdp, XdpMode};
 use aya::Ebpf;
 use netd_ebpf::maps::{
-    BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, IngressConfig, MeshBackend, PortKey,
-    PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED, FLOWS_LOST, FLOWS_OPENED,
-    FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP,
+    BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, FlowTuple, IngressConfig, MeshBackend,
+    PortKey, PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED, FLOWS_LOST,
+    FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP, MESH_CLIENT_SOURCE,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -92,6 +92,11 @@ pub struct MeshTable {
     /// The largest IP packet the overlay carries (`--underlay-mtu` less VXLAN's 50
     /// bytes): the MSS clamp and the size limit of wrapped datagrams follow it.
     pub overlay_mtu: u16,
+    /// New flows keep the client's address (`--mesh-source client`).
+    pub client_source: bool,
+    /// Each live node's VTEP -> its ingress address: where a flow that keeps the
+    /// client's address enters the task's node (its ingress sandbox).
+    pub vias: BTreeMap<Ipv4Addr, Ipv4Addr>,
     pub ports: Vec<MeshPort>,
 }
 
@@ -149,6 +154,7 @@ struct Loaded {
     cfg: Array<MapData, IngressConfig>,
     ports: HashMap<MapData, PortKey, PortValue>,
     backends: HashMap<MapData, BackendKey, MeshBackend>,
+    vias: HashMap<MapData, u32, u32>,
     rr: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, XdpStats>,
     /// Flow counters, indexed by netd_ebpf::maps::FLOWS_*.
@@ -166,12 +172,12 @@ struct Loaded {
 }
 
 /// The fast path's flow tables (see ebpf/bpf/ingress_xdp.c): forward halves keyed by
-/// the client's side, reverse halves by the task's.
+/// the client's side, reverse halves by the task's answer.
 struct FlowMaps {
     fwd: HashMap<MapData, FlowKey, FlowFwd>,
     fwd_new: HashMap<MapData, FlowKey, FlowFwdNew>,
-    rev: HashMap<MapData, FlowKey, FlowRev>,
-    rev_new: HashMap<MapData, FlowKey, FlowRev>,
+    rev: HashMap<MapData, FlowTuple, FlowRev>,
+    rev_new: HashMap<MapData, FlowTuple, FlowRev>,
 }
 
 impl FlowMaps {
@@ -201,13 +207,13 @@ impl FlowMaps {
                 .iter()
                 .filter(|k| self.fwd_new.remove(k).is_ok())
                 .count();
-        // The reverse halves (keyed by the task's side; the published port is in the
+        // The reverse halves (keyed by the task's answer; the published port is in the
         // value), also those whose forward half was evicted before.
         for map in [&mut self.rev, &mut self.rev_new] {
-            let stale: Vec<FlowKey> = map
+            let stale: Vec<FlowTuple> = map
                 .iter()
                 .filter_map(|r| r.ok())
-                .filter(|(k, v)| gone(k.proto, v.published_port, k.addr))
+                .filter(|(k, v)| gone(k.proto, v.published_port, k.src))
                 .map(|(k, _)| k)
                 .collect();
             for k in &stale {
@@ -240,6 +246,7 @@ impl Loaded {
             cfg: take_map(&mut obj, "netd_ingress_cfg")?,
             ports: take_map(&mut obj, "netd_ports")?,
             backends: take_map(&mut obj, "netd_mesh_backends")?,
+            vias: take_map(&mut obj, "netd_mesh_vias")?,
             rr: take_map(&mut obj, "netd_mesh_rr")?,
             stats: take_map(&mut obj, "netd_xdp_stats")?,
             flow_stats: take_map(&mut obj, "netd_xdp_flow_stats")?,
@@ -340,8 +347,16 @@ impl Loaded {
             vni: t.vni,
             vxlan_port: t.vxlan_port.to_be(),
             overlay_mtu: t.overlay_mtu,
+            flags: if t.client_source {
+                MESH_CLIENT_SOURCE
+            } else {
+                0
+            },
         };
         self.cfg.set(0, cfg, 0).context("write ingress config")?;
+        // The nodes before the ports that lead to them (a flow to a node without its
+        // entry is not opened).
+        self.sync_vias(&t.vias)?;
         let want: BTreeMap<(u8, u16), (PortValue, Vec<MeshBackend>)> = t
             .ports
             .iter()
@@ -426,6 +441,25 @@ impl Loaded {
             if removed > 0 {
                 tracing::info!(removed, "XDP flows of tasks that left removed");
             }
+        }
+        Ok(())
+    }
+
+    /// Makes `netd_mesh_vias` hold exactly `vias`, writing only what differs.
+    fn sync_vias(&mut self, vias: &BTreeMap<Ipv4Addr, Ipv4Addr>) -> Result<()> {
+        let want: BTreeMap<u32, u32> = vias.iter().map(|(k, v)| (be(*k), be(*v))).collect();
+        let have: BTreeMap<u32, u32> = self.vias.iter().filter_map(|r| r.ok()).collect();
+        for (k, v) in &want {
+            if have.get(k) != Some(v) {
+                crate::writes::count(crate::writes::Kind::Bpf, 1);
+                self.vias
+                    .insert(k, v, 0)
+                    .context("write a node's ingress address")?;
+            }
+        }
+        for k in have.keys().filter(|k| !want.contains_key(k)) {
+            crate::writes::count(crate::writes::Kind::Bpf, 1);
+            let _ = self.vias.remove(k);
         }
         Ok(())
     }
