@@ -1,6 +1,7 @@
 //! `netd-bench ingress`: new connections per second, keep-alive requests per second and
 //! p99 latency from a client on the underlay to a node that runs none of the service's
-//! tasks, through netd's routing mesh (its XDP fast path on n3, its kernel path on n4),
+//! tasks, through netd's routing mesh (its XDP fast path on n3, its kernel path on n4;
+//! both keep the client's address, and n6 and n7 run them as `--mesh-source snat`),
 //! side by side with the same client connecting straight to the same tasks (the
 //! service's host-mode port on their nodes: the limit), HAProxy on n3, and nftables DNAT
 //! with masquerade on n3. HAProxy and nftables balance to the nodes that run tasks, onto
@@ -50,7 +51,7 @@ struct Path_ {
 const READING: &str = "\n**Reading.** The limit is a client connecting straight to the \
 tasks: the service's host-mode port on each task's own node (one DNAT, no overlay), the \
 client's threads spread over both nodes as the mesh spreads its connections. Every other path \
-crosses an ingress node (n3, n4, n5) first, then the overlay (netd's mesh) or the \
+crosses an ingress node (n3 to n7) first, then the overlay (netd's mesh) or the \
 underlay (HAProxy, nftables: onto the same host-mode ports) to a node that runs tasks. \
 The lab's underlay is veth, made to act like a wire (full checksums on every frame; an \
 XDP program on the far end of n5's veth so that frames native XDP sends back reach the \
@@ -175,15 +176,26 @@ pub fn run(
     out: &Path,
 ) -> Result<()> {
     // n1, n2 run the tasks; n3 takes connections on the XDP fast path as netd runs it by
-    // default (`auto`: generic on a veth), n5 on native XDP, n4 on the kernel path. The
-    // lab is a wire lab (see `Lab`); each node runs only the XDP it is measured with, so
-    // no other path pays for a program it does not use.
-    let mut lab = Lab::build_with("bing", 5, true, "auto", "native")?;
-    for (i, xdp) in [(0, "off"), (1, "off"), (2, "auto"), (3, "off")] {
+    // default (`auto`: generic on a veth), n5 on native XDP, n4 on the kernel path; n6
+    // and n7 run the XDP and the kernel path translating to the node's address
+    // (`--mesh-source snat`, the mesh before issue 15). The lab is a wire lab (see
+    // `Lab`); each node runs only the XDP it is measured with, so no other path pays for
+    // a program it does not use.
+    let mut lab = Lab::build_with("bing", 7, true, "auto", "native")?;
+    for (i, xdp, source) in [
+        (0, "off", "client"),
+        (1, "off", "client"),
+        (2, "auto", "client"),
+        (3, "off", "client"),
+        (5, "auto", "snat"),
+        (6, "off", "snat"),
+    ] {
         lab.xdp = xdp.into();
+        lab.daemon_args = vec!["--mesh-source".into(), source.into()];
         lab.stop_daemon(i, false)?;
         lab.start_daemon(i)?;
     }
+    lab.daemon_args.clear();
     lab.cli(
         0,
         &["network", "create", "front", "--subnet", "198.19.50.0/24"],
@@ -217,12 +229,14 @@ pub fn run(
     }
     let client = lab.add_host("client", CLIENT_HOST)?;
     lab.whoami_host("direct", DIRECT_HOST, 80)?;
-    let (n1, n2, n3, n4, n5) = (
+    let (n1, n2, n3, n4, n5, n6, n7) = (
         lab.nodes[0].ip,
         lab.nodes[1].ip,
         lab.nodes[2].ip,
         lab.nodes[3].ip,
         lab.nodes[4].ip,
+        lab.nodes[5].ip,
+        lab.nodes[6].ip,
     );
     let n3ns = lab.nodes[2].netns.clone();
 
@@ -277,7 +291,8 @@ pub fn run(
             reqs: vec![],
         },
         Path_ {
-            label: "netd routing mesh via n3 (XDP fast path, auto: generic)",
+            label:
+                "netd routing mesh via n3 (XDP fast path, auto: generic; the task sees the client)",
             addrs: vec![SocketAddr::from((n3, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
@@ -291,6 +306,18 @@ pub fn run(
         Path_ {
             label: "netd routing mesh via n5 (XDP fast path, native)",
             addrs: vec![SocketAddr::from((n5, MESH_PORT))],
+            conns: vec![],
+            reqs: vec![],
+        },
+        Path_ {
+            label: "netd routing mesh via n6 (XDP fast path, auto: generic; --mesh-source snat)",
+            addrs: vec![SocketAddr::from((n6, MESH_PORT))],
+            conns: vec![],
+            reqs: vec![],
+        },
+        Path_ {
+            label: "netd routing mesh via n7 (kernel path, --xdp off; --mesh-source snat)",
+            addrs: vec![SocketAddr::from((n7, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
         },
@@ -397,12 +424,13 @@ pub fn run(
     writeln!(
         md,
         "Machine: {}. A 5-node lab cluster (etcd); one service with {tasks} whoami tasks on \
-         n1 and n2, none on n3, n4 or n5, published three ways: in ingress mode (netd's \
+         n1 and n2, none on n3 to n7, published three ways: in ingress mode (netd's \
          mesh), in host mode on the tasks' nodes (the limit, HAProxy's and nftables' \
          backends), and UDP in ingress mode, so every path reaches the same tasks. n3 runs \
          the XDP fast path as netd does by default (`--xdp auto`, generic on a veth), n5 \
          runs it native (`--xdp native`), n4 only the kernel path; n1, n2 and n4 run `--xdp \
-         off`. The client is a host on the underlay. New connections: {threads} client \
+         off`. Those keep the client's address (`--mesh-source client`, the default); n6 \
+         (XDP, auto) and n7 (`--xdp off`) translate to their own (`--mesh-source snat`). The client is a host on the underlay. New connections: {threads} client \
          threads each connect, send one HTTP GET, read the answer and close with a reset, \
          for {seconds} s (the limit's threads go to n1's and n2's host-mode ports in turn: \
          the same tasks the mesh spreads over). Requests: HTTP/1.1 keep-alive GETs over \
@@ -478,7 +506,10 @@ pub fn run(
          {:.2}× UDP round trips/s. Also: XDP mesh / nftables = {:.2}× new connections/s; \
          kernel-path mesh / straight to the tasks = {:.2}×; native XDP (n5) / straight to \
          the tasks = {:.2}× new connections/s, {:.2}× requests/s; native XDP / kernel path = \
-         {:.2}× UDP packets forwarded per second.",
+         {:.2}× UDP packets forwarded per second. Keeping the client's address against \
+         translating to the node's (target ≥ 0.95×): XDP mesh (n3) / XDP snat mesh (n6) = \
+         {:.2}× new connections/s, {:.2}× requests/s; kernel path (n4) / kernel snat (n7) = \
+         {:.2}× new connections/s, {:.2}× requests/s.",
         pair(3, 0, true),
         pair(3, 0, false),
         pair(3, 1, true),
@@ -489,6 +520,10 @@ pub fn run(
         pair(5, 0, true),
         pair(5, 0, false),
         flood_pair(2, 1),
+        pair(3, 6, true),
+        pair(3, 6, false),
+        pair(4, 7, true),
+        pair(4, 7, false),
     )?;
     md.push_str(READING);
     let (svg_path, link) = plot_beside(out)?;
@@ -502,6 +537,8 @@ pub fn run(
             "netd mesh (XDP, auto)",
             "netd mesh (kernel)",
             "netd mesh (XDP, native)",
+            "netd mesh (XDP, snat)",
+            "netd mesh (kernel, snat)",
             "server on the underlay",
         ],
         &[

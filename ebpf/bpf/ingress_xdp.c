@@ -709,6 +709,7 @@ struct frag_needed_hdr {
 };
 #define ICMP_DEST_UNREACH 3
 #define ICMP_FRAG_NEEDED 4
+#define ICMP_TIME_EXCEEDED 11
 
 /* What an ICMP error quotes of the packet it is about: its IP header (no options reach
  * here) and the first 8 bytes behind it (the ports). */
@@ -797,6 +798,139 @@ static __always_inline void clamp_mss(struct tcphdr *tcp, void *end, __u32 mtu)
 	*mss = want;
 }
 
+/* Wraps the frame (an IPv4 packet of `inner_len` bytes behind its Ethernet header) in
+ * VXLAN towards `vtep` and sends it: [outer eth | outer ip | udp | vxlan] + the frame,
+ * whose Ethernet header becomes the inner one (the MAC of `inner_dest`, a task or its
+ * node's ingress sandbox <- this node's ingress MAC, which tells that sandbox who took
+ * the flow). `entropy` spreads flows over the outer source port. */
+static __always_inline int wrap(struct xdp_md *ctx, struct netd_ingress_config *cfg,
+				__be32 inner_dest, __be32 vtep, __u32 inner_len, __u16 entropy)
+{
+	struct ethhdr *eth, *ieth;
+	struct vxlanhdr *vx;
+	struct udphdr *oudp;
+	struct iphdr *oip;
+	void *data, *end;
+
+	if (bpf_xdp_adjust_head(ctx, -(int)ENCAP_LEN))
+		return count(DROPPED, XDP_DROP);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	oip = (void *)(eth + 1);
+	oudp = (void *)(oip + 1);
+	vx = (void *)(oudp + 1);
+	ieth = (void *)(vx + 1);
+	if ((void *)(ieth + 1) > end)
+		return count(DROPPED, XDP_DROP);
+	mac_for(ieth->h_dest, inner_dest);
+	mac_for(ieth->h_source, cfg->ingress_ip);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	oip->version = 4;
+	oip->ihl = 5;
+	oip->tos = 0;
+	/* Outer IP length: IP + UDP + VXLAN headers and the inner frame (its Ethernet header
+	 * included), which happens to equal ENCAP_LEN (the outer Ethernet header is not
+	 * counted, the inner one is). */
+	oip->tot_len = bpf_htons(inner_len + ENCAP_LEN);
+	oip->id = 0;
+	oip->frag_off = 0;
+	oip->ttl = 64;
+	oip->protocol = IPPROTO_UDP;
+	oip->saddr = cfg->node_ip;
+	oip->daddr = vtep;
+	oip->check = 0;
+	oip->check = ip_header_checksum(oip);
+	/* Source port: flow entropy in the ephemeral range, as Linux's VXLAN does. */
+	oudp->source = bpf_htons(0xc000 | (entropy & 0x3fff));
+	oudp->dest = cfg->vxlan_port;
+	/* UDP length: its header, VXLAN's, and the whole inner frame. */
+	oudp->len = bpf_htons(inner_len + sizeof(struct ethhdr) + 8 + sizeof(struct udphdr));
+	oudp->check = 0;
+	vx->flags = bpf_htonl(VXLAN_FLAG_VNI);
+	vx->vni = bpf_htonl(cfg->vni << 8);
+	return send(ctx, eth, cfg->node_ip, vtep, FORWARDED);
+}
+
+/* An ICMP error to NODE_IP about a packet this node sent a client in an XDP flow: from
+ * a router between here and the client ("fragmentation needed", which path MTU discovery
+ * needs, or unreachable, time exceeded). Its quote is NODE_IP:published -> client:port;
+ * the task sent that packet as task:target -> the address and port it sees. The error
+ * goes to the task as the kernel path's conntrack would relate it: outer destination
+ * the task, the quote as the task sent it (the quoted IP header's checksum and the ICMP
+ * checksum follow; the quoted transport checksum is left, nobody checks it in an
+ * error), wrapped like the flow's packets. Anything else (no flow of XDP's, another
+ * type, a quote without its ports): the kernel's. */
+static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_config *cfg)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	/* Type, code, checksum, then 4 bytes (unused, or the next hop's MTU): the same
+	 * 8-byte layout for every error type. */
+	struct frag_needed_hdr *icmp = (void *)(ip + 1);
+	struct iphdr *qip = (void *)(icmp + 1); /* the quoted packet's IP header */
+	__be16 *qports = (__be16 *)(qip + 1);   /* and its ports, the quote's first 4 bytes */
+	struct netd_flow_key fk = {};
+	struct netd_flow_fwd_new *n;
+	struct netd_flow_fwd *f;
+	struct netd_flow_fwd fl;
+	__be32 seen, dest;
+	__u16 quoted_check;
+	__u32 *via;
+
+	if ((void *)(qports + 2) > end)
+		return XDP_PASS;
+	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
+		return XDP_PASS;
+	if (qip->version != 4 || qip->ihl != 5 || qip->saddr != cfg->node_ip ||
+	    (qip->protocol != IPPROTO_TCP && qip->protocol != IPPROTO_UDP))
+		return XDP_PASS;
+	/* The quote's ports within the error's IP packet, not only within the frame. */
+	if (!ip_whole(ip, end) || bpf_ntohs(ip->tot_len) > overlay_mtu(cfg) ||
+	    bpf_ntohs(ip->tot_len) < (void *)(qports + 2) - (void *)ip)
+		return count(PASSED, XDP_PASS);
+	fk.addr = qip->daddr;
+	fk.port_a = qports[1];
+	fk.port_b = qports[0];
+	fk.proto = qip->protocol;
+	f = bpf_map_lookup_elem(&netd_flows_fwd, &fk);
+	if (!f) {
+		n = bpf_map_lookup_elem(&netd_flows_fwd_new, &fk);
+		if (!n)
+			return XDP_PASS;
+		f = &n->fwd;
+	}
+	fl = *f;
+	if (fl.flags & NETD_FLOW_KERNEL)
+		return XDP_PASS;
+	seen = cfg->ingress_ip;
+	dest = fl.backend;
+	if (fl.flags & NETD_FLOW_CLIENT) {
+		via = bpf_map_lookup_elem(&netd_mesh_vias, &fl.vtep);
+		if (!via)
+			return count(DROPPED, XDP_DROP);
+		seen = fk.addr;
+		dest = *via;
+	}
+	quoted_check = qip->check;
+	csum_replace4(&qip->check, qip->saddr, fl.backend);
+	csum_replace4(&qip->check, qip->daddr, seen);
+	csum_replace4(&icmp->checksum, qip->saddr, fl.backend);
+	csum_replace4(&icmp->checksum, qip->daddr, seen);
+	csum_replace2(&icmp->checksum, quoted_check, qip->check);
+	csum_replace2(&icmp->checksum, qports[0], fl.target_port);
+	csum_replace2(&icmp->checksum, qports[1], fl.snat_port);
+	qip->saddr = fl.backend;
+	qip->daddr = seen;
+	qports[0] = fl.target_port;
+	qports[1] = fl.snat_port;
+	csum_replace4(&ip->check, ip->daddr, fl.backend);
+	ip->daddr = fl.backend;
+	flow_event(NETD_FLOWS_ICMP_RELAYED);
+	return wrap(ctx, cfg, dest, fl.vtep, bpf_ntohs(ip->tot_len), (__u16)(fk.addr ^ fk.port_a));
+}
+
 /* Client -> NODE_IP:published. */
 static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_config *cfg)
 {
@@ -813,10 +947,6 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	struct netd_flow_key fk = {};
 	struct netd_flow_fwd f = {};
 	enum table table;
-	struct vxlanhdr *vx;
-	struct udphdr *oudp;
-	struct iphdr *oip;
-	struct ethhdr *ieth;
 	__be32 source = cfg->ingress_ip; /* what the task sees as the client */
 	__be32 inner_dest;               /* whose MAC the inner frame goes to */
 	__u32 *via;
@@ -889,47 +1019,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 			forget(cfg, &netd_flows_fwd_new, &netd_flows_rev_new, &fk);
 	}
 
-	/* Wrap: [outer eth | outer ip | udp | vxlan] + the frame, whose Ethernet header
-	 * becomes the inner one (the task's or its node's ingress sandbox's MAC <- this
-	 * node's ingress MAC, which tells that sandbox who took the flow). */
-	if (bpf_xdp_adjust_head(ctx, -(int)ENCAP_LEN))
-		return count(DROPPED, XDP_DROP);
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	eth = data;
-	oip = (void *)(eth + 1);
-	oudp = (void *)(oip + 1);
-	vx = (void *)(oudp + 1);
-	ieth = (void *)(vx + 1);
-	if ((void *)(ieth + 1) > end)
-		return count(DROPPED, XDP_DROP);
-	mac_for(ieth->h_dest, inner_dest);
-	mac_for(ieth->h_source, cfg->ingress_ip);
-	eth->h_proto = bpf_htons(ETH_P_IP);
-	oip->version = 4;
-	oip->ihl = 5;
-	oip->tos = 0;
-	/* Outer IP length: IP + UDP + VXLAN headers and the inner frame (its Ethernet header
-	 * included), which happens to equal ENCAP_LEN (the outer Ethernet header is not
-	 * counted, the inner one is). */
-	oip->tot_len = bpf_htons(inner_len + ENCAP_LEN);
-	oip->id = 0;
-	oip->frag_off = 0;
-	oip->ttl = 64;
-	oip->protocol = IPPROTO_UDP;
-	oip->saddr = cfg->node_ip;
-	oip->daddr = f.vtep;
-	oip->check = 0;
-	oip->check = ip_header_checksum(oip);
-	/* Source port: flow entropy in the ephemeral range, as Linux's VXLAN does. */
-	oudp->source = bpf_htons(0xc000 | (entropy & 0x3fff));
-	oudp->dest = cfg->vxlan_port;
-	/* UDP length: its header, VXLAN's, and the whole inner frame. */
-	oudp->len = bpf_htons(inner_len + sizeof(struct ethhdr) + 8 + sizeof(struct udphdr));
-	oudp->check = 0;
-	vx->flags = bpf_htonl(VXLAN_FLAG_VNI);
-	vx->vni = bpf_htonl(cfg->vni << 8);
-	return send(ctx, eth, cfg->node_ip, f.vtep, FORWARDED);
+	return wrap(ctx, cfg, inner_dest, f.vtep, inner_len, entropy);
 }
 
 /* The forward half of the flow whose reverse half is rk -> r (client key into `fk`):
@@ -1073,6 +1163,8 @@ int netd_ingress(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (ip->protocol == IPPROTO_UDP && (void *)(udp + 1) <= end && udp->dest == cfg->vxlan_port)
 		return reply(ctx, cfg);
+	if (ip->protocol == IPPROTO_ICMP)
+		return icmp_to_task(ctx, cfg);
 	return request(ctx, cfg);
 }
 

@@ -210,6 +210,7 @@ struct netd_xdp_stats {
 #define NETD_FLOWS_BAD_ACK 5    /* client ACKs of an answered TCP flow not acking its SYN-ACK */
 #define NETD_FLOWS_EXPIRED 6    /* UDP flows forgotten after udp_idle_units without a packet */
 #define NETD_FLOWS_TOO_BIG 7    /* client packets too big for the overlay (DF: ICMP sent back) */
-#define NETD_FLOWS_COUNTERS 8
+#define NETD_FLOWS_ICMP_RELAYED 8 /* ICMP errors about a flow's packets to the client: to the task */
+#define NETD_FLOWS_COUNTERS 9
 
 #endif

@@ -193,7 +193,8 @@ const INGRESS_XDP_RESHAPED: &[(&str, usize, usize, u32)] = &[
         std::mem::size_of::<maps::FlowRev>(),
         1,
     ),
-    // 4 counters before wrong_vtep and bad_ack, 6 before expired, 7 before too_big.
+    // 4 counters before wrong_vtep and bad_ack, 6 before expired, 7 before too_big, 8
+    // before icmp_relayed.
     (
         "netd_xdp_flow_stats",
         std::mem::size_of::<u32>(),

@@ -220,8 +220,11 @@ pub const FLOWS_EXPIRED: u32 = 6;
 /// Client packets too big for the overlay: with DF answered by ICMP "fragmentation
 /// needed" naming the overlay's MTU, without it dropped.
 pub const FLOWS_TOO_BIG: u32 = 7;
+/// ICMP errors to the node about a flow's packets to its client (a router's
+/// "fragmentation needed"): sent on to the task, as the task's own packet quoted.
+pub const FLOWS_ICMP_RELAYED: u32 = 8;
 /// The number of flow counters (the entries of `netd_xdp_flow_stats`).
-pub const FLOWS_COUNTERS: u32 = 8;
+pub const FLOWS_COUNTERS: u32 = 9;
 
 // SAFETY: plain #[repr(C)] integers with explicit padding fields: every bit pattern is a
 // valid value and there are no implicit padding bytes.

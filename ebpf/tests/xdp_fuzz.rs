@@ -35,8 +35,8 @@ use aya::{Ebpf, TestRun, TestRunOptions};
 use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, FlowTuple, IngressConfig, MeshBackend,
     PortKey, PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_COUNTERS, FLOWS_EXPIRED,
-    FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP, FLOW_ANSWERED,
-    FLOW_CLIENT, FLOW_KERNEL, MESH_CLIENT_SOURCE,
+    FLOWS_ICMP_RELAYED, FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP,
+    FLOW_ANSWERED, FLOW_CLIENT, FLOW_KERNEL, MESH_CLIENT_SOURCE,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -49,6 +49,8 @@ const VTEP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// A host of the underlay that is no task's VTEP.
 const FORGER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 66);
+/// A router between the node and the client.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const INGRESS: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 11);
 /// The other node's ingress address: its sandbox takes the flows that keep the client's
 /// address.
@@ -640,6 +642,36 @@ fn answer(f: &Flow, flags: u8, payload: &[u8]) -> Vec<u8> {
     vxlan(&inner, VNI)
 }
 
+impl Flow {
+    /// The client side of the flow: (protocol, client, client port, published port).
+    fn key(&self) -> (u8, Ipv4Addr, u16, u16) {
+        (self.proto, self.client, self.client_port, self.published)
+    }
+}
+
+/// A well-formed ICMP error to the node quoting a packet it sent (IP header without
+/// options, both ports): the quoted packet's (protocol, destination, destination port,
+/// source port), its flow's key.
+fn icmp_of(f: &[u8]) -> Option<(u8, Ipv4Addr, u16, u16)> {
+    if !is_ipv4(f) || f.len() < ETH + 20 || f[ETH] != 0x45 || f[ETH + 9] != 1 {
+        return None;
+    }
+    let tot = u16_at(f, ETH + 2) as usize;
+    if checksum(&[&f[ETH..ETH + 20]]) != 0 || tot < 20 + 8 + 24 || ETH + tot > f.len() {
+        return None;
+    }
+    let q = ETH + 28;
+    if ip_at(f, ETH + 16) != NODE || f[q] != 0x45 || ip_at(f, q + 12) != NODE {
+        return None;
+    }
+    Some((
+        f[q + 9],
+        ip_at(f, q + 16),
+        u16_at(f, q + 22),
+        u16_at(f, q + 20),
+    ))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -1021,7 +1053,18 @@ fn base(rng: &mut Rng, flows: &[Flow]) -> Vec<u8> {
     let port = rng.range(1024, 65535) as u16;
     let n = rng.range(0, 64);
     let payload = rng.bytes(n);
-    match rng.below(9) {
+    match rng.below(10) {
+        9 if !flows.is_empty() => {
+            // A router's error about what the node sent a flow's client.
+            let f = flows[rng.below(flows.len())];
+            let l4 = udp(NODE, f.client, f.published, f.client_port, &payload, true);
+            let kind = [(3, 4), (11, 0), (3, 1)][rng.below(3)];
+            icmp_error(
+                kind,
+                &ipv4(NODE, f.client, f.proto, &l4),
+                rng.range(20, 100),
+            )
+        }
         0 => syn(port, TCP_PORT),
         1 => segment(CLIENT, port, ACK | PSH, &payload),
         2 => datagram(CLIENT, port, UDP_PORT, &payload),
@@ -1241,6 +1284,25 @@ fn check_case(
         let f = check_wrapped(frame, &out, &what);
         assert_eq!((f.proto, f.published), (proto, port));
         flows.insert((f.proto, f.task, f.seen, f.snat_port), f);
+        return;
+    }
+    if let Some(k) = icmp_of(frame) {
+        // The flow the program holds for that client side now (a SYN may have made a
+        // new pick for it since an older flow was seen).
+        let (est, new) = tables(h, &flow_key(k.1, k.2, k.3, k.0));
+        let now = est.or(new);
+        let f = flows.values().find(|f| {
+            f.key() == k
+                && now
+                    .is_some_and(|n| n.backend == be(f.task) && n.snat_port == f.snat_port.to_be())
+        });
+        let Some(f) = f else {
+            panic!(
+                "{what}: XDP_TX for an ICMP error of no flow\n{}",
+                hex(frame)
+            );
+        };
+        check_relayed(frame, &out, f, &what);
         return;
     }
     let Some(inner) = reply_of(frame) else {
@@ -2162,6 +2224,131 @@ fn a_flow_keeps_its_translation_when_the_setting_changes() {
         let new = handshake(h, 52201);
         assert_eq!((new.seen, new.snat_port), (CLIENT, 52201));
     });
+}
+
+/// An ICMP error from ROUTER to the node, of `kind` (type, code), quoting `quoted` (an
+/// IP packet the node sent), as much of it as `quote` bytes.
+fn icmp_error(kind: (u8, u8), quoted: &[u8], quote: usize) -> Vec<u8> {
+    let mut icmp = vec![kind.0, kind.1, 0, 0, 0, 0];
+    icmp.extend_from_slice(&1300u16.to_be_bytes()); // the next hop's MTU
+    icmp.extend_from_slice(&quoted[..quote.min(quoted.len())]);
+    let c = checksum(&[&icmp]);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ethernet(NODE_MAC, VTEP_MAC, 0x0800, &ipv4(ROUTER, NODE, 1, &icmp))
+}
+
+/// Checks the frame an ICMP error about flow `f` (`input`) became: wrapped towards the
+/// task's node like the flow's packets, from its sender (the router) to the task, its quote the
+/// packet as the task sent it, every checksum right.
+fn check_relayed(input: &[u8], out: &[u8], f: &Flow, what: &str) {
+    let ctx = || format!("{what} {f:?}\n in: {}\nout: {}", hex(input), hex(out));
+    assert_eq!(out.len(), input.len() + ENCAP, "length: {}", ctx());
+    assert_eq!(ip_at(out, ETH + 16), VTEP, "outer destination: {}", ctx());
+    let inner = &out[ENCAP..];
+    let via = if client_source() { VIA } else { f.task };
+    assert_eq!(
+        &inner[0..6],
+        &mac_of(via),
+        "inner destination MAC: {}",
+        ctx()
+    );
+    assert_eq!(
+        checksum(&[&inner[ETH..ETH + 20]]),
+        0,
+        "inner IP checksum: {}",
+        ctx()
+    );
+    assert_eq!(
+        ip_at(inner, ETH + 12),
+        ip_at(input, ETH + 12),
+        "inner source (the router): {}",
+        ctx()
+    );
+    assert_eq!(
+        ip_at(inner, ETH + 16),
+        f.task,
+        "inner destination: {}",
+        ctx()
+    );
+    let icmp = &inner[ETH + 20..ETH + u16_at(inner, ETH + 2) as usize];
+    // A wrong checksum stays wrong (the task drops the error), a right one stays right.
+    let was = &input[ETH + 20..ETH + u16_at(input, ETH + 2) as usize];
+    if checksum(&[was]) == 0 {
+        assert_eq!(checksum(&[icmp]), 0, "ICMP checksum: {}", ctx());
+    }
+    assert_eq!(&icmp[..2], &input[ETH + 20..ETH + 22], "ICMP type and code");
+    let q = &icmp[8..];
+    if checksum(&[&was[8..28]]) == 0 {
+        assert_eq!(checksum(&[&q[..20]]), 0, "quoted IP checksum: {}", ctx());
+    }
+    assert_eq!(
+        (ip_at(q, 12), ip_at(q, 16), u16_at(q, 20), u16_at(q, 22)),
+        (f.task, f.seen, TARGET, f.snat_port),
+        "the quote as the task sent it: {}",
+        ctx()
+    );
+}
+
+/// ICMP errors about a flow's packets to its client (a router on the client's side:
+/// "fragmentation needed", which path MTU discovery needs, or time exceeded) go on to
+/// the task, quoting the packet as the task sent it, counted; an error about no flow of
+/// XDP's, an echo request, or a quote of another source's packet are the kernel's.
+#[test]
+fn icmp_errors_about_a_flow_reach_its_task() {
+    with_harness("icmp", None, relays_icmp_errors);
+}
+
+/// The same, the flows translated to the node's ingress address.
+#[test]
+fn icmp_errors_about_a_flow_reach_its_task_snat() {
+    with_harness("icmp-snat", None, |h| {
+        h.snat();
+        relays_icmp_errors(h)
+    });
+}
+
+fn relays_icmp_errors(h: &mut Harness) {
+    let flow = handshake(h, 53000);
+    let a = answer(&flow, ACK | PSH, &[7u8; 1200]);
+    let sent = h.tx(&a, "the task's data");
+    check_unwrapped(&a, &sent, &flow, "the task's data");
+    let quoted = &sent[ETH..];
+    let mut relayed = 0;
+    for (kind, quote) in [((3, 4), 28), ((3, 4), 548), ((11, 0), 28), ((3, 3), 64)] {
+        let e = icmp_error(kind, quoted, quote);
+        check_relayed(&e, &h.tx(&e, "an ICMP error"), &flow, &format!("{kind:?}"));
+        relayed += 1;
+        assert_eq!(h.flow_stat(FLOWS_ICMP_RELAYED), relayed);
+    }
+    let q = datagram(CLIENT, 53001, UDP_PORT, b"q");
+    let uflow = check_wrapped(&q, &h.tx(&q, "a datagram"), "a datagram");
+    let ua = answer(&uflow, 0, b"answer");
+    let usent = h.tx(&ua, "the answer");
+    let e = icmp_error((3, 4), &usent[ETH..], 28);
+    check_relayed(
+        &e,
+        &h.tx(&e, "about a datagram"),
+        &uflow,
+        "about a datagram",
+    );
+    // Not XDP's: another client port, an echo request, a packet from another source.
+    let mut other = quoted.to_vec();
+    other[22..24].copy_from_slice(&9u16.to_be_bytes());
+    passed(h, &icmp_error((3, 4), &other, 28), "about no flow");
+    passed(h, &icmp_error((8, 0), quoted, 28), "an echo request");
+    let mut foreign = quoted.to_vec();
+    foreign[12..16].copy_from_slice(&FORGER.octets());
+    passed(
+        h,
+        &icmp_error((3, 4), &foreign, 28),
+        "quoting another source",
+    );
+    passed(
+        h,
+        &icmp_error((3, 4), quoted, 22),
+        "a quote without both ports",
+    );
+    assert_eq!(h.flow_stat(FLOWS_ICMP_RELAYED), relayed + 1);
 }
 
 // ---- confirming a TCP flow takes an ACK of the task's SYN-ACK ----

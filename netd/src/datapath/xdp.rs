@@ -36,8 +36,9 @@ use aya::programs::{links::FdLink, Xdp, XdpMode};
 use aya::Ebpf;
 use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, FlowTuple, IngressConfig, MeshBackend,
-    PortKey, PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED, FLOWS_LOST,
-    FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP, MESH_CLIENT_SOURCE,
+    PortKey, PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED,
+    FLOWS_ICMP_RELAYED, FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP,
+    MESH_CLIENT_SOURCE,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -494,6 +495,7 @@ impl Loaded {
             bad_ack: sum(FLOWS_BAD_ACK),
             expired: sum(FLOWS_EXPIRED),
             too_big: sum(FLOWS_TOO_BIG),
+            icmp_relayed: sum(FLOWS_ICMP_RELAYED),
         }
     }
 }
@@ -522,6 +524,9 @@ struct FlowStats {
     /// Client packets too big for the overlay: with DF set answered with ICMP
     /// "fragmentation needed" (the overlay's MTU), without it dropped.
     too_big: u64,
+    /// ICMP errors to the node about a flow's packets to its client (a router's
+    /// "fragmentation needed" on the client's side), sent on to the task.
+    icmp_relayed: u64,
 }
 
 fn port_key((proto, port): (u8, u16)) -> PortKey {
