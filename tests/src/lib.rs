@@ -169,6 +169,16 @@ struct SecureStore {
     auth_enabled: bool,
 }
 
+/// A client's site behind a NAT router (see [`Lab::add_site`]).
+pub struct Site {
+    /// The router's namespace.
+    pub router: String,
+    /// The site's network is 198.18.`net`.0/24.
+    pub net: u8,
+    mtu: String,
+    hosts: u8,
+}
+
 pub struct Lab {
     pub prefix: String,
     pub dir: PathBuf,
@@ -562,6 +572,116 @@ impl Lab {
         self.netns.push(name.clone());
         self.plug_underlay(&name, host)?;
         Ok(name)
+    }
+
+    /// A client's site: a router on the underlay at .`host` that masquerades a network
+    /// of its own behind it (198.18.`net`.0/24, the router at .1), as a home or office
+    /// NAT does (Linux's: it keeps a client's port where the connection it makes is
+    /// unique, so two clients with one port towards two nodes leave with the same
+    /// port). Its inside leg carries at most `mtu` bytes, less than the underlay and the
+    /// overlay: a task's full-size segments to a client there need path MTU discovery
+    /// (the router answers them with ICMP "fragmentation needed").
+    pub fn add_site(&mut self, tag: &str, host: u8, net: u8, mtu: u32) -> Result<Site> {
+        let router = format!("{}-{tag}", self.prefix);
+        self.netns.push(router.clone());
+        self.plug_underlay(&router, host)?;
+        let mtu = mtu.to_string();
+        ip(&["-n", &router, "link", "add", "lan", "type", "bridge"])?;
+        ip(&["-n", &router, "link", "set", "lan", "mtu", &mtu, "up"])?;
+        ip(&[
+            "-n",
+            &router,
+            "addr",
+            "add",
+            &format!("198.18.{net}.1/24"),
+            "dev",
+            "lan",
+        ])?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]))?;
+        let rules = self.dir.join(format!("{tag}.nft"));
+        fs::write(
+            &rules,
+            format!(
+                "table ip {LAB_MARK}site {{\n  chain post {{\n    type nat hook postrouting \
+                 priority srcnat;\n    oifname \"eth0\" ip saddr 198.18.{net}.0/24 masquerade\n  \
+                 }}\n}}\n"
+            ),
+        )?;
+        run(Command::new("ip")
+            .args(["netns", "exec", &router, "nft", "-f"])
+            .arg(&rules))
+        .context("the site's NAT (Debian package nftables)")?;
+        Ok(Site {
+            router,
+            net,
+            mtu,
+            hosts: 0,
+        })
+    }
+
+    /// A host on `site`'s network (the next free address from .2), its default route
+    /// through the router; its own link takes full-size frames (only the router's
+    /// inside leg is narrow). Returns its namespace and address.
+    pub fn add_site_host(&mut self, site: &mut Site, tag: &str) -> Result<(String, Ipv4Addr)> {
+        site.hosts += 1;
+        let addr = Ipv4Addr::new(198, 18, site.net, 1 + site.hosts);
+        let name = format!("{}-{tag}", self.prefix);
+        self.netns.push(name.clone());
+        ip(&["netns", "add", &name])?;
+        let port = format!("h{}", site.hosts);
+        ip(&[
+            "-n",
+            &site.router,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &name,
+        ])?;
+        ip(&["-n", &site.router, "link", "set", &port, "mtu", &site.mtu])?;
+        ip(&[
+            "-n",
+            &site.router,
+            "link",
+            "set",
+            &port,
+            "master",
+            "lan",
+            "up",
+        ])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{}.1", site.net),
+        ])?;
+        Ok((name, addr))
     }
 
     /// An empty namespace to attach as a task; returns (name, path). Its resolv.conf

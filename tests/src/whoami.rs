@@ -2,7 +2,9 @@
 //! Over TCP it speaks HTTP/1.1 with keep-alive (so a test can hold one connection across
 //! a netd restart); over UDP it answers every datagram. Every answer names the task, the
 //! address the request arrived on, and the address it came from, which is what the tests
-//! check (which backend answered, and whether the source was rewritten).
+//! check (which backend answered, and whether the source was rewritten). `GET
+//! /data?size=N` adds N bytes to the body (at most 16 MiB), as traefik/whoami's does: a
+//! download large enough for path MTU discovery to matter.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -54,12 +56,47 @@ fn serve_http(mut conn: TcpStream, name: &str) -> Result<()> {
             }
             pending.extend_from_slice(&chunk[..n]);
         };
+        let extra = requested_size(&pending[..end]);
         pending.drain(..end);
-        let body = format!("Hostname: {name}\nIP: {}\nRemoteAddr: {peer}\n", local.ip());
+        let mut body = format!("Hostname: {name}\nIP: {}\nRemoteAddr: {peer}\n", local.ip());
+        body.extend(std::iter::repeat_n('x', extra));
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         conn.write_all(resp.as_bytes())?;
+    }
+}
+
+/// The most `/data?size=N` adds to a body.
+const MAX_DATA: usize = 16 << 20;
+
+/// N of a request line `GET /data?size=N ...`, else 0.
+fn requested_size(head: &[u8]) -> usize {
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let Ok(line) = std::str::from_utf8(line) else {
+        return 0;
+    };
+    let target = line.split(' ').nth(1).unwrap_or_default();
+    target
+        .strip_prefix("/data?size=")
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(0, |n| n.min(MAX_DATA))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_size_comes_from_the_request_line() {
+        assert_eq!(
+            super::requested_size(b"GET /data?size=100000 HTTP/1.1\r\n\r\n"),
+            100_000
+        );
+        assert_eq!(super::requested_size(b"GET / HTTP/1.1\r\n\r\n"), 0);
+        assert_eq!(super::requested_size(b"GET /data?size=x HTTP/1.1\r\n"), 0);
+        assert_eq!(
+            super::requested_size(b"GET /data?size=999999999999 HTTP/1.1\r\n"),
+            super::MAX_DATA
+        );
     }
 }

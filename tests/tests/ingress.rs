@@ -15,6 +15,8 @@ use netd_lab::{
 
 const PUBLISHED: u16 = 4567;
 const CLIENT_HOST: u8 = 100;
+/// The NAT router of a client site (see `Lab::add_site`).
+const NAT_HOST: u8 = 120;
 
 /// 3 nodes with `--xdp xdp`; service `web` on network `front` publishing 4567:80 (TCP)
 /// and 4568:80/udp, with 5 whoami tasks on n1 and n2 (none on n3); a client host on the
@@ -252,6 +254,13 @@ fn xdp_path(lab: &Lab, i: usize) -> Result<(String, u64)> {
     Ok((mode, forwarded + returned))
 }
 
+/// Node `i`'s XDP mode and the ICMP errors its fast path sent on to tasks.
+fn icmp_relayed(lab: &Lab, i: usize) -> Result<(String, u64)> {
+    let x = &lab.cli_json(i, &["status"])?["routing_mesh"]["xdp"];
+    let mode = x["mode"].as_str().unwrap_or_default().to_string();
+    Ok((mode, x["flows"]["icmp_relayed"].as_u64().unwrap_or(0)))
+}
+
 /// Node `i`'s XDP mode and the packets its fast path forwarded and returned.
 fn xdp_packets(lab: &Lab, i: usize) -> Result<(String, u64, u64)> {
     let x = &lab.cli_json(i, &["status"])?["routing_mesh"]["xdp"];
@@ -289,6 +298,12 @@ fn a_lost_node_leaves_the_mesh_and_host_mode_answers_only_where_a_task_runs_kern
 
 fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
     let (mut lab, client) = mesh(tag, xdp)?;
+    // Two clients behind a NAT whose inside leg carries 1300 bytes.
+    let mut site = lab.add_site("site", NAT_HOST, 20, 1300)?;
+    let site_hosts = [
+        lab.add_site_host(&mut site, "c1")?.0,
+        lab.add_site_host(&mut site, "c2")?.0,
+    ];
     let nodes: Vec<Ipv4Addr> = lab.nodes.iter().map(|n| n.ip).collect();
     let all: BTreeSet<String> = (0..5).map(|i| format!("w{i}")).collect();
     for node in &nodes {
@@ -462,6 +477,43 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         if !peers.iter().any(|(_, p)| p.ends_with(":61010")) {
             bail!("no flow kept the client's port 61010: {peers:?}");
         }
+
+        // Two clients behind one NAT, each from port 61020, through n2 and n3 at once: the
+        // NAT sends both from its one address and, their destinations differing, from
+        // the same port, so s0 meets two flows alike again. Both work, both show the
+        // NAT's address.
+        let nat = underlay_ip(NAT_HOST);
+        let mut pairs = vec![];
+        for (i, node) in [(0, nodes[1]), (1, nodes[2])] {
+            let netns = site_hosts[i].clone();
+            let to = std::net::SocketAddrV4::new(node, 4571);
+            pairs.push(std::thread::spawn(move || {
+                in_netns(&netns, move || {
+                    let mut s = connect_from_port(to, 61020)
+                        .with_context(|| format!("connect to {to} from port 61020"))?;
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut peers = vec![];
+                    let mut buf = vec![];
+                    for _ in 0..3 {
+                        let body = http_request(&mut s, &mut buf)?;
+                        let text = String::from_utf8_lossy(&buf[body]).into_owned();
+                        peers.push(field(&text, "RemoteAddr").unwrap_or_default().to_string());
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Ok(peers)
+                })
+            }));
+        }
+        let mut peers = vec![];
+        for p in pairs {
+            peers.extend(
+                p.join()
+                    .map_err(|_| anyhow::anyhow!("a NAT'd client panicked"))??,
+            );
+        }
+        if peers.len() != 6 || peers.iter().any(|p| !p.starts_with(&format!("{nat}:"))) {
+            bail!("behind the NAT {nat}, s0 saw {peers:?}");
+        }
         lab.cli(0, &["service", "rm", "solo"])?;
     }
 
@@ -560,6 +612,45 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
                 "after a 1472-byte DF datagram to {to}, the client's path MTU is {mtu}, not 1450"
             );
         }
+    }
+
+    // Path MTU the other way: behind the site's router, whose inside leg carries 1300
+    // bytes, a client downloads 200 kB through n3 (no task there) and n1. The tasks'
+    // full-size segments (the overlay's 1450 bytes) meet the router, whose "fragmentation
+    // needed" to the node must reach the task (on XDP, relayed by the fast path) for
+    // the download to finish at all.
+    let (_, relayed_before) = icmp_relayed(&lab, 2)?;
+    for via in [nodes[2], nodes[0]] {
+        for _ in 0..3 {
+            let to = SocketAddr::from((via, PUBLISHED));
+            let body = in_netns(&site_hosts[0], move || {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                std::io::Write::write_all(
+                    &mut s,
+                    b"GET /data?size=200000 HTTP/1.1\r\nHost: lab\r\n\r\n",
+                )?;
+                let mut all = vec![];
+                let mut chunk = [0u8; 16384];
+                while all.len() < 200_000 {
+                    let n = std::io::Read::read(&mut s, &mut chunk).with_context(|| {
+                        format!("download via {to} ({} bytes so far)", all.len())
+                    })?;
+                    if n == 0 {
+                        break;
+                    }
+                    all.extend_from_slice(&chunk[..n]);
+                }
+                Ok(all)
+            })?;
+            if body.len() < 200_000 {
+                bail!("behind a 1300-byte link, {} bytes via {via}", body.len());
+            }
+        }
+    }
+    let (_, relayed_after) = icmp_relayed(&lab, 2)?;
+    if xdp != "off" && relayed_after <= relayed_before {
+        bail!("n3's fast path relayed no ICMP error to a task ({relayed_before} before, {relayed_after} after)");
     }
 
     // A UDP flow whose task goes away, through n3 (no task there) and through n1 (tasks
