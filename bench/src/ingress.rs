@@ -67,6 +67,20 @@ n2 count (and drop) the VXLAN datagrams that arrive for the tasks at their inter
 netdev ingress hook, the same way for every path. A path that forwards all it is offered \
 kept up: its figure is a lower bound, and its ratio to a path that did not is one too.\n\n";
 
+/// What the ingress nodes' `netd status` says of their mesh, for a run that failed on
+/// `label`.
+fn mesh_state(lab: &Lab, label: &str) -> String {
+    let mut out = format!("{label} failed; the ingress nodes' routing mesh:");
+    for i in 2..lab.nodes.len() {
+        let mesh = lab
+            .cli_json(i, &["status"])
+            .map(|s| s["routing_mesh"].to_string())
+            .unwrap_or_else(|e| format!("{e:#}"));
+        out.push_str(&format!("\n{}: {mesh}", lab.nodes[i].name));
+    }
+    out
+}
+
 /// The Ethernet address of `netns`'s eth0.
 fn mac_of(lab: &Lab, netns: &str) -> Result<[u8; 6]> {
     let o = lab.exec_in(netns, &["ip", "-j", "link", "show", "eth0"])?;
@@ -374,12 +388,14 @@ pub fn run(
         for p in paths.iter_mut() {
             eprintln!("round {}: {}", round + 1, p.label);
             let d = Duration::from_secs(seconds);
-            p.conns.push(load::new_connections_to(
-                &client, &p.addrs, threads, d, MAX_OPS,
-            )?);
-            p.reqs.push(load::http_keepalive_to(
-                &client, &p.addrs, threads, d, MAX_OPS,
-            )?);
+            p.conns.push(
+                load::new_connections_to(&client, &p.addrs, threads, d, MAX_OPS)
+                    .with_context(|| mesh_state(&lab, p.label))?,
+            );
+            p.reqs.push(
+                load::http_keepalive_to(&client, &p.addrs, threads, d, MAX_OPS)
+                    .with_context(|| mesh_state(&lab, p.label))?,
+            );
         }
         for (i, (label, addr, ingress)) in udp_targets.iter().enumerate() {
             eprintln!("round {}: UDP, {label}", round + 1);

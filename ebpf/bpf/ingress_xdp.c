@@ -40,8 +40,9 @@
  * and a client's RST forgets the flow, so a client that reuses its port never lands on a
  * stale entry. The two maps of a table evict apart, so each client packet checks that
  * its flow's reverse half is still there and leads back to it (in either table), and a
- * flow without it is forgotten (counted lost): no two flows ever send from one
- * translation port. An answer whose forward half is gone goes to the kernel path.
+ * flow without it is forgotten (counted lost): no two of XDP's flows ever look alike to
+ * a task (one reverse tuple, one flow). An answer whose forward half is gone goes to the
+ * kernel path.
  *
  * A task's answer is taken only from the VTEP of the task's node (the outer IPv4 source
  * the flow's forward half holds): this program runs before nftables, whose rule that
@@ -55,8 +56,12 @@
  *
  * Left to the kernel path (XDP_PASS): flows to a task on this node (its answer reaches
  * the ingress sandbox over the bridge, not through here), packets of flows this program
- * did not start, IP options, fragments. Ports: XDP translates to 32768-65535, the kernel
- * path's ingress sandbox masquerades to 1024-32767, so the two never share one. */
+ * did not start, IP options, fragments. Ports: translating to the node's address, XDP
+ * uses 32768-65535 and the kernel path's ingress sandbox masquerades to 1024-32767, so
+ * the two never share one. Keeping the client's address, both keep the client's port:
+ * one client port to two published ports of this node that lead to one task and target
+ * port, one flow on each path, look alike to the task's node (its sandbox merges them;
+ * documented, not handled). */
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -857,7 +862,8 @@ static __always_inline int wrap(struct xdp_md *ctx, struct netd_ingress_config *
  * needs, or unreachable, time exceeded). Its quote is NODE_IP:published -> client:port;
  * the task sent that packet as task:target -> the address and port it sees. The error
  * goes to the task as the kernel path's conntrack would relate it: outer destination
- * the task, the quote as the task sent it (the quoted IP header's checksum and the ICMP
+ * the task (and, translated to the node's address, outer source that address), the
+ * quote as the task sent it (the quoted IP header's checksum and the ICMP
  * checksum follow; the quoted transport checksum is left, nobody checks it in an
  * error), wrapped like the flow's packets. Anything else (no flow of XDP's, another
  * type, a quote without its ports): the kernel's. */
@@ -873,17 +879,22 @@ static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_
 	__be16 *qports = (__be16 *)(qip + 1);   /* and its ports, the quote's first 4 bytes */
 	struct netd_flow_key fk = {};
 	struct netd_flow_fwd_new *n;
+	struct netd_flow_tuple rk;
+	struct netd_flow_rev *r;
 	struct netd_flow_fwd *f;
 	struct netd_flow_fwd fl;
 	__be32 seen, dest;
 	__u16 quoted_check;
+	void *rev_map;
 	__u32 *via;
 
 	if ((void *)(qports + 2) > end)
 		return XDP_PASS;
 	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
 		return XDP_PASS;
+	/* A quote of a later fragment has no ports where they would be. */
 	if (qip->version != 4 || qip->ihl != 5 || qip->saddr != cfg->node_ip ||
+	    (qip->frag_off & bpf_htons(0x1fff)) ||
 	    (qip->protocol != IPPROTO_TCP && qip->protocol != IPPROTO_UDP))
 		return XDP_PASS;
 	/* The quote's ports within the error's IP packet, not only within the frame. */
@@ -895,14 +906,22 @@ static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_
 	fk.port_b = qports[0];
 	fk.proto = qip->protocol;
 	f = bpf_map_lookup_elem(&netd_flows_fwd, &fk);
+	rev_map = &netd_flows_rev;
 	if (!f) {
 		n = bpf_map_lookup_elem(&netd_flows_fwd_new, &fk);
 		if (!n)
 			return XDP_PASS;
 		f = &n->fwd;
+		rev_map = &netd_flows_rev_new;
 	}
 	fl = *f;
 	if (fl.flags & NETD_FLOW_KERNEL)
+		return XDP_PASS;
+	/* Only a flow whose reverse half still leads back to it: a lone forward half's port
+	 * may be another flow's by now (as established() and unconfirmed() check). */
+	rk = reverse_key(cfg, &fl, &fk);
+	r = bpf_map_lookup_elem(rev_map, &rk);
+	if (!r || !rev_is(r, &fk))
 		return XDP_PASS;
 	seen = cfg->ingress_ip;
 	dest = fl.backend;
@@ -927,6 +946,12 @@ static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_
 	qports[1] = fl.snat_port;
 	csum_replace4(&ip->check, ip->daddr, fl.backend);
 	ip->daddr = fl.backend;
+	if (!(fl.flags & NETD_FLOW_CLIENT)) {
+		/* Translated to the node's address, the task hears of it from there, as the
+		 * kernel path's conntrack would have it (its NAT rewrites the error's source). */
+		csum_replace4(&ip->check, ip->saddr, cfg->ingress_ip);
+		ip->saddr = cfg->ingress_ip;
+	}
 	flow_event(NETD_FLOWS_ICMP_RELAYED);
 	return wrap(ctx, cfg, dest, fl.vtep, bpf_ntohs(ip->tot_len), (__u16)(fk.addr ^ fk.port_a));
 }
@@ -1084,8 +1109,12 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	    ieth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
 	/* For this node's ingress sandbox: to its address (snat), or to a client through it
-	 * (the task's node sends a client source flow's answers to its MAC). */
-	if (ip->daddr != cfg->ingress_ip && !is_mac_for(ieth->h_dest, cfg->ingress_ip))
+	 * (the task's node sends a client source flow's answers to its MAC). Not a packet
+	 * to a task on the ingress network: that is a flow another node sends here (to this
+	 * node's sandbox MAC as well), spared the look-ups. */
+	if (ip->daddr != cfg->ingress_ip &&
+	    (!is_mac_for(ieth->h_dest, cfg->ingress_ip) ||
+	     (cfg->ingress_mask && !((ip->daddr ^ cfg->ingress_ip) & cfg->ingress_mask))))
 		return XDP_PASS;
 	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
 		return XDP_PASS;
@@ -1100,7 +1129,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	if (!r) {
 		r = bpf_map_lookup_elem(&netd_flows_rev_new, &rk);
 		if (!r)
-			return XDP_PASS; /* the kernel path's flow (its ports are below SNAT_FIRST) */
+			return XDP_PASS; /* the kernel path's flow */
 	}
 	if (!vxlan_whole(oip, oudp, bpf_ntohs(ip->tot_len), end) || !ip_whole(ip, end) ||
 	    !l4_fits(ip, end))

@@ -44,6 +44,7 @@ int main(void)
 	OFF(netd_ingress_config, vxlan_port);
 	OFF(netd_ingress_config, overlay_mtu);
 	OFF(netd_ingress_config, flags);
+	OFF(netd_ingress_config, ingress_mask);
 	SIZE(netd_port_key);
 	OFF(netd_port_key, port);
 	OFF(netd_port_key, proto);

@@ -73,13 +73,16 @@ struct netd_counter {
 /* The node's facts (array, one entry). Addresses in network byte order. */
 struct netd_ingress_config {
 	__u32 node_ip;    /* underlay address: the VTEP, and where published ports answer */
-	__u32 ingress_ip; /* the node's address on the ingress network: the SNAT source */
+	__u32 ingress_ip; /* the node's address on the ingress network (its isbox's) */
 	__u32 vni;        /* the ingress network's VNI, host byte order */
 	__u16 vxlan_port; /* network byte order */
 	/* The largest IP packet the overlay carries (--underlay-mtu - 50), host byte order;
 	 * 0 (a config an older netd wrote): 1450. */
 	__u16 overlay_mtu;
 	__u32 flags; /* NETD_MESH_* */
+	/* The ingress network's netmask (network byte order; 0: unknown): no client is on
+	 * it, so a frame to an address there is no answer to a client. */
+	__u32 ingress_mask;
 };
 
 /* New flows keep the client's address (netd's --mesh-source client): only the

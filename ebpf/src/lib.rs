@@ -165,7 +165,8 @@ pub fn load_ingress_xdp_with(pin_dir: &Path, options: &IngressOptions) -> Result
 /// never counted. Add a map here whenever its key or value changes size or an array
 /// gains entries.
 const INGRESS_XDP_RESHAPED: &[(&str, usize, usize, u32)] = &[
-    // 16 bytes before the config held its flags (the client source).
+    // 16 bytes before the config held its flags (the client source) and the ingress
+    // network's mask.
     (
         "netd_ingress_cfg",
         std::mem::size_of::<u32>(),

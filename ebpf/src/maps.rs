@@ -90,6 +90,8 @@ pub struct IngressConfig {
     pub overlay_mtu: u16,
     /// [`MESH_CLIENT_SOURCE`] or 0.
     pub flags: u32,
+    /// The ingress network's netmask, network byte order (0: unknown).
+    pub ingress_mask: u32,
 }
 
 /// [`IngressConfig::flags`]: new flows keep the client's address (netd's `--mesh-source
@@ -169,6 +171,8 @@ pub struct FlowFwd {
     pub backend: u32,
     /// The task's node: the only outer source its answers are taken from.
     pub vtep: u32,
+    /// The port the task sees the client on (the translation port, or with
+    /// [`FLOW_CLIENT`] the client's own unless two flows would look alike).
     pub snat_port: u16,
     pub target_port: u16,
     pub flags: u32,
@@ -312,6 +316,10 @@ mod tests {
             netd_ingress_config_overlay_mtu
         );
         assert_eq!(offset_of!(IngressConfig, flags), netd_ingress_config_flags);
+        assert_eq!(
+            offset_of!(IngressConfig, ingress_mask),
+            netd_ingress_config_ingress_mask
+        );
         assert_eq!(size_of::<PortKey>(), netd_port_key_SIZE);
         assert_eq!(offset_of!(PortKey, port), netd_port_key_port);
         assert_eq!(offset_of!(PortKey, proto), netd_port_key_proto);

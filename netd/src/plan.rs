@@ -771,6 +771,7 @@ fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> 
     Some(MeshTable {
         node_ip: st.nodes.get(&cfg.name)?.address?,
         ingress_ip: *addrs.get(&cfg.name)?,
+        ingress_prefix: net.subnet.prefix(),
         vni: net.vni?,
         vxlan_port: cfg.vxlan_port,
         overlay_mtu: u16::try_from(cfg.overlay_mtu).unwrap_or(u16::MAX),

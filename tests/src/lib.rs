@@ -179,6 +179,23 @@ pub struct Site {
     hosts: u8,
 }
 
+/// How a lab differs from the plain one.
+struct Flavor {
+    docker_plugin: bool,
+    secure_store: bool,
+    underlay_mtu: u32,
+}
+
+impl Default for Flavor {
+    fn default() -> Self {
+        Flavor {
+            docker_plugin: false,
+            secure_store: false,
+            underlay_mtu: 1500,
+        }
+    }
+}
+
 pub struct Lab {
     pub prefix: String,
     pub dir: PathBuf,
@@ -211,6 +228,8 @@ pub struct Lab {
     /// unfinished, which a frame sent back by XDP loses), and the hub side of a node
     /// whose daemon runs `--xdp native` runs [`netd_ebpf::WIRE_PEER`].
     wire: bool,
+    /// What every underlay link carries (the daemons get it as `--underlay-mtu`).
+    underlay_mtu: u32,
     torn_down: bool,
 }
 
@@ -239,14 +258,28 @@ impl Lab {
         datapath: &str,
         xdp: &str,
     ) -> Result<Lab> {
-        Self::build_full(tag, nodes, etcd, datapath, xdp, false, false)
+        Self::build_full(tag, nodes, etcd, datapath, xdp, Flavor::default())
+    }
+
+    /// A cluster on etcd whose underlay carries `underlay_mtu` bytes (every link of it,
+    /// and the daemons' `--underlay-mtu`), with the daemons' `--xdp`.
+    pub fn build_mtu(tag: &str, nodes: usize, xdp: &str, underlay_mtu: u32) -> Result<Lab> {
+        let flavor = Flavor {
+            underlay_mtu,
+            ..Flavor::default()
+        };
+        Self::build_full(tag, nodes, true, "auto", xdp, flavor)
     }
 
     /// A cluster whose etcd serves only TLS with client certificates and has
     /// authentication on: the daemons connect as user `netd` (password from
     /// `NETD_STORE_PASSWORD`) with a certificate of the lab's CA.
     pub fn secure_cluster(tag: &str, nodes: usize) -> Result<Lab> {
-        Self::build_full(tag, nodes, true, "auto", "auto", false, true)
+        let flavor = Flavor {
+            secure_store: true,
+            ..Flavor::default()
+        };
+        Self::build_full(tag, nodes, true, "auto", "auto", flavor)
     }
 
     /// The lab's certificate authority (made on first use; its files in the lab's
@@ -261,7 +294,11 @@ impl Lab {
     /// A cluster on etcd whose daemons serve Docker's plugin protocols (see
     /// [`runtimes::Dockerd`]).
     pub fn docker_cluster(tag: &str, nodes: usize) -> Result<Lab> {
-        Self::build_full(tag, nodes, true, "auto", "auto", true, false)
+        let flavor = Flavor {
+            docker_plugin: true,
+            ..Flavor::default()
+        };
+        Self::build_full(tag, nodes, true, "auto", "auto", flavor)
     }
 
     fn build_full(
@@ -270,9 +307,13 @@ impl Lab {
         etcd: bool,
         datapath: &str,
         xdp: &str,
-        docker_plugin: bool,
-        secure_store: bool,
+        flavor: Flavor,
     ) -> Result<Lab> {
+        let Flavor {
+            docker_plugin,
+            secure_store,
+            underlay_mtu,
+        } = flavor;
         let rnd: u32 = rand::random::<u32>() % 0xfffff;
         let prefix = format!("{LAB_MARK}{tag}{rnd:05x}");
         let dir = std::env::temp_dir().join(format!("netd-lab-{prefix}"));
@@ -295,6 +336,7 @@ impl Lab {
             deny_bpf: false,
             docker_plugin,
             wire: xdp == "native",
+            underlay_mtu,
             torn_down: false,
         };
         if lab.wire {
@@ -530,6 +572,9 @@ impl Lab {
             "-n", &self.hub, "link", "add", &hub_side, "type", "veth", "peer", "name", "eth0",
             "netns", name,
         ])?;
+        let mtu = self.underlay_mtu.to_string();
+        ip(&["-n", &self.hub, "link", "set", &hub_side, "mtu", &mtu])?;
+        ip(&["-n", name, "link", "set", "eth0", "mtu", &mtu])?;
         ip(&[
             "-n", &self.hub, "link", "set", &hub_side, "master", "ul", "up",
         ])?;
@@ -817,6 +862,8 @@ impl Lab {
             &self.datapath,
             "--xdp",
             &self.xdp,
+            "--underlay-mtu",
+            &self.underlay_mtu.to_string(),
         ])
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -230,6 +230,28 @@ fn path_mtu_after(to: SocketAddr, payload: usize) -> Result<u32> {
     mtu()
 }
 
+/// A whoami answer of `size` bytes more from `addr`, from `netns` (a stalled transfer
+/// fails after 10 s without a byte).
+fn download(netns: &str, to: SocketAddr, size: usize) -> Result<()> {
+    in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let ask = format!("GET /data?size={size} HTTP/1.1\r\nHost: lab\r\n\r\n");
+        std::io::Write::write_all(&mut s, ask.as_bytes())?;
+        let mut got = 0;
+        let mut chunk = [0u8; 16384];
+        while got < size {
+            let n = std::io::Read::read(&mut s, &mut chunk)
+                .with_context(|| format!("download via {to} ({got} bytes so far)"))?;
+            if n == 0 {
+                bail!("download via {to}: closed after {got} bytes");
+            }
+            got += n;
+        }
+        Ok(())
+    })
+}
+
 /// One datagram to `addr` on `socket`: the whoami name that answered (a datagram lost
 /// on the way is sent again, twice at most).
 fn udp_ask_on(socket: &std::net::UdpSocket, addr: SocketAddr) -> Result<String> {
@@ -294,6 +316,69 @@ fn a_lost_node_leaves_the_mesh_and_host_mode_answers_only_where_a_task_runs_xdp(
 #[test]
 fn a_lost_node_leaves_the_mesh_and_host_mode_answers_only_where_a_task_runs_kernel() -> Result<()> {
     lost_node_and_host_mode("ilk", "off")
+}
+
+#[test]
+fn the_mesh_follows_the_underlay_mtu_xdp() -> Result<()> {
+    follows_the_underlay_mtu("imx", "native")
+}
+
+#[test]
+fn the_mesh_follows_the_underlay_mtu_kernel() -> Result<()> {
+    follows_the_underlay_mtu("imk", "off")
+}
+
+/// An underlay of 1400 bytes (`--underlay-mtu 1400`, every link of the lab): the overlay
+/// carries 1350, so a client's DF datagram of 1372 bytes hears "fragmentation needed"
+/// naming 1350 through n3 (no task) and n1, and TCP downloads work through both (the
+/// MSS clamp follows: a segment sized for a 1500-byte underlay would be lost in VXLAN).
+fn follows_the_underlay_mtu(tag: &str, xdp: &str) -> Result<()> {
+    let mut lab = Lab::build_mtu(tag, 3, xdp, 1400)?;
+    lab.cli(
+        0,
+        &["network", "create", "front", "--subnet", "198.19.40.0/24"],
+    )?;
+    lab.cli(
+        0,
+        &[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "front",
+            "--publish",
+            "4567:80",
+            "--publish",
+            "4568:80/udp",
+        ],
+    )?;
+    for i in 0..2 {
+        let node = lab.nodes[i].name.clone();
+        lab.attach_whoami(0, "web", &format!("w{i}"), Some(&node))?;
+    }
+    let client = lab.add_host("client", CLIENT_HOST)?;
+    let nodes: Vec<Ipv4Addr> = lab.nodes.iter().map(|n| n.ip).collect();
+    for node in &nodes {
+        eventually(Duration::from_secs(10), "every task answers", || {
+            Ok(requests(&client, *node, PUBLISHED, 4)?.len() == 4)
+        })?;
+    }
+    for via in [nodes[2], nodes[0]] {
+        let to = SocketAddr::from((via, 4568));
+        let mtu = in_netns(&client, move || path_mtu_after(to, 1372))?;
+        if mtu != 1350 {
+            bail!("after a 1372-byte DF datagram to {to} over a 1400-byte underlay, the client's path MTU is {mtu}, not 1350");
+        }
+        for _ in 0..4 {
+            download(&client, SocketAddr::from((via, PUBLISHED)), 200_000)
+                .context("over a 1400-byte underlay")?;
+        }
+    }
+    let (mode, packets) = xdp_path(&lab, 2)?;
+    if xdp != "off" && (mode != xdp || packets < 100) {
+        bail!("n3's fast path ({mode}) carried {packets} packets");
+    }
+    Ok(())
 }
 
 fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
@@ -622,30 +707,8 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
     let (_, relayed_before) = icmp_relayed(&lab, 2)?;
     for via in [nodes[2], nodes[0]] {
         for _ in 0..3 {
-            let to = SocketAddr::from((via, PUBLISHED));
-            let body = in_netns(&site_hosts[0], move || {
-                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                std::io::Write::write_all(
-                    &mut s,
-                    b"GET /data?size=200000 HTTP/1.1\r\nHost: lab\r\n\r\n",
-                )?;
-                let mut all = vec![];
-                let mut chunk = [0u8; 16384];
-                while all.len() < 200_000 {
-                    let n = std::io::Read::read(&mut s, &mut chunk).with_context(|| {
-                        format!("download via {to} ({} bytes so far)", all.len())
-                    })?;
-                    if n == 0 {
-                        break;
-                    }
-                    all.extend_from_slice(&chunk[..n]);
-                }
-                Ok(all)
-            })?;
-            if body.len() < 200_000 {
-                bail!("behind a 1300-byte link, {} bytes via {via}", body.len());
-            }
+            download(&site_hosts[0], SocketAddr::from((via, PUBLISHED)), 200_000)
+                .context("behind a 1300-byte link")?;
         }
     }
     let (_, relayed_after) = icmp_relayed(&lab, 2)?;

@@ -1,8 +1,10 @@
 //! The routing mesh's fast path: netd-ebpf's `ingress_xdp` on the node's underlay
 //! interface (the one holding its advertised address). It takes every flow to a
 //! published port in ingress mode whose task runs on another node, translates it as the
-//! kernel path would, and sends it over VXLAN without the kernel stack; see
-//! ebpf/bpf/ingress_xdp.c. Flows to local tasks, and everything when XDP cannot be
+//! kernel path would (keeping the client's address with `--mesh-source client`: the
+//! flow enters the task's node through its ingress sandbox, `netd_mesh_vias`), and
+//! sends it over VXLAN without the kernel stack; a router's ICMP errors about a flow go
+//! on to its task (`icmp_relayed`); see ebpf/bpf/ingress_xdp.c. Flows to local tasks, and everything when XDP cannot be
 //! attached, take the kernel path (nftables in the node and its ingress sandbox).
 //!
 //! Pins live in /sys/fs/bpf/netd-xdp/NODE/ (maps by name, `link_netd_ingress`): the
@@ -17,7 +19,7 @@
 //! spoofed SYNs (with blind ACKs or without) or of datagrams nobody sends twice never
 //! evict an established flow; spoofed UDP flows that the task answers and that are sent
 //! twice are confirmed and can. `netd status` counts flows opened, confirmed, refused (no
-//! free translation port), lost (a flow found with its reverse half evicted: forgotten),
+//! free port that keeps the flow apart from the others), lost (a flow found with its reverse half evicted: forgotten),
 //! answers from a wrong VTEP (dropped) and bad ACKs (a client ACK that does not
 //! acknowledge the task's SYN-ACK: not confirmed). Each map holds 131072 flows;
 //! `NETD_XDP_FLOW_ENTRIES=N` in the daemon's environment makes them N each when netd
@@ -88,6 +90,8 @@ pub struct MeshPort {
 pub struct MeshTable {
     pub node_ip: Ipv4Addr,
     pub ingress_ip: Ipv4Addr,
+    /// The ingress network's prefix length.
+    pub ingress_prefix: u8,
     pub vni: u32,
     pub vxlan_port: u16,
     /// The largest IP packet the overlay carries (`--underlay-mtu` less VXLAN's 50
@@ -353,11 +357,15 @@ impl Loaded {
             } else {
                 0
             },
+            ingress_mask: u32::MAX
+                .checked_shl(32 - u32::from(t.ingress_prefix.min(32)))
+                .unwrap_or(0)
+                .to_be(),
         };
         self.cfg.set(0, cfg, 0).context("write ingress config")?;
-        // The nodes before the ports that lead to them (a flow to a node without its
-        // entry is not opened).
-        self.sync_vias(&t.vias)?;
+        // New nodes before the ports that lead to them (a flow to a node without its
+        // entry is not opened), gone ones after.
+        self.sync_vias(&t.vias, false)?;
         let want: BTreeMap<(u8, u16), (PortValue, Vec<MeshBackend>)> = t
             .ports
             .iter()
@@ -435,6 +443,7 @@ impl Loaded {
                 drop_slot(&mut self.backends, &mut self.rr, old, b.len());
             }
         }
+        self.sync_vias(&t.vias, true)?;
         if !left.is_empty() {
             let removed = self.flows.forget(&left);
             crate::writes::count(crate::writes::Kind::Bpf, removed);
@@ -446,10 +455,18 @@ impl Loaded {
         Ok(())
     }
 
-    /// Makes `netd_mesh_vias` hold exactly `vias`, writing only what differs.
-    fn sync_vias(&mut self, vias: &BTreeMap<Ipv4Addr, Ipv4Addr>) -> Result<()> {
+    /// Writes the entries of `vias` that `netd_mesh_vias` lacks or holds otherwise, or
+    /// (`remove`) removes those it holds beyond them.
+    fn sync_vias(&mut self, vias: &BTreeMap<Ipv4Addr, Ipv4Addr>, remove: bool) -> Result<()> {
         let want: BTreeMap<u32, u32> = vias.iter().map(|(k, v)| (be(*k), be(*v))).collect();
         let have: BTreeMap<u32, u32> = self.vias.iter().filter_map(|r| r.ok()).collect();
+        if remove {
+            for k in have.keys().filter(|k| !want.contains_key(k)) {
+                crate::writes::count(crate::writes::Kind::Bpf, 1);
+                let _ = self.vias.remove(k);
+            }
+            return Ok(());
+        }
         for (k, v) in &want {
             if have.get(k) != Some(v) {
                 crate::writes::count(crate::writes::Kind::Bpf, 1);
@@ -457,10 +474,6 @@ impl Loaded {
                     .insert(k, v, 0)
                     .context("write a node's ingress address")?;
             }
-        }
-        for k in have.keys().filter(|k| !want.contains_key(k)) {
-            crate::writes::count(crate::writes::Kind::Bpf, 1);
-            let _ = self.vias.remove(k);
         }
         Ok(())
     }
