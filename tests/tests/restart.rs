@@ -209,9 +209,12 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
             .collect();
         assert!(
             failed.is_empty(),
-            "{what}: {} of {} requests failed across the restart: {failed:?}",
+            "{what}: {} of {} requests failed across the restart: {failed:?}\n\
+             the restarted netd's datapath: {}\nits log since the restart:\n{}",
             failed.len(),
-            outcomes.len()
+            outcomes.len(),
+            status["datapath"],
+            log_since_restart(&lab)
         );
         // A request counts if it was in flight at some moment netd was down: the
         // userspace proxy's held sockets make one asked just before the kill wait out the
@@ -247,6 +250,23 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
         "{status}"
     );
     Ok(())
+}
+
+/// Node 0's netd log from its last start (what a failed run needs explained).
+fn log_since_restart(lab: &Lab) -> String {
+    let log = std::fs::read_to_string(lab.nodes[0].dir.join("netd.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let start = lines
+        .iter()
+        .rposition(|l| l.contains("descriptors kept across restarts"))
+        .unwrap_or(0);
+    lines[start..]
+        .iter()
+        .filter(|l| !l.contains("DEBUG"))
+        .take(60)
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
