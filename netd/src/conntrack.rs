@@ -16,8 +16,14 @@ use anyhow::{bail, Context, Result};
 /// Deletes the entries of the current namespace whose answers come from `addr` (the
 /// flows translated to it); how many.
 pub fn forget_replies_from(addr: Ipv4Addr) -> Result<u64> {
+    forget(&["--reply-src", &addr.to_string()])
+}
+
+/// `conntrack -D` with `filter`; how many entries it deleted.
+fn forget(filter: &[&str]) -> Result<u64> {
     let out = Command::new("conntrack")
-        .args(["-D", "--reply-src", &addr.to_string()])
+        .arg("-D")
+        .args(filter)
         .output()
         .context("run conntrack (is the conntrack package installed?)")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -28,8 +34,18 @@ pub fn forget_replies_from(addr: Ipv4Addr) -> Result<u64> {
             crate::writes::count(crate::writes::Kind::Conntrack, n);
             Ok(n)
         }
-        None => bail!("conntrack -D --reply-src {addr} failed: {}", stderr.trim()),
+        None => bail!(
+            "conntrack -D {} failed: {}",
+            filter.join(" "),
+            stderr.trim()
+        ),
     }
+}
+
+/// Deletes the entries of the current namespace that carry `mark` (the flows an ingress
+/// node brought, see `mesh_return`); how many.
+pub fn forget_marked(mark: u32) -> Result<u64> {
+    forget(&["--mark", &format!("{mark:#x}")])
 }
 
 /// The addresses that answer the current namespace's tracked flows (each entry's reply

@@ -198,6 +198,41 @@ pub struct GoneEndpoint {
     pub node: String,
 }
 
+/// What went between two states: the endpoints of tasks, and the ingress nodes whose
+/// lease ended (by the mark their flows carry in this node's ingress sandbox).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gone {
+    pub endpoints: BTreeSet<GoneEndpoint>,
+    pub node_marks: BTreeSet<u32>,
+}
+
+impl Gone {
+    pub fn between(prev: &State, next: &State) -> Gone {
+        Gone {
+            endpoints: gone_endpoints(prev, next),
+            node_marks: gone_node_marks(prev, next),
+        }
+    }
+}
+
+/// The flow marks ([`mesh_return::mark`]) of the nodes alive in `prev` that are not in
+/// `next`: the flows they brought to this node's tasks are stale (the blackhole rule
+/// drops their answers meanwhile), and a client's next flow through another node could
+/// otherwise meet them as a clash.
+pub fn gone_node_marks(prev: &State, next: &State) -> BTreeSet<u32> {
+    let Some(net) = prev.ingress() else {
+        return BTreeSet::new();
+    };
+    prev.lb_addrs
+        .get(&net.id)
+        .into_iter()
+        .flat_map(|m| m.iter())
+        .filter(|(n, _)| prev.node_alive(n) && !next.node_alive(n))
+        .filter_map(|(_, a)| mesh_return::node_id(net.subnet, *a))
+        .map(mesh_return::mark)
+        .collect()
+}
+
 /// The endpoints of `prev` that `next` no longer has (a walk of the tasks that differ).
 pub fn gone_endpoints(prev: &State, next: &State) -> BTreeSet<GoneEndpoint> {
     use imbl::ordmap::DiffItem;
@@ -1218,6 +1253,29 @@ pub(crate) mod tests {
             gone_endpoints(&before, &readdressed),
             BTreeSet::from([gone("198.19.0.2", "front", "n1")])
         );
+    }
+
+    #[test]
+    fn an_ingress_node_whose_lease_ended_leaves_its_flow_mark() {
+        let mut before = two_nodes();
+        let ingress = network(INGRESS, "i1", Driver::Overlay, "198.19.255.0/24");
+        before.networks.insert(INGRESS.into(), ingress);
+        let mut lb = OrdMap::new();
+        lb.insert("n1".to_string(), "198.19.255.201".parse().unwrap());
+        lb.insert("n2".to_string(), "198.19.255.202".parse().unwrap());
+        before.lb_addrs.insert("i1".into(), lb);
+        assert!(Gone::between(&before, &before.clone())
+            .node_marks
+            .is_empty());
+        let mut after = before.clone();
+        after.alive.remove("n2");
+        // n2's id is its address's offset in the ingress subnet.
+        assert_eq!(
+            Gone::between(&before, &after).node_marks,
+            BTreeSet::from([mesh_return::mark(202)])
+        );
+        // Back again: nothing goes.
+        assert!(Gone::between(&after, &before).node_marks.is_empty());
     }
 
     #[test]

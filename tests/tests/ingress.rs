@@ -831,6 +831,29 @@ fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
         http_request(&mut s, &mut buf)?;
         Ok(s)
     })?;
+    // The flow is tracked in n1's ingress sandbox (its task runs there), marked as n3's.
+    let isbox_n1 = format!("netd-{}-isbox", lab.nodes[0].name);
+    let held_port = format!("sport={}", held.local_addr()?.port());
+    let tracked = |ns: &str| -> Result<Vec<String>> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "conntrack", "-L"])
+            .output()
+            .context("conntrack -L (Debian package conntrack)")?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().any(|w| w == held_port))
+            .map(str::to_string)
+            .collect())
+    };
+    let entry = tracked(&isbox_n1)?;
+    if entry.len() != 1 || entry[0].contains("mark=0 ") {
+        bail!("n1's ingress sandbox tracks the flow through n3 as {entry:?}");
+    }
+    let removed = |lab: &Lab| -> Result<u64> {
+        let f = &lab.cli_json(0, &["status"])?["routing_mesh"]["flows_removed"];
+        Ok(f["kernel"].as_u64().unwrap_or(0))
+    };
+    let removed_before = removed(&lab)?;
     lab.stop_daemon(2, true)?;
     lab.cut_underlay(2)?;
     for _ in 0..5 {
@@ -840,6 +863,16 @@ fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
         if !peer.starts_with(&format!("{}:", underlay_ip(CLIENT_HOST))) {
             bail!("through n1 after n3 died, the task saw {peer:?}, not the client");
         }
+    }
+    // Once n3's lease ends, n1 forgets the flow n3 brought (its answers had nowhere to
+    // go), and counts it.
+    eventually(
+        Duration::from_secs(LEASE_TTL_SECS + 10),
+        "n1 forgets the flow n3 brought",
+        || Ok(tracked(&isbox_n1)?.is_empty()),
+    )?;
+    if removed(&lab)? <= removed_before {
+        bail!("n1 counted no removed flow after n3's lease ended");
     }
     drop(held);
     Ok(())

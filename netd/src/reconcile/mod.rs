@@ -37,8 +37,7 @@ use crate::netns::{self, Netns};
 use crate::nftables::{Ruleset, SandboxGuards};
 pub use crate::plan::NodeConfig;
 use crate::plan::{
-    in_scope_network, GoneEndpoint, IngressPlan, NodeBridge, NodePlan, OverlayPlan, Scope,
-    TaskPlan, Wanted,
+    in_scope_network, Gone, IngressPlan, NodeBridge, NodePlan, OverlayPlan, Scope, TaskPlan, Wanted,
 };
 use crate::state::{self, State, TaskStatus, INGRESS};
 use crate::view::View;
@@ -92,6 +91,11 @@ pub trait Firewall: Send + Sync {
     /// Deletes the tracked flows of `ns` that were translated to one of `to` (tasks that
     /// went away); how many.
     async fn forget_flows(&self, _ns: &Netns, _to: Vec<Ipv4Addr>) -> Result<u64> {
+        Ok(0)
+    }
+    /// Deletes the tracked flows of `ns` that carry one of `marks` (brought by ingress
+    /// nodes whose lease ended); how many.
+    async fn forget_marked_flows(&self, _ns: &Netns, _marks: Vec<u32>) -> Result<u64> {
         Ok(0)
     }
     /// Deletes the tracked flows of `ns` translated to an address of `within` that is not
@@ -405,7 +409,7 @@ impl Reconciler {
         // The endpoints that went since the last step (None: none before, as after a
         // restart).
         let prev = self.stepped.lock().ok().and_then(|s| s.clone());
-        let gone = prev.map(|p| crate::plan::gone_endpoints(&p, &st));
+        let gone = prev.map(|p| Gone::between(&p, &st));
         let scoped = began.elapsed();
         let mut report = self
             .step(&st, checked, scope.as_ref().ok(), gone.as_ref())
@@ -482,7 +486,7 @@ impl Reconciler {
         st: &State,
         checked: bool,
         scope: Option<&Scope>,
-        gone: Option<&BTreeSet<GoneEndpoint>>,
+        gone: Option<&Gone>,
     ) -> Report {
         let a = &self.appliers;
         let translating = a.datapath.as_ref().is_some_and(|d| d.needs_lb_addresses());
@@ -704,7 +708,7 @@ impl Reconciler {
         plan: &NodePlan,
         st: &State,
         isbox_up: bool,
-        gone: Option<&BTreeSet<GoneEndpoint>>,
+        gone: Option<&Gone>,
     ) -> Result<()> {
         let fw = &self.appliers.firewall;
         let isbox = plan
@@ -732,7 +736,8 @@ impl Reconciler {
             return Ok(());
         };
         let to = |network: &str, node: Option<&str>| -> Vec<Ipv4Addr> {
-            gone.iter()
+            gone.endpoints
+                .iter()
                 .filter(|g| g.network == network && node.is_none_or(|n| g.node == n))
                 .map(|g| g.ip)
                 .collect()
@@ -741,6 +746,10 @@ impl Reconciler {
             let to = to(INGRESS, None);
             if !to.is_empty() {
                 fw.forget_flows(&ns, to).await?;
+            }
+            if !gone.node_marks.is_empty() {
+                let marks = gone.node_marks.iter().copied().collect();
+                fw.forget_marked_flows(&ns, marks).await?;
             }
         }
         let host = to(crate::model::GWBRIDGE, Some(&self.cfg.name));
