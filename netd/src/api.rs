@@ -199,13 +199,15 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "routing_mesh": {
             "kernel_path": "nftables DNAT in the node and its ingress sandbox",
             // Who a task sees as its peer (`--mesh-source`): the client itself, or this
-            // node's ingress address (snat). The XDP fast path translates flows to remote
-            // tasks to the node's ingress address in either setting, for now.
+            // node's ingress address (snat); on both paths.
             "source": match d.reconciler.config().mesh_source {
                 crate::mesh_return::MeshSource::Client => "client",
                 crate::mesh_return::MeshSource::Snat => "snat",
             },
             "xdp": d.reconciler.xdp_status(),
+            // Packets from the gwbridge with a source not of it: the backstop that no
+            // client-addressed packet leaves the node unencapsulated (0 unless a fault).
+            "foreign_source_dropped": d.reconciler.mesh_foreign_src_dropped().await,
             // Flows (tracked by the kernel path, and the fast path's) removed because their
             // task went away: none is left steering a client to a task that is gone.
             "flows_removed": {

@@ -199,6 +199,10 @@ impl MeshZones {
 pub const VXLAN_FOREIGN: &str = "vxlan_foreign";
 /// The named counter of new connections from tasks to the node or the store, dropped.
 pub const TASK_TO_NODE: &str = "task_to_node";
+/// The named counter of packets from the gwbridge whose source is not of its subnet,
+/// dropped: the backstop that keeps a client's address (which the routing mesh carries
+/// inside the ingress network and sandboxes) from leaving the node unencapsulated.
+pub const MESH_FOREIGN_SRC: &str = "mesh_foreign_src";
 
 impl Ruleset {
     pub fn is_empty(&self) -> bool {
@@ -275,6 +279,14 @@ impl Ruleset {
             // reach each other routed through the node. (Bridged between ports, the
             // bridge itself stops them: its ports are isolated.)
             forward.push(format!("iifname \"{0}\" oifname \"{0}\" drop", gw.ifname));
+            // Everything the node forwards from the gwbridge comes from an address of
+            // it: tasks' egress, answers of published ports (the ingress sandbox's
+            // included, after its DNAT is undone), what the sandbox masquerades. A
+            // client-addressed packet here is a fault: counted, never sent on.
+            forward.push(format!(
+                "iifname \"{}\" ip saddr != {} counter name \"{MESH_FOREIGN_SRC}\" drop",
+                gw.ifname, gw.subnet
+            ));
         }
         // No routed path between two netd bridges (gwbridge included): networks are
         // isolated from one another as in Docker.
@@ -338,6 +350,7 @@ impl Ruleset {
              {}\
              \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
              \tcounter {TASK_TO_NODE} {{\n\t}}\n\
+             \tcounter {MESH_FOREIGN_SRC} {{\n\t}}\n\
              \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n{}\t}}\n}}\n",
             indent(&dnat),
             indent(&dnat_output),
@@ -422,6 +435,8 @@ pub struct Applied {
     pub vxlan_foreign_before: u64,
     /// The same for [`TASK_TO_NODE`].
     pub task_to_node_before: u64,
+    /// The same for [`MESH_FOREIGN_SRC`].
+    pub mesh_foreign_src_before: u64,
 }
 
 /// Makes the kernel's netd tables match `rules` (removing them when there are none).
@@ -441,6 +456,7 @@ pub fn apply(rules: &Ruleset) -> Result<Applied> {
         None => 0,
     };
     let (vxlan_foreign_before, task_to_node_before) = (before(VXLAN_FOREIGN), before(TASK_TO_NODE));
+    let mesh_foreign_src_before = before(MESH_FOREIGN_SRC);
     if rules.is_empty() {
         nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
     } else {
@@ -450,6 +466,7 @@ pub fn apply(rules: &Ruleset) -> Result<Applied> {
         changed: true,
         vxlan_foreign_before,
         task_to_node_before,
+        mesh_foreign_src_before,
     })
 }
 
@@ -639,6 +656,20 @@ mod tests {
             subnet: subnet.parse().unwrap(),
             internal,
         }
+    }
+
+    #[test]
+    fn nothing_leaves_the_gwbridge_with_a_source_not_of_it() {
+        let r = Ruleset {
+            gwbridge: Some(bridge("netd_gwbridge", "198.18.1.0/24", false)),
+            ..Default::default()
+        };
+        let s = r.render();
+        let fwd = &s[s.find("chain forward").unwrap()..s.find("chain raw_prerouting").unwrap()];
+        assert!(fwd.contains(
+            r#"iifname "netd_gwbridge" ip saddr != 198.18.1.0/24 counter name "mesh_foreign_src" drop"#
+        ));
+        assert!(s.contains("counter mesh_foreign_src {"));
     }
 
     #[test]

@@ -758,6 +758,53 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         })?;
     }
 
+    // No client-addressed packet leaves a node unencapsulated: after all of the above,
+    // no node dropped one at its gwbridge backstop; a packet with the client's address
+    // sent out of n1's ingress sandbox towards the node (as a fault would) is dropped
+    // there and counted.
+    let foreign = |i: usize| -> Result<u64> {
+        lab.cli_json(i, &["status"])?["routing_mesh"]["foreign_source_dropped"]
+            .as_u64()
+            .context("netd status routing_mesh.foreign_source_dropped")
+    };
+    for i in 0..nodes.len() {
+        if foreign(i)? != 0 {
+            bail!(
+                "{} dropped {} client-addressed packets at its gwbridge",
+                nodes[i],
+                foreign(i)?
+            );
+        }
+    }
+    let isbox_n1 = format!("netd-{}-isbox", lab.nodes[0].name);
+    let spoof = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)\n\
+         s.setsockopt(socket.SOL_IP, socket.IP_HDRINCL, 1)\n\
+         src, dst = socket.inet_aton('{}'), socket.inet_aton('{}')\n\
+         hdr = bytes([0x45, 0, 0, 36, 0, 0, 0, 0, 64, 17, 0, 0]) + src + dst\n\
+         for _ in range(3):\n    s.sendto(hdr + bytes([0x9c, 0x40, 0x9c, 0x41, 0, 16, 0, 0]) + b'spoofed!', ('{}', 0))\n",
+        underlay_ip(CLIENT_HOST),
+        underlay_ip(NAT_HOST),
+        underlay_ip(NAT_HOST)
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &isbox_n1, "python3", "-c", &spoof])
+        .output()
+        .context("python3 in n1's ingress sandbox (Debian package python3)")?;
+    if !out.status.success() {
+        bail!(
+            "spoofing from n1's ingress sandbox: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if foreign(0)? != 3 {
+        bail!(
+            "n1 counted {} of 3 client-addressed packets from its gwbridge",
+            foreign(0)?
+        );
+    }
+
     // A port freed by `service rm` can be published again at once.
     lab.cli(0, &["service", "rm", "web"])?;
     lab.cli(

@@ -28,6 +28,8 @@ pub struct KernelFirewall {
     vxlan_foreign: AtomicU64,
     /// The same for tasks' connections to the node or the store.
     task_to_node: AtomicU64,
+    /// The same for packets from the gwbridge with a foreign source.
+    mesh_foreign_src: AtomicU64,
     /// Tracked flows deleted because their task went away.
     flows_removed: AtomicU64,
 }
@@ -95,6 +97,8 @@ impl Firewall for KernelFirewall {
             .fetch_add(applied.vxlan_foreign_before, Ordering::Relaxed);
         self.task_to_node
             .fetch_add(applied.task_to_node_before, Ordering::Relaxed);
+        self.mesh_foreign_src
+            .fetch_add(applied.mesh_foreign_src_before, Ordering::Relaxed);
         Ok(())
     }
 
@@ -124,6 +128,10 @@ impl Firewall for KernelFirewall {
 
     async fn task_to_node_dropped(&self) -> u64 {
         counted(nftables::TASK_TO_NODE, &self.task_to_node).await
+    }
+
+    async fn mesh_foreign_src_dropped(&self) -> u64 {
+        counted(nftables::MESH_FOREIGN_SRC, &self.mesh_foreign_src).await
     }
 
     async fn forget_flows(&self, ns: &Netns, to: Vec<Ipv4Addr>) -> Result<u64> {

@@ -88,6 +88,10 @@ pub trait Firewall: Send + Sync {
     async fn task_to_node_dropped(&self) -> u64 {
         0
     }
+    /// Packets from the gwbridge with a source not of it, dropped (the mesh's backstop).
+    async fn mesh_foreign_src_dropped(&self) -> u64 {
+        0
+    }
     /// Deletes the tracked flows of `ns` that were translated to one of `to` (tasks that
     /// went away); how many.
     async fn forget_flows(&self, _ns: &Netns, _to: Vec<Ipv4Addr>) -> Result<u64> {
@@ -279,6 +283,12 @@ impl Reconciler {
     /// started), for `netd status`.
     pub async fn task_to_node_dropped(&self) -> u64 {
         self.appliers.firewall.task_to_node_dropped().await
+    }
+
+    /// Packets the node dropped because they came from the gwbridge with a source not
+    /// of it (see [`crate::nftables::MESH_FOREIGN_SRC`]).
+    pub async fn mesh_foreign_src_dropped(&self) -> u64 {
+        self.appliers.firewall.mesh_foreign_src_dropped().await
     }
 
     /// The XDP fast path, for `netd status`.
