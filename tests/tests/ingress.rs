@@ -767,13 +767,10 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
             .as_u64()
             .context("netd status routing_mesh.foreign_source_dropped")
     };
-    for i in 0..nodes.len() {
-        if foreign(i)? != 0 {
-            bail!(
-                "{} dropped {} client-addressed packets at its gwbridge",
-                nodes[i],
-                foreign(i)?
-            );
+    for (i, node) in nodes.iter().enumerate() {
+        let n = foreign(i)?;
+        if n != 0 {
+            bail!("{node} dropped {n} client-addressed packets at its gwbridge");
         }
     }
     let isbox_n1 = format!("netd-{}-isbox", lab.nodes[0].name);
