@@ -285,6 +285,25 @@ static __always_inline __u16 ip_header_checksum(struct iphdr *ip)
 	return fold(sum);
 }
 
+/* Writes a whole 20-byte IPv4 header: no options, no fragment, TTL 64, `len` bytes
+ * long (host order), its checksum. */
+static __always_inline void ip_header(struct iphdr *ip, __u8 tos, __u32 len, __u8 proto,
+				      __be32 saddr, __be32 daddr)
+{
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = tos;
+	ip->tot_len = bpf_htons(len);
+	ip->id = 0;
+	ip->frag_off = 0;
+	ip->ttl = 64;
+	ip->protocol = proto;
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	ip->check = 0;
+	ip->check = ip_header_checksum(ip);
+}
+
 /* ---- what the receiving kernel would accept ---- */
 
 /* Whether the IPv4 packet at `ip` (its 20-byte header in bounds, without options) is
@@ -759,18 +778,9 @@ static __always_inline int frag_needed(struct xdp_md *ctx, struct netd_ingress_c
 	if ((void *)icmp + sizeof(*icmp) + ICMP_QUOTE > end)
 		return count(DROPPED, XDP_DROP);
 	eth->h_proto = bpf_htons(ETH_P_IP);
-	ip->version = 4;
-	ip->ihl = 5;
-	ip->tos = 0xc0; /* internetwork control, as the kernel's own ICMP errors */
-	ip->tot_len = bpf_htons(sizeof(*ip) + sizeof(*icmp) + ICMP_QUOTE);
-	ip->id = 0;
-	ip->frag_off = 0;
-	ip->ttl = 64;
-	ip->protocol = IPPROTO_ICMP;
-	ip->saddr = cfg->node_ip;
-	ip->daddr = client;
-	ip->check = 0;
-	ip->check = ip_header_checksum(ip);
+	/* TOS: internetwork control, as the kernel's own ICMP errors. */
+	ip_header(ip, 0xc0, sizeof(*ip) + sizeof(*icmp) + ICMP_QUOTE, IPPROTO_ICMP, cfg->node_ip,
+		  client);
 	icmp->type = ICMP_DEST_UNREACH;
 	icmp->code = ICMP_FRAG_NEEDED;
 	icmp->checksum = 0;
@@ -831,21 +841,10 @@ static __always_inline int wrap(struct xdp_md *ctx, struct netd_ingress_config *
 	mac_for(ieth->h_dest, inner_dest);
 	mac_for(ieth->h_source, cfg->ingress_ip);
 	eth->h_proto = bpf_htons(ETH_P_IP);
-	oip->version = 4;
-	oip->ihl = 5;
-	oip->tos = 0;
 	/* Outer IP length: IP + UDP + VXLAN headers and the inner frame (its Ethernet header
 	 * included), which happens to equal ENCAP_LEN (the outer Ethernet header is not
 	 * counted, the inner one is). */
-	oip->tot_len = bpf_htons(inner_len + ENCAP_LEN);
-	oip->id = 0;
-	oip->frag_off = 0;
-	oip->ttl = 64;
-	oip->protocol = IPPROTO_UDP;
-	oip->saddr = cfg->node_ip;
-	oip->daddr = vtep;
-	oip->check = 0;
-	oip->check = ip_header_checksum(oip);
+	ip_header(oip, 0, inner_len + ENCAP_LEN, IPPROTO_UDP, cfg->node_ip, vtep);
 	/* Source port: flow entropy in the ephemeral range, as Linux's VXLAN does. */
 	oudp->source = bpf_htons(0xc000 | (entropy & 0x3fff));
 	oudp->dest = cfg->vxlan_port;

@@ -121,6 +121,14 @@ fn with_harness<T: Send + 'static>(
     with_harness_options(name, options, f)
 }
 
+/// As [`with_harness`], the program run as `--mesh-source snat` configures it.
+fn with_snat_harness(name: &str, f: fn(&mut Harness)) {
+    with_harness(name, None, move |h| {
+        h.snat();
+        f(h)
+    });
+}
+
 /// As [`with_harness`], the program loaded with `options`.
 fn with_harness_options<T: Send + 'static>(
     name: &str,
@@ -1342,10 +1350,7 @@ fn malformed_frames_never_abort_and_only_good_ones_are_sent() {
 /// The same with the program translating flows to the node's ingress address.
 #[test]
 fn malformed_frames_never_abort_and_only_good_ones_are_sent_snat() {
-    with_harness("corpus-snat", None, |h| {
-        h.snat();
-        corpus(h)
-    });
+    with_snat_harness("corpus-snat", corpus);
 }
 
 fn corpus(h: &mut Harness) {
@@ -2304,10 +2309,7 @@ fn icmp_errors_about_a_flow_reach_its_task() {
 /// The same, the flows translated to the node's ingress address.
 #[test]
 fn icmp_errors_about_a_flow_reach_its_task_snat() {
-    with_harness("icmp-snat", None, |h| {
-        h.snat();
-        relays_icmp_errors(h)
-    });
+    with_snat_harness("icmp-snat", relays_icmp_errors);
 }
 
 fn relays_icmp_errors(h: &mut Harness) {

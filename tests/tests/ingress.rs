@@ -23,6 +23,13 @@ const NAT_HOST: u8 = 120;
 /// underlay.
 fn mesh(tag: &str, xdp: &str) -> Result<(Lab, String)> {
     let mut lab = Lab::build_with(tag, 3, true, "auto", xdp)?;
+    let client = publish_web(&mut lab, &[0, 1, 0, 1, 0])?;
+    Ok((lab, client))
+}
+
+/// On `lab`: service `web` on overlay `front`, published on 4567:80 and 4568:80/udp,
+/// with whoami task `w{i}` on node `on[i]`; a client host on the underlay (returned).
+fn publish_web(lab: &mut Lab, on: &[usize]) -> Result<String> {
     lab.cli(
         0,
         &["network", "create", "front", "--subnet", "198.19.40.0/24"],
@@ -41,12 +48,11 @@ fn mesh(tag: &str, xdp: &str) -> Result<(Lab, String)> {
             "4568:80/udp",
         ],
     )?;
-    for i in 0..5 {
-        let node = lab.nodes[i % 2].name.clone();
+    for (i, n) in on.iter().enumerate() {
+        let node = lab.nodes[*n].name.clone();
         lab.attach_whoami(0, "web", &format!("w{i}"), Some(&node))?;
     }
-    let client = lab.add_host("client", CLIENT_HOST)?;
-    Ok((lab, client))
+    lab.add_host("client", CLIENT_HOST)
 }
 
 /// `n` sequential requests from `client` to `node:port`; the whoami names that answered.
@@ -334,29 +340,7 @@ fn the_mesh_follows_the_underlay_mtu_kernel() -> Result<()> {
 /// MSS clamp follows: a segment sized for a 1500-byte underlay would be lost in VXLAN).
 fn follows_the_underlay_mtu(tag: &str, xdp: &str) -> Result<()> {
     let mut lab = Lab::build_mtu(tag, 3, xdp, 1400)?;
-    lab.cli(
-        0,
-        &["network", "create", "front", "--subnet", "198.19.40.0/24"],
-    )?;
-    lab.cli(
-        0,
-        &[
-            "service",
-            "create",
-            "web",
-            "--network",
-            "front",
-            "--publish",
-            "4567:80",
-            "--publish",
-            "4568:80/udp",
-        ],
-    )?;
-    for i in 0..2 {
-        let node = lab.nodes[i].name.clone();
-        lab.attach_whoami(0, "web", &format!("w{i}"), Some(&node))?;
-    }
-    let client = lab.add_host("client", CLIENT_HOST)?;
+    let client = publish_web(&mut lab, &[0, 1])?;
     let nodes: Vec<Ipv4Addr> = lab.nodes.iter().map(|n| n.ip).collect();
     for node in &nodes {
         eventually(Duration::from_secs(10), "every task answers", || {
