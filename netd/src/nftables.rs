@@ -158,9 +158,15 @@ impl MeshZones {
         let list = |items: Vec<String>| items.join(", ");
         // New flows only: a reply to a client that came in from the node is no new flow.
         let nat = vec![format!("iifname \"{i}\" oifname \"{o}\" masquerade")];
-        let mut forward = vec![format!(
-            "iifname \"{i}\" oifname \"{i}\" ct state new ct mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} counter drop"
-        )];
+        let mut forward = vec![
+            // Nothing conntrack cannot place goes out towards the node (a task's RST of a
+            // flow the ingress node already forgot, sent back here): NAT skips such a
+            // packet, so it would leave with a task's or a client's address.
+            format!("iifname \"{i}\" oifname \"{o}\" ct state invalid counter drop"),
+            format!(
+                "iifname \"{i}\" oifname \"{i}\" ct state new ct mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} counter drop"
+            ),
+        ];
         forward.push(if self.local_tasks.is_empty() {
             format!("iifname \"{i}\" oifname \"{o}\" ct state new counter drop")
         } else {
@@ -910,6 +916,10 @@ mod tests {
         assert!(forward.contains(
             "iifname \"eth0\" oifname \"eth1\" ct state new ip saddr != { 198.19.255.5 } counter drop"
         ), "only local tasks' own flows leave towards the node");
+        assert!(
+            forward.contains("iifname \"eth0\" oifname \"eth1\" ct state invalid counter drop"),
+            "nothing conntrack cannot place leaves towards the node"
+        );
         assert!(chain(&s, "postrouting").contains("iifname \"eth0\" oifname \"eth1\" masquerade"));
         // With no other node, no zones; nothing from the ingress network leaves.
         let alone = Ruleset {
