@@ -856,6 +856,28 @@ static __always_inline int wrap(struct xdp_md *ctx, struct netd_ingress_config *
 	return send(ctx, eth, cfg->node_ip, vtep, FORWARDED);
 }
 
+/* Where the packets of forward flow `f` (of client `client`) go in the overlay, the
+ * address whose MAC the inner frame is sent to, and whom the task sees as its client:
+ * keeping the client's address, the ingress sandbox of the task's node and the client
+ * itself; else the task and this node's ingress address. 0 when the flow's node left
+ * (no netd_mesh_vias entry): its flows go with it. */
+static __always_inline int flow_ends(struct netd_ingress_config *cfg, struct netd_flow_fwd *f,
+				     __be32 client, __be32 *inner_dest, __be32 *seen)
+{
+	__u32 *via;
+
+	*inner_dest = f->backend;
+	*seen = cfg->ingress_ip;
+	if (!(f->flags & NETD_FLOW_CLIENT))
+		return 1;
+	via = bpf_map_lookup_elem(&netd_mesh_vias, &f->vtep);
+	if (!via)
+		return 0;
+	*inner_dest = *via;
+	*seen = client;
+	return 1;
+}
+
 /* An ICMP error to NODE_IP about a packet this node sent a client in an XDP flow: from
  * a router between here and the client ("fragmentation needed", which path MTU discovery
  * needs, or unreachable, time exceeded). Its quote is NODE_IP:published -> client:port;
@@ -885,7 +907,6 @@ static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_
 	__be32 seen, dest;
 	__u16 quoted_check;
 	void *rev_map;
-	__u32 *via;
 
 	if ((void *)(qports + 2) > end)
 		return XDP_PASS;
@@ -922,15 +943,8 @@ static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_
 	r = bpf_map_lookup_elem(rev_map, &rk);
 	if (!r || !rev_is(r, &fk))
 		return XDP_PASS;
-	seen = cfg->ingress_ip;
-	dest = fl.backend;
-	if (fl.flags & NETD_FLOW_CLIENT) {
-		via = bpf_map_lookup_elem(&netd_mesh_vias, &fl.vtep);
-		if (!via)
-			return count(DROPPED, XDP_DROP);
-		seen = fk.addr;
-		dest = *via;
-	}
+	if (!flow_ends(cfg, &fl, fk.addr, &dest, &seen))
+		return count(DROPPED, XDP_DROP);
 	quoted_check = qip->check;
 	csum_replace4(&qip->check, qip->saddr, fl.backend);
 	csum_replace4(&qip->check, qip->daddr, seen);
@@ -971,9 +985,8 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	struct netd_flow_key fk = {};
 	struct netd_flow_fwd f = {};
 	enum table table;
-	__be32 source = cfg->ingress_ip; /* what the task sees as the client */
-	__be32 inner_dest;               /* whose MAC the inner frame goes to */
-	__u32 *via;
+	__be32 source;     /* what the task sees as the client */
+	__be32 inner_dest; /* whose MAC the inner frame goes to */
 	__u32 inner_len;
 	int tcp_syn = 0;
 	int tcp_rst = 0;
@@ -1023,15 +1036,8 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 		flow_event(NETD_FLOWS_TOO_BIG);
 		return count(DROPPED, XDP_DROP);
 	}
-	inner_dest = f.backend;
-	if (f.flags & NETD_FLOW_CLIENT) {
-		/* Into the task's node through its ingress sandbox, which the task answers. */
-		via = bpf_map_lookup_elem(&netd_mesh_vias, &f.vtep);
-		if (!via)
-			return count(DROPPED, XDP_DROP); /* the node left: its flows go with it */
-		inner_dest = *via;
-		source = fk.addr;
-	}
+	if (!flow_ends(cfg, &f, fk.addr, &inner_dest, &source))
+		return count(DROPPED, XDP_DROP);
 	translate(ip, ports, l4_check, source, f.snat_port, f.backend, f.target_port);
 	__u16 entropy = (__u16)(fk.addr ^ fk.port_a);
 

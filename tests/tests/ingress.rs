@@ -769,9 +769,8 @@ fn every_node_reaches_every_task(tag: &str, xdp: &str) -> Result<()> {
         underlay_ip(NAT_HOST),
         underlay_ip(NAT_HOST)
     );
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &isbox_n1, "python3", "-c", &spoof])
-        .output()
+    let out = lab
+        .exec_in(&isbox_n1, &["python3", "-c", &spoof])
         .context("python3 in n1's ingress sandbox (Debian package python3)")?;
     if !out.status.success() {
         bail!(
@@ -862,10 +861,9 @@ fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
     // The flow is tracked in n1's ingress sandbox (its task runs there), marked as n3's.
     let isbox_n1 = format!("netd-{}-isbox", lab.nodes[0].name);
     let held_port = format!("sport={}", held.local_addr()?.port());
-    let tracked = |ns: &str| -> Result<Vec<String>> {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "conntrack", "-L"])
-            .output()
+    let tracked = |lab: &Lab| -> Result<Vec<String>> {
+        let out = lab
+            .exec_in(&isbox_n1, &["conntrack", "-L"])
             .context("conntrack -L (Debian package conntrack)")?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -873,7 +871,7 @@ fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
             .map(str::to_string)
             .collect())
     };
-    let entry = tracked(&isbox_n1)?;
+    let entry = tracked(&lab)?;
     if entry.len() != 1 || entry[0].contains("mark=0 ") {
         bail!("n1's ingress sandbox tracks the flow through n3 as {entry:?}");
     }
@@ -897,7 +895,7 @@ fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
     eventually(
         Duration::from_secs(LEASE_TTL_SECS + 10),
         "n1 forgets the flow n3 brought",
-        || Ok(tracked(&isbox_n1)?.is_empty()),
+        || Ok(tracked(&lab)?.is_empty()),
     )?;
     if removed(&lab)? <= removed_before {
         bail!("n1 counted no removed flow after n3's lease ended");

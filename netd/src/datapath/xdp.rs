@@ -160,6 +160,9 @@ struct Loaded {
     ports: HashMap<MapData, PortKey, PortValue>,
     backends: HashMap<MapData, BackendKey, MeshBackend>,
     vias: HashMap<MapData, u32, u32>,
+    /// What `vias` holds (VTEP -> ingress address, network byte order), read once at
+    /// load: a step compares against it, not against a dump of the map.
+    via_entries: BTreeMap<u32, u32>,
     rr: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, XdpStats>,
     /// Flow counters, indexed by netd_ebpf::maps::FLOWS_*.
@@ -264,9 +267,11 @@ impl Loaded {
             flows_removed: 0,
             obj,
             slots: BTreeMap::new(),
+            via_entries: BTreeMap::new(),
             next_slot: 1,
             linked: false,
         };
+        l.via_entries = l.vias.iter().filter_map(|r| r.ok()).collect();
         // After a restart: what the pinned maps hold, so unchanged ports stay untouched.
         let ports: Vec<(PortKey, PortValue)> = l.ports.iter().filter_map(|r| r.ok()).collect();
         for (k, v) in ports {
@@ -459,20 +464,27 @@ impl Loaded {
     /// (`remove`) removes those it holds beyond them.
     fn sync_vias(&mut self, vias: &BTreeMap<Ipv4Addr, Ipv4Addr>, remove: bool) -> Result<()> {
         let want: BTreeMap<u32, u32> = vias.iter().map(|(k, v)| (be(*k), be(*v))).collect();
-        let have: BTreeMap<u32, u32> = self.vias.iter().filter_map(|r| r.ok()).collect();
         if remove {
-            for k in have.keys().filter(|k| !want.contains_key(k)) {
+            let gone: Vec<u32> = self
+                .via_entries
+                .keys()
+                .filter(|k| !want.contains_key(k))
+                .copied()
+                .collect();
+            for k in gone {
                 crate::writes::count(crate::writes::Kind::Bpf, 1);
-                let _ = self.vias.remove(k);
+                let _ = self.vias.remove(&k);
+                self.via_entries.remove(&k);
             }
             return Ok(());
         }
-        for (k, v) in &want {
-            if have.get(k) != Some(v) {
+        for (k, v) in want {
+            if self.via_entries.get(&k) != Some(&v) {
                 crate::writes::count(crate::writes::Kind::Bpf, 1);
                 self.vias
                     .insert(k, v, 0)
                     .context("write a node's ingress address")?;
+                self.via_entries.insert(k, v);
             }
         }
         Ok(())
