@@ -6,7 +6,7 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["sock_lb", "ingress_xdp", "wire_peer"];
+const PROGRAMS: &[&str] = &["sock_lb", "ingress_xdp", "wire_peer", "task_port"];
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));

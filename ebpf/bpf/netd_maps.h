@@ -216,4 +216,50 @@ struct netd_xdp_stats {
 #define NETD_FLOWS_ICMP_RELAYED 8 /* ICMP errors about a flow's packets to the client: to the task */
 #define NETD_FLOWS_COUNTERS 9
 
+/* ---- task_port: the routing mesh's way back, on a published task's port ---- */
+
+/* The ingress network (array, one entry; network byte order): a frame to the task from
+ * an address on it (a node's ingress address under SNAT) is no client's. mask 0: not
+ * configured yet, every frame passes untouched. */
+struct netd_return_config {
+	__u32 net;
+	__u32 mask;
+};
+
+/* netd_return_flows is keyed by struct netd_flow_tuple as the task's answer carries it:
+ * src:sport the task and its port, dst:dport the client and the port the task sees. */
+
+/* Where a flow's answers go: the MAC of the ingress sandbox that brought the flow (its
+ * inner source MAC, a node's mac_for(ingress address)), and the client's own port when
+ * the task sees another one (a clash, below). `seen`: bpf_ktime_get_ns() of the flow's
+ * last packet either way, for netd's sweep. */
+struct netd_return_flow {
+	__u8 mac[6];
+	__u16 port;
+	__u32 flags; /* NETD_RETURN_* */
+	__u32 pad;
+	__u64 seen;
+};
+
+#define NETD_RETURN_CLOSING 1 /* a TCP FIN or RST went by: forgotten soon after */
+
+/* A flow whose client port the task sees as another one (netd_return_ports), by what
+ * arrives: two nodes brought one client address and port to one task and port. */
+struct netd_return_origin {
+	__u32 client;
+	__u32 task;
+	__u16 client_port;
+	__u16 task_port;
+	__u8 mac[6];
+	__u8 proto;
+	__u8 pad;
+};
+
+/* Counters of the way back (per-CPU array of __u64, indexed by these). */
+#define NETD_RETURN_RECORDED 0 /* flows remembered (their first packet to the task) */
+#define NETD_RETURN_REMAPPED 1 /* of them, flows given another client port (a clash) */
+#define NETD_RETURN_RETURNED 2 /* answers sent to the node that brought their flow */
+#define NETD_RETURN_NO_PORT 3  /* new flows dropped: no free port for a clash */
+#define NETD_RETURN_COUNTERS 4
+
 #endif

@@ -157,6 +157,21 @@ pub fn load_ingress_xdp_with(pin_dir: &Path, options: &IngressOptions) -> Result
     load_pinned(&mut loader, INGRESS_XDP, pin_dir)
 }
 
+/// The compiled `task_port` object: the routing mesh's way back, on the ports of
+/// published tasks in the ingress network's sandbox (TC, both directions).
+pub static TASK_PORT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/task_port.o"));
+
+/// The program of [`TASK_PORT`] for frames on their way to the task (the port's egress).
+pub const TASK_PORT_TO_TASK: &str = "netd_to_task";
+/// The program of [`TASK_PORT`] for frames from the task (the port's ingress).
+pub const TASK_PORT_FROM_TASK: &str = "netd_from_task";
+
+/// Loads [`TASK_PORT`] with its maps pinned by name in `pin_dir`, as [`load_sock_lb`]
+/// does: a restarted netd finds the flows it remembered.
+pub fn load_task_port(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
+    load_pinned(&mut EbpfLoader::new(), TASK_PORT, pin_dir)
+}
+
 /// Maps of [`INGRESS_XDP`] whose shape changed since an older netd could have pinned
 /// them, with what this version needs: (name, key size, value size, least entries). aya
 /// reuses a pinned map by name without looking at its shape, so the program would meet

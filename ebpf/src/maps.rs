@@ -252,6 +252,56 @@ unsafe impl aya::Pod for FlowRev {}
 unsafe impl aya::Pod for XdpStats {}
 unsafe impl aya::Pod for Counter {}
 
+/// The ingress network, as `task_port` reads it (`netd_return_cfg`, network byte
+/// order; mask 0: not configured, nothing is remembered).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReturnConfig {
+    pub net: u32,
+    pub mask: u32,
+}
+
+/// Where a flow's answers go (`netd_return_flows`, keyed by [`FlowTuple`] as the task's
+/// answer carries it): the MAC of the ingress sandbox that brought the flow, and the
+/// client's own port (network byte order) when the task sees another one.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReturnFlow {
+    pub mac: [u8; 6],
+    pub port: u16,
+    pub flags: u32,
+    pub pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the flow's last packet.
+    pub seen: u64,
+}
+
+/// [`ReturnFlow::flags`]: a TCP FIN or RST went by.
+pub const RETURN_CLOSING: u32 = 1;
+
+/// A flow the task sees on another client port (`netd_return_ports`), by what arrives.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ReturnOrigin {
+    pub client: u32,
+    pub task: u32,
+    pub client_port: u16,
+    pub task_port: u16,
+    pub mac: [u8; 6],
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// Indexes of `netd_return_stats` (a per-CPU array of `u64`).
+pub const RETURN_RECORDED: u32 = 0;
+pub const RETURN_REMAPPED: u32 = 1;
+pub const RETURN_RETURNED: u32 = 2;
+pub const RETURN_NO_PORT: u32 = 3;
+pub const RETURN_COUNTERS: u32 = 4;
+
+unsafe impl aya::Pod for ReturnConfig {}
+unsafe impl aya::Pod for ReturnFlow {}
+unsafe impl aya::Pod for ReturnOrigin {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,5 +417,26 @@ mod tests {
         assert_eq!(offset_of!(XdpStats, returned), netd_xdp_stats_returned);
         assert_eq!(offset_of!(XdpStats, passed), netd_xdp_stats_passed);
         assert_eq!(offset_of!(XdpStats, dropped), netd_xdp_stats_dropped);
+        assert_eq!(size_of::<ReturnConfig>(), netd_return_config_SIZE);
+        assert_eq!(offset_of!(ReturnConfig, net), netd_return_config_net);
+        assert_eq!(offset_of!(ReturnConfig, mask), netd_return_config_mask);
+        assert_eq!(size_of::<ReturnFlow>(), netd_return_flow_SIZE);
+        assert_eq!(offset_of!(ReturnFlow, mac), netd_return_flow_mac);
+        assert_eq!(offset_of!(ReturnFlow, port), netd_return_flow_port);
+        assert_eq!(offset_of!(ReturnFlow, flags), netd_return_flow_flags);
+        assert_eq!(offset_of!(ReturnFlow, seen), netd_return_flow_seen);
+        assert_eq!(size_of::<ReturnOrigin>(), netd_return_origin_SIZE);
+        assert_eq!(offset_of!(ReturnOrigin, client), netd_return_origin_client);
+        assert_eq!(offset_of!(ReturnOrigin, task), netd_return_origin_task);
+        assert_eq!(
+            offset_of!(ReturnOrigin, client_port),
+            netd_return_origin_client_port
+        );
+        assert_eq!(
+            offset_of!(ReturnOrigin, task_port),
+            netd_return_origin_task_port
+        );
+        assert_eq!(offset_of!(ReturnOrigin, mac), netd_return_origin_mac);
+        assert_eq!(offset_of!(ReturnOrigin, proto), netd_return_origin_proto);
     }
 }
