@@ -12,11 +12,10 @@
  * - client source (the default): the destination becomes the task's ingress address and
  *   the target port; the source stays the client's (its port too, unless the task
  *   already sees a flow of this node from that client address and port: then one from
- *   the translation range). The inner frame is addressed to the ingress sandbox of the
- *   task's node (netd_mesh_vias), which remembers that this node took the flow (its
- *   conntrack zone and mark, by the inner source MAC, as for the kernel path's flows)
- *   and sends the task's answers back to this node's ingress address, in VXLAN, with the
- *   client as their inner destination;
+ *   the translation range). The inner frame goes to the task, from this node's ingress
+ *   MAC: the program on the task's port (task_port.c) remembers that MAC per flow and
+ *   sends the task's answers back to it, in VXLAN, with the client as their inner
+ *   destination;
  * - snat: the source becomes the node's ingress address and a port of the translation
  *   range, and the frame goes to the task itself, which answers that address.
  * Either way the task's answer is found by its inner 4-tuple (netd_flow_tuple).
@@ -118,15 +117,6 @@ struct {
 	__type(key, struct netd_backend_key);
 	__type(value, struct netd_mesh_backend);
 } netd_mesh_backends SEC(".maps");
-
-/* Each node's VTEP -> its address on the ingress network (see netd_maps.h). */
-struct {
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, __u32);
-} netd_mesh_vias SEC(".maps");
 
 /* Next round-robin position per port slot. */
 struct {
@@ -514,13 +504,8 @@ static __always_inline int new_flow(struct netd_ingress_config *cfg, struct netd
 		}
 		return 1;
 	}
-	if (client) {
-		/* The task's node must be known to take the flow in (netd writes its entry
-		 * before the ports that lead there). */
-		if (!bpf_map_lookup_elem(&netd_mesh_vias, &b->vtep))
-			return 0;
+	if (client)
 		out->flags |= NETD_FLOW_CLIENT;
-	}
 	for (int i = 0; i < SNAT_TRIES; i++) {
 		struct netd_flow_tuple rk;
 		struct netd_flow_rev rv = {
@@ -815,9 +800,9 @@ static __always_inline void clamp_mss(struct tcphdr *tcp, void *end, __u32 mtu)
 
 /* Wraps the frame (an IPv4 packet of `inner_len` bytes behind its Ethernet header) in
  * VXLAN towards `vtep` and sends it: [outer eth | outer ip | udp | vxlan] + the frame,
- * whose Ethernet header becomes the inner one (the MAC of `inner_dest`, a task or its
- * node's ingress sandbox <- this node's ingress MAC, which tells that sandbox who took
- * the flow). `entropy` spreads flows over the outer source port. */
+ * whose Ethernet header becomes the inner one (the MAC of `inner_dest`, the task <- this
+ * node's ingress MAC, which tells the task's port who took the flow). `entropy` spreads
+ * flows over the outer source port. */
 static __always_inline int wrap(struct xdp_md *ctx, struct netd_ingress_config *cfg,
 				__be32 inner_dest, __be32 vtep, __u32 inner_len, __u16 entropy)
 {
@@ -856,26 +841,12 @@ static __always_inline int wrap(struct xdp_md *ctx, struct netd_ingress_config *
 	return send(ctx, eth, cfg->node_ip, vtep, FORWARDED);
 }
 
-/* Where the packets of forward flow `f` (of client `client`) go in the overlay, the
- * address whose MAC the inner frame is sent to, and whom the task sees as its client:
- * keeping the client's address, the ingress sandbox of the task's node and the client
- * itself; else the task and this node's ingress address. 0 when the flow's node left
- * (no netd_mesh_vias entry): its flows go with it. */
-static __always_inline int flow_ends(struct netd_ingress_config *cfg, struct netd_flow_fwd *f,
-				     __be32 client, __be32 *inner_dest, __be32 *seen)
+/* Whom the task of forward flow `f` sees as its client `client`: the client itself when
+ * the flow keeps its address, else this node's ingress address. */
+static __always_inline __be32 seen_source(struct netd_ingress_config *cfg, struct netd_flow_fwd *f,
+					  __be32 client)
 {
-	__u32 *via;
-
-	*inner_dest = f->backend;
-	*seen = cfg->ingress_ip;
-	if (!(f->flags & NETD_FLOW_CLIENT))
-		return 1;
-	via = bpf_map_lookup_elem(&netd_mesh_vias, &f->vtep);
-	if (!via)
-		return 0;
-	*inner_dest = *via;
-	*seen = client;
-	return 1;
+	return (f->flags & NETD_FLOW_CLIENT) ? client : cfg->ingress_ip;
 }
 
 /* An ICMP error to NODE_IP about a packet this node sent a client in an XDP flow: from
@@ -904,7 +875,7 @@ static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_
 	struct netd_flow_rev *r;
 	struct netd_flow_fwd *f;
 	struct netd_flow_fwd fl;
-	__be32 seen, dest;
+	__be32 seen;
 	__u16 quoted_check;
 	void *rev_map;
 
@@ -943,8 +914,7 @@ static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_
 	r = bpf_map_lookup_elem(rev_map, &rk);
 	if (!r || !rev_is(r, &fk))
 		return XDP_PASS;
-	if (!flow_ends(cfg, &fl, fk.addr, &dest, &seen))
-		return count(DROPPED, XDP_DROP);
+	seen = seen_source(cfg, &fl, fk.addr);
 	quoted_check = qip->check;
 	csum_replace4(&qip->check, qip->saddr, fl.backend);
 	csum_replace4(&qip->check, qip->daddr, seen);
@@ -966,7 +936,7 @@ static __always_inline int icmp_to_task(struct xdp_md *ctx, struct netd_ingress_
 		ip->saddr = cfg->ingress_ip;
 	}
 	flow_event(NETD_FLOWS_ICMP_RELAYED);
-	return wrap(ctx, cfg, dest, fl.vtep, bpf_ntohs(ip->tot_len), (__u16)(fk.addr ^ fk.port_a));
+	return wrap(ctx, cfg, fl.backend, fl.vtep, bpf_ntohs(ip->tot_len), (__u16)(fk.addr ^ fk.port_a));
 }
 
 /* Client -> NODE_IP:published. */
@@ -985,8 +955,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	struct netd_flow_key fk = {};
 	struct netd_flow_fwd f = {};
 	enum table table;
-	__be32 source;     /* what the task sees as the client */
-	__be32 inner_dest; /* whose MAC the inner frame goes to */
+	__be32 source; /* what the task sees as the client */
 	__u32 inner_len;
 	int tcp_syn = 0;
 	int tcp_rst = 0;
@@ -1036,8 +1005,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 		flow_event(NETD_FLOWS_TOO_BIG);
 		return count(DROPPED, XDP_DROP);
 	}
-	if (!flow_ends(cfg, &f, fk.addr, &inner_dest, &source))
-		return count(DROPPED, XDP_DROP);
+	source = seen_source(cfg, &f, fk.addr);
 	translate(ip, ports, l4_check, source, f.snat_port, f.backend, f.target_port);
 	__u16 entropy = (__u16)(fk.addr ^ fk.port_a);
 
@@ -1049,7 +1017,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 			forget(cfg, &netd_flows_fwd_new, &netd_flows_rev_new, &fk);
 	}
 
-	return wrap(ctx, cfg, inner_dest, f.vtep, inner_len, entropy);
+	return wrap(ctx, cfg, f.backend, f.vtep, inner_len, entropy);
 }
 
 /* The forward half of the flow whose reverse half is rk -> r (client key into `fk`):
@@ -1114,7 +1082,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	    ieth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
 	/* For this node's ingress sandbox: to its address (snat), or to a client through it
-	 * (the task's node sends a client source flow's answers to its MAC). Not a packet
+	 * (the task's port sends a client source flow's answers to its MAC). Not a packet
 	 * to a task on the ingress network: that is a flow another node sends here (to this
 	 * node's sandbox MAC as well), spared the look-ups. */
 	if (ip->daddr != cfg->ingress_ip &&

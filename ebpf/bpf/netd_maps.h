@@ -86,9 +86,9 @@ struct netd_ingress_config {
 };
 
 /* New flows keep the client's address (netd's --mesh-source client): only the
- * destination is translated, and the frame goes to the task's node's ingress sandbox
- * (netd_mesh_vias), which sends the task's answers back here. Without it, new flows are
- * translated to the node's ingress address (--mesh-source snat). */
+ * destination is translated, and the program on the task's port (task_port.c) sends the
+ * task's answers back here. Without it, new flows are translated to the node's ingress
+ * address (--mesh-source snat). */
 #define NETD_MESH_CLIENT_SOURCE 1
 
 /* A published port (network byte order) and its L4 protocol. */
@@ -114,10 +114,6 @@ struct netd_mesh_backend {
 	__u32 addr;
 	__u32 vtep;
 };
-
-/* netd_mesh_vias maps a node's VTEP (__u32) to its address on the ingress network
- * (__u32, the MAC of its ingress sandbox follows from it): where a flow that keeps the
- * client's address enters the task's node. */
 
 /* The forward key of a flow: {client, client port, published port, protocol}. The same
  * layouts serve both flow tables: established (netd_flows_fwd, netd_flows_rev) and

@@ -143,6 +143,14 @@ fn seen_units(d: std::time::Duration) -> u32 {
 /// As [`load_ingress_xdp`], with `options`.
 pub fn load_ingress_xdp_with(pin_dir: &Path, options: &IngressOptions) -> Result<Ebpf, EbpfError> {
     unpin_reshaped(pin_dir)?;
+    // Older netds' map of each node's ingress address: the task's port answers now.
+    let retired = pin_dir.join("netd_mesh_vias");
+    if retired.exists() {
+        std::fs::remove_file(&retired).map_err(|e| EbpfError::FileError {
+            path: retired.clone(),
+            error: e,
+        })?;
+    }
     let mut loader = EbpfLoader::new();
     if let Some(n) = options.flow_entries {
         for name in INGRESS_XDP_FLOW_MAPS {

@@ -95,8 +95,7 @@ pub struct IngressConfig {
 }
 
 /// [`IngressConfig::flags`]: new flows keep the client's address (netd's `--mesh-source
-/// client`) and enter the task's node through its ingress sandbox, found in
-/// `netd_mesh_vias` (VTEP -> ingress address, both `u32` in network byte order).
+/// client`); the program on the task's port (`task_port`) sends their answers back.
 pub const MESH_CLIENT_SOURCE: u32 = 1;
 
 #[repr(C)]

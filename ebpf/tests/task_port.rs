@@ -59,10 +59,7 @@ fn port(test: &str) -> Port {
             .join(format!("netdtest-taskport-{test}-{}", std::process::id())),
     );
     let mut obj = netd_ebpf::load_task_port(&dir.0).expect("parse task_port.o");
-    for name in [
-        netd_ebpf::TASK_PORT_TO_TASK,
-        netd_ebpf::TASK_PORT_FROM_TASK,
-    ] {
+    for name in [netd_ebpf::TASK_PORT_TO_TASK, netd_ebpf::TASK_PORT_FROM_TASK] {
         let prog: &mut SchedClassifier = obj
             .program_mut(name)
             .expect("program in the object")
@@ -123,12 +120,12 @@ impl Port {
     }
 
     /// A frame on its way to the task.
-    fn to_task(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn reaching_task(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.run(netd_ebpf::TASK_PORT_TO_TASK, frame)
     }
 
     /// A frame from the task.
-    fn from_task(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn leaving_task(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.run(netd_ebpf::TASK_PORT_FROM_TASK, frame)
     }
 
@@ -141,8 +138,7 @@ impl Port {
 
     fn flows(&self) -> Vec<(FlowTuple, ReturnFlow)> {
         let m: HashMap<&MapData, FlowTuple, ReturnFlow> =
-            HashMap::try_from(self.obj.map("netd_return_flows").expect("flows"))
-                .expect("hash");
+            HashMap::try_from(self.obj.map("netd_return_flows").expect("flows")).expect("hash");
         m.iter().filter_map(|r| r.ok()).collect()
     }
 }
@@ -276,11 +272,14 @@ fn answers_go_back_to_the_sandbox_that_brought_the_flow() {
     let client = (CLIENT, 40000);
     for (flags, udp) in [(SYN, None), (0, Some(true))] {
         let inbound = frame(&arriving(SANDBOX_A, client, flags, udp));
-        let (verdict, out) = p.to_task(&inbound);
+        let (verdict, out) = p.reaching_task(&inbound);
         assert_eq!(verdict, TC_ACT_OK);
-        assert_eq!(out, inbound, "a flow's first packet reaches the task unchanged");
+        assert_eq!(
+            out, inbound,
+            "a flow's first packet reaches the task unchanged"
+        );
         let reply = frame(&answer(client, SYN | ACK, udp));
-        let (verdict, out) = p.from_task(&reply);
+        let (verdict, out) = p.leaving_task(&reply);
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(&out[0..6], &mac_of(SANDBOX_A), "to the sandbox of node A");
         assert_eq!(&out[6..], &reply[6..], "nothing else changes");
@@ -290,7 +289,7 @@ fn answers_go_back_to_the_sandbox_that_brought_the_flow() {
     assert_eq!(p.stat(RETURN_REMAPPED), 0);
     // The answer of a flow the port never saw goes where the task sent it.
     let stranger = frame(&answer((CLIENT, 40001), ACK, None));
-    assert_eq!(p.from_task(&stranger), (TC_ACT_OK, stranger));
+    assert_eq!(p.leaving_task(&stranger), (TC_ACT_OK, stranger));
     assert_eq!(p.stat(RETURN_RETURNED), 2);
 }
 
@@ -303,12 +302,15 @@ fn one_client_port_through_two_nodes_is_two_flows_to_the_task() {
         ((CLIENT, 40002), Some(false)),
     ] {
         let first = frame(&arriving(SANDBOX_A, client, SYN, udp));
-        assert_eq!(p.to_task(&first), (TC_ACT_OK, first.clone()));
+        assert_eq!(p.reaching_task(&first), (TC_ACT_OK, first.clone()));
         let second = frame(&arriving(SANDBOX_C, client, SYN, udp));
-        let (verdict, out) = p.to_task(&second);
+        let (verdict, out) = p.reaching_task(&second);
         assert_eq!(verdict, TC_ACT_OK);
         let seen = u16_at(&out, L4);
-        assert!(seen >= 32768, "the second flow's port {seen} is from 32768-65535");
+        assert!(
+            seen >= 32768,
+            "the second flow's port {seen} is from 32768-65535"
+        );
         assert!(l4_sum_ok(&out), "checksum after the port change");
         if udp == Some(false) {
             assert_eq!(u16_at(&out, L4 + 6), 0, "a UDP checksum of 0 stays 0");
@@ -322,14 +324,14 @@ fn one_client_port_through_two_nodes_is_two_flows_to_the_task() {
         };
         assert_eq!(blank(&out), blank(&second), "only the source port changes");
         // Its next packet gets the same port; the first flow keeps the client's.
-        assert_eq!(u16_at(&p.to_task(&second).1, L4), seen);
-        assert_eq!(p.to_task(&first).1, first);
+        assert_eq!(u16_at(&p.reaching_task(&second).1, L4), seen);
+        assert_eq!(p.reaching_task(&first).1, first);
         // Answers: each to its own node, the second with the client's port restored.
-        let (_, back) = p.from_task(&frame(&answer((CLIENT, seen), ACK, udp)));
+        let (_, back) = p.leaving_task(&frame(&answer((CLIENT, seen), ACK, udp)));
         assert_eq!(&back[0..6], &mac_of(SANDBOX_C));
         assert_eq!(u16_at(&back, L4 + 2), client.1);
         assert!(l4_sum_ok(&back), "checksum after the port is restored");
-        let (_, back) = p.from_task(&frame(&answer(client, ACK, udp)));
+        let (_, back) = p.leaving_task(&frame(&answer(client, ACK, udp)));
         assert_eq!(&back[0..6], &mac_of(SANDBOX_A));
         assert_eq!(u16_at(&back, L4 + 2), client.1);
     }
@@ -341,20 +343,20 @@ fn one_client_port_through_two_nodes_is_two_flows_to_the_task() {
 fn a_closed_flow_gives_its_port_to_the_next_connection() {
     let p = port("closed");
     let client = (CLIENT, 40000);
-    p.to_task(&frame(&arriving(SANDBOX_A, client, SYN, None)));
-    p.to_task(&frame(&arriving(SANDBOX_A, client, FIN | ACK, None)));
+    p.reaching_task(&frame(&arriving(SANDBOX_A, client, SYN, None)));
+    p.reaching_task(&frame(&arriving(SANDBOX_A, client, FIN | ACK, None)));
     let closing: Vec<_> = p.flows().into_iter().map(|(_, f)| f.flags).collect();
     assert_eq!(closing, vec![RETURN_CLOSING]);
     // The client reuses its port through node C: a new connection, no clash.
     let syn = frame(&arriving(SANDBOX_C, client, SYN, None));
-    assert_eq!(p.to_task(&syn), (TC_ACT_OK, syn));
-    let (_, back) = p.from_task(&frame(&answer(client, SYN | ACK, None)));
+    assert_eq!(p.reaching_task(&syn), (TC_ACT_OK, syn));
+    let (_, back) = p.leaving_task(&frame(&answer(client, SYN | ACK, None)));
     assert_eq!(&back[0..6], &mac_of(SANDBOX_C));
     let flows = p.flows();
     assert_eq!(flows.len(), 1);
     assert_eq!(flows[0].1.flags, 0, "open again");
     // But a packet of an open flow from another node, not a SYN, is a clash.
-    let (_, out) = p.to_task(&frame(&arriving(SANDBOX_A, client, ACK, None)));
+    let (_, out) = p.reaching_task(&frame(&arriving(SANDBOX_A, client, ACK, None)));
     assert!(u16_at(&out, L4) >= 32768);
 }
 
@@ -366,7 +368,7 @@ fn what_is_no_clients_flow_passes_untouched() {
         src: (SANDBOX_A, 33000),
         ..arriving(SANDBOX_A, (CLIENT, 0), SYN, None)
     });
-    assert_eq!(p.to_task(&snat), (TC_ACT_OK, snat));
+    assert_eq!(p.reaching_task(&snat), (TC_ACT_OK, snat));
     // Not TCP or UDP, IP options, fragments, short frames, not IPv4.
     let base = frame(&arriving(SANDBOX_A, (CLIENT, 40000), SYN, None));
     let mut icmp = base.clone();
@@ -385,8 +387,8 @@ fn what_is_no_clients_flow_passes_untouched() {
         ("ARP", arp),
         ("a cut TCP header", short),
     ] {
-        assert_eq!(p.to_task(&f), (TC_ACT_OK, f.clone()), "{what}");
-        assert_eq!(p.from_task(&f), (TC_ACT_OK, f.clone()), "{what}");
+        assert_eq!(p.reaching_task(&f), (TC_ACT_OK, f.clone()), "{what}");
+        assert_eq!(p.leaving_task(&f), (TC_ACT_OK, f.clone()), "{what}");
     }
     assert!(p.flows().is_empty(), "nothing remembered");
     assert_eq!(p.stat(RETURN_RECORDED), 0);
@@ -419,7 +421,7 @@ fn random_frames_change_nothing_and_are_never_dropped() {
         };
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(out, f, "an answer of no flow is untouched");
-        let (verdict, _) = p.to_task(&f);
+        let (verdict, _) = p.reaching_task(&f);
         assert_ne!(verdict, TC_ACT_SHOT, "nothing is dropped without a clash");
         tried += 1;
     }

@@ -190,6 +190,13 @@ pub fn router(d: Arc<Daemon>) -> Router {
 
 async fn status(AxState(d): Ctx) -> ApiResult<Value> {
     let report = d.reconciler.last_report();
+    let st = d.view.state();
+    // This node's address on the ingress network (its ingress sandbox's): the flows it
+    // brings to other nodes' tasks are counted there under it (`way_back.by_sandbox`).
+    let ingress_address = st
+        .ingress()
+        .and_then(|net| st.lb_addrs.get(&net.id))
+        .and_then(|m| m.get(&d.node).copied());
     Ok(Json(json!({
         "node": d.node,
         "version": env!("CARGO_PKG_VERSION"),
@@ -198,6 +205,7 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "datapath": d.datapath.status(),
         "routing_mesh": {
             "kernel_path": "nftables DNAT in the node and its ingress sandbox",
+            "ingress_address": ingress_address,
             // Who a task sees as its peer (`--mesh-source`): the client itself, or this
             // node's ingress address (snat); on both paths.
             "source": match d.reconciler.config().mesh_source {
@@ -205,6 +213,9 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
                 crate::mesh_return::MeshSource::Snat => "snat",
             },
             "xdp": d.reconciler.xdp_status(),
+            // The eBPF program on published tasks' ports that sends each flow's answers
+            // back to the node that took it (flows, counters, removals).
+            "way_back": d.reconciler.way_back_status(),
             // Packets from the gwbridge with a source not of it: the backstop that no
             // client-addressed packet leaves the node unencapsulated (0 unless a fault).
             "foreign_source_dropped": d.reconciler.mesh_foreign_src_dropped().await,

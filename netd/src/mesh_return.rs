@@ -16,8 +16,8 @@ use crate::netlink::{Rule, RuleSelector, TableRoute};
 
 /// Where a published task's replies go: its own node's ingress sandbox.
 pub const TASK_TABLE: u32 = 0x6e64;
-/// The ingress sandbox's routes to published tasks on other nodes, each through the
-/// ingress sandbox of its node (client mode).
+/// A table older netds filled (remote published tasks, each through the ingress sandbox
+/// of its node): still netd's, so that an upgraded node empties it.
 pub const REMOTE_TASKS_TABLE: u32 = 0x6e65;
 /// A flow's mark and the table of its way back: this base ORed with the id of the node
 /// that took it.
@@ -141,33 +141,28 @@ pub struct SandboxReturn {
     /// Every other live node's ingress sandbox address, with its id: the flows it took
     /// are marked with its id, and their replies go back to it.
     pub nodes: Vec<(Ipv4Addr, u16)>,
-    /// Client mode: published tasks on other nodes, each with its node's ingress
-    /// sandbox, which must see both directions of each of its flows.
-    pub remote_tasks: Vec<(Ipv4Addr, Ipv4Addr)>,
 }
 
 impl SandboxReturn {
-    /// Remote tasks first, then a table per node mark (one preference for all: the
-    /// marks never overlap, and a node joining or leaving touches its own rule only),
-    /// then a blackhole for marks of nodes that are gone (their replies must not leave
-    /// by the default route with a client's address).
+    /// A table per node mark (one preference for all: the marks never overlap, and a
+    /// node joining or leaving touches its own rule only), then a blackhole for marks of
+    /// nodes that are gone (their replies must not leave by the default route with a
+    /// client's address).
     pub fn rules(&self) -> Vec<Rule> {
-        let mut rules = vec![rule(
-            *PREFS.start(),
-            RuleSelector::All,
-            Some(REMOTE_TASKS_TABLE),
-        )];
-        rules.extend(self.nodes.iter().map(|(_, id)| {
-            let selector = RuleSelector::Mark(mark(*id), u32::MAX);
-            rule(PREFS.start() + 1, selector, Some(mark(*id)))
-        }));
+        let mut rules: Vec<Rule> = self
+            .nodes
+            .iter()
+            .map(|(_, id)| {
+                let selector = RuleSelector::Mark(mark(*id), u32::MAX);
+                rule(PREFS.start() + 1, selector, Some(mark(*id)))
+            })
+            .collect();
         let gone = RuleSelector::Mark(MARK_BASE, MARK_MASK);
         rules.push(rule(LAST_PREF, gone, None));
         rules
     }
 
-    /// Each node's table (its ingress sandbox as the default route), and
-    /// [`REMOTE_TASKS_TABLE`] (each remote task through its node's ingress sandbox).
+    /// Each node's table (its ingress sandbox as the default route).
     pub fn tables(&self, oif: u32) -> Vec<(u32, Vec<TableRoute>)> {
         let via = |dst, prefix, gateway| TableRoute {
             dst,
@@ -176,14 +171,10 @@ impl SandboxReturn {
             oif,
             src: None,
         };
-        let mut tables: Vec<(u32, Vec<TableRoute>)> = self
-            .nodes
+        self.nodes
             .iter()
             .map(|(addr, id)| (mark(*id), vec![via(Ipv4Addr::UNSPECIFIED, 0, *addr)]))
-            .collect();
-        let tasks = self.remote_tasks.iter().map(|(t, b)| via(*t, 32, *b));
-        tables.push((REMOTE_TASKS_TABLE, tasks.collect()));
-        tables
+            .collect()
     }
 }
 
@@ -239,21 +230,16 @@ mod tests {
     fn a_sandbox_sends_each_reply_back_to_the_node_that_took_it() {
         let s = SandboxReturn {
             nodes: vec![(ip("198.19.0.3"), 3), (ip("198.19.0.4"), 4)],
-            remote_tasks: vec![(ip("198.19.0.20"), ip("198.19.0.3"))],
         };
         let rules = s.rules();
         assert_eq!(
-            rules.first().map(|r| r.table),
-            Some(Some(REMOTE_TASKS_TABLE))
-        );
-        assert_eq!(
-            rules[1].selector,
+            rules[0].selector,
             RuleSelector::Mark(0x6e64_0003, u32::MAX),
             "node 3's flows"
         );
-        assert_eq!(rules[1].table, Some(0x6e64_0003));
+        assert_eq!(rules[0].table, Some(0x6e64_0003));
         assert_eq!(
-            rules[1].pref, rules[2].pref,
+            rules[0].pref, rules[1].pref,
             "node rules share a preference"
         );
         let last = rules.last().unwrap();
@@ -265,9 +251,11 @@ mod tests {
         let tables = s.tables(5);
         assert_eq!(tables[1].0, 0x6e64_0004);
         assert_eq!(tables[1].1[0].gateway, Some(ip("198.19.0.4")));
-        assert_eq!(tables[2].0, REMOTE_TASKS_TABLE);
-        assert_eq!(tables[2].1[0].gateway, Some(ip("198.19.0.3")));
         assert!(tables.iter().all(|(t, _)| sandbox_table(*t)));
+        assert!(
+            sandbox_table(REMOTE_TASKS_TABLE),
+            "emptied after an upgrade"
+        );
         assert!(!sandbox_table(TASK_TABLE) && !sandbox_table(254));
     }
 }

@@ -199,27 +199,40 @@ pub struct GoneEndpoint {
 }
 
 /// What went between two states: the endpoints of tasks, and the ingress nodes whose
-/// lease ended (by the mark their flows carry in this node's ingress sandbox).
+/// lease ended (their ingress addresses, and the mark their flows carry in this node's
+/// ingress sandbox).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gone {
     pub endpoints: BTreeSet<GoneEndpoint>,
+    pub nodes: BTreeSet<Ipv4Addr>,
     pub node_marks: BTreeSet<u32>,
 }
 
 impl Gone {
     pub fn between(prev: &State, next: &State) -> Gone {
+        let nodes = gone_ingress_nodes(prev, next);
+        let node_marks = prev
+            .ingress()
+            .map(|net| {
+                nodes
+                    .iter()
+                    .filter_map(|a| mesh_return::node_id(net.subnet, *a))
+                    .map(mesh_return::mark)
+                    .collect()
+            })
+            .unwrap_or_default();
         Gone {
             endpoints: gone_endpoints(prev, next),
-            node_marks: gone_node_marks(prev, next),
+            nodes,
+            node_marks,
         }
     }
 }
 
-/// The flow marks ([`mesh_return::mark`]) of the nodes alive in `prev` that are not in
-/// `next`: the flows they brought to this node's tasks are stale (the blackhole rule
-/// drops their answers meanwhile), and a client's next flow through another node could
-/// otherwise meet them as a clash.
-pub fn gone_node_marks(prev: &State, next: &State) -> BTreeSet<u32> {
+/// The ingress addresses of the nodes alive in `prev` that are not in `next`: the flows
+/// they brought to this node's tasks are stale (their answers have nowhere to go), and a
+/// client's next flow through another node could otherwise meet them as a clash.
+pub fn gone_ingress_nodes(prev: &State, next: &State) -> BTreeSet<Ipv4Addr> {
     let Some(net) = prev.ingress() else {
         return BTreeSet::new();
     };
@@ -228,8 +241,7 @@ pub fn gone_node_marks(prev: &State, next: &State) -> BTreeSet<u32> {
         .into_iter()
         .flat_map(|m| m.iter())
         .filter(|(n, _)| prev.node_alive(n) && !next.node_alive(n))
-        .filter_map(|(_, a)| mesh_return::node_id(net.subnet, *a))
-        .map(mesh_return::mark)
+        .map(|(_, a)| *a)
         .collect()
 }
 
@@ -753,21 +765,15 @@ fn sandbox_return(
         .filter(|(n, _)| n.as_str() != cfg.name && st.node_alive(n))
         .filter_map(|(_, a)| Some((*a, mesh_return::node_id(net.subnet, *a)?)))
         .collect();
-    let mut remote_tasks = vec![];
     let mut local_tasks = vec![];
     for (_, backends) in ingress_backends(st) {
-        for (node, ip) in backends {
-            if node == cfg.name {
-                local_tasks.push(ip);
-            } else if cfg.mesh_source == MeshSource::Client {
-                if let Some(via) = addrs.and_then(|m| m.get(node)) {
-                    remote_tasks.push((ip, *via));
-                }
-            }
-        }
+        local_tasks.extend(
+            backends
+                .into_iter()
+                .filter(|(node, _)| *node == cfg.name)
+                .map(|(_, ip)| ip),
+        );
     }
-    remote_tasks.sort_unstable();
-    remote_tasks.dedup();
     local_tasks.sort_unstable();
     local_tasks.dedup();
     let zones = own.map(|_| MeshZones {
@@ -780,13 +786,7 @@ fn sandbox_return(
             .map(|(a, id)| (crate::model::format_mac(&crate::model::mac_for_ip(*a)), *id))
             .collect(),
     });
-    (
-        SandboxReturn {
-            nodes,
-            remote_tasks,
-        },
-        zones,
-    )
+    (SandboxReturn { nodes }, zones)
 }
 
 fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> {
@@ -796,13 +796,6 @@ fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> 
         return None;
     }
     let addrs = st.lb_addrs.get(&net.id)?;
-    // The other live nodes' sandboxes, by VTEP: where flows that keep the client's
-    // address enter (the program keeps this node's own flows on the kernel path).
-    let vias = addrs
-        .iter()
-        .filter(|(n, _)| n.as_str() != cfg.name && st.node_alive(n))
-        .filter_map(|(n, a)| Some((st.nodes.get(n)?.address?, *a)))
-        .collect();
     Some(MeshTable {
         node_ip: st.nodes.get(&cfg.name)?.address?,
         ingress_ip: *addrs.get(&cfg.name)?,
@@ -811,7 +804,6 @@ fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> 
         vxlan_port: cfg.vxlan_port,
         overlay_mtu: u16::try_from(cfg.overlay_mtu).unwrap_or(u16::MAX),
         client_source: cfg.mesh_source == MeshSource::Client,
-        vias,
         ports,
     })
 }
@@ -1270,9 +1262,11 @@ pub(crate) mod tests {
         let mut after = before.clone();
         after.alive.remove("n2");
         // n2's id is its address's offset in the ingress subnet.
+        let gone = Gone::between(&before, &after);
+        assert_eq!(gone.node_marks, BTreeSet::from([mesh_return::mark(202)]));
         assert_eq!(
-            Gone::between(&before, &after).node_marks,
-            BTreeSet::from([mesh_return::mark(202)])
+            gone.nodes,
+            BTreeSet::from(["198.19.255.202".parse().unwrap()])
         );
         // Back again: nothing goes.
         assert!(Gone::between(&after, &before).node_marks.is_empty());

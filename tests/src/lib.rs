@@ -1316,7 +1316,12 @@ pub fn diff_lines(a: &str, b: &str) -> String {
 /// removes the nodes' BPF pins (which detaches their programs) and conntrack journals.
 pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
     let mut removed = remove_cgroups(prefix);
-    for root in ["/sys/fs/bpf/netd", "/sys/fs/bpf/netd-xdp", "/run/netd"] {
+    for root in [
+        "/sys/fs/bpf/netd",
+        "/sys/fs/bpf/netd-xdp",
+        "/sys/fs/bpf/netd-mesh",
+        "/run/netd",
+    ] {
         if let Ok(dirs) = fs::read_dir(root) {
             for d in dirs.flatten() {
                 if d.file_name().to_string_lossy().starts_with(prefix) {

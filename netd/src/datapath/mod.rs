@@ -7,6 +7,7 @@
 pub mod conntrack;
 pub mod ebpf;
 pub mod nat;
+pub mod task_port;
 pub mod tun;
 pub mod userspace;
 pub mod xdp;

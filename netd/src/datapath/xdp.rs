@@ -2,8 +2,8 @@
 //! interface (the one holding its advertised address). It takes every flow to a
 //! published port in ingress mode whose task runs on another node, translates it as the
 //! kernel path would (keeping the client's address with `--mesh-source client`: the
-//! flow enters the task's node through its ingress sandbox, `netd_mesh_vias`), and
-//! sends it over VXLAN without the kernel stack; a router's ICMP errors about a flow go
+//! frame goes to the task from this node's ingress MAC, and the program on the task's
+//! port sends the answers back here, datapath/task_port.rs), and sends it over VXLAN without the kernel stack; a router's ICMP errors about a flow go
 //! on to its task (`icmp_relayed`); see ebpf/bpf/ingress_xdp.c. Flows to local tasks, and everything when XDP cannot be
 //! attached, take the kernel path (nftables in the node and its ingress sandbox).
 //!
@@ -99,9 +99,6 @@ pub struct MeshTable {
     pub overlay_mtu: u16,
     /// New flows keep the client's address (`--mesh-source client`).
     pub client_source: bool,
-    /// Each live node's VTEP -> its ingress address: where a flow that keeps the
-    /// client's address enters the task's node (its ingress sandbox).
-    pub vias: BTreeMap<Ipv4Addr, Ipv4Addr>,
     pub ports: Vec<MeshPort>,
 }
 
@@ -159,10 +156,6 @@ struct Loaded {
     cfg: Array<MapData, IngressConfig>,
     ports: HashMap<MapData, PortKey, PortValue>,
     backends: HashMap<MapData, BackendKey, MeshBackend>,
-    vias: HashMap<MapData, u32, u32>,
-    /// What `vias` holds (VTEP -> ingress address, network byte order), read once at
-    /// load: a step compares against it, not against a dump of the map.
-    via_entries: BTreeMap<u32, u32>,
     rr: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, XdpStats>,
     /// Flow counters, indexed by netd_ebpf::maps::FLOWS_*.
@@ -254,7 +247,6 @@ impl Loaded {
             cfg: take_map(&mut obj, "netd_ingress_cfg")?,
             ports: take_map(&mut obj, "netd_ports")?,
             backends: take_map(&mut obj, "netd_mesh_backends")?,
-            vias: take_map(&mut obj, "netd_mesh_vias")?,
             rr: take_map(&mut obj, "netd_mesh_rr")?,
             stats: take_map(&mut obj, "netd_xdp_stats")?,
             flow_stats: take_map(&mut obj, "netd_xdp_flow_stats")?,
@@ -267,11 +259,9 @@ impl Loaded {
             flows_removed: 0,
             obj,
             slots: BTreeMap::new(),
-            via_entries: BTreeMap::new(),
             next_slot: 1,
             linked: false,
         };
-        l.via_entries = l.vias.iter().filter_map(|r| r.ok()).collect();
         // After a restart: what the pinned maps hold, so unchanged ports stay untouched.
         let ports: Vec<(PortKey, PortValue)> = l.ports.iter().filter_map(|r| r.ok()).collect();
         for (k, v) in ports {
@@ -368,9 +358,6 @@ impl Loaded {
                 .to_be(),
         };
         self.cfg.set(0, cfg, 0).context("write ingress config")?;
-        // New nodes before the ports that lead to them (a flow to a node without its
-        // entry is not opened), gone ones after.
-        self.sync_vias(&t.vias, false)?;
         let want: BTreeMap<(u8, u16), (PortValue, Vec<MeshBackend>)> = t
             .ports
             .iter()
@@ -448,43 +435,12 @@ impl Loaded {
                 drop_slot(&mut self.backends, &mut self.rr, old, b.len());
             }
         }
-        self.sync_vias(&t.vias, true)?;
         if !left.is_empty() {
             let removed = self.flows.forget(&left);
             crate::writes::count(crate::writes::Kind::Bpf, removed);
             self.flows_removed += removed;
             if removed > 0 {
                 tracing::info!(removed, "XDP flows of tasks that left removed");
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the entries of `vias` that `netd_mesh_vias` lacks or holds otherwise, or
-    /// (`remove`) removes those it holds beyond them.
-    fn sync_vias(&mut self, vias: &BTreeMap<Ipv4Addr, Ipv4Addr>, remove: bool) -> Result<()> {
-        let want: BTreeMap<u32, u32> = vias.iter().map(|(k, v)| (be(*k), be(*v))).collect();
-        if remove {
-            let gone: Vec<u32> = self
-                .via_entries
-                .keys()
-                .filter(|k| !want.contains_key(k))
-                .copied()
-                .collect();
-            for k in gone {
-                crate::writes::count(crate::writes::Kind::Bpf, 1);
-                let _ = self.vias.remove(&k);
-                self.via_entries.remove(&k);
-            }
-            return Ok(());
-        }
-        for (k, v) in want {
-            if self.via_entries.get(&k) != Some(&v) {
-                crate::writes::count(crate::writes::Kind::Bpf, 1);
-                self.vias
-                    .insert(k, v, 0)
-                    .context("write a node's ingress address")?;
-                self.via_entries.insert(k, v);
             }
         }
         Ok(())

@@ -14,6 +14,7 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 
 use super::Links;
+use crate::datapath::task_port::TaskPorts;
 use crate::mesh_return;
 use crate::model::{Endpoint, Task};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE, SANDBOX_VXLAN};
@@ -23,6 +24,7 @@ use crate::plan::{
     Attachment, IngressPlan, NodeBridge, NodeConfig, OverlayPlan, TaskPlan, Wanted,
     ISBOX_INGRESS_IF,
 };
+use crate::state::INGRESS;
 
 pub struct KernelLinks {
     cfg: NodeConfig,
@@ -44,11 +46,18 @@ pub struct KernelLinks {
     checked: std::sync::atomic::AtomicBool,
     /// The identity of each namespace the current step read (see [`Self::ns_ids`]).
     ns_seen: std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, u64)>>,
+    /// The mesh's way back on published tasks' ports.
+    ports: std::sync::Arc<TaskPorts>,
 }
 
 impl KernelLinks {
-    pub fn new(cfg: NodeConfig, netlink: std::sync::Arc<netns::NetlinkPool>) -> Self {
+    pub fn new(
+        cfg: NodeConfig,
+        netlink: std::sync::Arc<netns::NetlinkPool>,
+        ports: std::sync::Arc<TaskPorts>,
+    ) -> Self {
         KernelLinks {
+            ports,
             cfg,
             netlink,
             handed: Default::default(),
@@ -471,6 +480,14 @@ impl KernelLinks {
             self.ensure_endpoint(&task_ns, ep, a, keep_name)
                 .await
                 .with_context(|| format!("endpoint {} on {}", ep.ifname, ep.network))?;
+            // A published task's port on the ingress network sends its answers back to
+            // the node that took each flow.
+            if let Some(back) = t.mesh_return.as_ref().filter(|_| ep.network == INGRESS) {
+                let (ports, port, subnet) =
+                    (self.ports.clone(), naming::endpoint_if(&ep.id), back.subnet);
+                let ns = format!("{:?}", a.parent);
+                netns::run_in(&a.parent, move || ports.attach(&ns, &port, subnet)).await?;
+            }
         }
         let endpoints = task.endpoints.clone();
         let gateway = task.default_gateway;
@@ -479,11 +496,8 @@ impl KernelLinks {
         // ingress address, say) loses rules it had; the ingress sandbox (no service)
         // keeps its own, which `ensure_mesh_return` writes. Other tasks never had any:
         // no dump for them.
-        let may_have_rules = !task.service.is_empty()
-            && task
-                .endpoints
-                .iter()
-                .any(|e| e.network == crate::state::INGRESS);
+        let may_have_rules =
+            !task.service.is_empty() && task.endpoints.iter().any(|e| e.network == INGRESS);
         self.netlink
             .with(&task_ns, move |h| async move {
                 if let Some(lo) = netlink::link_by_name(&h, "lo").await? {

@@ -28,6 +28,7 @@ use tokio::sync::Mutex;
 pub use self::firewall::KernelFirewall;
 pub use self::links::KernelLinks;
 pub use self::mesh::KernelMesh;
+use crate::datapath::task_port::TaskPorts;
 use crate::datapath::xdp::{MeshTable, XdpMesh};
 use crate::datapath::Datapath;
 use crate::dns::Dns;
@@ -157,6 +158,9 @@ pub struct Appliers {
     pub mesh: Option<Arc<dyn Mesh>>,
     pub dns: Option<Arc<dyn Listeners>>,
     pub datapath: Option<Arc<dyn Datapath>>,
+    /// The mesh's way back on published tasks' ports (its flows go with their task or
+    /// node, and expire).
+    pub way_back: Option<Arc<TaskPorts>>,
 }
 
 /// What the last reconcile could not do, per task id; surfaced by `netd task ls`.
@@ -243,8 +247,14 @@ impl Reconciler {
         xdp: Option<Arc<XdpMesh>>,
     ) -> Self {
         let netlink = Arc::new(netns::NetlinkPool::new());
+        let way_back = Arc::new(TaskPorts::new(&cfg.name));
         let appliers = Appliers {
-            links: Arc::new(KernelLinks::new(cfg.clone(), netlink.clone())),
+            links: Arc::new(KernelLinks::new(
+                cfg.clone(),
+                netlink.clone(),
+                way_back.clone(),
+            )),
+            way_back: Some(way_back),
             firewall: Arc::new(KernelFirewall::new()),
             mesh: xdp.map(|x| Arc::new(KernelMesh::new(x, netlink)) as Arc<dyn Mesh>),
             dns: dns.map(|d| d as Arc<dyn Listeners>),
@@ -661,6 +671,11 @@ impl Reconciler {
         if let Err(e) = self.forget_flows(&plan, st, isbox_up, gone).await {
             report.errors.push(format!("flows of gone tasks: {e:#}"));
         }
+        if let Some(Err(e)) = self.appliers.way_back.as_ref().map(|p| p.sweep()) {
+            report
+                .errors
+                .push(format!("idle flows of the way back: {e:#}"));
+        }
         phases.end("flows");
 
         // 6b. Port security in every overlay sandbox: a task's port lets in only its own
@@ -741,6 +756,17 @@ impl Reconciler {
                             .flat_map(|m| m.values().copied()),
                     )
                     .collect();
+                if let Some(ports) = &self.appliers.way_back {
+                    let nodes = st
+                        .lb_addrs
+                        .get(&i.network.id)
+                        .into_iter()
+                        .flat_map(|m| m.iter())
+                        .filter(|(n, _)| st.node_alive(n))
+                        .map(|(_, a)| *a)
+                        .collect();
+                    ports.forget_except(&keep, &nodes)?;
+                }
                 fw.forget_flows_except(&ns, i.network.subnet, keep).await?;
             }
             return Ok(());
@@ -762,11 +788,23 @@ impl Reconciler {
                 fw.forget_marked_flows(&ns, marks).await?;
             }
         }
+        if let Some(ports) = &self.appliers.way_back {
+            let tasks = to(INGRESS, None).into_iter().collect();
+            ports.forget(&tasks, &gone.nodes)?;
+        }
         let host = to(crate::model::GWBRIDGE, Some(&self.cfg.name));
         if !host.is_empty() {
             fw.forget_flows(&Netns::Home, host).await?;
         }
         Ok(())
+    }
+
+    /// The mesh's way back on this node's published tasks' ports, for `netd status`.
+    pub fn way_back_status(&self) -> serde_json::Value {
+        self.appliers
+            .way_back
+            .as_ref()
+            .map_or(serde_json::Value::Null, |p| p.status())
     }
 
     /// Tracked flows (kernel path) and XDP flows removed because their task went away,
@@ -988,6 +1026,7 @@ mod tests {
                 mesh: None,
                 dns: Some(dns.clone()),
                 datapath: None,
+                way_back: None,
             };
             Reconciler::with_appliers(v.clone(), cfg(), appliers)
         };
@@ -1048,6 +1087,7 @@ mod tests {
             mesh: None,
             dns: Some(dns.clone()),
             datapath: None,
+            way_back: None,
         };
         let r = Reconciler::with_appliers(v.clone(), cfg(), appliers);
         let visited = |links: &FakeLinks| {

@@ -1,0 +1,385 @@
+//! The routing mesh's way back: netd-ebpf's `task_port` on the port of every published
+//! task in the ingress network's sandbox (TC, both directions). A flow that keeps the
+//! client's address reaches the task straight from the node that took it (its XDP or
+//! its ingress sandbox); the program remembers that node's sandbox MAC per flow and
+//! sends the task's answers back to it, giving a second flow with the same client
+//! address and port another port (ebpf/bpf/task_port.c). No conntrack and no other
+//! namespace on the way.
+//!
+//! Pins live in /sys/fs/bpf/netd-mesh/NODE/ (maps by name). The filters belong to the
+//! ports: they stay while netd restarts (a restarted netd puts its own program in) and
+//! go with the port. The flows have owners: a task that goes takes its flows, a node
+//! whose lease ends takes the flows it brought, and idle ones expire
+//! ([`TaskPorts::sweep`]), all counted in `netd status`.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::Ebpf;
+use ipnetwork::Ipv4Network;
+use netd_ebpf::maps::{
+    FlowTuple, ReturnConfig, ReturnFlow, ReturnOrigin, RETURN_CLOSING, RETURN_NO_PORT,
+    RETURN_RECORDED, RETURN_REMAPPED, RETURN_RETURNED,
+};
+use serde_json::{json, Value};
+
+use super::ebpf::take_map;
+
+const ROOT: &str = "/sys/fs/bpf/netd-mesh";
+/// The filters' place on a port: one of netd's per direction, replaced in place.
+const PRIORITY: u16 = 1;
+const HANDLE: u16 = 1;
+/// A closed TCP flow (FIN or RST seen) is forgotten this long after its last packet.
+const CLOSED_IDLE: Duration = Duration::from_secs(60);
+/// UDP flows: as the kernel path's conntrack (an answered flow) and XDP.
+const UDP_IDLE: Duration = Duration::from_secs(120);
+/// TCP flows: the ingress sandboxes' conntrack timeout for established flows, and a
+/// little more.
+const TCP_IDLE: Duration = Duration::from_secs(7200 + 240);
+/// How often at most a step walks the flows for idle ones.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// netd's side of `task_port`, loaded the first time a port needs it.
+pub struct TaskPorts {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    loaded: Option<Loaded>,
+    /// Flows removed with their task or node, and expired idle ones, since netd started.
+    removed: u64,
+    expired: u64,
+    last_sweep: Option<Instant>,
+    /// The ports this netd put the programs on: (namespace, name, index). A port made
+    /// anew (another index) gets them again; one already done is not touched.
+    attached: std::collections::HashSet<(String, String, u32)>,
+}
+
+struct Loaded {
+    obj: Ebpf,
+    cfg: Array<MapData, ReturnConfig>,
+    flows: HashMap<MapData, FlowTuple, ReturnFlow>,
+    ports: HashMap<MapData, ReturnOrigin, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    config: Option<ReturnConfig>,
+}
+
+impl Loaded {
+    fn load(dir: &std::path::Path) -> Result<Self> {
+        netd_ebpf::ensure_bpffs()?;
+        let mut obj = netd_ebpf::load_task_port(dir)
+            .with_context(|| format!("load task_port with maps in {}", dir.display()))?;
+        for name in [netd_ebpf::TASK_PORT_TO_TASK, netd_ebpf::TASK_PORT_FROM_TASK] {
+            let prog: &mut SchedClassifier = obj
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()
+                .with_context(|| name.to_string())?;
+            prog.load()
+                .with_context(|| format!("the kernel refused {name}"))?;
+        }
+        let cfg: Array<MapData, ReturnConfig> = take_map(&mut obj, "netd_return_cfg")?;
+        let config = cfg.get(&0, 0).ok().filter(|c| c.mask != 0);
+        Ok(Loaded {
+            cfg,
+            flows: take_map(&mut obj, "netd_return_flows")?,
+            ports: take_map(&mut obj, "netd_return_ports")?,
+            stats: take_map(&mut obj, "netd_return_stats")?,
+            config,
+            obj,
+        })
+    }
+
+    /// Puts both programs on port `ifname` of the calling thread's namespace, replacing
+    /// what netd's place there holds (an older netd's program).
+    fn attach(&mut self, ifname: &str) -> Result<()> {
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).with_context(|| format!("clsact qdisc on {ifname}")),
+        }
+        for (name, direction) in [
+            (netd_ebpf::TASK_PORT_TO_TASK, TcAttachType::Egress),
+            (netd_ebpf::TASK_PORT_FROM_TASK, TcAttachType::Ingress),
+        ] {
+            let prog: &mut SchedClassifier = self
+                .obj
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()
+                .with_context(|| name.to_string())?;
+            let options = TcAttachOptions::Netlink(NlOptions {
+                priority: PRIORITY,
+                handle: TcHandle::new(0, HANDLE),
+                ..Default::default()
+            });
+            let id = match prog.attach_with_options(ifname, direction, options) {
+                Ok(id) => id,
+                // Ours already (a step before, or a netd before this one): replaced.
+                Err(_) => {
+                    let link = SchedClassifierLink::attached(
+                        ifname,
+                        direction,
+                        PRIORITY,
+                        TcHandle::new(0, HANDLE),
+                        None,
+                    )
+                    .with_context(|| format!("port {ifname}"))?;
+                    prog.attach_to_link(link)
+                        .with_context(|| format!("put {name} on {ifname}"))?
+                }
+            };
+            // The filter belongs to the port, not to this process: a link dropped with
+            // the program would take it off (and the restart would lose its answers).
+            let link = prog.take_link(id).context("the filter just attached")?;
+            std::mem::forget(link);
+        }
+        Ok(())
+    }
+
+    fn configure(&mut self, subnet: Ipv4Network) -> Result<()> {
+        let want = ReturnConfig {
+            net: u32::from(subnet.network()).to_be(),
+            mask: u32::from(subnet.mask()).to_be(),
+        };
+        if self.config != Some(want) {
+            self.cfg.set(0, want, 0).context("write netd_return_cfg")?;
+            self.config = Some(want);
+        }
+        Ok(())
+    }
+
+    /// Removes the flows `gone` picks (and their port remaps); how many.
+    fn remove(&mut self, gone: impl Fn(&FlowTuple, &ReturnFlow) -> bool) -> u64 {
+        let stale: Vec<(FlowTuple, ReturnFlow)> = self
+            .flows
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, f)| gone(k, f))
+            .collect();
+        let mut removed = 0;
+        for (k, f) in &stale {
+            if self.flows.remove(k).is_ok() {
+                removed += 1;
+            }
+            if f.port != k.dport {
+                let origin = ReturnOrigin {
+                    client: k.dst,
+                    task: k.src,
+                    client_port: f.port,
+                    task_port: k.sport,
+                    mac: f.mac,
+                    proto: k.proto,
+                    pad: 0,
+                };
+                let _ = self.ports.remove(&origin);
+            }
+        }
+        removed
+    }
+
+    fn counter(&self, which: u32) -> u64 {
+        self.stats
+            .get(&which, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+/// CLOCK_MONOTONIC, as `bpf_ktime_get_ns()` reads it.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `t`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Whether flow `f` (protocol `proto`) has been idle past its timeout at `now`.
+fn idle(proto: u8, f: &ReturnFlow, now: u64) -> bool {
+    let limit = if f.flags & RETURN_CLOSING != 0 {
+        CLOSED_IDLE
+    } else if proto == libc::IPPROTO_UDP as u8 {
+        UDP_IDLE
+    } else {
+        TCP_IDLE
+    };
+    now.saturating_sub(f.seen) > limit.as_nanos() as u64
+}
+
+impl TaskPorts {
+    pub fn new(node: &str) -> Self {
+        TaskPorts {
+            dir: PathBuf::from(ROOT).join(node),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Loaded, &mut Inner) -> Result<R>) -> Result<R> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned lock"))?;
+        let mut loaded = match inner.loaded.take() {
+            Some(l) => l,
+            None => Loaded::load(&self.dir)?,
+        };
+        let r = f(&mut loaded, &mut inner);
+        inner.loaded = Some(loaded);
+        r
+    }
+
+    /// Puts the way back on port `ifname` of a published task, in the calling thread's
+    /// namespace (the ingress network's sandbox, named `ns`), for ingress network
+    /// `subnet`, unless this netd did already. Run it through `netns::run_in`.
+    pub fn attach(&self, ns: &str, ifname: &str, subnet: Ipv4Network) -> Result<()> {
+        let name = std::ffi::CString::new(ifname).context("interface name")?;
+        // SAFETY: `name` is a NUL-terminated string that outlives the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if index == 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("port {ifname} in {ns}"));
+        }
+        let key = (ns.to_string(), ifname.to_string(), index);
+        self.with(|l, inner| {
+            l.configure(subnet)?;
+            if !inner.attached.contains(&key) {
+                l.attach(ifname)?;
+                crate::writes::count(crate::writes::Kind::Netlink, 2);
+                inner.attached.insert(key);
+            }
+            Ok(())
+        })
+        .with_context(|| format!("the mesh's way back on {ifname}"))
+    }
+
+    /// Forgets the flows to `tasks` (ingress addresses of tasks that went) and those
+    /// brought by the sandboxes of `nodes` (ingress addresses of nodes whose lease ended):
+    /// their answers would go to a task or node that is gone, and a client's next flow
+    /// could meet them as a clash. Nothing to do before the first port needed the program.
+    pub fn forget(&self, tasks: &BTreeSet<Ipv4Addr>, nodes: &BTreeSet<Ipv4Addr>) -> Result<u64> {
+        if (tasks.is_empty() && nodes.is_empty()) || !self.active() {
+            return Ok(0);
+        }
+        let tasks: BTreeSet<u32> = tasks.iter().map(|a| u32::from(*a).to_be()).collect();
+        let macs: BTreeSet<[u8; 6]> = nodes.iter().map(|a| crate::model::mac_for_ip(*a)).collect();
+        self.with(|l, inner| {
+            let n = l.remove(|k, f| tasks.contains(&k.src) || macs.contains(&f.mac));
+            inner.removed += n;
+            Ok(n)
+        })
+    }
+
+    /// After a restart (no step before to tell what went): forgets the flows to tasks
+    /// not in `tasks` and those brought by sandboxes not in `nodes` (ingress addresses).
+    pub fn forget_except(
+        &self,
+        tasks: &BTreeSet<Ipv4Addr>,
+        nodes: &BTreeSet<Ipv4Addr>,
+    ) -> Result<u64> {
+        if !self.active() {
+            return Ok(0);
+        }
+        let tasks: BTreeSet<u32> = tasks.iter().map(|a| u32::from(*a).to_be()).collect();
+        let macs: BTreeSet<[u8; 6]> = nodes.iter().map(|a| crate::model::mac_for_ip(*a)).collect();
+        self.with(|l, inner| {
+            let n = l.remove(|k, f| !tasks.contains(&k.src) || !macs.contains(&f.mac));
+            inner.removed += n;
+            Ok(n)
+        })
+    }
+
+    /// Forgets idle and closed flows (at most every few seconds: a walk of the map).
+    pub fn sweep(&self) -> Result<u64> {
+        if !self.active() {
+            return Ok(0);
+        }
+        self.with(|l, inner| {
+            if inner.last_sweep.is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
+                return Ok(0);
+            }
+            inner.last_sweep = Some(Instant::now());
+            let now = monotonic_ns();
+            let n = l.remove(|k, f| idle(k.proto, f, now));
+            inner.expired += n;
+            Ok(n)
+        })
+    }
+
+    /// Whether the program is loaded (some port needed it) or its maps are pinned (a
+    /// netd before this one loaded it).
+    fn active(&self) -> bool {
+        self.inner.lock().is_ok_and(|i| i.loaded.is_some()) || self.dir.exists()
+    }
+
+    /// `netd status`: `routing_mesh.way_back`.
+    pub fn status(&self) -> Value {
+        if !self.active() {
+            return json!({"loaded": false});
+        }
+        self.with(|l, inner| {
+            // Flows by the ingress sandbox that brought them (its address, from its MAC).
+            let mut by_sandbox = std::collections::BTreeMap::<String, u64>::new();
+            for (_, f) in l.flows.iter().filter_map(|r| r.ok()) {
+                let a = Ipv4Addr::new(f.mac[2], f.mac[3], f.mac[4], f.mac[5]);
+                *by_sandbox.entry(a.to_string()).or_default() += 1;
+            }
+            Ok(json!({
+                "loaded": true,
+                "flows": by_sandbox.values().sum::<u64>(),
+                "by_sandbox": by_sandbox,
+                "recorded": l.counter(RETURN_RECORDED),
+                "remapped": l.counter(RETURN_REMAPPED),
+                "returned": l.counter(RETURN_RETURNED),
+                "no_free_port": l.counter(RETURN_NO_PORT),
+                "removed": inner.removed,
+                "expired": inner.expired,
+            }))
+        })
+        .unwrap_or_else(|e| json!({"loaded": false, "error": format!("{e:#}")}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(flags: u32, seen: u64) -> ReturnFlow {
+        ReturnFlow {
+            flags,
+            seen,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flows_expire_by_protocol_and_state() {
+        let s = 1_000_000_000u64;
+        let now = 10_000 * s;
+        let (tcp, udp) = (libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8);
+        assert!(!idle(udp, &flow(0, now - 100 * s), now));
+        assert!(idle(udp, &flow(0, now - 121 * s), now));
+        assert!(
+            !idle(tcp, &flow(0, now - 7000 * s), now),
+            "an idle connection stays"
+        );
+        assert!(idle(tcp, &flow(0, now - 7500 * s), now));
+        assert!(!idle(tcp, &flow(RETURN_CLOSING, now - 30 * s), now));
+        assert!(idle(tcp, &flow(RETURN_CLOSING, now - 61 * s), now));
+        assert!(
+            !idle(tcp, &flow(0, now + s), now),
+            "a packet since the clock was read"
+        );
+    }
+}
