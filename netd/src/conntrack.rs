@@ -42,12 +42,6 @@ fn forget(filter: &[&str]) -> Result<u64> {
     }
 }
 
-/// Deletes the entries of the current namespace that carry `mark` (the flows an ingress
-/// node brought, see `mesh_return`); how many.
-pub fn forget_marked(mark: u32) -> Result<u64> {
-    forget(&["--mark", &format!("{mark:#x}")])
-}
-
 /// The addresses that answer the current namespace's tracked flows (each entry's reply
 /// source), with how many entries each.
 pub fn reply_sources() -> Result<Vec<(Ipv4Addr, u64)>> {

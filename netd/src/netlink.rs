@@ -889,3 +889,46 @@ pub async fn ensure_tables(
     }
     Ok(changed)
 }
+
+/// The tags (the kernel's hash of a program's code) of the BPF filters at `priority` on
+/// interface `index`, on its ingress and egress hooks: whether a port already runs a
+/// program (a netd before this one attached it), read without changing anything.
+pub async fn bpf_filter_tags(
+    handle: &Handle,
+    index: u32,
+    priority: u16,
+) -> Result<[Option<u64>; 2]> {
+    use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+    let mut tags = [None, None];
+    for (i, egress) in [false, true].into_iter().enumerate() {
+        let index = i32::try_from(index).context("interface index")?;
+        let request = handle.traffic_filter(index).get();
+        let request = if egress {
+            request.egress()
+        } else {
+            request.ingress()
+        };
+        let filters: Vec<_> = match request.execute().try_collect().await {
+            Ok(f) => f,
+            // No clsact qdisc on the port yet: no filter either.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EINVAL => vec![],
+            Err(e) => return Err(e).context("list the port's filters"),
+        };
+        for f in filters {
+            // tcm_info of a filter: its priority in the upper 16 bits.
+            if (f.header.info >> 16) as u16 != priority {
+                continue;
+            }
+            for a in &f.attributes {
+                if let TcAttribute::Options(options) = a {
+                    for o in options {
+                        if let TcOption::Bpf(TcFilterBpfOption::ProgTag(tag)) = o {
+                            tags[i] = Some(u64::from_be_bytes(*tag));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(tags)
+}

@@ -124,38 +124,28 @@ pub struct Ruleset {
     pub tasks_reach_node: bool,
     /// Services beyond the node that tasks must not reach (etcd's endpoints).
     pub protected: Vec<std::net::SocketAddrV4>,
-    /// An ingress sandbox's memory of which node took each flow to a local task (see
-    /// [`crate::mesh_return`]).
-    pub mesh_zones: Option<MeshZones>,
+    /// An ingress sandbox's forward rules for the mesh (see [`crate::mesh_return`]).
+    pub mesh_sandbox: Option<MeshSandbox>,
 }
 
-/// The ingress sandbox's zone and mark rules: a new flow arriving on `ifname` for the
-/// ingress network from another node's sandbox (known by its MAC) gets that node's id as
-/// its conntrack zone (original direction only: two nodes may bring the same client
-/// address and port) and as its mark, which its replies carry to their routing rule.
-/// Routed back onto the ingress network, a new flow must carry a node's mark (a task
-/// never reaches another task through the mesh); routed out towards the node, it must
-/// come from a local published task (a datagram from its published UDP port, which its
-/// rule sends here), and leaves masqueraded, as egress.
+/// The ingress sandbox's guards: routed back onto the ingress network, no new flow
+/// passes (a task never reaches another task through the mesh; a remote task's flows go
+/// straight to it, not through here); routed out towards the node, a new flow must come
+/// from a local published task (a datagram from its published UDP port, which its rule
+/// sends here), and leaves masqueraded, as egress.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct MeshZones {
+pub struct MeshSandbox {
+    /// The sandbox's leg on the ingress network.
     pub ifname: String,
     /// The sandbox's leg towards the node.
     pub egress_if: String,
-    /// The ingress network's subnet.
-    pub subnet: ipnetwork::Ipv4Network,
     pub local_tasks: Vec<std::net::Ipv4Addr>,
-    /// (MAC, node id).
-    pub nodes: Vec<(String, u16)>,
 }
 
-impl MeshZones {
-    /// Lines of the raw prerouting chain, the mangle prerouting chain, the forward
-    /// chain and the nat postrouting chain.
-    fn render(&self) -> [Vec<String>; 4] {
-        use crate::mesh_return::{MARK_BASE, MARK_MASK};
-        let (i, o, subnet) = (&self.ifname, &self.egress_if, self.subnet);
-        let list = |items: Vec<String>| items.join(", ");
+impl MeshSandbox {
+    /// Lines of the forward chain and the nat postrouting chain.
+    fn render(&self) -> [Vec<String>; 2] {
+        let (i, o) = (&self.ifname, &self.egress_if);
         // New flows only: a reply to a client that came in from the node is no new flow.
         let nat = vec![format!("iifname \"{i}\" oifname \"{o}\" masquerade")];
         let mut forward = vec![
@@ -163,41 +153,18 @@ impl MeshZones {
             // flow the ingress node already forgot, sent back here): NAT skips such a
             // packet, so it would leave with a task's or a client's address.
             format!("iifname \"{i}\" oifname \"{o}\" ct state invalid counter drop"),
-            format!(
-                "iifname \"{i}\" oifname \"{i}\" ct state new ct mark & 0x{MARK_MASK:08x} != 0x{MARK_BASE:08x} counter drop"
-            ),
+            format!("iifname \"{i}\" oifname \"{i}\" ct state new counter drop"),
         ];
         forward.push(if self.local_tasks.is_empty() {
             format!("iifname \"{i}\" oifname \"{o}\" ct state new counter drop")
         } else {
-            let tasks = list(self.local_tasks.iter().map(|t| t.to_string()).collect());
+            let tasks: Vec<String> = self.local_tasks.iter().map(|t| t.to_string()).collect();
             format!(
-                "iifname \"{i}\" oifname \"{o}\" ct state new ip saddr != {{ {tasks} }} counter drop"
+                "iifname \"{i}\" oifname \"{o}\" ct state new ip saddr != {{ {} }} counter drop",
+                tasks.join(", ")
             )
         });
-        let mut mangle = vec![];
-        let mut raw = vec![];
-        if !self.nodes.is_empty() {
-            // Each node's sandbox MAC to a value of its id.
-            let by_mac = |value: &dyn Fn(u16) -> String| {
-                list(
-                    self.nodes
-                        .iter()
-                        .map(|(mac, id)| format!("{mac} : {}", value(*id)))
-                        .collect(),
-                )
-            };
-            let ids = by_mac(&|id| id.to_string());
-            let marks = by_mac(&|id| format!("0x{:08x}", crate::mesh_return::mark(id)));
-            raw.push(format!(
-                "iifname \"{i}\" ip daddr {subnet} ct original zone set ether saddr map {{ {ids} }}"
-            ));
-            mangle.push(format!(
-                "iifname \"{i}\" ip daddr {subnet} ct state new ct mark set ether saddr map {{ {marks} }}"
-            ));
-        }
-        mangle.push("ct direction reply meta mark set ct mark".into());
-        [raw, mangle, forward, nat]
+        [forward, nat]
     }
 }
 
@@ -217,7 +184,7 @@ impl Ruleset {
             && self.ports.is_empty()
             && self.masquerade_out.is_empty()
             && self.untracked_udp.is_none()
-            && self.mesh_zones.is_none()
+            && self.mesh_sandbox.is_none()
     }
 
     pub fn hash_hex(&self) -> String {
@@ -315,14 +282,13 @@ impl Ruleset {
             .iter()
             .map(|p| format!("udp dport {p} notrack"))
             .collect();
-        let [zones, mangle, mesh_forward, mesh_nat] = self
-            .mesh_zones
+        let [mesh_forward, mesh_nat] = self
+            .mesh_sandbox
             .as_ref()
-            .map(MeshZones::render)
+            .map(MeshSandbox::render)
             .unwrap_or_default();
         forward.extend(mesh_forward);
         nat.extend(mesh_nat);
-        let raw_prerouting: Vec<String> = raw.iter().cloned().chain(zones).collect();
         input.extend(
             self.untracked_udp
                 .iter()
@@ -353,7 +319,6 @@ impl Ruleset {
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n\
              \tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{}\t}}\n\
              \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n\
-             {}\
              \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
              \tcounter {TASK_TO_NODE} {{\n\t}}\n\
              \tcounter {MESH_FOREIGN_SRC} {{\n\t}}\n\
@@ -362,18 +327,8 @@ impl Ruleset {
             indent(&dnat_output),
             indent(&nat),
             indent(&forward),
-            indent(&raw_prerouting),
             indent(&raw),
-            // Only where it has rules (the ingress sandbox): an empty base chain would
-            // still be a hook every packet of the node passes.
-            if mangle.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "\tchain mangle_prerouting {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n{}\t}}\n",
-                    indent(&mangle)
-                )
-            },
+            indent(&raw),
             indent(&input),
         )
     }
@@ -883,16 +838,14 @@ mod tests {
     }
 
     #[test]
-    fn an_ingress_sandbox_remembers_the_node_of_each_flow_to_a_local_task() {
-        let zones = MeshZones {
+    fn an_ingress_sandbox_passes_only_local_tasks_own_flows_towards_the_node() {
+        let sandbox = MeshSandbox {
             ifname: "eth0".into(),
             egress_if: "eth1".into(),
-            subnet: "198.19.255.0/24".parse().unwrap(),
             local_tasks: vec!["198.19.255.5".parse().unwrap()],
-            nodes: vec![("02:42:c6:13:ff:03".into(), 3)],
         };
         let r = Ruleset {
-            mesh_zones: Some(zones.clone()),
+            mesh_sandbox: Some(sandbox.clone()),
             ..Default::default()
         };
         let s = r.render();
@@ -900,19 +853,11 @@ mod tests {
             let at = s.find(&format!("chain {name} ")).unwrap();
             s[at..at + s[at..].find("\t}").unwrap()].to_string()
         };
-        assert!(chain(&s, "raw_prerouting").contains(
-            "iifname \"eth0\" ip daddr 198.19.255.0/24 ct original zone set ether saddr map { 02:42:c6:13:ff:03 : 3 }"
-        ));
-        let mangle = chain(&s, "mangle_prerouting");
-        assert!(mangle.contains("priority mangle"));
-        assert!(mangle.contains(
-            "ip daddr 198.19.255.0/24 ct state new ct mark set ether saddr map { 02:42:c6:13:ff:03 : 0x6e640003 }"
-        ));
-        assert!(mangle.contains("ct direction reply meta mark set ct mark"));
         let forward = chain(&s, "forward");
-        assert!(forward.contains(
-            "iifname \"eth0\" oifname \"eth0\" ct state new ct mark & 0xffff0000 != 0x6e640000 counter drop"
-        ), "only other nodes' flows are routed back onto the ingress network");
+        assert!(
+            forward.contains("iifname \"eth0\" oifname \"eth0\" ct state new counter drop"),
+            "no new flow is routed back onto the ingress network"
+        );
         assert!(forward.contains(
             "iifname \"eth0\" oifname \"eth1\" ct state new ip saddr != { 198.19.255.5 } counter drop"
         ), "only local tasks' own flows leave towards the node");
@@ -921,18 +866,16 @@ mod tests {
             "nothing conntrack cannot place leaves towards the node"
         );
         assert!(chain(&s, "postrouting").contains("iifname \"eth0\" oifname \"eth1\" masquerade"));
-        // With no other node, no zones; nothing from the ingress network leaves.
+        // Without local tasks nothing from the ingress network leaves.
         let alone = Ruleset {
-            mesh_zones: Some(MeshZones {
-                nodes: vec![],
+            mesh_sandbox: Some(MeshSandbox {
                 local_tasks: vec![],
-                ..zones
+                ..sandbox
             }),
             ..Default::default()
         }
         .render();
         assert!(alone.contains("iifname \"eth0\" oifname \"eth1\" ct state new counter drop"));
-        assert!(!alone.contains("zone set"));
     }
 
     #[test]

@@ -14,12 +14,12 @@ use ipnetwork::Ipv4Network;
 use crate::datapath::xdp::{MeshPort, MeshTable};
 use crate::datapath::{LbTable, SandboxLb};
 use crate::ipam;
-use crate::mesh_return::{self, MeshSource, SandboxReturn, TaskReturn};
+use crate::mesh_return::{MeshSource, TaskReturn};
 use crate::model::{Driver, Endpoint, Network, PortSpec, Protocol, PublishMode, Task, GWBRIDGE};
 use crate::naming::{self, GWBRIDGE_IF, SANDBOX_BRIDGE};
 use crate::netlink::Peer;
 use crate::netns::{self, Netns};
-use crate::nftables::{BridgeRules, MeshZones, PortGuard, PortRule, Ruleset, SandboxGuards};
+use crate::nftables::{BridgeRules, MeshSandbox, PortGuard, PortRule, Ruleset, SandboxGuards};
 use crate::state::{State, INGRESS};
 
 /// This node's fixed settings, from the daemon's command line.
@@ -93,8 +93,6 @@ pub struct IngressPlan {
     /// leftovers arrive.
     pub local_address: Ipv4Addr,
     pub rules: Ruleset,
-    /// The sandbox's routes and rules of the mesh's way back.
-    pub mesh_return: SandboxReturn,
 }
 
 /// What nothing may sweep: endpoint links per namespace, sandboxes, bridges.
@@ -199,32 +197,18 @@ pub struct GoneEndpoint {
 }
 
 /// What went between two states: the endpoints of tasks, and the ingress nodes whose
-/// lease ended (their ingress addresses, and the mark their flows carry in this node's
-/// ingress sandbox).
+/// lease ended (their ingress addresses).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gone {
     pub endpoints: BTreeSet<GoneEndpoint>,
     pub nodes: BTreeSet<Ipv4Addr>,
-    pub node_marks: BTreeSet<u32>,
 }
 
 impl Gone {
     pub fn between(prev: &State, next: &State) -> Gone {
-        let nodes = gone_ingress_nodes(prev, next);
-        let node_marks = prev
-            .ingress()
-            .map(|net| {
-                nodes
-                    .iter()
-                    .filter_map(|a| mesh_return::node_id(net.subnet, *a))
-                    .map(mesh_return::mark)
-                    .collect()
-            })
-            .unwrap_or_default();
         Gone {
             endpoints: gone_endpoints(prev, next),
-            nodes,
-            node_marks,
+            nodes: gone_ingress_nodes(prev, next),
         }
     }
 }
@@ -365,26 +349,22 @@ impl NodePlan {
             })
             .collect();
         let tasks: Vec<TaskPlan> = local.iter().map(|t| task_plan(st, cfg, t)).collect();
-        let ingress = ingress_net.map(|net| {
-            let (mesh_return, mesh_zones) = sandbox_return(st, cfg, net);
-            IngressPlan {
-                network: net.clone(),
-                sandbox: ingress_sandbox_task(st, cfg, net).map(|t| task_plan(st, cfg, &t)),
-                local_address: ipam::ingress_sbox_local_address(cfg.gwbridge_subnet),
-                rules: Ruleset {
-                    ports: ingress_ports(
-                        st,
-                        Some((node, ipam::ingress_sbox_local_address(cfg.gwbridge_subnet))),
-                    ),
-                    masquerade_out: match cfg.mesh_source {
-                        MeshSource::Snat => vec![ISBOX_INGRESS_IF.into()],
-                        MeshSource::Client => vec![],
-                    },
-                    mesh_zones,
-                    ..Default::default()
+        let ingress = ingress_net.map(|net| IngressPlan {
+            network: net.clone(),
+            sandbox: ingress_sandbox_task(st, cfg, net).map(|t| task_plan(st, cfg, &t)),
+            local_address: ipam::ingress_sbox_local_address(cfg.gwbridge_subnet),
+            rules: Ruleset {
+                ports: ingress_ports(
+                    st,
+                    Some((node, ipam::ingress_sbox_local_address(cfg.gwbridge_subnet))),
+                ),
+                masquerade_out: match cfg.mesh_source {
+                    MeshSource::Snat => vec![ISBOX_INGRESS_IF.into()],
+                    MeshSource::Client => vec![],
                 },
-                mesh_return,
-            }
+                mesh_sandbox: mesh_sandbox(st, cfg, net),
+                ..Default::default()
+            },
         });
         let mesh = ingress
             .as_ref()
@@ -557,7 +537,7 @@ impl NodePlan {
             vxlan_members: self.vxlan_members.clone(),
             tasks_reach_node: self.cfg.tasks_reach_node,
             protected: self.cfg.protected.clone(),
-            mesh_zones: None,
+            mesh_sandbox: None,
             gwbridge: self.gwbridge.then(|| BridgeRules {
                 ifname: GWBRIDGE_IF.into(),
                 subnet: gw,
@@ -749,22 +729,10 @@ fn task_return(st: &State, cfg: &NodeConfig, t: &Task) -> Option<TaskReturn> {
     })
 }
 
-/// The ingress sandbox's share of the way back, and the zone and mark rules of its
-/// ruleset: the other live nodes (with their ids and sandbox MACs), and in client mode
-/// the published tasks elsewhere with their node's sandbox.
-fn sandbox_return(
-    st: &State,
-    cfg: &NodeConfig,
-    net: &Network,
-) -> (SandboxReturn, Option<MeshZones>) {
-    let own = own_sandbox_address(st, cfg, net);
-    let addrs = st.lb_addrs.get(&net.id);
-    let nodes: Vec<(Ipv4Addr, u16)> = addrs
-        .into_iter()
-        .flat_map(|m| m.iter())
-        .filter(|(n, _)| n.as_str() != cfg.name && st.node_alive(n))
-        .filter_map(|(_, a)| Some((*a, mesh_return::node_id(net.subnet, *a)?)))
-        .collect();
+/// The ingress sandbox's guards for the mesh (once it has its address): what may leave
+/// it towards the node (the local published tasks' own flows).
+fn mesh_sandbox(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshSandbox> {
+    own_sandbox_address(st, cfg, net)?;
     let mut local_tasks = vec![];
     for (_, backends) in ingress_backends(st) {
         local_tasks.extend(
@@ -776,17 +744,11 @@ fn sandbox_return(
     }
     local_tasks.sort_unstable();
     local_tasks.dedup();
-    let zones = own.map(|_| MeshZones {
+    Some(MeshSandbox {
         ifname: ISBOX_INGRESS_IF.into(),
         egress_if: naming::INGRESS_SBOX_GWBRIDGE_IF.into(),
-        subnet: net.subnet,
         local_tasks,
-        nodes: nodes
-            .iter()
-            .map(|(a, id)| (crate::model::format_mac(&crate::model::mac_for_ip(*a)), *id))
-            .collect(),
-    });
-    (SandboxReturn { nodes }, zones)
+    })
 }
 
 fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> {
@@ -1248,7 +1210,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn an_ingress_node_whose_lease_ended_leaves_its_flow_mark() {
+    fn an_ingress_node_whose_lease_ended_is_gone_by_its_ingress_address() {
         let mut before = two_nodes();
         let ingress = network(INGRESS, "i1", Driver::Overlay, "198.19.255.0/24");
         before.networks.insert(INGRESS.into(), ingress);
@@ -1256,20 +1218,17 @@ pub(crate) mod tests {
         lb.insert("n1".to_string(), "198.19.255.201".parse().unwrap());
         lb.insert("n2".to_string(), "198.19.255.202".parse().unwrap());
         before.lb_addrs.insert("i1".into(), lb);
-        assert!(Gone::between(&before, &before.clone())
-            .node_marks
-            .is_empty());
+        assert!(Gone::between(&before, &before.clone()).nodes.is_empty());
         let mut after = before.clone();
         after.alive.remove("n2");
-        // n2's id is its address's offset in the ingress subnet.
+        // Its sandbox's address: the MAC its flows arrive from on other nodes.
         let gone = Gone::between(&before, &after);
-        assert_eq!(gone.node_marks, BTreeSet::from([mesh_return::mark(202)]));
         assert_eq!(
             gone.nodes,
             BTreeSet::from(["198.19.255.202".parse().unwrap()])
         );
         // Back again: nothing goes.
-        assert!(Gone::between(&after, &before).node_marks.is_empty());
+        assert!(Gone::between(&after, &before).nodes.is_empty());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use super::ebpf::take_map;
 
 const ROOT: &str = "/sys/fs/bpf/netd-mesh";
 /// The filters' place on a port: one of netd's per direction, replaced in place.
-const PRIORITY: u16 = 1;
+const PRIORITY: u16 = TaskPorts::PRIORITY;
 const HANDLE: u16 = 1;
 /// A closed TCP flow (FIN or RST seen) is forgotten this long after its last packet.
 const CLOSED_IDLE: Duration = Duration::from_secs(60);
@@ -71,11 +71,15 @@ struct Loaded {
     ports: HashMap<MapData, ReturnOrigin, u32>,
     stats: PerCpuArray<MapData, u64>,
     config: Option<ReturnConfig>,
+    /// The maps were made by this load (none was pinned): a program found on a port
+    /// runs on other maps, whatever its code, and is replaced.
+    fresh: bool,
 }
 
 impl Loaded {
     fn load(dir: &std::path::Path) -> Result<Self> {
         netd_ebpf::ensure_bpffs()?;
+        let fresh = !dir.join("netd_return_flows").exists();
         let mut obj = netd_ebpf::load_task_port(dir)
             .with_context(|| format!("load task_port with maps in {}", dir.display()))?;
         for name in [netd_ebpf::TASK_PORT_TO_TASK, netd_ebpf::TASK_PORT_FROM_TASK] {
@@ -95,21 +99,29 @@ impl Loaded {
             ports: take_map(&mut obj, "netd_return_ports")?,
             stats: take_map(&mut obj, "netd_return_stats")?,
             config,
+            fresh,
             obj,
         })
     }
 
     /// Puts both programs on port `ifname` of the calling thread's namespace, replacing
-    /// what netd's place there holds (an older netd's program).
-    fn attach(&mut self, ifname: &str) -> Result<()> {
+    /// what netd's place there holds (an older netd's program), except where it runs
+    /// the same code on these maps already (`tags`: ingress, egress, as the port's
+    /// filters report them); how many filters it wrote.
+    fn attach(&mut self, ifname: &str, tags: [Option<u64>; 2]) -> Result<u64> {
+        let mut written = 0;
         match tc::qdisc_add_clsact(ifname) {
             Ok(()) => {}
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e).with_context(|| format!("clsact qdisc on {ifname}")),
         }
-        for (name, direction) in [
-            (netd_ebpf::TASK_PORT_TO_TASK, TcAttachType::Egress),
-            (netd_ebpf::TASK_PORT_FROM_TASK, TcAttachType::Ingress),
+        for (name, direction, found) in [
+            (netd_ebpf::TASK_PORT_TO_TASK, TcAttachType::Egress, tags[1]),
+            (
+                netd_ebpf::TASK_PORT_FROM_TASK,
+                TcAttachType::Ingress,
+                tags[0],
+            ),
         ] {
             let prog: &mut SchedClassifier = self
                 .obj
@@ -117,6 +129,11 @@ impl Loaded {
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()
                 .with_context(|| name.to_string())?;
+            let ours = prog.info().with_context(|| format!("describe {name}"))?;
+            if !self.fresh && found == Some(ours.tag()) {
+                continue;
+            }
+            written += 1;
             let options = TcAttachOptions::Netlink(NlOptions {
                 priority: PRIORITY,
                 handle: TcHandle::new(0, HANDLE),
@@ -143,7 +160,7 @@ impl Loaded {
             let link = prog.take_link(id).context("the filter just attached")?;
             std::mem::forget(link);
         }
-        Ok(())
+        Ok(written)
     }
 
     fn configure(&mut self, subnet: Ipv4Network) -> Result<()> {
@@ -219,6 +236,9 @@ fn idle(proto: u8, f: &ReturnFlow, now: u64) -> bool {
 }
 
 impl TaskPorts {
+    /// The priority of netd's filters on a port.
+    pub const PRIORITY: u16 = 1;
+
     pub fn new(node: &str) -> Self {
         TaskPorts {
             dir: PathBuf::from(ROOT).join(node),
@@ -242,8 +262,16 @@ impl TaskPorts {
 
     /// Puts the way back on port `ifname` of a published task, in the calling thread's
     /// namespace (the ingress network's sandbox, named `ns`), for ingress network
-    /// `subnet`, unless this netd did already. Run it through `netns::run_in`.
-    pub fn attach(&self, ns: &str, ifname: &str, subnet: Ipv4Network) -> Result<()> {
+    /// `subnet`, unless this netd did already or the port runs the same code already
+    /// (`tags`, from [`crate::netlink::bpf_filter_tags`]: a restart changes nothing that
+    /// is right). Run it through `netns::run_in`.
+    pub fn attach(
+        &self,
+        ns: &str,
+        ifname: &str,
+        subnet: Ipv4Network,
+        tags: [Option<u64>; 2],
+    ) -> Result<()> {
         let name = std::ffi::CString::new(ifname).context("interface name")?;
         // SAFETY: `name` is a NUL-terminated string that outlives the call.
         let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -255,8 +283,8 @@ impl TaskPorts {
         self.with(|l, inner| {
             l.configure(subnet)?;
             if !inner.attached.contains(&key) {
-                l.attach(ifname)?;
-                crate::writes::count(crate::writes::Kind::Netlink, 2);
+                let written = l.attach(ifname, tags)?;
+                crate::writes::count(crate::writes::Kind::Netlink, written);
                 inner.attached.insert(key);
             }
             Ok(())

@@ -145,18 +145,6 @@ impl Firewall for KernelFirewall {
         Ok(n)
     }
 
-    async fn forget_marked_flows(&self, ns: &Netns, marks: Vec<u32>) -> Result<u64> {
-        let n = netns::run_in(ns, move || {
-            marks
-                .iter()
-                .map(|m| conntrack::forget_marked(*m))
-                .sum::<Result<u64>>()
-        })
-        .await?;
-        self.flows_removed.fetch_add(n, Ordering::Relaxed);
-        Ok(n)
-    }
-
     async fn forget_flows_except(
         &self,
         ns: &Netns,

@@ -210,15 +210,6 @@ impl Links for KernelLinks {
             &namespaces,
             self.ensure_ingress_sandbox(i, t),
         )
-        .await?;
-        // Apart from the sandbox: remote tasks come and go far more often.
-        let isbox = [Netns::named(&naming::ingress_sbox_netns(&self.cfg.name))];
-        self.unless_done(
-            "mesh return".into(),
-            &i.mesh_return,
-            &[&isbox[0]],
-            self.ensure_mesh_return(i),
-        )
         .await
         .map(|_| ())
     }
@@ -381,14 +372,18 @@ impl KernelLinks {
         self.netlink
             .with(&Netns::named(&name), move |h| async move {
                 let eth1 = netlink::require_link(&h, naming::INGRESS_SBOX_GWBRIDGE_IF).await?;
-                netlink::ensure_address(&h, &eth1, local, prefix).await
+                netlink::ensure_address(&h, &eth1, local, prefix).await?;
+                // Older netds routed remote tasks' answers through here (tables and rules
+                // by node mark): an upgraded node has none.
+                netlink::ensure_rules(&h, mesh_return::PREFS, &[]).await?;
+                netlink::ensure_tables(&h, mesh_return::sandbox_table, &[]).await
             })
             .await?;
         netns::run_in(&Netns::named(&name), || {
             netns::write_sysctl("net.ipv4.ip_forward", "1")?;
-            // Mesh flows arrive from clients the sandbox routes elsewhere, and leave on
-            // the link they came in by (a remote task's flows pass through the
-            // sandbox of its node): neither may be refused or redirected.
+            // Mesh packets carry clients' addresses, which the sandbox routes by
+            // another leg than the one a task's answers arrive on: none may be refused
+            // (rp_filter) or answered with a redirect.
             for dev in ["all", "default", ISBOX_INGRESS_IF] {
                 netns::write_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
                 netns::write_sysctl(&format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
@@ -396,22 +391,6 @@ impl KernelLinks {
             Ok(())
         })
         .await
-    }
-
-    /// The ingress sandbox's tables and rules of the mesh's way back (one route dump for
-    /// all its tables; a gone node's table is emptied).
-    async fn ensure_mesh_return(&self, i: &IngressPlan) -> Result<()> {
-        let back = i.mesh_return.clone();
-        let name = naming::ingress_sbox_netns(&self.cfg.name);
-        self.netlink
-            .with(&Netns::named(&name), move |h| async move {
-                let eth0 = netlink::require_link(&h, ISBOX_INGRESS_IF).await?;
-                let tables = back.tables(eth0.index);
-                netlink::ensure_tables(&h, mesh_return::sandbox_table, &tables).await?;
-                netlink::ensure_rules(&h, mesh_return::PREFS, &back.rules()).await?;
-                Ok(())
-            })
-            .await
     }
 
     async fn ensure_swept(&self, w: &Wanted) -> Result<()> {
@@ -486,7 +465,15 @@ impl KernelLinks {
                 let (ports, port, subnet) =
                     (self.ports.clone(), naming::endpoint_if(&ep.id), back.subnet);
                 let ns = format!("{:?}", a.parent);
-                netns::run_in(&a.parent, move || ports.attach(&ns, &port, subnet)).await?;
+                let name = port.clone();
+                let tags = self
+                    .netlink
+                    .with(&a.parent, move |h| async move {
+                        let link = netlink::require_link(&h, &name).await?;
+                        netlink::bpf_filter_tags(&h, link.index, TaskPorts::PRIORITY).await
+                    })
+                    .await?;
+                netns::run_in(&a.parent, move || ports.attach(&ns, &port, subnet, tags)).await?;
             }
         }
         let endpoints = task.endpoints.clone();

@@ -98,11 +98,6 @@ pub trait Firewall: Send + Sync {
     async fn forget_flows(&self, _ns: &Netns, _to: Vec<Ipv4Addr>) -> Result<u64> {
         Ok(0)
     }
-    /// Deletes the tracked flows of `ns` that carry one of `marks` (brought by ingress
-    /// nodes whose lease ended); how many.
-    async fn forget_marked_flows(&self, _ns: &Netns, _marks: Vec<u32>) -> Result<u64> {
-        Ok(0)
-    }
     /// Deletes the tracked flows of `ns` translated to an address of `within` that is not
     /// in `keep` (after a restart: the tasks that went while no netd watched); how many.
     async fn forget_flows_except(
@@ -782,10 +777,6 @@ impl Reconciler {
             let to = to(INGRESS, None);
             if !to.is_empty() {
                 fw.forget_flows(&ns, to).await?;
-            }
-            if !gone.node_marks.is_empty() {
-                let marks = gone.node_marks.iter().copied().collect();
-                fw.forget_marked_flows(&ns, marks).await?;
             }
         }
         if let Some(ports) = &self.appliers.way_back {
