@@ -73,11 +73,11 @@ fn per_connection_us(rate: f64, base: f64) -> f64 {
     (1.0 / rate.max(1e-9) - 1.0 / base.max(1e-9)) * 1e6
 }
 
-/// What the ingress nodes' `netd status` says of their mesh, for a run that failed on
-/// `label`.
+/// What the nodes' `netd status` says of their mesh (the ingress nodes' paths, the task
+/// nodes' way back), for a run that failed on `label`.
 fn mesh_state(lab: &Lab, label: &str) -> String {
-    let mut out = format!("{label} failed; the ingress nodes' routing mesh:");
-    for i in 2..lab.nodes.len() {
+    let mut out = format!("{label} failed; the nodes' routing mesh:");
+    for i in 0..lab.nodes.len() {
         let mesh = lab
             .cli_json(i, &["status"])
             .map(|s| s["routing_mesh"].to_string())

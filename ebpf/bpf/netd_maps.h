@@ -251,11 +251,24 @@ struct netd_return_origin {
 	__u8 pad;
 };
 
+/* The later fragments of a task's fragmented answer (netd_return_frags), by the IP
+ * header fields that tie them to the first one, which carried the ports. */
+struct netd_return_frag_key {
+	__u32 src;
+	__u32 dst;
+	__u16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
 /* Counters of the way back (per-CPU array of __u64, indexed by these). */
 #define NETD_RETURN_RECORDED 0 /* flows remembered (their first packet to the task) */
 #define NETD_RETURN_REMAPPED 1 /* of them, flows given another client port (a clash) */
 #define NETD_RETURN_RETURNED 2 /* answers sent to the node that brought their flow */
 #define NETD_RETURN_NO_PORT 3  /* new flows dropped: no free port for a clash */
-#define NETD_RETURN_COUNTERS 4
+/* TCP packets, not a SYN, of a flow the port does not know whose key another flow
+ * holds: dropped (the task has no such connection; it would only answer with a reset) */
+#define NETD_RETURN_STRAY 4
+#define NETD_RETURN_COUNTERS 5
 
 #endif

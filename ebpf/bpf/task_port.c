@@ -23,8 +23,12 @@
  * the client's own port back on their way out: the address is always kept, the port
  * changes only when it must.
  *
+ * Fragments: the first carries the ports and is handled like a whole packet; a task's
+ * fragmented answer leaves the flow's MAC for its later fragments (netd_return_frags,
+ * by IP id), which get it too.
+ *
  * What is not a client's passes untouched: frames from an address on the ingress network
- * (a node's, under SNAT), anything but IPv4 TCP and UDP without IP options, fragments.
+ * (a node's, under SNAT), anything but IPv4 TCP and UDP without IP options.
  * An answer of no remembered flow goes where the task sent it (its node's ingress
  * sandbox: flows its own node took). netd sweeps idle and closed flows, and a task's or
  * a node's flows when it goes (datapath/task_port.rs). */
@@ -75,6 +79,15 @@ struct {
 	__type(value, __u32); /* the port the task sees (network byte order) */
 } netd_return_ports SEC(".maps");
 
+/* A task's fragmented answer: the flow's MAC for the fragments after the first. */
+struct {
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct netd_return_frag_key);
+	__type(value, struct netd_return_flow);
+} netd_return_frags SEC(".maps");
+
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -92,6 +105,16 @@ struct packet {
 	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
+	__be16 id;   /* the IP id, which ties fragments together */
+	__u8 first;  /* the first fragment of a fragmented packet */
+	__u8 pad;
+};
+
+/* What parse() found. */
+enum kind {
+	OTHER,    /* not the way back's: passes untouched */
+	PORTS,    /* TCP or UDP with its ports: a whole packet or the first fragment */
+	FRAGMENT, /* a later fragment: addresses and id only */
 };
 
 #define TCP_FIN 0x01
@@ -107,8 +130,8 @@ static __always_inline void count(__u32 which)
 		*c += 1;
 }
 
-/* Reads the frame into `p`: 1 for IPv4 TCP or UDP without options, not a fragment. */
-static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+/* Reads the frame into `p` (see enum kind): IPv4 TCP or UDP without options. */
+static __always_inline enum kind parse(struct __sk_buff *skb, struct packet *p)
 {
 	/* The TCP header up to its flags byte (13), or a UDP header: 14 bytes past L4. */
 	__u32 need = L4_OFF + 14;
@@ -119,10 +142,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 	__u8 *l4;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return 0;
+		return OTHER;
 	if (data + need > end) {
-		/* Headers not in the linear part (or a short UDP datagram: then the pull
-		 * fails and the L4 check below decides). */
+		/* Headers not in the linear part (or a short packet: then the pull fails
+		 * and the checks below decide). */
 		bpf_skb_pull_data(skb, need);
 		data = (void *)(long)skb->data;
 		end = (void *)(long)skb->data_end;
@@ -130,26 +153,31 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 	eth = data;
 	ip = data + L3_OFF;
 	l4 = data + L4_OFF;
-	if ((void *)(l4 + sizeof(struct udphdr)) > end)
-		return 0;
-	if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
-		return 0;
-	if (ip->protocol == IPPROTO_TCP) {
-		if ((void *)(l4 + 14) > end)
-			return 0;
-		p->tcp_flags = l4[13];
-	} else if (ip->protocol != IPPROTO_UDP) {
-		return 0;
-	} else {
-		p->tcp_flags = 0;
-	}
+	if ((void *)l4 > end)
+		return OTHER;
+	if (ip->version != 4 || ip->ihl != 5 ||
+	    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+		return OTHER;
 	__builtin_memcpy(p->src_mac, eth->h_source, ETH_ALEN);
 	p->proto = ip->protocol;
 	p->saddr = ip->saddr;
 	p->daddr = ip->daddr;
+	p->id = ip->id;
+	p->tcp_flags = 0;
+	/* Fragment offset (low 13 bits) and "more fragments" (0x2000). */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return FRAGMENT;
+	p->first = (ip->frag_off & bpf_htons(0x2000)) != 0;
+	if ((void *)(l4 + sizeof(struct udphdr)) > end)
+		return OTHER;
+	if (ip->protocol == IPPROTO_TCP) {
+		if ((void *)(l4 + 14) > end)
+			return OTHER;
+		p->tcp_flags = l4[13];
+	}
 	p->sport = ((__be16 *)l4)[0];
 	p->dport = ((__be16 *)l4)[1];
-	return 1;
+	return PORTS;
 }
 
 /* Rewrites the port at `off` (SPORT_OFF or DPORT_OFF) from `from` to `to`, and the L4
@@ -235,7 +263,8 @@ int netd_to_task(struct __sk_buff *skb)
 	struct packet p;
 	__u32 *port;
 
-	if (!cfg || !cfg->mask || !parse(skb, &p))
+	/* A client's later fragments need nothing: the first one carried the flow. */
+	if (!cfg || !cfg->mask || parse(skb, &p) != PORTS)
 		return TC_ACT_OK;
 	/* From the ingress network itself: a node's address (SNAT), no client's. */
 	if (!((p.saddr ^ cfg->net) & cfg->mask))
@@ -264,37 +293,69 @@ int netd_to_task(struct __sk_buff *skb)
 		bpf_map_delete_elem(&netd_return_ports, &o);
 		k.dport = p.sport;
 	}
-	f = bpf_map_lookup_elem(&netd_return_flows, &k);
-	if (f && same_flow(f, &p)) {
-		touch(f, &p);
-		return TC_ACT_OK;
-	}
 	__builtin_memcpy(nf.mac, p.src_mac, ETH_ALEN);
 	nf.port = p.sport;
 	nf.seen = bpf_ktime_get_ns();
-	/* Another flow holds the key: a clash, unless that one is closed and this is a new
-	 * connection from the same client port (then it takes the key over). */
-	if (f && !((f->flags & NETD_RETURN_CLOSING) &&
-		   (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN))
-		return remap(skb, &p, &k, &nf);
-	if (bpf_map_update_elem(&netd_return_flows, &k, &nf, BPF_ANY) == 0)
-		count(NETD_RETURN_RECORDED);
+	f = bpf_map_lookup_elem(&netd_return_flows, &k);
+	if (!f) {
+		if (bpf_map_update_elem(&netd_return_flows, &k, &nf, BPF_NOEXIST) == 0) {
+			count(NETD_RETURN_RECORDED);
+			return TC_ACT_OK;
+		}
+		/* Another CPU remembered a flow under this key meanwhile: this one, or a
+		 * clash. */
+		f = bpf_map_lookup_elem(&netd_return_flows, &k);
+		if (!f)
+			return TC_ACT_OK;
+	}
+	if (same_flow(f, &p)) {
+		touch(f, &p);
+		return TC_ACT_OK;
+	}
+	/* Another flow holds the key: a clash. Only a new connection gets a port of its own;
+	 * any other TCP packet is of a flow the task does not have. */
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN) {
+		count(NETD_RETURN_STRAY);
+		return TC_ACT_SHOT;
+	}
+	return remap(skb, &p, &k, &nf);
+}
+
+/* Sends the frame to MAC `mac`: the Ethernet destination is its first bytes. */
+static __always_inline int send_to(struct __sk_buff *skb, __u8 *mac)
+{
+	if (bpf_skb_store_bytes(skb, 0, mac, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	count(NETD_RETURN_RETURNED);
 	return TC_ACT_OK;
 }
 
 /* A frame from the task: an answer of a remembered flow goes to the sandbox that brought
- * the flow, with the client's own port. */
+ * the flow, with the client's own port; a fragmented one's later fragments follow its
+ * first. */
 SEC("classifier")
 int netd_from_task(struct __sk_buff *skb)
 {
+	struct netd_return_frag_key fk = {};
 	struct netd_flow_tuple k = {};
 	struct netd_return_flow *f;
+	struct netd_return_flow copy;
 	struct packet p;
-	__u8 mac[ETH_ALEN];
-	__be16 port;
+	enum kind kind = parse(skb, &p);
 
-	if (!parse(skb, &p))
+	if (kind == OTHER)
 		return TC_ACT_OK;
+	fk.src = p.saddr;
+	fk.dst = p.daddr;
+	fk.id = p.id;
+	fk.proto = p.proto;
+	if (kind == FRAGMENT) {
+		f = bpf_map_lookup_elem(&netd_return_frags, &fk);
+		if (!f)
+			return TC_ACT_OK;
+		copy = *f;
+		return send_to(skb, copy.mac);
+	}
 	k.src = p.saddr;
 	k.dst = p.daddr;
 	k.sport = p.sport;
@@ -304,15 +365,12 @@ int netd_from_task(struct __sk_buff *skb)
 	if (!f)
 		return TC_ACT_OK;
 	touch(f, &p);
-	__builtin_memcpy(mac, f->mac, ETH_ALEN);
-	port = f->port;
-	/* The Ethernet destination: the frame's first bytes. */
-	if (bpf_skb_store_bytes(skb, 0, mac, ETH_ALEN, 0))
+	copy = *f;
+	if (p.first)
+		bpf_map_update_elem(&netd_return_frags, &fk, &copy, BPF_ANY);
+	if (copy.port != p.dport && set_port(skb, &p, DPORT_OFF, p.dport, copy.port))
 		return TC_ACT_SHOT;
-	if (port != p.dport && set_port(skb, &p, DPORT_OFF, p.dport, port))
-		return TC_ACT_SHOT;
-	count(NETD_RETURN_RETURNED);
-	return TC_ACT_OK;
+	return send_to(skb, copy.mac);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -142,7 +142,7 @@ fn seen_units(d: std::time::Duration) -> u32 {
 
 /// As [`load_ingress_xdp`], with `options`.
 pub fn load_ingress_xdp_with(pin_dir: &Path, options: &IngressOptions) -> Result<Ebpf, EbpfError> {
-    unpin_reshaped(pin_dir)?;
+    unpin_reshaped(pin_dir, INGRESS_XDP_RESHAPED)?;
     // Older netds' map of each node's ingress address: the task's port answers now.
     let retired = pin_dir.join("netd_mesh_vias");
     if retired.exists() {
@@ -177,8 +177,20 @@ pub const TASK_PORT_FROM_TASK: &str = "netd_from_task";
 /// Loads [`TASK_PORT`] with its maps pinned by name in `pin_dir`, as [`load_sock_lb`]
 /// does: a restarted netd finds the flows it remembered.
 pub fn load_task_port(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
+    unpin_reshaped(pin_dir, TASK_PORT_RESHAPED)?;
     load_pinned(&mut EbpfLoader::new(), TASK_PORT, pin_dir)
 }
+
+/// As [`INGRESS_XDP_RESHAPED`], for [`TASK_PORT`].
+const TASK_PORT_RESHAPED: &[(&str, usize, usize, u32)] = &[
+    // 4 counters before stray.
+    (
+        "netd_return_stats",
+        std::mem::size_of::<u32>(),
+        std::mem::size_of::<u64>(),
+        maps::RETURN_COUNTERS,
+    ),
+];
 
 /// Maps of [`INGRESS_XDP`] whose shape changed since an older netd could have pinned
 /// them, with what this version needs: (name, key size, value size, least entries). aya
@@ -227,11 +239,11 @@ const INGRESS_XDP_RESHAPED: &[(&str, usize, usize, u32)] = &[
     ),
 ];
 
-/// Removes the pins in `pin_dir` of maps [`INGRESS_XDP_RESHAPED`] finds in an older
-/// shape, so that loading makes them afresh: what they held (flows, counters) is lost,
-/// and a program still attached keeps the maps it has.
-fn unpin_reshaped(pin_dir: &Path) -> Result<(), EbpfError> {
-    for (name, key_size, value_size, min_entries) in INGRESS_XDP_RESHAPED {
+/// Removes the pins in `pin_dir` of maps `reshaped` ([`INGRESS_XDP_RESHAPED`]) finds in
+/// an older shape, so that loading makes them afresh: what they held (flows, counters)
+/// is lost, and a program still attached keeps the maps it has.
+fn unpin_reshaped(pin_dir: &Path, reshaped: &[(&str, usize, usize, u32)]) -> Result<(), EbpfError> {
+    for (name, key_size, value_size, min_entries) in reshaped {
         let pin = pin_dir.join(name);
         if !pin.exists() {
             continue;

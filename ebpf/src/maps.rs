@@ -295,7 +295,25 @@ pub const RETURN_RECORDED: u32 = 0;
 pub const RETURN_REMAPPED: u32 = 1;
 pub const RETURN_RETURNED: u32 = 2;
 pub const RETURN_NO_PORT: u32 = 3;
-pub const RETURN_COUNTERS: u32 = 4;
+pub const RETURN_STRAY: u32 = 4;
+pub const RETURN_COUNTERS: u32 = 5;
+
+impl ReturnOrigin {
+    /// The `netd_return_ports` key of remembered flow `key` -> `flow` whose client port
+    /// the task sees as another one (`flow.port != key.dport`), as `task_port` makes it:
+    /// by what arrives (the client's own port, the sending sandbox's MAC).
+    pub fn of(key: &FlowTuple, flow: &ReturnFlow) -> Self {
+        ReturnOrigin {
+            client: key.dst,
+            task: key.src,
+            client_port: flow.port,
+            task_port: key.sport,
+            mac: flow.mac,
+            proto: key.proto,
+            pad: 0,
+        }
+    }
+}
 
 unsafe impl aya::Pod for ReturnConfig {}
 unsafe impl aya::Pod for ReturnFlow {}

@@ -16,8 +16,8 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, TestRun, TestRunOptions};
 use netd_ebpf::maps::{
-    FlowTuple, ReturnConfig, ReturnFlow, RETURN_CLOSING, RETURN_NO_PORT, RETURN_RECORDED,
-    RETURN_REMAPPED, RETURN_RETURNED,
+    FlowTuple, ReturnConfig, ReturnFlow, ReturnOrigin, RETURN_CLOSING, RETURN_NO_PORT,
+    RETURN_RECORDED, RETURN_REMAPPED, RETURN_RETURNED, RETURN_STRAY,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -340,24 +340,72 @@ fn one_client_port_through_two_nodes_is_two_flows_to_the_task() {
 }
 
 #[test]
-fn a_closed_flow_gives_its_port_to_the_next_connection() {
-    let p = port("closed");
+fn a_client_port_reused_through_another_node_gets_a_port_of_its_own() {
+    let p = port("reused");
     let client = (CLIENT, 40000);
     p.reaching_task(&frame(&arriving(SANDBOX_A, client, SYN, None)));
     p.reaching_task(&frame(&arriving(SANDBOX_A, client, FIN | ACK, None)));
     let closing: Vec<_> = p.flows().into_iter().map(|(_, f)| f.flags).collect();
     assert_eq!(closing, vec![RETURN_CLOSING]);
-    // The client reuses its port through node C: a new connection, no clash.
-    let syn = frame(&arriving(SANDBOX_C, client, SYN, None));
+    // The client reuses its port through node A: the same flow, open again.
+    let syn = frame(&arriving(SANDBOX_A, client, SYN, None));
     assert_eq!(p.reaching_task(&syn), (TC_ACT_OK, syn));
-    let (_, back) = p.leaving_task(&frame(&answer(client, SYN | ACK, None)));
-    assert_eq!(&back[0..6], &mac_of(SANDBOX_C));
-    let flows = p.flows();
-    assert_eq!(flows.len(), 1);
-    assert_eq!(flows[0].1.flags, 0, "open again");
-    // But a packet of an open flow from another node, not a SYN, is a clash.
-    let (_, out) = p.reaching_task(&frame(&arriving(SANDBOX_A, client, ACK, None)));
-    assert!(u16_at(&out, L4) >= 32768);
+    assert_eq!(p.flows()[0].1.flags, 0, "open again");
+    p.reaching_task(&frame(&arriving(SANDBOX_A, client, FIN | ACK, None)));
+    // Through node C, while the task may still hold the old connection (TIME_WAIT): a
+    // port of its own, and the port map says where it came from.
+    let (_, out) = p.reaching_task(&frame(&arriving(SANDBOX_C, client, SYN, None)));
+    let seen = u16_at(&out, L4);
+    assert!(seen >= 32768);
+    let ports: HashMap<&MapData, ReturnOrigin, u32> =
+        HashMap::try_from(p.obj.map("netd_return_ports").expect("ports")).expect("hash");
+    let (k, f) = p
+        .flows()
+        .into_iter()
+        .find(|(k, _)| u16::from_be(k.dport) == seen)
+        .expect("the remapped flow");
+    assert_eq!(
+        ports.get(&ReturnOrigin::of(&k, &f), 0).ok(),
+        Some(u32::from(seen.to_be())),
+        "netd finds a remapped flow's port entry from the flow (ReturnOrigin::of)"
+    );
+    // A packet of an open flow from another node, not a SYN: the task has no such
+    // connection; dropped, not given a port.
+    let stray = frame(&arriving(SANDBOX_C, (CLIENT, 40001), ACK, None));
+    p.reaching_task(&frame(&arriving(SANDBOX_A, (CLIENT, 40001), SYN, None)));
+    assert_eq!(p.reaching_task(&stray).0, TC_ACT_SHOT);
+    assert_eq!(p.stat(RETURN_STRAY), 1);
+}
+
+#[test]
+fn a_fragmented_answer_goes_back_whole() {
+    let p = port("fragments");
+    let client = (CLIENT, 40000);
+    p.reaching_task(&frame(&arriving(SANDBOX_A, client, 0, Some(true))));
+    let whole = frame(&answer(client, 0, Some(true)));
+    // The first fragment: "more fragments", offset 0 (the checksum is not re-made: the
+    // program does not read it).
+    let mut first = whole.clone();
+    first[ETH + 6] = 0x20;
+    let (verdict, out) = p.leaving_task(&first);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[0..6], &mac_of(SANDBOX_A));
+    // A later fragment (offset 8 bytes, same id): no ports, the same way back.
+    let mut later = whole[..L4].to_vec();
+    later[ETH + 6] = 0x00;
+    later[ETH + 7] = 0x01;
+    later.extend_from_slice(b"fragment");
+    let (verdict, out) = p.leaving_task(&later);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        &out[0..6],
+        &mac_of(SANDBOX_A),
+        "the later fragment follows the first"
+    );
+    // Another datagram's later fragment (another id) is not the flow's.
+    let mut other = later.clone();
+    other[ETH + 4] ^= 0xff;
+    assert_eq!(p.leaving_task(&other), (TC_ACT_OK, other.clone()));
 }
 
 #[test]
@@ -377,13 +425,14 @@ fn what_is_no_clients_flow_passes_untouched() {
     options[ETH] = 0x46;
     let mut fragment = base.clone();
     fragment[ETH + 6] = 0x20;
+    fragment[ETH + 7] = 0x01;
     let mut arp = base.clone();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let short = base[..L4 + 6].to_vec();
     for (what, f) in [
         ("ICMP", icmp),
         ("IP options", options),
-        ("a fragment", fragment),
+        ("a later fragment", fragment),
         ("ARP", arp),
         ("a cut TCP header", short),
     ] {

@@ -899,12 +899,6 @@ fn check_wrapped(input: &[u8], out: &[u8], what: &str) -> Flow {
         "inner source MAC: {}",
         ctx()
     );
-    assert_eq!(
-        &inner[6..12],
-        &mac_of(INGRESS),
-        "inner source MAC: {}",
-        ctx()
-    );
     assert_eq!(ip_at(inner, ETH + 12), seen, "inner source: {}", ctx());
     assert!(
         well_formed_ip(inner, ETH).is_some(),

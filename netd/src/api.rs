@@ -215,7 +215,7 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
             "xdp": d.reconciler.xdp_status(),
             // The eBPF program on published tasks' ports that sends each flow's answers
             // back to the node that took it (flows, counters, removals).
-            "way_back": d.reconciler.way_back_status(),
+            "way_back": d.reconciler.way_back_status().await,
             // Packets from the gwbridge with a source not of it: the backstop that no
             // client-addressed packet leaves the node unencapsulated (0 unless a fault).
             "foreign_source_dropped": d.reconciler.mesh_foreign_src_dropped().await,

@@ -871,6 +871,19 @@ fn lost_node_and_host_mode(tag: &str, xdp: &str) -> Result<()> {
     if tracked(&lab)? == 0 {
         bail!("n1 remembers no flow brought by n3 ({n3_sandbox}) while one is held");
     }
+    // And it goes straight to the task: n1's ingress sandbox never sees it.
+    let isbox_n1 = format!("netd-{}-isbox", lab.nodes[0].name);
+    let held_port = format!("sport={}", held.local_addr()?.port());
+    let listing = lab
+        .exec_in(&isbox_n1, &["conntrack", "-L"])
+        .context("conntrack -L (Debian package conntrack)")?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    if let Some(l) = listing
+        .lines()
+        .find(|l| l.split_whitespace().any(|w| w == held_port))
+    {
+        bail!("the flow through n3 passed n1's ingress sandbox: {l}");
+    }
     let removed = |lab: &Lab| -> Result<u64> {
         let f = &lab.cli_json(0, &["status"])?["routing_mesh"]["way_back"];
         Ok(f["removed"].as_u64().unwrap_or(0))

@@ -26,7 +26,7 @@ use aya::Ebpf;
 use ipnetwork::Ipv4Network;
 use netd_ebpf::maps::{
     FlowTuple, ReturnConfig, ReturnFlow, ReturnOrigin, RETURN_CLOSING, RETURN_NO_PORT,
-    RETURN_RECORDED, RETURN_REMAPPED, RETURN_RETURNED,
+    RETURN_RECORDED, RETURN_REMAPPED, RETURN_RETURNED, RETURN_STRAY,
 };
 use serde_json::{json, Value};
 
@@ -59,8 +59,9 @@ struct Inner {
     removed: u64,
     expired: u64,
     last_sweep: Option<Instant>,
-    /// The ports this netd put the programs on: (namespace, name, index). A port made
-    /// anew (another index) gets them again; one already done is not touched.
+    /// The ports this netd put the programs on: (namespace, name, index). Only asked
+    /// when the maps are new (a port that runs the same code may run it on the maps
+    /// before, unless this netd put it there).
     attached: std::collections::HashSet<(String, String, u32)>,
 }
 
@@ -107,8 +108,8 @@ impl Loaded {
     /// Puts both programs on port `ifname` of the calling thread's namespace, replacing
     /// what netd's place there holds (an older netd's program), except where it runs
     /// the same code on these maps already (`tags`: ingress, egress, as the port's
-    /// filters report them); how many filters it wrote.
-    fn attach(&mut self, ifname: &str, tags: [Option<u64>; 2]) -> Result<u64> {
+    /// filters report them; `ours`: this netd put it there); how many filters it wrote.
+    fn attach(&mut self, ifname: &str, tags: [Option<u64>; 2], ours: bool) -> Result<u64> {
         let mut written = 0;
         match tc::qdisc_add_clsact(ifname) {
             Ok(()) => {}
@@ -129,8 +130,8 @@ impl Loaded {
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()
                 .with_context(|| name.to_string())?;
-            let ours = prog.info().with_context(|| format!("describe {name}"))?;
-            if !self.fresh && found == Some(ours.tag()) {
+            let loaded = prog.info().with_context(|| format!("describe {name}"))?;
+            if found == Some(loaded.tag()) && (!self.fresh || ours) {
                 continue;
             }
             written += 1;
@@ -175,7 +176,11 @@ impl Loaded {
         Ok(())
     }
 
-    /// Removes the flows `gone` picks (and their port remaps); how many.
+    /// Removes the flows `gone` picks (and their port remaps); how many. Each is read
+    /// again just before it goes: one a packet refreshed since the walk, or a new flow
+    /// that took its key, stays (no compare-and-delete in the kernel: this narrows the
+    /// window, a packet in between can still lose its entry, and the next one makes it
+    /// anew).
     fn remove(&mut self, gone: impl Fn(&FlowTuple, &ReturnFlow) -> bool) -> u64 {
         let stale: Vec<(FlowTuple, ReturnFlow)> = self
             .flows
@@ -185,20 +190,19 @@ impl Loaded {
             .collect();
         let mut removed = 0;
         for (k, f) in &stale {
+            if self.flows.get(k, 0).ok().as_ref() != Some(f) {
+                continue;
+            }
             if self.flows.remove(k).is_ok() {
                 removed += 1;
             }
             if f.port != k.dport {
-                let origin = ReturnOrigin {
-                    client: k.dst,
-                    task: k.src,
-                    client_port: f.port,
-                    task_port: k.sport,
-                    mac: f.mac,
-                    proto: k.proto,
-                    pad: 0,
-                };
-                let _ = self.ports.remove(&origin);
+                // Only if it still leads to this flow's port: a newer flow of the same
+                // origin may have another by now.
+                let origin = ReturnOrigin::of(k, f);
+                if self.ports.get(&origin, 0).ok() == Some(u32::from(k.dport)) {
+                    let _ = self.ports.remove(&origin);
+                }
             }
         }
         removed
@@ -262,9 +266,9 @@ impl TaskPorts {
 
     /// Puts the way back on port `ifname` of a published task, in the calling thread's
     /// namespace (the ingress network's sandbox, named `ns`), for ingress network
-    /// `subnet`, unless this netd did already or the port runs the same code already
-    /// (`tags`, from [`crate::netlink::bpf_filter_tags`]: a restart changes nothing that
-    /// is right). Run it through `netns::run_in`.
+    /// `subnet`, unless the port runs the same code on these maps already (`tags`, from
+    /// [`crate::netlink::bpf_filter_tags`]: a restart changes nothing that is right, a
+    /// filter removed behind netd's back comes back). Run it through `netns::run_in`.
     pub fn attach(
         &self,
         ns: &str,
@@ -282,9 +286,11 @@ impl TaskPorts {
         let key = (ns.to_string(), ifname.to_string(), index);
         self.with(|l, inner| {
             l.configure(subnet)?;
-            if !inner.attached.contains(&key) {
-                let written = l.attach(ifname, tags)?;
-                crate::writes::count(crate::writes::Kind::Netlink, written);
+            // Every time the port's part is checked: a filter removed behind netd's back
+            // comes back, one that runs this code is left alone.
+            let written = l.attach(ifname, tags, inner.attached.contains(&key))?;
+            crate::writes::count(crate::writes::Kind::Netlink, written);
+            if l.fresh {
                 inner.attached.insert(key);
             }
             Ok(())
@@ -371,6 +377,7 @@ impl TaskPorts {
                 "remapped": l.counter(RETURN_REMAPPED),
                 "returned": l.counter(RETURN_RETURNED),
                 "no_free_port": l.counter(RETURN_NO_PORT),
+                "stray": l.counter(RETURN_STRAY),
                 "removed": inner.removed,
                 "expired": inner.expired,
             }))

@@ -481,8 +481,8 @@ impl KernelLinks {
         let back = t.mesh_return.clone();
         // A task on the ingress network that has no way back planned (its node lacks an
         // ingress address, say) loses rules it had; the ingress sandbox (no service)
-        // keeps its own, which `ensure_mesh_return` writes. Other tasks never had any:
-        // no dump for them.
+        // has its old ones removed by `ensure_ingress_sandbox`. Other tasks never had
+        // any: no dump for them.
         let may_have_rules =
             !task.service.is_empty() && task.endpoints.iter().any(|e| e.network == INGRESS);
         self.netlink

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
@@ -666,10 +666,8 @@ impl Reconciler {
         if let Err(e) = self.forget_flows(&plan, st, isbox_up, gone).await {
             report.errors.push(format!("flows of gone tasks: {e:#}"));
         }
-        if let Some(Err(e)) = self.appliers.way_back.as_ref().map(|p| p.sweep()) {
-            report
-                .errors
-                .push(format!("idle flows of the way back: {e:#}"));
+        if let Err(e) = self.forget_way_back(st, gone).await {
+            report.errors.push(format!("flows of the way back: {e:#}"));
         }
         phases.end("flows");
 
@@ -751,17 +749,6 @@ impl Reconciler {
                             .flat_map(|m| m.values().copied()),
                     )
                     .collect();
-                if let Some(ports) = &self.appliers.way_back {
-                    let nodes = st
-                        .lb_addrs
-                        .get(&i.network.id)
-                        .into_iter()
-                        .flat_map(|m| m.iter())
-                        .filter(|(n, _)| st.node_alive(n))
-                        .map(|(_, a)| *a)
-                        .collect();
-                    ports.forget_except(&keep, &nodes)?;
-                }
                 fw.forget_flows_except(&ns, i.network.subnet, keep).await?;
             }
             return Ok(());
@@ -779,10 +766,6 @@ impl Reconciler {
                 fw.forget_flows(&ns, to).await?;
             }
         }
-        if let Some(ports) = &self.appliers.way_back {
-            let tasks = to(INGRESS, None).into_iter().collect();
-            ports.forget(&tasks, &gone.nodes)?;
-        }
         let host = to(crate::model::GWBRIDGE, Some(&self.cfg.name));
         if !host.is_empty() {
             fw.forget_flows(&Netns::Home, host).await?;
@@ -790,12 +773,59 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The way back's flows that went with their task or node (with no step before, a
+    /// restart: those of tasks and nodes that are no more), and its idle ones: walks of
+    /// its maps, off the async workers.
+    async fn forget_way_back(&self, st: &State, gone: Option<&Gone>) -> Result<()> {
+        let Some(ports) = self.appliers.way_back.clone() else {
+            return Ok(());
+        };
+        let Some(net) = st.ingress() else {
+            return Ok(());
+        };
+        let sandboxes = st.lb_addrs.get(&net.id);
+        let (tasks, nodes, except): (BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>, bool) = match gone {
+            Some(gone) => {
+                let tasks = gone.endpoints.iter().filter(|g| g.network == INGRESS);
+                (tasks.map(|g| g.ip).collect(), gone.nodes.clone(), false)
+            }
+            None => {
+                let tasks = st.tasks.values().flat_map(|t| t.endpoints.iter());
+                let live = sandboxes
+                    .into_iter()
+                    .flat_map(|m| m.iter())
+                    .filter(|(n, _)| st.node_alive(n));
+                (
+                    tasks
+                        .filter(|e| e.network == INGRESS)
+                        .map(|e| e.ip)
+                        .collect(),
+                    live.map(|(_, a)| *a).collect(),
+                    true,
+                )
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            if except {
+                ports.forget_except(&tasks, &nodes)?;
+            } else {
+                ports.forget(&tasks, &nodes)?;
+            }
+            ports.sweep()
+        })
+        .await
+        .map_err(|e| anyhow!("{e}"))??;
+        Ok(())
+    }
+
     /// The mesh's way back on this node's published tasks' ports, for `netd status`.
-    pub fn way_back_status(&self) -> serde_json::Value {
-        self.appliers
-            .way_back
-            .as_ref()
-            .map_or(serde_json::Value::Null, |p| p.status())
+    pub async fn way_back_status(&self) -> serde_json::Value {
+        let Some(ports) = self.appliers.way_back.clone() else {
+            return serde_json::Value::Null;
+        };
+        tokio::task::spawn_blocking(move || ports.status())
+            .await
+            .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
     }
 
     /// Tracked flows (kernel path) and XDP flows removed because their task went away,
