@@ -21,7 +21,8 @@
  * would see one flow. The second gets a client port of 32768-65535 on its way in
  * (netd_return_ports, by what arrives, sending sandbox included), and its answers get
  * the client's own port back on their way out: the address is always kept, the port
- * changes only when it must.
+ * changes only when it must. A closed flow's key (a FIN or RST went by) is free for
+ * the next connection, from wherever it comes.
  *
  * Fragments: the first carries the ports and is handled like a whole packet; a task's
  * fragmented answer leaves the flow's MAC for its later fragments (netd_return_frags,
@@ -232,9 +233,16 @@ static __always_inline int remap(struct __sk_buff *skb, struct packet *p, struct
 
 	__builtin_memcpy(o.mac, p->src_mac, ETH_ALEN);
 	for (int i = 0; i < PORT_TRIES; i++) {
+		struct netd_return_flow *held;
+
 		k->dport = bpf_htons(PORT_FIRST + (bpf_get_prandom_u32() % PORT_FIRST));
-		if (bpf_map_update_elem(&netd_return_flows, k, nf, BPF_NOEXIST))
-			continue;
+		if (bpf_map_update_elem(&netd_return_flows, k, nf, BPF_NOEXIST)) {
+			/* A closed flow's port is free again. */
+			held = bpf_map_lookup_elem(&netd_return_flows, k);
+			if (!held || !(held->flags & NETD_RETURN_CLOSING) ||
+			    bpf_map_update_elem(&netd_return_flows, k, nf, BPF_ANY))
+				continue;
+		}
 		port = k->dport;
 		if (bpf_map_update_elem(&netd_return_ports, &o, &port, BPF_ANY)) {
 			bpf_map_delete_elem(&netd_return_flows, k);
@@ -312,11 +320,20 @@ int netd_to_task(struct __sk_buff *skb)
 		touch(f, &p);
 		return TC_ACT_OK;
 	}
-	/* Another flow holds the key: a clash. Only a new connection gets a port of its own;
-	 * any other TCP packet is of a flow the task does not have. */
+	/* Another flow holds the key. Only a new connection may have it: the key of a closed
+	 * one (a FIN or RST went by) is taken over, as conntrack lets a SYN reopen a closed
+	 * entry (a client reusing its port through another node at once, or churning
+	 * through its ports, must not be given another port each time); an open one's is a
+	 * clash, and the new connection gets a port of its own. Any other TCP packet is of a
+	 * flow the task does not have. */
 	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN) {
 		count(NETD_RETURN_STRAY);
 		return TC_ACT_SHOT;
+	}
+	if ((f->flags & NETD_RETURN_CLOSING) &&
+	    bpf_map_update_elem(&netd_return_flows, &k, &nf, BPF_ANY) == 0) {
+		count(NETD_RETURN_RECORDED);
+		return TC_ACT_OK;
 	}
 	return remap(skb, &p, &k, &nf);
 }

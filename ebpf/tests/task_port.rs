@@ -340,7 +340,7 @@ fn one_client_port_through_two_nodes_is_two_flows_to_the_task() {
 }
 
 #[test]
-fn a_client_port_reused_through_another_node_gets_a_port_of_its_own() {
+fn a_closed_flows_port_is_free_and_an_open_ones_is_a_clash() {
     let p = port("reused");
     let client = (CLIENT, 40000);
     p.reaching_task(&frame(&arriving(SANDBOX_A, client, SYN, None)));
@@ -352,9 +352,15 @@ fn a_client_port_reused_through_another_node_gets_a_port_of_its_own() {
     assert_eq!(p.reaching_task(&syn), (TC_ACT_OK, syn));
     assert_eq!(p.flows()[0].1.flags, 0, "open again");
     p.reaching_task(&frame(&arriving(SANDBOX_A, client, FIN | ACK, None)));
-    // Through node C, while the task may still hold the old connection (TIME_WAIT): a
-    // port of its own, and the port map says where it came from.
-    let (_, out) = p.reaching_task(&frame(&arriving(SANDBOX_C, client, SYN, None)));
+    // Closed again: the client reuses its port through node C, which takes the key over
+    // (no other port).
+    let syn = frame(&arriving(SANDBOX_C, client, SYN, None));
+    assert_eq!(p.reaching_task(&syn), (TC_ACT_OK, syn));
+    let (_, back) = p.leaving_task(&frame(&answer(client, SYN | ACK, None)));
+    assert_eq!(&back[0..6], &mac_of(SANDBOX_C));
+    // While that one is open, the same port through node A is a clash: a port of its
+    // own, and the port map says where it came from.
+    let (_, out) = p.reaching_task(&frame(&arriving(SANDBOX_A, client, SYN, None)));
     let seen = u16_at(&out, L4);
     assert!(seen >= 32768);
     let ports: HashMap<&MapData, ReturnOrigin, u32> =
