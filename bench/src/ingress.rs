@@ -402,6 +402,14 @@ pub fn run(
                 load::http_keepalive_to(&client, &p.addrs, threads, d, MAX_OPS)
                     .with_context(|| mesh_state(&lab, p.label))?,
             );
+            let failed: u64 = [&p.conns, &p.reqs]
+                .iter()
+                .filter_map(|runs| runs.last())
+                .map(|r| r.failures)
+                .sum();
+            if failed > 0 {
+                eprintln!("{failed} failed; {}", mesh_state(&lab, p.label));
+            }
         }
         for (i, (label, addr, ingress)) in udp_targets.iter().enumerate() {
             eprintln!("round {}: UDP, {label}", round + 1);
@@ -473,6 +481,35 @@ pub fn run(
         cps.push(c);
         rps.push(q);
     }
+    // A failed connection or request does not end the run: it is counted here.
+    let mut failed = vec![];
+    for p in &paths {
+        let runs = p.conns.iter().chain(&p.reqs);
+        let n: u64 = runs.clone().map(|r| r.failures).sum();
+        let all: u64 = runs.clone().map(|r| r.requests).sum::<u64>() + n;
+        if n > 0 {
+            let first = runs.filter_map(|r| r.first_failure.clone()).next();
+            failed.push(format!(
+                "{}: {n} of {all} ({})",
+                p.label,
+                first.unwrap_or_default()
+            ));
+        }
+    }
+    if failed.is_empty() {
+        writeln!(
+            md,
+            "
+No connection or request failed on any path."
+        )?;
+    } else {
+        writeln!(
+            md,
+            "
+Failed connections and requests (all rounds; the run went on): {}.",
+            failed.join("; ")
+        )?;
+    }
     writeln!(
         md,
         "\nUDP through the published port: round trips ({} sockets, one datagram in flight \
@@ -534,8 +571,7 @@ pub fn run(
          {:.2}× new connections/s, {:.2}× requests/s; kernel path (n4) / kernel snat (n7) = \
          {:.2}× new connections/s, {:.2}× requests/s. Per new connection, keeping the \
          client's address costs the whole machine {:.0} µs on the XDP path and {:.0} µs on \
-         the kernel path (1 / the median rate less 1 / the snat path's: the round through the \
-         ingress sandbox of the task's node, both ways).",
+         the kernel path (1 / the median rate less 1 / the snat path's).",
         pair(3, 0, true),
         pair(3, 0, false),
         pair(3, 1, true),

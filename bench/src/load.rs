@@ -15,6 +15,28 @@ pub struct Run {
     pub elapsed: Duration,
     /// Per-request latencies (a sample of at most `MAX_SAMPLES`).
     pub latencies: Vec<Duration>,
+    /// Connections or requests that failed (refused, reset, timed out); the run goes on
+    /// after one, so a path that fails now and then shows it instead of ending the bench.
+    pub failures: u64,
+    /// The first failure's error, for the report.
+    pub first_failure: Option<String>,
+}
+
+/// A load thread's failures, shared with the run.
+#[derive(Default)]
+struct Failures {
+    count: std::sync::atomic::AtomicU64,
+    first: std::sync::Mutex<Option<String>>,
+}
+
+impl Failures {
+    fn note(&self, e: &anyhow::Error) {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut first) = self.first.lock() {
+            first.get_or_insert_with(|| format!("{e:#}"));
+        }
+    }
 }
 
 const MAX_SAMPLES: usize = 200_000;
@@ -29,21 +51,25 @@ impl Run {
 /// share of `MAX_SAMPLES`, and returns how many operations it did and their latencies.
 fn on_threads<F>(netns: &str, threads: usize, work: F) -> Result<Run>
 where
-    F: Fn(usize, usize) -> Result<(u64, Vec<Duration>)> + Send + Sync + Clone + 'static,
+    F: Fn(usize, usize, &Failures) -> Result<(u64, Vec<Duration>)> + Send + Sync + Clone + 'static,
 {
     let samples = MAX_SAMPLES / threads.max(1);
     let start = Instant::now();
+    let failures = std::sync::Arc::new(Failures::default());
     let workers: Vec<_> = (0..threads)
         .map(|i| {
             let netns = netns.to_string();
             let work = work.clone();
-            std::thread::spawn(move || in_netns(&netns, move || work(i, samples)))
+            let failures = failures.clone();
+            std::thread::spawn(move || in_netns(&netns, move || work(i, samples, &failures)))
         })
         .collect();
     let mut run = Run {
         requests: 0,
         elapsed: Duration::ZERO,
         latencies: vec![],
+        failures: 0,
+        first_failure: None,
     };
     for w in workers {
         let (n, lat) = w.join().map_err(|_| anyhow!("load thread panicked"))??;
@@ -51,6 +77,8 @@ where
         run.latencies.extend(lat);
     }
     run.elapsed = start.elapsed();
+    run.failures = failures.count.load(std::sync::atomic::Ordering::Relaxed);
+    run.first_failure = failures.first.lock().ok().and_then(|f| f.clone());
     Ok(run)
 }
 
@@ -88,15 +116,28 @@ pub fn http_keepalive_to(
     if addrs.is_empty() {
         anyhow::bail!("no address to load");
     }
-    on_threads(netns, conns, move |i, samples| {
-        let mut s = open(addrs[i % addrs.len()])?;
+    on_threads(netns, conns, move |i, samples, failures| {
+        let addr = addrs[i % addrs.len()];
+        let mut conn: Option<TcpStream> = None;
         let mut buf = Vec::with_capacity(4096);
         let mut lat = Vec::new();
         let mut done = 0;
         let until = Instant::now() + duration;
         while done < per_conn && Instant::now() < until {
             let t = Instant::now();
-            http_request(&mut s, &mut buf)?;
+            // A failed request counts, and the next one goes over a new connection.
+            let asked = match conn.take() {
+                Some(s) => Ok(s),
+                None => open(addr),
+            }
+            .and_then(|mut s| http_request(&mut s, &mut buf).map(|_| s));
+            match asked {
+                Ok(s) => conn = Some(s),
+                Err(e) => {
+                    failures.note(&e);
+                    continue;
+                }
+            }
             if lat.len() < samples {
                 lat.push(t.elapsed());
             }
@@ -133,7 +174,7 @@ pub fn new_connections_to(
     if addrs.is_empty() {
         anyhow::bail!("no address to load");
     }
-    on_threads(netns, threads, move |i, samples| {
+    on_threads(netns, threads, move |i, samples, failures| {
         let addr = addrs[i % addrs.len()];
         let mut buf = Vec::with_capacity(4096);
         let mut lat = Vec::new();
@@ -141,10 +182,18 @@ pub fn new_connections_to(
         let until = Instant::now() + duration;
         while done < per_thread && Instant::now() < until {
             let t = Instant::now();
-            let mut s = open(addr)?;
-            http_request(&mut s, &mut buf)?;
-            reset_on_close(&s)?;
-            drop(s);
+            let asked = open(addr).and_then(|mut s| {
+                http_request(&mut s, &mut buf)?;
+                reset_on_close(&s)?;
+                Ok(s)
+            });
+            match asked {
+                Ok(s) => drop(s),
+                Err(e) => {
+                    failures.note(&e);
+                    continue;
+                }
+            }
             if lat.len() < samples {
                 lat.push(t.elapsed());
             }
@@ -201,7 +250,7 @@ pub fn udp_round_trips(
     max: u64,
 ) -> Result<Run> {
     let per_thread = max / threads.max(1) as u64;
-    on_threads(netns, threads, move |_, samples| {
+    on_threads(netns, threads, move |_, samples, _| {
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
         s.connect(addr)?;
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -280,7 +329,7 @@ pub fn udp_flood(
 ) -> Result<Run> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const BATCH: usize = 64;
-    on_threads(netns, 1, move |_, _| {
+    on_threads(netns, 1, move |_, _, _| {
         pin_to_cpu(0, cpu)?;
         // SAFETY: plain socket(2); the descriptor is owned below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
