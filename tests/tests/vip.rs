@@ -158,17 +158,44 @@ fn suite_one_node(datapath: &str, tag: &str) -> Result<()> {
         .context("name")?
         .to_string();
 
+    // A UDP socket that keeps sending to the VIP, bound to a backend other than the
+    // kept connection's.
+    let to_vip = SocketAddr::from((vip, PORT));
+    let ask = |s: &UdpSocket| -> Result<String> {
+        s.send_to(b"who", to_vip)?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf).context("UDP answer")?;
+        if from != to_vip {
+            bail!("UDP answer from {from}, not the VIP");
+        }
+        let body = String::from_utf8_lossy(&buf[..n]).into_owned();
+        Ok(field(&body, "Hostname").context("name")?.to_string())
+    };
+    let (sender, removed) = (0..10)
+        .find_map(|_| {
+            let s = in_netns(&lab.ns("cli"), || {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                Ok(s)
+            })
+            .ok()?;
+            let backend = ask(&s).ok()?;
+            let name = all.iter().copied().find(|b| *b == backend)?;
+            (name != kept_backend).then_some((s, name))
+        })
+        .context("a UDP socket bound to a backend other than the kept connection's")?;
+
     // Scale down: a removed backend gets no new connection once detach returns; the
-    // kept connection (to a remaining backend) is undisturbed.
-    let removed = all
-        .iter()
-        .find(|b| **b != kept_backend)
-        .copied()
-        .context("a backend")?;
+    // kept connection (to a remaining backend) is undisturbed, and the UDP socket that
+    // reached the removed backend reaches another one with its next datagram.
     lab.cli(0, &["task", "detach", removed])?;
     let remaining: Vec<&str> = all.iter().copied().filter(|b| *b != removed).collect();
     assert_even(&lab, vip, &remaining, 2)?;
     http_get(&mut kept).context("the kept connection after a scale-down")?;
+    let now = ask(&sender).context("the UDP socket after its backend left")?;
+    if !remaining.contains(&now.as_str()) {
+        bail!("the UDP socket still reaches {now} after it was detached");
+    }
 
     // Scale up: the new task joins the rotation at once.
     lab.attach_whoami(0, "web", "w5", None)?;

@@ -532,6 +532,21 @@ impl Conntrack {
         }
     }
 
+    /// Ends the UDP flows whose (VIP, backend) `gone` picks (the backend left the VIP);
+    /// how many. Their next datagram makes a new pick.
+    pub fn forget_udp(&mut self, gone: impl Fn(Ipv4Addr, Ipv4Addr) -> bool) -> usize {
+        let stale: Vec<FwdKey> = self
+            .fwd
+            .iter()
+            .filter(|(k, e)| k.proto == UDP && gone(k.vip, e.backend))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &stale {
+            self.end(k);
+        }
+        stale.len()
+    }
+
     /// A packet from a backend to the load-balancer address: the flow it answers (its
     /// client and VIP), if any. It must come from the flow's backend address and port,
     /// to the flow's port: nothing else is let through to a client.
@@ -648,6 +663,30 @@ pub(crate) mod tests {
         ct.inbound(&tcp(B, 80, LB, lport, "SA"), now).unwrap();
         ct.outbound(&tcp(C, cport, VIP, 80, "A"), now, || panic!("known flow"));
         lport
+    }
+
+    #[test]
+    fn a_udp_flow_whose_backend_left_makes_a_new_pick() {
+        let mut ct = table();
+        let (b, _) = opened(&mut ct, &udp(C, 40000, VIP, 53), 0);
+        let tcp_port = established(&mut ct, 40001, 0);
+        assert_eq!(
+            ct.forget_udp(|_, backend| backend != b),
+            0,
+            "it still serves"
+        );
+        assert_eq!(
+            ct.forget_udp(|_, backend| backend == b),
+            1,
+            "only the UDP flow"
+        );
+        let next = ct.outbound(&udp(C, 40000, VIP, 53), 1, || Some(a("198.18.9.8")));
+        assert!(
+            matches!(next, Outbound::Translate { backend, new: true, .. } if backend == a("198.18.9.8")),
+            "a new pick: {next:?}"
+        );
+        // The TCP connection keeps its backend.
+        assert!(ct.inbound(&tcp(B, 80, LB, tcp_port, "A"), 1).is_some());
     }
 
     #[test]

@@ -26,7 +26,9 @@ use async_trait::async_trait;
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
 use aya::Ebpf;
-use netd_ebpf::maps::{BackendKey, BackendValue, Counter, CounterKey, NetnsNet, VipKey, VipValue};
+use netd_ebpf::maps::{
+    BackendKey, BackendValue, Counter, CounterKey, NetnsNet, RevNatKey, VipKey, VipValue,
+};
 use serde_json::json;
 
 use super::{Counters, Datapath, DatapathStatus, LbTable, Mode, SandboxLb, VipEntry};
@@ -90,6 +92,8 @@ struct Loaded {
     /// is balanced only for tasks on its network.
     vip_nets: HashMap<MapData, u32, u32>,
     netns_nets: HashMap<MapData, NetnsNet, u8>,
+    /// A UDP socket's backend per VIP and port (its affinity), kept by the program.
+    udp_flows: HashMap<MapData, RevNatKey, BackendValue>,
     /// VIP -> what the maps hold for it: kept here so that a change compares in memory
     /// and writes only what differs (no map read per VIP).
     slots: BTreeMap<Ipv4Addr, Programmed>,
@@ -174,6 +178,7 @@ impl Loaded {
             counters: take_map(&mut obj, "netd_counters")?,
             vip_nets: take_map(&mut obj, "netd_vip_nets")?,
             netns_nets: take_map(&mut obj, "netd_netns_nets")?,
+            udp_flows: take_map(&mut obj, "netd_udp_flows")?,
             obj,
             slots: BTreeMap::new(),
             next_slot: 1,
@@ -270,6 +275,7 @@ impl Loaded {
             old.backends.len(),
         );
         self.drop_counters(vip, &old.backends, &[]);
+        self.forget_udp_flows(vip, &old.backends, &[]);
         Ok(true)
     }
 
@@ -324,6 +330,7 @@ impl Loaded {
                 old.backends.len(),
             );
             self.drop_counters(vip, &old.backends, &entry.backends);
+            self.forget_udp_flows(vip, &old.backends, &entry.backends);
         }
         let programmed = Programmed {
             slot,
@@ -332,6 +339,33 @@ impl Loaded {
         };
         self.slots.insert(vip, programmed);
         Ok(true)
+    }
+
+    /// UDP sockets' affinities to backends that left the VIP go with them (after the
+    /// switch, so no new datagram picks one): a socket that keeps sending would
+    /// otherwise keep reaching a backend that is gone; its next datagram makes a new
+    /// pick. A walk of the map, only when a backend leaves.
+    fn forget_udp_flows(&mut self, vip: Ipv4Addr, old: &[Ipv4Addr], new: &[Ipv4Addr]) {
+        let left: BTreeSet<u32> = old
+            .iter()
+            .filter(|b| !new.contains(b))
+            .map(|b| be(*b))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        let stale: Vec<RevNatKey> = self
+            .udp_flows
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| k.addr == be(vip) && left.contains(&v.addr))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            if self.udp_flows.remove(&k).is_ok() {
+                crate::writes::count(crate::writes::Kind::Bpf, 1);
+            }
+        }
     }
 
     /// Counters of backends that left the VIP go with them.

@@ -63,6 +63,9 @@ struct Shared {
     translated: AtomicU64,
     /// New flows refused because their sandbox's table was full (all sandboxes).
     refused_full: AtomicU64,
+    /// Bumped by every change of the table: a packet loop that sees it move forgets
+    /// its UDP flows to backends that left.
+    generation: AtomicU64,
 }
 
 impl Shared {
@@ -78,6 +81,18 @@ impl Shared {
         let b = backends[*next % backends.len()];
         *next = next.wrapping_add(1);
         Some(b)
+    }
+
+    /// Whether `backend` still serves `vip`.
+    fn serves(&self, vip: Ipv4Addr, backend: Ipv4Addr) -> bool {
+        self.table
+            .read()
+            .map(|t| {
+                t.vips
+                    .get(&vip)
+                    .is_some_and(|e| e.backends.contains(&backend))
+            })
+            .unwrap_or(true)
     }
 
     fn is_vip(&self, addr: Ipv4Addr) -> bool {
@@ -396,6 +411,7 @@ async fn serve(
     let mut failures = 0;
     // Refusals already reported, and when.
     let mut warned = (0, None::<Instant>);
+    let mut seen_generation = shared.generation.load(Ordering::Relaxed);
     loop {
         tokio::select! {
             r = tun.recv(&mut buf) => {
@@ -416,6 +432,14 @@ async fn serve(
                         continue;
                     }
                 };
+                // The table changed: UDP flows to backends that left make a new pick
+                // with their next datagram (a socket that keeps sending would keep
+                // reaching a gone backend); TCP connections keep theirs.
+                let generation = shared.generation.load(Ordering::Relaxed);
+                if generation != seen_generation {
+                    seen_generation = generation;
+                    ct.forget_udp(|vip, backend| !shared.serves(vip, backend));
+                }
                 if let Some(out) = handle(&mut buf[..n], lb, &mut ct, &shared, &stats, &mut refusal) {
                     if let Err(e) = tun.send(out).await {
                         tracing::debug!("TUN write: {e}");
@@ -461,6 +485,7 @@ impl Datapath for UserspaceDatapath {
         // table or the new one.
         *t = table.clone();
         drop(t);
+        self.shared.generation.fetch_add(1, Ordering::Relaxed);
         let keep = |vip: &Ipv4Addr, per: &mut BTreeMap<Ipv4Addr, u64>| {
             let Some(e) = table.vips.get(vip) else {
                 return false;

@@ -2,10 +2,12 @@
 //! so allocations race through etcd's transactions (compare on create/mod revision) and
 //! each node learns about the others' changes through one watch on `/netd/`.
 //!
-//! Liveness: a node's ephemeral keys are bound to one lease that a background task keeps
-//! alive. If the daemon dies, etcd deletes the keys when the lease's TTL runs out and the
-//! watchers on every other node see it; if etcd itself was away longer than the TTL, the
-//! keeper grants a new lease and puts the keys again.
+//! Liveness: a node's ephemeral keys are bound to one lease per TTL (the node's
+//! `alive` key to `--lease-ttl`, its applied revision to a shorter one), each kept alive
+//! by a background task. If the daemon dies, etcd deletes the keys when their lease's
+//! TTL runs out and the watchers on every other node see it; if etcd itself was away
+//! longer than a TTL, its keeper grants a new lease of the same TTL and puts its keys
+//! again.
 //!
 //! Reconnection is tonic's: the client keeps its endpoints and redials, calls fail fast
 //! (per-request timeout) while etcd is unreachable, the watch re-subscribes from the last
@@ -50,9 +52,10 @@ pub struct EtcdStore {
     client: Client,
     spec: EtcdSpec,
     changes: broadcast::Sender<Change>,
-    lease: Arc<Mutex<Lease>>,
+    /// One lease per TTL (seconds), with its keeper: a key put with another TTL must
+    /// not change the lease the others are bound to.
+    leases: Mutex<BTreeMap<i64, (Arc<Mutex<Lease>>, JoinHandle<()>)>>,
     watcher: JoinHandle<()>,
-    keeper: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Keys per page of a prefix read: a few hundred kilobytes of netd's records, well
@@ -235,9 +238,8 @@ impl EtcdStore {
             client,
             spec,
             changes,
-            lease: Arc::new(Mutex::new(Lease::default())),
+            leases: Mutex::new(BTreeMap::new()),
             watcher,
-            keeper: std::sync::Mutex::new(None),
         })
     }
 }
@@ -245,9 +247,9 @@ impl EtcdStore {
 impl Drop for EtcdStore {
     fn drop(&mut self) {
         self.watcher.abort();
-        if let Ok(mut k) = self.keeper.lock() {
-            if let Some(k) = k.take() {
-                k.abort();
+        if let Ok(leases) = self.leases.try_lock() {
+            for (_, keeper) in leases.values() {
+                keeper.abort();
             }
         }
     }
@@ -472,8 +474,27 @@ impl Store for EtcdStore {
         value: Vec<u8>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut l = self.lease.lock().await;
-        l.ttl = ttl.as_secs().max(2) as i64;
+        let ttl = ttl.as_secs().max(2) as i64;
+        let lease = {
+            let mut leases = self.leases.lock().await;
+            // A key put again with another TTL leaves its old lease's keys (the keeper
+            // would put it back there after a re-grant).
+            for (other, (l, _)) in leases.iter() {
+                if *other != ttl {
+                    l.lock().await.keys.remove(key);
+                }
+            }
+            let (lease, _) = leases.entry(ttl).or_insert_with(|| {
+                let lease = Arc::new(Mutex::new(Lease {
+                    ttl,
+                    ..Lease::default()
+                }));
+                let keeper = tokio::spawn(keep_lease(self.client.clone(), lease.clone()));
+                (lease, keeper)
+            });
+            lease.clone()
+        };
+        let mut l = lease.lock().await;
         l.keys.insert(key.to_string(), value.clone());
         match l.id {
             Some(id) => {
@@ -486,29 +507,19 @@ impl Store for EtcdStore {
                 grant_and_put(&self.client, &mut l).await?;
             }
         }
-        drop(l);
-        if let Ok(mut keeper) = self.keeper.lock() {
-            if keeper.is_none() {
-                *keeper = Some(tokio::spawn(keep_lease(
-                    self.client.clone(),
-                    self.lease.clone(),
-                )));
-            }
-        }
         Ok(())
     }
 
     async fn withdraw_ephemeral(&self) -> Result<(), StoreError> {
-        if let Ok(mut keeper) = self.keeper.lock() {
-            if let Some(k) = keeper.take() {
-                k.abort();
+        let leases = std::mem::take(&mut *self.leases.lock().await);
+        for (_, (lease, keeper)) in leases {
+            keeper.abort();
+            let mut l = lease.lock().await;
+            l.keys.clear();
+            if let Some(id) = l.id.take() {
+                let mut c = self.client.clone();
+                c.lease_revoke(id).await.map_err(etcd_err("lease revoke"))?;
             }
-        }
-        let mut l = self.lease.lock().await;
-        l.keys.clear();
-        if let Some(id) = l.id.take() {
-            let mut c = self.client.clone();
-            c.lease_revoke(id).await.map_err(etcd_err("lease revoke"))?;
         }
         Ok(())
     }
@@ -537,6 +548,51 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key put with a short TTL (the applied revision's) must not shorten the lease of
+    /// the others (the node's `alive` key, `--lease-ttl`): once etcd lost the lease
+    /// (revoked here, as an expiry during an outage would), the keeper brings the key
+    /// back under a lease of its own TTL.
+    #[test]
+    fn each_ephemeral_key_keeps_its_own_ttl_across_a_regrant() {
+        crate::store::testing::run_etcd(|_| async move {
+            let holder = crate::store::testing::connect_etcd().await.unwrap();
+            let alive = "/netd/alive/n1";
+            holder
+                .put_ephemeral(alive, b"{}".to_vec(), Duration::from_secs(30))
+                .await
+                .unwrap();
+            holder
+                .put_ephemeral("/netd/applied/n1", b"1".to_vec(), Duration::from_secs(3))
+                .await
+                .unwrap();
+            let mut c = holder.client.clone();
+            let lease_of = |kvs: &[etcd_client::KeyValue]| kvs.first().map(|kv| kv.lease());
+            let first = c.get(alive, None).await.unwrap();
+            let id = lease_of(first.kvs()).expect("the alive key");
+            c.lease_revoke(id).await.unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let id = loop {
+                let now = c.get(alive, None).await.unwrap();
+                match lease_of(now.kvs()) {
+                    Some(new) if new != id && new != 0 => break new,
+                    _ => {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the alive key never came back after its lease was lost"
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            let ttl = c.lease_time_to_live(id, None).await.unwrap();
+            assert_eq!(
+                ttl.granted_ttl(),
+                30,
+                "the alive key's lease after a re-grant"
+            );
+        });
+    }
 
     #[test]
     fn endpoints_are_parsed_and_bad_specs_refused() {
