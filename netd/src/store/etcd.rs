@@ -48,13 +48,16 @@ struct Lease {
     keys: BTreeMap<String, Vec<u8>>,
 }
 
+/// A lease and the task that keeps it alive.
+type KeptLease = (Arc<Mutex<Lease>>, JoinHandle<()>);
+
 pub struct EtcdStore {
     client: Client,
     spec: EtcdSpec,
     changes: broadcast::Sender<Change>,
     /// One lease per TTL (seconds), with its keeper: a key put with another TTL must
     /// not change the lease the others are bound to.
-    leases: Mutex<BTreeMap<i64, (Arc<Mutex<Lease>>, JoinHandle<()>)>>,
+    leases: Mutex<BTreeMap<i64, KeptLease>>,
     watcher: JoinHandle<()>,
 }
 
