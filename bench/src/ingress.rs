@@ -83,6 +83,12 @@ fn mesh_state(lab: &Lab, label: &str) -> String {
             .map(|s| s["routing_mesh"].to_string())
             .unwrap_or_else(|e| format!("{e:#}"));
         out.push_str(&format!("\n{}: {mesh}", lab.nodes[i].name));
+        // XDP addresses its frames from the neighbour table: an entry that failed
+        // drops every flow to that node.
+        if let Ok(o) = lab.exec_in(&lab.nodes[i].netns, &["ip", "neigh", "show", "dev", "eth0"]) {
+            let neigh = String::from_utf8_lossy(&o.stdout).replace('\n', "; ");
+            out.push_str(&format!("\n{} neighbours: {neigh}", lab.nodes[i].name));
+        }
     }
     out
 }
