@@ -103,25 +103,49 @@ async fn load(d: &Daemon) -> Result<Arc<State>, ApiError> {
 
 /// After a write at `revision`: this node's kernel, DNS and load balancer match it (a
 /// reconcile step), and every other live node's too (bounded wait), so the caller's next
-/// query or connection anywhere in the cluster sees the change.
-async fn settle(d: &Daemon, revision: u64) -> Result<crate::reconcile::Report, ApiError> {
+/// query or connection anywhere in the cluster sees the change. Also the nodes that had
+/// not confirmed it when the wait ran out ([`answer`] says so).
+async fn settle(
+    d: &Daemon,
+    revision: u64,
+) -> Result<(crate::reconcile::Report, Vec<String>), ApiError> {
     let report = converge_to(d, revision).await?;
-    await_others(d, revision).await;
-    Ok(report)
+    let late = await_others(d, revision).await;
+    Ok((report, late))
 }
 
-/// Waits (bounded) until every other live node's DNS, load balancer and kernel applied
-/// `revision`.
-async fn await_others(d: &Daemon, revision: u64) {
+/// Waits (bounded) until every node's DNS, load balancer and kernel applied `revision`
+/// (this node's tables, the other live nodes' reports); the nodes that had not by then.
+async fn await_others(d: &Daemon, revision: u64) -> Vec<String> {
+    let mut late = vec![];
     if !crate::follow::await_local(&d.followed, revision).await {
         tracing::warn!(revision, "this node's DNS and load balancer are late");
+        late.push(d.node.clone());
     }
-    if !crate::follow::await_cluster(d.store.as_ref(), &d.node, revision).await {
+    let others = crate::follow::await_cluster(d.store.as_ref(), &d.node, revision).await;
+    if !others.is_empty() {
         tracing::warn!(
             revision,
-            "a live node did not confirm the change in its tables and kernel in time"
+            nodes = ?others,
+            "live nodes did not confirm the change in their tables and kernel in time"
         );
     }
+    late.extend(others);
+    late
+}
+
+/// The answer to a write: `status` with `value`, unless some node had not applied it when
+/// the API stopped waiting: then 202 Accepted, and `value` gains `pending` (those nodes;
+/// they apply it when they catch up, nothing is lost), so a caller never takes an
+/// unconfirmed change for one in force everywhere.
+fn answer(status: StatusCode, mut value: Value, late: Vec<String>) -> Response {
+    if late.is_empty() {
+        return (status, Json(value)).into_response();
+    }
+    if let Some(o) = value.as_object_mut() {
+        o.insert("pending".into(), json!(late));
+    }
+    (StatusCode::ACCEPTED, Json(value)).into_response()
 }
 
 /// The kernel work behind a request failed: a 500 with the reason.
@@ -341,8 +365,8 @@ async fn network_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiEr
         check_not_routed(subnet).await?;
     }
     let net = state::create_network(&d.view, &d.pools, req).await?;
-    settle(&d, net.revision).await?;
-    Ok((StatusCode::CREATED, Json(net.value)).into_response())
+    let (_, late) = settle(&d, net.revision).await?;
+    Ok(answer(StatusCode::CREATED, json!(net.value), late))
 }
 
 /// A network's subnet must not overlap what this node already routes (its underlay, other
@@ -368,10 +392,10 @@ async fn check_not_routed(subnet: ipnetwork::Ipv4Network) -> Result<(), ApiError
     Ok(())
 }
 
-async fn network_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
+async fn network_rm(AxState(d): Ctx, Path(name): Path<String>) -> Result<Response, ApiError> {
     let net = state::remove_network(&d.view, &name).await?;
-    settle(&d, net.revision).await?;
-    Ok(Json(json!(net.value)))
+    let (_, late) = settle(&d, net.revision).await?;
+    Ok(answer(StatusCode::OK, json!(net.value), late))
 }
 
 async fn service_ls(AxState(d): Ctx) -> ApiResult<Value> {
@@ -448,8 +472,8 @@ async fn service_create(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiEr
             .map_err(state::Error::Conflict)?;
     }
     let svc = state::create_service(&d.view, &d.pools, req).await?;
-    settle(&d, svc.revision).await?;
-    Ok((StatusCode::CREATED, Json(svc.value)).into_response())
+    let (_, late) = settle(&d, svc.revision).await?;
+    Ok(answer(StatusCode::CREATED, json!(svc.value), late))
 }
 
 /// What this node serves itself: its listening sockets, netd's TCP API, the VXLAN port
@@ -470,10 +494,10 @@ fn served_ports(d: &Daemon) -> std::collections::BTreeSet<(Protocol, u16)> {
     served
 }
 
-async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> ApiResult<Value> {
+async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> Result<Response, ApiError> {
     let svc = state::remove_service(&d.view, &name).await?;
-    settle(&d, svc.revision).await?;
-    Ok(Json(json!(svc.value)))
+    let (_, late) = settle(&d, svc.revision).await?;
+    Ok(answer(StatusCode::OK, json!(svc.value), late))
 }
 
 /// A task as the API shows it: its record plus how its node sees it. For a local task
@@ -627,14 +651,14 @@ async fn task_attach(AxState(d): Ctx, bytes: Bytes) -> Result<Response, ApiError
     }
     // This node reconciled already (above); only the other nodes are waited for, until
     // their load balancers take the task too.
-    await_others(&d, task.revision.max(up_at)).await;
+    let late = await_others(&d, task.revision.max(up_at)).await;
     let st = load(&d).await?;
     let report = d.reconciler.last_report();
-    Ok((
+    Ok(answer(
         StatusCode::CREATED,
-        Json(task_view(&d, &st, &report, &task)),
-    )
-        .into_response())
+        task_view(&d, &st, &report, &task),
+        late,
+    ))
 }
 
 /// How long `task attach --node OTHER` waits for that node to report the kernel work
@@ -676,10 +700,10 @@ async fn remote_outcome(d: &Daemon, id: &str) -> Result<(Option<String>, u64), A
     }
 }
 
-async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> ApiResult<Value> {
+async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
     let task = state::detach_task(&d.view, &id).await?;
-    settle(&d, task.revision).await?;
-    Ok(Json(json!(task.value)))
+    let (_, late) = settle(&d, task.revision).await?;
+    Ok(answer(StatusCode::OK, json!(task.value), late))
 }
 
 #[derive(serde::Deserialize)]

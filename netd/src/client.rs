@@ -107,6 +107,19 @@ impl Client {
             serde_json::from_slice(&body)
                 .with_context(|| format!("API answered {status} with a non-JSON body"))?
         };
+        if status == 202 {
+            // Written, but not yet in force on every node (the API stopped waiting).
+            let pending: Vec<&str> = value["pending"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str())
+                .collect();
+            eprintln!(
+                "netd: accepted, not yet applied on: {} (they apply it when they catch up)",
+                pending.join(", ")
+            );
+        }
         if status >= 400 {
             return Err(ApiError {
                 status,

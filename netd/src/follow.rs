@@ -202,15 +202,16 @@ pub async fn await_local(local: &watch::Receiver<u64>, revision: u64) -> bool {
 }
 
 /// Waits (at most `CLUSTER_WAIT`) until every other live node reports tables and kernel at
-/// `revision` or later; false if one did not. Nothing to wait for on a store of one
-/// node.
-pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> bool {
+/// `revision` or later; the live nodes that did not (sorted; empty: all did). Nothing to
+/// wait for on a store of one node. A store that could not be read counts as every node
+/// late.
+pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> Vec<String> {
     if !store.shared() {
-        return true;
+        return vec![];
     }
     let deadline = tokio::time::Instant::now() + CLUSTER_WAIT;
     loop {
-        let caught_up = async {
+        let late = async {
             let alive = crate::state::alive_nodes(store).await.ok()?;
             let applied = store.list(APPLIED).await.ok()?;
             let at = |node: &str| {
@@ -221,19 +222,21 @@ pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> boo
                     .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<u64>().ok())
                     .unwrap_or(0)
             };
-            Some(
-                alive
-                    .iter()
-                    .filter(|n| n.as_str() != local)
-                    .all(|n| at(n) >= revision),
-            )
+            let mut late: Vec<String> = alive
+                .iter()
+                .filter(|n| n.as_str() != local && at(n) < revision)
+                .cloned()
+                .collect();
+            late.sort();
+            Some(late)
         }
         .await;
-        if caught_up == Some(true) {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
+        match late {
+            Some(late) if late.is_empty() => return late,
+            _ if tokio::time::Instant::now() > deadline => {
+                return late.unwrap_or_else(|| vec!["(the store did not answer)".into()]);
+            }
+            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -347,3 +347,65 @@ fn an_etcd_restart_loses_nothing() -> Result<()> {
     assert!(reaches(&a_ns, b, "b"));
     Ok(())
 }
+
+/// A write that a live node has not applied when the API stops waiting (2 s) says so:
+/// 202 Accepted and `pending` naming the node (the CLI prints it), never a plain success.
+/// n3's daemon is paused (SIGSTOP) well inside its lease, so it is alive but silent;
+/// once it runs again, the next write is confirmed everywhere.
+#[test]
+fn a_write_not_applied_everywhere_in_time_says_which_nodes_are_pending() -> Result<()> {
+    let lab = cluster("mp")?;
+    let pid = lab.daemon_pid(2).context("n3's daemon")?;
+    let signal = |sig: &str| -> Result<()> {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?
+            .success();
+        if !ok {
+            bail!("kill {sig} {pid}");
+        }
+        Ok(())
+    };
+    signal("-STOP")?;
+    let started = Instant::now();
+    let written = lab.cli_json(0, &["service", "create", "paused", "--network", "front"]);
+    let took = started.elapsed();
+    signal("-CONT")?;
+    let written = written?;
+    if took >= Duration::from_secs(LEASE_TTL_SECS) {
+        bail!("the write took {took:?}: n3's lease may have lapsed, the test proves nothing");
+    }
+    let pending: Vec<&str> = written["pending"]
+        .as_array()
+        .context(format!("no pending nodes in {written}"))?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if !pending.contains(&node_name(&lab, 2).as_str()) {
+        bail!("pending {pending:?} does not name n3");
+    }
+    // The service was written all the same, and n3 applies it once it runs.
+    let names = |i: usize| -> Result<Vec<String>> {
+        let v = lab.cli_json(i, &["service", "ls"])?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["name"].as_str().map(str::to_string))
+            .collect())
+    };
+    eventually(Duration::from_secs(20), "n3 lists the service", || {
+        Ok(names(2)?.iter().any(|n| n == "paused"))
+    })?;
+    // n3 running again (and alive): the next write is confirmed everywhere.
+    eventually(
+        Duration::from_secs(LEASE_TTL_SECS + 20),
+        "a write confirmed everywhere",
+        || {
+            let v = lab.cli_json(0, &["service", "create", "again", "--network", "front"]);
+            let done = v.as_ref().is_ok_and(|v| v.get("pending").is_none());
+            let _ = lab.cli(0, &["service", "rm", "again"]);
+            Ok(done)
+        },
+    )?;
+    Ok(())
+}
