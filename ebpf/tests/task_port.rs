@@ -9,6 +9,9 @@
 //! 198.19.0.0/16, the task 198.19.0.21 on this node (B, sandbox 198.19.255.2), nodes A
 //! and C (sandboxes 198.19.255.1 and .3), clients 198.18.0.100 and .101.
 
+mod common;
+use common::{checksum, mac_of};
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -143,19 +146,6 @@ impl Port {
     }
 }
 
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u64 = 0;
-    for p in parts {
-        for w in p.chunks(2) {
-            sum += u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
     let mut p = Vec::with_capacity(12);
     p.extend_from_slice(&src.octets());
@@ -163,11 +153,6 @@ fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
     p.extend_from_slice(&[0, proto]);
     p.extend_from_slice(&(len as u16).to_be_bytes());
     p
-}
-
-fn mac_of(a: Ipv4Addr) -> [u8; 6] {
-    let o = a.octets();
-    [0x02, 0x42, o[0], o[1], o[2], o[3]]
 }
 
 /// An Ethernet/IPv4 frame `src_mac` -> `dst_mac` carrying a TCP segment (flags) or, with

@@ -23,6 +23,9 @@
 //! `--mesh-source snat` does. The checks of a wrapped or unwrapped frame follow the
 //! harness's setting.
 
+mod common;
+use common::{checksum, mac_of};
+
 use std::cell::Cell;
 use std::collections::HashMap as Map;
 use std::net::Ipv4Addr;
@@ -394,19 +397,6 @@ impl Harness {
 
 // ---- frames ----
 
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u64 = 0;
-    for p in parts {
-        for w in p.chunks(2) {
-            sum += u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> Vec<u8> {
     let mut p = Vec::with_capacity(12);
     p.extend_from_slice(src);
@@ -501,11 +491,6 @@ fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u
     f.extend_from_slice(&ethertype.to_be_bytes());
     f.extend_from_slice(payload);
     f
-}
-
-fn mac_of(a: Ipv4Addr) -> [u8; 6] {
-    let o = a.octets();
-    [0x02, 0x42, o[0], o[1], o[2], o[3]]
 }
 
 /// A client's frame to the node.

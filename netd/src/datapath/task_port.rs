@@ -75,6 +75,9 @@ struct Loaded {
     /// The maps were made by this load (none was pinned): a program found on a port
     /// runs on other maps, whatever its code, and is replaced.
     fresh: bool,
+    /// The kernel's tags of the loaded programs, as a port's filters report them:
+    /// [from the task (ingress), to the task (egress)].
+    tags: [u64; 2],
 }
 
 impl Loaded {
@@ -83,7 +86,9 @@ impl Loaded {
         let fresh = !dir.join("netd_return_flows").exists();
         let mut obj = netd_ebpf::load_task_port(dir)
             .with_context(|| format!("load task_port with maps in {}", dir.display()))?;
-        for name in [netd_ebpf::TASK_PORT_TO_TASK, netd_ebpf::TASK_PORT_FROM_TASK] {
+        let mut tags = [0; 2];
+        let names = [netd_ebpf::TASK_PORT_FROM_TASK, netd_ebpf::TASK_PORT_TO_TASK];
+        for (i, name) in names.into_iter().enumerate() {
             let prog: &mut SchedClassifier = obj
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
@@ -91,6 +96,10 @@ impl Loaded {
                 .with_context(|| name.to_string())?;
             prog.load()
                 .with_context(|| format!("the kernel refused {name}"))?;
+            tags[i] = prog
+                .info()
+                .with_context(|| format!("describe {name}"))?
+                .tag();
         }
         let cfg: Array<MapData, ReturnConfig> = take_map(&mut obj, "netd_return_cfg")?;
         let config = cfg.get(&0, 0).ok().filter(|c| c.mask != 0);
@@ -101,8 +110,16 @@ impl Loaded {
             stats: take_map(&mut obj, "netd_return_stats")?,
             config,
             fresh,
+            tags,
             obj,
         })
+    }
+
+    /// Whether a port's filter in `direction` (0 ingress, 1 egress; `found`, its tag as
+    /// the port reports it) runs this code on these maps (`ours`: this netd put it
+    /// there, which matters when the maps are new).
+    fn runs_ours(&self, direction: usize, found: Option<u64>, ours: bool) -> bool {
+        found == Some(self.tags[direction]) && (!self.fresh || ours)
     }
 
     /// Puts both programs on port `ifname` of the calling thread's namespace, replacing
@@ -116,24 +133,19 @@ impl Loaded {
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e).with_context(|| format!("clsact qdisc on {ifname}")),
         }
-        for (name, direction, found) in [
-            (netd_ebpf::TASK_PORT_TO_TASK, TcAttachType::Egress, tags[1]),
-            (
-                netd_ebpf::TASK_PORT_FROM_TASK,
-                TcAttachType::Ingress,
-                tags[0],
-            ),
+        for (i, name, direction) in [
+            (0, netd_ebpf::TASK_PORT_FROM_TASK, TcAttachType::Ingress),
+            (1, netd_ebpf::TASK_PORT_TO_TASK, TcAttachType::Egress),
         ] {
+            if self.runs_ours(i, tags[i], ours) {
+                continue;
+            }
             let prog: &mut SchedClassifier = self
                 .obj
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()
                 .with_context(|| name.to_string())?;
-            let loaded = prog.info().with_context(|| format!("describe {name}"))?;
-            if found == Some(loaded.tag()) && (!self.fresh || ours) {
-                continue;
-            }
             written += 1;
             let options = TcAttachOptions::Netlink(NlOptions {
                 priority: PRIORITY,
@@ -264,30 +276,34 @@ impl TaskPorts {
         r
     }
 
-    /// Puts the way back on port `ifname` of a published task, in the calling thread's
-    /// namespace (the ingress network's sandbox, named `ns`), for ingress network
-    /// `subnet`, unless the port runs the same code on these maps already (`tags`, from
-    /// [`crate::netlink::bpf_filter_tags`]: a restart changes nothing that is right, a
-    /// filter removed behind netd's back comes back). Run it through `netns::run_in`.
-    pub fn attach(
+    /// Writes the ingress network's `subnet` into the program's config (when it
+    /// differs) and tells whether port `ifname` (index `index` in namespace `ns`, the
+    /// ingress network's sandbox) already runs the way back (`tags`: its filters', from
+    /// [`crate::netlink::bpf_filter_tags`]). Asked every time the port's part is: a
+    /// filter removed behind netd's back comes back, a port that is right costs no
+    /// thread and no write (a restart changes nothing that is right).
+    pub fn in_place(
         &self,
         ns: &str,
         ifname: &str,
+        index: u32,
         subnet: Ipv4Network,
         tags: [Option<u64>; 2],
-    ) -> Result<()> {
-        let name = std::ffi::CString::new(ifname).context("interface name")?;
-        // SAFETY: `name` is a NUL-terminated string that outlives the call.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if index == 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("port {ifname} in {ns}"));
-        }
+    ) -> Result<bool> {
         let key = (ns.to_string(), ifname.to_string(), index);
         self.with(|l, inner| {
             l.configure(subnet)?;
-            // Every time the port's part is checked: a filter removed behind netd's back
-            // comes back, one that runs this code is left alone.
+            let ours = inner.attached.contains(&key);
+            Ok(l.runs_ours(0, tags[0], ours) && l.runs_ours(1, tags[1], ours))
+        })
+        .with_context(|| format!("the mesh's way back on {ifname}"))
+    }
+
+    /// Puts the way back on port `ifname` (as [`Self::in_place`] names it) where it is
+    /// not in place, in the calling thread's namespace: run it through `netns::run_in`.
+    pub fn attach(&self, ns: &str, ifname: &str, index: u32, tags: [Option<u64>; 2]) -> Result<()> {
+        let key = (ns.to_string(), ifname.to_string(), index);
+        self.with(|l, inner| {
             let written = l.attach(ifname, tags, inner.attached.contains(&key))?;
             crate::writes::count(crate::writes::Kind::Netlink, written);
             if l.fresh {

@@ -466,14 +466,17 @@ impl KernelLinks {
                     (self.ports.clone(), naming::endpoint_if(&ep.id), back.subnet);
                 let ns = format!("{:?}", a.parent);
                 let name = port.clone();
-                let tags = self
+                let (index, tags) = self
                     .netlink
                     .with(&a.parent, move |h| async move {
                         let link = netlink::require_link(&h, &name).await?;
-                        netlink::bpf_filter_tags(&h, link.index, TaskPorts::PRIORITY).await
+                        let tags = netlink::bpf_filter_tags(&h, link.index, TaskPorts::PRIORITY);
+                        Ok((link.index, tags.await?))
                     })
                     .await?;
-                netns::run_in(&a.parent, move || ports.attach(&ns, &port, subnet, tags)).await?;
+                if !ports.in_place(&ns, &port, index, subnet, tags)? {
+                    netns::run_in(&a.parent, move || ports.attach(&ns, &port, index, tags)).await?;
+                }
             }
         }
         let endpoints = task.endpoints.clone();
