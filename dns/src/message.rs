@@ -254,6 +254,7 @@ mod tests {
                     "front".into(),
                     std::net::Ipv4Addr::from(0xc6130000 | (i + 10)),
                 )],
+                serving: true,
             });
         }
         t

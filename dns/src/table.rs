@@ -39,6 +39,9 @@ pub struct TaskRecord {
     pub service: String,
     /// The task's address on each of its networks, in attach order.
     pub addrs: Vec<(String, Ipv4Addr)>,
+    /// Whether it is among its service's answers (`tasks.NAME`, a dnsrr service's
+    /// name); a task being drained is not, though its own name still resolves.
+    pub serving: bool,
 }
 
 /// Answer TTLs: a VIP is stable for the service's life; task IPs come and go.
@@ -190,10 +193,12 @@ impl Table {
             let idx = self.nets.entry(net.clone()).or_default();
             idx.tasks.insert(lower(&rec.name), *ip);
             idx.ptr.insert(*ip, rec.name.clone());
-            idx.members
-                .entry(rec.service.clone())
-                .or_default()
-                .insert(rec.id.clone(), *ip);
+            if rec.serving {
+                idx.members
+                    .entry(rec.service.clone())
+                    .or_default()
+                    .insert(rec.id.clone(), *ip);
+            }
         }
         self.tasks.insert(rec.id.clone(), rec);
     }
@@ -447,6 +452,7 @@ mod tests {
                 name: name.into(),
                 service: svc.into(),
                 addrs: vec![(net.into(), ip(addr))],
+                serving: true,
             });
         }
         t
@@ -508,6 +514,47 @@ mod tests {
             Lookup::Forward
         );
         assert_eq!(t.lookup_name(&front, "nosuch"), Lookup::NxDomain);
+    }
+
+    #[test]
+    fn a_task_out_of_service_leaves_its_services_answers_but_keeps_its_name() {
+        let mut t = table();
+        let (front, back) = (nets(&["front"]), nets(&["back"]));
+        let gen = t.generation();
+        for (id, name, svc, net, addr) in [
+            ("t2", "web-2", "web", "front", "198.19.10.4"),
+            ("t4", "db-2", "db", "back", "198.19.20.4"),
+        ] {
+            t.upsert_task(TaskRecord {
+                id: id.into(),
+                name: name.into(),
+                service: svc.into(),
+                addrs: vec![(net.into(), ip(addr))],
+                serving: false,
+            });
+        }
+        assert!(t.generation() > gen, "cached answers must go");
+        assert_eq!(
+            addrs(t.lookup_name(&front, "tasks.web")),
+            vec![ip("198.19.10.3")]
+        );
+        assert_eq!(addrs(t.lookup_name(&back, "db")), vec![ip("198.19.20.3")]);
+        assert_eq!(
+            addrs(t.lookup_name(&front, "web-2")),
+            vec![ip("198.19.10.4")]
+        );
+        // Back in service: back in the answers.
+        t.upsert_task(TaskRecord {
+            id: "t2".into(),
+            name: "web-2".into(),
+            service: "web".into(),
+            addrs: vec![("front".into(), ip("198.19.10.4"))],
+            serving: true,
+        });
+        assert_eq!(
+            addrs(t.lookup_name(&front, "tasks.web")),
+            vec![ip("198.19.10.3"), ip("198.19.10.4")]
+        );
     }
 
     #[test]

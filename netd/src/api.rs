@@ -65,7 +65,12 @@ impl From<Error> for ApiError {
             Error::Exhausted(_) => (StatusCode::CONFLICT, "exhausted"),
             Error::Unsupported(_) => (StatusCode::BAD_REQUEST, "unsupported"),
             Error::Contention => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            // etcd unreachable or busy: try again later.
+            Error::Store(s) if s.is_transient() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
             Error::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+            Error::StoreRefused(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_refused"),
             Error::Kernel(_) => (StatusCode::INTERNAL_SERVER_ERROR, "kernel"),
         };
         ApiError::new(status, code, e.to_string())
@@ -225,6 +230,9 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "node": d.node,
         "version": env!("CARGO_PKG_VERSION"),
         "store": d.store.describe(),
+        // Why the node's view holds its last good state instead of the store's (an
+        // emptied, replaced or rolled-back store: see identity.rs); null when it follows.
+        "store_refused": d.view.refused(),
         "api": d.api,
         "datapath": d.datapath.status(),
         "routing_mesh": {
@@ -324,7 +332,13 @@ async fn nodes(AxState(d): Ctx) -> ApiResult<Value> {
                 "address": n.address,
                 "gwbridge_subnet": n.gwbridge_subnet,
                 // Alive while its daemon holds its lease (etcd) or runs (local store).
-                "status": if st.node_alive(&n.name) { "ready" } else { "down" },
+                // A node whose lease lapsed is down for the cluster, also on itself
+                // (where it still serves its own tasks).
+                "status": if st.node_alive(&n.name) && !(n.name == d.node && st.own_lease_lapsed) {
+                    "ready"
+                } else {
+                    "down"
+                },
                 "tasks": st.tasks.values().filter(|t| t.node == n.name).count(),
             })
         })
@@ -515,8 +529,24 @@ fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
     } else {
         st.task_status.get(&t.id).is_some_and(|s| s.pending)
     };
+    // What its health check says, for a task of a service with one.
+    if st
+        .services
+        .get(&t.service)
+        .is_some_and(|s| s.health.is_some())
+    {
+        v["health"] = json!(match st.task_health.get(&t.id) {
+            None => "starting".to_string(),
+            Some(h) if h.healthy => "healthy".to_string(),
+            Some(h) => match &h.detail {
+                Some(d) => format!("unhealthy: {d}"),
+                None => "unhealthy".to_string(),
+            },
+        });
+    }
     v["state"] = json!(match error {
         _ if !st.node_alive(&t.node) => "node down".to_string(),
+        _ if t.draining.is_some() => "draining".to_string(),
         _ if waiting => "pending: its runtime has not started it yet".to_string(),
         None => "pending".to_string(),
         Some(None) => "running".to_string(),
@@ -700,8 +730,39 @@ async fn remote_outcome(d: &Daemon, id: &str) -> Result<(Option<String>, u64), A
     }
 }
 
-async fn task_detach(AxState(d): Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let task = state::detach_task(&d.view, &id).await?;
+/// `DELETE /v1/tasks/ID[?drain=SECONDS]`: detaches the task at once, or with `drain`
+/// takes it out of new picks and DNS answers everywhere (acknowledged like any write)
+/// and leaves the removal to its node, once its connections are gone or at the deadline.
+async fn task_detach(
+    AxState(d): Ctx,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let mut drain = None;
+    for (k, v) in &q {
+        match k.as_str() {
+            "drain" => {
+                drain = Some(v.parse::<u64>().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_argument",
+                        format!("drain {v:?} is not a number of seconds"),
+                    )
+                })?)
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    format!("unknown detach parameter {other:?} (drain)"),
+                ))
+            }
+        }
+    }
+    let task = match drain {
+        Some(secs) if secs > 0 => state::drain_task(&d.view, &id, secs).await?,
+        _ => state::detach_task(&d.view, &id).await?,
+    };
     let (_, late) = settle(&d, task.revision).await?;
     Ok(answer(StatusCode::OK, json!(task.value), late))
 }

@@ -107,6 +107,17 @@ pub enum ServiceCmd {
         /// Publish a port even though the node serves it itself (sshd, etcd, the API).
         #[arg(long)]
         force: bool,
+        /// tcp:PORT or http:PORT/PATH: the node that runs a task probes it inside the
+        /// task's namespace; a task is out of new picks and DNS answers until its first
+        /// success and after RETRIES failures in a row.
+        #[arg(long, value_name = "CHECK")]
+        health_cmd: Option<String>,
+        /// Seconds between two probes of a task.
+        #[arg(long, value_name = "S", default_value_t = 5, requires = "health_cmd")]
+        health_interval: u64,
+        /// Failed probes in a row that make a task unhealthy.
+        #[arg(long, value_name = "N", default_value_t = 3, requires = "health_cmd")]
+        health_retries: u32,
     },
     #[command(alias = "list")]
     Ls,
@@ -135,7 +146,13 @@ pub enum TaskCmd {
     Detach {
         #[arg(required = true)]
         ids: Vec<String>,
+        /// Graceful: take the tasks out of new connections and DNS answers on every node
+        /// now, and remove each once its connections are gone or after SECONDS.
+        #[arg(long, value_name = "SECONDS")]
+        drain: Option<u64>,
     },
+    /// One task's record, with its state and health.
+    Inspect { name: String },
     #[command(alias = "list")]
     Ls,
 }
@@ -223,16 +240,23 @@ fn service(c: &Client, out: Output, cmd: &ServiceCmd) -> Result<()> {
             publish,
             aliases,
             force,
+            health_cmd,
+            health_interval,
+            health_retries,
         } => {
             let publish = publish
                 .iter()
                 .map(|p| parse_publish(p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(anyhow::Error::msg)?;
+            let health = health_cmd.as_ref().map(
+                |cmd| json!({"cmd": cmd, "interval": health_interval, "retries": health_retries}),
+            );
             let v = c.post(
                 "/v1/services",
                 &json!({"name": name, "networks": networks, "endpoint_mode": endpoint_mode,
-                        "publish": publish, "aliases": aliases, "force": force}),
+                        "publish": publish, "aliases": aliases, "force": force,
+                        "health": health}),
             )?;
             print_created(out, &v);
         }
@@ -264,6 +288,7 @@ fn task(c: &Client, out: Output, cmd: &TaskCmd) -> Result<()> {
         ("SERVICE", "service"),
         ("NODE", "node"),
         ("STATE", "state"),
+        ("HEALTH", "health"),
         ("ADDRESSES", "addresses"),
     ];
     match cmd {
@@ -283,7 +308,24 @@ fn task(c: &Client, out: Output, cmd: &TaskCmd) -> Result<()> {
                 Output::Table => print_table(out, &with_addresses(json!([v])), &columns),
             }
         }
-        TaskCmd::Detach { ids } => remove(c, out, "tasks", ids)?,
+        TaskCmd::Detach { ids, drain: None } => remove(c, out, "tasks", ids)?,
+        TaskCmd::Detach {
+            ids,
+            drain: Some(secs),
+        } => {
+            for id in ids {
+                let path = format!(
+                    "/v1/tasks/{}?drain={secs}",
+                    crate::client::encode_component(id)
+                );
+                let v = c.delete(&path)?;
+                match out {
+                    Output::Json => print_json(&v),
+                    Output::Table => println!("{} draining", cell(&v["name"])),
+                }
+            }
+        }
+        TaskCmd::Inspect { name } => inspect(c, out, "tasks", name)?,
         TaskCmd::Ls => {
             let v = c.get("/v1/tasks")?;
             print_table(out, &with_addresses(v), &columns);

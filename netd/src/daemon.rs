@@ -108,6 +108,11 @@ pub struct DaemonArgs {
     /// and withdrawing its tasks (the etcd lease TTL).
     #[arg(long, default_value_t = 10)]
     pub lease_ttl: u64,
+    /// Take the store on even if it is not the one this node followed before (emptied,
+    /// replaced or rolled back since): without it such a store is refused, because
+    /// taking it on removes every sandbox and endpoint it does not name.
+    #[arg(long)]
+    pub adopt_store: bool,
     /// Upstream resolvers for names that are not the cluster's (IP or IP:PORT, comma
     /// separated; up to 3). Default: the nameservers of the node's /etc/resolv.conf.
     #[arg(long, value_delimiter = ',')]
@@ -188,12 +193,11 @@ fn raise_open_files_limit() {
 /// remover releases it at once).
 const GARBAGE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// How long a starting daemon waits for its view to show its own liveness.
-const ALIVE_WAIT: Duration = Duration::from_secs(5);
-
 /// How long a starting daemon waits for an unreachable etcd (a node booting before etcd
 /// answers) before it gives up.
 const STORE_WAIT: Duration = Duration::from_secs(30);
+/// The pause between two tries of a start-up read or write the store failed.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 async fn open_store(spec: &str, tls: &store::etcd::StoreTls) -> Result<Arc<dyn store::Store>> {
     let deadline = tokio::time::Instant::now() + STORE_WAIT;
@@ -203,9 +207,63 @@ async fn open_store(spec: &str, tls: &store::etcd::StoreTls) -> Result<Arc<dyn s
             Ok(s) => return Ok(Arc::from(s)),
             Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::warn!("{e}; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(STORE_RETRY).await;
             }
             Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The start-up writes: the node's record, the ingress network (made by whichever node
+/// comes first) and the liveness lease. Each retries what the store may answer during a
+/// blip (unreachable, timed out, too busy) until `wait` is up, as [`open_store`] does: a
+/// node starting while etcd elects a leader or restarts must not exit on the first error.
+async fn join_cluster(
+    view: &View,
+    me: Node,
+    pools: &Pools,
+    lease: Duration,
+    wait: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let node = me.name.clone();
+    with_retries("the cluster's identity", deadline, || {
+        state::ensure_cluster_id(view)
+    })
+    .await?;
+    with_retries("register node", deadline, || {
+        state::register_node(view, me.clone())
+    })
+    .await?;
+    // A clash with a network made before (its subnet) leaves the mesh unusable until the
+    // user resolves it, not the node.
+    if let Err(e) = with_retries("the ingress network", deadline, || {
+        state::ensure_ingress(view, pools, &node)
+    })
+    .await
+    {
+        tracing::warn!("{e:#}");
+    }
+    with_retries("announce node liveness", deadline, || {
+        state::announce_alive(view.store(), &node, lease)
+    })
+    .await
+}
+
+/// `op` until it succeeds, fails for good, or `deadline` passes.
+async fn with_retries<T, F, Fut>(what: &str, deadline: tokio::time::Instant, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = state::Result<T>>,
+{
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!("{what}: {e}; retrying");
+                tokio::time::sleep(STORE_RETRY).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(what.to_string())),
         }
     }
 }
@@ -277,9 +335,28 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         .with_context(|| format!("open store {}", store::etcd::redact(&args.store)))?;
     // From here on, every read of the desired state is the view's (read once, then
     // kept by the store's change feed).
-    let view = View::open(store.clone())
-        .await
-        .context("read the desired state")?;
+    let guard = Arc::new(
+        crate::identity::Guard::open(
+            &Path::new(crate::datapath::userspace::RUN_ROOT)
+                .join(&node)
+                .join("store.json"),
+            store.shared(),
+        )
+        .context("the node's record of its store")?,
+    );
+    if args.adopt_store {
+        guard.adopt();
+    }
+    let view = with_retries(
+        "read the desired state",
+        tokio::time::Instant::now() + STORE_WAIT,
+        || View::open_as(store.clone(), Some(node.clone()), Some(guard.clone())),
+    )
+    .await?;
+    // Graceful detaches end on the task's node (see drain.rs).
+    tokio::spawn(crate::drain::finish_drains(view.clone(), node.clone()));
+    // Health checks of this node's tasks (see health.rs).
+    tokio::spawn(crate::health::probe_tasks(view.clone(), node.clone()));
     // Finish what a remover that died (or failed) half-way left, now and from time to
     // time (see state::collect_garbage).
     let collector = view.clone();
@@ -328,51 +405,29 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         reason = datapath.status().reason,
         "load-balancing datapath"
     );
-    state::register_node(
-        &view,
-        Node {
-            name: node.clone(),
-            address,
-            gwbridge_subnet: args.gwbridge_subnet,
-            started_at: model::now_secs(),
-            lb_addresses: datapath.needs_lb_addresses(),
-        },
-    )
-    .await
-    .context("register node")?;
     let pools = Pools {
         pool: args.address_pool,
         size: args.pool_size,
         ingress: args.ingress_subnet,
     };
-    // A clash with a network made before (its subnet) leaves the mesh unusable until the
-    // user resolves it, not the node.
-    if let Err(e) = state::ensure_ingress(&view, &pools, &node).await {
-        tracing::warn!("the ingress network: {e}");
-    }
-    state::announce_alive(
-        store.as_ref(),
-        &node,
+    let me = Node {
+        name: node.clone(),
+        address,
+        gwbridge_subnet: args.gwbridge_subnet,
+        started_at: model::now_secs(),
+        lb_addresses: datapath.needs_lb_addresses(),
+    };
+    join_cluster(
+        &view,
+        me,
+        &pools,
         Duration::from_secs(args.lease_ttl.max(2)),
+        STORE_WAIT,
     )
-    .await
-    .context("announce node liveness")?;
-    // The first DNS and load-balancer tables are built from the view: one that does not
-    // hold this node alive yet (a restart after the lease ran out, or any restart on a
-    // local store) would take the node's own tasks out of their VIPs for a moment.
-    let mut current = view.watch();
-    // A bool at once: the watch's value stays locked (the view frozen) while its
-    // reference lives.
-    let seen = matches!(
-        tokio::time::timeout(ALIVE_WAIT, current.wait_for(|st| st.node_alive(&node))).await,
-        Ok(Ok(_))
-    );
-    if !seen {
-        tracing::warn!(
-            "the store's change feed has not shown this node alive after {ALIVE_WAIT:?}: \
-             its own tasks stay out of their VIPs until it does"
-        );
-    }
+    .await?;
+    // The first DNS and load-balancer tables hold this node's own tasks even when the
+    // store does not hold it alive yet (a restart after its lease ran out): the view
+    // counts its own node alive (view::own).
 
     // CNI DELs that came while this daemon was away go first: their namespaces are gone,
     // and the initial reconcile should not try to rebuild them.
@@ -602,7 +657,66 @@ impl ApiSpec {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use clap::Parser;
+
+    use crate::state::fixture;
+    use crate::store::local::LocalStore;
+    use crate::store::testing::CountingStore;
+    use crate::view::View;
+
+    fn node(name: &str) -> crate::model::Node {
+        crate::model::Node {
+            name: name.into(),
+            address: Some("198.18.0.11".parse().unwrap()),
+            gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
+            started_at: 0,
+            lb_addresses: false,
+        }
+    }
+
+    /// A store blip while a node starts (etcd electing a leader, restarting) delays the
+    /// start; it does not end it. Before, the first failed write exited the daemon.
+    #[tokio::test]
+    async fn joining_the_cluster_rides_out_a_store_blip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(CountingStore::new(Arc::new(
+            LocalStore::open(dir.path()).unwrap(),
+        )));
+        let view = View::open(store.clone()).await.unwrap();
+        let lease = Duration::from_secs(10);
+        // Two failures: the cluster's identity, then its retry; all else goes through.
+        store.fail_next(2);
+        super::join_cluster(
+            &view,
+            node("n1"),
+            &fixture::pools(),
+            lease,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        let rev = view
+            .store()
+            .list(crate::store::ROOT)
+            .await
+            .unwrap()
+            .revision;
+        let st = view.at_least(rev).await.unwrap();
+        assert!(st.nodes.contains_key("n1"));
+        assert!(st.ingress().is_some(), "the ingress network was made");
+        assert!(st.node_alive("n1"));
+        // A store that stays away past the wait: the start fails, saying what.
+        store.fail_next(usize::MAX);
+        let e = super::join_cluster(&view, node("n2"), &fixture::pools(), lease, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("register node"), "{e:#}");
+        assert!(format!("{e:#}").contains("unavailable"), "{e:#}");
+        store.fail_next(0);
+    }
 
     #[derive(Parser)]
     struct Cli {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -46,8 +46,18 @@ struct Served {
     /// Kept for its drop, which stops serving.
     _serving: Vec<Listener>,
     netns: String,
+    /// The namespace's (device, inode) at that path when the sockets were opened: a
+    /// namespace made anew at the same path is another one.
+    ns_id: Option<(u64, u64)>,
     /// Under which key the fd store holds duplicates (None: it does not).
     held: Option<Key>,
+}
+
+/// Whether the namespace a listener serves is no longer the one at its path (a runtime
+/// deleted it and made another of the same name): its sockets, and the fd store's
+/// copies, would keep the old one alive and leave the new one without DNS.
+fn replaced(s: &Served) -> bool {
+    netns::file_id(Path::new(&s.netns)) != s.ns_id
 }
 
 /// Sockets that outlive this netd (see [`crate::fdstore`]), or why they do not.
@@ -80,20 +90,27 @@ fn service_record(svc: &crate::model::Service) -> ServiceRecord {
     }
 }
 
-fn task_record(t: &Task) -> TaskRecord {
+fn task_record(st: &State, t: &Task) -> TaskRecord {
     TaskRecord {
         id: t.id.clone(),
         name: t.name.clone(),
         service: t.service.clone(),
-        addrs: t
-            .endpoints
-            .iter()
-            // Names live on service networks only, not on the node-local gwbridge nor on
-            // the routing mesh's ingress network (as in Docker).
-            .filter(|e| e.network != GWBRIDGE && e.network != crate::state::INGRESS)
-            .map(|e| (e.network.clone(), e.ip))
-            .collect(),
+        addrs: named_addrs(t),
+        // Out of its service's answers while draining or failing its health check
+        // (a node that is down keeps its tasks' names: it may be back in seconds).
+        serving: t.draining.is_none() && st.healthy(t),
     }
+}
+
+/// The task's address on each network where it has a name, in attach order: service
+/// networks only, not the node-local gwbridge nor the routing mesh's ingress network
+/// (as in Docker).
+fn named_addrs(t: &Task) -> Vec<(String, std::net::Ipv4Addr)> {
+    t.endpoints
+        .iter()
+        .filter(|e| e.network != GWBRIDGE && e.network != crate::state::INGRESS)
+        .map(|e| (e.network.clone(), e.ip))
+        .collect()
 }
 
 impl Dns {
@@ -183,7 +200,7 @@ impl Dns {
             table.upsert_service(service_record(svc));
         }
         for t in st.tasks.values() {
-            table.upsert_task(task_record(t));
+            table.upsert_task(task_record(st, t));
         }
     }
 
@@ -201,7 +218,7 @@ impl Dns {
         }
         for id in tasks {
             match st.tasks.get(id) {
-                Some(t) => table.upsert_task(task_record(t)),
+                Some(t) => table.upsert_task(task_record(st, t)),
                 None => table.remove_task(id),
             }
         }
@@ -221,7 +238,7 @@ impl Dns {
                 .collect();
             let stale: Vec<String> = l
                 .iter()
-                .filter(|(id, s)| keep.get(id.as_str()) != Some(&s.netns.as_str()))
+                .filter(|(id, s)| keep.get(id.as_str()) != Some(&s.netns.as_str()) || replaced(s))
                 .map(|(id, _)| id.clone())
                 .collect();
             stale
@@ -320,6 +337,7 @@ impl Dns {
 
     async fn open(&self, t: &Task) -> Result<Served> {
         let ns = Netns::Path(PathBuf::from(&t.netns));
+        let ns_id = netns::file_id(Path::new(&t.netns));
         // In a Docker container Docker's own resolver takes 127.0.0.11:53 (a DNAT in the
         // container); it forwards what it does not know to the daemon's `--dns`, which
         // points at netd's second address there.
@@ -350,7 +368,7 @@ impl Dns {
             }
         };
         let querier = server::Querier {
-            networks: task_record(t).addrs.into_iter().map(|(n, _)| n).collect(),
+            networks: named_addrs(t).into_iter().map(|(n, _)| n).collect(),
             // A task without a default route (only internal networks) has no way out, and
             // its DNS must not be one either.
             forward: t.default_gateway.is_some(),
@@ -366,6 +384,7 @@ impl Dns {
             Ok(listeners) => Ok(Served {
                 _serving: listeners,
                 netns: t.netns.clone(),
+                ns_id,
                 held,
             }),
             Err(e) => {

@@ -52,13 +52,15 @@ impl Touched {
                     t.tasks.extend(prev.task_ids_of(name));
                     t.tasks.extend(next.task_ids_of(name));
                 }
-                // A task's node reported it up (or not): its VIPs follow.
-                "taskstatus" => {
+                // A task's node reported it up (or not), healthy (or not): its VIPs
+                // and its service's names follow.
+                "taskstatus" | "taskhealth" => {
                     for st in [prev, next] {
                         if let Some(task) = st.any_task(name) {
                             t.services.insert(task.service.clone());
                         }
                     }
+                    t.tasks.insert(name.to_string());
                 }
                 "tasks" => {
                     t.tasks.insert(name.to_string());

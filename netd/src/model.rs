@@ -95,6 +95,85 @@ pub struct Service {
     #[serde(default)]
     pub vips: BTreeMap<String, Ipv4Addr>,
     pub created_at: u64,
+    /// How the node that runs each task probes it; none: a task is in service as soon
+    /// as its interfaces work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+/// A service's health check (`--health-cmd`). A task with one is out of new picks and
+/// DNS answers until its first probe succeeds, and again after `retries` probes in a
+/// row failed, `interval` seconds apart; one success brings it back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp:PORT` (a TCP connect) or `http:PORT/PATH` (a GET answered 2xx or 3xx).
+    pub cmd: String,
+    #[serde(default = "HealthCheck::default_interval")]
+    pub interval: u64,
+    #[serde(default = "HealthCheck::default_retries")]
+    pub retries: u32,
+}
+
+/// What a health check asks, parsed from [`HealthCheck::cmd`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Tcp { port: u16 },
+    Http { port: u16, path: String },
+}
+
+impl HealthCheck {
+    pub const MAX_INTERVAL: u64 = 3600;
+    pub const MAX_RETRIES: u32 = 100;
+
+    fn default_interval() -> u64 {
+        5
+    }
+
+    fn default_retries() -> u32 {
+        3
+    }
+
+    /// The probe, or why the check is not one netd can run.
+    pub fn probe(&self) -> Result<Probe, String> {
+        if !(1..=Self::MAX_INTERVAL).contains(&self.interval) {
+            return Err(format!(
+                "health interval {} s must be 1 to {} s",
+                self.interval,
+                Self::MAX_INTERVAL
+            ));
+        }
+        if !(1..=Self::MAX_RETRIES).contains(&self.retries) {
+            return Err(format!(
+                "health retries {} must be 1 to {}",
+                self.retries,
+                Self::MAX_RETRIES
+            ));
+        }
+        let bad = || {
+            format!(
+                "health check {:?} must be tcp:PORT or http:PORT/PATH",
+                self.cmd
+            )
+        };
+        let (kind, rest) = self.cmd.split_once(':').ok_or_else(bad)?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad);
+        match kind {
+            "tcp" => Ok(Probe::Tcp { port: port(rest)? }),
+            "http" => {
+                let (p, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let path = format!("/{path}");
+                if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                    return Err(bad());
+                }
+                Ok(Probe::Http {
+                    port: port(p)?,
+                    path,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
 }
 
 /// One interface of a task: on a service network or on the node's gwbridge.
@@ -136,6 +215,20 @@ pub struct Task {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handoff: bool,
     pub created_at: u64,
+    /// Set by a graceful detach (`task detach --drain`): the task is out of new picks
+    /// and DNS answers on every node, its established connections and UDP flows keep
+    /// working, and its node removes it once they are gone or at the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining: Option<Drain>,
+}
+
+/// A drain under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Drain {
+    /// When it began (seconds since the epoch).
+    pub since: u64,
+    /// When the task is removed whatever its connections (seconds since the epoch).
+    pub until: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

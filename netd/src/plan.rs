@@ -687,6 +687,7 @@ pub fn ingress_sandbox_task(st: &State, cfg: &NodeConfig, net: &Network) -> Opti
         default_gateway: Some(ipam::default_gateway(gw)),
         labels: Default::default(),
         handoff: false,
+        draining: None,
         created_at: 0,
     })
 }
@@ -783,7 +784,7 @@ fn ingress_backends(st: &State) -> Vec<(&PortSpec, Vec<(&str, Ipv4Addr)>)> {
         {
             let mut backends: Vec<(&str, Ipv4Addr)> = st
                 .tasks_of(&svc.name)
-                .filter(|t| st.node_alive(&t.node) && st.task_up(&t.id))
+                .filter(|t| st.in_service(t))
                 .filter_map(|t| {
                     let ep = t.endpoints.iter().find(|e| e.network == INGRESS)?;
                     Some((t.node.as_str(), ep.ip))
@@ -794,6 +795,16 @@ fn ingress_backends(st: &State) -> Vec<(&PortSpec, Vec<(&str, Ipv4Addr)>)> {
         }
     }
     out
+}
+
+/// The ingress addresses of `svc`'s tasks being drained on live nodes: out of the mesh's
+/// picks, while the flows they have stay theirs.
+fn ingress_draining(st: &State, svc: &str) -> Vec<Ipv4Addr> {
+    st.tasks_of(svc)
+        .filter(|t| t.draining.is_some() && st.node_alive(&t.node) && st.task_up(&t.id))
+        .filter_map(|t| t.endpoints.iter().find(|e| e.network == INGRESS))
+        .map(|e| e.ip)
+        .collect()
 }
 
 /// What the ingress sandbox balances: each ingress-mode port onto the ingress addresses
@@ -838,6 +849,11 @@ pub fn mesh_ports(st: &State) -> Vec<MeshPort> {
                 .into_iter()
                 .filter_map(|(node, ip)| Some((ip, st.nodes.get(node)?.address?)))
                 .collect(),
+            draining: st
+                .publishing()
+                .find(|s| s.publish.contains(p))
+                .map(|s| ingress_draining(st, &s.name))
+                .unwrap_or_default(),
         })
         .collect()
 }
@@ -935,6 +951,7 @@ pub(crate) mod tests {
                 .collect(),
             vips: Default::default(),
             created_at: 0,
+            health: None,
         }
     }
 
@@ -960,6 +977,7 @@ pub(crate) mod tests {
             default_gateway: None,
             labels: Default::default(),
             handoff: false,
+            draining: None,
             created_at: 0,
         }
     }

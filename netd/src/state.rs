@@ -16,6 +16,8 @@
 //! - `alive/NODE`: ephemeral (an etcd lease): present while the node's daemon lives
 //! - `taskstatus/ID`: written by the task's node after each reconcile that changed it,
 //!   so any node's API can tell whether a task's interfaces are up
+//! - `taskhealth/ID`: written by the task's node when its health check's verdict changes
+//! - `cluster/id`: the cluster's identity, written once (see [`crate::identity`])
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -27,8 +29,8 @@ use thiserror::Error;
 
 use crate::ipam::{self, IpamError};
 use crate::model::{
-    self, Driver, Endpoint, EndpointMode, Network, Node, PortSpec, PublishMode, Service, Task,
-    GWBRIDGE,
+    self, Drain, Driver, Endpoint, EndpointMode, HealthCheck, Network, Node, PortSpec, PublishMode,
+    Service, Task, GWBRIDGE,
 };
 use crate::store::{Compare, Event, KeyValue, Op, Snapshot, Store, StoreError, MAX_TXN_OPS, ROOT};
 use crate::view::View;
@@ -58,6 +60,21 @@ pub enum Error {
     Contention,
     #[error("{0}")]
     Kernel(String),
+    /// The store is not the one this node follows (see [`crate::identity`]).
+    #[error("{0}")]
+    StoreRefused(String),
+}
+
+impl Error {
+    /// Whether trying again later may succeed: the store unreachable or too busy, as
+    /// opposed to a request it refused.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store(e) => e.is_transient(),
+            Error::Contention => true,
+            _ => false,
+        }
+    }
 }
 
 impl From<IpamError> for Error {
@@ -126,6 +143,8 @@ pub struct ServiceCreate {
     /// Publish ports the node serves itself (see [`crate::node_ports`]).
     #[serde(default)]
     pub force: bool,
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -180,10 +199,19 @@ pub struct State {
     pub vnis: OrdSet<u32>,
     /// Network id -> node -> that node's load-balancer address on the network.
     pub lb_addrs: OrdMap<String, OrdMap<String, Ipv4Addr>>,
-    /// Nodes whose daemon holds its liveness lease.
+    /// The cluster's identity (`cluster/id`, written once by its first node): what tells
+    /// a node that its store was emptied or replaced (see [`crate::identity`]).
+    pub cluster: Option<String>,
+    /// Nodes whose daemon holds its liveness lease (in a node's own view, that node
+    /// always: see `view::own`).
     pub alive: OrdSet<String>,
+    /// The node whose view this is has no lease in the store (it counts itself alive
+    /// all the same): what `node ls` shows.
+    pub own_lease_lapsed: bool,
     /// Task id -> what its node last reported.
     pub task_status: OrdMap<String, TaskStatus>,
+    /// Task id -> what its health check found (tasks of services with a check).
+    pub task_health: OrdMap<String, TaskHealth>,
     /// (network id, address) -> who reserved it before any task holds it (a runtime
     /// whose IPAM hands out addresses before the container exists: Docker's).
     pub reservations: OrdMap<(String, Ipv4Addr), String>,
@@ -203,10 +231,25 @@ pub struct State {
     by_service: OrdMap<String, OrdSet<String>>,
     /// Task name -> task id (`tasknames/`).
     task_names: OrdMap<String, String>,
+    /// The tasks being drained: what the drain finisher looks at, without a scan of
+    /// every task.
+    draining: OrdSet<String>,
     /// The services that publish a port: what the mesh and the node's firewall go
     /// through, without a scan of every service.
     publishing: OrdSet<String>,
     revs: OrdMap<String, u64>,
+}
+
+/// What a task's health check found, as its node reports it (`taskhealth/ID`, written on
+/// a change only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskHealth {
+    pub healthy: bool,
+    /// Since when (seconds since the epoch).
+    pub since: u64,
+    /// The last failed probe's error, if the last probe failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// How a task's node sees it after its last reconcile.
@@ -292,6 +335,7 @@ impl State {
             Holder(String),
             Addr(Ipv4Addr),
             Status(TaskStatus),
+            Health(TaskHealth),
             Binding(serde_json::Value),
             Id(String),
             Other,
@@ -304,8 +348,9 @@ impl State {
             "ipam" | "gwipam" => Value::Holder(decode(k, v)?),
             "lbaddr" => Value::Addr(decode(k, v)?),
             "taskstatus" => Value::Status(decode(k, v)?),
+            "taskhealth" => Value::Health(decode(k, v)?),
             "bindings" => Value::Binding(decode(k, v)?),
-            "tasknames" => Value::Id(decode(k, v)?),
+            "tasknames" | "cluster" => Value::Id(decode(k, v)?),
             _ => Value::Other,
         };
         self.delete(k);
@@ -361,6 +406,9 @@ impl State {
             Value::Status(status) => {
                 self.task_status.insert(name, status);
             }
+            Value::Health(health) => {
+                self.task_health.insert(name, health);
+            }
             Value::Binding(b) => {
                 if let Some((frontend, id)) = name.split_once('/') {
                     self.bindings
@@ -369,6 +417,7 @@ impl State {
                         .insert(id.to_string(), b);
                 }
             }
+            Value::Id(id) if kind == "cluster" => self.cluster = Some(id),
             Value::Id(id) => {
                 self.task_names.insert(name, id);
             }
@@ -412,6 +461,7 @@ impl State {
                 }
             }
             "tasks" => {
+                self.draining.remove(name);
                 let gone = self
                     .tasks
                     .remove(name)
@@ -470,6 +520,9 @@ impl State {
             "taskstatus" => {
                 self.task_status.remove(name);
             }
+            "taskhealth" => {
+                self.task_health.remove(name);
+            }
             "bindings" => {
                 if let Some((frontend, id)) = name.split_once('/') {
                     if let Some(m) = self.bindings.get_mut(frontend) {
@@ -483,6 +536,7 @@ impl State {
             "tasknames" => {
                 self.task_names.remove(name);
             }
+            "cluster" => self.cluster = None,
             _ => {}
         }
     }
@@ -503,6 +557,9 @@ impl State {
             .entry(t.service.clone())
             .or_default()
             .insert(t.id.clone());
+        if t.draining.is_some() {
+            self.draining.insert(t.id.clone());
+        }
         if self.services.contains_key(&t.service) {
             self.tasks.insert(t.id.clone(), t);
         } else {
@@ -515,6 +572,27 @@ impl State {
     /// task whose interfaces are not there yet.
     pub fn task_up(&self, id: &str) -> bool {
         self.task_status.get(id).is_some_and(TaskStatus::up)
+    }
+
+    /// The tasks being drained (not their orphans: those go with their service).
+    pub fn draining(&self) -> impl Iterator<Item = &Task> + '_ {
+        self.draining.iter().filter_map(|id| self.tasks.get(id))
+    }
+
+    /// Whether task `t` takes new connections and is named in its service's DNS answers:
+    /// its node is alive, its node reported it up, and it is not draining.
+    pub fn in_service(&self, t: &Task) -> bool {
+        self.node_alive(&t.node) && self.task_up(&t.id) && t.draining.is_none() && self.healthy(t)
+    }
+
+    /// Whether task `t` passes its service's health check: always without one; with
+    /// one, once its node reported a success and until it reports it unhealthy.
+    pub fn healthy(&self, t: &Task) -> bool {
+        let checked = self
+            .services
+            .get(&t.service)
+            .is_some_and(|s| s.health.is_some());
+        !checked || self.task_health.get(&t.id).is_some_and(|h| h.healthy)
     }
 
     /// The services that publish ports.
@@ -634,10 +712,21 @@ impl<T> std::ops::Deref for Committed<T> {
 /// The state comes from the node's view; a compare that fails means the store moved on,
 /// so the next attempt waits for the view to move past what it saw. Once a write sticks,
 /// the view holds it before this returns: whoever asked reads their own write.
+/// Refuses a write to a store the node's view refused (see [`crate::identity`]): a
+/// write computed from the last good state must not land in an emptied, replaced or
+/// rolled-back store.
+fn writable(view: &View) -> Result<()> {
+    match view.refused() {
+        Some(why) => Err(Error::StoreRefused(why)),
+        None => Ok(()),
+    }
+}
+
 async fn commit<T, F>(view: &View, mut attempt: F) -> Result<Committed<T>>
 where
     F: FnMut(&State) -> Result<(Vec<Compare>, Vec<Op>, T)>,
 {
+    writable(view)?;
     let mut state = view.state();
     for _ in 0..MAX_RETRIES {
         let (compares, ops, value) = attempt(&state)?;
@@ -650,6 +739,28 @@ where
         }
     }
     Err(Error::Contention)
+}
+
+/// The cluster's identity: the store's, or a new one if it has none yet (the first node
+/// of a cluster, or the first after an upgrade).
+pub async fn ensure_cluster_id(view: &View) -> Result<String> {
+    if let Some(id) = view.state().cluster.clone() {
+        return Ok(id);
+    }
+    let id = model::random_id(16);
+    commit(view, |st| {
+        let k = key("cluster", "id");
+        match &st.cluster {
+            Some(have) => Ok((vec![], vec![], have.clone())),
+            None => Ok((
+                vec![st.unchanged(&k)],
+                vec![Op::Put(k, encode(&id))],
+                id.clone(),
+            )),
+        }
+    })
+    .await
+    .map(|c| c.value)
 }
 
 pub async fn register_node(view: &View, node: Node) -> Result<()> {
@@ -704,10 +815,12 @@ pub async fn alive_nodes(store: &dyn Store) -> Result<BTreeSet<String>> {
 /// changed. A task removed meanwhile gets no status (the compare on its record fails).
 /// Returns the revision of the last status written, if any.
 pub async fn publish_task_status(
-    store: &dyn Store,
+    view: &View,
     st: &State,
     changed: Vec<(String, TaskStatus)>,
 ) -> Result<Option<u64>> {
+    writable(view)?;
+    let store = view.store();
     let mut last = None;
     for (id, status) in changed {
         let tk = key("tasks", &id);
@@ -926,6 +1039,9 @@ pub async fn create_service(
     }
     let mode = req.endpoint_mode.unwrap_or(EndpointMode::Vip);
     check_publish(&req.publish, mode)?;
+    if let Some(h) = &req.health {
+        h.probe().map_err(Error::Invalid)?;
+    }
     let id = model::random_id(12);
     let ingress_id = model::random_id(12);
     commit(view, |st| {
@@ -998,6 +1114,7 @@ pub async fn create_service(
             publish: req.publish.clone(),
             vips,
             created_at: model::now_secs(),
+            health: req.health.clone(),
         };
         ops.push(Op::Put(sk, encode(&svc)));
         Ok((compares, ops, svc))
@@ -1096,6 +1213,7 @@ fn task_release_ops(st: &State, task: &Task) -> Vec<Op> {
         Op::Delete(key("tasks", &task.id)),
         Op::Delete(key("tasknames", &task.name)),
         Op::Delete(key("taskstatus", &task.id)),
+        Op::Delete(key("taskhealth", &task.id)),
     ];
     let mine = format!("task:{}", task.id);
     for ep in &task.endpoints {
@@ -1195,6 +1313,7 @@ async fn release_later(view: &View) {
 /// its compare and is read again); run after every removal and at a daemon's start, which
 /// finishes the work of a remover that died half-way. Returns how many records it freed.
 pub async fn collect_garbage(view: &View) -> Result<usize> {
+    writable(view)?;
     let mut freed = 0;
     let mut misses = 0;
     let mut st = view.state();
@@ -1405,6 +1524,7 @@ pub async fn attach_task(
             default_gateway,
             labels: req.labels.clone(),
             handoff: req.handoff,
+            draining: None,
             created_at: model::now_secs(),
         };
         ops.push(Op::Put(tk, encode(&task)));
@@ -1602,6 +1722,61 @@ pub async fn detach_task(view: &View, id_or_name: &str) -> Result<Committed<Task
     .await
 }
 
+/// Records what task `id`'s health check found (its node, on a change). A task removed
+/// meanwhile gets no record (the compare on the task fails).
+pub async fn publish_task_health(
+    view: &View,
+    st: &State,
+    id: &str,
+    health: &TaskHealth,
+) -> Result<Option<u64>> {
+    writable(view)?;
+    if !st.tasks.contains_key(id) {
+        return Ok(None);
+    }
+    Ok(view
+        .store()
+        .txn(
+            vec![st.unchanged(&key("tasks", id))],
+            vec![Op::Put(key("taskhealth", id), encode(health))],
+        )
+        .await?)
+}
+
+/// The longest drain a detach may ask for: a day.
+pub const MAX_DRAIN_SECS: u64 = 86_400;
+
+/// Starts a graceful detach of task `id_or_name`: out of new picks and DNS answers on
+/// every node at once (the write is acknowledged like any other), removed by its node
+/// once its connections are gone or after `seconds`. A drain already under way keeps
+/// its start and the earlier of the two deadlines.
+pub async fn drain_task(view: &View, id_or_name: &str, seconds: u64) -> Result<Committed<Task>> {
+    if seconds > MAX_DRAIN_SECS {
+        return Err(Error::Invalid(format!(
+            "a drain of {seconds} s is longer than the {MAX_DRAIN_SECS} s netd allows"
+        )));
+    }
+    let now = model::now_secs();
+    commit(view, |st| {
+        let mut task = st.task(id_or_name)?.clone();
+        let until = now.saturating_add(seconds);
+        task.draining = Some(match task.draining {
+            Some(d) => Drain {
+                since: d.since,
+                until: d.until.min(until),
+            },
+            None => Drain { since: now, until },
+        });
+        let k = key("tasks", &task.id);
+        Ok((
+            vec![st.unchanged(&k)],
+            vec![Op::Put(k, encode(&task))],
+            task,
+        ))
+    })
+    .await
+}
+
 /// The holder prefix of a reserved address (`ipam/NET/IP` = "reserved:OWNER").
 const RESERVED: &str = "reserved:";
 
@@ -1793,7 +1968,7 @@ pub(crate) mod fixture {
                 (id.to_string(), status)
             })
             .collect();
-        if let Some(rev) = publish_task_status(view.store(), &st, up).await.unwrap() {
+        if let Some(rev) = publish_task_status(view, &st, up).await.unwrap() {
             view.at_least(rev).await.unwrap();
         }
     }
@@ -1828,6 +2003,96 @@ mod tests {
     }
 
     use super::fixture::attach;
+
+    fn backends(st: &State) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+        let t = crate::datapath::LbTable::from_state(st);
+        let e = t.vips.values().next().expect("one VIP");
+        (e.backends.clone(), e.draining.clone())
+    }
+
+    /// A drain takes the task out of new picks (its address moves to the VIP's
+    /// `draining`, where flows stay) at once; a second drain keeps the earlier deadline.
+    #[tokio::test]
+    async fn a_drain_takes_a_task_out_of_service_and_keeps_the_earlier_deadline() {
+        let (_dir, v) = fixture::setup().await;
+        web_on_front(&v).await;
+        let t = attach_task(&v, "n1", attach("web", "/run/netns/a", "n1"))
+            .await
+            .unwrap();
+        fixture::report_up(&v, &[&t.id]).await;
+        let ip = t.value.endpoints[0].ip;
+        assert_eq!(backends(&v.state()), (vec![ip], vec![]));
+        let d = drain_task(&v, &t.name, 30).await.unwrap();
+        let until = d.value.draining.expect("draining").until;
+        let st = v.state();
+        assert!(!st.in_service(&st.tasks[&t.id]));
+        assert_eq!(backends(&st), (vec![], vec![ip]));
+        assert_eq!(st.draining().count(), 1);
+        let later = drain_task(&v, &t.id, 60).await.unwrap();
+        assert_eq!(later.value.draining.map(|d| d.until), Some(until));
+        let sooner = drain_task(&v, &t.id, 1).await.unwrap();
+        assert!(sooner.value.draining.is_some_and(|d| d.until < until));
+        let e = drain_task(&v, &t.id, MAX_DRAIN_SECS + 1).await.unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
+        // The end of the drain is the ordinary detach.
+        detach_task(&v, &t.id).await.unwrap();
+        assert_eq!(backends(&v.state()), (vec![], vec![]));
+        assert_eq!(v.state().draining().count(), 0);
+    }
+
+    /// A task of a service with a health check is in service only once its node reported
+    /// it healthy, and out again when it reports it unhealthy; a bad check is refused.
+    #[tokio::test]
+    async fn a_checked_task_is_in_service_only_while_healthy() {
+        let (_dir, v) = fixture::setup().await;
+        web_on_front(&v).await;
+        let check = |cmd: &str| ServiceCreate {
+            name: "db".into(),
+            networks: vec!["front".into()],
+            health: Some(HealthCheck {
+                cmd: cmd.into(),
+                interval: 1,
+                retries: 2,
+            }),
+            ..Default::default()
+        };
+        let e = create_service(&v, &pools(), check("udp:53"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
+        assert!(!v.state().services.contains_key("db"));
+        create_service(&v, &pools(), check("http:80/healthz"))
+            .await
+            .unwrap();
+        let t = attach_task(&v, "n1", attach("db", "/run/netns/d", "n1"))
+            .await
+            .unwrap();
+        fixture::report_up(&v, &[&t.id]).await;
+        let in_service = |v: &View| {
+            let st = v.state();
+            st.in_service(&st.tasks[&t.id])
+        };
+        assert!(
+            !in_service(&v),
+            "starting: not before its first probe passed"
+        );
+        for healthy in [true, false, true] {
+            let h = TaskHealth {
+                healthy,
+                since: 1,
+                detail: None,
+            };
+            let rev = publish_task_health(&v, &v.state(), &t.id, &h)
+                .await
+                .unwrap()
+                .unwrap();
+            v.at_least(rev).await.unwrap();
+            assert_eq!(in_service(&v), healthy);
+        }
+        // The record goes with the task.
+        detach_task(&v, &t.id).await.unwrap();
+        assert!(v.state().task_health.is_empty());
+    }
 
     store_test!(
         networks_get_distinct_subnets_and_vnis,
@@ -2235,7 +2500,7 @@ mod tests {
                 .unwrap();
             assert_eq!(t.name, "web-1");
             publish_task_status(
-                s.store(),
+                s,
                 &State::load(s.store()).await.unwrap(),
                 vec![(
                     t.id.clone(),

@@ -11,6 +11,7 @@
 //! external hosts .100 up), each node's gwbridge 198.18.1.0/24, network subnets from
 //! 198.19.0.0/16.
 
+pub mod load;
 pub mod pki;
 pub mod runtimes;
 pub mod whoami;

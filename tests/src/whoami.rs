@@ -4,10 +4,13 @@
 //! address the request arrived on, and the address it came from, which is what the tests
 //! check (which backend answered, and whether the source was rewritten). `GET
 //! /data?size=N` adds N bytes to the body (at most 16 MiB), as traefik/whoami's does: a
-//! download large enough for path MTU discovery to matter.
+//! download large enough for path MTU discovery to matter. `GET /health` answers with the
+//! status `GET /health?set=CODE` last set (200 at first), as traefik/whoami's `POST
+//! /health` does: a health check can fail while the task still serves everything else.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -36,7 +39,8 @@ fn serve_udp(sock: UdpSocket, name: &str) {
     }
 }
 
-fn serve_http(mut conn: TcpStream, name: &str) -> Result<()> {
+/// Serves one connection's requests (keep-alive) until the client closes it.
+pub(crate) fn serve_http(mut conn: TcpStream, name: &str) -> Result<()> {
     let local = conn.local_addr()?;
     let peer = conn.peer_addr()?;
     let mut pending = Vec::new();
@@ -57,15 +61,40 @@ fn serve_http(mut conn: TcpStream, name: &str) -> Result<()> {
             pending.extend_from_slice(&chunk[..n]);
         };
         let extra = requested_size(&pending[..end]);
+        let status = health(&pending[..end]);
         pending.drain(..end);
         let mut body = format!("Hostname: {name}\nIP: {}\nRemoteAddr: {peer}\n", local.ip());
         body.extend(std::iter::repeat_n('x', extra));
         let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            if status < 400 { "OK" } else { "Unhealthy" },
             body.len()
         );
         conn.write_all(resp.as_bytes())?;
     }
+}
+
+/// What `GET /health` answers (the process is one task's server).
+static HEALTH: AtomicU16 = AtomicU16::new(200);
+
+/// The status of the answer to a request with head `head`: `/health` answers with the
+/// last status `/health?set=CODE` set; everything else with 200.
+fn health(head: &[u8]) -> u16 {
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let target = std::str::from_utf8(line)
+        .ok()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or_default();
+    if let Some(code) = target.strip_prefix("/health?set=") {
+        if let Ok(code @ 200..=599) = code.parse::<u16>() {
+            HEALTH.store(code, Ordering::Relaxed);
+        }
+        return 200;
+    }
+    if target == "/health" {
+        return HEALTH.load(Ordering::Relaxed);
+    }
+    200
 }
 
 /// The most `/data?size=N` adds to a body.
@@ -86,6 +115,18 @@ fn requested_size(head: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn health_answers_what_was_set_and_other_paths_stay_200() {
+        assert_eq!(super::health(b"GET /health HTTP/1.1\r\n\r\n"), 200);
+        assert_eq!(super::health(b"GET /health?set=503 HTTP/1.1\r\n\r\n"), 200);
+        assert_eq!(super::health(b"GET /health HTTP/1.1\r\n\r\n"), 503);
+        assert_eq!(super::health(b"GET / HTTP/1.1\r\n\r\n"), 200);
+        assert_eq!(super::health(b"GET /health?set=x HTTP/1.1\r\n\r\n"), 200);
+        assert_eq!(super::health(b"GET /health HTTP/1.1\r\n\r\n"), 503);
+        assert_eq!(super::health(b"GET /health?set=200 HTTP/1.1\r\n\r\n"), 200);
+        assert_eq!(super::health(b"GET /health HTTP/1.1\r\n\r\n"), 200);
+    }
+
     #[test]
     fn data_size_comes_from_the_request_line() {
         assert_eq!(

@@ -322,7 +322,7 @@ fn an_etcd_restart_loses_nothing() -> Result<()> {
     assert!(reaches(&a_ns, b, "b"), "traffic stopped with etcd");
     // Writes fail with a clear error and change nothing.
     let e = lab.cli_json(0, &["network", "create", "late"])?;
-    assert_eq!(e["code"], "store", "{e}");
+    assert_eq!(e["code"], "store_unavailable", "{e}");
     lab.start_etcd()?;
 
     // Everyone reconnects: the state is as it was, every node is up, and the watches
@@ -345,6 +345,51 @@ fn an_etcd_restart_loses_nothing() -> Result<()> {
         Ok(reaches(&a_ns, c, "c"))
     })?;
     assert!(reaches(&a_ns, b, "b"));
+    Ok(())
+}
+
+/// A netd killed between moving a network's new VXLAN device into the sandbox and
+/// renaming it there leaves the device as `ndvx…` in the sandbox, holding the VNI and
+/// port: the restarted netd could not make `vxlan0` again, and the overlay stayed down
+/// on that node. The test makes exactly that kernel state (the sandbox's device renamed
+/// back to its temporary name while netd is down) and restarts netd.
+#[test]
+fn a_vxlan_device_left_half_made_by_a_kill_is_made_again() -> Result<()> {
+    let mut lab = cluster("mx")?;
+    lab.attach_whoami(0, "web", "a", None)?;
+    lab.attach_whoami(1, "web", "b", None)?;
+    let b = lab.task_ip(0, "b", "front")?;
+    let a_ns = lab.ns("a");
+    assert!(reaches(&a_ns, b, "b"));
+    let net = lab.cli_json(1, &["network", "inspect", "front"])?;
+    let id = net["id"].as_str().context("network id")?.to_string();
+    let sandbox = format!("netd-{}-{id}", lab.nodes[1].name);
+    let half_made = format!("ndvx{}", &id[..id.len().min(10)]);
+    lab.stop_daemon(1, true)?;
+    let ip = |args: &[&str]| -> Result<String> {
+        let mut all = vec!["-n", sandbox.as_str()];
+        all.extend_from_slice(args);
+        let out = netd_lab::run(std::process::Command::new("ip").args(&all))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ip(&["link", "set", "vxlan0", "down"])?;
+    ip(&["link", "set", "vxlan0", "nomaster"])?;
+    ip(&["link", "set", "vxlan0", "name", &half_made])?;
+    assert!(!reaches(&a_ns, b, "b"), "b's node has no vxlan0 now");
+
+    lab.start_daemon(1)?;
+    eventually(Duration::from_secs(10), "a reaches b again", || {
+        Ok(reaches(&a_ns, b, "b"))
+    })?;
+    let links = ip(&["-o", "link", "show"])?;
+    assert!(links.contains("vxlan0"), "{links}");
+    assert!(!links.contains(&half_made), "{links}");
+    let status = lab.cli_json(1, &["status"])?;
+    assert_eq!(
+        status["reconcile"]["errors"],
+        serde_json::json!([]),
+        "{status}"
+    );
     Ok(())
 }
 

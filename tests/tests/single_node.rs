@@ -437,3 +437,70 @@ fn a_deleted_task_namespace_is_not_kept_alive_by_netd() -> Result<()> {
     );
     Ok(())
 }
+
+/// A runtime that deletes a task's namespace and makes a new one at the same path (a
+/// container restarted under its name, without a detach) gets the task plumbed into the
+/// new namespace, with its DNS. Before, netd's DNS sockets in the old namespace kept it
+/// alive, and with it the old end of the task's veth, so the new plumbing met a port of
+/// that name already in the sandbox.
+#[test]
+fn a_task_namespace_made_anew_at_its_path_is_plumbed_again() -> Result<()> {
+    let mut lab = web_lab("nre", &["peer"])?;
+    // The periodic checked step is what finds the namespace replaced: sooner than its
+    // default 30 s.
+    lab.daemon_args = vec!["--resync".into(), "3".into()];
+    lab.stop_daemon(0, false)?;
+    lab.start_daemon(0)?;
+    let (name, path) = lab.add_task_netns("again")?;
+    lab.cli(
+        0,
+        &["task", "attach", "web", "--netns", &path, "--name", "again"],
+    )?;
+    let ip = lab.task_ip(0, "again", "front")?;
+    let peer = lab.task_ip(0, "peer", "front")?;
+    assert_eq!(lab.dig_short(&name, "peer")?, vec![peer.to_string()]);
+
+    let out = Command::new("ip").args(["netns", "del", &name]).output()?;
+    anyhow::ensure!(out.status.success(), "ip netns del: {out:?}");
+    let out = Command::new("ip").args(["netns", "add", &name]).output()?;
+    anyhow::ensure!(out.status.success(), "ip netns add: {out:?}");
+
+    let state = |lab: &Lab| -> Result<String> {
+        let tasks = lab.tasks_of(0, "web")?;
+        Ok(tasks
+            .iter()
+            .find(|t| t["name"] == "again")
+            .and_then(|t| t["state"].as_str())
+            .unwrap_or("missing")
+            .to_string())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let addrs = lab.exec_in(&name, &["ip", "-o", "-4", "addr", "show"])?;
+        let plumbed = String::from_utf8_lossy(&addrs.stdout).contains(&format!("{ip}/"));
+        let answered = lab.dig_short(&name, "peer")? == vec![peer.to_string()];
+        let now = state(&lab)?;
+        // The step that finds the new namespace plumbs it: the task is never in error
+        // (before, that step met the old port and failed, until a later one).
+        anyhow::ensure!(
+            !now.starts_with("error"),
+            "the task went into error: {now}\n{}",
+            lab.daemon_log(0)
+        );
+        if plumbed && answered && now == "running" {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the new namespace is not served (address {plumbed}, dns {answered}, state {:?}); \
+             netd's log:\n{}",
+            state(&lab)?,
+            lab.daemon_log(0)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // From the new namespace the peer answers.
+    let body = http_get_from(&name, addr(peer))?;
+    assert_eq!(field(&body, "Hostname"), Some("peer"), "{body}");
+    Ok(())
+}

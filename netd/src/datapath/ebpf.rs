@@ -110,6 +110,19 @@ struct Programmed {
     /// Its network's number in `netd_vip_nets` (None: none there).
     net: Option<u32>,
     backends: Vec<Ipv4Addr>,
+    /// Out of picks, flows kept (see [`VipEntry::draining`]).
+    draining: Vec<Ipv4Addr>,
+}
+
+impl Programmed {
+    /// The backends whose flows stay.
+    fn kept(&self) -> Vec<Ipv4Addr> {
+        self.backends
+            .iter()
+            .chain(&self.draining)
+            .copied()
+            .collect()
+    }
 }
 
 fn vip_key(vip: Ipv4Addr) -> VipKey {
@@ -194,6 +207,7 @@ impl Loaded {
                 slot: v.service,
                 net: l.vip_nets.get(&k.addr, 0).ok(),
                 backends,
+                draining: vec![],
             };
             l.slots.insert(from_be(k.addr), programmed);
             l.next_slot = l.next_slot.max(v.service.wrapping_add(1));
@@ -252,7 +266,50 @@ impl Loaded {
             };
             changed += usize::from(done);
         }
+        if touched.is_none() {
+            self.forget_unkept(table);
+        }
         Ok(changed)
+    }
+
+    /// After a full pass (a start, a follower that fell behind): UDP affinities and
+    /// counters of backends that no VIP keeps, however they were left behind (a drained
+    /// task that went while netd was down: the drain is not in the pinned maps). A walk
+    /// of both maps.
+    fn forget_unkept(&mut self, table: &LbTable) {
+        let kept = |vip: u32, backend: u32| {
+            table
+                .vips
+                .get(&from_be(vip))
+                .is_some_and(|e| e.keeps(&from_be(backend)))
+        };
+        let flows: Vec<RevNatKey> = self
+            .udp_flows
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| !kept(k.addr, v.addr))
+            .map(|(k, _)| k)
+            .collect();
+        let counters: Vec<CounterKey> = self
+            .counters
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !kept(k.vip, k.backend))
+            .collect();
+        let mut removed = 0;
+        for k in flows {
+            removed += u64::from(self.udp_flows.remove(&k).is_ok());
+        }
+        for k in counters {
+            removed += u64::from(self.counters.remove(&k).is_ok());
+        }
+        if removed > 0 {
+            crate::writes::count(crate::writes::Kind::Bpf, removed);
+            tracing::info!(
+                removed,
+                "eBPF flows and counters of backends that left removed"
+            );
+        }
     }
 
     /// Takes a VIP out of the maps; false if it was not there.
@@ -274,8 +331,8 @@ impl Loaded {
             old.slot,
             old.backends.len(),
         );
-        self.drop_counters(vip, &old.backends, &[]);
-        self.forget_udp_flows(vip, &old.backends, &[]);
+        self.drop_counters(vip, &old.kept(), &[]);
+        self.forget_udp_flows(vip, &old.kept(), &[]);
         Ok(true)
     }
 
@@ -293,7 +350,20 @@ impl Loaded {
                 p.net = Some(net);
             }
         }
+        let old_kept = old.as_ref().map(Programmed::kept).unwrap_or_default();
+        let new_kept: Vec<Ipv4Addr> = entry
+            .backends
+            .iter()
+            .chain(&entry.draining)
+            .copied()
+            .collect();
         if old.as_ref().map(|o| &o.backends) == Some(&entry.backends) {
+            // Only who is draining may differ: a task whose drain ended leaves for good.
+            self.drop_counters(vip, &old_kept, &new_kept);
+            self.forget_udp_flows(vip, &old_kept, &new_kept);
+            if let Some(p) = self.slots.get_mut(&vip) {
+                p.draining = entry.draining.clone();
+            }
             return Ok(old.and_then(|o| o.net) != Some(net));
         }
         let slot = self.next_slot;
@@ -329,13 +399,14 @@ impl Loaded {
                 old.slot,
                 old.backends.len(),
             );
-            self.drop_counters(vip, &old.backends, &entry.backends);
-            self.forget_udp_flows(vip, &old.backends, &entry.backends);
+            self.drop_counters(vip, &old_kept, &new_kept);
+            self.forget_udp_flows(vip, &old_kept, &new_kept);
         }
         let programmed = Programmed {
             slot,
             net: Some(net),
             backends: entry.backends.clone(),
+            draining: entry.draining.clone(),
         };
         self.slots.insert(vip, programmed);
         Ok(true)

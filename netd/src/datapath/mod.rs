@@ -55,7 +55,19 @@ pub struct VipEntry {
     pub service: String,
     pub network: String,
     pub vip: Ipv4Addr,
+    /// Where new connections and new UDP flows go.
     pub backends: Vec<Ipv4Addr>,
+    /// Tasks being drained: out of new picks, while the connections and UDP flows they
+    /// already have keep reaching them (a datapath forgets nothing of theirs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<Ipv4Addr>,
+}
+
+impl VipEntry {
+    /// Whether flows to `backend` stay: it is a backend, or being drained.
+    pub fn keeps(&self, backend: &Ipv4Addr) -> bool {
+        self.backends.contains(backend) || self.draining.contains(backend)
+    }
 }
 
 /// The load-balancing state every datapath reads. A persistent map: the datapaths keep a
@@ -85,19 +97,25 @@ impl LbTable {
         svc.vips
             .iter()
             .map(|(network, vip)| {
-                let mut backends: Vec<Ipv4Addr> = st
-                    .tasks_of(&svc.name)
-                    .filter(|t| st.node_alive(&t.node) && st.task_up(&t.id))
-                    .flat_map(|t| t.endpoints.iter())
-                    .filter(|e| &e.network == network)
-                    .map(|e| e.ip)
-                    .collect();
-                backends.sort();
+                let on_network = |ts: &mut dyn Iterator<Item = &crate::model::Task>| {
+                    let mut ips: Vec<Ipv4Addr> = ts
+                        .flat_map(|t| t.endpoints.iter())
+                        .filter(|e| &e.network == network)
+                        .map(|e| e.ip)
+                        .collect();
+                    ips.sort();
+                    ips
+                };
+                let backends = on_network(&mut st.tasks_of(&svc.name).filter(|t| st.in_service(t)));
+                let draining = on_network(&mut st.tasks_of(&svc.name).filter(|t| {
+                    t.draining.is_some() && st.node_alive(&t.node) && st.task_up(&t.id)
+                }));
                 VipEntry {
                     service: svc.name.clone(),
                     network: network.clone(),
                     vip: *vip,
                     backends,
+                    draining,
                 }
             })
             .collect()
@@ -262,6 +280,21 @@ pub fn open(
 mod tests {
     use super::*;
     use crate::state::{self, fixture, TaskAttach};
+
+    /// Every expiry netd applies to an established TCP flow lets it sit idle for at least
+    /// 20 minutes (IPVS's 900 s is what ends Swarm users' idle connections, moby#31208):
+    /// the userspace VIP path's conntrack and the way back on published tasks' ports. The
+    /// eBPF VIP path keeps no per-flow state for TCP (it translates at connect()), the
+    /// XDP mesh expires UDP flows only (`idle_udp` in ingress_xdp.c), and the kernel's
+    /// conntrack on the mesh's kernel path is read on live flows in the lab
+    /// (zero_drop.rs, `an_idle_connection_...`).
+    #[test]
+    fn no_timer_of_netd_ends_an_idle_tcp_connection_within_20_minutes() {
+        const TWENTY_MINUTES: u64 = 20 * 60;
+        // Checked when the tests are built: a shorter timer does not compile.
+        const { assert!(conntrack::TCP_ESTABLISHED_TIMEOUT >= TWENTY_MINUTES) };
+        const { assert!(task_port::TCP_IDLE.as_secs() >= TWENTY_MINUTES) };
+    }
 
     #[tokio::test]
     async fn the_table_lists_each_vip_with_its_task_ips() {

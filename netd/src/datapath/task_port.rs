@@ -42,7 +42,7 @@ const CLOSED_IDLE: Duration = Duration::from_secs(60);
 const UDP_IDLE: Duration = Duration::from_secs(120);
 /// TCP flows: the ingress sandboxes' conntrack timeout for established flows, and a
 /// little more.
-const TCP_IDLE: Duration = Duration::from_secs(7200 + 240);
+pub(crate) const TCP_IDLE: Duration = Duration::from_secs(7200 + 240);
 /// How often at most a step walks the flows for idle ones.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 

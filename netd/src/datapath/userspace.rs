@@ -87,11 +87,7 @@ impl Shared {
     fn serves(&self, vip: Ipv4Addr, backend: Ipv4Addr) -> bool {
         self.table
             .read()
-            .map(|t| {
-                t.vips
-                    .get(&vip)
-                    .is_some_and(|e| e.backends.contains(&backend))
-            })
+            .map(|t| t.vips.get(&vip).is_some_and(|e| e.keeps(&backend)))
             .unwrap_or(true)
     }
 
@@ -490,7 +486,7 @@ impl Datapath for UserspaceDatapath {
             let Some(e) = table.vips.get(vip) else {
                 return false;
             };
-            per.retain(|b, _| e.backends.contains(b));
+            per.retain(|b, _| e.keeps(b));
             true
         };
         if let Ok(mut c) = self.shared.counters.lock() {
@@ -661,6 +657,7 @@ mod tests {
                 network: "front".into(),
                 vip,
                 backends: vec![a(B)],
+                draining: vec![],
             },
         );
         s

@@ -83,6 +83,8 @@ pub struct MeshPort {
     pub target_port: u16,
     /// Each task's ingress address and its node's VTEP, in round-robin order.
     pub backends: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Ingress addresses of tasks being drained: out of the picks, their flows kept.
+    pub draining: Vec<Ipv4Addr>,
 }
 
 /// Everything the fast path needs from the state.
@@ -167,6 +169,9 @@ struct Loaded {
     flows_removed: u64,
     /// Port -> (slot, value, backends) as programmed.
     slots: BTreeMap<(u8, u16), (u32, PortValue, Vec<MeshBackend>)>,
+    /// (protocol, port, backend) of the tasks being drained as last synced: their flows
+    /// go when they leave this list.
+    draining: BTreeSet<(u8, u16, u32)>,
     next_slot: u32,
     /// The pinned link runs this object's program (attached or checked by this netd).
     linked: bool,
@@ -259,6 +264,7 @@ impl Loaded {
             flows_removed: 0,
             obj,
             slots: BTreeMap::new(),
+            draining: BTreeSet::new(),
             next_slot: 1,
             linked: false,
         };
@@ -358,6 +364,11 @@ impl Loaded {
                 .to_be(),
         };
         self.cfg.set(0, cfg, 0).context("write ingress config")?;
+        let draining: BTreeSet<(u8, u16, u32)> = t
+            .ports
+            .iter()
+            .flat_map(|p| p.draining.iter().map(|a| (p.proto, p.port, be(*a))))
+            .collect();
         let want: BTreeMap<(u8, u16), (PortValue, Vec<MeshBackend>)> = t
             .ports
             .iter()
@@ -380,16 +391,25 @@ impl Loaded {
             })
             .collect();
         // Backends that leave a port (or go with it): their flows go too, once the port
-        // no longer picks them.
+        // no longer picks them; a draining one's stay until it leaves the draining list.
         let mut left: BTreeSet<(u8, u16, u32)> = BTreeSet::new();
         for (k, (_, _, old)) in &self.slots {
             let now = want.get(k).map(|(_, b)| b.as_slice()).unwrap_or_default();
             left.extend(
                 old.iter()
                     .filter(|b| !now.iter().any(|n| n.addr == b.addr))
-                    .map(|b| (k.0, k.1, b.addr)),
+                    .map(|b| (k.0, k.1, b.addr))
+                    .filter(|f| !draining.contains(f)),
             );
         }
+        left.extend(self.draining.difference(&draining).filter(|f| {
+            let now = want
+                .get(&(f.0, f.1))
+                .map(|(_, b)| b.as_slice())
+                .unwrap_or_default();
+            !now.iter().any(|n| n.addr == f.2)
+        }));
+        self.draining = draining;
         let gone: Vec<(u8, u16)> = self
             .slots
             .keys()

@@ -278,6 +278,7 @@ impl KernelLinks {
         netns::run_in(&sandbox, netns::bridge_netfilter_off).await?;
         let mtu = self.cfg.overlay_mtu;
         let (gw, prefix) = (net.gateway, net.subnet.prefix());
+        let half_made = naming::vxlan_tmp_if(&net.id);
         let has_vxlan = self
             .netlink
             .with(&sandbox, move |h| async move {
@@ -286,6 +287,13 @@ impl KernelLinks {
                 }
                 let br = netlink::ensure_bridge(&h, SANDBOX_BRIDGE, mtu).await?;
                 netlink::ensure_address(&h, &br, gw, prefix).await?;
+                // A netd killed between moving the device in and renaming it left it
+                // here under its temporary name, holding the VNI and port: without this
+                // no new one could be made. It goes, and is made again below.
+                if let Some(stale) = netlink::link_by_name(&h, &half_made).await? {
+                    tracing::warn!("removing {half_made} left half-made in its sandbox");
+                    netlink::delete_link(&h, stale.index).await?;
+                }
                 Ok(netlink::link_by_name(&h, SANDBOX_VXLAN).await?.is_some())
             })
             .await?;
@@ -554,7 +562,28 @@ impl KernelLinks {
                 .await?
         };
         if exists {
-            return Ok(());
+            let Some(ns) = task_ns else {
+                return Ok(());
+            };
+            if task_side_in(&self.netlink, ns, ep).await? {
+                return Ok(());
+            }
+            // The task's namespace was made anew at its path (a runtime deleted it and
+            // made another): the old pair's task side is in the old one, which may live
+            // on a while. Deleting the host side deletes the pair, and the name is free.
+            tracing::info!(
+                endpoint = ep.id,
+                "the task side is not in the task's namespace: making the pair again"
+            );
+            let name = host_if.clone();
+            self.netlink
+                .with(&a.parent, move |h| async move {
+                    if let Some(l) = netlink::link_by_name(&h, &name).await? {
+                        netlink::delete_link(&h, l.index).await?;
+                    }
+                    Ok(())
+                })
+                .await?;
         }
         let tmp = naming::task_tmp_if(&ep.id);
         let task_fd = match task_ns {
@@ -676,6 +705,20 @@ async fn runtime_done(task: &Task) -> bool {
     })
     .await
     .unwrap_or(false)
+}
+
+/// Whether the task's end of endpoint `ep` is in `ns`: by its alias, or by its temporary
+/// name right after creation (as [`configure_task_side`] finds it).
+async fn task_side_in(pool: &netns::NetlinkPool, ns: &Netns, ep: &Endpoint) -> Result<bool> {
+    let alias = naming::endpoint_alias(&ep.id);
+    let tmp = naming::task_tmp_if(&ep.id);
+    pool.with(ns, move |h| async move {
+        let links = netlink::links(&h).await?;
+        Ok(links
+            .iter()
+            .any(|l| l.alias.as_deref() == Some(alias.as_str()) || l.name == tmp))
+    })
+    .await
 }
 
 /// Names, addresses and brings up the task's end of an endpoint, found by its alias (it

@@ -460,7 +460,7 @@ impl Reconciler {
             })
             .filter(|(id, status)| st.task_status.get(id) != Some(status))
             .collect();
-        match state::publish_task_status(self.view.store(), &st, changed).await {
+        match state::publish_task_status(&self.view, &st, changed).await {
             Ok(Some(revision)) => self
                 .status_revision
                 .store(revision, std::sync::atomic::Ordering::Release),

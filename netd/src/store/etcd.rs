@@ -264,6 +264,23 @@ impl Drop for EtcdStore {
 async fn watch_changes(client: Client, tx: broadcast::Sender<Change>, mut revision: i64) {
     loop {
         let mut c = client.clone();
+        // A store that went back in time (emptied, replaced, restored from a backup)
+        // would never send what follows `revision`, or send another history as if it
+        // did: the readers list it again, and the view decides whether to take it on
+        // (identity.rs).
+        let now = c
+            .get(
+                ROOT,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.header().map(|h| h.revision()));
+        if let Some(now) = now.filter(|now| *now < revision) {
+            tracing::error!(was = revision, now, "the store's revision went back");
+            revision = now;
+            let _ = tx.send(Change::Resync(revision as u64));
+        }
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);

@@ -184,10 +184,12 @@ pub struct Traffic {
     pub ops: usize,
 }
 
-/// A store that counts its traffic on the way to another.
+/// A store that counts its traffic on the way to another, and can fail some of it as
+/// an unreachable etcd would.
 pub struct CountingStore {
     inner: SharedStore,
     traffic: std::sync::Mutex<Traffic>,
+    failing: std::sync::atomic::AtomicUsize,
 }
 
 impl CountingStore {
@@ -195,6 +197,30 @@ impl CountingStore {
         CountingStore {
             inner,
             traffic: Default::default(),
+            failing: Default::default(),
+        }
+    }
+
+    /// The next `n` transactions and ephemeral puts fail as etcd's client fails when etcd
+    /// is unavailable (a transient error).
+    pub fn fail_next(&self, n: usize) {
+        self.failing.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn injected(&self, op: &'static str) -> Result<(), super::StoreError> {
+        use std::sync::atomic::Ordering;
+        let take = |n: usize| n.checked_sub(1);
+        match self
+            .failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, take)
+        {
+            Ok(_) => Err(super::StoreError::Etcd {
+                op,
+                source: Box::new(etcd_client::Error::GRpcStatus(tonic::Status::unavailable(
+                    "injected: etcd unavailable",
+                ))),
+            }),
+            Err(_) => Ok(()),
         }
     }
 
@@ -232,6 +258,7 @@ impl Store for CountingStore {
             t.txns += 1;
             t.ops += ops.len();
         });
+        self.injected("txn")?;
         self.inner.txn(compares, ops).await
     }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<super::Change> {
@@ -243,6 +270,7 @@ impl Store for CountingStore {
         value: Vec<u8>,
         ttl: Duration,
     ) -> Result<(), super::StoreError> {
+        self.injected("put")?;
         self.inner.put_ephemeral(key, value, ttl).await
     }
     async fn withdraw_ephemeral(&self) -> Result<(), super::StoreError> {

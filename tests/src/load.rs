@@ -1,0 +1,565 @@
+//! A bounded load for users and for the lab's tests (`netd-bench load`): requests to a
+//! published port, a VIP or any address, from a namespace if asked, counting every
+//! failure by kind instead of stopping at the first, and which backend answered each
+//! request (the `Hostname:` of a whoami-style answer, when there is one).
+//!
+//! Targets: `tcp://ADDR:PORT` (a request is a connect), `http://ADDR:PORT[/PATH]` (a GET,
+//! over keep-alive connections unless `new_connections`), `udp://ADDR:PORT` (a datagram
+//! and its answer, from one socket per connection).
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+/// The longest a load may run, whatever it is asked.
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+/// How long a connect or an answer may take before it counts as a timeout.
+pub const TIMEOUT: Duration = Duration::from_secs(3);
+/// Latencies kept for the percentiles at most (a uniform sample beyond).
+const MAX_SAMPLES: usize = 200_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tcp(SocketAddr),
+    Http(SocketAddr, String),
+    Udp(SocketAddr),
+}
+
+impl std::str::FromStr for Target {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Target> {
+        let (scheme, rest) = s
+            .split_once("://")
+            .with_context(|| format!("{s:?}: expected tcp://, http:// or udp://ADDR:PORT"))?;
+        let (addr, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("{addr:?} is not IP:PORT"))?;
+        if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            bail!("path {path:?} has spaces or control characters");
+        }
+        match scheme {
+            "tcp" => Ok(Target::Tcp(addr)),
+            "http" => Ok(Target::Http(addr, path.to_string())),
+            "udp" => Ok(Target::Udp(addr)),
+            other => bail!("unknown scheme {other:?}: tcp, http or udp"),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub target: Target,
+    /// Concurrent connections (UDP: sockets), each its own thread.
+    pub connections: usize,
+    /// Requests per second over all connections (None: as fast as answers come).
+    pub rate: Option<f64>,
+    pub duration: Duration,
+    /// A new TCP connection per request (HTTP); TCP targets always connect anew.
+    pub new_connections: bool,
+    /// The network namespace (under /run/netns) the load leaves from.
+    pub netns: Option<String>,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failure {
+    Refused,
+    Reset,
+    Timeout,
+    Other,
+}
+
+impl Failure {
+    fn of(e: &std::io::Error) -> Failure {
+        match e.kind() {
+            ErrorKind::ConnectionRefused => Failure::Refused,
+            ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::UnexpectedEof => Failure::Reset,
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => Failure::Timeout,
+            _ => Failure::Other,
+        }
+    }
+}
+
+/// What a run (or the run so far) did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub requests: u64,
+    pub elapsed_s: f64,
+    pub per_second: f64,
+    pub latency_ms: Latency,
+    pub failures: BTreeMap<Failure, u64>,
+    /// Failures by kind in each second of the run that had any (second -> kind -> n).
+    pub failures_per_second: BTreeMap<u64, BTreeMap<Failure, u64>>,
+    /// Answers per backend (the answer's `Hostname:`).
+    pub backends: BTreeMap<String, u64>,
+    /// Answers per backend in each second of the run (second -> backend -> n): where
+    /// the load went as tasks came and went.
+    pub backends_per_second: BTreeMap<u64, BTreeMap<String, u64>>,
+    pub first_failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Report {
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    /// Answers per backend in the whole seconds of the run within `from..to` (seconds
+    /// since the start).
+    pub fn backends_within(&self, from: f64, to: f64) -> BTreeMap<String, u64> {
+        let mut by = BTreeMap::new();
+        for (s, m) in &self.backends_per_second {
+            if (*s as f64) >= from && (*s + 1) as f64 <= to {
+                for (b, n) in m {
+                    *by.entry(b.clone()).or_insert(0) += n;
+                }
+            }
+        }
+        by
+    }
+}
+
+/// What the workers share.
+struct Shared {
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    until: Instant,
+    tally: Mutex<Tally>,
+}
+
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    latencies: Vec<Duration>,
+    seen: u64,
+    failures: BTreeMap<Failure, u64>,
+    per_second: BTreeMap<u64, BTreeMap<Failure, u64>>,
+    backends: BTreeMap<String, u64>,
+    backends_per_second: BTreeMap<u64, BTreeMap<String, u64>>,
+    first: Option<String>,
+}
+
+impl Shared {
+    fn done(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || Instant::now() >= self.until
+    }
+
+    fn ok(&self, took: Duration, backend: Option<String>) {
+        let second = self.start.elapsed().as_secs();
+        let Ok(mut t) = self.tally.lock() else { return };
+        t.requests += 1;
+        t.seen += 1;
+        if t.latencies.len() < MAX_SAMPLES {
+            t.latencies.push(took);
+        } else {
+            // Reservoir sampling: every latency has the same chance to be kept.
+            let seen = t.seen;
+            let i = (seen.wrapping_mul(0x9E37_79B9_7F4A_7C15) % seen) as usize;
+            if i < MAX_SAMPLES {
+                t.latencies[i] = took;
+            }
+        }
+        if let Some(b) = backend {
+            *t.backends_per_second
+                .entry(second)
+                .or_default()
+                .entry(b.clone())
+                .or_insert(0) += 1;
+            *t.backends.entry(b).or_insert(0) += 1;
+        }
+    }
+
+    fn failed(&self, kind: Failure, what: String) {
+        let second = self.start.elapsed().as_secs();
+        let Ok(mut t) = self.tally.lock() else { return };
+        *t.failures.entry(kind).or_insert(0) += 1;
+        *t.per_second
+            .entry(second)
+            .or_default()
+            .entry(kind)
+            .or_insert(0) += 1;
+        t.first.get_or_insert(what);
+    }
+
+    fn report(&self, target: &str) -> Report {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let Ok(t) = self.tally.lock() else {
+            return Report::default();
+        };
+        let mut lat = t.latencies.clone();
+        lat.sort();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            lat[i].as_secs_f64() * 1000.0
+        };
+        Report {
+            target: target.to_string(),
+            requests: t.requests,
+            elapsed_s: elapsed,
+            per_second: t.requests as f64 / elapsed.max(1e-9),
+            latency_ms: Latency {
+                p50: pct(0.50),
+                p99: pct(0.99),
+                max: lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            },
+            failures: t.failures.clone(),
+            failures_per_second: t.per_second.clone(),
+            backends: t.backends.clone(),
+            backends_per_second: t.backends_per_second.clone(),
+            first_failure: t.first.clone(),
+        }
+    }
+}
+
+/// A running load: [`Running::stop`] ends it early and gives the report.
+pub struct Running {
+    shared: Arc<Shared>,
+    target: String,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// The report so far (for a progress line).
+    pub fn progress(&self) -> Report {
+        self.shared.report(&self.target)
+    }
+
+    /// When the load began: the zero of the report's seconds.
+    pub fn started(&self) -> Instant {
+        self.shared.start
+    }
+
+    pub fn finished(&self) -> bool {
+        self.workers.iter().all(|w| w.is_finished())
+    }
+
+    /// Stops the workers (each ends its request under way) and reports.
+    pub fn stop(self) -> Report {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            let _ = w.join();
+        }
+        self.shared.report(&self.target)
+    }
+}
+
+/// Starts `spec` on its threads; it ends by itself after its duration.
+pub fn start(spec: &Spec) -> Result<Running> {
+    if spec.connections == 0 || spec.connections > 10_000 {
+        bail!("--connections must be 1 to 10000");
+    }
+    if spec.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--rate must be a positive number of requests per second");
+    }
+    let duration = spec.duration.min(MAX_DURATION);
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        start,
+        stop: Arc::new(AtomicBool::new(false)),
+        until: start + duration,
+        tally: Mutex::new(Tally::default()),
+    });
+    // Each connection's pace: the rate spread over them.
+    let gap = spec
+        .rate
+        .map(|r| Duration::from_secs_f64(spec.connections as f64 / r));
+    let mut workers = vec![];
+    for _ in 0..spec.connections {
+        let (shared, target, netns) = (shared.clone(), spec.target.clone(), spec.netns.clone());
+        let fresh = spec.new_connections;
+        let file = match &netns {
+            Some(ns) => Some(
+                std::fs::File::open(format!("/run/netns/{ns}"))
+                    .with_context(|| format!("open netns {ns}"))?,
+            ),
+            None => None,
+        };
+        workers.push(std::thread::spawn(move || {
+            if let Some(f) = file {
+                use std::os::fd::AsFd;
+                let entered = nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
+                if let Err(e) = entered {
+                    shared.failed(Failure::Other, format!("enter the namespace: {e}"));
+                    return;
+                }
+            }
+            worker(&shared, &target, fresh, gap);
+        }));
+    }
+    Ok(Running {
+        shared,
+        target: describe(&spec.target),
+        workers,
+    })
+}
+
+/// Runs `spec` to its end, calling `progress` about every second.
+pub fn run(spec: &Spec, mut progress: impl FnMut(&Report)) -> Result<Report> {
+    let running = start(spec)?;
+    let mut next = Instant::now() + Duration::from_secs(1);
+    while !running.finished() {
+        std::thread::sleep(Duration::from_millis(50));
+        if Instant::now() >= next {
+            progress(&running.progress());
+            next += Duration::from_secs(1);
+        }
+    }
+    Ok(running.stop())
+}
+
+pub fn describe(t: &Target) -> String {
+    match t {
+        Target::Tcp(a) => format!("tcp://{a}"),
+        Target::Http(a, p) => format!("http://{a}{p}"),
+        Target::Udp(a) => format!("udp://{a}"),
+    }
+}
+
+/// One connection's loop.
+fn worker(shared: &Shared, target: &Target, fresh: bool, gap: Option<Duration>) {
+    let mut conn: Option<TcpStream> = None;
+    let mut udp: Option<UdpSocket> = None;
+    let mut buf = Vec::with_capacity(4096);
+    let mut next = Instant::now();
+    while !shared.done() {
+        if let Some(g) = gap {
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            next = next.max(now) + g;
+        }
+        let t = Instant::now();
+        let asked = match target {
+            Target::Tcp(a) => connect(*a).map(|_| None),
+            Target::Http(a, path) => http(&mut conn, *a, path, fresh, &mut buf),
+            Target::Udp(a) => datagram(&mut udp, *a, &mut buf),
+        };
+        match asked {
+            Ok(backend) => shared.ok(t.elapsed(), backend),
+            Err(e) => {
+                conn = None;
+                let kind = e
+                    .downcast_ref::<std::io::Error>()
+                    .map_or(Failure::Other, Failure::of);
+                shared.failed(kind, format!("{e:#}"));
+            }
+        }
+    }
+}
+
+fn connect(a: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&a, TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+/// The `Hostname:` of a whoami-style answer.
+fn backend_of(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Hostname: "))
+        .map(|h| h.trim().to_string())
+}
+
+/// One GET; the connection stays for the next unless `fresh`.
+fn http(
+    conn: &mut Option<TcpStream>,
+    a: SocketAddr,
+    path: &str,
+    fresh: bool,
+    buf: &mut Vec<u8>,
+) -> Result<Option<String>> {
+    let mut s = match conn.take() {
+        Some(s) => s,
+        None => connect(a)?,
+    };
+    let close = if fresh { "close" } else { "keep-alive" };
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {a}\r\nUser-Agent: netd-bench\r\nConnection: {close}\r\n\r\n"
+    )?;
+    buf.clear();
+    let mut chunk = [0u8; 8192];
+    let (head, len) = loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::from(ErrorKind::UnexpectedEof).into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(h) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..h]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                .context("an answer without content-length")?;
+            break (h + 4, len);
+        }
+        if buf.len() > 64 * 1024 {
+            bail!("an answer head over 64 KiB");
+        }
+    };
+    while buf.len() < head + len {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::from(ErrorKind::UnexpectedEof).into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let status = std::str::from_utf8(&buf[..head])
+        .ok()
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .unwrap_or(0);
+    if !(200..400).contains(&status) {
+        bail!("status {status}");
+    }
+    if !fresh {
+        *conn = Some(s);
+    }
+    Ok(backend_of(&buf[head..head + len]))
+}
+
+/// One datagram and its answer.
+fn datagram(
+    sock: &mut Option<UdpSocket>,
+    a: SocketAddr,
+    buf: &mut Vec<u8>,
+) -> Result<Option<String>> {
+    if sock.is_none() {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        *sock = Some(s);
+    }
+    let Some(s) = sock.as_ref() else {
+        bail!("no socket");
+    };
+    s.send_to(b"netd-bench", a)?;
+    buf.resize(2048, 0);
+    let (n, _) = s.recv_from(buf)?;
+    Ok(backend_of(&buf[..n]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_or_say_why_not() {
+        let a: SocketAddr = "198.18.0.1:80".parse().unwrap();
+        assert_eq!(
+            "tcp://198.18.0.1:80".parse::<Target>().unwrap(),
+            Target::Tcp(a)
+        );
+        assert_eq!(
+            "http://198.18.0.1:80/x?y=1".parse::<Target>().unwrap(),
+            Target::Http(a, "/x?y=1".into())
+        );
+        assert_eq!(
+            "http://198.18.0.1:80".parse::<Target>().unwrap(),
+            Target::Http(a, "/".into())
+        );
+        assert_eq!(
+            "udp://198.18.0.1:80".parse::<Target>().unwrap(),
+            Target::Udp(a)
+        );
+        for bad in [
+            "198.18.0.1:80",
+            "ftp://198.18.0.1:80",
+            "tcp://host:80",
+            "http://198.18.0.1:80/a b",
+        ] {
+            assert!(bad.parse::<Target>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn io_errors_are_told_apart() {
+        use std::io::Error;
+        assert_eq!(
+            Failure::of(&Error::from(ErrorKind::ConnectionRefused)),
+            Failure::Refused
+        );
+        assert_eq!(
+            Failure::of(&Error::from(ErrorKind::ConnectionReset)),
+            Failure::Reset
+        );
+        assert_eq!(
+            Failure::of(&Error::from(ErrorKind::UnexpectedEof)),
+            Failure::Reset
+        );
+        assert_eq!(
+            Failure::of(&Error::from(ErrorKind::WouldBlock)),
+            Failure::Timeout
+        );
+        assert_eq!(
+            Failure::of(&Error::from(ErrorKind::TimedOut)),
+            Failure::Timeout
+        );
+    }
+
+    /// A real server on loopback: answers are counted by backend, a closed port by kind.
+    #[test]
+    fn a_load_counts_answers_by_backend_and_failures_by_kind() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in server.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = crate::whoami::serve_http(conn, "w1");
+                });
+            }
+        });
+        let spec = |target| Spec {
+            target,
+            connections: 2,
+            rate: Some(200.0),
+            duration: Duration::from_millis(500),
+            new_connections: false,
+            netns: None,
+        };
+        let r = run(&spec(Target::Http(addr, "/".into())), |_| {}).unwrap();
+        assert!(r.requests > 10, "{r:?}");
+        assert_eq!(r.failed(), 0, "{r:?}");
+        assert_eq!(r.backends.get("w1").copied(), Some(r.requests));
+        // A port nobody listens on: every connect refused, counted, none aborts the run.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let r = run(&spec(Target::Tcp(gone)), |_| {}).unwrap();
+        assert_eq!(r.requests, 0);
+        assert!(
+            r.failures.get(&Failure::Refused).copied().unwrap_or(0) > 10,
+            "{r:?}"
+        );
+        assert!(!r.failures_per_second.is_empty());
+    }
+}
