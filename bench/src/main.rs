@@ -17,6 +17,7 @@ mod attach;
 mod dns;
 mod ingress;
 mod scale;
+mod soak;
 mod vip;
 
 #[derive(Parser)]
@@ -139,6 +140,15 @@ enum Cmd {
         #[arg(long, default_value_t = 3000)]
         time_limit: u64,
     },
+    /// Tasks replaced under load for MINUTES (attached on the next node, the oldest
+    /// drained) in a 3-node cluster: failed requests, netd's RSS at the start and the
+    /// end, and what is left behind once everything is removed. Not in the test suite.
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        #[arg(long, default_value = "bench/results/soak.md")]
+        out: PathBuf,
+    },
     /// A bounded load against any address (a published port, a VIP): requests per
     /// second, latency, failures by kind per second, and which backend answered (the
     /// `Hostname:` of whoami-style answers). Exits 1 if any request failed.
@@ -168,6 +178,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Args::parse().cmd {
+        Cmd::Soak { minutes, out } => soak::run(minutes, &out),
         Cmd::Load {
             target,
             connections,

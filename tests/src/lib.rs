@@ -984,6 +984,28 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills what runs in task namespace `tag` (made by [`Lab::add_task_netns`]) and
+    /// deletes it: a long run that makes tasks by the hundred gives each back.
+    pub fn remove_task_netns(&mut self, tag: &str) -> Result<()> {
+        let name = self.ns(tag);
+        let pids = run(Command::new("ip").args(["netns", "pids", &name]))?;
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        // Reap what was killed (the lab's children) so none stays a zombie.
+        self.children
+            .retain_mut(|c| c.try_wait().map(|s| s.is_none()).unwrap_or(true));
+        ip(&["netns", "del", &name])?;
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&name));
+        self.netns.retain(|n| *n != name);
+        Ok(())
+    }
+
     /// Makes a task namespace running `netd-lab whoami` on `port` (TCP and UDP); returns
     /// its namespace path. Waits until the server listens.
     pub fn whoami_task(&mut self, tag: &str, port: u16) -> Result<String> {

@@ -698,15 +698,21 @@ impl Datapath for EbpfDatapath {
         let attached = netd_ebpf::SOCK_LB_PROGRAMS
             .iter()
             .all(|p| link_pin(&self.dir, p).exists());
-        let (netns, vips) = self
+        // Walks of the flow and counter maps: status is asked for, not polled.
+        let (netns, vips, udp_flows, counters) = self
             .lock()
             .ok()
             .and_then(|i| {
-                i.loaded
-                    .as_ref()
-                    .map(|l| (l.netns.keys().count(), l.slots.len()))
+                i.loaded.as_ref().map(|l| {
+                    (
+                        l.netns.keys().count(),
+                        l.slots.len(),
+                        l.udp_flows.keys().count(),
+                        l.counters.keys().count(),
+                    )
+                })
             })
-            .unwrap_or((0, 0));
+            .unwrap_or((0, 0, 0, 0));
         DatapathStatus {
             requested: self.requested,
             active: "ebpf".into(),
@@ -718,6 +724,9 @@ impl Datapath for EbpfDatapath {
                 "attached": attached,
                 "task_namespaces": netns,
                 "vips": vips,
+                // UDP sockets' backend affinities, and per-backend counters.
+                "udp_flows": udp_flows,
+                "counters": counters,
             }),
         }
     }

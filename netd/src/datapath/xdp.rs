@@ -610,6 +610,14 @@ impl XdpMesh {
         };
         let stats = inner.loaded.as_ref().map(Loaded::stats);
         let flows = inner.loaded.as_ref().map(Loaded::flow_stats);
+        // Walks of the flow maps: status is asked for, not polled.
+        let entries = inner.loaded.as_ref().map(|l| {
+            let f = &l.flows;
+            json!({
+                "established": f.fwd.keys().count() + f.rev.keys().count(),
+                "unconfirmed": f.fwd_new.keys().count() + f.rev_new.keys().count(),
+            })
+        });
         json!({
             "setting": self.setting,
             "mode": inner.mode.clone().unwrap_or_else(|| "none".into()),
@@ -622,6 +630,8 @@ impl XdpMesh {
                 "dropped": s.dropped,
             })),
             "flows": flows,
+            // Entries in the flow maps now (each flow has two: one per direction).
+            "flow_entries": entries,
         })
     }
 
