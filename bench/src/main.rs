@@ -276,24 +276,15 @@ fn load_table(r: &netd_lab::load::Report) -> String {
         "latency    p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         l.p50, l.p99, l.max
     );
-    let kinds: Vec<String> = r
-        .failures
-        .iter()
-        .map(|(k, n)| format!("{k:?} {n}"))
-        .collect();
     let _ = writeln!(
         out,
         "failed     {} {}",
         r.failed(),
-        kinds.join(", ").to_lowercase()
+        netd_lab::load::Report::kinds(&r.failures)
     );
     for (second, by) in &r.failures_per_second {
-        let kinds: Vec<String> = by.iter().map(|(k, n)| format!("{k:?} {n}")).collect();
-        let _ = writeln!(
-            out,
-            "  second {second}: {}",
-            kinds.join(", ").to_lowercase()
-        );
+        let kinds = netd_lab::load::Report::kinds(by);
+        let _ = writeln!(out, "  second {second}: {kinds}");
     }
     if let Some(first) = &r.first_failure {
         let _ = writeln!(out, "first      {first}");

@@ -98,6 +98,8 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
     let mut lab = Lab::cluster("sk", 3)?;
     // The clients' namespaces are there before the baseline (and stay after).
     let (client, path) = lab.add_task_netns("client")?;
+    // As a task's: netd brings loopback up at the attach, and leaves it so.
+    lab.exec_in(&client, &["ip", "link", "set", "lo", "up"])?;
     let outside = lab.add_host("outside", CLIENT_HOST)?;
     let kernel_before = kernel(&lab)?;
     let maps_before: Vec<Vec<(String, u64)>> = (0..3)
@@ -239,25 +241,32 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for (label, r) in [("VIP", &vip_report), ("published port", &mesh_report)] {
-        let kinds: Vec<String> = r
-            .failures
-            .iter()
-            .map(|(k, n)| format!("{k:?} {n}"))
-            .collect();
+        let kinds = load::Report::kinds(&r.failures);
         let _ = writeln!(
             md,
             "| {label} | {} | {} | {} | {:.2} ms | {:.2} ms | {:.1} ms |",
             r.requests,
             r.failed(),
-            if kinds.is_empty() {
-                "–".into()
-            } else {
-                kinds.join(", ")
-            },
+            if kinds.is_empty() { "–" } else { &kinds },
             r.latency_ms.p50,
             r.latency_ms.p99,
             r.latency_ms.max
         );
+    }
+    for (label, r) in [("VIP", &vip_report), ("published port", &mesh_report)] {
+        if let Some(first) = &r.first_failure {
+            let seconds: Vec<String> = r
+                .failures_per_second
+                .iter()
+                .map(|(s, by)| format!("{s} s: {}", load::Report::kinds(by)))
+                .collect();
+            let _ = writeln!(
+                md,
+                "\n{label}: the first failure: `{first}`; failures by the second they were \
+                 asked in: {}.",
+                seconds.join("; ")
+            );
+        }
     }
     drain_secs.sort_by(f64::total_cmp);
     let median = drain_secs.get(drain_secs.len() / 2).copied().unwrap_or(0.0);

@@ -178,8 +178,6 @@ fn own(mut st: State, local: Option<&str>) -> State {
     st
 }
 
-/// Applies the feed to `st` and publishes each revision; lists the store again when the
-/// feed says events were lost or this task fell behind it.
 /// What the feeder needs to know about whose view it builds.
 struct Following {
     local: Option<String>,
@@ -218,6 +216,8 @@ impl Following {
     }
 }
 
+/// Applies the feed to `st` and publishes each revision; lists the store again when the
+/// feed says events were lost or this task fell behind it.
 async fn feed_view(
     store: Arc<dyn Store>,
     following: Following,

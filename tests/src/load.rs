@@ -105,12 +105,13 @@ pub struct Report {
     pub per_second: f64,
     pub latency_ms: Latency,
     pub failures: BTreeMap<Failure, u64>,
-    /// Failures by kind in each second of the run that had any (second -> kind -> n).
+    /// Failures by kind in each second of the run that had any, by when the request
+    /// was asked (second -> kind -> n).
     pub failures_per_second: BTreeMap<u64, BTreeMap<Failure, u64>>,
     /// Answers per backend (the answer's `Hostname:`).
     pub backends: BTreeMap<String, u64>,
-    /// Answers per backend in each second of the run (second -> backend -> n): where
-    /// the load went as tasks came and went.
+    /// Answers per backend in each second of the run, by when the request was asked
+    /// (second -> backend -> n): where the load went as tasks came and went.
     pub backends_per_second: BTreeMap<u64, BTreeMap<String, u64>>,
     pub first_failure: Option<String>,
 }
@@ -127,8 +128,14 @@ impl Report {
         self.failures.values().sum()
     }
 
+    /// Failures by kind as text (`refused 2, timeout 1`), empty without any.
+    pub fn kinds(by: &BTreeMap<Failure, u64>) -> String {
+        let kinds: Vec<String> = by.iter().map(|(k, n)| format!("{k:?} {n}")).collect();
+        kinds.join(", ").to_lowercase()
+    }
+
     /// Answers per backend in the whole seconds of the run within `from..to` (seconds
-    /// since the start).
+    /// since the start, by when the request was asked).
     pub fn backends_within(&self, from: f64, to: f64) -> BTreeMap<String, u64> {
         let mut by = BTreeMap::new();
         for (s, m) in &self.backends_per_second {
@@ -139,6 +146,16 @@ impl Report {
             }
         }
         by
+    }
+
+    /// Failures of the requests asked in the whole seconds from `from` (since the
+    /// start) on.
+    pub fn failed_from(&self, from: f64) -> u64 {
+        self.failures_per_second
+            .iter()
+            .filter(|(s, _)| **s as f64 >= from)
+            .flat_map(|(_, by)| by.values())
+            .sum()
     }
 }
 
@@ -167,8 +184,9 @@ impl Shared {
         self.stop.load(Ordering::Relaxed) || Instant::now() >= self.until
     }
 
-    fn ok(&self, took: Duration, backend: Option<String>) {
-        let second = self.start.elapsed().as_secs();
+    fn ok(&self, asked: Instant, backend: Option<String>) {
+        let took = asked.elapsed();
+        let second = asked.saturating_duration_since(self.start).as_secs();
         let Ok(mut t) = self.tally.lock() else { return };
         t.requests += 1;
         t.seen += 1;
@@ -192,8 +210,8 @@ impl Shared {
         }
     }
 
-    fn failed(&self, kind: Failure, what: String) {
-        let second = self.start.elapsed().as_secs();
+    fn failed(&self, asked: Instant, kind: Failure, what: String) {
+        let second = asked.saturating_duration_since(self.start).as_secs();
         let Ok(mut t) = self.tally.lock() else { return };
         *t.failures.entry(kind).or_insert(0) += 1;
         *t.per_second
@@ -305,7 +323,8 @@ pub fn start(spec: &Spec) -> Result<Running> {
                 use std::os::fd::AsFd;
                 let entered = nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
                 if let Err(e) = entered {
-                    shared.failed(Failure::Other, format!("enter the namespace: {e}"));
+                    let what = format!("enter the namespace: {e}");
+                    shared.failed(Instant::now(), Failure::Other, what);
                     return;
                 }
             }
@@ -362,13 +381,13 @@ fn worker(shared: &Shared, target: &Target, fresh: bool, gap: Option<Duration>) 
             Target::Udp(a) => datagram(&mut udp, *a, &mut buf),
         };
         match asked {
-            Ok(backend) => shared.ok(t.elapsed(), backend),
+            Ok(backend) => shared.ok(t, backend),
             Err(e) => {
                 conn = None;
                 let kind = e
                     .downcast_ref::<std::io::Error>()
                     .map_or(Failure::Other, Failure::of);
-                shared.failed(kind, format!("{e:#}"));
+                shared.failed(t, kind, format!("{e:#}"));
             }
         }
     }

@@ -393,6 +393,29 @@ fn a_vxlan_device_left_half_made_by_a_kill_is_made_again() -> Result<()> {
     Ok(())
 }
 
+/// A task that gets the address (and with it the MAC) of a task that just left from
+/// another node answers at once: nothing on the new task's node (its bridge, its
+/// neighbours) still sends that MAC's frames towards the node the address came from.
+#[test]
+fn an_address_passed_from_a_remote_task_to_a_local_one_answers_at_once() -> Result<()> {
+    let mut lab = cluster("mr")?;
+    let (n1, n2) = (node_name(&lab, 0), node_name(&lab, 1));
+    lab.attach_whoami(0, "web", "a", Some(&n1))?;
+    lab.attach_whoami(0, "web", "x", Some(&n2))?;
+    let a_ns = lab.ns("a");
+    let x = lab.task_ip(0, "x", "front")?;
+    // a talks to x: n1's bridge learns x's MAC behind vxlan0.
+    assert!(reaches(&a_ns, x, "x"));
+    lab.cli(0, &["task", "detach", "x"])?;
+    lab.attach_whoami(0, "web", "y", Some(&n1))?;
+    let y = lab.task_ip(0, "y", "front")?;
+    assert_eq!(y, x, "IPAM hands out the lowest free address");
+    // One connect (3 s timeout, TCP retries its SYN within it).
+    let body = http_get_from(&a_ns, addr(y)).context("y, on a's node, at x's old address")?;
+    assert_eq!(field(&body, "Hostname"), Some("y"));
+    Ok(())
+}
+
 /// A write that a live node has not applied when the API stops waiting (2 s) says so:
 /// 202 Accepted and `pending` naming the node (the CLI prints it), never a plain success.
 /// n3's daemon is paused (SIGSTOP) well inside its lease, so it is alive but silent;

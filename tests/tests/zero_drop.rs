@@ -508,3 +508,62 @@ fn an_idle_connection_survives_ebpf_and_xdp() -> Result<()> {
 fn an_idle_connection_survives_userspace_and_the_kernel_mesh() -> Result<()> {
     an_idle_connection_survives("ziu", "userspace", "off")
 }
+
+/// A node lost under load (its underlay cut, as a machine that died): once its lease
+/// has ended (5 s in the lab) and the other node took its tasks out, no new request
+/// fails, through the VIP and through the mesh on the node that is left; requests asked
+/// before may (they went to a task that is no longer there).
+fn a_lost_node(tag: &str, datapath: &str, xdp: &str) -> Result<()> {
+    let tasks = ["a", "b", "c", "d"];
+    let (mut lab, client, vip) = setup(tag, datapath, xdp, Via::Vip, &[], &tasks)?;
+    let outside = lab.add_host("outside", CLIENT_HOST)?;
+    let mesh = SocketAddr::from((lab.nodes[0].ip, PUBLISHED));
+    let vip_load = start_load(&client, vip)?;
+    let mesh_load = start_load(&outside, mesh)?;
+    std::thread::sleep(Duration::from_secs(1));
+    lab.cut_underlay(1)?;
+    let cut = Instant::now();
+    // b and d ran on n2: n1 takes them out when n2's lease ends.
+    eventually(
+        Duration::from_secs(15),
+        "n2's tasks out of n1's VIP",
+        || {
+            let v = lab.cli_json(0, &["service", "inspect", "web"])?;
+            let b = lab.task_ip(0, "b", "front")?.to_string();
+            Ok(!v["load_balancer"].to_string().contains(&format!("\"{b}\"")))
+        },
+    )?;
+    // A step for the mesh and the tables to follow everywhere on n1.
+    let settled = Instant::now() + Duration::from_secs(1);
+    std::thread::sleep(Duration::from_secs(6));
+    let (vip_from, mesh_from) = (at(&vip_load, settled), at(&mesh_load, settled));
+    let vip = vip_load.stop();
+    let mesh = mesh_load.stop();
+    for (what, r, from) in [("VIP", &vip, vip_from), ("mesh", &mesh, mesh_from)] {
+        let after = r.failed_from(from.ceil());
+        assert_eq!(
+            after,
+            0,
+            "{what}: {after} requests asked after the withdrawal ({:.1} s after the cut) \
+             failed: {:?}",
+            settled.duration_since(cut).as_secs_f64(),
+            r.failures_per_second
+        );
+        let answered = r.backends_within(from.ceil(), f64::MAX);
+        assert!(
+            !answered.is_empty() && answered.keys().all(|t| t == "a" || t == "c"),
+            "{what}: answered after the withdrawal by {answered:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_lost_node_fails_no_request_once_withdrawn_ebpf_and_xdp() -> Result<()> {
+    a_lost_node("zle", "ebpf", "native")
+}
+
+#[test]
+fn a_lost_node_fails_no_request_once_withdrawn_userspace_and_the_kernel_mesh() -> Result<()> {
+    a_lost_node("zlu", "userspace", "off")
+}

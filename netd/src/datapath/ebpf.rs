@@ -97,6 +97,11 @@ struct Loaded {
     /// VIP -> what the maps hold for it: kept here so that a change compares in memory
     /// and writes only what differs (no map read per VIP).
     slots: BTreeMap<Ipv4Addr, Programmed>,
+    /// VIP -> the slot it switched away from last (slot, its backends' count), kept
+    /// until the VIP's next switch: a connect() that read the VIP's old value a moment
+    /// before a switch still finds that slot's backends. Freed at once, such a connect
+    /// found none and was refused (the soak bench saw one in about 20 task replaces).
+    retired: BTreeMap<Ipv4Addr, (u32, usize)>,
     next_slot: u32,
     /// The task namespaces and their networks as the maps hold them after the last
     /// [`Loaded::set_netns`] (None: not known, read the maps).
@@ -194,6 +199,7 @@ impl Loaded {
             udp_flows: take_map(&mut obj, "netd_udp_flows")?,
             obj,
             slots: BTreeMap::new(),
+            retired: BTreeMap::new(),
             next_slot: 1,
             netns_set: None,
         };
@@ -212,6 +218,7 @@ impl Loaded {
             l.slots.insert(from_be(k.addr), programmed);
             l.next_slot = l.next_slot.max(v.service.wrapping_add(1));
         }
+        l.free_unreferenced_slots();
         Ok(l)
     }
 
@@ -312,6 +319,41 @@ impl Loaded {
         }
     }
 
+    /// The slots no VIP refers to (what the netd before had retired when it stopped):
+    /// unreachable, so freeing them changes nothing any program does.
+    fn free_unreferenced_slots(&mut self) {
+        let used: BTreeSet<u32> = self.slots.values().map(|p| p.slot).collect();
+        let backends: Vec<BackendKey> = self
+            .backends
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !used.contains(&k.service))
+            .collect();
+        for k in backends {
+            let _ = self.backends.remove(&k);
+        }
+        let rr: Vec<u32> = self
+            .rr
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|s| !used.contains(s))
+            .collect();
+        for s in rr {
+            let _ = self.rr.remove(&s);
+        }
+    }
+
+    /// Keeps the backends of `old` (the slot `vip` switched away from) until the VIP's
+    /// next switch, and frees the ones kept before. Its round-robin position goes at once
+    /// (the program starts at index 0 without one), so the retired slots cost no entry of
+    /// the smaller round-robin map.
+    fn retire(&mut self, vip: Ipv4Addr, old: (u32, usize)) {
+        let _ = self.rr.remove(&old.0);
+        if let Some((slot, count)) = self.retired.insert(vip, old) {
+            drop_slot(&mut self.backends, &mut self.rr, slot, count);
+        }
+    }
+
     /// Takes a VIP out of the maps; false if it was not there.
     fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<bool> {
         let Some(old) = self.slots.remove(&vip) else {
@@ -331,6 +373,9 @@ impl Loaded {
             old.slot,
             old.backends.len(),
         );
+        if let Some((slot, count)) = self.retired.remove(&vip) {
+            drop_slot(&mut self.backends, &mut self.rr, slot, count);
+        }
         self.drop_counters(vip, &old.kept(), &[]);
         self.forget_udp_flows(vip, &old.kept(), &[]);
         Ok(true)
@@ -393,12 +438,7 @@ impl Loaded {
             .insert(vip_key(vip), value, 0)
             .with_context(|| format!("switch VIP {vip}"))?;
         if let Some(old) = old {
-            drop_slot(
-                &mut self.backends,
-                &mut self.rr,
-                old.slot,
-                old.backends.len(),
-            );
+            self.retire(vip, (old.slot, old.backends.len()));
             self.drop_counters(vip, &old_kept, &new_kept);
             self.forget_udp_flows(vip, &old_kept, &new_kept);
         }
