@@ -393,8 +393,19 @@ fn worker(shared: &Shared, target: &Target, fresh: bool, gap: Option<Duration>) 
     }
 }
 
+/// `op` again while a signal interrupts it (EINTR): the load's own process gets signals
+/// (its children ending), and an interrupted call is not a failed request.
+fn retrying<T>(mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 fn connect(a: SocketAddr) -> Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&a, TIMEOUT)?;
+    let s = retrying(|| TcpStream::connect_timeout(&a, TIMEOUT))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
@@ -429,7 +440,7 @@ fn http(
     buf.clear();
     let mut chunk = [0u8; 8192];
     let (head, len) = loop {
-        let n = s.read(&mut chunk)?;
+        let n = retrying(|| s.read(&mut chunk))?;
         if n == 0 {
             return Err(std::io::Error::from(ErrorKind::UnexpectedEof).into());
         }
@@ -447,7 +458,7 @@ fn http(
         }
     };
     while buf.len() < head + len {
-        let n = s.read(&mut chunk)?;
+        let n = retrying(|| s.read(&mut chunk))?;
         if n == 0 {
             return Err(std::io::Error::from(ErrorKind::UnexpectedEof).into());
         }
@@ -481,9 +492,9 @@ fn datagram(
     let Some(s) = sock.as_ref() else {
         bail!("no socket");
     };
-    s.send_to(b"netd-bench", a)?;
+    retrying(|| s.send_to(b"netd-bench", a))?;
     buf.resize(2048, 0);
-    let (n, _) = s.recv_from(buf)?;
+    let (n, _) = retrying(|| s.recv_from(buf))?;
     Ok(backend_of(&buf[..n]))
 }
 

@@ -100,7 +100,7 @@ struct Loaded {
     /// VIP -> the slot it switched away from last (slot, its backends' count), kept
     /// until the VIP's next switch: a connect() that read the VIP's old value a moment
     /// before a switch still finds that slot's backends. Freed at once, such a connect
-    /// found none and was refused (the soak bench saw one in about 20 task replaces).
+    /// could find none and be refused (the program rejects a VIP without a backend).
     retired: BTreeMap<Ipv4Addr, (u32, usize)>,
     next_slot: u32,
     /// The task namespaces and their networks as the maps hold them after the last
