@@ -29,19 +29,9 @@ const RATE: f64 = 200.0;
 /// left counts as left behind.
 const SETTLE: Duration = Duration::from_secs(130);
 
-/// VmRSS of process `pid`, KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no VmRSS for {pid}"))
-}
-
 fn rss(lab: &Lab) -> Result<Vec<u64>> {
     (0..lab.nodes.len())
-        .map(|i| rss_kib(lab.daemon_pid(i).context("a node's daemon")?))
+        .map(|i| crate::scale::rss_kib(lab.daemon_pid(i).context("a node's daemon")?))
         .collect()
 }
 
