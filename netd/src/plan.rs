@@ -797,11 +797,12 @@ fn ingress_backends(st: &State) -> Vec<(&PortSpec, Vec<(&str, Ipv4Addr)>)> {
     out
 }
 
-/// The ingress addresses of `svc`'s tasks being drained on live nodes: out of the mesh's
-/// picks, while the flows they have stay theirs.
+/// The ingress addresses of `svc`'s tasks being drained or failing their health check
+/// on live nodes ([`State::keeps_flows`]): out of the mesh's picks, while the flows they
+/// have stay theirs.
 fn ingress_draining(st: &State, svc: &str) -> Vec<Ipv4Addr> {
     st.tasks_of(svc)
-        .filter(|t| t.draining.is_some() && st.node_alive(&t.node) && st.task_up(&t.id))
+        .filter(|t| st.keeps_flows(t))
         .filter_map(|t| t.endpoints.iter().find(|e| e.network == INGRESS))
         .map(|e| e.ip)
         .collect()

@@ -585,6 +585,16 @@ impl State {
         self.node_alive(&t.node) && self.task_up(&t.id) && t.draining.is_none() && self.healthy(t)
     }
 
+    /// Whether task `t` is out of new picks while the connections and UDP flows it has
+    /// keep reaching it: its node is alive and reported it up, and it is draining or
+    /// failing its health check (not a task still starting: it never had a pick). A task that fails a probe still answers what it has
+    /// (kube-proxy keeps a not-ready endpoint's TCP connections the same way); cutting
+    /// them would fail requests a task was serving.
+    pub fn keeps_flows(&self, t: &Task) -> bool {
+        let failing = !self.healthy(t) && self.task_health.contains_key(&t.id);
+        self.node_alive(&t.node) && self.task_up(&t.id) && (t.draining.is_some() || failing)
+    }
+
     /// Whether task `t` passes its service's health check: always without one; with
     /// one, once its node reported a success and until it reports it unhealthy.
     pub fn healthy(&self, t: &Task) -> bool {
@@ -2088,6 +2098,16 @@ mod tests {
                 .unwrap();
             v.at_least(rev).await.unwrap();
             assert_eq!(in_service(&v), healthy);
+            // Failing, it keeps the flows it has: out of picks, into `draining`.
+            let lb = crate::datapath::LbTable::from_state(&v.state());
+            let e = lb
+                .vips
+                .values()
+                .find(|e| e.service == "db")
+                .expect("db's VIP");
+            let ip = vec![t.value.endpoints[0].ip];
+            let want = if healthy { (ip, vec![]) } else { (vec![], ip) };
+            assert_eq!((e.backends.clone(), e.draining.clone()), want);
         }
         // The record goes with the task.
         detach_task(&v, &t.id).await.unwrap();

@@ -260,7 +260,8 @@ fn a_rolling_replace_through_the_mesh_fails_no_request_kernel() -> Result<()> {
 /// A task whose health check fails (its server still serves everything else, as a task
 /// that is shutting down or overloaded would) leaves new connections and DNS answers on
 /// every node within interval × retries, and comes back after one passing probe; no
-/// request fails meanwhile.
+/// request fails meanwhile. A keep-alive connection and a UDP flow it had keep reaching
+/// it while it is out (cutting them would fail what it is serving).
 fn health_out_and_back(tag: &str, datapath: &str, xdp: &str, via: Via) -> Result<()> {
     let health = [
         "--health-cmd",
@@ -284,6 +285,9 @@ fn health_out_and_back(tag: &str, datapath: &str, xdp: &str, via: Via) -> Result
         anyhow::ensure!(out.status.success(), "curl {url}: {out:?}");
         Ok(())
     };
+    // A keep-alive connection and a UDP socket that reached b before it failed.
+    let udp_to = SocketAddr::from((to.ip(), if via == Via::Mesh { PUBLISHED_UDP } else { 80 }));
+    let (mut held, held_udp) = held_on(&client, to, udp_to, "b")?;
     let load = start_load(&client, to)?;
     std::thread::sleep(Duration::from_millis(500));
     set(503)?;
@@ -300,7 +304,13 @@ fn health_out_and_back(tag: &str, datapath: &str, xdp: &str, via: Via) -> Result
         Ok(!lab.dig_short(&ns1, "tasks.web")?.contains(&b.to_string()))
     })?;
     let inspected = lab.cli_json(1, &["service", "inspect", "web"])?;
-    std::thread::sleep(Duration::from_secs(4));
+    // Out of new picks, b keeps what it has: it still answers them.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(1000));
+        let body = http_get(&mut held)?;
+        assert_eq!(field(&body, "Hostname"), Some("b"), "{body}");
+        assert_eq!(udp_ask(&held_udp, udp_to)?, "b");
+    }
     set(200)?;
     let passing = at(&load, Instant::now());
     eventually(Duration::from_secs(5), "b healthy again", || {

@@ -57,8 +57,9 @@ pub struct VipEntry {
     pub vip: Ipv4Addr,
     /// Where new connections and new UDP flows go.
     pub backends: Vec<Ipv4Addr>,
-    /// Tasks being drained: out of new picks, while the connections and UDP flows they
-    /// already have keep reaching them (a datapath forgets nothing of theirs).
+    /// Tasks being drained or failing their health check ([`State::keeps_flows`]): out
+    /// of new picks, while the connections and UDP flows they already have keep
+    /// reaching them (a datapath forgets nothing of theirs).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub draining: Vec<Ipv4Addr>,
 }
@@ -107,9 +108,8 @@ impl LbTable {
                     ips
                 };
                 let backends = on_network(&mut st.tasks_of(&svc.name).filter(|t| st.in_service(t)));
-                let draining = on_network(&mut st.tasks_of(&svc.name).filter(|t| {
-                    t.draining.is_some() && st.node_alive(&t.node) && st.task_up(&t.id)
-                }));
+                let draining =
+                    on_network(&mut st.tasks_of(&svc.name).filter(|t| st.keeps_flows(t)));
                 VipEntry {
                     service: svc.name.clone(),
                     network: network.clone(),

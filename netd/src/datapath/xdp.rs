@@ -83,7 +83,8 @@ pub struct MeshPort {
     pub target_port: u16,
     /// Each task's ingress address and its node's VTEP, in round-robin order.
     pub backends: Vec<(Ipv4Addr, Ipv4Addr)>,
-    /// Ingress addresses of tasks being drained: out of the picks, their flows kept.
+    /// Ingress addresses of tasks being drained or failing their health check: out of
+    /// the picks, their flows kept.
     pub draining: Vec<Ipv4Addr>,
 }
 
