@@ -1,19 +1,22 @@
-//! Load generators. Each is bounded twice, by a request count and by a duration, and
+//! The benches' loads. Each is bounded twice, by a request count and by a duration, and
 //! runs its client threads inside the namespace it is given (each thread enters it), so
-//! the load leaves from a task or host of the lab like real clients would.
+//! the load leaves from a task or host of the lab like real clients would. Requests and
+//! connections go through the load engine every user and test has (`netd_lab::load`);
+//! only the raw UDP flood, a packet generator with nothing to answer, is its own.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
-use netd_lab::{http_request, in_netns};
+use anyhow::{Context, Result};
+use netd_lab::in_netns;
+use netd_lab::load::{self, Spec, Target};
 
 /// What a load run achieved.
 #[derive(Debug, Clone)]
 pub struct Run {
     pub requests: u64,
     pub elapsed: Duration,
-    /// Per-request latencies (a sample of at most `MAX_SAMPLES`).
+    /// Per-request latencies (the engine's uniform sample, 200,000 at most).
     pub latencies: Vec<Duration>,
     /// Connections or requests that failed (refused, reset, timed out); the run goes on
     /// after one, so a path that fails now and then shows it instead of ending the bench.
@@ -22,72 +25,34 @@ pub struct Run {
     pub first_failure: Option<String>,
 }
 
-/// A load thread's failures, shared with the run.
-#[derive(Default)]
-struct Failures {
-    count: std::sync::atomic::AtomicU64,
-    first: std::sync::Mutex<Option<String>>,
-}
-
-impl Failures {
-    fn note(&self, e: &anyhow::Error) {
-        self.count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut first) = self.first.lock() {
-            first.get_or_insert_with(|| format!("{e:#}"));
-        }
-    }
-}
-
-const MAX_SAMPLES: usize = 200_000;
-
 impl Run {
     pub fn per_second(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
-/// Runs `work` on `threads` client threads inside `netns`; each gets its number and its
-/// share of `MAX_SAMPLES`, and returns how many operations it did and their latencies.
-fn on_threads<F>(netns: &str, threads: usize, work: F) -> Result<Run>
-where
-    F: Fn(usize, usize, &Failures) -> Result<(u64, Vec<Duration>)> + Send + Sync + Clone + 'static,
-{
-    let samples = MAX_SAMPLES / threads.max(1);
-    let start = Instant::now();
-    let failures = std::sync::Arc::new(Failures::default());
-    let workers: Vec<_> = (0..threads)
-        .map(|i| {
-            let netns = netns.to_string();
-            let work = work.clone();
-            let failures = failures.clone();
-            std::thread::spawn(move || in_netns(&netns, move || work(i, samples, &failures)))
-        })
-        .collect();
-    let mut run = Run {
-        requests: 0,
-        elapsed: Duration::ZERO,
-        latencies: vec![],
-        failures: 0,
-        first_failure: None,
-    };
-    for w in workers {
-        let (n, lat) = w.join().map_err(|_| anyhow!("load thread panicked"))??;
-        run.requests += n;
-        run.latencies.extend(lat);
-    }
-    run.elapsed = start.elapsed();
-    run.failures = failures.count.load(std::sync::atomic::Ordering::Relaxed);
-    run.first_failure = failures.first.lock().ok().and_then(|f| f.clone());
-    Ok(run)
+/// A run of the load engine ([`netd_lab::load`], the one `netd-bench load` and the
+/// lab's tests use) from `netns`, to its end.
+fn engine(netns: &str, spec: Spec) -> Result<Run> {
+    let r = load::run(
+        &Spec {
+            netns: Some(netns.to_string()),
+            ..spec
+        },
+        |_| {},
+    )?;
+    Ok(Run {
+        requests: r.requests,
+        elapsed: Duration::from_secs_f64(r.elapsed_s),
+        failures: r.failed(),
+        first_failure: r.first_failure,
+        latencies: r.samples,
+    })
 }
 
-fn open(addr: SocketAddr) -> Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .with_context(|| format!("connect {addr}"))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    Ok(s)
+/// The first of `addrs`, the target every connection goes to unless spread.
+fn first(addrs: &[SocketAddr]) -> Result<SocketAddr> {
+    addrs.first().copied().context("no address to load")
 }
 
 /// HTTP/1.1 requests over `conns` keep-alive connections from `netns` to `addr`, until
@@ -103,7 +68,8 @@ pub fn http_keepalive(
 }
 
 /// As [`http_keepalive`], connection `i` to `addrs[i % addrs.len()]`: the same load
-/// spread over several servers (the tasks a load balancer would spread it over).
+/// spread over several servers (the tasks a load balancer would spread it over). A
+/// failed request counts, and the next one goes over a new connection.
 pub fn http_keepalive_to(
     netns: &str,
     addrs: &[SocketAddr],
@@ -111,40 +77,14 @@ pub fn http_keepalive_to(
     duration: Duration,
     max_requests: u64,
 ) -> Result<Run> {
-    let per_conn = max_requests / conns.max(1) as u64;
-    let addrs = addrs.to_vec();
-    if addrs.is_empty() {
-        anyhow::bail!("no address to load");
-    }
-    on_threads(netns, conns, move |i, samples, failures| {
-        let addr = addrs[i % addrs.len()];
-        let mut conn: Option<TcpStream> = None;
-        let mut buf = Vec::with_capacity(4096);
-        let mut lat = Vec::new();
-        let mut done = 0;
-        let until = Instant::now() + duration;
-        while done < per_conn && Instant::now() < until {
-            let t = Instant::now();
-            // A failed request counts, and the next one goes over a new connection.
-            let asked = match conn.take() {
-                Some(s) => Ok(s),
-                None => open(addr),
-            }
-            .and_then(|mut s| http_request(&mut s, &mut buf).map(|_| s));
-            match asked {
-                Ok(s) => conn = Some(s),
-                Err(e) => {
-                    failures.note(&e);
-                    continue;
-                }
-            }
-            if lat.len() < samples {
-                lat.push(t.elapsed());
-            }
-            done += 1;
-        }
-        Ok((done, lat))
-    })
+    let spec = Spec {
+        connections: conns,
+        duration,
+        max_requests: Some(max_requests),
+        spread: addrs.to_vec(),
+        ..Spec::new(Target::Http(first(addrs)?, "/".into()))
+    };
+    engine(netns, spec)
 }
 
 /// New connections from `netns` to `addr` over `threads` client threads, each opening a
@@ -169,38 +109,16 @@ pub fn new_connections_to(
     duration: Duration,
     max_conns: u64,
 ) -> Result<Run> {
-    let per_thread = max_conns / threads.max(1) as u64;
-    let addrs = addrs.to_vec();
-    if addrs.is_empty() {
-        anyhow::bail!("no address to load");
-    }
-    on_threads(netns, threads, move |i, samples, failures| {
-        let addr = addrs[i % addrs.len()];
-        let mut buf = Vec::with_capacity(4096);
-        let mut lat = Vec::new();
-        let mut done = 0;
-        let until = Instant::now() + duration;
-        while done < per_thread && Instant::now() < until {
-            let t = Instant::now();
-            let asked = open(addr).and_then(|mut s| {
-                http_request(&mut s, &mut buf)?;
-                reset_on_close(&s)?;
-                Ok(s)
-            });
-            match asked {
-                Ok(s) => drop(s),
-                Err(e) => {
-                    failures.note(&e);
-                    continue;
-                }
-            }
-            if lat.len() < samples {
-                lat.push(t.elapsed());
-            }
-            done += 1;
-        }
-        Ok((done, lat))
-    })
+    let spec = Spec {
+        connections: threads,
+        duration,
+        new_connections: true,
+        reset_close: true,
+        max_requests: Some(max_conns),
+        spread: addrs.to_vec(),
+        ..Spec::new(Target::Http(first(addrs)?, "/".into()))
+    };
+    engine(netns, spec)
 }
 
 /// Tries to connect from `netns` to `addr` every few milliseconds until it works or
@@ -238,10 +156,10 @@ pub fn until_unreachable(netns: &str, addr: SocketAddr, limit: Duration) -> Resu
     })
 }
 
-/// UDP request/answer round trips from `netd` to `addr` over `threads` sockets (one
-/// flow each), until `duration` passes or `max` are done: each thread sends one
-/// datagram and waits for its answer. Lost datagrams time out after 200 ms and count as
-/// nothing.
+/// UDP request/answer round trips from `netns` to `addr` over `threads` sockets (one
+/// flow each), until `duration` passes or `max` are asked: each socket sends one
+/// datagram and waits for its answer. A datagram lost (no answer in 200 ms) counts as a
+/// timeout, not as a round trip.
 pub fn udp_round_trips(
     netns: &str,
     addr: SocketAddr,
@@ -249,27 +167,14 @@ pub fn udp_round_trips(
     duration: Duration,
     max: u64,
 ) -> Result<Run> {
-    let per_thread = max / threads.max(1) as u64;
-    on_threads(netns, threads, move |_, samples, _| {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        s.connect(addr)?;
-        s.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let mut buf = [0u8; 512];
-        let mut lat = Vec::new();
-        let mut done = 0;
-        let until = Instant::now() + duration;
-        while done < per_thread && Instant::now() < until {
-            let t = Instant::now();
-            s.send(b"who")?;
-            if s.recv(&mut buf).is_ok() {
-                if lat.len() < samples {
-                    lat.push(t.elapsed());
-                }
-                done += 1;
-            }
-        }
-        Ok((done, lat))
-    })
+    let spec = Spec {
+        connections: threads,
+        duration,
+        timeout: Duration::from_millis(200),
+        max_requests: Some(max),
+        ..Spec::new(Target::Udp(addr))
+    };
+    engine(netns, spec)
 }
 
 /// Addresses of a raw flood: the frames leave `netns`'s eth0 with these.
@@ -329,7 +234,8 @@ pub fn udp_flood(
 ) -> Result<Run> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const BATCH: usize = 64;
-    on_threads(netns, 1, move |_, _, _| {
+    let start = Instant::now();
+    let sent = in_netns(netns, move || {
         pin_to_cpu(0, cpu)?;
         // SAFETY: plain socket(2); the descriptor is owned below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
@@ -417,7 +323,14 @@ pub fn udp_flood(
                 _ => return Err(e).context("sendmmsg"),
             }
         }
-        Ok((done, vec![]))
+        Ok(done)
+    })?;
+    Ok(Run {
+        requests: sent,
+        elapsed: start.elapsed(),
+        latencies: vec![],
+        failures: 0,
+        first_failure: None,
     })
 }
 
@@ -436,22 +349,6 @@ pub fn pin_to_cpu(pid: libc::pid_t, cpu: usize) -> Result<()> {
 }
 
 /// SO_LINGER with a zero timeout: close() sends RST instead of FIN.
-fn reset_on_close(s: &TcpStream) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    set_option(
-        s.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_LINGER,
-        &linger,
-        "SO_LINGER",
-    )
-}
-
-/// setsockopt(2) with a value of type `T`.
 fn set_option<T>(
     fd: std::os::fd::RawFd,
     level: libc::c_int,

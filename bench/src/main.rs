@@ -171,6 +171,13 @@ enum Cmd {
         /// Leave from this network namespace (a name under /run/netns).
         #[arg(long)]
         netns: Option<String>,
+        /// Seconds a connect or an answer may take before the request counts as a
+        /// timeout.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+        /// Stop after this many requests (besides the duration).
+        #[arg(long)]
+        requests: Option<u64>,
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
@@ -186,15 +193,22 @@ fn main() -> Result<()> {
             duration,
             new_connections,
             netns,
+            timeout,
+            requests,
             output,
         } => {
+            if !(timeout > 0.0 && timeout <= 600.0) {
+                anyhow::bail!("--timeout must be more than 0 and at most 600 seconds");
+            }
             let spec = netd_lab::load::Spec {
-                target: target.parse()?,
                 connections,
                 rate,
                 duration: Duration::from_secs(duration),
                 new_connections,
                 netns,
+                timeout: Duration::from_secs_f64(timeout),
+                max_requests: requests,
+                ..netd_lab::load::Spec::new(target.parse()?)
             };
             let report = netd_lab::load::run(&spec, |r| {
                 eprintln!(

@@ -131,12 +131,12 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
     )?;
     let vip = lab.vip(0, "web", "front")?;
     let spec = |netns: &str, to: SocketAddr| load::Spec {
-        target: load::Target::Http(to, "/".into()),
         connections: 2,
         rate: Some(RATE),
         duration: Duration::from_secs(minutes * 60 + 60),
         new_connections: true,
         netns: Some(netns.to_string()),
+        ..load::Spec::new(load::Target::Http(to, "/".into()))
     };
     std::thread::sleep(Duration::from_secs(2));
     let rss_start = rss(&lab)?;

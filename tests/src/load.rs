@@ -19,10 +19,13 @@ use serde::Serialize;
 
 /// The longest a load may run, whatever it is asked.
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
-/// How long a connect or an answer may take before it counts as a timeout.
+/// How long a connect or an answer may take before it counts as a timeout, unless the
+/// spec says otherwise.
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 /// Latencies kept for the percentiles at most (a uniform sample beyond).
 const MAX_SAMPLES: usize = 200_000;
+/// Outcomes a recording run keeps at most (the first ones asked on each connection).
+const MAX_OUTCOMES: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -70,6 +73,42 @@ pub struct Spec {
     pub new_connections: bool,
     /// The network namespace (under /run/netns) the load leaves from.
     pub netns: Option<String>,
+    /// How long a connect or an answer may take before the request counts as timed out
+    /// (a test of a restart waits as long as a resolver would).
+    pub timeout: Duration,
+    /// The most requests the run makes, shared evenly by the connections (None: as
+    /// many as the duration allows).
+    pub max_requests: Option<u64>,
+    /// Connection `i` goes to `spread[i % len]` instead of the target's address: one
+    /// load over several servers (the tasks a balancer would spread it over, to compare
+    /// with it). Empty: every connection to the target.
+    pub spread: Vec<SocketAddr>,
+    /// The client ends each new connection itself, with a reset, right after its answer
+    /// (SO_LINGER 0): neither side keeps a TIME_WAIT, so thousands of connections a
+    /// second do not use up the client's ports.
+    pub reset_close: bool,
+    /// Keep every request's outcome in the report ([`Report::outcomes`]), for a test
+    /// that asks which requests were in flight at a given moment.
+    pub record: bool,
+}
+
+impl Spec {
+    /// One keep-alive connection to `target` for 10 s, with the default timeout.
+    pub fn new(target: Target) -> Spec {
+        Spec {
+            target,
+            connections: 1,
+            rate: None,
+            duration: Duration::from_secs(10),
+            new_connections: false,
+            netns: None,
+            timeout: TIMEOUT,
+            max_requests: None,
+            spread: vec![],
+            reset_close: false,
+            record: false,
+        }
+    }
 }
 
 /// Why a request failed.
@@ -114,6 +153,24 @@ pub struct Report {
     /// (second -> backend -> n): where the load went as tasks came and went.
     pub backends_per_second: BTreeMap<u64, BTreeMap<String, u64>>,
     pub first_failure: Option<String>,
+    /// Every request's outcome, in the order asked (only when the spec records them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outcomes: Vec<Outcome>,
+    /// The latency sample the percentiles come from (for a bench's own statistics).
+    #[serde(skip)]
+    pub samples: Vec<Duration>,
+}
+
+/// One request: when it was asked (seconds since the start), how long it took, and
+/// why it failed if it did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub asked_s: f64,
+    pub took_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -159,12 +216,13 @@ impl Report {
     }
 }
 
-/// What the workers share.
+/// What the workers share: each worker counts into its own tally (no lock is contended
+/// at tens of thousands of requests a second); a report merges them.
 struct Shared {
     start: Instant,
     stop: Arc<AtomicBool>,
     until: Instant,
-    tally: Mutex<Tally>,
+    tallies: Vec<Mutex<Tally>>,
 }
 
 #[derive(Default)]
@@ -176,27 +234,62 @@ struct Tally {
     per_second: BTreeMap<u64, BTreeMap<Failure, u64>>,
     backends: BTreeMap<String, u64>,
     backends_per_second: BTreeMap<u64, BTreeMap<String, u64>>,
-    first: Option<String>,
+    first: Option<(Instant, String)>,
+    outcomes: Vec<Outcome>,
+    /// When the worker ended (None: still running).
+    ended: Option<Instant>,
 }
 
-impl Shared {
+/// One worker's handle on the shared state.
+struct Counter<'a> {
+    shared: &'a Shared,
+    tally: &'a Mutex<Tally>,
+    /// Latencies this worker keeps at most (its share of `MAX_SAMPLES`).
+    samples: usize,
+    record: bool,
+}
+
+impl Counter<'_> {
     fn done(&self) -> bool {
-        self.stop.load(Ordering::Relaxed) || Instant::now() >= self.until
+        self.shared.stop.load(Ordering::Relaxed) || Instant::now() >= self.shared.until
+    }
+
+    fn second(&self, asked: Instant) -> u64 {
+        asked.saturating_duration_since(self.shared.start).as_secs()
+    }
+
+    fn outcome(
+        &self,
+        t: &mut Tally,
+        asked: Instant,
+        took: Duration,
+        failed: Option<(Failure, &str)>,
+    ) {
+        if self.record && t.outcomes.len() < MAX_OUTCOMES / self.shared.tallies.len() {
+            t.outcomes.push(Outcome {
+                asked_s: asked
+                    .saturating_duration_since(self.shared.start)
+                    .as_secs_f64(),
+                took_s: took.as_secs_f64(),
+                failure: failed.map(|(k, _)| k),
+                error: failed.map(|(_, e)| e.to_string()),
+            });
+        }
     }
 
     fn ok(&self, asked: Instant, backend: Option<String>) {
         let took = asked.elapsed();
-        let second = asked.saturating_duration_since(self.start).as_secs();
+        let second = self.second(asked);
         let Ok(mut t) = self.tally.lock() else { return };
         t.requests += 1;
         t.seen += 1;
-        if t.latencies.len() < MAX_SAMPLES {
+        if t.latencies.len() < self.samples {
             t.latencies.push(took);
         } else {
             // Reservoir sampling: every latency has the same chance to be kept.
             let seen = t.seen;
             let i = (seen.wrapping_mul(0x9E37_79B9_7F4A_7C15) % seen) as usize;
-            if i < MAX_SAMPLES {
+            if i < self.samples {
                 t.latencies[i] = took;
             }
         }
@@ -208,10 +301,12 @@ impl Shared {
                 .or_insert(0) += 1;
             *t.backends.entry(b).or_insert(0) += 1;
         }
+        self.outcome(&mut t, asked, took, None);
     }
 
     fn failed(&self, asked: Instant, kind: Failure, what: String) {
-        let second = asked.saturating_duration_since(self.start).as_secs();
+        let took = asked.elapsed();
+        let second = self.second(asked);
         let Ok(mut t) = self.tally.lock() else { return };
         *t.failures.entry(kind).or_insert(0) += 1;
         *t.per_second
@@ -219,15 +314,57 @@ impl Shared {
             .or_default()
             .entry(kind)
             .or_insert(0) += 1;
-        t.first.get_or_insert(what);
+        self.outcome(&mut t, asked, took, Some((kind, &what)));
+        t.first.get_or_insert((asked, what));
     }
 
+    fn end(&self) {
+        if let Ok(mut t) = self.tally.lock() {
+            t.ended = Some(Instant::now());
+        }
+    }
+}
+
+/// `into`'s counts plus `from`'s.
+fn add<K: Ord + Clone>(into: &mut BTreeMap<K, u64>, from: &BTreeMap<K, u64>) {
+    for (k, n) in from {
+        *into.entry(k.clone()).or_insert(0) += n;
+    }
+}
+
+impl Shared {
     fn report(&self, target: &str) -> Report {
-        let elapsed = self.start.elapsed().as_secs_f64();
-        let Ok(t) = self.tally.lock() else {
-            return Report::default();
-        };
-        let mut lat = t.latencies.clone();
+        let mut all = Tally::default();
+        let mut ended = Some(self.start);
+        for tally in &self.tallies {
+            let Ok(t) = tally.lock() else { continue };
+            all.requests += t.requests;
+            all.latencies.extend_from_slice(&t.latencies);
+            add(&mut all.failures, &t.failures);
+            add(&mut all.backends, &t.backends);
+            for (s, by) in &t.per_second {
+                add(all.per_second.entry(*s).or_default(), by);
+            }
+            for (s, by) in &t.backends_per_second {
+                add(all.backends_per_second.entry(*s).or_default(), by);
+            }
+            if let Some(f) = &t.first {
+                if all.first.as_ref().is_none_or(|(at, _)| f.0 < *at) {
+                    all.first = Some(f.clone());
+                }
+            }
+            all.outcomes.extend_from_slice(&t.outcomes);
+            ended = ended.zip(t.ended).map(|(a, b)| a.max(b));
+        }
+        // The run's time ends with its last worker (a report after the end does not
+        // stretch it).
+        let elapsed = ended
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(self.start)
+            .as_secs_f64();
+        all.outcomes.sort_by(|a, b| a.asked_s.total_cmp(&b.asked_s));
+        let samples = all.latencies.clone();
+        let mut lat = all.latencies;
         lat.sort();
         let pct = |p: f64| -> f64 {
             if lat.is_empty() {
@@ -238,19 +375,21 @@ impl Shared {
         };
         Report {
             target: target.to_string(),
-            requests: t.requests,
+            requests: all.requests,
             elapsed_s: elapsed,
-            per_second: t.requests as f64 / elapsed.max(1e-9),
+            per_second: all.requests as f64 / elapsed.max(1e-9),
             latency_ms: Latency {
                 p50: pct(0.50),
                 p99: pct(0.99),
                 max: lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             },
-            failures: t.failures.clone(),
-            failures_per_second: t.per_second.clone(),
-            backends: t.backends.clone(),
-            backends_per_second: t.backends_per_second.clone(),
-            first_failure: t.first.clone(),
+            failures: all.failures,
+            failures_per_second: all.per_second,
+            backends: all.backends,
+            backends_per_second: all.backends_per_second,
+            first_failure: all.first.map(|(_, w)| w),
+            outcomes: all.outcomes,
+            samples,
         }
     }
 }
@@ -280,11 +419,28 @@ impl Running {
     /// Stops the workers (each ends its request under way) and reports.
     pub fn stop(self) -> Report {
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.wait()
+    }
+
+    /// Waits for the run's own end (its duration or request count) and reports.
+    pub fn wait(self) -> Report {
         for w in self.workers {
             let _ = w.join();
         }
         self.shared.report(&self.target)
     }
+}
+
+/// How a worker asks: its address, and the spec's settings.
+#[derive(Clone)]
+struct Asking {
+    target: Target,
+    fresh: bool,
+    reset_close: bool,
+    timeout: Duration,
+    gap: Option<Duration>,
+    /// Requests this worker makes at most.
+    max: u64,
 }
 
 /// Starts `spec` on its threads; it ends by itself after its duration.
@@ -295,23 +451,45 @@ pub fn start(spec: &Spec) -> Result<Running> {
     if spec.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of requests per second");
     }
+    if spec.timeout.is_zero() {
+        bail!("--timeout must be more than 0");
+    }
     let duration = spec.duration.min(MAX_DURATION);
     let start = Instant::now();
     let shared = Arc::new(Shared {
         start,
         stop: Arc::new(AtomicBool::new(false)),
         until: start + duration,
-        tally: Mutex::new(Tally::default()),
+        tallies: (0..spec.connections)
+            .map(|_| Mutex::new(Tally::default()))
+            .collect(),
     });
-    // Each connection's pace: the rate spread over them.
+    // Each connection's pace and share: the rate and the count spread over them.
+    let n = spec.connections as u64;
     let gap = spec
         .rate
         .map(|r| Duration::from_secs_f64(spec.connections as f64 / r));
     let mut workers = vec![];
-    for _ in 0..spec.connections {
-        let (shared, target, netns) = (shared.clone(), spec.target.clone(), spec.netns.clone());
-        let fresh = spec.new_connections;
-        let file = match &netns {
+    for i in 0..spec.connections {
+        let target = match spec.spread.get(i % spec.spread.len().max(1)) {
+            Some(a) => spec.target.to(*a),
+            None => spec.target.clone(),
+        };
+        let asking = Asking {
+            target,
+            fresh: spec.new_connections,
+            reset_close: spec.reset_close,
+            timeout: spec.timeout,
+            gap,
+            // The first `max % n` connections make one more.
+            max: spec
+                .max_requests
+                .map_or(u64::MAX, |m| m / n + u64::from((i as u64) < m % n)),
+        };
+        let shared = shared.clone();
+        let samples = MAX_SAMPLES / spec.connections;
+        let record = spec.record;
+        let file = match &spec.netns {
             Some(ns) => Some(
                 std::fs::File::open(format!("/run/netns/{ns}"))
                     .with_context(|| format!("open netns {ns}"))?,
@@ -319,16 +497,24 @@ pub fn start(spec: &Spec) -> Result<Running> {
             None => None,
         };
         workers.push(std::thread::spawn(move || {
+            let counter = Counter {
+                shared: &shared,
+                tally: &shared.tallies[i],
+                samples,
+                record,
+            };
             if let Some(f) = file {
                 use std::os::fd::AsFd;
                 let entered = nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
                 if let Err(e) = entered {
                     let what = format!("enter the namespace: {e}");
-                    shared.failed(Instant::now(), Failure::Other, what);
+                    counter.failed(Instant::now(), Failure::Other, what);
+                    counter.end();
                     return;
                 }
             }
-            worker(&shared, &target, fresh, gap);
+            worker(&counter, &asking);
+            counter.end();
         }));
     }
     Ok(Running {
@@ -349,7 +535,7 @@ pub fn run(spec: &Spec, mut progress: impl FnMut(&Report)) -> Result<Report> {
             next += Duration::from_secs(1);
         }
     }
-    Ok(running.stop())
+    Ok(running.wait())
 }
 
 pub fn describe(t: &Target) -> String {
@@ -360,34 +546,47 @@ pub fn describe(t: &Target) -> String {
     }
 }
 
+impl Target {
+    /// The same request to another address.
+    fn to(&self, a: SocketAddr) -> Target {
+        match self {
+            Target::Tcp(_) => Target::Tcp(a),
+            Target::Http(_, p) => Target::Http(a, p.clone()),
+            Target::Udp(_) => Target::Udp(a),
+        }
+    }
+}
+
 /// One connection's loop.
-fn worker(shared: &Shared, target: &Target, fresh: bool, gap: Option<Duration>) {
+fn worker(counter: &Counter, how: &Asking) {
     let mut conn: Option<TcpStream> = None;
     let mut udp: Option<UdpSocket> = None;
     let mut buf = Vec::with_capacity(4096);
     let mut next = Instant::now();
-    while !shared.done() {
-        if let Some(g) = gap {
+    let mut asked_n = 0;
+    while !counter.done() && asked_n < how.max {
+        if let Some(g) = how.gap {
             let now = Instant::now();
             if next > now {
                 std::thread::sleep(next - now);
             }
             next = next.max(now) + g;
         }
+        asked_n += 1;
         let t = Instant::now();
-        let asked = match target {
-            Target::Tcp(a) => connect(*a).map(|_| None),
-            Target::Http(a, path) => http(&mut conn, *a, path, fresh, &mut buf),
-            Target::Udp(a) => datagram(&mut udp, *a, &mut buf),
+        let asked = match &how.target {
+            Target::Tcp(a) => connect(*a, how.timeout).and_then(|s| closed(s, how.reset_close)),
+            Target::Http(a, path) => http(&mut conn, *a, path, how, &mut buf),
+            Target::Udp(a) => datagram(&mut udp, *a, how.timeout, &mut buf),
         };
         match asked {
-            Ok(backend) => shared.ok(t, backend),
+            Ok(backend) => counter.ok(t, backend),
             Err(e) => {
                 conn = None;
                 let kind = e
                     .downcast_ref::<std::io::Error>()
                     .map_or(Failure::Other, Failure::of);
-                shared.failed(t, kind, format!("{e:#}"));
+                counter.failed(t, kind, format!("{e:#}"));
             }
         }
     }
@@ -404,12 +603,25 @@ fn retrying<T>(mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T>
     }
 }
 
-fn connect(a: SocketAddr) -> Result<TcpStream> {
-    let s = retrying(|| TcpStream::connect_timeout(&a, TIMEOUT))?;
+fn connect(a: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let s = retrying(|| TcpStream::connect_timeout(&a, timeout))?;
     s.set_nodelay(true)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.set_write_timeout(Some(TIMEOUT))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     Ok(s)
+}
+
+/// Closes `s`, with a reset if `reset` (see [`Spec::reset_close`]).
+fn closed(s: TcpStream, reset: bool) -> Result<Option<String>> {
+    if reset {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger)
+            .context("SO_LINGER 0")?;
+    }
+    Ok(None)
 }
 
 /// The `Hostname:` of a whoami-style answer.
@@ -420,19 +632,25 @@ fn backend_of(body: &[u8]) -> Option<String> {
         .map(|h| h.trim().to_string())
 }
 
-/// One GET; the connection stays for the next unless `fresh`.
+/// One GET; the connection stays for the next unless `fresh`. A fresh one the server
+/// closes after its answer, unless the client resets it itself (`reset_close`).
 fn http(
     conn: &mut Option<TcpStream>,
     a: SocketAddr,
     path: &str,
-    fresh: bool,
+    how: &Asking,
     buf: &mut Vec<u8>,
 ) -> Result<Option<String>> {
     let mut s = match conn.take() {
         Some(s) => s,
-        None => connect(a)?,
+        None => connect(a, how.timeout)?,
     };
-    let close = if fresh { "close" } else { "keep-alive" };
+    let fresh = how.fresh;
+    let close = if fresh && !how.reset_close {
+        "close"
+    } else {
+        "keep-alive"
+    };
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {a}\r\nUser-Agent: netd-bench\r\nConnection: {close}\r\n\r\n"
@@ -472,21 +690,25 @@ fn http(
     if !(200..400).contains(&status) {
         bail!("status {status}");
     }
-    if !fresh {
+    let backend = backend_of(&buf[head..head + len]);
+    if fresh {
+        closed(s, how.reset_close)?;
+    } else {
         *conn = Some(s);
     }
-    Ok(backend_of(&buf[head..head + len]))
+    Ok(backend)
 }
 
 /// One datagram and its answer.
 fn datagram(
     sock: &mut Option<UdpSocket>,
     a: SocketAddr,
+    timeout: Duration,
     buf: &mut Vec<u8>,
 ) -> Result<Option<String>> {
     if sock.is_none() {
         let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.set_read_timeout(Some(TIMEOUT))?;
+        s.set_read_timeout(Some(timeout))?;
         *sock = Some(s);
     }
     let Some(s) = sock.as_ref() else {
@@ -569,12 +791,10 @@ mod tests {
             }
         });
         let spec = |target| Spec {
-            target,
             connections: 2,
             rate: Some(200.0),
             duration: Duration::from_millis(500),
-            new_connections: false,
-            netns: None,
+            ..Spec::new(target)
         };
         let r = run(&spec(Target::Http(addr, "/".into())), |_| {}).unwrap();
         assert!(r.requests > 10, "{r:?}");
@@ -591,5 +811,74 @@ mod tests {
             "{r:?}"
         );
         assert!(!r.failures_per_second.is_empty());
+    }
+
+    /// A whoami server on loopback answering as `name`.
+    fn whoami(name: &'static str) -> SocketAddr {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in server.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = crate::whoami::serve_http(conn, name);
+                });
+            }
+        });
+        addr
+    }
+
+    /// A count bound ends the run at exactly that many requests, spread over the
+    /// addresses given (connection i to address i mod n), each connection reset by the
+    /// client; a recording run keeps each request's outcome in the order asked.
+    #[test]
+    fn a_bounded_spread_run_makes_its_count_over_every_address_and_records_it() {
+        let (a, b) = (whoami("a"), whoami("b"));
+        let spec = Spec {
+            connections: 3,
+            duration: Duration::from_secs(20),
+            new_connections: true,
+            max_requests: Some(100),
+            spread: vec![a, b],
+            reset_close: true,
+            record: true,
+            ..Spec::new(Target::Http(a, "/".into()))
+        };
+        let r = run(&spec, |_| {}).unwrap();
+        assert_eq!((r.requests, r.failed()), (100, 0), "{r:?}");
+        // Connections 0 and 2 to a (34 + 33), connection 1 to b (33).
+        assert_eq!(r.backends.get("a"), Some(&67), "{:?}", r.backends);
+        assert_eq!(r.backends.get("b"), Some(&33), "{:?}", r.backends);
+        assert_eq!(r.outcomes.len(), 100);
+        assert!(r.outcomes.windows(2).all(|w| w[0].asked_s <= w[1].asked_s));
+        assert!(r.outcomes.iter().all(|o| o.failure.is_none()));
+        assert_eq!(r.samples.len(), 100);
+    }
+
+    /// A server that takes the connection and never answers: each request counts as a
+    /// timeout after the spec's timeout, recorded with its error.
+    #[test]
+    fn a_silent_server_times_out_after_the_specs_timeout() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = vec![];
+            for conn in server.incoming().flatten() {
+                held.push(conn);
+            }
+        });
+        let spec = Spec {
+            timeout: Duration::from_millis(200),
+            max_requests: Some(2),
+            record: true,
+            ..Spec::new(Target::Http(addr, "/".into()))
+        };
+        let r = run(&spec, |_| {}).unwrap();
+        assert_eq!(r.failures.get(&Failure::Timeout), Some(&2), "{r:?}");
+        assert_eq!(r.outcomes.len(), 2);
+        for o in &r.outcomes {
+            assert_eq!(o.failure, Some(Failure::Timeout));
+            assert!(o.took_s >= 0.2, "{o:?}");
+            assert!(o.error.is_some());
+        }
     }
 }

@@ -10,14 +10,14 @@
 //! retransmission) reach the new netd, which is why the clients here wait as real ones
 //! do instead of giving up at the first timeout.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
-use netd_lab::{diff_lines, dig_once, field, http_get, in_netns, Lab};
+use anyhow::{anyhow, Result};
+use netd_lab::{diff_lines, dig_once, load, Lab};
 
 const PUBLISHED: u16 = 4567;
 const OUTSIDE_HOST: u8 = 100;
@@ -39,7 +39,8 @@ struct Outcome {
     error: Option<String>,
 }
 
-/// A client asking again and again until told to stop.
+/// A client asking again and again until told to stop (the resolver's: `dig` in a task,
+/// which the load engine does not speak).
 struct Client {
     what: &'static str,
     stop: Arc<AtomicBool>,
@@ -83,20 +84,42 @@ impl Client {
     }
 }
 
-/// One HTTP GET over a new connection from the calling thread's namespace to `addr`.
-fn get(addr: SocketAddr) -> Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
-        .with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-    let body = http_get(&mut s)?;
-    field(&body, "Hostname").context("no whoami answer")?;
-    Ok(())
+/// HTTP GETs, each over a new connection, one after the other from `netns` to `addr`
+/// (`netd-bench load`'s engine, recording every request's outcome).
+fn http_client(what: &'static str, netns: &str, addr: SocketAddr) -> Result<HttpClient> {
+    let running = load::start(&load::Spec {
+        duration: LOAD_LIMIT,
+        new_connections: true,
+        netns: Some(netns.to_string()),
+        timeout: REQUEST_TIMEOUT,
+        max_requests: Some(MAX_REQUESTS as u64),
+        record: true,
+        ..load::Spec::new(load::Target::Http(addr, "/".into()))
+    })?;
+    Ok(HttpClient { what, running })
 }
 
-/// Runs `get` against `addr` from inside `netns`, on a thread that stays there.
-fn http_client(what: &'static str, netns: String, addr: SocketAddr) -> Result<Client> {
-    // Enter the namespace once: the client thread is made by a thread inside it.
-    in_netns(&netns, move || Ok(Client::start(what, move |_| get(addr))))
+struct HttpClient {
+    what: &'static str,
+    running: load::Running,
+}
+
+impl HttpClient {
+    fn finish(self) -> Result<(&'static str, Vec<Outcome>)> {
+        let started = self.running.started();
+        let report = self.running.stop();
+        let secs = Duration::from_secs_f64;
+        let outcomes = report
+            .outcomes
+            .into_iter()
+            .map(|o| Outcome {
+                start: started + secs(o.asked_s),
+                took: secs(o.took_s),
+                error: o.error,
+            })
+            .collect();
+        Ok((self.what, outcomes))
+    }
 }
 
 fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
@@ -173,10 +196,10 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
             }
         })
     };
-    let to_vip = http_client("vip", cli.clone(), SocketAddr::from((vip, 80)))?;
+    let to_vip = http_client("vip", &cli, SocketAddr::from((vip, 80)))?;
     let to_mesh = http_client(
         "published port",
-        outside.clone(),
+        &outside,
         SocketAddr::from((node_ip, PUBLISHED)),
     )?;
     std::thread::sleep(Duration::from_millis(500));

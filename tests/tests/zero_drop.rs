@@ -22,12 +22,12 @@ const LOAD_LIMIT: Duration = Duration::from_secs(180);
 /// 300 a second over 2 connections (`netd-bench load`'s engine), until stopped.
 fn start_load(client: &str, to: SocketAddr) -> Result<load::Running> {
     load::start(&load::Spec {
-        target: load::Target::Http(to, "/".into()),
         connections: 2,
         rate: Some(300.0),
         duration: LOAD_LIMIT,
         new_connections: true,
         netns: Some(client.to_string()),
+        ..load::Spec::new(load::Target::Http(to, "/".into()))
     })
 }
 
