@@ -7,11 +7,12 @@
 //! - [`upstream`]: forwarding other names to the node's resolvers, whose answers
 //!   [`cache`] keeps for their TTL.
 //! - [`server`]: the UDP and TCP sockets of each task, served by the one process;
-//!   [`batch`]: its batched UDP system calls.
+//!   [`batch`]: its batched UDP system calls; [`stats`]: what it answered, counted.
 
 pub mod batch;
 pub mod cache;
 pub mod message;
 pub mod server;
+pub mod stats;
 pub mod table;
 pub mod upstream;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 
@@ -23,6 +23,7 @@ use tokio::time::timeout;
 
 use crate::batch::{Inbox, Outbox};
 use crate::message::{self, Action};
+use crate::stats::{ForwardFailure, Stats};
 use crate::table::Table;
 use crate::upstream::{ForwardError, Upstream};
 
@@ -37,6 +38,8 @@ pub struct Shared {
     /// query goes through the record table: what a bench needs to measure the lookup
     /// itself rather than a cache that any resolver could put in front of it.
     pub answer_cache: bool,
+    /// What was asked and answered (for `/metrics`).
+    pub stats: Stats,
 }
 
 /// The DNS of one task: its sockets' serving tasks.
@@ -118,13 +121,21 @@ async fn forwarded(
     request: &hickory_proto::op::Message,
     tcp: bool,
 ) -> Vec<u8> {
+    shared.stats.forward();
     let Ok(_share) = asker.forwards.clone().try_acquire_owned() else {
+        shared.stats.forward_failed(ForwardFailure::Busy);
         return message::refused(request, tcp);
     };
     match shared.upstream.forward(request).await {
         Ok(reply) => message::relay(Some(reply), request, tcp),
-        Err(ForwardError::Busy) => message::refused(request, tcp),
-        Err(ForwardError::Failed) => message::relay(None, request, tcp),
+        Err(ForwardError::Busy) => {
+            shared.stats.forward_failed(ForwardFailure::Busy);
+            message::refused(request, tcp)
+        }
+        Err(ForwardError::Failed) => {
+            shared.stats.forward_failed(ForwardFailure::Failed);
+            message::relay(None, request, tcp)
+        }
     }
 }
 
@@ -163,14 +174,15 @@ impl Hasher for Fnv {
 const CACHE_ENTRIES: usize = 4096;
 
 impl AnswerCache {
-    /// Queues the cached answer to `packet` under `generation`, with the packet's id;
-    /// false if there is none.
+    /// Queues the cached answer to `packet` under `generation`, with the packet's id,
+    /// and counts it in `stats` (asked at `arrived`); false if there is none.
     fn answer(
         &mut self,
         generation: u64,
         packet: &[u8],
         outbox: &mut Outbox,
         to: SocketAddr,
+        (stats, arrived): (&Stats, Instant),
     ) -> bool {
         if generation != self.generation {
             self.answers.clear();
@@ -185,6 +197,7 @@ impl AnswerCache {
             buf.extend_from_slice(cached);
             buf[start..start + 2].copy_from_slice(&packet[..2]);
         });
+        stats.query(packet, Some(cached), arrived.elapsed());
         true
     }
 
@@ -225,9 +238,14 @@ async fn serve_udp(shared: Arc<Shared>, querier: Arc<Asker>, sock: Arc<UdpSocket
                 }
             };
             let generation = generation(&shared);
+            // Each query's time runs from its batch's arrival.
+            let arrived = Instant::now();
+            let stats = &shared.stats;
             for i in 0..n {
                 let (packet, from) = inbox.get(i);
-                if shared.answer_cache && cache.answer(generation, packet, &mut outbox, from) {
+                if shared.answer_cache
+                    && cache.answer(generation, packet, &mut outbox, from, (stats, arrived))
+                {
                     continue;
                 }
                 match decide(&shared, &querier, packet, false) {
@@ -236,17 +254,23 @@ async fn serve_udp(shared: Arc<Shared>, querier: Arc<Asker>, sock: Arc<UdpSocket
                             cache.put(packet, &bytes);
                         }
                         outbox.push(&bytes, from);
+                        stats.query(packet, Some(&bytes), arrived.elapsed());
                     }
-                    Action::Reply(bytes) => outbox.push(&bytes, from),
+                    Action::Reply(bytes) => {
+                        outbox.push(&bytes, from);
+                        stats.query(packet, Some(&bytes), arrived.elapsed());
+                    }
                     Action::Forward(request) => {
                         let (shared, sock) = (shared.clone(), sock.clone());
                         let asker = querier.clone();
+                        let packet = packet.to_vec();
                         tokio::spawn(async move {
                             let bytes = forwarded(&shared, &asker, &request, false).await;
                             let _ = sock.send_to(&bytes, from).await;
+                            shared.stats.query(&packet, Some(&bytes), arrived.elapsed());
                         });
                     }
-                    Action::Drop => {}
+                    Action::Drop => stats.query(packet, None, arrived.elapsed()),
                 }
             }
             outbox.flush(fd);
@@ -294,11 +318,17 @@ async fn serve_conn(shared: &Shared, querier: &Asker, mut conn: TcpStream) -> st
             Ok(Ok(_)) => {}
             _ => return Ok(()),
         }
-        let reply = match decide(shared, querier, &buf[..len], true) {
+        let arrived = Instant::now();
+        let packet = &buf[..len];
+        let reply = match decide(shared, querier, packet, true) {
             Action::Reply(bytes) | Action::Answer(bytes) => bytes,
             Action::Forward(request) => forwarded(shared, querier, &request, true).await,
-            Action::Drop => return Ok(()),
+            Action::Drop => {
+                shared.stats.query(packet, None, arrived.elapsed());
+                return Ok(());
+            }
         };
+        shared.stats.query(packet, Some(&reply), arrived.elapsed());
         let Ok(n) = u16::try_from(reply.len()) else {
             return Ok(());
         };

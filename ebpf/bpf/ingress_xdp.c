@@ -395,8 +395,10 @@ static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth, __be32 s
 	p.ipv4_src = src;
 	p.ipv4_dst = dst;
 	p.ifindex = ctx->ingress_ifindex;
-	if (bpf_fib_lookup(ctx, &p, sizeof(p), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+	if (bpf_fib_lookup(ctx, &p, sizeof(p), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
+		flow_event(NETD_FLOWS_NO_ROUTE);
 		return count(DROPPED, XDP_DROP); /* no route or no neighbour yet: TCP retries */
+	}
 	__builtin_memcpy(eth->h_dest, p.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, p.smac, ETH_ALEN);
 	if (p.ifindex == ctx->ingress_ifindex)
@@ -1003,6 +1005,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 		if (ip->frag_off & bpf_htons(IP_DONT_FRAGMENT))
 			return frag_needed(ctx, cfg);
 		flow_event(NETD_FLOWS_TOO_BIG);
+		flow_event(NETD_FLOWS_TOO_BIG_DROPPED);
 		return count(DROPPED, XDP_DROP);
 	}
 	source = seen_source(cfg, &f, fk.addr);

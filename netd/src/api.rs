@@ -34,6 +34,8 @@ pub struct Daemon {
     pub reconciler: Arc<Reconciler>,
     pub datapath: Arc<dyn Datapath>,
     pub api: String,
+    /// What changed in the cluster, for `/v1/events`.
+    pub events: Arc<crate::events::Events>,
 }
 
 type Ctx = AxState<Arc<Daemon>>;
@@ -176,6 +178,7 @@ async fn converge(d: &Daemon) -> Result<crate::reconcile::Report, ApiError> {
 pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/events", get(events))
         .route("/v1/nodes", get(nodes))
         .route("/v1/networks", get(network_ls).post(network_create))
         .route(
@@ -214,7 +217,100 @@ pub fn router(d: Arc<Daemon>) -> Router {
                 "method not allowed on this endpoint",
             )
         })
+        .layer(axum::middleware::from_fn(count_request))
         .with_state(d)
+}
+
+/// Counts each request for `/metrics` by its route's pattern (not its path: an id in
+/// it would make a label per task), its method and its status.
+async fn count_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    // A client names the method: only the ones the API knows are labels of their own.
+    let method: &'static str = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    crate::metrics::record::api_request(&route, method, resp.status().as_u16());
+    resp
+}
+
+/// The cluster's events as JSON lines (chunked), from the kept ones after `since` (if
+/// asked) on, for as long as the client stays; `type=` (repeatable) keeps those kinds.
+/// A client too slow for the feed gets a last line with an `error` and the revision to
+/// ask again from.
+async fn events(
+    AxState(d): Ctx,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    use crate::events::{Event, Filter, Gap, KINDS};
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", m);
+    let (mut since, mut filter) = (None, Filter::default());
+    for (k, v) in query {
+        match k.as_str() {
+            "since" => {
+                since = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| bad(format!("since {v:?} is not a revision")))?,
+                )
+            }
+            "type" if KINDS.contains(&v.as_str()) => filter.kinds.push(v),
+            "type" => {
+                return Err(bad(format!(
+                    "unknown event type {v:?} ({})",
+                    KINDS.join(", ")
+                )))
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown events parameter {other:?} (since, type)"
+                )))
+            }
+        }
+    }
+    // Without `since`: only what happens from now on, as `docker events`.
+    let from = since.unwrap_or(u64::MAX);
+    let (past, feed) = d.events.since(from.min(u64::MAX - 1), &filter).map_err(|Gap::TooOld(oldest)| {
+        ApiError::new(
+            StatusCode::GONE,
+            "too_old",
+            format!("events before revision {oldest} are no longer kept: ask from {oldest} or later"),
+        )
+    })?;
+    let line = |e: &Event| -> Result<Bytes, std::convert::Infallible> {
+        let mut s = serde_json::to_string(e).unwrap_or_default();
+        s.push('\n');
+        Ok(Bytes::from(s))
+    };
+    let past: Vec<_> = past.iter().map(line).collect();
+    let live = futures::stream::unfold(Some((feed, filter)), move |state| async move {
+        let (mut feed, filter) = state?;
+        loop {
+            match feed.recv().await {
+                Ok(e) if filter.admits(&e) => return Some((line(&e), Some((feed, filter)))),
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let end = json!({
+                        "error": "this client fell behind the event feed; ask again with since",
+                    });
+                    return Some((Ok(Bytes::from(format!("{end}\n"))), None));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let body = futures::StreamExt::chain(futures::stream::iter(past), live);
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 async fn status(AxState(d): Ctx) -> ApiResult<Value> {
@@ -517,18 +613,69 @@ async fn service_rm(AxState(d): Ctx, Path(name): Path<String>) -> Result<Respons
 /// A task as the API shows it: its record plus how its node sees it. For a local task
 /// that is `report` (the last reconcile's, read once per request); for a remote one, the
 /// status its node published.
+/// Where a task stands, as `task ls` shows it and `/metrics` counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskState {
+    NodeDown,
+    Draining,
+    /// Attached before its runtime started it: its interfaces wait in the node.
+    Waiting,
+    /// No node reported it yet.
+    Pending,
+    Running,
+    Error(String),
+}
+
+impl TaskState {
+    /// `t`'s state: from this node's last step for its own tasks, from the status its
+    /// node published for the others.
+    pub fn of(node: &str, st: &State, report: &Report, t: &Task) -> TaskState {
+        let error = if t.node == node {
+            Some(report.task_errors.get(&t.id).cloned())
+        } else {
+            st.task_status.get(&t.id).map(|s| s.error.clone())
+        };
+        let waiting = if t.node == node {
+            report.pending.contains(&t.id)
+        } else {
+            st.task_status.get(&t.id).is_some_and(|s| s.pending)
+        };
+        match error {
+            _ if !st.node_alive(&t.node) => TaskState::NodeDown,
+            _ if t.draining.is_some() => TaskState::Draining,
+            _ if waiting => TaskState::Waiting,
+            None => TaskState::Pending,
+            Some(None) => TaskState::Running,
+            Some(Some(e)) => TaskState::Error(e),
+        }
+    }
+
+    /// A bounded name, for a metric's label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TaskState::NodeDown => "node_down",
+            TaskState::Draining => "draining",
+            TaskState::Waiting | TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Error(_) => "error",
+        }
+    }
+
+    /// What `task ls` says.
+    pub fn text(&self) -> String {
+        match self {
+            TaskState::NodeDown => "node down".into(),
+            TaskState::Draining => "draining".into(),
+            TaskState::Waiting => "pending: its runtime has not started it yet".into(),
+            TaskState::Pending => "pending".into(),
+            TaskState::Running => "running".into(),
+            TaskState::Error(e) => format!("error: {e}"),
+        }
+    }
+}
+
 fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
     let mut v = json!(t);
-    let error = if t.node == d.node {
-        Some(report.task_errors.get(&t.id).cloned())
-    } else {
-        st.task_status.get(&t.id).map(|s| s.error.clone())
-    };
-    let waiting = if t.node == d.node {
-        report.pending.contains(&t.id)
-    } else {
-        st.task_status.get(&t.id).is_some_and(|s| s.pending)
-    };
     // What its health check says, for a task of a service with one.
     if st
         .services
@@ -544,14 +691,7 @@ fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
             },
         });
     }
-    v["state"] = json!(match error {
-        _ if !st.node_alive(&t.node) => "node down".to_string(),
-        _ if t.draining.is_some() => "draining".to_string(),
-        _ if waiting => "pending: its runtime has not started it yet".to_string(),
-        None => "pending".to_string(),
-        Some(None) => "running".to_string(),
-        Some(Some(e)) => format!("error: {e}"),
-    });
+    v["state"] = json!(TaskState::of(&d.node, st, report, t).text());
     // Each endpoint's gateway (none on the ingress network, which routes nothing), and
     // what the task's resolv.conf should say: what a runtime needs to describe the
     // attachment (a CNI result) without asking again.

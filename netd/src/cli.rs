@@ -55,6 +55,16 @@ pub enum Command {
     Node(NodeCmd),
     /// Show the daemon's state: node, store, datapath and kernel features.
     Status,
+    /// Follow what changes in the cluster (networks, services, tasks, nodes), one line
+    /// per event, until interrupted.
+    Events {
+        /// Start with the kept events after this store revision (0: every one kept).
+        #[arg(long, value_name = "REV")]
+        since: Option<u64>,
+        /// type=network|service|task|node; several are or-ed.
+        #[arg(long, value_name = "KEY=VALUE")]
+        filter: Vec<String>,
+    },
     /// Hold the sockets netd serves in task namespaces across its restarts (started by
     /// the daemon; see `netd::fdstore`).
     #[command(hide = true)]
@@ -186,11 +196,56 @@ pub fn run(cli: &Cli) -> Result<()> {
                 ],
             );
         }
+        Command::Events { since, filter } => events(&c, out, *since, filter)?,
         Command::Network(cmd) => network(&c, out, cmd)?,
         Command::Service(cmd) => service(&c, out, cmd)?,
         Command::Task(cmd) => task(&c, out, cmd)?,
     }
     Ok(())
+}
+
+/// Prints each event as it comes: a line of text, or the API's JSON object.
+fn events(c: &Client, out: Output, since: Option<u64>, filters: &[String]) -> Result<()> {
+    let mut query = vec![];
+    if let Some(rev) = since {
+        query.push(format!("since={rev}"));
+    }
+    for f in filters {
+        match f.split_once('=') {
+            Some(("type", kind)) => {
+                query.push(format!("type={}", crate::client::encode_component(kind)))
+            }
+            _ => bail!("--filter {f:?}: expected type=network|service|task|node"),
+        }
+    }
+    let path = format!("/v1/events?{}", query.join("&"));
+    c.stream_lines(&path, |line| {
+        let v: Value = serde_json::from_str(line)?;
+        if let Some(e) = v.get("error") {
+            bail!("{}", e.as_str().unwrap_or("the event stream ended"));
+        }
+        match out {
+            Output::Json => println!("{line}"),
+            Output::Table => {
+                let attrs: Vec<String> = v["attributes"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect();
+                println!(
+                    "{} rev {} {} {} {} ({})",
+                    v["time"],
+                    v["revision"],
+                    cell(&v["type"]),
+                    cell(&v["action"]),
+                    cell(&v["name"]),
+                    attrs.join(", ")
+                );
+            }
+        }
+        Ok(())
+    })
 }
 
 fn network(c: &Client, out: Output, cmd: &NetworkCmd) -> Result<()> {

@@ -2,7 +2,7 @@
 //! or TCP address (`--api` / `NETD_API`, as `DOCKER_HOST` works for docker). One request
 //! per connection keeps it simple and the CLI has nothing to pipeline.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -51,7 +51,11 @@ impl Client {
     }
 
     fn connect(&self) -> Result<Box<dyn Stream>> {
-        let timeout = Some(Duration::from_secs(120));
+        self.connect_with(Some(Duration::from_secs(120)))
+    }
+
+    /// A connection whose reads wait at most `timeout` (None: for ever).
+    fn connect_with(&self, timeout: Option<Duration>) -> Result<Box<dyn Stream>> {
         if let Some(path) = self.api.strip_prefix("unix:") {
             let s = UnixStream::connect(path).with_context(|| {
                 format!("cannot reach netd at {path}: is `netd daemon` running? (set --api or NETD_API)")
@@ -84,6 +88,69 @@ impl Client {
 
     pub fn delete(&self, path: &str) -> Result<Value> {
         self.request("DELETE", path, None)
+    }
+
+    /// GETs `path`, a stream of JSON lines (chunked), and hands each line to `each` as it
+    /// arrives, until the server ends the stream or `each` fails. No read timeout: a
+    /// quiet cluster sends nothing for as long as it stays quiet.
+    pub fn stream_lines(&self, path: &str, mut each: impl FnMut(&str) -> Result<()>) -> Result<()> {
+        let mut stream = self.connect_with(None)?;
+        let head = format!("GET {path} HTTP/1.1\r\nHost: netd\r\nConnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes())?;
+        let mut r = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        r.read_line(&mut line)
+            .context("read the API's status line")?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an HTTP status line: {line:?}"))?;
+        let mut chunked = false;
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let lower = l.to_ascii_lowercase();
+            chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
+        }
+        if status >= 400 || !chunked {
+            let mut rest = vec![];
+            r.read_to_end(&mut rest)?;
+            let v: Value = serde_json::from_slice(&rest).unwrap_or(Value::Null);
+            return Err(ApiError {
+                status,
+                code: v["code"].as_str().unwrap_or("unknown").to_string(),
+                message: v["error"].as_str().unwrap_or("request failed").to_string(),
+            }
+            .into());
+        }
+        // Chunks carry whole lines or parts of them: lines are cut where they end.
+        let mut pending = Vec::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .with_context(|| format!("bad chunk size {line:?}"))?;
+            if size == 0 {
+                return Ok(());
+            }
+            let mut chunk = vec![0u8; size + 2];
+            r.read_exact(&mut chunk)?;
+            pending.extend_from_slice(&chunk[..size]);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let one: Vec<u8> = pending.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&one);
+                if !text.trim().is_empty() {
+                    each(text.trim_end())?;
+                }
+            }
+        }
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {

@@ -142,6 +142,10 @@ pub struct DaemonArgs {
     /// slowed DNS by up to 14% while it ran.
     #[arg(long, default_value_t = 30)]
     pub resync: u64,
+    /// Serve read-only HTTP here (e.g. 127.0.0.1:9440): `/metrics` for Prometheus and
+    /// `/healthz`. Off by default; nothing served there changes anything.
+    #[arg(long)]
+    pub http: Option<std::net::SocketAddr>,
 }
 
 fn hostname() -> String {
@@ -444,6 +448,8 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         });
     }
 
+    // From here on, what changes in the cluster is kept for `netd events`.
+    let events = crate::events::Events::follow(view.clone());
     let mut dns = Dns::new(dns_config(&args)?);
     match fd_store {
         Ok(store) => dns.hand_over(store, held),
@@ -511,7 +517,11 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         reconciler,
         datapath,
         api: api_spec.to_string(),
+        events,
     });
+    if let Some(addr) = args.http {
+        crate::web::serve(addr, daemon.clone()).await?;
+    }
     let app = api::router(daemon.clone());
     if let Some(path) = &args.docker_plugin {
         let plugin = crate::frontends::docker::Plugin::new(app.clone(), daemon.reconciler.clone());

@@ -127,6 +127,7 @@ impl Dns {
                 table: RwLock::new(table),
                 upstream: Upstream::new(cfg.upstream.clone()),
                 answer_cache: cfg.answer_cache,
+                stats: Default::default(),
             }),
             cfg,
             listeners: std::sync::Mutex::new(HashMap::new()),
@@ -167,6 +168,11 @@ impl Dns {
 
     pub fn listener_count(&self) -> usize {
         self.listeners.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// What the DNS asked and answered so far (for `/metrics`).
+    pub fn stats(&self) -> netd_dns::stats::Snapshot {
+        self.shared.stats.snapshot()
     }
 
     pub fn forward_cache_len(&self) -> usize {

@@ -90,7 +90,7 @@ impl PortRule {
             None => "fib daddr type local".into(),
         };
         Some(format!(
-            "{iif}{daddr} {} dport {} dnat to {to}:{}",
+            "{iif}{daddr} {} dport {} counter name \"{PORT_FLOWS}\" dnat to {to}:{}",
             self.proto, self.port, self.target_port
         ))
     }
@@ -176,6 +176,9 @@ pub const TASK_TO_NODE: &str = "task_to_node";
 /// dropped: the backstop that keeps a client's address (which the routing mesh carries
 /// inside the ingress network and sandboxes) from leaving the node unencapsulated.
 pub const MESH_FOREIGN_SRC: &str = "mesh_foreign_src";
+/// The named counter of flows to published ports the table translated (a nat chain
+/// sees a flow's first packet only): in the ingress sandbox, the kernel path's flows.
+pub const PORT_FLOWS: &str = "port_flows";
 
 impl Ruleset {
     pub fn is_empty(&self) -> bool {
@@ -322,6 +325,7 @@ impl Ruleset {
              \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
              \tcounter {TASK_TO_NODE} {{\n\t}}\n\
              \tcounter {MESH_FOREIGN_SRC} {{\n\t}}\n\
+             \tcounter {PORT_FLOWS} {{\n\t}}\n\
              \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n{}\t}}\n}}\n",
             indent(&dnat),
             indent(&dnat_output),
@@ -398,6 +402,8 @@ pub struct Applied {
     pub task_to_node_before: u64,
     /// The same for [`MESH_FOREIGN_SRC`].
     pub mesh_foreign_src_before: u64,
+    /// The same for [`PORT_FLOWS`].
+    pub port_flows_before: u64,
 }
 
 /// Makes the kernel's netd tables match `rules` (removing them when there are none).
@@ -418,6 +424,7 @@ pub fn apply(rules: &Ruleset) -> Result<Applied> {
     };
     let (vxlan_foreign_before, task_to_node_before) = (before(VXLAN_FOREIGN), before(TASK_TO_NODE));
     let mesh_foreign_src_before = before(MESH_FOREIGN_SRC);
+    let port_flows_before = before(PORT_FLOWS);
     if rules.is_empty() {
         nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
     } else {
@@ -428,6 +435,7 @@ pub fn apply(rules: &Ruleset) -> Result<Applied> {
         vxlan_foreign_before,
         task_to_node_before,
         mesh_foreign_src_before,
+        port_flows_before,
     })
 }
 
@@ -717,17 +725,17 @@ mod tests {
         let s = r.render();
         // Overlay datagrams skip conntrack both ways.
         assert_eq!(s.matches("udp dport 4789 notrack").count(), 2, "{s}");
-        let rr = "fib daddr type local tcp dport 4567 dnat to numgen inc mod 2 map \
+        let rr = "fib daddr type local tcp dport 4567 counter name \"port_flows\" dnat to numgen inc mod 2 map \
                   { 0 : 198.19.255.5, 1 : 198.19.255.6 } :80";
         // In prerouting (from outside) and output (from the node itself).
         assert_eq!(s.matches(rr).count(), 2, "{s}");
-        assert!(s.contains("fib daddr type local udp dport 4568 dnat to 198.18.1.254:4568"));
+        assert!(s.contains("fib daddr type local udp dport 4568 counter name \"port_flows\" dnat to 198.18.1.254:4568"));
         // Narrowed rules: by input interface in prerouting only, by address in both;
         // each ahead of the port's general rule.
         let by_iif =
-            "iifname \"eth0\" fib daddr type local tcp dport 4567 dnat to 198.18.1.253:4567";
+            "iifname \"eth0\" fib daddr type local tcp dport 4567 counter name \"port_flows\" dnat to 198.18.1.253:4567";
         assert_eq!(s.matches(by_iif).count(), 1, "{s}");
-        let by_addr = "ip daddr 198.18.1.253 udp dport 4568 dnat to 198.19.255.5:80";
+        let by_addr = "ip daddr 198.18.1.253 udp dport 4568 counter name \"port_flows\" dnat to 198.19.255.5:80";
         assert_eq!(s.matches(by_addr).count(), 2, "{s}");
         let pre = &s[s.find("chain prerouting").unwrap()..s.find("chain output").unwrap()];
         assert!(pre.find(by_iif).unwrap() < pre.find(rr).unwrap());

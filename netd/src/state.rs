@@ -574,6 +574,11 @@ impl State {
         self.task_status.get(id).is_some_and(TaskStatus::up)
     }
 
+    /// Every key the state holds (full keys, under `/netd/`), in key order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.revs.keys().map(String::as_str)
+    }
+
     /// The tasks being drained (not their orphans: those go with their service).
     pub fn draining(&self) -> impl Iterator<Item = &Task> + '_ {
         self.draining.iter().filter_map(|id| self.tasks.get(id))

@@ -951,6 +951,18 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The `netd` CLI aimed at node `i`, started with `args`, its output piped: for a
+    /// command that streams (`netd events`); the caller ends it.
+    pub fn cli_spawn(&self, i: usize, args: &[&str]) -> Result<Child> {
+        self.nodes[i]
+            .cli_command(&self.netd)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run netd CLI")
+    }
+
     /// Runs the CLI with `--output json` and parses what it printed (also on failure,
     /// where it prints the API error as JSON).
     pub fn cli_json(&self, i: usize, args: &[&str]) -> Result<Value> {

@@ -39,8 +39,8 @@ use aya::Ebpf;
 use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, FlowTuple, IngressConfig, MeshBackend,
     PortKey, PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED,
-    FLOWS_ICMP_RELAYED, FLOWS_LOST, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG, FLOWS_WRONG_VTEP,
-    MESH_CLIENT_SOURCE,
+    FLOWS_ICMP_RELAYED, FLOWS_LOST, FLOWS_NO_ROUTE, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG,
+    FLOWS_TOO_BIG_DROPPED, FLOWS_WRONG_VTEP, MESH_CLIENT_SOURCE,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -498,6 +498,8 @@ impl Loaded {
             expired: sum(FLOWS_EXPIRED),
             too_big: sum(FLOWS_TOO_BIG),
             icmp_relayed: sum(FLOWS_ICMP_RELAYED),
+            no_route: sum(FLOWS_NO_ROUTE),
+            too_big_dropped: sum(FLOWS_TOO_BIG_DROPPED),
         }
     }
 }
@@ -529,6 +531,10 @@ struct FlowStats {
     /// ICMP errors to the node about a flow's packets to its client (a router's
     /// "fragmentation needed" on the client's side), sent on to the task.
     icmp_relayed: u64,
+    /// Packets dropped for want of a route or a neighbour entry for their next hop.
+    no_route: u64,
+    /// Of `too_big`, the packets without DF: dropped.
+    too_big_dropped: u64,
 }
 
 fn port_key((proto, port): (u8, u16)) -> PortKey {
@@ -633,6 +639,33 @@ impl XdpMesh {
             "flows": flows,
             // Entries in the flow maps now (each flow has two: one per direction).
             "flow_entries": entries,
+        })
+    }
+
+    /// The counters `/metrics` shows (None while nothing is loaded). Drops by reason:
+    /// each counted reason is one drop; `other` is the rest (a packet cut short, a
+    /// failed head or tail adjustment).
+    pub fn metrics(&self) -> Option<crate::metrics::XdpCounters> {
+        let inner = self.lock().ok()?;
+        let l = inner.loaded.as_ref()?;
+        let (s, f) = (l.stats(), l.flow_stats());
+        let reasons = [
+            ("no_route", f.no_route),
+            ("wrong_vtep", f.wrong_vtep),
+            ("too_big", f.too_big_dropped),
+        ];
+        let counted: u64 = reasons.iter().map(|(_, n)| n).sum();
+        let mut drops = reasons.to_vec();
+        drops.push(("other", s.dropped.saturating_sub(counted)));
+        Some(crate::metrics::XdpCounters {
+            packets: vec![
+                ("forwarded", s.forwarded),
+                ("returned", s.returned),
+                ("passed", s.passed),
+                ("dropped", s.dropped),
+            ],
+            drops,
+            flows: f.opened,
         })
     }
 

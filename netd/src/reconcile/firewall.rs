@@ -32,6 +32,9 @@ pub struct KernelFirewall {
     mesh_foreign_src: AtomicU64,
     /// Tracked flows deleted because their task went away.
     flows_removed: AtomicU64,
+    /// Published-port flows counted by ingress sandbox tables that were replaced since
+    /// start.
+    port_flows: AtomicU64,
 }
 
 /// The inode of a namespace's file: a namespace made anew has another.
@@ -107,8 +110,10 @@ impl Firewall for KernelFirewall {
         if self.known(ns, "ip", &tag, checked) {
             return Ok(());
         }
-        netns::run_in(ns, move || nftables::apply(&rules)).await?;
+        let applied = netns::run_in(ns, move || nftables::apply(&rules)).await?;
         self.applied(ns, "ip", tag);
+        self.port_flows
+            .fetch_add(applied.port_flows_before, Ordering::Relaxed);
         Ok(())
     }
 
@@ -132,6 +137,14 @@ impl Firewall for KernelFirewall {
 
     async fn mesh_foreign_src_dropped(&self) -> u64 {
         counted(nftables::MESH_FOREIGN_SRC, &self.mesh_foreign_src).await
+    }
+
+    async fn port_flows(&self, ns: &Netns) -> Option<u64> {
+        let now = netns::run_in(ns, || Ok(nftables::counter(nftables::PORT_FLOWS)))
+            .await
+            .ok()
+            .flatten()?;
+        Some(now + self.port_flows.load(Ordering::Relaxed))
     }
 
     async fn forget_flows(&self, ns: &Netns, to: Vec<Ipv4Addr>) -> Result<u64> {

@@ -124,4 +124,8 @@ impl Mesh for KernelMesh {
     fn flows_removed(&self) -> u64 {
         self.xdp.flows_removed()
     }
+
+    fn metrics(&self) -> Option<crate::metrics::XdpCounters> {
+        self.xdp.metrics()
+    }
 }

@@ -86,6 +86,11 @@ pub trait Firewall: Send + Sync {
     async fn vxlan_foreign_dropped(&self) -> u64 {
         0
     }
+    /// Flows to published ports the table of `ns` translated since netd started (None:
+    /// no such table).
+    async fn port_flows(&self, _ns: &Netns) -> Option<u64> {
+        None
+    }
     async fn task_to_node_dropped(&self) -> u64 {
         0
     }
@@ -123,6 +128,10 @@ pub trait Mesh: Send + Sync {
     /// Flows removed because their task left its port, since netd started.
     fn flows_removed(&self) -> u64 {
         0
+    }
+    /// The fast path's counters for `/metrics` (None: not loaded).
+    fn metrics(&self) -> Option<crate::metrics::XdpCounters> {
+        None
     }
 }
 
@@ -296,6 +305,18 @@ impl Reconciler {
         self.appliers.firewall.mesh_foreign_src_dropped().await
     }
 
+    /// Published-port flows the kernel path took on this node (its ingress sandbox's
+    /// translations), for `/metrics`; None without a sandbox.
+    pub async fn kernel_mesh_flows(&self) -> Option<u64> {
+        let ns = Netns::named(&naming::ingress_sbox_netns(&self.cfg.name));
+        self.appliers.firewall.port_flows(&ns).await
+    }
+
+    /// The XDP fast path's counters, for `/metrics`.
+    pub fn xdp_metrics(&self) -> Option<crate::metrics::XdpCounters> {
+        self.appliers.mesh.as_ref().and_then(|m| m.metrics())
+    }
+
     /// The XDP fast path, for `netd status`.
     pub fn xdp_status(&self) -> serde_json::Value {
         self.appliers
@@ -442,6 +463,12 @@ impl Reconciler {
         self.last_step_us.store(
             began.elapsed().as_micros() as u64,
             std::sync::atomic::Ordering::Relaxed,
+        );
+        crate::metrics::record::reconcile_step(
+            began.elapsed(),
+            scope.is_err(),
+            report.errors.len(),
+            report.task_errors.len(),
         );
         if let Ok(mut last) = self.last.lock() {
             *last = report.clone();

@@ -59,6 +59,9 @@ pub struct EtcdStore {
     /// not change the lease the others are bound to.
     leases: Mutex<BTreeMap<i64, KeptLease>>,
     watcher: JoinHandle<()>,
+    /// The revision of the newest change the watch passed on (see
+    /// [`Store::delivered_revision`]).
+    delivered: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Keys per page of a prefix read: a few hundred kilobytes of netd's records, well
@@ -236,13 +239,20 @@ impl EtcdStore {
         let status = client.status().await.map_err(etcd_err("status"))?;
         let revision = status.header().map(|h| h.revision()).unwrap_or(0);
         let (changes, _) = broadcast::channel(super::FEED_CAPACITY);
-        let watcher = tokio::spawn(watch_changes(client.clone(), changes.clone(), revision));
+        let delivered = Arc::new(std::sync::atomic::AtomicU64::new(revision as u64));
+        let watcher = tokio::spawn(watch_changes(
+            client.clone(),
+            changes.clone(),
+            revision,
+            delivered.clone(),
+        ));
         Ok(EtcdStore {
             client,
             spec,
             changes,
             leases: Mutex::new(BTreeMap::new()),
             watcher,
+            delivered,
         })
     }
 }
@@ -261,7 +271,12 @@ impl Drop for EtcdStore {
 /// Follows every change under `/netd/` from `revision` on and passes each revision's
 /// events on. After a broken stream it resumes from the last revision seen, so nothing is
 /// missed; only when etcd compacted that history away does it announce a resync.
-async fn watch_changes(client: Client, tx: broadcast::Sender<Change>, mut revision: i64) {
+async fn watch_changes(
+    client: Client,
+    tx: broadcast::Sender<Change>,
+    mut revision: i64,
+    delivered: Arc<std::sync::atomic::AtomicU64>,
+) {
     loop {
         let mut c = client.clone();
         // A store that went back in time (emptied, replaced, restored from a backup)
@@ -301,6 +316,7 @@ async fn watch_changes(client: Client, tx: broadcast::Sender<Change>, mut revisi
                         for (rev, events) in by_revision(resp.events()) {
                             revision = revision.max(rev as i64);
                             let _ = tx.send(Change::Events(rev, events.into()));
+                            delivered.store(rev, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
                     Ok(None) => break,
@@ -546,6 +562,10 @@ impl Store for EtcdStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn delivered_revision(&self) -> Option<u64> {
+        Some(self.delivered.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The spec without the password.

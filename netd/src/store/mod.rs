@@ -168,6 +168,11 @@ pub trait Store: Send + Sync {
     async fn withdraw_ephemeral(&self) -> Result<(), StoreError>;
     /// Whether other nodes share this store (etcd), as opposed to one node's own.
     fn shared(&self) -> bool;
+    /// The revision of the newest change the feed passed on, for a view to tell how far
+    /// it is behind (None: a store whose feed is its own writes).
+    fn delivered_revision(&self) -> Option<u64> {
+        None
+    }
     /// A description for `netd status`.
     fn describe(&self) -> String;
 }
