@@ -3,7 +3,7 @@
 # network namespaces, links and nftables rules.
 
 APT_PACKAGES := nftables conntrack iproute2 ethtool iputils-ping procps util-linux curl etcd-server protobuf-compiler \
-  dnsutils unbound clang-19 libbpf-dev python3 prometheus \
+  dnsutils unbound clang-19 libbpf-dev python3 prometheus chromium chromium-driver \
   containerd runc podman conmon containernetworking-plugins busybox-static iptables docker.io
 # Only `make bench` needs these.
 BENCH_PACKAGES := iperf3 dnsperf haproxy netavark
@@ -25,8 +25,9 @@ build: deps
 	$(CARGO) build --workspace --bins
 
 # Stands up a virtual cluster in network namespaces, attaches tasks, shows traffic, tears down.
+# KEEP=1: keep the cluster up at the end, its live view at http://127.0.0.1:9440/ (Ctrl-C ends it).
 demo: build
-	./target/debug/netd-lab demo
+	./target/debug/netd-lab demo $(if $(KEEP),--keep)
 
 # Unit tests of every crate, then the lab's integration tests (real netns, real netd).
 test: build clean-lab

@@ -674,22 +674,26 @@ impl TaskState {
     }
 }
 
-fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
-    let mut v = json!(t);
-    // What its health check says, for a task of a service with one.
-    if st
+/// What a task's health check says (None: its service has none).
+pub fn health_text(st: &State, t: &Task) -> Option<String> {
+    let checked = st
         .services
         .get(&t.service)
-        .is_some_and(|s| s.health.is_some())
-    {
-        v["health"] = json!(match st.task_health.get(&t.id) {
-            None => "starting".to_string(),
-            Some(h) if h.healthy => "healthy".to_string(),
-            Some(h) => match &h.detail {
-                Some(d) => format!("unhealthy: {d}"),
-                None => "unhealthy".to_string(),
-            },
-        });
+        .is_some_and(|s| s.health.is_some());
+    checked.then(|| match st.task_health.get(&t.id) {
+        None => "starting".to_string(),
+        Some(h) if h.healthy => "healthy".to_string(),
+        Some(h) => match &h.detail {
+            Some(d) => format!("unhealthy: {d}"),
+            None => "unhealthy".to_string(),
+        },
+    })
+}
+
+fn task_view(d: &Daemon, st: &State, report: &Report, t: &Task) -> Value {
+    let mut v = json!(t);
+    if let Some(h) = health_text(st, t) {
+        v["health"] = json!(h);
     }
     v["state"] = json!(TaskState::of(&d.node, st, report, t).text());
     // Each endpoint's gateway (none on the ingress network, which routes nothing), and

@@ -185,6 +185,7 @@ struct Flavor {
     docker_plugin: bool,
     secure_store: bool,
     underlay_mtu: u32,
+    daemon_args: Vec<String>,
 }
 
 impl Default for Flavor {
@@ -193,6 +194,7 @@ impl Default for Flavor {
             docker_plugin: false,
             secure_store: false,
             underlay_mtu: 1500,
+            daemon_args: vec![],
         }
     }
 }
@@ -244,6 +246,15 @@ impl Lab {
     /// A lab whose nodes form one cluster through a real etcd on the underlay.
     pub fn cluster(tag: &str, nodes: usize) -> Result<Lab> {
         Self::build(tag, nodes, true, "auto")
+    }
+
+    /// A cluster on etcd whose daemons also get `args` (`--http ADDR`, say).
+    pub fn cluster_with(tag: &str, nodes: usize, args: &[&str]) -> Result<Lab> {
+        let flavor = Flavor {
+            daemon_args: args.iter().map(|a| a.to_string()).collect(),
+            ..Flavor::default()
+        };
+        Self::build_full(tag, nodes, true, "auto", "auto", flavor)
     }
 
     /// A lab whose daemons run `--datapath datapath`; a cluster on etcd when `etcd`.
@@ -314,6 +325,7 @@ impl Lab {
             docker_plugin,
             secure_store,
             underlay_mtu,
+            daemon_args,
         } = flavor;
         let rnd: u32 = rand::random::<u32>() % 0xfffff;
         let prefix = format!("{LAB_MARK}{tag}{rnd:05x}");
@@ -330,7 +342,7 @@ impl Lab {
             lab_bin: binary("netd-lab")?,
             etcd: None,
             secure_store: None,
-            daemon_args: vec![],
+            daemon_args,
             pki: None,
             datapath: datapath.to_string(),
             xdp: xdp.to_string(),

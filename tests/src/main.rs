@@ -28,7 +28,12 @@ enum Cmd {
         name: String,
     },
     /// Stand up a virtual cluster, attach tasks, show traffic, tear it all down.
-    Demo,
+    Demo {
+        /// Keep the cluster up at the end and forward its live view to
+        /// 127.0.0.1:VIEW_PORT, until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Remove namespaces (and their processes) left by labs that did not finish.
     Cleanup {
         #[arg(long, default_value = LAB_MARK)]
@@ -45,7 +50,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Demo => demo(),
+        Cmd::Demo { keep } => demo(keep),
     }
 }
 
@@ -60,9 +65,13 @@ fn show(lab: &Lab, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
-fn demo() -> Result<()> {
+/// Where every demo node serves its read-only HTTP (metrics, the live view).
+const VIEW_PORT: u16 = 9440;
+
+fn demo(keep: bool) -> Result<()> {
     step("Standing up a 3-node virtual cluster: node netns on a lab underlay, etcd beside them");
-    let mut lab = Lab::cluster("demo", 3)?;
+    let http = format!("0.0.0.0:{VIEW_PORT}");
+    let mut lab = Lab::cluster_with("demo", 3, &["--http", &http])?;
     for n in &lab.nodes {
         println!("node {} at {} running netd", n.name, n.ip);
     }
@@ -226,12 +235,83 @@ fn demo() -> Result<()> {
         .context("web-3 did not come back")?;
     println!("GET http://{addr}/ from web-1 ->\n{}", indent(&body));
 
+    let view = SocketAddr::from((lab.nodes[0].ip, VIEW_PORT));
+    if keep {
+        step("The live view (every node serves it; node 1's is forwarded here)");
+        let local = SocketAddr::from(([127, 0, 0, 1], VIEW_PORT));
+        forward(local, outside.clone(), view)?;
+        println!("open http://{local}/ in a browser; /metrics is next to it");
+        println!("the cluster stays up until Ctrl-C");
+        wait_for_interrupt();
+    } else {
+        println!(
+            "\nThe live view was at http://{view}/ inside the lab; `netd-lab demo --keep` \
+             (make demo KEEP=1) keeps the cluster up and opens it at http://127.0.0.1:{VIEW_PORT}/"
+        );
+    }
+
     step("Tearing down: detach, remove, and delete the cluster");
     show(&lab, &["service", "rm", "web"])?;
     show(&lab, &["network", "rm", "front"])?;
     lab.teardown();
     println!("\ndone: every namespace, link and process of the demo is gone");
     Ok(())
+}
+
+/// Forwards connections to `local` (the machine's loopback) to `to`, connecting from
+/// namespace `via` (a lab host that reaches the underlay): the lab adds no route to the
+/// machine, so a browser reaches the view this way.
+fn forward(local: SocketAddr, via: String, to: SocketAddr) -> Result<()> {
+    let listener = std::net::TcpListener::bind(local)
+        .with_context(|| format!("listen on {local} (is another demo running?)"))?;
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let via = via.clone();
+            std::thread::spawn(move || {
+                let Ok(upstream) = netd_lab::connect_from(&via, to) else {
+                    return;
+                };
+                let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
+                    return;
+                };
+                let (mut c, mut u) = (client, upstream);
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut u2);
+                    let _ = u2.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut u, &mut c);
+                let _ = c.shutdown(std::net::Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    Ok(())
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Returns once the user pressed Ctrl-C (or the process got SIGTERM), so the demo still
+/// tears down what it made.
+fn wait_for_interrupt() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        if unsafe { sigaction(sig, &action) }.is_err() {
+            return;
+        }
+    }
+    while !INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 fn indent(s: &str) -> String {

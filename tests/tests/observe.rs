@@ -160,12 +160,8 @@ fn connections(netns: &str, to: SocketAddr, n: u64) -> Result<()> {
 
 #[test]
 fn metrics_pass_promtool_and_a_real_prometheus_sees_them_rise_under_load() -> Result<()> {
-    let mut lab = Lab::build("obm", 2, true, "auto")?;
-    lab.daemon_args = vec!["--http".into(), format!("0.0.0.0:{HTTP_PORT}")];
-    for i in 0..2 {
-        lab.stop_daemon(i, false)?;
-        lab.start_daemon(i)?;
-    }
+    let http = format!("0.0.0.0:{HTTP_PORT}");
+    let mut lab = Lab::cluster_with("obm", 2, &["--http", &http])?;
     lab.cli(
         0,
         &["network", "create", "front", "--subnet", "198.19.60.0/24"],
