@@ -43,6 +43,7 @@ bench:
 	./target/release/netd-bench vip
 	./target/release/netd-bench ingress
 	./target/release/netd-bench attach
+	./target/release/netd-bench observe
 
 lint:
 	$(CARGO) fmt --all --check

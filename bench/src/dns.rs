@@ -21,14 +21,20 @@ const TASKS: usize = 5;
 const MISSING: usize = 200;
 
 /// One dnsperf run.
-struct DnsRun {
-    qps: f64,
+pub(crate) struct DnsRun {
+    pub(crate) qps: f64,
     latencies: Vec<Duration>,
     /// Answers other than NOERROR and NXDOMAIN, and queries lost.
     errors: usize,
 }
 
-fn dnsperf(lab: &Lab, netns: &str, server: &str, queries: &Path, seconds: u64) -> Result<DnsRun> {
+pub(crate) fn dnsperf(
+    lab: &Lab,
+    netns: &str,
+    server: &str,
+    queries: &Path,
+    seconds: u64,
+) -> Result<DnsRun> {
     let out = lab.exec_in(
         netns,
         &[

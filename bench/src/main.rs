@@ -16,6 +16,7 @@ use serde_json::Value;
 mod attach;
 mod dns;
 mod ingress;
+mod observe;
 mod scale;
 mod soak;
 mod vip;
@@ -93,6 +94,19 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         rounds: usize,
         #[arg(long, default_value = "bench/results/attach.md")]
+        out: PathBuf,
+    },
+    /// What serving /metrics and the live view costs: DNS queries/s and VIP new
+    /// connections/s while scraped every second with a view open, against nobody
+    /// watching.
+    Observe {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Rounds (each: one run watched, one not, back to back).
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        #[arg(long, default_value = "bench/results/observe.md")]
         out: PathBuf,
     },
     /// Service VIPs with 2 and 8 backends: eBPF and userspace datapaths against a direct
@@ -242,6 +256,11 @@ fn main() -> Result<()> {
             rounds,
             out,
         } => dns::run(seconds, rounds, &out),
+        Cmd::Observe {
+            seconds,
+            rounds,
+            out,
+        } => observe::run(seconds, rounds, &out),
         Cmd::Vip {
             seconds,
             rounds,
