@@ -280,3 +280,136 @@ fn base64_decode(s: &str) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// A stand-in for a netd's `--http` serving the view's own page, script and style with
+/// a cluster of `nodes` nodes and `tasks` tasks (a fixture: the page's scale, not the
+/// daemon's, is what this measures), and one event after a second.
+fn serve_fixture(netns: &str, nodes: usize, tasks: usize) -> Result<SocketAddr> {
+    let state = json!({
+        "node": "n0",
+        "revision": 1,
+        "nodes": (0..nodes).map(|i| json!({"name": format!("n{i}"), "address": format!("198.18.1.{i}"), "ready": i % 17 != 5})).collect::<Vec<_>>(),
+        "services": (0..20).map(|s| json!({
+            "name": format!("svc{s}"),
+            "vips": [{"network": "front", "vip": format!("198.19.0.{s}")}],
+            "publish": [],
+            "tasks": (0..tasks / 20).map(|t| format!("svc{s}.{t}")).collect::<Vec<_>>(),
+            "backends": (0..tasks / 20).map(|t| json!({"task": format!("svc{s}.{t}"), "address": format!("198.19.{}.{}", 1 + s, t)})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "tasks": (0..tasks).map(|i| json!({
+            "id": format!("id{i}"),
+            "name": format!("svc{}.{}", i % 20, i / 20),
+            "service": format!("svc{}", i % 20),
+            "node": format!("n{}", i % nodes),
+            "state": if i % 97 == 0 { "draining" } else { "running" },
+            "health": null,
+            "addresses": [format!("198.19.{}.{}", 1 + i % 20, i / 20)],
+        })).collect::<Vec<_>>(),
+    })
+    .to_string();
+    let listener = in_netns_bind(netns)?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let _ = answer(conn, &state);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A listener on a free port of namespace `netns`'s loopback.
+fn in_netns_bind(netns: &str) -> Result<std::net::TcpListener> {
+    netd_lab::in_netns(netns, || Ok(std::net::TcpListener::bind("127.0.0.1:0")?))
+}
+
+/// One request of the fixture server.
+fn answer(mut conn: std::net::TcpStream, state: &str) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let mut line = String::new();
+    std::io::BufReader::new(conn.try_clone()?).read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let (kind, body): (&str, String) = match path.as_str() {
+        "/" => (
+            "text/html",
+            include_str!("../../netd/src/view_assets/index.html").into(),
+        ),
+        "/view.js" => (
+            "text/javascript",
+            include_str!("../../netd/src/view_assets/view.js").into(),
+        ),
+        "/view.css" => (
+            "text/css",
+            include_str!("../../netd/src/view_assets/view.css").into(),
+        ),
+        "/view/state" => ("application/json", state.to_string()),
+        "/view/counters" => ("application/json", "{}".into()),
+        "/view/events" => {
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: hi\n\n"
+            )?;
+            std::thread::sleep(Duration::from_secs(1));
+            write!(conn, "data: {{}}\n\n")?;
+            std::thread::sleep(Duration::from_secs(60));
+            return Ok(());
+        }
+        _ => ("text/plain", String::new()),
+    };
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+/// The page at the scale the issue names, 50 nodes and 1,000 tasks: every column and
+/// card is drawn, the columns scroll sideways instead of squeezing, each column scrolls
+/// on its own, and an event redraws it all. How long the draws took is printed (a
+/// figure, not a pass mark).
+#[test]
+fn the_live_view_draws_50_nodes_and_1000_tasks() -> Result<()> {
+    let mut lab = Lab::start("obs", 1)?;
+    let netns = lab.add_host("browser", BROWSER_HOST)?;
+    let site = serve_fixture(&netns, 50, 1000)?;
+    let b = open_browser(&mut lab, &netns)?;
+    b.call(
+        &lab,
+        "POST",
+        "/url",
+        Some(&json!({"url": format!("http://{site}/")})),
+    )?;
+    b.until(
+        &lab,
+        "50 columns and 1,000 cards",
+        "return document.querySelectorAll('.node').length === 50 \
+         && document.querySelectorAll('.task').length === 1000",
+    )?;
+    let laid = b.eval(
+        &lab,
+        "const n = document.getElementById('nodes'); \
+         const col = [...document.querySelectorAll('.cards')].map(c => c.scrollHeight > c.clientHeight); \
+         return {wide: n.scrollWidth > n.clientWidth, tall: col.some(x => x), \
+                 down: document.querySelectorAll('.node.down').length, \
+                 drawn_ms: performance.getEntriesByType('navigation')[0].duration}",
+    )?;
+    assert_eq!(
+        laid["wide"], true,
+        "50 columns should scroll sideways: {laid}"
+    );
+    assert_eq!(laid["tall"], true, "a long column should scroll: {laid}");
+    assert_eq!(laid["down"], 3, "{laid}");
+    // The event a second in redraws everything: the revision attribute is set again.
+    b.eval(&lab, "document.body.dataset.revision = 'x'; return true")?;
+    b.until(
+        &lab,
+        "an event redraws the page",
+        "return document.body.dataset.revision === '1'",
+    )?;
+    eprintln!("the page at 50 nodes and 1,000 tasks: {laid}");
+    b.call(&lab, "DELETE", "", None)?;
+    Ok(())
+}
