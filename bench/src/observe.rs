@@ -161,7 +161,13 @@ pub fn run(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
     let mut watched = vec![];
     let mut totals = Watched::default();
     for round in 0..rounds {
-        for observed in [false, true] {
+        // Which goes first alternates, so a drift within a round favours neither.
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for observed in order {
             eprintln!("round {}: observed {observed}", round + 1);
             let stop = Arc::new(AtomicBool::new(false));
             let w = Arc::new(Watched::default());
@@ -223,8 +229,8 @@ pub fn run(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
          and once while a watcher on the underlay scrapes `/metrics` of both nodes every \
          second and keeps node 1's view open (the event stream held, `/view/counters` \
          every second, `/view/state` on every event: what the page asks). {rounds} rounds, \
-         the two runs of a round back to back; each ratio is the median of the rounds' \
-         ratios.\n",
+         the two runs of a round back to back, which goes first alternating; each ratio is \
+         the median of the rounds' ratios.\n",
         machine()
     )?;
     writeln!(

@@ -1005,7 +1005,6 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 		if (ip->frag_off & bpf_htons(IP_DONT_FRAGMENT))
 			return frag_needed(ctx, cfg);
 		flow_event(NETD_FLOWS_TOO_BIG);
-		flow_event(NETD_FLOWS_TOO_BIG_DROPPED);
 		return count(DROPPED, XDP_DROP);
 	}
 	source = seen_source(cfg, &f, fk.addr);

@@ -211,8 +211,7 @@ struct netd_xdp_stats {
 #define NETD_FLOWS_TOO_BIG 7    /* client packets too big for the overlay (DF: ICMP sent back) */
 #define NETD_FLOWS_ICMP_RELAYED 8 /* ICMP errors about a flow's packets to the client: to the task */
 #define NETD_FLOWS_NO_ROUTE 9   /* packets dropped: no route or neighbour for the next hop yet */
-#define NETD_FLOWS_TOO_BIG_DROPPED 10 /* of NETD_FLOWS_TOO_BIG, without DF: dropped */
-#define NETD_FLOWS_COUNTERS 11
+#define NETD_FLOWS_COUNTERS 10
 
 /* ---- task_port: the routing mesh's way back, on a published task's port ---- */
 

@@ -228,10 +228,8 @@ pub const FLOWS_TOO_BIG: u32 = 7;
 pub const FLOWS_ICMP_RELAYED: u32 = 8;
 /// Packets dropped because their next hop had no route or no neighbour entry yet.
 pub const FLOWS_NO_ROUTE: u32 = 9;
-/// Of [`FLOWS_TOO_BIG`], the packets without DF: dropped.
-pub const FLOWS_TOO_BIG_DROPPED: u32 = 10;
 /// The number of flow counters (the entries of `netd_xdp_flow_stats`).
-pub const FLOWS_COUNTERS: u32 = 11;
+pub const FLOWS_COUNTERS: u32 = 10;
 
 // SAFETY: plain #[repr(C)] integers with explicit padding fields: every bit pattern is a
 // valid value and there are no implicit padding bytes.

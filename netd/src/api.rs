@@ -280,7 +280,7 @@ async fn events(
         ApiError::new(
             StatusCode::GONE,
             "too_old",
-            format!("events before revision {oldest} are no longer kept: ask from {oldest} or later"),
+            format!("the events asked for are no longer kept: ask with since={oldest} or later (0: all that is kept)"),
         )
     })?;
     let line = |e: &Event| -> Result<Bytes, std::convert::Infallible> {
@@ -288,16 +288,26 @@ async fn events(
         s.push('\n');
         Ok(Bytes::from(s))
     };
+    // The live feed holds only what came after the replay (both were taken under one
+    // lock); a node whose view is behind the client's `since` must not tell again
+    // what the client has.
+    let floor = since.unwrap_or(0);
+    let last = past.last().map_or(floor, |e: &Event| e.revision);
     let past: Vec<_> = past.iter().map(line).collect();
-    let live = futures::stream::unfold(Some((feed, filter)), move |state| async move {
-        let (mut feed, filter) = state?;
+    let live = futures::stream::unfold(Some((feed, filter, last)), move |state| async move {
+        let (mut feed, filter, last) = state?;
         loop {
             match feed.recv().await {
-                Ok(e) if filter.admits(&e) => return Some((line(&e), Some((feed, filter)))),
+                Ok(e) if e.revision > floor && filter.admits(&e) => {
+                    let last = e.revision;
+                    return Some((line(&e), Some((feed, filter, last))));
+                }
                 Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Events of one revision may be split: ask again from the one before.
                     let end = json!({
                         "error": "this client fell behind the event feed; ask again with since",
+                        "since": last.saturating_sub(1),
                     });
                     return Some((Ok(Bytes::from(format!("{end}\n"))), None));
                 }

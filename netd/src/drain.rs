@@ -149,6 +149,18 @@ pub async fn finish_drains(view: Arc<View>, node: String) {
         let draining: Vec<Task> = st.draining().cloned().collect();
         for t in draining {
             let why = if t.node == node {
+                // Its connections count only once no node picks it any more: a node that
+                // has not applied the drain still sends it new connections, which may
+                // all be over at the moment of a look.
+                let written = st.task_revision(&t.id).unwrap_or(0);
+                let everywhere = crate::follow::late_nodes(view.store(), None, written)
+                    .await
+                    .is_some_and(|late| late.is_empty());
+                let overdue = t.draining.is_some_and(|d| now >= d.until);
+                if !everywhere && !overdue {
+                    quiet_since.remove(&t.id);
+                    continue;
+                }
                 done(&t, now, activity(&t.netns).await, &mut quiet_since)
             } else {
                 t.draining

@@ -146,8 +146,23 @@ impl Filter {
 /// Why a client cannot have the events it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gap {
-    /// Asked from before the oldest event kept (the oldest revision still there).
+    /// Asked from before what is kept: the lowest `since` that can be served.
     TooOld(u64),
+}
+
+/// Every key of either state, once each, in key order: a comparison of the whole.
+fn whole<'a>(a: &'a State, b: &'a State) -> Vec<&'a str> {
+    let mut keys: Vec<&str> = a.keys().chain(b.keys()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The node's event stream: the latest events, and a feed of new ones.
@@ -159,18 +174,25 @@ pub struct Events {
 }
 
 impl Events {
-    /// Follows `view` from now on (a task that runs for as long as the daemon).
+    /// Follows `view` from now on (a task that runs for as long as the daemon): what
+    /// happened before is not known here, so `since` an earlier revision is refused.
     pub fn follow(view: Arc<View>) -> Arc<Events> {
         let (feed, _) = broadcast::channel(KEPT);
+        let mut prev = view.state();
         let events = Arc::new(Events {
             kept: Mutex::new(VecDeque::new()),
-            dropped_before: Mutex::new(0),
+            dropped_before: Mutex::new(prev.revision + 1),
             feed,
         });
         let mut updates = view.subscribe();
-        let mut prev = view.state();
         let me = events.clone();
         tokio::spawn(async move {
+            // What changed between the first look and the subscription.
+            let now = view.state();
+            if now.revision != prev.revision {
+                me.publish(between(&prev, &now, whole(&prev, &now), unix_now()));
+                prev = now;
+            }
             loop {
                 let update = match updates.recv().await {
                     Ok(u) => u,
@@ -182,18 +204,13 @@ impl Events {
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 let next = update.state;
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
+                if next.revision <= prev.revision {
+                    continue; // told already, by the comparison above
+                }
+                let now = unix_now();
                 let found = match &update.changed {
                     Some(keys) => between(&prev, &next, keys.iter().map(String::as_str), now),
-                    None => {
-                        let mut keys: Vec<&str> = prev.keys().chain(next.keys()).collect();
-                        keys.sort_unstable();
-                        keys.dedup();
-                        between(&prev, &next, keys, now)
-                    }
+                    None => between(&prev, &next, whole(&prev, &next), now),
                 };
                 me.publish(found);
                 prev = next;
@@ -218,8 +235,9 @@ impl Events {
         }
     }
 
-    /// The kept events after revision `since` that `filter` admits, and a receiver of
-    /// the ones to come (subscribed under the same lock, so none falls between).
+    /// The kept events after revision `since` (0: every one kept) that `filter`
+    /// admits, and a receiver of the ones to come (subscribed under the same lock, so
+    /// none falls between).
     pub fn since(
         &self,
         since: u64,
@@ -227,8 +245,8 @@ impl Events {
     ) -> Result<(Vec<Event>, broadcast::Receiver<Event>), Gap> {
         let kept = self.kept.lock().map_err(|_| Gap::TooOld(u64::MAX))?;
         let dropped_before = self.dropped_before.lock().map(|b| *b).unwrap_or(0);
-        if since + 1 < dropped_before {
-            return Err(Gap::TooOld(dropped_before));
+        if since != 0 && since + 1 < dropped_before {
+            return Err(Gap::TooOld(dropped_before - 1));
         }
         let past = kept
             .iter()
@@ -311,10 +329,7 @@ mod tests {
         let empty = v.state();
         web_on_front(&v).await;
         let full = v.state();
-        let mut keys: Vec<&str> = empty.keys().chain(full.keys()).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let told = between(&empty, &full, keys, 1);
+        let told = between(&empty, &full, whole(&empty, &full), 1);
         let kinds: Vec<(&str, &str)> = told.iter().map(|e| (e.kind, e.action)).collect();
         assert!(kinds.contains(&("network", "create")), "{told:?}");
         assert!(kinds.contains(&("service", "create")), "{told:?}");
@@ -355,7 +370,9 @@ mod tests {
         let (past, _) = events.since(KEPT as u64, &all).unwrap();
         assert_eq!(past.len(), 5);
         assert_eq!(past[0].revision, KEPT as u64 + 1);
-        assert_eq!(events.since(2, &all).unwrap_err(), Gap::TooOld(6));
+        // Revisions 1-5 went: from 5 on can be served, and 0 means all that is kept.
+        assert_eq!(events.since(2, &all).unwrap_err(), Gap::TooOld(5));
         assert!(events.since(5, &all).is_ok());
+        assert_eq!(events.since(0, &all).unwrap().0.len(), KEPT);
     }
 }

@@ -213,26 +213,7 @@ pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> Vec
     }
     let deadline = tokio::time::Instant::now() + CLUSTER_WAIT;
     loop {
-        let late = async {
-            let alive = crate::state::alive_nodes(store).await.ok()?;
-            let applied = store.list(APPLIED).await.ok()?;
-            let at = |node: &str| {
-                applied
-                    .kvs
-                    .iter()
-                    .find(|kv| kv.key[APPLIED.len()..] == *node)
-                    .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            let mut late: Vec<String> = alive
-                .iter()
-                .filter(|n| n.as_str() != local && at(n) < revision)
-                .cloned()
-                .collect();
-            late.sort();
-            Some(late)
-        }
-        .await;
+        let late = late_nodes(store, Some(local), revision).await;
         match late {
             Some(late) if late.is_empty() => return late,
             _ if tokio::time::Instant::now() > deadline => {
@@ -242,6 +223,36 @@ pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> Vec
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The live nodes (but `except`) whose reports say their tables and kernel have not
+/// applied `revision` yet, sorted; None if the store did not answer. A store no other
+/// node shares has none.
+pub async fn late_nodes(
+    store: &dyn Store,
+    except: Option<&str>,
+    revision: u64,
+) -> Option<Vec<String>> {
+    if !store.shared() {
+        return Some(vec![]);
+    }
+    let alive = crate::state::alive_nodes(store).await.ok()?;
+    let applied = store.list(APPLIED).await.ok()?;
+    let at = |node: &str| {
+        applied
+            .kvs
+            .iter()
+            .find(|kv| kv.key[APPLIED.len()..] == *node)
+            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut late: Vec<String> = alive
+        .iter()
+        .filter(|n| Some(n.as_str()) != except && at(n) < revision)
+        .cloned()
+        .collect();
+    late.sort();
+    Some(late)
 }
 
 #[cfg(test)]

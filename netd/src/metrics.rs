@@ -119,8 +119,8 @@ pub struct Scrape {
     pub kernel_mesh_flows: Option<u64>,
     pub dns: netd_dns::stats::Snapshot,
     /// Revisions: the view's, its DNS and load-balancer tables', the kernel's (the last
-    /// finished reconcile step's), and the newest change in the store (None: unknown,
-    /// as with the local store or while etcd does not answer).
+    /// finished reconcile step's), and the newest change the store's watch delivered
+    /// (None: a store without a watch, the local one).
     pub state_revision: u64,
     pub tables_revision: u64,
     pub applied_revision: u64,
@@ -287,7 +287,7 @@ fn families(s: &Scrape) -> Vec<MetricFamily> {
         out.push(
             Family::new(
                 "netd_store_watch_lag_revisions",
-                "Revisions between the newest change in the store (read at scrape) and the view.",
+                "Revisions between the newest change the store's watch delivered and the view (a stalled watch shows none: see netd_state_revision across nodes).",
                 GAUGE,
             )
             .sample(&[], newest.saturating_sub(s.state_revision) as f64)
@@ -359,7 +359,7 @@ fn dns_families(d: &netd_dns::stats::Snapshot) -> Vec<MetricFamily> {
     }
     let forwards = Family::new(
         "netd_dns_upstream_forwards_total",
-        "Names the embedded DNS sent to the node's resolvers.",
+        "Names the embedded DNS had to forward to the node's resolvers (those refused at once as busy included).",
         COUNTER,
     )
     .sample(&[], d.forwards as f64);

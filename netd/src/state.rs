@@ -574,6 +574,12 @@ impl State {
         self.task_status.get(id).is_some_and(TaskStatus::up)
     }
 
+    /// The revision task `id`'s record was last written at (its drain's, for a draining
+    /// task).
+    pub fn task_revision(&self, id: &str) -> Option<u64> {
+        self.revs.get(&key("tasks", id)).copied()
+    }
+
     /// Every key the state holds (full keys, under `/netd/`), in key order.
     pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
         self.revs.keys().map(String::as_str)

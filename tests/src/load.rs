@@ -469,6 +469,14 @@ pub fn start(spec: &Spec) -> Result<Running> {
     let gap = spec
         .rate
         .map(|r| Duration::from_secs_f64(spec.connections as f64 / r));
+    // Opened once: a namespace that cannot be opened fails the start, before any worker.
+    let netns = match &spec.netns {
+        Some(ns) => Some(Arc::new(
+            std::fs::File::open(format!("/run/netns/{ns}"))
+                .with_context(|| format!("open netns {ns}"))?,
+        )),
+        None => None,
+    };
     let mut workers = vec![];
     for i in 0..spec.connections {
         let target = match spec.spread.get(i % spec.spread.len().max(1)) {
@@ -489,13 +497,7 @@ pub fn start(spec: &Spec) -> Result<Running> {
         let shared = shared.clone();
         let samples = MAX_SAMPLES / spec.connections;
         let record = spec.record;
-        let file = match &spec.netns {
-            Some(ns) => Some(
-                std::fs::File::open(format!("/run/netns/{ns}"))
-                    .with_context(|| format!("open netns {ns}"))?,
-            ),
-            None => None,
-        };
+        let file = netns.clone();
         workers.push(std::thread::spawn(move || {
             let counter = Counter {
                 shared: &shared,
@@ -566,9 +568,13 @@ fn worker(counter: &Counter, how: &Asking) {
     let mut asked_n = 0;
     while !counter.done() && asked_n < how.max {
         if let Some(g) = how.gap {
+            // Paced: wait for the next request's time, but not past the run's end (nor
+            // much past a stop), and look again before asking.
             let now = Instant::now();
             if next > now {
-                std::thread::sleep(next - now);
+                let wake = next.min(counter.shared.until);
+                std::thread::sleep((wake - now).min(Duration::from_millis(100)));
+                continue;
             }
             next = next.max(now) + g;
         }
@@ -582,7 +588,10 @@ fn worker(counter: &Counter, how: &Asking) {
         match asked {
             Ok(backend) => counter.ok(t, backend),
             Err(e) => {
+                // Over a new connection or socket next time: a late answer to this one
+                // must not pass for the next one's.
                 conn = None;
+                udp = None;
                 let kind = e
                     .downcast_ref::<std::io::Error>()
                     .map_or(Failure::Other, Failure::of);

@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{anyhow, Context, Result};
@@ -40,7 +41,7 @@ use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, FlowTuple, IngressConfig, MeshBackend,
     PortKey, PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED,
     FLOWS_ICMP_RELAYED, FLOWS_LOST, FLOWS_NO_ROUTE, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG,
-    FLOWS_TOO_BIG_DROPPED, FLOWS_WRONG_VTEP, MESH_CLIENT_SOURCE,
+    FLOWS_WRONG_VTEP, MESH_CLIENT_SOURCE,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -144,6 +145,8 @@ pub struct XdpMesh {
     /// Where the attach mode is remembered across restarts (bpffs holds no files).
     mode_file: PathBuf,
     inner: Mutex<Inner>,
+    /// The highest `other` drop count `/metrics` showed (see [`XdpMesh::metrics`]).
+    other_drops: AtomicU64,
 }
 
 #[derive(Default)]
@@ -499,7 +502,6 @@ impl Loaded {
             too_big: sum(FLOWS_TOO_BIG),
             icmp_relayed: sum(FLOWS_ICMP_RELAYED),
             no_route: sum(FLOWS_NO_ROUTE),
-            too_big_dropped: sum(FLOWS_TOO_BIG_DROPPED),
         }
     }
 }
@@ -533,8 +535,6 @@ struct FlowStats {
     icmp_relayed: u64,
     /// Packets dropped for want of a route or a neighbour entry for their next hop.
     no_route: u64,
-    /// Of `too_big`, the packets without DF: dropped.
-    too_big_dropped: u64,
 }
 
 fn port_key((proto, port): (u8, u16)) -> PortKey {
@@ -554,6 +554,7 @@ impl XdpMesh {
                 .join(node)
                 .join("xdp-mode"),
             inner: Mutex::new(Inner::default()),
+            other_drops: AtomicU64::new(0),
         }
     }
 
@@ -643,20 +644,29 @@ impl XdpMesh {
     }
 
     /// The counters `/metrics` shows (None while nothing is loaded). Drops by reason:
-    /// each counted reason is one drop; `other` is the rest (a packet cut short, a
-    /// failed head or tail adjustment).
+    /// each counted reason is one drop (`too_big`: answered with ICMP "fragmentation
+    /// needed" when the packet had DF, else dropped outright); `other` is the rest (a
+    /// packet cut short, a failed head or tail adjustment). The program counts a reason
+    /// before the drop, so the reasons are read first; `other` never goes below what a
+    /// scrape showed before (a counter must not).
     pub fn metrics(&self) -> Option<crate::metrics::XdpCounters> {
         let inner = self.lock().ok()?;
         let l = inner.loaded.as_ref()?;
-        let (s, f) = (l.stats(), l.flow_stats());
+        let f = l.flow_stats();
+        let s = l.stats();
         let reasons = [
             ("no_route", f.no_route),
             ("wrong_vtep", f.wrong_vtep),
-            ("too_big", f.too_big_dropped),
+            ("too_big", f.too_big),
         ];
         let counted: u64 = reasons.iter().map(|(_, n)| n).sum();
+        let other = s.dropped.saturating_sub(counted);
+        let other = self
+            .other_drops
+            .fetch_max(other, Ordering::Relaxed)
+            .max(other);
         let mut drops = reasons.to_vec();
-        drops.push(("other", s.dropped.saturating_sub(counted)));
+        drops.push(("other", other));
         Some(crate::metrics::XdpCounters {
             packets: vec![
                 ("forwarded", s.forwarded),

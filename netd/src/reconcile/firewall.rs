@@ -35,6 +35,9 @@ pub struct KernelFirewall {
     /// Published-port flows counted by ingress sandbox tables that were replaced since
     /// start.
     port_flows: AtomicU64,
+    /// The highest count of them shown: a scrape between a table's replacement and the
+    /// sum's update must not see the counter go down.
+    port_flows_shown: AtomicU64,
 }
 
 /// The inode of a namespace's file: a namespace made anew has another.
@@ -144,7 +147,12 @@ impl Firewall for KernelFirewall {
             .await
             .ok()
             .flatten()?;
-        Some(now + self.port_flows.load(Ordering::Relaxed))
+        let total = now + self.port_flows.load(Ordering::Relaxed);
+        Some(
+            self.port_flows_shown
+                .fetch_max(total, Ordering::Relaxed)
+                .max(total),
+        )
     }
 
     async fn forget_flows(&self, ns: &Netns, to: Vec<Ipv4Addr>) -> Result<u64> {
