@@ -137,15 +137,7 @@ pub fn run(seconds: u64, rounds: usize, out: &Path) -> Result<()> {
         let node = lab.nodes[i % 2].name.clone();
         lab.attach_whoami(0, "web", &format!("w{i}"), Some(&node))?;
     }
-    lab.cli(0, &["service", "create", "clients", "--network", "front"])?;
-    let (client, path) = lab.add_task_netns("client")?;
-    let n1 = lab.nodes[0].name.clone();
-    lab.cli(
-        0,
-        &[
-            "task", "attach", "clients", "--netns", &path, "--name", "client", "--node", &n1,
-        ],
-    )?;
+    let client = lab.add_client("client", "front", 0)?;
     let vip = SocketAddr::from((lab.vip(0, "web", "front")?, 80));
     let watcher = lab.add_host("watcher", WATCHER_HOST)?;
     let metrics: Vec<SocketAddr> = lab

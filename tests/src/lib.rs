@@ -1071,6 +1071,22 @@ impl Lab {
         bail!("whoami in {netns} did not start")
     }
 
+    /// A client task `tag` of service `clients` (made here, on `network`) on node `node`,
+    /// attached through node 0's API: what a test's load leaves from to reach a VIP.
+    /// Returns its namespace.
+    pub fn add_client(&mut self, tag: &str, network: &str, node: usize) -> Result<String> {
+        self.cli(0, &["service", "create", "clients", "--network", network])?;
+        let (netns, path) = self.add_task_netns(tag)?;
+        let on = self.nodes[node].name.clone();
+        self.cli(
+            0,
+            &[
+                "task", "attach", "clients", "--netns", &path, "--name", tag, "--node", &on,
+            ],
+        )?;
+        Ok(netns)
+    }
+
     /// Runs CNI plugin `plugin` (a path) as a runtime on node `i` would: inside the node's
     /// namespace, with the spec's environment and `config` on stdin. Returns whether it
     /// exited 0 and what it printed (JSON, or Null for nothing).

@@ -182,14 +182,7 @@ fn metrics_pass_promtool_and_a_real_prometheus_sees_them_rise_under_load() -> Re
     let (n1, n2) = (lab.nodes[0].name.clone(), lab.nodes[1].name.clone());
     lab.attach_whoami(0, "web", "a", Some(&n1))?;
     lab.attach_whoami(0, "web", "b", Some(&n2))?;
-    lab.cli(0, &["service", "create", "clients", "--network", "front"])?;
-    let (client, path) = lab.add_task_netns("client")?;
-    lab.cli(
-        0,
-        &[
-            "task", "attach", "clients", "--netns", &path, "--name", "client", "--node", &n1,
-        ],
-    )?;
+    let client = lab.add_client("client", "front", 0)?;
     let prom = lab.add_host("prom", PROM_HOST)?;
     let node_ip = lab.nodes[0].ip;
     let base = format!("http://{node_ip}:{HTTP_PORT}");

@@ -145,15 +145,8 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
         let node = lab.nodes[i % 2].name.clone();
         lab.attach_whoami(0, "web", &format!("w{i}"), Some(&node))?;
     }
-    lab.cli(0, &["service", "create", "clients", "--network", "front"])?;
+    let cli = lab.add_client("cli", "front", 0)?;
     let n1 = lab.nodes[0].name.clone();
-    let (cli, path) = lab.add_task_netns("cli")?;
-    lab.cli(
-        0,
-        &[
-            "task", "attach", "clients", "--netns", &path, "--name", "cli", "--node", &n1,
-        ],
-    )?;
     for n in 0..OTHER_NETWORKS {
         let net = format!("net{n}");
         let subnet = format!("198.19.{}.0/24", 50 + n);

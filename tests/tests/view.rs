@@ -158,14 +158,7 @@ fn the_live_view_shows_the_cluster_and_follows_it_without_a_reload() -> Result<(
     let (n1, n2) = (lab.nodes[0].name.clone(), lab.nodes[1].name.clone());
     lab.attach_whoami(0, "web", "a", Some(&n1))?;
     lab.attach_whoami(0, "web", "b", Some(&n2))?;
-    lab.cli(0, &["service", "create", "clients", "--network", "front"])?;
-    let (client, path) = lab.add_task_netns("client")?;
-    lab.cli(
-        0,
-        &[
-            "task", "attach", "clients", "--netns", &path, "--name", "client", "--node", &n1,
-        ],
-    )?;
+    let client = lab.add_client("client", "front", 0)?;
     let vip = lab.vip(0, "web", "front")?;
     let view = format!("http://{}:{HTTP_PORT}/", lab.nodes[0].ip);
     let netns = lab.add_host("browser", BROWSER_HOST)?;

@@ -113,16 +113,7 @@ fn setup(
     }
     let (client, to) = match via {
         Via::Vip => {
-            lab.cli(0, &["service", "create", "clients", "--network", "front"])?;
-            let (client, path) = lab.add_task_netns("client")?;
-            let node = lab.nodes[0].name.clone();
-            lab.cli(
-                0,
-                &[
-                    "task", "attach", "clients", "--netns", &path, "--name", "client", "--node",
-                    &node,
-                ],
-            )?;
+            let client = lab.add_client("client", "front", 0)?;
             (client, SocketAddr::from((lab.vip(0, "web", "front")?, 80)))
         }
         Via::Mesh => {
