@@ -1713,13 +1713,17 @@ mod tests {
     /// of a listing is dropped.
     #[test]
     fn listings_compare_without_their_counts() {
-        let listing = "table ip netd {\n\tcounter port_flows {\n\t\tpackets 1369 bytes 82140\n\t}\n\
+        let listing =
+            "table ip netd {\n\tcounter port_flows {\n\t\tpackets 1369 bytes 82140\n\t}\n\
                        \tchain x {\n\t\tudp dport 4789 counter packets 3 bytes 180 drop\n\t}\n}";
         let quiet = super::without_counts(listing);
         assert!(quiet.contains("\t\tpackets _ bytes _\n"), "{quiet}");
         assert!(quiet.contains("counter packets _ bytes _ drop"), "{quiet}");
         let busier = listing.replace("1369", "2000").replace("82140", "99999");
         assert_eq!(super::without_counts(&busier), quiet);
-        assert_ne!(super::without_counts(&listing.replace("4789", "4790")), quiet);
+        assert_ne!(
+            super::without_counts(&listing.replace("4789", "4790")),
+            quiet
+        );
     }
 }
