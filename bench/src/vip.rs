@@ -21,17 +21,29 @@ const SUBNET: &str = "198.19.30.0/24";
 const NFT_VIPS: [(usize, &str); 2] = [(2, "198.19.30.250"), (8, "198.19.30.251")];
 const MAX_CONNS: u64 = 2_000_000;
 
-/// What the figures mean, as every results file says it.
-const READING: &str = "\n**Reading.** The eBPF path costs nothing measurable per connection: \
-connect() is rewritten once in the client's socket call, and afterwards it is a plain \
-connection to the backend. It lands at direct's level (above it when the load spreads over \
-more whoami processes than the single direct backend). The nftables path pays conntrack \
-and NAT in the client's namespace for every connection, which on this kernel and with one \
-`numgen` rule is 10–20 % of a connection's cost. The issue's target of eBPF ≥ 2× nftables \
-for new connections cannot be met here: it would need nftables below half of the direct \
-rate, and direct is the ceiling of any load balancer. The userspace path (every packet \
-through a TUN device and netd) keeps the share of direct's rates that the ratios above give \
-for this run.\n\n";
+/// What the figures mean, from this run's ratios of new connections/s (each a list over
+/// the backend counts): eBPF / direct, eBPF / nftables, userspace / direct.
+fn reading(ebpf_direct: &[f64], ebpf_nft: &[f64], user_direct: &[f64]) -> String {
+    let span = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.2}–{hi:.2}×")
+    };
+    format!(
+        "\n**Reading.** In this run the eBPF path made {} of a direct connection's new \
+         connections/s and {} of nftables' (medians of a few short runs: this lab's figures \
+         vary by ±15 % from run to run). What it adds per connection is one rewrite of \
+         connect() in the client's socket call; afterwards it is a plain connection to the \
+         backend. nftables pays conntrack and NAT in the client's namespace for every \
+         connection. The issue's target of eBPF ≥ 2× nftables cannot be met here: it would \
+         need nftables below half of the direct rate, and direct is the ceiling of any load \
+         balancer. The userspace path (every packet through a TUN device and netd) made {} \
+         of direct's.\n\n",
+        span(ebpf_direct),
+        span(ebpf_nft),
+        span(user_direct)
+    )
+}
 
 struct Path_ {
     label: &'static str,
@@ -148,6 +160,7 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, out: &Path) -> Result<()
     )?;
     let mut ratios = String::new();
     let mut conn_groups = vec![];
+    let (mut ebpf_direct, mut ebpf_nft, mut user_direct) = (vec![], vec![], vec![]);
     let mut req_groups = vec![];
     for ((n, svc, ips), (_, nft_vip)) in backends_of.iter().zip(NFT_VIPS) {
         let vip = vip(&lab, svc)?;
@@ -216,11 +229,14 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, out: &Path) -> Result<()
             cps[3] / cps[0],
             rps[3] / rps[0],
         );
+        ebpf_direct.push(cps[2] / cps[0]);
+        ebpf_nft.push(cps[2] / cps[1]);
+        user_direct.push(cps[3] / cps[0]);
         conn_groups.push((format!("{n} backends"), cps));
         req_groups.push((format!("{n} backends"), rps));
     }
     writeln!(md, "\n**Ratios** (same run):\n\n{ratios}")?;
-    md.push_str(READING);
+    md.push_str(&reading(&ebpf_direct, &ebpf_nft, &user_direct));
     let (svg_path, link) = plot_beside(out)?;
     writeln!(md, "{link}")?;
     let svg = bar_chart(
