@@ -147,15 +147,19 @@ pub async fn finish_drains(view: Arc<View>, node: String) {
         let now = model::now_secs();
         quiet_since.retain(|id, _| st.draining().any(|t| &t.id == id));
         let draining: Vec<Task> = st.draining().cloned().collect();
+        // What every node applied, read once per tick (only while this node drains).
+        let everywhere_at = if draining.iter().any(|t| t.node == node) {
+            crate::follow::applied_everywhere(view.store()).await
+        } else {
+            None
+        };
         for t in draining {
             let why = if t.node == node {
                 // Its connections count only once no node picks it any more: a node that
                 // has not applied the drain still sends it new connections, which may
                 // all be over at the moment of a look.
                 let written = st.task_revision(&t.id).unwrap_or(0);
-                let everywhere = crate::follow::late_nodes(view.store(), None, written)
-                    .await
-                    .is_some_and(|late| late.is_empty());
+                let everywhere = everywhere_at.is_some_and(|at| at >= written);
                 let overdue = t.draining.is_some_and(|d| now >= d.until);
                 if !everywhere && !overdue {
                     quiet_since.remove(&t.id);

@@ -228,11 +228,32 @@ pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> Vec
 /// The live nodes (but `except`) whose reports say their tables and kernel have not
 /// applied `revision` yet, sorted; None if the store did not answer. A store no other
 /// node shares has none.
-pub async fn late_nodes(
+async fn late_nodes(
     store: &dyn Store,
     except: Option<&str>,
     revision: u64,
 ) -> Option<Vec<String>> {
+    let mut late: Vec<String> = applied_by_live(store)
+        .await?
+        .into_iter()
+        .filter(|(n, at)| Some(n.as_str()) != except && *at < revision)
+        .map(|(n, _)| n)
+        .collect();
+    late.sort();
+    Some(late)
+}
+
+/// The highest revision every live node reported applied (u64::MAX for a store no
+/// other node shares); None if the store did not answer. One read for any number of
+/// revisions to compare.
+pub async fn applied_everywhere(store: &dyn Store) -> Option<u64> {
+    let nodes = applied_by_live(store).await?;
+    Some(nodes.iter().map(|(_, at)| *at).min().unwrap_or(u64::MAX))
+}
+
+/// Each live node with the revision it reported applied (0: none yet); empty for a
+/// store no other node shares.
+async fn applied_by_live(store: &dyn Store) -> Option<Vec<(String, u64)>> {
     if !store.shared() {
         return Some(vec![]);
     }
@@ -246,13 +267,15 @@ pub async fn late_nodes(
             .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let mut late: Vec<String> = alive
-        .iter()
-        .filter(|n| Some(n.as_str()) != except && at(n) < revision)
-        .cloned()
-        .collect();
-    late.sort();
-    Some(late)
+    Some(
+        alive
+            .into_iter()
+            .map(|n| {
+                let a = at(&n);
+                (n, a)
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
