@@ -228,11 +228,7 @@ pub async fn await_cluster(store: &dyn Store, local: &str, revision: u64) -> Vec
 /// The live nodes (but `except`) whose reports say their tables and kernel have not
 /// applied `revision` yet, sorted; None if the store did not answer. A store no other
 /// node shares has none.
-async fn late_nodes(
-    store: &dyn Store,
-    except: Option<&str>,
-    revision: u64,
-) -> Option<Vec<String>> {
+async fn late_nodes(store: &dyn Store, except: Option<&str>, revision: u64) -> Option<Vec<String>> {
     let mut late: Vec<String> = applied_by_live(store)
         .await?
         .into_iter()

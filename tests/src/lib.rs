@@ -1566,6 +1566,16 @@ pub fn spawn_in_netns(cmd: &mut Command, netns: &str) -> Result<Child> {
 
 /// Runs `f` on a thread inside namespace `netns`. Sockets it opens stay in that namespace,
 /// so a test can hold a connection from a task across a netd restart.
+/// A Debian tool a test needs at `path`, or an error naming the package to install: a
+/// test whose client is missing fails with the reason instead of passing.
+pub fn debian_tool(path: &str, package: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    if !p.exists() {
+        bail!("{path} is missing: install Debian's {package}");
+    }
+    Ok(p.to_path_buf())
+}
+
 pub fn in_netns<T: Send + 'static>(
     netns: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,

@@ -5,12 +5,11 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use netd_lab::{load, Lab};
+use netd_lab::{debian_tool, load, Lab};
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 9440;
@@ -31,18 +30,9 @@ fn curl(lab: &Lab, netns: &str, args: &[&str]) -> Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
-/// A Debian tool the test needs, or why it cannot run.
-fn tool<'a>(path: &'a str, package: &str) -> Result<&'a Path> {
-    let p = Path::new(path);
-    if !p.exists() {
-        bail!("{path} is missing: install Debian's {package}");
-    }
-    Ok(p)
-}
-
 /// `promtool check metrics` on `text`: its complaints, if any.
 fn promtool_check(text: &str) -> Result<()> {
-    let promtool = tool("/usr/bin/promtool", "prometheus")?;
+    let promtool = debian_tool("/usr/bin/promtool", "prometheus")?;
     let mut child = Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -69,7 +59,7 @@ fn promtool_check(text: &str) -> Result<()> {
 /// A Prometheus in `netns`, scraping `targets` every second, answering on
 /// 127.0.0.1:9090 there; its data under the lab's directory.
 fn start_prometheus(lab: &mut Lab, netns: &str, targets: &[String]) -> Result<()> {
-    let prometheus = tool("/usr/bin/prometheus", "prometheus")?.to_path_buf();
+    let prometheus = debian_tool("/usr/bin/prometheus", "prometheus")?;
     let dir = lab.dir.join("prometheus");
     std::fs::create_dir_all(dir.join("data"))?;
     let list: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();

@@ -83,21 +83,15 @@ fn call(lab: &Lab, netns: &str, method: &str, url: &str, body: Option<&Value>) -
 /// chromedriver in `netns` and a headless Chromium session of it; its files under the
 /// lab's directory.
 fn open_browser(lab: &mut Lab, netns: &str) -> Result<Browser> {
-    for (path, package) in [
-        ("/usr/bin/chromium", "chromium"),
-        ("/usr/bin/chromedriver", "chromium-driver"),
-    ] {
-        if !Path::new(path).exists() {
-            bail!("{path} is missing: install Debian's {package}");
-        }
-    }
+    netd_lab::debian_tool("/usr/bin/chromium", "chromium")?;
+    let driver = netd_lab::debian_tool("/usr/bin/chromedriver", "chromium-driver")?;
     let home = lab.dir.join("browser");
     std::fs::create_dir_all(&home)?;
     let home_env = format!("HOME={}", home.display());
     lab.spawn_in(
         netns,
         Path::new("/usr/bin/env"),
-        &[&home_env, "/usr/bin/chromedriver", "--port=9515"],
+        &[&home_env, &driver.display().to_string(), "--port=9515"],
     )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !call(lab, netns, "GET", &format!("{DRIVER}/status"), None)
