@@ -270,7 +270,7 @@ fn base64_decode(s: &str) -> Result<Vec<u8>> {
 
 /// A stand-in for a netd's `--http` serving the view's own page, script and style with
 /// a cluster of `nodes` nodes and `tasks` tasks (a fixture: the page's scale, not the
-/// daemon's, is what this measures), and one event after a second.
+/// daemon's, is what this measures), and an event every second.
 fn serve_fixture(netns: &str, nodes: usize, tasks: usize) -> Result<SocketAddr> {
     let state = json!({
         "node": "n0",
@@ -338,9 +338,11 @@ fn answer(mut conn: std::net::TcpStream, state: &str) -> Result<()> {
                 conn,
                 "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: hi\n\n"
             )?;
-            std::thread::sleep(Duration::from_secs(1));
-            write!(conn, "data: {{}}\n\n")?;
-            std::thread::sleep(Duration::from_secs(60));
+            // An event every second (bounded): whenever the test looks, one follows.
+            for _ in 0..60 {
+                std::thread::sleep(Duration::from_secs(1));
+                write!(conn, "data: {{}}\n\n")?;
+            }
             return Ok(());
         }
         _ => ("text/plain", String::new()),
