@@ -5,14 +5,16 @@
 //! side by side with the same client connecting straight to the same tasks (the
 //! service's host-mode port on their nodes: the limit), HAProxy on n3, and nftables DNAT
 //! with masquerade on n3. HAProxy and nftables balance to the nodes that run tasks, onto
-//! that host-mode port (the usual way to put either in front of Swarm nodes). Also UDP
+//! that host-mode port (the usual way to put either in front of Swarm nodes). The floor
+//! of every path through a second node is measured too: a client whose connections
+//! straight to the tasks are routed both ways through n4, plain IP forwarding. Also UDP
 //! through the published port on both paths: round trips per second, and the rate at
 //! which the ingress node forwards a one-way flood offered at the same rate to each.
 //! Ratios are medians of the ratios of runs of the same round.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
 
@@ -37,10 +39,14 @@ const FLOOD_PORT: u16 = 40000;
 /// The nftables table that counts and drops VXLAN datagrams at n1 and n2 during a flood.
 const SINK: &str = "netdbench_sink";
 const CLIENT_HOST: u8 = 100;
+/// The client of the floor path, whose routes go through n4.
+const ROUTED_HOST: u8 = 101;
 const MAX_OPS: u64 = 2_000_000;
 
 struct Path_ {
     label: &'static str,
+    /// The client's namespace.
+    from: String,
     /// Client thread `i` connects to `addrs[i % len]`.
     addrs: Vec<SocketAddr>,
     conns: Vec<load::Run>,
@@ -183,6 +189,30 @@ fn threaded_napi(lab: &Lab, netns: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// Host routes in `netns` to each of `to` via `gateway` (on the underlay).
+fn route_through(lab: &Lab, netns: &str, gateway: Ipv4Addr, to: &[Ipv4Addr]) -> Result<()> {
+    for dst in to {
+        let out = lab.exec_in(
+            netns,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{dst}/32"),
+                "via",
+                &gateway.to_string(),
+            ],
+        )?;
+        if !out.status.success() {
+            bail!(
+                "route to {dst} via {gateway} in {netns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
 fn nft(lab: &Lab, netns: &str, script: &str) -> Result<()> {
     let file = lab.dir.join("bench-nft.conf");
     std::fs::write(&file, script)?;
@@ -254,6 +284,7 @@ pub fn run(
         lab.attach_whoami(0, "mesh", &format!("m{i}"), Some(&node))?;
     }
     let client = lab.add_host("client", CLIENT_HOST)?;
+    let routed_client = lab.add_host("routed", ROUTED_HOST)?;
     lab.whoami_host("direct", DIRECT_HOST, 80)?;
     let (n1, n2, n3, n4, n5, n6, n7) = (
         lab.nodes[0].ip,
@@ -294,8 +325,31 @@ pub fn run(
         ),
     )?;
 
+    // The floor: a second client whose packets to n1 and n2, and theirs back to it, go
+    // through n4 as an IP router does (a host route each way, no redirects), so that
+    // the only work added to the straight path is one forwarding node.
+    route_through(&lab, &routed_client, lab.nodes[3].ip, &[n1, n2])?;
+    for i in 0..2 {
+        route_through(
+            &lab,
+            &lab.nodes[i].netns,
+            lab.nodes[3].ip,
+            &[underlay_ip(ROUTED_HOST)],
+        )?;
+    }
+    for sysctl in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.default.send_redirects=0",
+    ] {
+        let out = lab.exec_in(&lab.nodes[3].netns, &["sysctl", "-qw", sysctl])?;
+        if !out.status.success() {
+            bail!("{sysctl} on n4: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
     let mut paths = vec![
         Path_ {
+            from: client.clone(),
             label: "straight to the tasks (host-mode ports on n1 and n2)",
             addrs: vec![
                 SocketAddr::from((n1, HOST_PORT)),
@@ -305,18 +359,21 @@ pub fn run(
             reqs: vec![],
         },
         Path_ {
+            from: client.clone(),
             label: "HAProxy on n3 (L4, round-robin to n1/n2 host ports)",
             addrs: vec![SocketAddr::from((n3, HAPROXY_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
+            from: client.clone(),
             label: "nftables DNAT + masquerade on n3",
             addrs: vec![SocketAddr::from((n3, NFT_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
+            from: client.clone(),
             label:
                 "netd routing mesh via n3 (XDP fast path, auto: generic; the task sees the client)",
             addrs: vec![SocketAddr::from((n3, MESH_PORT))],
@@ -324,32 +381,48 @@ pub fn run(
             reqs: vec![],
         },
         Path_ {
+            from: client.clone(),
             label: "netd routing mesh via n4 (kernel path, --xdp off; the task sees the client)",
             addrs: vec![SocketAddr::from((n4, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
+            from: client.clone(),
             label: "netd routing mesh via n5 (XDP fast path, native)",
             addrs: vec![SocketAddr::from((n5, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
+            from: client.clone(),
             label: "netd routing mesh via n6 (XDP fast path, auto: generic; --mesh-source snat)",
             addrs: vec![SocketAddr::from((n6, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
+            from: client.clone(),
             label: "netd routing mesh via n7 (kernel path, --xdp off; --mesh-source snat)",
             addrs: vec![SocketAddr::from((n7, MESH_PORT))],
             conns: vec![],
             reqs: vec![],
         },
         Path_ {
+            from: client.clone(),
             label: "reference: a server on the underlay (no cluster, no task)",
             addrs: vec![SocketAddr::from((underlay_ip(DIRECT_HOST), 80))],
+            conns: vec![],
+            reqs: vec![],
+        },
+        Path_ {
+            from: routed_client.clone(),
+            label: "floor of any path through a second node: straight to the tasks, routed \
+                    both ways through n4 (plain IP forwarding, no translation, no program)",
+            addrs: vec![
+                SocketAddr::from((n1, HOST_PORT)),
+                SocketAddr::from((n2, HOST_PORT)),
+            ],
             conns: vec![],
             reqs: vec![],
         },
@@ -380,7 +453,7 @@ pub fn run(
         for addr in &p.addrs {
             let mut ok = false;
             for _ in 0..50 {
-                if netd_lab::http_get_from(&client, *addr).is_ok() {
+                if netd_lab::http_get_from(&p.from, *addr).is_ok() {
                     ok = true;
                     break;
                 }
@@ -401,11 +474,11 @@ pub fn run(
             eprintln!("round {}: {}", round + 1, p.label);
             let d = Duration::from_secs(seconds);
             p.conns.push(
-                load::new_connections_to(&client, &p.addrs, threads, d, MAX_OPS)
+                load::new_connections_to(&p.from, &p.addrs, threads, d, MAX_OPS)
                     .with_context(|| mesh_state(&lab, p.label))?,
             );
             p.reqs.push(
-                load::http_keepalive_to(&client, &p.addrs, threads, d, MAX_OPS)
+                load::http_keepalive_to(&p.from, &p.addrs, threads, d, MAX_OPS)
                     .with_context(|| mesh_state(&lab, p.label))?,
             );
             let failed: u64 = [&p.conns, &p.reqs]
@@ -577,7 +650,10 @@ Failed connections and requests (all rounds; the run went on): {}.",
          {:.2}× new connections/s, {:.2}× requests/s; kernel path (n4) / kernel snat (n7) = \
          {:.2}× new connections/s, {:.2}× requests/s. Per new connection, keeping the \
          client's address costs the whole machine {:.0} µs on the XDP path and {:.0} µs on \
-         the kernel path (1 / the median rate less 1 / the snat path's).",
+         the kernel path (1 / the median rate less 1 / the snat path's). The floor of any \
+         path through a second node (straight to the tasks, routed both ways through n4) / \
+         straight to the tasks = {:.2}× new connections/s, {:.2}× requests/s; XDP mesh / \
+         that floor = {:.2}× new connections/s, {:.2}× requests/s.",
         pair(3, 0, true),
         pair(3, 0, false),
         pair(3, 1, true),
@@ -594,6 +670,10 @@ Failed connections and requests (all rounds; the run went on): {}.",
         pair(4, 7, false),
         per_connection_us(cps[3], cps[6]),
         per_connection_us(cps[4], cps[7]),
+        pair(9, 0, true),
+        pair(9, 0, false),
+        pair(3, 9, true),
+        pair(3, 9, false),
     )?;
     md.push_str(READING);
     let (svg_path, link) = plot_beside(out)?;
@@ -610,6 +690,7 @@ Failed connections and requests (all rounds; the run went on): {}.",
             "netd mesh (XDP, snat)",
             "netd mesh (kernel, snat)",
             "server on the underlay",
+            "floor: routed via n4",
         ],
         &[
             Panel {

@@ -160,6 +160,9 @@ enum Cmd {
     Soak {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
+        /// Seconds between two replacements.
+        #[arg(long, default_value_t = 3.0)]
+        every: f64,
         #[arg(long, default_value = "bench/results/soak.md")]
         out: PathBuf,
     },
@@ -199,7 +202,16 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Args::parse().cmd {
-        Cmd::Soak { minutes, out } => soak::run(minutes, &out),
+        Cmd::Soak {
+            minutes,
+            every,
+            out,
+        } => {
+            if !(every.is_finite() && every > 0.0) {
+                bail!("--every must be a positive number of seconds, got {every}");
+            }
+            soak::run(minutes, Duration::from_secs_f64(every), &out)
+        }
         Cmd::Load {
             target,
             connections,

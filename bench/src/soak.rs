@@ -21,8 +21,6 @@ use serde_json::Value;
 const TASKS: usize = 6;
 const PUBLISHED: u16 = 4567;
 const CLIENT_HOST: u8 = 100;
-/// Seconds between two replacements.
-const EVERY: Duration = Duration::from_secs(3);
 /// Requests per second of each load (VIP, mesh).
 const RATE: f64 = 200.0;
 /// How long a closed connection's conntrack entry may live (TIME-WAIT) before what is
@@ -83,7 +81,10 @@ fn kernel(lab: &Lab) -> Result<Vec<String>> {
         .collect()
 }
 
-pub fn run(minutes: u64, out: &Path) -> Result<()> {
+/// `every`: the time between two replacements. Each replacement is written to stderr
+/// with its time on the loads' clock (the clock of the report's "failures by the
+/// second"), the task's address and node, so that a failure can be laid beside them.
+pub fn run(minutes: u64, every: Duration, out: &Path) -> Result<()> {
     let began = Instant::now();
     let mut lab = Lab::cluster("sk", 3)?;
     // The clients' namespaces are there before the baseline (and stay after).
@@ -130,6 +131,7 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
         ],
     )?;
     let vip = lab.vip(0, "web", "front")?;
+    eprintln!("VIP load from netns {client} to {vip}:80");
     let spec = |netns: &str, to: SocketAddr| load::Spec {
         connections: 2,
         rate: Some(RATE),
@@ -140,6 +142,7 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
     };
     std::thread::sleep(Duration::from_secs(2));
     let rss_start = rss(&lab)?;
+    let loads_began = Instant::now();
     let vip_load = load::start(&spec(&client, SocketAddr::from((vip, 80))))?;
     let mesh_to = SocketAddr::from((lab.nodes[1].ip, PUBLISHED));
     let mesh_load = load::start(&spec(&outside, mesh_to))?;
@@ -157,9 +160,18 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
         let tag = format!("t{made}");
         made += 1;
         let name = lab.nodes[to].name.clone();
-        lab.attach_whoami(to, "web", &tag, Some(&name))?;
+        let attached = lab.attach_whoami(to, "web", &tag, Some(&name))?;
+        eprintln!(
+            "{:>8.3} s: attached {tag} on {name} at {}",
+            loads_began.elapsed().as_secs_f64(),
+            attached["endpoints"][0]["ip"]
+        );
         live.push_back((tag, to));
         lab.cli(to, &["task", "detach", &old, "--drain", "15"])?;
+        eprintln!(
+            "{:>8.3} s: draining {old}",
+            loads_began.elapsed().as_secs_f64()
+        );
         let drained = Instant::now();
         loop {
             let tasks = lab.tasks_of(0, "web")?;
@@ -173,6 +185,10 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
         }
         drain_secs.push(drained.elapsed().as_secs_f64());
         lab.remove_task_netns(&old)?;
+        eprintln!(
+            "{:>8.3} s: {old} gone, its namespace deleted",
+            loads_began.elapsed().as_secs_f64()
+        );
         replaced += 1;
         if last_line.elapsed() > Duration::from_secs(60) {
             let (v, m) = (vip_load.progress(), mesh_load.progress());
@@ -186,7 +202,7 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
             );
             last_line = Instant::now();
         }
-        if let Some(rest) = EVERY.checked_sub(step.elapsed()) {
+        if let Some(rest) = every.checked_sub(step.elapsed()) {
             std::thread::sleep(rest);
         }
     }
@@ -215,13 +231,13 @@ pub fn run(minutes: u64, out: &Path) -> Result<()> {
         md,
         "Machine: {}. A 3-node lab cluster on etcd (default datapaths: eBPF VIPs, XDP mesh \
          where the veth takes it). Service `web` (6 whoami tasks, published on {PUBLISHED}); \
-         every {} s a new task is attached on the next node and the oldest is detached with \
+         every {:.1} s a new task is attached on the next node and the oldest is detached with \
          `--drain 15` (the bench waits until it is gone, then deletes its namespace). Load \
          all the while: {RATE} new connections/s (one HTTP request each) from a client task \
          to the VIP, and as many from a host on the underlay to the published port on n2 \
          (`netd-bench load`'s engine). Whole run: {:.0} s.\n",
         machine(),
-        EVERY.as_secs(),
+        every.as_secs_f64(),
         began.elapsed().as_secs_f64()
     );
     let _ = writeln!(md, "## Requests\n");

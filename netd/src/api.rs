@@ -394,11 +394,13 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
                 .map(|(name, d)| (name.to_string(), (d.as_secs_f64() * 1000.0).into()))
                 .collect::<serde_json::Map<String, serde_json::Value>>(),
         },
-        // The store revision this node's view holds, and the one its DNS and load
-        // balancer hold.
+        // The store revision this node's view holds, the one its DNS and load balancer
+        // hold, and the one its kernel (links, peers, firewall, mesh) holds: a change is
+        // in force on this node once both reach its revision.
         "state": {
             "revision": d.view.state().revision,
             "tables_revision": *d.followed.borrow(),
+            "kernel_revision": *d.reconciler.applied().borrow(),
         },
         "overlay": {
             // Accepted only from the other live nodes' underlay addresses.

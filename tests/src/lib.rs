@@ -1193,6 +1193,34 @@ impl Lab {
             .context("ip netns exec")
     }
 
+    /// Waits (at most `limit`) until node `i` has in force everything its view holds
+    /// now: its DNS and load-balancer tables and its kernel have both reached the view's
+    /// revision (`netd status`). What a test checks after a change it saw through the
+    /// API, whose view runs ahead of the datapath.
+    pub fn await_in_force(&self, i: usize, limit: Duration) -> Result<()> {
+        let revision = |st: &Value, k: &str| st["state"][k].as_u64().unwrap_or(0);
+        let want = revision(&self.cli_json(i, &["status"])?, "revision");
+        let deadline = Instant::now() + limit;
+        loop {
+            let st = self.cli_json(i, &["status"])?;
+            let (tables, kernel) = (
+                revision(&st, "tables_revision"),
+                revision(&st, "kernel_revision"),
+            );
+            if tables >= want && kernel >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} has not put revision {want} in force after {limit:?}: its \
+                     tables hold {tables}, its kernel {kernel}",
+                    self.nodes[i].name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Everything netd can have changed in the kernel of node `i` (its netns, its
     /// sandboxes, its tasks' netns): links with their details, addresses, routes and
     /// the nftables ruleset. Two equal snapshots mean the kernel was not touched.

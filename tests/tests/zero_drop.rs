@@ -534,9 +534,10 @@ fn a_lost_node(tag: &str, datapath: &str, xdp: &str) -> Result<()> {
             Ok(!v["load_balancer"].to_string().contains(&format!("\"{b}\"")))
         },
     )?;
-    // A step for the mesh and the tables to follow everywhere on n1.
-    let settled = Instant::now() + Duration::from_secs(1);
-    std::thread::sleep(Duration::from_secs(6));
+    // n1's view has it; from when its tables and kernel have it too, no request fails.
+    lab.await_in_force(0, Duration::from_secs(10))?;
+    let settled = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
     let (vip_from, mesh_from) = (at(&vip_load, settled), at(&mesh_load, settled));
     let vip = vip_load.stop();
     let mesh = mesh_load.stop();
