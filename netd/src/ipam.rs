@@ -1,6 +1,10 @@
 //! Address management as pure functions over what is already taken. The store makes the
-//! choices stick (each address is a create-if-absent key), so these functions only need to
-//! pick the lowest free candidate; a freed address is therefore the first to come back.
+//! choices stick (each address is a create-if-absent key). Subnets and VNIs are the lowest
+//! free candidate; a task's address is the next free one after the last handed out in its
+//! subnet (serial, wrapping round at the end), so that a freed address comes back only
+//! after every other one has been used: a node still removing the address's old holder
+//! from its kernel must not meet its new holder at once (Docker's swarm allocates
+//! serially for the same reason).
 
 use std::net::Ipv4Addr;
 
@@ -151,12 +155,23 @@ pub fn check_gateway(subnet: Ipv4Network, gateway: Ipv4Addr) -> Result<(), IpamE
     }
 }
 
-/// The lowest host address of `subnet` not in `used` (the gateway belongs in `used`).
+/// The first host address of `subnet` after `after` (the last one handed out) that is
+/// not in `used`, wrapping round to the bottom; without `after`, or with one outside the
+/// subnet, the lowest. The gateway belongs in `used`.
 pub fn allocate_ip(
     subnet: Ipv4Network,
+    after: Option<Ipv4Addr>,
     used: impl Fn(&Ipv4Addr) -> bool,
 ) -> Result<Ipv4Addr, IpamError> {
-    hosts(subnet)
+    let first = u32::from(subnet.network()) + 1;
+    let last = u32::from(subnet.broadcast()).saturating_sub(1);
+    let start = after
+        .map(u32::from)
+        .filter(|a| (first..=last).contains(a))
+        .map_or(first, |a| if a == last { first } else { a + 1 });
+    (start..=last)
+        .chain(first..start)
+        .map(Ipv4Addr::from)
         .find(|ip| !used(ip))
         .ok_or(IpamError::SubnetExhausted(subnet))
 }
@@ -244,23 +259,61 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_unique_and_freed_ones_come_back() {
+    fn addresses_are_unique_and_freed_ones_come_back_last() {
         let subnet = net("198.19.0.0/29"); // hosts .1 - .6
+        let host = |n| Ipv4Addr::new(198, 19, 0, n);
         let mut used = BTreeSet::from([default_gateway(subnet)]);
         let mut got = vec![];
-        while let Ok(ip) = allocate_ip(subnet, |ip| used.contains(ip)) {
+        let mut last = None;
+        while let Ok(ip) = allocate_ip(subnet, last, |ip| used.contains(ip)) {
             assert!(used.insert(ip), "{ip} handed out twice");
             got.push(ip);
+            last = Some(ip);
         }
-        assert_eq!(got.len(), 5);
+        assert_eq!(got, (2..=6).map(host).collect::<Vec<_>>());
         assert_eq!(
-            allocate_ip(subnet, |ip| used.contains(ip)),
+            allocate_ip(subnet, last, |ip| used.contains(ip)),
             Err(IpamError::SubnetExhausted(subnet))
         );
-        used.remove(&Ipv4Addr::new(198, 19, 0, 4));
+        // Freed: .3, then .5. After .6 the search wraps round and finds .3 first.
+        used.remove(&host(3));
+        used.remove(&host(5));
         assert_eq!(
-            allocate_ip(subnet, |ip| used.contains(ip)).unwrap(),
-            Ipv4Addr::new(198, 19, 0, 4)
+            allocate_ip(subnet, last, |ip| used.contains(ip)),
+            Ok(host(3))
+        );
+        // After .3, .5 comes before a wrap: a freed address waits its turn.
+        assert_eq!(
+            allocate_ip(subnet, Some(host(3)), |ip| used.contains(ip)),
+            Ok(host(5))
+        );
+    }
+
+    #[test]
+    fn a_released_address_is_not_the_next_one() {
+        let subnet = net("198.19.0.0/24");
+        let host = |n| Ipv4Addr::new(198, 19, 0, n);
+        // .1 the gateway, .2 to .7 held, .4 just released by a task; .7 handed out last.
+        let used: BTreeSet<Ipv4Addr> = [1, 2, 3, 5, 6, 7].map(host).into();
+        assert_eq!(
+            allocate_ip(subnet, Some(host(7)), |ip| used.contains(ip)),
+            Ok(host(8))
+        );
+        // Without a history (a new network): the lowest free one.
+        assert_eq!(
+            allocate_ip(subnet, None, |ip| used.contains(ip)),
+            Ok(host(4))
+        );
+        // A last address outside the subnet (a network made anew): from the bottom.
+        assert_eq!(
+            allocate_ip(subnet, Some(Ipv4Addr::new(10, 0, 0, 9)), |ip| used
+                .contains(ip)),
+            Ok(host(4))
+        );
+        // The last host handed out: the next search starts at the bottom again.
+        assert_eq!(
+            allocate_ip(subnet, Some(host(254)), |ip| used.contains(ip)),
+            Ok(host(4))
         );
     }
 

@@ -91,15 +91,61 @@ impl From<IpamError> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The lowest free address of `subnet`, which belongs to `owner` (a network, a node's
-/// gwbridge): when none is left, the error says whose subnet is full.
-fn allocate_in(owner: &str, subnet: Ipv4Network, used: &OrdSet<Ipv4Addr>) -> Result<Ipv4Addr> {
-    ipam::allocate_ip(subnet, |ip| used.contains(ip)).map_err(|e| match e {
-        IpamError::SubnetExhausted(s) => {
-            Error::Exhausted(format!("{owner} ({s}) has no free address left"))
+/// The addresses one transaction hands out, each the next free one after the last its
+/// subnet gave ([`ipam::allocate_ip`]). The subnet's cursor (its last address) moves in
+/// the same transaction, once however many addresses it gave. It is written without a
+/// compare: it only says where to start looking. What keeps an address to one holder is
+/// the create-if-absent on its `ipam/` key; two writers that moved one cursor at once
+/// leave the later one's, and neither waits for the other.
+#[derive(Default)]
+struct Serial {
+    /// Cursor key -> the last address handed out in this transaction.
+    moved: BTreeMap<String, Ipv4Addr>,
+}
+
+/// The cursor key of a network's subnet.
+fn network_cursor(net: &Network) -> String {
+    key("ipamnext", &net.id)
+}
+
+/// The cursor key of a node's gwbridge subnet.
+fn gwbridge_cursor(node: &str) -> String {
+    key("gwipamnext", node)
+}
+
+impl Serial {
+    /// The next free address of `subnet` (whose cursor key is `cursor`), which belongs
+    /// to `owner` (a network, a node's gwbridge): when none is left, the error says
+    /// whose subnet is full.
+    fn take(
+        &mut self,
+        st: &State,
+        owner: &str,
+        cursor: String,
+        subnet: Ipv4Network,
+        used: &OrdSet<Ipv4Addr>,
+    ) -> Result<Ipv4Addr> {
+        let after = self
+            .moved
+            .get(&cursor)
+            .or_else(|| st.cursors.get(&cursor))
+            .copied();
+        let ip = ipam::allocate_ip(subnet, after, |ip| used.contains(ip)).map_err(|e| match e {
+            IpamError::SubnetExhausted(s) => {
+                Error::Exhausted(format!("{owner} ({s}) has no free address left"))
+            }
+            other => other.into(),
+        })?;
+        self.moved.insert(cursor, ip);
+        Ok(ip)
+    }
+
+    /// The transaction's writes of the cursors it moved.
+    fn finish(self, ops: &mut Vec<Op>) {
+        for (k, ip) in self.moved {
+            ops.push(Op::Put(k, encode(&ip)));
         }
-        other => other.into(),
-    })
+    }
 }
 
 /// Address configuration of this daemon, from its command line.
@@ -196,6 +242,10 @@ pub struct State {
     pub ipam: OrdMap<String, OrdSet<Ipv4Addr>>,
     /// Node name -> gwbridge addresses held on it.
     pub gwipam: OrdMap<String, OrdSet<Ipv4Addr>>,
+    /// The last address handed out in each subnet (`ipamnext/NETWORK-ID`,
+    /// `gwipamnext/NODE`): where the next search for a free one starts (see
+    /// [`Serial`]).
+    cursors: OrdMap<String, Ipv4Addr>,
     pub vnis: OrdSet<u32>,
     /// Network id -> node -> that node's load-balancer address on the network.
     pub lb_addrs: OrdMap<String, OrdMap<String, Ipv4Addr>>,
@@ -346,7 +396,7 @@ impl State {
             "tasks" => Value::Task(decode(k, v)?),
             "nodes" => Value::Node(decode(k, v)?),
             "ipam" | "gwipam" => Value::Holder(decode(k, v)?),
-            "lbaddr" => Value::Addr(decode(k, v)?),
+            "lbaddr" | "ipamnext" | "gwipamnext" => Value::Addr(decode(k, v)?),
             "taskstatus" => Value::Status(decode(k, v)?),
             "taskhealth" => Value::Health(decode(k, v)?),
             "bindings" => Value::Binding(decode(k, v)?),
@@ -394,6 +444,9 @@ impl State {
                         map.entry(owner.to_string()).or_default().insert(ip);
                     }
                 }
+            }
+            Value::Addr(addr) if kind != "lbaddr" => {
+                self.cursors.insert(k.to_string(), addr);
             }
             Value::Addr(addr) => {
                 if let Some((net, node)) = name.split_once('/') {
@@ -513,6 +566,9 @@ impl State {
                 if let Ok(vni) = name.parse::<u32>() {
                     self.vnis.remove(&vni);
                 }
+            }
+            "ipamnext" | "gwipamnext" => {
+                self.cursors.remove(k);
             }
             "alive" => {
                 self.alive.remove(name);
@@ -1114,18 +1170,26 @@ pub async fn create_service(
         }
         no_publish_if_internal(st, &req.name, &req.networks, &req.publish)?;
         let mut vips = BTreeMap::new();
+        let mut serial = Serial::default();
         for n in &req.networks {
             let net = st.network(n)?;
             compares.push(st.unchanged(&key("networks", n)));
             if mode == EndpointMode::Vip {
                 let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
-                let vip = allocate_in(&format!("network {:?}", net.name), net.subnet, &used)?;
+                let vip = serial.take(
+                    st,
+                    &format!("network {:?}", net.name),
+                    network_cursor(net),
+                    net.subnet,
+                    &used,
+                )?;
                 let ik = key("ipam", &format!("{}/{vip}", net.id));
                 compares.push(Compare::Absent(ik.clone()));
                 ops.push(Op::Put(ik, encode(&format!("vip:{}", req.name))));
                 vips.insert(n.clone(), vip);
             }
         }
+        serial.finish(&mut ops);
         let svc = Service {
             id: id.clone(),
             name: req.name.clone(),
@@ -1193,7 +1257,9 @@ pub async fn ensure_ingress(view: &View, pools: &Pools, node: &str) -> Result<()
         let mut compares = vec![st.unchanged(&key("networks", INGRESS))];
         let mut ops = vec![];
         let taken = st.ipam.get(&net.id).cloned().unwrap_or_default();
-        lb_address_ops(st, node, net, &taken, &mut compares, &mut ops)?;
+        let mut serial = Serial::default();
+        lb_address_ops(st, node, net, &taken, &mut serial, &mut compares, &mut ops)?;
+        serial.finish(&mut ops);
         Ok((compares, ops, ()))
     })
     .await?;
@@ -1310,7 +1376,12 @@ fn garbage_batch(st: &State) -> (Vec<Compare>, Vec<Op>, usize) {
                 .keys()
                 .map(move |node| key("lbaddr", &format!("{id}/{node}")))
         });
-    for k in gone_ipam.chain(gone_lb) {
+    let gone_cursors = st.cursors.keys().filter(|k| {
+        k.strip_prefix(ROOT)
+            .and_then(|r| r.strip_prefix("ipamnext/"))
+            .is_some_and(|id| !live.contains(id))
+    });
+    for k in gone_ipam.chain(gone_lb).chain(gone_cursors.cloned()) {
         if ops.len() == MAX_TXN_OPS {
             break;
         }
@@ -1463,6 +1534,7 @@ pub async fn attach_task(
         let mut legs: Vec<(&str, Ipv4Addr, u8)> = vec![];
         let mut default_gateway = None;
         let mut needs_gwbridge = false;
+        let mut serial = Serial::default();
         for netname in networks {
             let net = st.network(netname)?;
             compares.push(st.unchanged(&key("networks", netname)));
@@ -1476,7 +1548,13 @@ pub async fn attach_task(
                     }
                     ip
                 }
-                None => allocate_in(&format!("network {:?}", net.name), net.subnet, &used)?,
+                None => serial.take(
+                    st,
+                    &format!("network {:?}", net.name),
+                    network_cursor(net),
+                    net.subnet,
+                    &used,
+                )?,
             };
             let ik = key("ipam", &format!("{}/{ip}", net.id));
             compares.push(st.unchanged(&ik));
@@ -1494,7 +1572,15 @@ pub async fn attach_task(
             let mut taken = used.clone();
             taken.insert(ip);
             if node.lb_addresses && net.driver == Driver::Overlay {
-                lb_address_ops(st, &node_name, net, &taken, &mut compares, &mut ops)?;
+                lb_address_ops(
+                    st,
+                    &node_name,
+                    net,
+                    &taken,
+                    &mut serial,
+                    &mut compares,
+                    &mut ops,
+                )?;
             }
             legs.push((netname, ip, net.subnet.prefix()));
         }
@@ -1504,7 +1590,13 @@ pub async fn attach_task(
             let net = st.network(INGRESS)?;
             compares.push(st.unchanged(&key("networks", INGRESS)));
             let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
-            let ip = allocate_in(&format!("network {:?}", net.name), net.subnet, &used)?;
+            let ip = serial.take(
+                st,
+                &format!("network {:?}", net.name),
+                network_cursor(net),
+                net.subnet,
+                &used,
+            )?;
             let ik = key("ipam", &format!("{}/{ip}", net.id));
             compares.push(Compare::Absent(ik.clone()));
             ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
@@ -1518,8 +1610,10 @@ pub async fn attach_task(
             used.insert(gw);
             used.insert(ipam::ingress_sbox_address(subnet));
             used.insert(ipam::ingress_sbox_local_address(subnet));
-            let ip = allocate_in(
+            let ip = serial.take(
+                st,
                 &format!("the gwbridge of node {node_name:?}"),
+                gwbridge_cursor(&node_name),
                 subnet,
                 &used,
             )?;
@@ -1529,6 +1623,7 @@ pub async fn attach_task(
             legs.push((GWBRIDGE, ip, subnet.prefix()));
             default_gateway = Some(gw);
         }
+        serial.finish(&mut ops);
         let ifnames = interface_names(legs.len(), req.ifname.as_deref().unwrap_or("eth0"));
         let endpoints = legs
             .iter()
@@ -1660,6 +1755,7 @@ fn lb_address_ops(
     node: &str,
     net: &Network,
     taken: &OrdSet<Ipv4Addr>,
+    serial: &mut Serial,
     compares: &mut Vec<Compare>,
     ops: &mut Vec<Op>,
 ) -> Result<()> {
@@ -1672,7 +1768,13 @@ fn lb_address_ops(
         compares.push(st.unchanged(&lk));
         return Ok(());
     }
-    let ip = allocate_in(&format!("network {:?}", net.name), net.subnet, taken)?;
+    let ip = serial.take(
+        st,
+        &format!("network {:?}", net.name),
+        network_cursor(net),
+        net.subnet,
+        taken,
+    )?;
     let ik = key("ipam", &format!("{}/{ip}", net.id));
     compares.push(Compare::Absent(ik.clone()));
     compares.push(Compare::Absent(lk.clone()));
@@ -1699,21 +1801,24 @@ pub async fn ensure_lb_addresses(
     if !missing {
         return Ok(None);
     }
-    // Each network takes up to 3 compares: a chunk of 32 fits a transaction at etcd's
-    // defaults. The addresses are independent, so chunks need not commit together.
+    // Each network takes up to 3 compares and 3 writes: a chunk of 32 fits a transaction
+    // at etcd's defaults. The addresses are independent, so chunks need not commit
+    // together.
     let mut revision = None;
     for chunk in networks.chunks(32) {
         let done = commit(view, |st| {
             let mut compares = vec![];
             let mut ops = vec![];
+            let mut serial = Serial::default();
             for n in chunk {
                 let Some(net) = st.networks.get(n) else {
                     continue;
                 };
                 compares.push(st.unchanged(&key("networks", n)));
                 let taken = st.ipam.get(&net.id).cloned().unwrap_or_default();
-                lb_address_ops(st, node, net, &taken, &mut compares, &mut ops)?;
+                lb_address_ops(st, node, net, &taken, &mut serial, &mut compares, &mut ops)?;
             }
+            serial.finish(&mut ops);
             Ok((compares, ops, ()))
         })
         .await?;
@@ -1803,7 +1908,7 @@ const RESERVED: &str = "reserved:";
 
 /// Reserves an address on `network` for `owner` before any task holds it: Docker's IPAM
 /// hands out a container's address before the container exists. `address` picks one
-/// (an address already reserved is handed to the new owner); else the lowest free. The
+/// (an address already reserved is handed to the new owner); else the next free one. The
 /// gateway is answered as is (it is the network's, never a task's).
 pub async fn reserve_address(
     view: &View,
@@ -1815,6 +1920,7 @@ pub async fn reserve_address(
     commit(view, |st| {
         let net = st.network(network)?;
         let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
+        let mut serial = Serial::default();
         let ip = match address {
             Some(ip) if ip == net.gateway => {
                 return Ok((vec![], vec![], (ip, net.subnet.prefix())))
@@ -1836,14 +1942,19 @@ pub async fn reserve_address(
                 }
                 ip
             }
-            None => allocate_in(&format!("network {:?}", net.name), net.subnet, &used)?,
+            None => serial.take(
+                st,
+                &format!("network {:?}", net.name),
+                network_cursor(net),
+                net.subnet,
+                &used,
+            )?,
         };
         let ik = key("ipam", &format!("{}/{ip}", net.id));
-        Ok((
-            vec![st.unchanged(&ik), st.unchanged(&key("networks", network))],
-            vec![Op::Put(ik, encode(&format!("{RESERVED}{owner}")))],
-            (ip, net.subnet.prefix()),
-        ))
+        let compares = vec![st.unchanged(&ik), st.unchanged(&key("networks", network))];
+        let mut ops = vec![Op::Put(ik, encode(&format!("{RESERVED}{owner}")))];
+        serial.finish(&mut ops);
+        Ok((compares, ops, (ip, net.subnet.prefix())))
     })
     .await
 }
@@ -2555,13 +2666,25 @@ mod tests {
             let t2 = attach_task(s, "n1", attach("web", "/run/netns/b", "n1"))
                 .await
                 .unwrap();
-            assert_eq!(t2.endpoints[0].ip, ip, "a freed address comes back");
+            // Serial: the next one after the last handed out, not the one just freed.
+            assert_ne!(t2.endpoints[0].ip, ip, "a freed address waits its turn");
+            assert_eq!(
+                u32::from(t2.endpoints[0].ip),
+                u32::from(ip) + 1,
+                "the next address after the last"
+            );
             remove_service(s, "web").await.unwrap();
             let st = State::load(s.store()).await.unwrap();
             assert!(st.tasks.is_empty());
             remove_network(s, "front").await.unwrap();
             let st = State::load(s.store()).await.unwrap();
             assert!(st.ipam.is_empty() && st.gwipam.is_empty() && st.vnis.is_empty());
+            // The network's cursor went with its addresses; the node's gwbridge keeps its.
+            assert!(
+                st.cursors.keys().all(|k| k.contains("/gwipamnext/")),
+                "{:?}",
+                st.cursors
+            );
         }
     );
 
