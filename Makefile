@@ -3,7 +3,7 @@
 # network namespaces, links and nftables rules.
 
 APT_PACKAGES := nftables conntrack iproute2 ethtool iputils-ping procps util-linux curl etcd-server protobuf-compiler \
-  dnsutils unbound clang-19 libbpf-dev python3 prometheus chromium chromium-driver \
+  dnsutils unbound clang-19 libbpf-dev python3 prometheus chromium chromium-driver tcpdump \
   containerd runc podman conmon containernetworking-plugins busybox-static iptables docker.io
 # Only `make bench` needs these.
 BENCH_PACKAGES := iperf3 dnsperf haproxy netavark

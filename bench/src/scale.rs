@@ -30,8 +30,10 @@ use serde_json::{json, Value};
 const NETWORK: &str = "scale";
 const SUBNET: &str = "198.19.0.0/17";
 /// The nftables path's service addresses start here: inside the overlay's subnet (so
-/// on-link for a task), above anything IPAM hands out at 10,000 services (it gives the
-/// lowest free address), held by nobody.
+/// on-link for a task), above anything IPAM hands out at 10,000 services, held by
+/// nobody. IPAM hands out addresses serially from the bottom of a new subnet, so this
+/// holds while the bench's allocations (VIPs and tasks, about 10,500 over the whole
+/// run, released ones included) stay below the 16,383 addresses under it.
 const NFT_BASE: Ipv4Addr = Ipv4Addr::new(198, 19, 64, 0);
 /// Where the nftables path's other services point (never connected to).
 const NFT_FILLER_BASE: Ipv4Addr = Ipv4Addr::new(198, 19, 112, 0);

@@ -36,6 +36,8 @@ pub struct Daemon {
     pub api: String,
     /// What changed in the cluster, for `/v1/events`.
     pub events: Arc<crate::events::Events>,
+    /// This node's WireGuard for encrypted overlays, or why it has none.
+    pub encryption: Result<Arc<crate::wireguard::device::Sealer>, String>,
 }
 
 type Ctx = AxState<Arc<Daemon>>;
@@ -405,6 +407,11 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
         "overlay": {
             // Accepted only from the other live nodes' underlay addresses.
             "vxlan_from_non_members_dropped": d.reconciler.vxlan_foreign_dropped().await,
+        },
+        // Encrypted overlays: which WireGuard, why, its peers and what it refused.
+        "encryption": match &d.encryption {
+            Ok(sealer) => serde_json::to_value(sealer.status().await).unwrap_or_default(),
+            Err(why) => json!({"implementation": "none", "why": why}),
         },
         "tasks": {
             // New connections from tasks to the node itself or the store, refused.

@@ -96,6 +96,13 @@ pub struct DaemonArgs {
     /// UDP port of VXLAN.
     #[arg(long, default_value_t = 4789)]
     pub vxlan_port: u16,
+    /// UDP port of WireGuard between nodes, for encrypted overlays.
+    #[arg(long, default_value_t = crate::wireguard::DEFAULT_PORT)]
+    pub wireguard_port: u16,
+    /// Where the node keeps what must outlive a reboot: its WireGuard private key
+    /// (`DIR/NODE/wireguard.key`, readable by root only).
+    #[arg(long, default_value = "/var/lib/netd")]
+    pub state_dir: PathBuf,
     /// MTU of the underlay; overlays get 50 bytes less for the VXLAN header. At least
     /// 118, so that an overlay keeps IPv4's minimum of 68 bytes (and a TCP MSS above 0).
     #[arg(
@@ -414,12 +421,24 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         size: args.pool_size,
         ingress: args.ingress_subnet,
     };
+    if args.vxlan_port == crate::wireguard::SEALED_VXLAN_PORT {
+        bail!(
+            "--vxlan-port {} is the encrypted overlays' own VXLAN port: pick another",
+            args.vxlan_port
+        );
+    }
+    // Without its key (an unwritable state directory) the node runs, without
+    // encrypted overlays: `netd status` says why.
+    let wg_key =
+        crate::wireguard::keys::load_or_create(&args.state_dir.join(&node).join("wireguard.key"))
+            .map_err(|e| format!("{e:#}"));
     let me = Node {
         name: node.clone(),
         address,
         gwbridge_subnet: args.gwbridge_subnet,
         started_at: model::now_secs(),
         lb_addresses: datapath.needs_lb_addresses(),
+        public_key: wg_key.as_ref().ok().map(|k| k.public_text()),
     };
     join_cluster(
         &view,
@@ -464,6 +483,17 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         datapath.clone(),
         followed_tx,
     ));
+    let encryption = start_wireguard(wg_key, address, &args).await;
+    match &encryption {
+        Ok(_) => tracing::info!(
+            "WireGuard for encrypted overlays on port {}",
+            args.wireguard_port
+        ),
+        Err(why) => tracing::warn!("no encrypted overlays on this node: {why}"),
+    }
+    if let Ok(sealer) = &encryption {
+        tokio::spawn(follow_peers(view.clone(), sealer.clone()));
+    }
     let reconciler = Arc::new(Reconciler::new(
         view.clone(),
         NodeConfig {
@@ -475,6 +505,15 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
             tasks_reach_node: args.allow_tasks_to_node,
             protected: protected_endpoints(etcd.as_ref()),
             mesh_source: args.mesh_source,
+            wireguard: match (&encryption, address) {
+                (Ok(_), Some(address)) => Ok(crate::plan::Wireguard {
+                    port: args.wireguard_port,
+                    address,
+                    overlay_mtu: crate::wireguard::overlay_mtu(args.underlay_mtu),
+                }),
+                (Err(why), _) => Err(why.clone()),
+                (Ok(_), None) => Err("the node has no underlay address".into()),
+            },
         },
         Some(dns.clone()),
         Some(datapath.clone()),
@@ -518,6 +557,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         datapath,
         api: api_spec.to_string(),
         events,
+        encryption,
     });
     if let Some(addr) = args.http {
         crate::web::serve(addr, daemon.clone()).await?;
@@ -665,6 +705,61 @@ impl ApiSpec {
     }
 }
 
+/// This node's WireGuard for encrypted overlays, or why it has none.
+async fn start_wireguard(
+    key: Result<crate::wireguard::keys::NodeKey, String>,
+    address: Option<Ipv4Addr>,
+    args: &DaemonArgs,
+) -> Result<Arc<crate::wireguard::device::Sealer>, String> {
+    let key = key?;
+    let Some(me) = address else {
+        return Err(
+            "the node has no underlay address (a store of one node): there is no other \
+             node to encrypt for"
+                .into(),
+        );
+    };
+    let why = crate::wireguard::why_userspace().await;
+    crate::wireguard::device::Sealer::start(
+        key,
+        me,
+        args.wireguard_port,
+        crate::wireguard::tunnel_mtu(args.underlay_mtu),
+        why,
+    )
+    .await
+    .map_err(|e| format!("{e:#}"))
+}
+
+/// Keeps the WireGuard peers to the cluster's nodes (each with its address and public
+/// key), from the node's view.
+async fn follow_peers(view: Arc<crate::view::View>, sealer: Arc<crate::wireguard::device::Sealer>) {
+    let mut updates = view.subscribe();
+    let mut last: Vec<crate::wireguard::device::PeerNode> = vec![];
+    loop {
+        let st = view.state();
+        let peers: Vec<_> = st
+            .nodes
+            .values()
+            .filter_map(|n| {
+                Some(crate::wireguard::device::PeerNode {
+                    name: n.name.clone(),
+                    address: n.address?,
+                    public_key: n.public_key.clone()?,
+                })
+            })
+            .collect();
+        if peers != last {
+            sealer.set_peers(&peers);
+            last = peers;
+        }
+        match updates.recv().await {
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -684,6 +779,7 @@ mod tests {
             gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
             started_at: 0,
             lb_addresses: false,
+            public_key: None,
         }
     }
 

@@ -134,7 +134,7 @@ pub fn default_gateway(subnet: Ipv4Network) -> Ipv4Addr {
 }
 
 /// The address of a node's ingress sandbox on its gwbridge: the last host of the
-/// subnet, reserved like the gateway (task addresses are handed out from the bottom).
+/// subnet, reserved like the gateway (every allocation on a gwbridge counts it as used).
 pub fn ingress_sbox_address(subnet: Ipv4Network) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.broadcast()) - 1)
 }

@@ -37,4 +37,5 @@ pub mod tls;
 pub mod verify;
 pub mod view;
 pub mod web;
+pub mod wireguard;
 pub mod writes;

@@ -38,6 +38,10 @@ pub struct Network {
     pub attachable: bool,
     pub internal: bool,
     pub created_at: u64,
+    /// Its traffic between nodes goes through WireGuard (`--opt encrypted`; overlays
+    /// only): see [`crate::wireguard`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +245,10 @@ pub struct Node {
     /// overlay (the userspace datapath does): attaches to it reserve one per network.
     #[serde(default)]
     pub lb_addresses: bool,
+    /// The node's WireGuard public key (base64), for encrypted overlays: the other
+    /// nodes seal what they send it with it. None: the node runs no WireGuard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// Why a name was refused; the text goes to the user as is.

@@ -300,21 +300,22 @@ pub async fn create_vxlan(
     name: &str,
     vni: u32,
     port: u16,
+    local: Option<Ipv4Addr>,
     mtu: u32,
 ) -> Result<()> {
     wrote();
+    let mut vxlan = LinkVxlan::new(name, vni)
+        .port(port)
+        .learning(false)
+        .proxy(true)
+        .l2miss(true)
+        .l3miss(true);
+    if let Some(local) = local {
+        vxlan = vxlan.local(local);
+    }
     handle
         .link()
-        .add(
-            LinkVxlan::new(name, vni)
-                .port(port)
-                .learning(false)
-                .proxy(true)
-                .l2miss(true)
-                .l3miss(true)
-                .mtu(mtu)
-                .build(),
-        )
+        .add(vxlan.mtu(mtu).build())
         .execute()
         .await
         .with_context(|| format!("create vxlan {name} (VNI {vni}, port {port})"))

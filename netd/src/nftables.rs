@@ -116,6 +116,12 @@ pub struct Ruleset {
     /// dropped before the VXLAN device sees them (CVE-2023-28840's class: whoever can
     /// send UDP 4789 must not inject frames into a network).
     pub vxlan_members: Vec<std::net::Ipv4Addr>,
+    /// The WireGuard port, when this node runs WireGuard for encrypted overlays: taken
+    /// only from `vxlan_members`; the encrypted overlays' VXLAN port only from the
+    /// WireGuard interface (what reached it any other way was never sealed), and what
+    /// the encrypted overlays' VXLAN devices send is marked to be routed into it (see
+    /// [`crate::wireguard`]).
+    pub wireguard_port: Option<u16>,
     /// Tasks (on the gwbridge and bridge networks) may open connections to the node
     /// itself (`--allow-tasks-to-node`). When false, a new connection from a task to any
     /// of the node's addresses, or to one of `protected` (the store), is counted
@@ -280,10 +286,26 @@ impl Ruleset {
                 forward.push(format!("oifname \"{0}\" iifname != \"{0}\" drop", a.ifname));
             }
         }
+        let sealed: Vec<u16> = self
+            .wireguard_port
+            .map(|p| vec![crate::wireguard::SEALED_VXLAN_PORT, p])
+            .unwrap_or_default();
         let raw: Vec<String> = self
             .untracked_udp
             .iter()
+            .chain(&sealed)
             .map(|p| format!("udp dport {p} notrack"))
+            .collect();
+        let route: Vec<String> = self
+            .wireguard_port
+            .map(|_| {
+                format!(
+                    "udp dport {} meta mark set {:#x}",
+                    crate::wireguard::SEALED_VXLAN_PORT,
+                    crate::wireguard::MARK
+                )
+            })
+            .into_iter()
             .collect();
         let [mesh_forward, mesh_nat] = self
             .mesh_sandbox
@@ -295,6 +317,7 @@ impl Ruleset {
         input.extend(
             self.untracked_udp
                 .iter()
+                .chain(self.wireguard_port.as_ref())
                 .map(|p| match self.vxlan_members.as_slice() {
                     [] => format!("udp dport {p} counter name \"{VXLAN_FOREIGN}\" drop"),
                     members => format!(
@@ -307,6 +330,13 @@ impl Ruleset {
                     ),
                 }),
         );
+        if self.wireguard_port.is_some() {
+            input.push(format!(
+                "udp dport {} iifname != \"{}\" counter name \"{VXLAN_FOREIGN}\" drop",
+                crate::wireguard::SEALED_VXLAN_PORT,
+                crate::wireguard::IFNAME
+            ));
+        }
         let indent = |rules: &[String]| {
             rules
                 .iter()
@@ -322,6 +352,7 @@ impl Ruleset {
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n\
              \tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{}\t}}\n\
              \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n\
+             \tchain route_output {{\n\t\ttype route hook output priority mangle; policy accept;\n{}\t}}\n\
              \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
              \tcounter {TASK_TO_NODE} {{\n\t}}\n\
              \tcounter {MESH_FOREIGN_SRC} {{\n\t}}\n\
@@ -333,6 +364,7 @@ impl Ruleset {
             indent(&forward),
             indent(&raw),
             indent(&raw),
+            indent(&route),
             indent(&input),
         )
     }

@@ -37,6 +37,31 @@ pub struct NodeConfig {
     pub protected: Vec<std::net::SocketAddrV4>,
     /// `--mesh-source`: whether this node's ingress sandbox keeps the client's address.
     pub mesh_source: MeshSource,
+    /// This node's WireGuard for encrypted overlays, or why it has none (an encrypted
+    /// overlay's sandbox is then refused with that reason).
+    pub wireguard: Result<Wireguard, String>,
+}
+
+impl NodeConfig {
+    /// The MTU of overlay `net` on this node: less for an encrypted one, whose packets
+    /// also carry WireGuard's headers.
+    pub fn network_mtu(&self, net: &Network) -> u32 {
+        match &self.wireguard {
+            Ok(w) if net.encrypted => w.overlay_mtu,
+            _ => self.overlay_mtu,
+        }
+    }
+}
+
+/// What the kernel side of encrypted overlays needs of this node's WireGuard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wireguard {
+    /// Where WireGuard listens: the firewall takes it only from member nodes.
+    pub port: u16,
+    /// The node's underlay address: the encrypted VXLAN devices' source.
+    pub address: Ipv4Addr,
+    /// The MTU of an encrypted overlay (its tasks' interfaces).
+    pub overlay_mtu: u32,
 }
 
 /// Where a task endpoint's host-side veth lives and what it plugs into.
@@ -535,6 +560,7 @@ impl NodePlan {
             masquerade_out: vec![],
             untracked_udp: (!self.overlays.is_empty()).then_some(self.cfg.vxlan_port),
             vxlan_members: self.vxlan_members.clone(),
+            wireguard_port: self.cfg.wireguard.as_ref().ok().map(|w| w.port),
             tasks_reach_node: self.cfg.tasks_reach_node,
             protected: self.cfg.protected.clone(),
             mesh_sandbox: None,
@@ -610,7 +636,7 @@ pub fn attachment(st: &State, cfg: &NodeConfig, ep: &Endpoint) -> Option<Attachm
         Driver::Overlay => Attachment {
             parent: Netns::named(&naming::sandbox_netns(&cfg.name, &net.id)),
             bridge: SANDBOX_BRIDGE.into(),
-            mtu: cfg.overlay_mtu,
+            mtu: cfg.network_mtu(net),
             isolated: false,
         },
         Driver::Bridge => Attachment {
@@ -990,6 +1016,7 @@ pub(crate) mod tests {
             gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
             started_at: 0,
             lb_addresses: false,
+            public_key: None,
         }
     }
 
@@ -1139,6 +1166,11 @@ pub(crate) mod tests {
             tasks_reach_node: false,
             protected: vec![],
             mesh_source: MeshSource::Client,
+            wireguard: Ok(Wireguard {
+                port: 51821,
+                address: "198.18.0.11".parse().unwrap(),
+                overlay_mtu: 1370,
+            }),
         }
     }
 
@@ -1154,6 +1186,7 @@ pub(crate) mod tests {
             internal: false,
             attachable: false,
             created_at: 0,
+            encrypted: false,
         }
     }
 

@@ -8,6 +8,8 @@
 //! - `networks/NAME`, `services/NAME`, `tasks/ID`, `nodes/NAME`: JSON records
 //! - `tasknames/NAME`: the id of the task with that name
 //! - `ipam/NETWORK-ID/IP`, `gwipam/NODE/IP`, `vni/VNI`: who holds an address or a VNI
+//! - `ipamnext/NETWORK-ID`, `gwipamnext/NODE`: the last address handed out in that
+//!   subnet, where the next search starts (see [`Serial`])
 //! - `ports/PROTO-PORT`: the service that publishes a port (one per cluster)
 //! - `lbaddr/NETWORK-ID/NODE`: the node's own address on an overlay, for a datapath
 //!   that translates client addresses (userspace); released with the network
@@ -172,6 +174,9 @@ pub struct NetworkCreate {
     pub attachable: bool,
     #[serde(default)]
     pub internal: bool,
+    /// Its traffic between nodes is encrypted (Docker's `--opt encrypted`).
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -928,6 +933,13 @@ pub async fn create_network(
         )));
     }
     let driver = req.driver.unwrap_or(Driver::Overlay);
+    if req.encrypted && driver != Driver::Overlay {
+        return Err(Error::Invalid(
+            "--opt encrypted is for overlay networks: a bridge network's traffic never \
+             leaves its node"
+                .into(),
+        ));
+    }
     let subnet = match &req.subnet {
         Some(s) => Some(ipam::parse_subnet(s).map_err(Error::Invalid)?),
         None => None,
@@ -961,6 +973,7 @@ pub async fn create_network(
             gateway,
             attachable: req.attachable,
             internal: req.internal,
+            encrypted: req.encrypted,
         };
         let mut compares = vec![st.unchanged(META_NETWORKS)];
         let mut ops = vec![Op::Put(META_NETWORKS.into(), encode(&st.revision))];
@@ -979,6 +992,7 @@ struct NetworkSpec<'a> {
     gateway: Option<Ipv4Addr>,
     attachable: bool,
     internal: bool,
+    encrypted: bool,
 }
 
 /// The writes that create network `spec` (subnet, gateway, VNI), for one transaction.
@@ -1014,6 +1028,7 @@ fn network_ops(
         attachable: spec.attachable,
         internal: spec.internal,
         created_at: model::now_secs(),
+        encrypted: spec.encrypted,
     };
     let nk = key("networks", &net.name);
     let gk = key("ipam", &format!("{}/{gateway}", net.id));
@@ -1079,8 +1094,10 @@ pub async fn remove_network(view: &View, name: &str) -> Result<Committed<Network
 /// The network that carries published ports in ingress mode between nodes.
 pub const INGRESS: &str = "ingress";
 /// Networks one service may be on: an attach on a node that needs LB addresses takes up
-/// to 4 compares per network in its one transaction (see `create_service`).
-pub const MAX_SERVICE_NETWORKS: usize = 24;
+/// to 4 compares and 4 writes per network in its one transaction, plus one of each per
+/// port the task brings (host mode, up to [`MAX_SERVICE_PORTS`]), and 7 more: 22 keep
+/// the largest attach within etcd's default of 128 (see `create_service`).
+pub const MAX_SERVICE_NETWORKS: usize = 22;
 /// Ports one service may publish, its own and those its tasks bring (host mode).
 pub const MAX_SERVICE_PORTS: usize = 32;
 
@@ -1112,6 +1129,14 @@ pub async fn create_service(
     for n in &req.networks {
         if !seen.insert(n) {
             return Err(Error::Invalid(format!("network {n:?} given twice")));
+        }
+        // Docker refuses it too: its tasks' leg on it comes with the service's ports.
+        if n == INGRESS {
+            return Err(Error::Invalid(format!(
+                "service {:?}: network {INGRESS:?} carries the routing mesh; a service is \
+                 on it by publishing a port in ingress mode, not by naming it",
+                req.name
+            )));
         }
     }
     let mode = req.endpoint_mode.unwrap_or(EndpointMode::Vip);
@@ -1286,6 +1311,7 @@ fn ingress_ops(
         gateway: None,
         attachable: false,
         internal: false,
+        encrypted: false,
     };
     network_ops(st, pools, &spec, compares, ops)?;
     ops.push(Op::Put(META_NETWORKS.into(), encode(&st.revision)));
@@ -2068,6 +2094,7 @@ pub(crate) mod fixture {
                 gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
                 started_at: 0,
                 lb_addresses: false,
+                public_key: None,
             },
         )
         .await
@@ -2357,6 +2384,7 @@ mod tests {
                     gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
                     started_at: 0,
                     lb_addresses: true,
+                    public_key: None,
                 },
             )
             .await
@@ -2406,7 +2434,31 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(err.to_string().contains("at most 24 networks"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("at most {MAX_SERVICE_NETWORKS} networks")),
+            "{err}"
+        );
+        // A service without ports of its own, whose task brings the most (host mode).
+        create_service(
+            &s,
+            &pools(),
+            ServiceCreate {
+                name: "bighost".into(),
+                networks: nets.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("a create on the most networks fits");
+        let mut with_ports = attach("bighost", "/run/netns/bighost", "n1");
+        with_ports.publish = (0..MAX_SERVICE_PORTS as u16)
+            .map(|i| model::parse_publish(&format!("{}:80,mode=host", 9000 + i)).unwrap())
+            .collect();
+        attach_task(&s, "n1", with_ports)
+            .await
+            .expect("the largest attach with host-mode ports fits");
+        remove_service(&s, "bighost").await.unwrap();
         remove_service(&s, "big").await.unwrap();
         assert!(State::load(s.store()).await.unwrap().orphans.is_empty());
     }
@@ -2609,6 +2661,7 @@ mod tests {
                 gwbridge_subnet: "198.18.1.0/24".parse().unwrap(),
                 started_at: 0,
                 lb_addresses: false,
+                public_key: None,
             },
         )
         .await

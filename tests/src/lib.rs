@@ -877,6 +877,8 @@ impl Lab {
             &self.xdp,
             "--underlay-mtu",
             &self.underlay_mtu.to_string(),
+            "--state-dir",
+            &node.dir.join("state").display().to_string(),
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -1191,6 +1193,39 @@ impl Lab {
             .args(args)
             .output()
             .context("ip netns exec")
+    }
+
+    /// One raw HTTP/1.1 request to node `i`'s API socket, as a client that does not go
+    /// through the CLI sends it (any body, valid or not); returns the status code and
+    /// the body. The daemon may answer (413) before it read a body it refuses.
+    pub fn api_raw(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, String)> {
+        let socket = self.nodes[i].dir.join("netd.sock");
+        let mut s =
+            std::os::unix::net::UnixStream::connect(&socket).context("connect to the API")?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: netd\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes())?;
+        let _ = s.write_all(body);
+        let mut out = vec![];
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("no HTTP status in {text:.200}"))?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok((status, body.to_string()))
     }
 
     /// Waits (at most `limit`) until node `i` has in force everything its view holds
@@ -1669,6 +1704,15 @@ pub fn http_get(stream: &mut TcpStream) -> Result<String> {
 /// (reused across calls by load generators); returns where the body is in it.
 pub fn http_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<std::ops::Range<usize>> {
     stream.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")?;
+    read_http_response(stream, buf)
+}
+
+/// Reads one whole HTTP response (its `Content-Length`) into `buf`; returns where the
+/// body is in it.
+pub fn read_http_response(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<std::ops::Range<usize>> {
     buf.clear();
     let mut chunk = [0u8; 4096];
     loop {

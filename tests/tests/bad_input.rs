@@ -2,9 +2,6 @@
 //! `ls` shows) nor the kernel. Every case goes through the real CLI or the raw API socket
 //! of a real daemon in the lab.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-
 use anyhow::{Context, Result};
 use netd_lab::Lab;
 use serde_json::Value;
@@ -18,25 +15,13 @@ fn listing(lab: &Lab) -> Result<Value> {
     }))
 }
 
-/// Sends raw bytes as an HTTP body to the daemon's socket; returns (status, JSON body).
+/// POSTs raw bytes to node 0's API; returns (status, JSON body).
 fn raw_post(lab: &Lab, path: &str, body: &[u8]) -> Result<(u16, Value)> {
-    let sock = lab.nodes[0].dir.join("netd.sock");
-    let mut s = UnixStream::connect(&sock).context("connect API socket")?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("status")?;
-    let json = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    Ok((status, serde_json::from_str(json)?))
+    let (status, text) = lab.api_raw(0, "POST", path, body)?;
+    Ok((
+        status,
+        serde_json::from_str(&text).context("a JSON answer")?,
+    ))
 }
 
 struct Checker<'a> {

@@ -276,7 +276,20 @@ impl KernelLinks {
         let sandbox = Netns::named(&name);
         // The sandbox is a switch: netd filters nothing in it.
         netns::run_in(&sandbox, netns::bridge_netfilter_off).await?;
-        let mtu = self.cfg.overlay_mtu;
+        let mtu = self.cfg.network_mtu(net);
+        // An encrypted overlay's VXLAN sends on the sealed port from the node's own
+        // address; the node's firewall routes that into WireGuard (crate::wireguard).
+        let (port, local) = if net.encrypted {
+            let w = self.cfg.wireguard.as_ref().map_err(|why| {
+                anyhow!(
+                    "network {:?} is encrypted, and this node has no WireGuard: {why}",
+                    net.name
+                )
+            })?;
+            (crate::wireguard::SEALED_VXLAN_PORT, Some(w.address))
+        } else {
+            (self.cfg.vxlan_port, None)
+        };
         let (gw, prefix) = (net.gateway, net.subnet.prefix());
         let half_made = naming::vxlan_tmp_if(&net.id);
         let has_vxlan = self
@@ -300,7 +313,6 @@ impl KernelLinks {
         if !has_vxlan {
             let vni = net.vni.context("overlay network without a VNI")?;
             let tmp = naming::vxlan_tmp_if(&net.id);
-            let port = self.cfg.vxlan_port;
             let fd = sandbox.open()?.context("sandbox netns file")?;
             let h = self.netlink.handle(&Netns::Home).await?;
             if let Some(stale) = netlink::link_by_name(&h, &tmp).await? {
@@ -310,7 +322,7 @@ impl KernelLinks {
             // kernel frees a namespace asynchronously), its VXLAN device holding the VNI
             // and port: wait for it rather than fail the step.
             let mut tries = 0;
-            while let Err(e) = netlink::create_vxlan(&h, &tmp, vni, port, mtu).await {
+            while let Err(e) = netlink::create_vxlan(&h, &tmp, vni, port, local, mtu).await {
                 tries += 1;
                 if tries >= 40 {
                     return Err(e);

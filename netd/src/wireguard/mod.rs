@@ -1,0 +1,92 @@
+//! Encrypted overlays (`network create --opt encrypted`): WireGuard between nodes.
+//!
+//! Each node has one WireGuard interface, [`IFNAME`], in its own netns. An encrypted
+//! overlay's VXLAN device sends on [`SEALED_VXLAN_PORT`] instead of the plain port, with
+//! `ndwg` as its lower device: every encapsulated packet it makes (IPv4 / UDP / VXLAN /
+//! the task's frame, addressed to the peer node's underlay address) is routed into
+//! `ndwg`. There, netd's userspace WireGuard ([`device`], boringtun's Noise IK and
+//! ChaCha20-Poly1305) seals it for the node it is addressed to and sends it from
+//! [`DEFAULT_PORT`] on the underlay. The receiving node opens it, checks that the packet
+//! inside comes from the sending node's own underlay address and goes to the sealed
+//! VXLAN port, and writes it to its `ndwg`, from where the kernel hands it to the VXLAN
+//! device. The node's firewall accepts the sealed VXLAN port only from `ndwg`, so a
+//! VXLAN packet for an encrypted network cannot be injected from the underlay.
+//!
+//! Plain overlays and traffic inside a node are untouched. Keys: [`keys`].
+
+pub mod device;
+pub mod keys;
+
+/// The node's WireGuard interface.
+pub const IFNAME: &str = "ndwg";
+/// The UDP port the encrypted overlays' VXLAN devices use (the plain ones use
+/// `--vxlan-port`, 4789): only ever seen inside `ndwg`.
+pub const SEALED_VXLAN_PORT: u16 = 4790;
+/// The UDP port nodes exchange WireGuard messages on (one above WireGuard's own
+/// default, which a host may use for its own tunnels).
+pub const DEFAULT_PORT: u16 = 51821;
+/// The mark netd's node firewall puts on what the encrypted overlays' VXLAN devices
+/// send ("nw" and 1), and the routing table ("nw") that mark looks up: its one route
+/// goes into [`IFNAME`].
+pub const MARK: u32 = 0x6e77_0001;
+pub const TABLE: u32 = 0x6e77;
+/// The preference of the rule that sends marked packets to [`TABLE`] (outside the
+/// range of the mesh's rules, `mesh_return::PREFS`).
+pub const RULE_PREF: u32 = 31000;
+/// What WireGuard adds to a packet on the underlay: IPv4 (20) + UDP (8) + its message
+/// header and tag (32), and up to 15 bytes of padding to a multiple of 16.
+pub const OVERHEAD: u32 = 80;
+/// What VXLAN adds: outer IPv4 (20) + UDP (8) + VXLAN (8) + the inner Ethernet header
+/// (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// Why this node runs netd's own WireGuard: whether the kernel has WireGuard (a
+/// `wireguard` link made and removed at once tells), and what that means.
+pub async fn why_userspace() -> String {
+    const PROBE: &str = "ndwgprobe";
+    let made = crate::netns::with_netlink(&crate::netns::Netns::Home, |h| async move {
+        let made = h
+            .link()
+            .add(rtnetlink::LinkWireguard::new(PROBE).build())
+            .execute()
+            .await;
+        if made.is_ok() {
+            if let Some(l) = crate::netlink::link_by_name(&h, PROBE).await? {
+                crate::netlink::delete_link(&h, l.index).await?;
+            }
+        }
+        Ok(made.map_err(|e| e.to_string()))
+    })
+    .await;
+    match made {
+        Ok(Ok(())) => "the kernel has WireGuard, but netd drives only its own (userspace) \
+                       implementation so far"
+            .into(),
+        Ok(Err(e)) => format!("the kernel has no WireGuard (a wireguard link: {e})"),
+        Err(e) => format!("the kernel's WireGuard could not be probed: {e:#}"),
+    }
+}
+
+/// The MTU of `ndwg` on an underlay of `underlay_mtu`.
+pub fn tunnel_mtu(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(OVERHEAD)
+}
+
+/// The MTU of an encrypted overlay (its tasks' interfaces) on an underlay of
+/// `underlay_mtu`.
+pub fn overlay_mtu(underlay_mtu: u32) -> u32 {
+    tunnel_mtu(underlay_mtu).saturating_sub(VXLAN_OVERHEAD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encrypted_overlay_leaves_room_for_both_headers() {
+        // 1500 on the wire: 1420 in the tunnel (as wg-quick), 1370 for a task.
+        assert_eq!(tunnel_mtu(1500), 1420);
+        assert_eq!(overlay_mtu(1500), 1370);
+        assert_eq!(overlay_mtu(100), 0);
+    }
+}

@@ -1,0 +1,346 @@
+//! Encrypted overlays (`network create --opt encrypted`): traffic between tasks on two
+//! nodes works, and what crosses the underlay for it is WireGuard, with nothing of the
+//! network readable in it, while a plain network beside it is VXLAN in the clear.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use netd_lab::{connect_from, debian_tool, in_netns, read_http_response, spawn_in_netns, Lab};
+
+/// One GET carrying `marker` in a header, asking for `size` extra bytes; returns the
+/// answer's body.
+fn get_with_marker(netns: &str, to: SocketAddr, marker: &str, size: usize) -> Result<String> {
+    let mut s = connect_from(netns, to)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /data?size={size} HTTP/1.1\r\nHost: lab\r\nX-Marker: {marker}\r\n\r\n"
+    )?;
+    let mut answer = vec![];
+    let body = read_http_response(&mut s, &mut answer)?;
+    if !answer.starts_with(b"HTTP/1.1 200") {
+        bail!("{to} answered {:.200}", String::from_utf8_lossy(&answer));
+    }
+    Ok(String::from_utf8_lossy(&answer[body]).into_owned())
+}
+
+/// tcpdump on the lab's underlay switch, writing every frame to a file.
+struct Capture {
+    child: std::process::Child,
+}
+
+impl Capture {
+    /// Starts it, and returns once it listens (it says so on stderr).
+    fn start(tcpdump: &Path, lab: &Lab, file: &Path) -> Result<Capture> {
+        let log = file.with_extension("log");
+        let mut cmd = Command::new(tcpdump);
+        // Immediate mode: without it the kernel hands packets over in blocks, up to a
+        // second late, and a stop loses what it holds.
+        cmd.args(["-i", "ul", "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        let child = spawn_in_netns(&mut cmd, &lab.hub)?;
+        let mut capture = Capture { child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)?.contains("listening on") {
+            if std::time::Instant::now() > deadline {
+                capture.stop();
+                bail!("tcpdump did not start: {}", std::fs::read_to_string(&log)?);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(capture)
+    }
+
+    /// Stops it once what it saw is written out (SIGINT, then wait): what it had not
+    /// read from the kernel by then is lost, so it gets half a second first.
+    fn stop(&mut self) {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How many packets of capture `file` match `filter` (tcpdump's own reading).
+fn count(tcpdump: &Path, file: &Path, filter: &str) -> Result<usize> {
+    let out = Command::new(tcpdump)
+        .args(["-nn", "-r"])
+        .arg(file)
+        .arg(filter)
+        .output()
+        .context("tcpdump -r")?;
+    if !out.status.success() {
+        bail!(
+            "tcpdump -r {filter}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
+#[test]
+fn an_encrypted_overlay_carries_traffic_the_underlay_cannot_read() -> Result<()> {
+    let tcpdump = debian_tool("/usr/bin/tcpdump", "tcpdump")?;
+    let mut lab = Lab::cluster("en", 2)?;
+    let net = |name: &str, subnet: &str, extra: &[&str]| {
+        let mut args = vec!["network", "create", name, "--subnet", subnet];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    for args in [
+        net("sealed", "198.19.92.0/24", &["--opt", "encrypted"]),
+        net("plain", "198.19.93.0/24", &[]),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.cli(0, &args)?;
+    }
+    let inspect = lab.cli_json(0, &["network", "inspect", "sealed"])?;
+    assert_eq!(inspect["encrypted"], true, "{inspect}");
+    lab.cli(0, &["service", "create", "sweb", "--network", "sealed"])?;
+    lab.cli(0, &["service", "create", "pweb", "--network", "plain"])?;
+    let (n1, n2) = (lab.nodes[0].name.clone(), lab.nodes[1].name.clone());
+    lab.attach_whoami(0, "sweb", "s1", Some(&n2))?;
+    lab.attach_whoami(0, "pweb", "p1", Some(&n2))?;
+    // One client on n1, on both networks.
+    lab.cli(
+        0,
+        &[
+            "service",
+            "create",
+            "clients",
+            "--network",
+            "sealed",
+            "--network",
+            "plain",
+        ],
+    )?;
+    let (client, path) = lab.add_task_netns("client")?;
+    lab.cli(
+        0,
+        &[
+            "task", "attach", "clients", "--netns", &path, "--name", "client", "--node", &n1,
+        ],
+    )?;
+    let sealed_to = SocketAddr::from((lab.task_ip(0, "s1", "sealed")?, 80));
+    let plain_to = SocketAddr::from((lab.task_ip(0, "p1", "plain")?, 80));
+
+    // A large download first: many full-size packets, sealed and opened whole.
+    let large = get_with_marker(&client, sealed_to, "netd-sealed-large-5d80e1", 2_000_000)?;
+    assert!(large.contains("Hostname: s1"), "{large:.200}");
+    assert!(large.len() > 2_000_000, "{} bytes", large.len());
+
+    // Everything the underlay carries while both networks talk.
+    let capture = lab.dir.join("underlay.pcap");
+    let mut dump = Capture::start(&tcpdump, &lab, &capture)?;
+    let (sealed_marker, plain_marker) = ("netd-sealed-3f1c9a", "netd-plain-7b2e4d");
+    let asked = (|| -> Result<(String, String)> {
+        let sealed = get_with_marker(&client, sealed_to, sealed_marker, 0)?;
+        let plain = get_with_marker(&client, plain_to, plain_marker, 0)?;
+        Ok((sealed, plain))
+    })();
+    dump.stop();
+    let (sealed, plain) = asked?;
+    assert!(sealed.contains("Hostname: s1"), "{sealed}");
+    assert!(plain.contains("Hostname: p1"), "{plain}");
+
+    let bytes = std::fs::read(&capture).context("read the capture")?;
+    let contains = |m: &str| bytes.windows(m.len()).any(|w| w == m.as_bytes());
+    assert!(
+        contains(plain_marker),
+        "the plain network's marker is not on the underlay: the capture saw nothing"
+    );
+    assert!(
+        !contains(sealed_marker),
+        "the encrypted network's marker crossed the underlay in the clear"
+    );
+    let (a, b) = (lab.nodes[0].ip, lab.nodes[1].ip);
+    let between = format!("host {a} and host {b}");
+    assert!(count(&tcpdump, &capture, &format!("udp port 4789 and {between}"))? > 0);
+    assert_eq!(
+        count(&tcpdump, &capture, &format!("udp port 4790 and {between}"))?,
+        0,
+        "the encrypted network's VXLAN left a node unsealed"
+    );
+    let sealed = count(&tcpdump, &capture, &format!("udp port 51821 and {between}"))?;
+    assert!(
+        sealed >= 6,
+        "{sealed} WireGuard datagrams for a TCP exchange"
+    );
+    // No inner IPv4 header of the encrypted network: its two tasks' addresses side by
+    // side, as a header holds them, appear nowhere; the plain network's do.
+    let pair = |net: &str, to: SocketAddr| -> Result<Vec<u8>> {
+        let SocketAddr::V4(to) = to else {
+            bail!("IPv4 only");
+        };
+        let mut b = lab.task_ip(0, "client", net)?.octets().to_vec();
+        b.extend_from_slice(&to.ip().octets());
+        Ok(b)
+    };
+    let has = |b: &[u8]| bytes.windows(b.len()).any(|w| w == b);
+    assert!(
+        has(&pair("plain", plain_to)?),
+        "the plain network's inner header"
+    );
+    assert!(
+        !has(&pair("sealed", sealed_to)?),
+        "an inner header in the clear"
+    );
+
+    let status = lab.cli_json(0, &["status"])?;
+    let enc = &status["encryption"];
+    assert_eq!(enc["implementation"], "userspace (boringtun)", "{enc}");
+    assert!(
+        enc["why"].as_str().is_some_and(|w| w.contains("WireGuard")),
+        "{enc}"
+    );
+    let peers = enc["peers"].as_array().context("peers")?;
+    assert_eq!(peers.len(), 1, "{enc}");
+    assert_eq!(peers[0]["node"], n2.as_str(), "{enc}");
+    assert!(peers[0]["last_handshake_s"].is_number(), "{enc}");
+    Ok(())
+}
+
+/// The IPv4 UDP datagrams in pcap `bytes` (Ethernet link type, as tcpdump writes a
+/// capture of the hub's bridge): source address, destination port, payload.
+fn udp_payloads(bytes: &[u8]) -> Vec<(Ipv4Addr, u16, Vec<u8>)> {
+    let mut out = vec![];
+    // The file header is 24 bytes; each record has a 16-byte header whose third word
+    // is the length captured.
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let len = u32::from_le_bytes([bytes[at + 8], bytes[at + 9], bytes[at + 10], bytes[at + 11]])
+            as usize;
+        let Some(frame) = bytes.get(at + 16..at + 16 + len) else {
+            break;
+        };
+        at += 16 + len;
+        // Ethernet (14), then IPv4: its header length in the low nibble of byte 0, the
+        // protocol at 9; then UDP's 8 bytes.
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(frame[14] & 0x0f) * 4;
+        let src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+        let (Some(ports), Some(payload)) =
+            (frame.get(14 + ihl..14 + ihl + 4), frame.get(14 + ihl + 8..))
+        else {
+            continue;
+        };
+        out.push((
+            src,
+            u16::from_be_bytes([ports[2], ports[3]]),
+            payload.to_vec(),
+        ));
+    }
+    out
+}
+
+/// Sends `datagram` from `netns` (bound to `from`, any port) to `to`.
+fn send_from(netns: &str, from: Ipv4Addr, to: SocketAddr, datagram: Vec<u8>) -> Result<()> {
+    in_netns(netns, move || {
+        let s = UdpSocket::bind(SocketAddr::from((from, 0)))?;
+        s.send_to(&datagram, to)?;
+        Ok(())
+    })
+}
+
+/// What node `i`'s WireGuard refused, by reason, and what its firewall dropped as not
+/// from a member.
+fn refused(lab: &Lab, i: usize) -> Result<(serde_json::Value, u64)> {
+    let st = lab.cli_json(i, &["status"])?;
+    let foreign = st["overlay"]["vxlan_from_non_members_dropped"]
+        .as_u64()
+        .context("vxlan_from_non_members_dropped")?;
+    Ok((st["encryption"]["dropped"].clone(), foreign))
+}
+
+#[test]
+fn replayed_altered_and_foreign_datagrams_are_dropped_and_counted() -> Result<()> {
+    let tcpdump = debian_tool("/usr/bin/tcpdump", "tcpdump")?;
+    let mut lab = Lab::cluster("er", 2)?;
+    lab.cli(
+        0,
+        &[
+            "network",
+            "create",
+            "sealed",
+            "--opt",
+            "encrypted",
+            "--subnet",
+            "198.19.94.0/24",
+        ],
+    )?;
+    lab.cli(0, &["service", "create", "sweb", "--network", "sealed"])?;
+    let n2name = lab.nodes[1].name.clone();
+    lab.attach_whoami(0, "sweb", "s1", Some(&n2name))?;
+    let client = lab.add_client("client", "sealed", 0)?;
+    let to = SocketAddr::from((lab.task_ip(0, "s1", "sealed")?, 80));
+    let (n1, n2) = (lab.nodes[0].ip, lab.nodes[1].ip);
+    let wg = SocketAddr::from((n2, 51821));
+
+    // What n1 seals for n2 during one exchange.
+    let capture = lab.dir.join("sealed.pcap");
+    let mut dump = Capture::start(&tcpdump, &lab, &capture)?;
+    let asked = get_with_marker(&client, to, "replay-me", 0);
+    dump.stop();
+    assert!(asked?.contains("Hostname: s1"));
+    // A transport data message (type 4) that carries a packet (more than the 32 bytes
+    // of a keepalive).
+    let data = udp_payloads(&std::fs::read(&capture)?)
+        .into_iter()
+        .filter(|(from, port, _)| *from == n1 && *port == 51821)
+        .map(|(_, _, p)| p)
+        .find(|p| p.len() > 32 && p[0] == 4)
+        .context("no sealed data message in the capture")?;
+    let (before, foreign_before) = refused(&lab, 1)?;
+    let n1ns = lab.nodes[0].netns.clone();
+
+    // The same message again, from n1's own address: a replay.
+    send_from(&n1ns, n1, wg, data.clone())?;
+    // A message with a counter never used and its sealed bytes altered.
+    let mut altered = data.clone();
+    altered[8..16]
+        .copy_from_slice(&(u64::from_le_bytes(data[8..16].try_into()?) + 1000).to_le_bytes());
+    let last = altered.len() - 1;
+    altered[last] ^= 0x55;
+    send_from(&n1ns, n1, wg, altered)?;
+    // From a host of the underlay that is no node: the message, and a VXLAN frame
+    // straight to the encrypted networks' VXLAN port.
+    let intruder = lab.add_host("intruder", 77)?;
+    let me = netd_lab::underlay_ip(77);
+    send_from(&intruder, me, wg, data.clone())?;
+    let mut vxlan = vec![0x08, 0, 0, 0, 0, 0x10, 0, 0];
+    vxlan.extend_from_slice(&[0xff; 6]);
+    vxlan.extend_from_slice(&[0x02, 0x42, 0, 0, 0, 0x77, 0x08, 0x06]);
+    vxlan.extend_from_slice(&[0u8; 28]);
+    send_from(&intruder, me, SocketAddr::from((n2, 4790)), vxlan)?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (after, foreign_after) = refused(&lab, 1)?;
+    let grew = |k: &str| after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+    assert_eq!(grew("replayed"), 1, "{before} -> {after}");
+    assert_eq!(grew("not_authentic"), 1, "{before} -> {after}");
+    assert_eq!(
+        foreign_after - foreign_before,
+        2,
+        "the intruder's datagram and VXLAN frame are dropped by n2's firewall"
+    );
+    // The network still works after all of it.
+    assert!(get_with_marker(&client, to, "after", 0)?.contains("Hostname: s1"));
+    Ok(())
+}
