@@ -71,7 +71,11 @@ isolates the ingress node: the client floods the published port from CPU 0 at th
 offered rate for every path, the ingress node's interface is polled on CPU 1, and n1 and \
 n2 count (and drop) the VXLAN datagrams that arrive for the tasks at their interface's \
 netdev ingress hook, the same way for every path. A path that forwards all it is offered \
-kept up: its figure is a lower bound, and its ratio to a path that did not is one too.\n\n";
+kept up: its figure is a lower bound, and its ratio to a path that did not is one too. The \
+floor path measures what crossing a second node costs by itself on this machine: the \
+limit's own connections, routed both ways through n4 with no translation and no program. \
+No path through an ingress node can beat it, so its ratio to the limit bounds every \
+mesh's, and the mesh's ratio to it is what the mesh itself costs.\n\n";
 
 /// How much longer one connection takes at `rate` than at `base` (both per second), in
 /// µs.
