@@ -246,7 +246,9 @@ pub struct Node {
     #[serde(default)]
     pub lb_addresses: bool,
     /// The node's WireGuard public key (base64), for encrypted overlays: the other
-    /// nodes seal what they send it with it. None: the node runs no WireGuard.
+    /// nodes seal what they send it with it. None: the node has no key (its daemon
+    /// could not read or write one); a key does not mean its WireGuard runs (`netd
+    /// status` on that node says).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
 }

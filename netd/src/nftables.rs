@@ -296,17 +296,17 @@ impl Ruleset {
             .chain(&sealed)
             .map(|p| format!("udp dport {p} notrack"))
             .collect();
-        let route: Vec<String> = self
-            .wireguard_port
-            .map(|_| {
-                format!(
-                    "udp dport {} meta mark set {:#x}",
-                    crate::wireguard::SEALED_VXLAN_PORT,
-                    crate::wireguard::MARK
-                )
-            })
-            .into_iter()
-            .collect();
+        // What an encrypted overlay's VXLAN device sends goes into WireGuard, or nowhere:
+        // without a running WireGuard (it failed at this start) it is dropped, never
+        // sent in the clear.
+        let sealed_port = crate::wireguard::SEALED_VXLAN_PORT;
+        let route = vec![match self.wireguard_port {
+            Some(_) => format!(
+                "udp dport {sealed_port} meta mark set {:#x}",
+                crate::wireguard::MARK
+            ),
+            None => format!("udp dport {sealed_port} drop"),
+        }];
         let [mesh_forward, mesh_nat] = self
             .mesh_sandbox
             .as_ref()
@@ -330,13 +330,12 @@ impl Ruleset {
                     ),
                 }),
         );
-        if self.wireguard_port.is_some() {
-            input.push(format!(
-                "udp dport {} iifname != \"{}\" counter name \"{VXLAN_FOREIGN}\" drop",
-                crate::wireguard::SEALED_VXLAN_PORT,
-                crate::wireguard::IFNAME
-            ));
-        }
+        // Whether or not WireGuard runs: an encrypted overlay's VXLAN is taken from it
+        // only.
+        input.push(format!(
+            "udp dport {sealed_port} iifname != \"{}\" counter name \"{VXLAN_FOREIGN}\" drop",
+            crate::wireguard::IFNAME
+        ));
         let indent = |rules: &[String]| {
             rules
                 .iter()
@@ -800,6 +799,38 @@ mod tests {
         let listed = "table ip netd {\n counter vxlan_foreign {\n packets 7 bytes 700\n }\n}";
         assert_eq!(parse_packets(listed), Some(7));
         assert_eq!(parse_packets("nothing"), None);
+    }
+
+    #[test]
+    fn encrypted_vxlan_is_sealed_or_dropped_never_sent_or_taken_in_the_clear() {
+        let mut r = Ruleset {
+            untracked_udp: Some(4789),
+            vxlan_members: vec!["198.18.0.12".parse().unwrap()],
+            wireguard_port: Some(51821),
+            ..Default::default()
+        };
+        let s = r.render();
+        // Out: marked for the route into ndwg. In: only from ndwg; WireGuard from members.
+        assert!(s.contains("type route hook output"), "{s}");
+        assert!(s.contains("udp dport 4790 meta mark set 0x6e770001"), "{s}");
+        assert!(
+            s.contains("udp dport 4790 iifname != \"ndwg\" counter name \"vxlan_foreign\" drop"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "udp dport 51821 ip saddr != { 198.18.0.12 } counter name \"vxlan_foreign\" drop"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("udp dport 51821 notrack"), "{s}");
+        // Without a running WireGuard: dropped on the way out, still only from ndwg in.
+        r.wireguard_port = None;
+        let s = r.render();
+        assert!(s.contains("udp dport 4790 drop"), "{s}");
+        assert!(!s.contains("meta mark set"), "{s}");
+        assert!(s.contains("udp dport 4790 iifname != \"ndwg\""), "{s}");
+        assert!(!s.contains("51821"), "{s}");
     }
 
     #[test]

@@ -212,6 +212,27 @@ fn an_encrypted_overlay_carries_traffic_the_underlay_cannot_read() -> Result<()>
     assert_eq!(peers.len(), 1, "{enc}");
     assert_eq!(peers[0]["node"], n2.as_str(), "{enc}");
     assert!(peers[0]["last_handshake_s"].is_number(), "{enc}");
+
+    // Fail closed: with n1's WireGuard interface down (and its route with it), the
+    // network stops, and nothing of it leaves n1 in the clear.
+    let out = lab.exec_in(&lab.nodes[0].netns, &["ip", "link", "set", "ndwg", "down"])?;
+    assert!(out.status.success(), "{out:?}");
+    let capture = lab.dir.join("closed.pcap");
+    let mut dump = Capture::start(&tcpdump, &lab, &capture)?;
+    let refused = get_with_marker(&client, sealed_to, sealed_marker, 0);
+    dump.stop();
+    assert!(
+        refused.is_err(),
+        "the encrypted network answered without WireGuard"
+    );
+    let bytes = std::fs::read(&capture)?;
+    assert!(!bytes
+        .windows(sealed_marker.len())
+        .any(|w| w == sealed_marker.as_bytes()));
+    assert_eq!(
+        count(&tcpdump, &capture, &format!("udp port 4790 and {between}"))?,
+        0
+    );
     Ok(())
 }
 

@@ -129,7 +129,9 @@ impl Sealer {
             secret: key.secret,
             why,
             peers: RwLock::new(HashMap::new()),
-            next_index: AtomicU64::new(1),
+            // A random start: after a restart, a peer's packets of the sessions before
+            // do not meet a reused index (they are refused as unknown, not as forged).
+            next_index: AtomicU64::new(u64::from(rand::random::<u32>() & 0xff_ffff)),
             dropped: Dropped::default(),
             sealed: AtomicU64::new(0),
             opened: AtomicU64::new(0),
@@ -377,13 +379,25 @@ async fn configure_interface(mtu: u32) -> Result<()> {
         let link = netlink::require_link(&h, IFNAME).await?;
         netlink::set_mtu(&h, &link, mtu).await?;
         netlink::set_up(&h, &link).await?;
-        let rule = netlink::Rule {
-            pref: super::RULE_PREF,
-            selector: netlink::RuleSelector::Mark(super::MARK, u32::MAX),
-            table: Some(super::TABLE),
-            suppress_default: false,
-        };
-        netlink::ensure_rules(&h, super::RULE_PREF..=super::RULE_PREF, &[rule]).await?;
+        // Marked packets look up the table; if its route is gone (ndwg down or
+        // deleted), the next rule drops them rather than let the main table send them
+        // in the clear.
+        let mark = netlink::RuleSelector::Mark(super::MARK, u32::MAX);
+        let rules = [
+            netlink::Rule {
+                pref: super::RULE_PREF,
+                selector: mark,
+                table: Some(super::TABLE),
+                suppress_default: false,
+            },
+            netlink::Rule {
+                pref: super::RULE_PREF + 1,
+                selector: mark,
+                table: None,
+                suppress_default: false,
+            },
+        ];
+        netlink::ensure_rules(&h, super::RULE_PREF..=super::RULE_PREF + 1, &rules).await?;
         let route = netlink::TableRoute {
             dst: Ipv4Addr::UNSPECIFIED,
             prefix: 0,

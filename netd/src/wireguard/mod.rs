@@ -1,10 +1,11 @@
 //! Encrypted overlays (`network create --opt encrypted`): WireGuard between nodes.
 //!
 //! Each node has one WireGuard interface, [`IFNAME`], in its own netns. An encrypted
-//! overlay's VXLAN device sends on [`SEALED_VXLAN_PORT`] instead of the plain port, with
-//! `ndwg` as its lower device: every encapsulated packet it makes (IPv4 / UDP / VXLAN /
-//! the task's frame, addressed to the peer node's underlay address) is routed into
-//! `ndwg`. There, netd's userspace WireGuard ([`device`], boringtun's Noise IK and
+//! overlay's VXLAN device sends on [`SEALED_VXLAN_PORT`] instead of the plain port: the
+//! node's firewall marks what goes to that port ([`MARK`]), and a routing rule sends
+//! marked packets into `ndwg` (or drops them when its route is gone), so every
+//! encapsulated packet the device makes (IPv4 / UDP / VXLAN / the task's frame,
+//! addressed to the peer node's underlay address) goes through WireGuard. There, netd's userspace WireGuard ([`device`], boringtun's Noise IK and
 //! ChaCha20-Poly1305) seals it for the node it is addressed to and sends it from
 //! [`DEFAULT_PORT`] on the underlay. The receiving node opens it, checks that the packet
 //! inside comes from the sending node's own underlay address and goes to the sealed
@@ -12,7 +13,8 @@
 //! device. The node's firewall accepts the sealed VXLAN port only from `ndwg`, so a
 //! VXLAN packet for an encrypted network cannot be injected from the underlay.
 //!
-//! Plain overlays and traffic inside a node are untouched. Keys: [`keys`].
+//! Plain overlays (UDP 4789) and traffic inside a node are untouched; UDP 4790 is the
+//! encrypted overlays' own on every node. Keys: [`keys`].
 
 pub mod device;
 pub mod keys;
@@ -30,11 +32,13 @@ pub const DEFAULT_PORT: u16 = 51821;
 /// goes into [`IFNAME`].
 pub const MARK: u32 = 0x6e77_0001;
 pub const TABLE: u32 = 0x6e77;
-/// The preference of the rule that sends marked packets to [`TABLE`] (outside the
-/// range of the mesh's rules, `mesh_return::PREFS`).
+/// The preference of the rule that sends marked packets to [`TABLE`], and (one above)
+/// of the one that drops them when the table has no route (outside the range of the
+/// mesh's rules, `mesh_return::PREFS`).
 pub const RULE_PREF: u32 = 31000;
 /// What WireGuard adds to a packet on the underlay: IPv4 (20) + UDP (8) + its message
-/// header and tag (32), and up to 15 bytes of padding to a multiple of 16.
+/// header and tag (32), and room for the optional padding to a multiple of 16 that
+/// other implementations add (boringtun adds none): wg-quick's 1420 on 1500.
 pub const OVERHEAD: u32 = 80;
 /// What VXLAN adds: outer IPv4 (20) + UDP (8) + VXLAN (8) + the inner Ethernet header
 /// (14).
