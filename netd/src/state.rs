@@ -142,6 +142,17 @@ impl Serial {
         Ok(ip)
     }
 
+    /// The next free address of network `net` (see [`Serial::take`]).
+    fn take_on(&mut self, st: &State, net: &Network, used: &OrdSet<Ipv4Addr>) -> Result<Ipv4Addr> {
+        self.take(
+            st,
+            &format!("network {:?}", net.name),
+            network_cursor(net),
+            net.subnet,
+            used,
+        )
+    }
+
     /// The transaction's writes of the cursors it moved.
     fn finish(self, ops: &mut Vec<Op>) {
         for (k, ip) in self.moved {
@@ -1201,13 +1212,7 @@ pub async fn create_service(
             compares.push(st.unchanged(&key("networks", n)));
             if mode == EndpointMode::Vip {
                 let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
-                let vip = serial.take(
-                    st,
-                    &format!("network {:?}", net.name),
-                    network_cursor(net),
-                    net.subnet,
-                    &used,
-                )?;
+                let vip = serial.take_on(st, net, &used)?;
                 let ik = key("ipam", &format!("{}/{vip}", net.id));
                 compares.push(Compare::Absent(ik.clone()));
                 ops.push(Op::Put(ik, encode(&format!("vip:{}", req.name))));
@@ -1574,13 +1579,7 @@ pub async fn attach_task(
                     }
                     ip
                 }
-                None => serial.take(
-                    st,
-                    &format!("network {:?}", net.name),
-                    network_cursor(net),
-                    net.subnet,
-                    &used,
-                )?,
+                None => serial.take_on(st, net, &used)?,
             };
             let ik = key("ipam", &format!("{}/{ip}", net.id));
             compares.push(st.unchanged(&ik));
@@ -1616,13 +1615,7 @@ pub async fn attach_task(
             let net = st.network(INGRESS)?;
             compares.push(st.unchanged(&key("networks", INGRESS)));
             let used = st.ipam.get(&net.id).cloned().unwrap_or_default();
-            let ip = serial.take(
-                st,
-                &format!("network {:?}", net.name),
-                network_cursor(net),
-                net.subnet,
-                &used,
-            )?;
+            let ip = serial.take_on(st, net, &used)?;
             let ik = key("ipam", &format!("{}/{ip}", net.id));
             compares.push(Compare::Absent(ik.clone()));
             ops.push(Op::Put(ik, encode(&format!("task:{id}"))));
@@ -1794,13 +1787,7 @@ fn lb_address_ops(
         compares.push(st.unchanged(&lk));
         return Ok(());
     }
-    let ip = serial.take(
-        st,
-        &format!("network {:?}", net.name),
-        network_cursor(net),
-        net.subnet,
-        taken,
-    )?;
+    let ip = serial.take_on(st, net, taken)?;
     let ik = key("ipam", &format!("{}/{ip}", net.id));
     compares.push(Compare::Absent(ik.clone()));
     compares.push(Compare::Absent(lk.clone()));
@@ -1968,13 +1955,7 @@ pub async fn reserve_address(
                 }
                 ip
             }
-            None => serial.take(
-                st,
-                &format!("network {:?}", net.name),
-                network_cursor(net),
-                net.subnet,
-                &used,
-            )?,
+            None => serial.take_on(st, net, &used)?,
         };
         let ik = key("ipam", &format!("{}/{ip}", net.id));
         let compares = vec![st.unchanged(&ik), st.unchanged(&key("networks", network))];
