@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -194,25 +195,10 @@ fn threaded_napi(lab: &Lab, netns: &str, on: bool) -> Result<()> {
 }
 
 /// Host routes in `netns` to each of `to` via `gateway` (on the underlay).
-fn route_through(lab: &Lab, netns: &str, gateway: Ipv4Addr, to: &[Ipv4Addr]) -> Result<()> {
+fn route_through(netns: &str, gateway: Ipv4Addr, to: &[Ipv4Addr]) -> Result<()> {
     for dst in to {
-        let out = lab.exec_in(
-            netns,
-            &[
-                "ip",
-                "route",
-                "add",
-                &format!("{dst}/32"),
-                "via",
-                &gateway.to_string(),
-            ],
-        )?;
-        if !out.status.success() {
-            bail!(
-                "route to {dst} via {gateway} in {netns}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let (dst, via) = (format!("{dst}/32"), gateway.to_string());
+        netd_lab::run(Command::new("ip").args(["-n", netns, "route", "add", &dst, "via", &via]))?;
     }
     Ok(())
 }
@@ -332,10 +318,9 @@ pub fn run(
     // The floor: a second client whose packets to n1 and n2, and theirs back to it, go
     // through n4 as an IP router does (a host route each way, no redirects), so that
     // the only work added to the straight path is one forwarding node.
-    route_through(&lab, &routed_client, lab.nodes[3].ip, &[n1, n2])?;
+    route_through(&routed_client, lab.nodes[3].ip, &[n1, n2])?;
     for i in 0..2 {
         route_through(
-            &lab,
             &lab.nodes[i].netns,
             lab.nodes[3].ip,
             &[underlay_ip(ROUTED_HOST)],
@@ -346,10 +331,8 @@ pub fn run(
         "net.ipv4.conf.all.send_redirects=0",
         "net.ipv4.conf.default.send_redirects=0",
     ] {
-        let out = lab.exec_in(&lab.nodes[3].netns, &["sysctl", "-qw", sysctl])?;
-        if !out.status.success() {
-            bail!("{sysctl} on n4: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let n4 = &lab.nodes[3].netns;
+        netd_lab::run(Command::new("ip").args(["netns", "exec", n4, "sysctl", "-qw", sysctl]))?;
     }
     let mut paths = vec![
         Path_ {

@@ -143,6 +143,7 @@ pub fn run(minutes: u64, every: Duration, out: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let rss_start = rss(&lab)?;
     let loads_began = Instant::now();
+    let at = || loads_began.elapsed().as_secs_f64();
     let vip_load = load::start(&spec(&client, SocketAddr::from((vip, 80))))?;
     let mesh_to = SocketAddr::from((lab.nodes[1].ip, PUBLISHED));
     let mesh_load = load::start(&spec(&outside, mesh_to))?;
@@ -163,15 +164,12 @@ pub fn run(minutes: u64, every: Duration, out: &Path) -> Result<()> {
         let attached = lab.attach_whoami(to, "web", &tag, Some(&name))?;
         eprintln!(
             "{:>8.3} s: attached {tag} on {name} at {}",
-            loads_began.elapsed().as_secs_f64(),
+            at(),
             attached["endpoints"][0]["ip"]
         );
         live.push_back((tag, to));
         lab.cli(to, &["task", "detach", &old, "--drain", "15"])?;
-        eprintln!(
-            "{:>8.3} s: draining {old}",
-            loads_began.elapsed().as_secs_f64()
-        );
+        eprintln!("{:>8.3} s: draining {old}", at());
         let drained = Instant::now();
         loop {
             let tasks = lab.tasks_of(0, "web")?;
@@ -185,10 +183,7 @@ pub fn run(minutes: u64, every: Duration, out: &Path) -> Result<()> {
         }
         drain_secs.push(drained.elapsed().as_secs_f64());
         lab.remove_task_netns(&old)?;
-        eprintln!(
-            "{:>8.3} s: {old} gone, its namespace deleted",
-            loads_began.elapsed().as_secs_f64()
-        );
+        eprintln!("{:>8.3} s: {old} gone, its namespace deleted", at());
         replaced += 1;
         if last_line.elapsed() > Duration::from_secs(60) {
             let (v, m) = (vip_load.progress(), mesh_load.progress());

@@ -753,9 +753,20 @@ async fn follow_peers(view: Arc<crate::view::View>, sealer: Arc<crate::wireguard
             sealer.set_peers(&peers);
             last = peers;
         }
-        match updates.recv().await {
-            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        // Only a change of a node record can change the peers: other revisions (every
+        // attach, every status report) pass by without a look at the nodes.
+        loop {
+            match updates.recv().await {
+                Ok(u)
+                    if u.changed
+                        .as_ref()
+                        .is_some_and(|keys| !keys.iter().any(|k| k.contains("/nodes/"))) =>
+                {
+                    continue
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
         }
     }
 }

@@ -415,6 +415,15 @@ pub fn bridge_netfilter_off() -> Result<()> {
     Ok(())
 }
 
+/// Turns IPv6 off on interface `ifname` in the namespace of the calling thread (netd's
+/// interfaces carry IPv4 only); nothing to do on a kernel without IPv6.
+pub fn disable_ipv6(ifname: &str) -> Result<()> {
+    if !Path::new(&format!("/proc/sys/net/ipv6/conf/{ifname}")).exists() {
+        return Ok(());
+    }
+    write_sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "1")
+}
+
 /// Writes a sysctl in the namespace of the calling thread (/proc/sys/net is per netns).
 pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));

@@ -254,10 +254,7 @@ impl KernelLinks {
             // give tasks a way to the node's services around the IPv4 rules that keep
             // them out (`tasks_reach_node`).
             for name in &names {
-                // (No such directory: the kernel has no IPv6 at all.)
-                if Path::new(&format!("/proc/sys/net/ipv6/conf/{name}")).exists() {
-                    netns::write_sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1")?;
-                }
+                netns::disable_ipv6(name)?;
             }
             Ok(())
         })

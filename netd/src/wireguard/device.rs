@@ -409,10 +409,7 @@ async fn configure_interface(mtu: u32) -> Result<()> {
         Ok(())
     })
     .await?;
-    let ipv6 = format!("net.ipv6.conf.{IFNAME}.disable_ipv6");
-    if std::path::Path::new(&format!("/proc/sys/{}", ipv6.replace('.', "/"))).exists() {
-        netns::write_sysctl(&ipv6, "1")?;
-    }
+    netns::disable_ipv6(IFNAME)?;
     netns::write_sysctl(&format!("net.ipv4.conf.{IFNAME}.rp_filter"), "0")
 }
 
