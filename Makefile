@@ -44,6 +44,7 @@ bench:
 	./target/release/netd-bench ingress
 	./target/release/netd-bench attach
 	./target/release/netd-bench observe
+	./target/release/netd-bench scale
 
 lint:
 	$(CARGO) fmt --all --check

@@ -6,3 +6,4 @@
 pub mod load;
 pub mod plot;
 pub mod report;
+pub mod seal_cost;

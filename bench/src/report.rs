@@ -35,11 +35,16 @@ pub fn median(values: &[f64]) -> f64 {
 /// round by round: a ratio of runs made side by side, not of medians picked per path
 /// (the machine drifts between rounds).
 pub fn paired_ratio(a: &[crate::load::Run], b: &[crate::load::Run]) -> f64 {
-    let ratios: Vec<f64> = a
-        .iter()
-        .zip(b)
-        .map(|(a, b)| a.per_second() / b.per_second().max(1e-9))
-        .collect();
+    let rate =
+        |runs: &[crate::load::Run]| -> Vec<f64> { runs.iter().map(|r| r.per_second()).collect() };
+    paired(&rate(a), &rate(b))
+}
+
+/// The median of the ratios of figures taken in the same round (`a[i] / b[i]`): paths
+/// that alternate share the machine's drift round by round, which medians picked per
+/// path do not cancel.
+pub fn paired(a: &[f64], b: &[f64]) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b.max(1e-9)).collect();
     median(&ratios)
 }
 

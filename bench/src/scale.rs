@@ -56,6 +56,21 @@ const PROBE_LIMIT: Duration = Duration::from_secs(5);
 const CLIENTS: [&str; 3] = ["c1", "c2", "c3"];
 const NFT_CLIENT: &str = "nc";
 const CLIENT_SERVICE: &str = "clients";
+/// Tasks attached at once (and detached again) at every step, to service `burst`: the
+/// task attaches/s of a step of any size (a step's growth attaches none past 1,000).
+const BURST: usize = 60;
+const BURST_SERVICE: &str = "burst";
+/// The kinds of kernel write counted per change (`netd status` → `reconcile.kernel_writes`).
+const WRITE_KINDS: [&str; 6] = [
+    "netlink",
+    "bpf",
+    "nftables",
+    "conntrack",
+    "dns_sockets",
+    "sysctl",
+];
+/// How long the nodes get to apply the burst's detaches before the next probe.
+const BURST_SETTLE: Duration = Duration::from_secs(3);
 
 pub struct Opts {
     pub scales: Vec<usize>,
@@ -276,6 +291,9 @@ struct Stage {
     etcd_db: u64,
     etcd_db_in_use: u64,
     phases: Vec<(String, Duration)>,
+    /// Kernel writes per attach→reachable sample (an attach and a detach), by kind: on
+    /// n1 (the task's node) and n2 (another node).
+    writes: BTreeMap<String, (f64, f64)>,
 }
 
 /// The median over rounds of `figure / control` (each pair from one round).
@@ -337,6 +355,8 @@ struct World {
     filler_ns: BTreeMap<usize, String>,
     /// Filler tasks attached.
     filler_attached: usize,
+    /// Namespaces made for the burst's tasks.
+    burst_ns: Vec<String>,
     /// Probe service → (VIP, whoami backends' addresses).
     probes: Vec<(Ipv4Addr, Vec<Ipv4Addr>)>,
     /// The whole run stops (and tears down) after this.
@@ -365,6 +385,7 @@ impl World {
         if !self.base {
             names.extend((0..PROBES).map(probe));
             names.push(CLIENT_SERVICE.into());
+            names.push(BURST_SERVICE.into());
         }
         for (k, name) in names.iter().enumerate() {
             creates.push(Req {
@@ -518,6 +539,32 @@ impl World {
 /// Attach→reachable: a whoami task attached on n1 through n1's API, first reached (TCP
 /// connect) from the client task on n2; detached again between samples.
 fn attach_reachable(w: &mut World, samples: usize, st: &mut Stage) -> Result<()> {
+    let before = (kernel_writes(&w.apis[0])?, kernel_writes(&w.apis[1])?);
+    attach_reachable_samples(w, samples, st)?;
+    let after = (kernel_writes(&w.apis[0])?, kernel_writes(&w.apis[1])?);
+    let per = |a: &Value, b: &Value, kind: &str| {
+        (a[kind].as_u64().unwrap_or(0) as f64 - b[kind].as_u64().unwrap_or(0) as f64)
+            / samples.max(1) as f64
+    };
+    for kind in WRITE_KINDS {
+        st.writes.insert(
+            kind.to_string(),
+            (
+                per(&after.0, &before.0, kind),
+                per(&after.1, &before.1, kind),
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// A node's kernel writes by kind since its netd started (`netd status`).
+fn kernel_writes(api: &str) -> Result<Value> {
+    Ok(Client::new(api).get("/v1/status")?["reconcile"]["kernel_writes"].clone())
+}
+
+/// The samples of [`attach_reachable`].
+fn attach_reachable_samples(w: &mut World, samples: usize, st: &mut Stage) -> Result<()> {
     let path = format!("/run/netns/{}", w.lab.ns("samp"));
     let client = Client::new(&w.apis[0]);
     let from = w.lab.ns(CLIENTS[1]);
@@ -565,6 +612,52 @@ fn attach_reachable(w: &mut World, samples: usize, st: &mut Stage) -> Result<()>
             bail!("sample {k}: task still reachable 5 s after detach");
         }
     }
+    Ok(())
+}
+
+/// [`BURST`] tasks attached to `burst` at once through the 3 nodes' APIs (4 client
+/// threads), then detached at once: the step's task attaches/s and detaches/s, at any
+/// size (the namespaces, made once, are not timed).
+fn attach_burst(w: &mut World, st: &mut Stage) -> Result<()> {
+    while w.burst_ns.len() < BURST {
+        let tag = format!("bu{}", w.burst_ns.len());
+        let path = w.lab.add_task_netns(&tag)?.1;
+        w.burst_ns.push(path);
+    }
+    let n = w.nodes.len();
+    let attaches = (0..BURST)
+        .map(|i| {
+            attach_req(
+                i % n,
+                &w.nodes[i % n],
+                BURST_SERVICE,
+                &format!("bu{i}"),
+                &w.burst_ns[i],
+            )
+        })
+        .collect();
+    let (_, took, calls) = run_requests(&w.apis, attaches, "task attach", w.deadline)?;
+    st.record(
+        "burst attach",
+        format!("attach {BURST} tasks at once"),
+        BURST,
+        took,
+        calls,
+    );
+    let detaches = (0..BURST)
+        .map(|i| detach_req(i % n, &format!("bu{i}")))
+        .collect();
+    let (_, took, calls) = run_requests(&w.apis, detaches, "task detach", w.deadline)?;
+    st.record(
+        "burst detach",
+        format!("detach {BURST} tasks at once"),
+        BURST,
+        took,
+        calls,
+    );
+    // The other nodes apply the detaches in steps of their own: not during the probes
+    // that follow (their steps and kernel writes are measured).
+    std::thread::sleep(BURST_SETTLE);
     Ok(())
 }
 
@@ -857,6 +950,7 @@ fn measure(w: &mut World, o: &Opts, queries: &Path, st: &mut Stage) -> Result<()
     st.services = w.services();
     eprintln!("== {} services: probes", st.services);
     w.check_time("the probes")?;
+    attach_burst(w, st)?;
     let t = Instant::now();
     attach_reachable(w, o.samples, st)?;
     st.phases
@@ -1203,6 +1297,7 @@ pub fn run(o: &Opts) -> Result<()> {
         fillers: 0,
         filler_ns: BTreeMap::new(),
         filler_attached: 0,
+        burst_ns: vec![],
         probes: vec![],
         deadline: started + Duration::from_secs(o.time_limit),
     };
@@ -1393,8 +1488,11 @@ fn results(
          first size (filler tasks detached, filler services removed): the figures at the \
          biggest size are compared with the first step and with the last one, which ran \
          closest in time to it on the same machine (the machine drifts). An attach \
-         returns when its task's interfaces work, so attaches/s is the full API call.\n",
-        PROBES * BACKENDS + FILLER_TASKS + CLIENTS.len() + 3,
+         returns when its task's interfaces work, so attaches/s is the full API call. \
+         At every step {BURST} tasks (empty namespaces) are attached at once to one more \
+         service, `burst`, and detached again: the step's task attaches/s and \
+         detaches/s, whatever its growth attached.\n",
+        PROBES * BACKENDS + FILLER_TASKS + CLIENTS.len() + BURST + 3,
     )?;
     writeln!(
         md,
@@ -1437,10 +1535,10 @@ fn results(
     writeln!(md, "## Per step\n")?;
     writeln!(
         md,
-        "| step | services | service creates/s | task attaches/s | attach call p50 | \
-         attach→reachable p50 | p99 | n2's step p50 | p99 | backend change p50 | p99 | DNS \
-         queries/s | per unbound's | VIP new connections/s | per straight to a task's \
-         |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| step | services | service creates/s | task attaches/s, detaches/s ({BURST} at \
+         once) | attach call p50 | attach→reachable p50 | p99 | n2's step p50 | p99 | \
+         backend change p50 | p99 | DNS queries/s | per unbound's | VIP new connections/s \
+         | per straight to a task's |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     let opt = |v: Option<f64>| v.map_or("–".to_string(), |r| format!("{r:.0}"));
     for s in stages {
@@ -1472,7 +1570,11 @@ fn results(
             s.label,
             thousands(s.services),
             opt(s.rate("service create")),
-            opt(s.rate("task attach")),
+            format_args!(
+                "{}, {}",
+                opt(s.rate("burst attach")),
+                opt(s.rate("burst detach"))
+            ),
             ms(quantile(&s.attach_call, 0.5)),
             median(&s.dns),
             s.dns_per_control(),
@@ -1549,6 +1651,39 @@ fn results(
          (`last_step_scope`), per step: {}.\n",
         parts.join("; ")
     )?;
+
+    // Kernel writes per change, by kind, on the task's node and another.
+    writeln!(
+        md,
+        "**Kernel writes per change** (one attach→reachable sample: an attach and a \
+         detach; `netd status` → `reconcile.kernel_writes` before and after the samples, \
+         divided by their number), n1 (the task's node) / n2 (another node): the same \
+         work at every size is what O(change) means.\n"
+    )?;
+    writeln!(
+        md,
+        "| step | services | {} |\n|---|---|{}",
+        WRITE_KINDS.join(" | "),
+        "---|".repeat(WRITE_KINDS.len())
+    )?;
+    for s in stages {
+        let cells: Vec<String> = WRITE_KINDS
+            .iter()
+            .map(|k| {
+                s.writes
+                    .get(*k)
+                    .map_or("–".into(), |(a, b)| format!("{a:.1} / {b:.1}"))
+            })
+            .collect();
+        writeln!(
+            md,
+            "| {} | {} | {} |",
+            s.label,
+            thousands(s.services),
+            cells.join(" | ")
+        )?;
+    }
+    writeln!(md)?;
 
     writeln!(md, "## API operations\n")?;
     writeln!(
@@ -1689,6 +1824,24 @@ fn results(
                 "attach call p50",
                 "–",
                 Box::new(move |s: &Stage| d(quantile(&s.attach_call, 0.5))),
+                None,
+            ),
+            (
+                "task attaches/s (burst)",
+                "–",
+                Box::new(|s: &Stage| s.rate("burst attach").unwrap_or(0.0)),
+                None,
+            ),
+            (
+                "kernel writes per change on the task's node (all kinds)",
+                "–",
+                Box::new(|s: &Stage| s.writes.values().map(|(a, _)| a).sum()),
+                None,
+            ),
+            (
+                "kernel writes per change on another node (all kinds)",
+                "–",
+                Box::new(|s: &Stage| s.writes.values().map(|(_, b)| b).sum()),
                 None,
             ),
             (

@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use netd_bench::load;
 use netd_bench::plot::{bar_chart, Panel};
-use netd_bench::report::{conn_req_cells, header, machine, plot_beside, write_results};
+use netd_bench::report::{
+    conn_req_cells, header, machine, paired_ratio, plot_beside, write_results,
+};
 use netd_lab::{field, http_get_from, Lab};
 
 const PORT: u16 = 80;
@@ -218,24 +220,30 @@ pub fn run(seconds: u64, rounds: usize, threads: usize, out: &Path) -> Result<()
             cps.push(c);
             rps.push(q);
         }
+        // Ratios of runs of the same round (the paths alternate).
+        let conn = |a: usize, b: usize| paired_ratio(&paths[a].conns, &paths[b].conns);
+        let req = |a: usize, b: usize| paired_ratio(&paths[a].reqs, &paths[b].reqs);
         let _ = writeln!(
             ratios,
             "- {n} backends: eBPF / direct = {:.2}× new connections/s, {:.2}× requests/s; \
              eBPF / nftables = {:.2}× new connections/s; userspace / direct = {:.2}× new \
              connections/s, {:.2}× requests/s.",
-            cps[2] / cps[0],
-            rps[2] / rps[0],
-            cps[2] / cps[1],
-            cps[3] / cps[0],
-            rps[3] / rps[0],
+            conn(2, 0),
+            req(2, 0),
+            conn(2, 1),
+            conn(3, 0),
+            req(3, 0),
         );
-        ebpf_direct.push(cps[2] / cps[0]);
-        ebpf_nft.push(cps[2] / cps[1]);
-        user_direct.push(cps[3] / cps[0]);
+        ebpf_direct.push(conn(2, 0));
+        ebpf_nft.push(conn(2, 1));
+        user_direct.push(conn(3, 0));
         conn_groups.push((format!("{n} backends"), cps));
         req_groups.push((format!("{n} backends"), rps));
     }
-    writeln!(md, "\n**Ratios** (same run):\n\n{ratios}")?;
+    writeln!(
+        md,
+        "\n**Ratios** (same run; each the median of the rounds' ratios):\n\n{ratios}"
+    )?;
     md.push_str(&reading(&ebpf_direct, &ebpf_nft, &user_direct));
     let (svg_path, link) = plot_beside(out)?;
     writeln!(md, "{link}")?;

@@ -86,7 +86,7 @@
 
 /* How long a UDP flow may go without a packet, in NETD_FLOW_SEEN units (2^30 ns): about
  * 120 s, the kernel path's conntrack timeout for an answered UDP flow. The loader may
- * set it otherwise (netd-ebpf's IngressOptions). */
+ * set it otherwise (netd-ebpf's IngressOptions; its UDP_IDLE_UNITS names this default). */
 volatile const __u32 udp_idle_units = 112;
 
 struct vxlanhdr {
@@ -128,10 +128,15 @@ struct {
 } netd_mesh_rr SEC(".maps");
 
 /* The established (confirmed) flows. The loader may size the four flow maps otherwise
- * (netd-ebpf's load_ingress_xdp_sized, for tests that overflow them). */
+ * (netd-ebpf's load_ingress_xdp_sized, for tests that overflow them). Plain hashes, not
+ * LRU: an established flow is never evicted for newer ones, so an idle connection
+ * survives any load (an LRU map dropped the least recently used entry, which an idle
+ * connection is, once closed connections had filled it). netd's sweep removes closed
+ * and idle flows (netd/src/datapath/xdp.rs); while the tables are full, new flows stay
+ * in the unconfirmed ones, which forward them as well. */
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 131072);
 	__type(key, struct netd_flow_key);
 	__type(value, struct netd_flow_fwd);
@@ -139,7 +144,7 @@ struct {
 
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 131072);
 	__type(key, struct netd_flow_tuple);
 	__type(value, struct netd_flow_rev);
@@ -232,12 +237,23 @@ static __always_inline int idle_udp(__u8 proto, __u32 flags, __u32 now)
 }
 
 /* An established flow's packet (`f` in the map): its stamp moves on, written only when
- * it changed. Unconfirmed entries keep the stamp of their making (their flags also take
- * an atomic bit from the answer path, which a plain store could undo). */
+ * it changed, with a compare-and-swap: a plain store could undo the FIN bit the other
+ * direction set meanwhile (closing()); a lost race leaves the stamp to the next packet.
+ * Unconfirmed entries keep the stamp of their making. */
 static __always_inline void seen(struct netd_flow_fwd *f, __u32 now)
 {
-	if ((f->flags >> NETD_FLOW_SEEN_SHIFT) != now)
-		f->flags = seen_at(f->flags, now);
+	__u32 old = f->flags;
+
+	if ((old >> NETD_FLOW_SEEN_SHIFT) != now)
+		__sync_val_compare_and_swap(&f->flags, old, seen_at(old, now));
+}
+
+/* A FIN of established flow `f` passed (either way): the connection is closing, and
+ * netd's sweep removes the flow once it has been quiet for a while. */
+static __always_inline void closing(struct netd_flow_fwd *f)
+{
+	if (!(f->flags & NETD_FLOW_FIN))
+		__sync_fetch_and_or(&f->flags, NETD_FLOW_FIN);
 }
 
 /* ---- checksums (RFC 1624: HC' = ~(~HC + ~m + m')) ---- */
@@ -551,8 +567,12 @@ static __always_inline int confirm(struct netd_flow_key *fk, struct netd_flow_fw
 
 	if (!kernel && bpf_map_update_elem(&netd_flows_rev, rk, rv, BPF_ANY))
 		return 0;
-	if (bpf_map_update_elem(&netd_flows_fwd, fk, f, BPF_ANY))
+	if (bpf_map_update_elem(&netd_flows_fwd, fk, f, BPF_ANY)) {
+		/* Full: no half of it stays behind in a table nothing evicts from. */
+		if (!kernel)
+			bpf_map_delete_elem(&netd_flows_rev, rk);
 		return 0;
+	}
 	if (!kernel)
 		bpf_map_delete_elem(&netd_flows_rev_new, rk);
 	bpf_map_delete_elem(&netd_flows_fwd_new, fk);
@@ -565,6 +585,17 @@ static __always_inline int confirm(struct netd_flow_key *fk, struct netd_flow_fw
 static __always_inline int acks_syn_ack(struct netd_flow_fwd_new *n, __be32 ack_seq)
 {
 	return bpf_ntohl(ack_seq) == bpf_ntohl(n->isn) + 1;
+}
+
+/* The client acknowledged the task's SYN-ACK of unconfirmed flow `fk`, but the
+ * established table was full: its later ACKs (which acknowledge more) retry the move
+ * without the check, and are not counted as blind ones. */
+static __always_inline void acked(struct netd_flow_key *fk)
+{
+	struct netd_flow_fwd_new *m = bpf_map_lookup_elem(&netd_flows_fwd_new, fk);
+
+	if (m)
+		__sync_fetch_and_or(&m->fwd.flags, NETD_FLOW_ACKED);
 }
 
 /* A packet of unconfirmed flow fk -> n (a copy). Its reverse half must still be there
@@ -593,13 +624,16 @@ static __always_inline enum table unconfirmed(struct netd_ingress_config *cfg,
 		if (!(n->fwd.flags & NETD_FLOW_ANSWERED))
 			return UNCONFIRMED;
 		rv = *r;
-		if (confirms && fk->proto == IPPROTO_TCP && !acks_syn_ack(n, ack_seq)) {
+		if (confirms && fk->proto == IPPROTO_TCP && !(n->fwd.flags & NETD_FLOW_ACKED) &&
+		    !acks_syn_ack(n, ack_seq)) {
 			flow_event(NETD_FLOWS_BAD_ACK);
 			return UNCONFIRMED;
 		}
 	}
 	if (confirms && confirm(fk, &n->fwd, &rk, &rv))
 		return ESTABLISHED;
+	if (confirms && fk->proto == IPPROTO_TCP && !(n->fwd.flags & NETD_FLOW_ACKED))
+		acked(fk);
 	return UNCONFIRMED;
 }
 
@@ -961,6 +995,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	__u32 inner_len;
 	int tcp_syn = 0;
 	int tcp_rst = 0;
+	int tcp_fin = 0;
 	int confirms = 1; /* UDP: any datagram of the client confirms its (answered) flow */
 	__be32 ack_seq = 0;
 
@@ -981,6 +1016,7 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 		l4_check = &tcp->check;
 		tcp_syn = tcp->syn && !tcp->ack && !tcp->rst;
 		tcp_rst = tcp->rst;
+		tcp_fin = tcp->fin;
 		confirms = tcp->ack && !tcp->syn && !tcp->rst;
 		ack_seq = tcp->ack_seq;
 	} else {
@@ -993,6 +1029,12 @@ static __always_inline int request(struct xdp_md *ctx, struct netd_ingress_confi
 	table = flow_of(cfg, pv, &fk, tcp_syn, confirms, ack_seq, &f);
 	if (table == NO_FLOW)
 		return count(PASSED, XDP_PASS); /* no backend or port, or not the first packet */
+	if (tcp_fin && table == ESTABLISHED) {
+		struct netd_flow_fwd *e = bpf_map_lookup_elem(&netd_flows_fwd, &fk);
+
+		if (e)
+			closing(e);
+	}
 	if (f.flags & NETD_FLOW_KERNEL)
 		return count(PASSED, XDP_PASS);
 	if (tcp_syn)
@@ -1072,6 +1114,8 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 	struct netd_flow_fwd *f;
 	struct netd_flow_fwd_new *n;
 	int syn_ack = 0;
+	int fin = 0;
+	int rst = 0;
 	__be32 seq = 0;
 	__be32 client;
 	__be16 client_port, published_port;
@@ -1126,14 +1170,24 @@ static __always_inline int reply(struct xdp_md *ctx, struct netd_ingress_config 
 			return XDP_PASS;
 		l4_check = &tcp->check;
 		syn_ack = tcp->syn && tcp->ack && !tcp->rst;
+		fin = tcp->fin;
+		rst = tcp->rst;
 		seq = tcp->seq;
 	} else {
 		l4_check = udp->check ? &udp->check : NULL;
 	}
-	if (n)
+	if (n) {
 		answered(n, ip->protocol, syn_ack, seq);
-	else
+	} else {
 		seen(f, seen_now()); /* an answer keeps an established flow alive too */
+		if (fin)
+			closing(f);
+		/* The task aborts: this RST is the flow's last packet (as a client's is). The
+		 * established table never evicts, so nothing else would take it before the
+		 * sweep's idle time. */
+		if (rst)
+			forget(cfg, &netd_flows_fwd, &netd_flows_rev, &fk);
+	}
 	translate(ip, ports, l4_check, cfg->node_ip, published_port, client, client_port);
 	/* Unwrap: the inner frame goes out as it is, with real Ethernet addresses. */
 	if (bpf_xdp_adjust_head(ctx, (int)ENCAP_LEN))

@@ -154,6 +154,12 @@ struct netd_flow_tuple {
 /* The flow keeps the client's address (NETD_MESH_CLIENT_SOURCE when it was opened):
  * snat_port is the port the task sees the client on. */
 #define NETD_FLOW_CLIENT 4
+/* Established, and a FIN of it passed (either way): netd's sweep removes the flow once
+ * it has been quiet for longer than a closing connection's timers run. */
+#define NETD_FLOW_FIN 8
+/* Unconfirmed, and the client's ACK of the task's SYN-ACK came while the established
+ * table was full: its later packets retry the move without checking the ACK again. */
+#define NETD_FLOW_ACKED 16
 
 /* The value of netd_flows_fwd. Its layout must not change: an older netd may have
  * pinned the map (aya reuses a pinned map by name without checking its layout). */

@@ -64,9 +64,13 @@ struct {
 	__type(value, struct netd_return_config);
 } netd_return_cfg SEC(".maps");
 
+/* A plain hash, not LRU: a flow is never evicted for newer ones, so an idle connection
+ * keeps its way back under any load; netd's sweep removes closed and idle flows
+ * (netd/src/datapath/task_port.rs). While it is full a new flow is not recorded (its
+ * answers cannot go back: that connection fails, no open one does). */
 struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 131072);
 	__type(key, struct netd_flow_tuple);
 	__type(value, struct netd_return_flow);

@@ -134,8 +134,13 @@ pub struct IngressOptions {
     pub udp_idle: Option<std::time::Duration>,
 }
 
-/// The program's units (2^30 ns) for `d`, rounded up.
-fn seen_units(d: std::time::Duration) -> u32 {
+/// The object's own UDP idle time, in its units (`udp_idle_units` in ingress_xdp.c:
+/// about 120 s).
+pub const UDP_IDLE_UNITS: u32 = 112;
+
+/// The program's units (2^30 ns) for `d`, rounded up: what its flows' last-seen stamps
+/// count in.
+pub fn seen_units(d: std::time::Duration) -> u32 {
     let units = d.as_nanos().div_ceil(1 << 30);
     units.min(u128::from(maps::FLOW_SEEN_MASK)) as u32
 }
@@ -143,6 +148,7 @@ fn seen_units(d: std::time::Duration) -> u32 {
 /// As [`load_ingress_xdp`], with `options`.
 pub fn load_ingress_xdp_with(pin_dir: &Path, options: &IngressOptions) -> Result<Ebpf, EbpfError> {
     unpin_reshaped(pin_dir, INGRESS_XDP_RESHAPED)?;
+    unpin_retyped(pin_dir, INGRESS_XDP_RETYPED)?;
     // Older netds' map of each node's ingress address: the task's port answers now.
     let retired = pin_dir.join("netd_mesh_vias");
     if retired.exists() {
@@ -178,8 +184,13 @@ pub const TASK_PORT_FROM_TASK: &str = "netd_from_task";
 /// does: a restarted netd finds the flows it remembered.
 pub fn load_task_port(pin_dir: &Path) -> Result<Ebpf, EbpfError> {
     unpin_reshaped(pin_dir, TASK_PORT_RESHAPED)?;
+    unpin_retyped(pin_dir, TASK_PORT_RETYPED)?;
     load_pinned(&mut EbpfLoader::new(), TASK_PORT, pin_dir)
 }
+
+/// As [`INGRESS_XDP_RETYPED`], for [`TASK_PORT`]: its flows were an LRU hash.
+const TASK_PORT_RETYPED: &[(&str, aya::maps::MapType)] =
+    &[("netd_return_flows", aya::maps::MapType::Hash)];
 
 /// As [`INGRESS_XDP_RESHAPED`], for [`TASK_PORT`].
 const TASK_PORT_RESHAPED: &[(&str, usize, usize, u32)] = &[
@@ -239,6 +250,42 @@ const INGRESS_XDP_RESHAPED: &[(&str, usize, usize, u32)] = &[
     ),
 ];
 
+/// Maps of [`INGRESS_XDP`] whose type changed since an older netd could have pinned
+/// them, with the type this version needs: aya reuses a pinned map by name whatever its
+/// type, and the program would keep an LRU table's evictions. The established flow
+/// tables were LRU hashes before an idle connection had to survive any load.
+const INGRESS_XDP_RETYPED: &[(&str, aya::maps::MapType)] = &[
+    ("netd_flows_fwd", aya::maps::MapType::Hash),
+    ("netd_flows_rev", aya::maps::MapType::Hash),
+];
+
+/// Removes the pins in `pin_dir` of maps `retyped` ([`INGRESS_XDP_RETYPED`]) finds of
+/// another type, so that loading makes them afresh (what they held is lost).
+fn unpin_retyped(pin_dir: &Path, retyped: &[(&str, aya::maps::MapType)]) -> Result<(), EbpfError> {
+    for (name, wanted) in retyped {
+        let pin = pin_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+            continue;
+        };
+        if info.map_type().is_ok_and(|t| t == *wanted) {
+            continue;
+        }
+        remove_pin(&pin)?;
+    }
+    Ok(())
+}
+
+/// Removes a map's pin, so that loading makes the map afresh.
+fn remove_pin(pin: &Path) -> Result<(), EbpfError> {
+    std::fs::remove_file(pin).map_err(|e| EbpfError::FileError {
+        path: pin.to_path_buf(),
+        error: e,
+    })
+}
+
 /// Removes the pins in `pin_dir` of maps `reshaped` ([`INGRESS_XDP_RESHAPED`]) finds in
 /// an older shape, so that loading makes them afresh: what they held (flows, counters)
 /// is lost, and a program still attached keeps the maps it has.
@@ -258,10 +305,7 @@ fn unpin_reshaped(pin_dir: &Path, reshaped: &[(&str, usize, usize, u32)]) -> Res
         {
             continue;
         }
-        std::fs::remove_file(&pin).map_err(|e| EbpfError::FileError {
-            path: pin.clone(),
-            error: e,
-        })?;
+        remove_pin(&pin)?;
     }
     Ok(())
 }

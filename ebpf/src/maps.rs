@@ -156,6 +156,12 @@ pub const FLOW_ANSWERED: u32 = 2;
 /// [`FlowFwd::flags`]: the flow keeps the client's address ([`MESH_CLIENT_SOURCE`] when
 /// it opened); [`FlowFwd::snat_port`] is the port the task sees the client on.
 pub const FLOW_CLIENT: u32 = 4;
+/// [`FlowFwd::flags`]: an established flow a FIN of which passed (either way): netd's
+/// sweep removes it once it has been quiet for a while.
+pub const FLOW_FIN: u32 = 8;
+/// [`FlowFwd::flags`] of an unconfirmed flow: the client acknowledged the task's SYN-ACK
+/// while the established table was full; its later packets retry the move unchecked.
+pub const FLOW_ACKED: u32 = 16;
 /// [`FlowFwd::flags`] bits 8-31: when the flow last saw a packet, in units of 2^30 ns
 /// modulo 2^24 (ebpf/bpf/netd_maps.h, `NETD_FLOW_SEEN_SHIFT`).
 pub const FLOW_SEEN_SHIFT: u32 = 8;

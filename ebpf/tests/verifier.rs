@@ -72,3 +72,39 @@ fn the_labs_wire_peer_passes_the_verifier() {
         panic!("the verifier refused netd_wire_peer: {e:?}");
     }
 }
+
+/// The id of the map pinned at `pin`.
+fn pinned_id(pin: &std::path::Path) -> u32 {
+    aya::maps::MapInfo::from_pin(pin)
+        .unwrap_or_else(|e| panic!("{}: {e}", pin.display()))
+        .id()
+}
+
+/// A restarted netd loads its objects again over the pins of the one before: the flow
+/// tables of the right type and shape are kept (a flow in them outlives the restart),
+/// not made afresh as an older netd's LRU tables are.
+#[test]
+fn loading_again_keeps_the_pinned_flow_tables() {
+    netd_ebpf::ensure_bpffs().expect("bpffs");
+    let xdp = PinDir(
+        std::path::Path::new(netd_ebpf::BPFFS)
+            .join(format!("netdtest-xdpkeep-{}", std::process::id())),
+    );
+    let port = PinDir(
+        std::path::Path::new(netd_ebpf::BPFFS)
+            .join(format!("netdtest-portkeep-{}", std::process::id())),
+    );
+    let first = netd_ebpf::load_ingress_xdp(&xdp.0).expect("load ingress_xdp");
+    let first_port = netd_ebpf::load_task_port(&port.0).expect("load task_port");
+    let pins = [
+        xdp.0.join("netd_flows_fwd"),
+        xdp.0.join("netd_flows_rev"),
+        port.0.join("netd_return_flows"),
+    ];
+    let ids: Vec<u32> = pins.iter().map(|p| pinned_id(p)).collect();
+    drop((first, first_port));
+    let _again = netd_ebpf::load_ingress_xdp(&xdp.0).expect("load ingress_xdp again");
+    let _again_port = netd_ebpf::load_task_port(&port.0).expect("load task_port again");
+    let again: Vec<u32> = pins.iter().map(|p| pinned_id(p)).collect();
+    assert_eq!(ids, again, "pinned flow tables were made afresh: {pins:?}");
+}

@@ -182,6 +182,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/node/rotate-key", axum::routing::post(rotate_key))
         .route("/v1/networks", get(network_ls).post(network_create))
         .route(
             "/v1/networks/{name}",
@@ -352,6 +353,10 @@ async fn status(AxState(d): Ctx) -> ApiResult<Value> {
                 crate::mesh_return::MeshSource::Client => "client",
                 crate::mesh_return::MeshSource::Snat => "snat",
             },
+            // Whether the ingress network is encrypted (`--ingress-encrypted`): its flows
+            // between nodes are sealed, and the XDP path stays off (it would send them
+            // in the clear).
+            "encrypted": st.ingress().is_some_and(|n| n.encrypted),
             "xdp": d.reconciler.xdp_status(),
             // The eBPF program on published tasks' ports that sends each flow's answers
             // back to the node that took it (flows, counters, removals).
@@ -436,6 +441,37 @@ fn kernel_facts() -> Value {
     })
 }
 
+/// Replaces this node's WireGuard key without dropping traffic (see
+/// `wireguard::device::Sealer::rotate`); answers once the other nodes moved to the new
+/// key (or 30 s passed).
+async fn rotate_key(AxState(d): Ctx) -> ApiResult<Value> {
+    let sealer = d.encryption.as_ref().map_err(|why| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_encryption",
+            format!("this node runs no WireGuard, so it has no key to rotate: {why}"),
+        )
+    })?;
+    // Its own task: a client that goes away mid-rotation must not cut it short.
+    let (sealer, view, node) = (sealer.clone(), d.view.clone(), d.node.clone());
+    let rotated = tokio::spawn(async move { sealer.rotate(&view, &node).await })
+        .await
+        .map_err(|e| kernel_error(anyhow::anyhow!("the key rotation ended: {e}")))?;
+    match rotated {
+        Ok(r) => Ok(Json(json!(r))),
+        // The store's own errors keep their status (etcd away: 503).
+        Err(e) => match e.downcast::<state::Error>() {
+            Ok(se) => Err(se.into()),
+            Err(e) if format!("{e}").contains("already under way") => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{e:#}"),
+            )),
+            Err(e) => Err(kernel_error(e)),
+        },
+    }
+}
+
 async fn nodes(AxState(d): Ctx) -> ApiResult<Value> {
     let st = load(&d).await?;
     let nodes: Vec<Value> = st
@@ -455,6 +491,9 @@ async fn nodes(AxState(d): Ctx) -> ApiResult<Value> {
                     "down"
                 },
                 "tasks": st.tasks.values().filter(|t| t.node == n.name).count(),
+                // Its WireGuard keys (encrypted overlays): what the others seal for.
+                "public_key": n.public_key,
+                "next_public_key": n.next_public_key,
             })
         })
         .collect();

@@ -174,6 +174,9 @@ pub enum TaskCmd {
 pub enum NodeCmd {
     #[command(alias = "list")]
     Ls,
+    /// Replace this node's WireGuard key (encrypted overlays) without dropping traffic:
+    /// the other nodes move to the new key first, then the old one goes.
+    RotateKey,
 }
 
 /// Runs one client command and prints its result.
@@ -184,6 +187,10 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Daemon(_) | Command::FdStore { .. } => bail!("started by main"),
         Command::Status => {
             let v = c.get("/v1/status")?;
+            print_record(out, &v);
+        }
+        Command::Node(NodeCmd::RotateKey) => {
+            let v = c.post("/v1/node/rotate-key", &serde_json::json!({}))?;
             print_record(out, &v);
         }
         Command::Node(NodeCmd::Ls) => {

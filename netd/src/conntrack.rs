@@ -19,6 +19,14 @@ pub fn forget_replies_from(addr: Ipv4Addr) -> Result<u64> {
     forget(&["--reply-src", &addr.to_string()])
 }
 
+/// Deletes the entries of the current namespace translated to `addr` that no
+/// connection depends on: TCP handshakes it never answered, and UDP flows; how many.
+pub fn forget_unanswered_by(addr: Ipv4Addr) -> Result<u64> {
+    let addr = addr.to_string();
+    let tcp = forget(&["-p", "tcp", "--state", "SYN_SENT", "--reply-src", &addr])?;
+    Ok(tcp + forget(&["-p", "udp", "--reply-src", &addr])?)
+}
+
 /// `conntrack -D` with `filter`; how many entries it deleted.
 fn forget(filter: &[&str]) -> Result<u64> {
     let out = Command::new("conntrack")

@@ -90,6 +90,12 @@ pub struct DaemonArgs {
     /// the first service that publishes a port in ingress mode (Docker: 10.0.0.0/24).
     #[arg(long, default_value = "10.0.0.0/24")]
     pub ingress_subnet: Ipv4Network,
+    /// Make the `ingress` network encrypted (Docker: `docker network create --ingress
+    /// --opt encrypted`): published ports' traffic between nodes is sealed with
+    /// WireGuard, and the XDP fast path, which would send it in the clear, stays off
+    /// (the kernel path carries the mesh). Counts for the node that makes the network.
+    #[arg(long)]
+    pub ingress_encrypted: bool,
     /// Subnet of this node's gwbridge (Docker's docker_gwbridge: 172.18.0.0/16).
     #[arg(long, default_value = "172.18.0.0/16")]
     pub gwbridge_subnet: Ipv4Network,
@@ -420,6 +426,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         pool: args.address_pool,
         size: args.pool_size,
         ingress: args.ingress_subnet,
+        ingress_encrypted: args.ingress_encrypted,
     };
     if args.vxlan_port == crate::wireguard::SEALED_VXLAN_PORT {
         bail!(
@@ -429,9 +436,8 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     }
     // Without its key (an unwritable state directory) the node runs, without
     // encrypted overlays: `netd status` says why.
-    let wg_key =
-        crate::wireguard::keys::load_or_create(&args.state_dir.join(&node).join("wireguard.key"))
-            .map_err(|e| format!("{e:#}"));
+    let wg_key_path = args.state_dir.join(&node).join("wireguard.key");
+    let wg_key = crate::wireguard::keys::load_or_create(&wg_key_path).map_err(|e| format!("{e:#}"));
     let me = Node {
         name: node.clone(),
         address,
@@ -439,15 +445,12 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         started_at: model::now_secs(),
         lb_addresses: datapath.needs_lb_addresses(),
         public_key: wg_key.as_ref().ok().map(|k| k.public_text()),
+        // A rotation a restart cut short is dropped: the other nodes go back to the
+        // key the node has (their sessions to it never ended).
+        next_public_key: None,
     };
-    join_cluster(
-        &view,
-        me,
-        &pools,
-        Duration::from_secs(args.lease_ttl.max(2)),
-        STORE_WAIT,
-    )
-    .await?;
+    let lease_ttl = Duration::from_secs(args.lease_ttl.max(2));
+    join_cluster(&view, me, &pools, lease_ttl, STORE_WAIT).await?;
     // The first DNS and load-balancer tables hold this node's own tasks even when the
     // store does not hold it alive yet (a restart after its lease ran out): the view
     // counts its own node alive (view::own).
@@ -470,6 +473,11 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
     // From here on, what changes in the cluster is kept for `netd events`.
     let events = crate::events::Events::follow(view.clone());
     let mut dns = Dns::new(dns_config(&args)?);
+    // `ndwg`'s descriptor, kept like the DNS sockets (see `Sealer::start`).
+    let wg_handover = fd_store.as_ref().ok().map(|store| {
+        let held = crate::fdstore::take(&mut held, crate::wireguard::device::HELD_KIND);
+        crate::fdstore::Handover::new(store.clone(), crate::wireguard::device::HELD_KIND, held)
+    });
     match fd_store {
         Ok(store) => dns.hand_over(store, held),
         Err(why) => dns.no_hand_over(why),
@@ -483,13 +491,19 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         datapath.clone(),
         followed_tx,
     ));
-    let encryption = start_wireguard(wg_key, address, &args).await;
+    let encryption = start_wireguard(wg_key, wg_key_path, address, &args, wg_handover).await;
     match &encryption {
         Ok(_) => tracing::info!(
             "WireGuard for encrypted overlays on port {}",
             args.wireguard_port
         ),
         Err(why) => tracing::warn!("no encrypted overlays on this node: {why}"),
+    }
+    if encryption.is_err() && view.state().ingress().is_some_and(|n| n.encrypted) {
+        tracing::error!(
+            "the ingress network is encrypted and this node has no WireGuard: its ingress \
+             sandbox is refused, and its published ports reach no task on another node"
+        );
     }
     if let Ok(sealer) = &encryption {
         tokio::spawn(follow_peers(view.clone(), sealer.clone()));
@@ -514,6 +528,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
                 (Err(why), _) => Err(why.clone()),
                 (Ok(_), None) => Err("the node has no underlay address".into()),
             },
+            lease_ttl,
         },
         Some(dns.clone()),
         Some(datapath.clone()),
@@ -708,24 +723,35 @@ impl ApiSpec {
 /// This node's WireGuard for encrypted overlays, or why it has none.
 async fn start_wireguard(
     key: Result<crate::wireguard::keys::NodeKey, String>,
+    key_path: std::path::PathBuf,
     address: Option<Ipv4Addr>,
     args: &DaemonArgs,
+    handover: Option<crate::fdstore::Handover>,
 ) -> Result<Arc<crate::wireguard::device::Sealer>, String> {
-    let key = key?;
+    // Without WireGuard, nothing takes what the netd before left.
+    let give_up = |why: String| {
+        if let Some(h) = &handover {
+            h.release_unclaimed();
+        }
+        why
+    };
+    let key = key.map_err(give_up)?;
     let Some(me) = address else {
-        return Err(
+        return Err(give_up(
             "the node has no underlay address (a store of one node): there is no other \
              node to encrypt for"
                 .into(),
-        );
+        ));
     };
     let why = crate::wireguard::why_userspace().await;
     crate::wireguard::device::Sealer::start(
         key,
+        key_path,
         me,
         args.wireguard_port,
         crate::wireguard::tunnel_mtu(args.underlay_mtu),
         why,
+        handover.as_ref(),
     )
     .await
     .map_err(|e| format!("{e:#}"))
@@ -746,11 +772,12 @@ async fn follow_peers(view: Arc<crate::view::View>, sealer: Arc<crate::wireguard
                     name: n.name.clone(),
                     address: n.address?,
                     public_key: n.public_key.clone()?,
+                    next_public_key: n.next_public_key.clone(),
                 })
             })
             .collect();
         if peers != last {
-            sealer.set_peers(&peers);
+            sealer.set_peers(&peers).await;
             last = peers;
         }
         // Only a change of a node record can change the peers: other revisions (every
@@ -791,6 +818,7 @@ mod tests {
             started_at: 0,
             lb_addresses: false,
             public_key: None,
+            next_public_key: None,
         }
     }
 

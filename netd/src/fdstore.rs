@@ -41,6 +41,12 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long an empty store with no netd connected waits before it exits (a netd that
 /// just started it has this long to connect).
 const IDLE_EXIT: Duration = Duration::from_secs(10);
+/// The namespace path of entries that belong to the node itself (netd's own namespace,
+/// which the store, started by netd, shares): such a namespace never goes, so these
+/// entries are dropped once no netd has connected for [`OWN_HOLD`].
+pub const OWN_NETNS: &str = "/proc/self/ns/net";
+/// How long the node's own entries outlast netd: a restart, not a netd stopped for good.
+const OWN_HOLD: Duration = Duration::from_secs(600);
 
 /// What an entry holds: whose sockets, in which namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -183,7 +189,8 @@ fn serve_until_idle(path: &Path, idle_exit: Duration) -> Result<()> {
                 idle_since = Instant::now();
             }
             Err(Errno::EAGAIN | Errno::EINTR) => {
-                held.retain(|k, _| k.netns_current());
+                let own_expired = idle_since.elapsed() >= OWN_HOLD;
+                held.retain(|k, _| k.netns_current() && !(own_expired && k.netns == OWN_NETNS));
                 if held.is_empty() && idle_since.elapsed() >= idle_exit {
                     let _ = std::fs::remove_file(path);
                     return Ok(());

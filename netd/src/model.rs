@@ -251,6 +251,11 @@ pub struct Node {
     /// status` on that node says).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// The key the node is rotating to (`netd node rotate-key`), while it rotates: the
+    /// other nodes open a second session to it and move their traffic there, and the
+    /// node makes it its `public_key` once they have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
 }
 
 /// Why a name was refused; the text goes to the user as is.

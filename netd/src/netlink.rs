@@ -582,6 +582,50 @@ async fn vxlan_entries(handle: &Handle, index: u32) -> Result<VxlanEntries> {
     Ok(out)
 }
 
+/// The next hop towards `dst` (the gateway of its route, or `dst` itself on a link)
+/// and the interface it is on: the kernel's own route lookup.
+pub async fn next_hop(handle: &Handle, dst: Ipv4Addr) -> Result<(Ipv4Addr, u32)> {
+    let mut found = handle
+        .route()
+        .get(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst, 32)
+                .build(),
+        )
+        .execute();
+    let route = found
+        .try_next()
+        .await
+        .with_context(|| format!("route to {dst}"))?
+        .with_context(|| format!("no route to {dst}"))?;
+    let (mut via, mut oif) = (dst, None);
+    for a in &route.attributes {
+        match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => via = *ip,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let oif = oif.with_context(|| format!("the route to {dst} names no interface"))?;
+    Ok((via, oif))
+}
+
+/// Has the kernel resolve neighbour `via` on interface `oif`: `RTM_NEWNEIGH` with
+/// `NTF_USE` starts an ARP exchange (or a probe of an entry it has), as the kernel's
+/// own output would, without sending anything else. For the XDP fast path, which reads
+/// the neighbour table and cannot fill it.
+pub async fn resolve_neighbour(handle: &Handle, oif: u32, via: Ipv4Addr) -> Result<()> {
+    handle
+        .neighbours()
+        .add(oif, IpAddr::V4(via))
+        .state(NeighbourState::None)
+        .flags(NeighbourFlags::Use)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("resolve neighbour {via}"))
+}
+
 /// Makes the static FDB and neighbour entries of VXLAN device `vxlan` exactly `peers`:
 /// adds what is missing, replaces what points elsewhere, deletes the rest. Returns how
 /// many entries it changed.

@@ -3,10 +3,12 @@
 //! the DNAT of published ports (the kernel path of the routing mesh, in the node's
 //! namespace and in its ingress sandbox).
 //!
-//! The whole ruleset is rendered from desired state and replaced in one `nft -f`
-//! transaction. Its hash is stored as the table comment, so a reconcile that would render
-//! the same rules reads the comment and changes nothing (a restart must not touch the
-//! kernel). netd owns the tables named `netd` and nothing else.
+//! The whole ruleset is rendered from desired state and put in force in one `nft -f`
+//! transaction, which fills netd's chains anew without ever removing one that is hooked
+//! ([`in_place`]). Its hash is stored as the comment of a table of its own (`netd_tag`),
+//! so a reconcile that would render the same rules reads the comment and changes nothing
+//! (a restart must not touch the kernel). netd owns the tables named `netd` and
+//! `netd_tag` and nothing else.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -202,7 +204,8 @@ impl Ruleset {
         format!("{:016x}", h.finish())
     }
 
-    /// The `nft -f` script that replaces netd's tables with this ruleset.
+    /// The `nft -f` script that makes netd's `ip` table hold this ruleset
+    /// ([`in_place`]).
     pub fn render(&self) -> String {
         let tag = self.hash_hex();
         let mut nat = vec![];
@@ -336,37 +339,84 @@ impl Ruleset {
             "udp dport {sealed_port} iifname != \"{}\" counter name \"{VXLAN_FOREIGN}\" drop",
             crate::wireguard::IFNAME
         ));
-        let indent = |rules: &[String]| {
-            rules
-                .iter()
-                .map(|r| format!("\t\t{r}\n"))
-                .collect::<String>()
-        };
-        format!(
-            "add table ip {TABLE}\ndelete table ip {TABLE}\n\
-             table ip {TABLE} {{\n\tcomment \"netd:{tag}\"\n\
-             \tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n{}\t}}\n\
-             \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n{}\t}}\n\
-             \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{}\t}}\n\
-             \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{}\t}}\n\
-             \tchain raw_prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{}\t}}\n\
-             \tchain raw_output {{\n\t\ttype filter hook output priority raw; policy accept;\n{}\t}}\n\
-             \tchain route_output {{\n\t\ttype route hook output priority mangle; policy accept;\n{}\t}}\n\
-             \tcounter {VXLAN_FOREIGN} {{\n\t}}\n\
-             \tcounter {TASK_TO_NODE} {{\n\t}}\n\
-             \tcounter {MESH_FOREIGN_SRC} {{\n\t}}\n\
-             \tcounter {PORT_FLOWS} {{\n\t}}\n\
-             \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n{}\t}}\n}}\n",
-            indent(&dnat),
-            indent(&dnat_output),
-            indent(&nat),
-            indent(&forward),
-            indent(&raw),
-            indent(&raw),
-            indent(&route),
-            indent(&input),
-        )
+        let chains: [(&str, &str, &[String]); 8] = [
+            ("prerouting", "nat hook prerouting priority dstnat", &dnat),
+            ("output", "nat hook output priority -100", &dnat_output),
+            ("postrouting", "nat hook postrouting priority srcnat", &nat),
+            ("forward", "filter hook forward priority filter", &forward),
+            (
+                "raw_prerouting",
+                "filter hook prerouting priority raw",
+                &raw,
+            ),
+            ("raw_output", "filter hook output priority raw", &raw),
+            ("route_output", "route hook output priority mangle", &route),
+            ("input", "filter hook input priority filter", &input),
+        ];
+        let counters = [VXLAN_FOREIGN, TASK_TO_NODE, MESH_FOREIGN_SRC, PORT_FLOWS];
+        in_place(TABLE_IP, &chains, &counters, &tag)
     }
+}
+
+/// Where the tag of an `ip` ruleset is kept (its table's comment), beside the table:
+/// the kernel does not change an existing table's comment. A change of the chains
+/// `render` makes must rename it: a table whose tag is not found here is made anew.
+const TAG_TABLE_IP: &str = "netd_tag";
+const TABLE_IP: [&str; 2] = ["ip", TABLE];
+
+/// The `nft -f` script that makes table `family name` hold exactly `chains` (name,
+/// hook, rules) and the named `counters`, without ever removing a chain that is hooked:
+/// the table and its chains are made if missing, every chain is flushed and filled
+/// again in the same transaction, and the tag table is made anew with `tag`.
+///
+/// Why not delete the table and make it again (what netd did): during that
+/// transaction both tables' chains hang on the same hooks, and a packet evaluated by
+/// the new chain just before the commit (its rules not in force yet) and by the old
+/// one just after (its rules gone) matches neither. A connection's first packet then
+/// gets no DNAT at all: a published port's SYN reached the ingress sandbox itself,
+/// which answered it with a RST (a refused connection during a rolling update). One
+/// chain flushed and filled in one transaction is evaluated whole in one generation.
+fn in_place(
+    [family, name]: [&str; 2],
+    chains: &[(&str, &str, &[String])],
+    counters: &[&str],
+    tag: &str,
+) -> String {
+    let mut out = format!("table {family} {name} {{\n");
+    for (chain, hook, _) in chains {
+        out.push_str(&format!(
+            "\tchain {chain} {{\n\t\ttype {hook}; policy accept;\n\t}}\n"
+        ));
+    }
+    for c in counters {
+        out.push_str(&format!("\tcounter {c} {{\n\t}}\n"));
+    }
+    out.push_str("}\n");
+    for (chain, _, _) in chains {
+        out.push_str(&format!("flush chain {family} {name} {chain}\n"));
+    }
+    out.push_str(&format!("table {family} {name} {{\n"));
+    for (chain, _, rules) in chains {
+        out.push_str(&format!("\tchain {chain} {{\n"));
+        for r in rules.iter() {
+            out.push_str(&format!("\t\t{r}\n"));
+        }
+        out.push_str("\t}\n");
+    }
+    out.push_str("}\n");
+    out.push_str(&format!(
+        "add table {family} {TAG_TABLE_IP}\ndelete table {family} {TAG_TABLE_IP}\n\
+         table {family} {TAG_TABLE_IP} {{\n\tcomment \"netd:{tag}\"\n}}\n"
+    ));
+    out
+}
+
+/// The script that removes netd's `ip` table and its tag.
+fn removal() -> String {
+    format!(
+        "add table ip {TABLE}\ndelete table ip {TABLE}\n\
+         add table ip {TAG_TABLE_IP}\ndelete table ip {TAG_TABLE_IP}\n"
+    )
 }
 
 fn nft(script: &str) -> Result<String> {
@@ -394,14 +444,12 @@ fn nft(script: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The hash tag of the ruleset currently in the kernel, if netd's table (`[FAMILY,
-/// NAME]`) exists: its comment, read over netlink (no process), or by `nft` where that
-/// fails.
-fn current_tag(table: &[&str]) -> Result<Option<String>> {
-    let tag = |comment: &str| comment.strip_prefix("netd:").map(str::to_string);
+/// The comment of table `[FAMILY, NAME]` ("" for none), None if there is no such
+/// table: read over netlink (no process), or by `nft` where that fails.
+fn comment_of(table: &[&str]) -> Result<Option<String>> {
     if let ([family, name], Some(f)) = (table, table.first().and_then(|f| table_tag::family(f))) {
         match table_tag::table_comment(f, name) {
-            Ok(comment) => return Ok(comment.as_deref().and_then(tag)),
+            Ok(comment) => return Ok(comment),
             Err(e) => tracing::debug!("read table {family} {name} over netlink: {e}"),
         }
     }
@@ -414,20 +462,29 @@ fn current_tag(table: &[&str]) -> Result<Option<String>> {
         return Ok(None);
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.lines().find_map(|l| {
-        l.trim()
-            .strip_prefix("comment \"")
-            .and_then(|s| s.strip_suffix('"'))
-            .and_then(tag)
-    }))
+    Ok(Some(
+        text.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("comment \"")
+                    .and_then(|s| s.strip_suffix('"'))
+            })
+            .unwrap_or("")
+            .to_string(),
+    ))
+}
+
+/// The hash tag a table's comment holds (`netd:TAG`), if the table exists and has one.
+fn current_tag(table: &[&str]) -> Result<Option<String>> {
+    Ok(comment_of(table)?.and_then(|c| c.strip_prefix("netd:").map(str::to_string)))
 }
 
 /// What [`apply`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
     pub changed: bool,
-    /// The [`VXLAN_FOREIGN`] count of the table it replaced (a replaced table starts
-    /// counting from zero, so the caller keeps the sum).
+    /// The [`VXLAN_FOREIGN`] count of the table it removed (a table made again starts
+    /// counting from zero, so the caller keeps the sum; an update keeps the counters).
     pub vxlan_foreign_before: u64,
     /// The same for [`TASK_TO_NODE`].
     pub task_to_node_before: u64,
@@ -440,24 +497,31 @@ pub struct Applied {
 /// Makes the kernel's netd tables match `rules` (removing them when there are none).
 /// Runs in the caller's netns (nft inherits it).
 pub fn apply(rules: &Ruleset) -> Result<Applied> {
-    let current = current_tag(&["ip", TABLE])?;
+    let current = current_tag(&["ip", TAG_TABLE_IP])?;
+    let table = comment_of(&TABLE_IP)?.is_some();
     let unchanged = if rules.is_empty() {
-        current.is_none()
+        current.is_none() && !table
     } else {
-        current.as_deref() == Some(rules.hash_hex().as_str())
+        table && current.as_deref() == Some(rules.hash_hex().as_str())
     };
     if unchanged {
         return Ok(Applied::default());
     }
-    let before = |name| match current {
-        Some(_) => counter(name).unwrap_or(0),
-        None => 0,
+    // A table without a tag beside it was made by a netd before `in_place`, whose
+    // chains may differ: made anew, once.
+    let anew = rules.is_empty() || (table && current.is_none());
+    // The counters go only with the table (an update keeps them counting).
+    let before = |name| match (table, anew) {
+        (true, true) => counter(name).unwrap_or(0),
+        _ => 0,
     };
     let (vxlan_foreign_before, task_to_node_before) = (before(VXLAN_FOREIGN), before(TASK_TO_NODE));
     let mesh_foreign_src_before = before(MESH_FOREIGN_SRC);
     let port_flows_before = before(PORT_FLOWS);
     if rules.is_empty() {
-        nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))?;
+        nft(&removal())?;
+    } else if anew {
+        nft(&format!("{}{}", removal(), rules.render()))?;
     } else {
         nft(&rules.render())?;
     }
@@ -658,6 +722,160 @@ mod tests {
         }
     }
 
+    /// The handle of netd's ip table and of each of its chains (`nft -a`): a table
+    /// made anew gets another (tables count per namespace, chains per table).
+    fn table_handles() -> Vec<String> {
+        let out = Command::new("nft")
+            .args(["-a", "list", "table", "ip", TABLE])
+            .output()
+            .expect("run nft (package nftables)");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                let l = l.trim_start();
+                l.starts_with("chain ") || l.starts_with("table ")
+            })
+            .map(|l| l.trim().to_string())
+            .collect()
+    }
+
+    /// Against the kernel, in a namespace of its own (root and `nft` needed, as for the
+    /// lab): a new ruleset replaces the rules of the chains already hooked, never the
+    /// chains themselves (see [`in_place`]); the tag says which ruleset is in force, the
+    /// same ruleset again changes nothing, and no ruleset removes both tables.
+    #[test]
+    fn a_new_ruleset_fills_the_chains_in_place() {
+        let port = |target: &str| Ruleset {
+            ports: vec![PortRule::new(
+                "tcp",
+                4567,
+                vec![target.parse().unwrap()],
+                80,
+            )],
+            ..Default::default()
+        };
+        let got = std::thread::spawn(move || -> Result<_, String> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("unshare a network namespace (needs root): {e}"))?;
+            let (a, b) = (port("198.19.1.1"), port("198.19.1.2"));
+            apply(&a).map_err(|e| format!("{e:#}"))?;
+            let handles = table_handles();
+            let b_applied = apply(&b).map_err(|e| format!("{e:#}"))?.changed;
+            let listing = Command::new("nft")
+                .args(["list", "chain", "ip", TABLE, "prerouting"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+            let tag = current_tag(&["ip", TAG_TABLE_IP]).map_err(|e| e.to_string())?;
+            let again = apply(&b).map_err(|e| format!("{e:#}"))?.changed;
+            let after = table_handles();
+            apply(&Ruleset::default()).map_err(|e| format!("{e:#}"))?;
+            let gone = (
+                comment_of(&TABLE_IP).map_err(|e| e.to_string())?,
+                comment_of(&["ip", TAG_TABLE_IP]).map_err(|e| e.to_string())?,
+            );
+            Ok((
+                handles,
+                after,
+                b_applied,
+                listing,
+                tag,
+                again,
+                gone,
+                b.hash_hex(),
+            ))
+        })
+        .join()
+        .unwrap();
+        let (handles, after, b_applied, listing, tag, again, gone, b_tag) = got.unwrap();
+        assert_eq!(handles.len(), 9, "{handles:?}");
+        assert!(handles[0].contains("# handle"), "{handles:?}");
+        assert_eq!(handles, after, "the table was made anew");
+        assert!(b_applied);
+        assert!(
+            listing.contains("198.19.1.2") && !listing.contains("198.19.1.1"),
+            "{listing}"
+        );
+        assert_eq!(tag, Some(b_tag));
+        assert!(!again, "the same ruleset again changed the table");
+        assert_eq!(gone, (None, None));
+    }
+
+    /// Against the kernel: a table an older netd made (its tag its own comment, a chain
+    /// netd makes no more) is made anew, once; a tag whose table went is no table.
+    #[test]
+    fn a_table_of_an_older_netd_is_made_anew() {
+        let rules = Ruleset {
+            ports: vec![PortRule::new(
+                "tcp",
+                4567,
+                vec!["198.19.1.2".parse().unwrap()],
+                80,
+            )],
+            ..Default::default()
+        };
+        let got = std::thread::spawn(move || -> Result<_, String> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("unshare a network namespace (needs root): {e}"))?;
+            let nft_run = |script: &str| -> Result<(), String> {
+                let o = Command::new("nft")
+                    .arg(script)
+                    .output()
+                    .map_err(|e| format!("run nft (package nftables): {e}"))?;
+                o.status
+                    .success()
+                    .then_some(())
+                    .ok_or_else(|| String::from_utf8_lossy(&o.stderr).into_owned())
+            };
+            nft_run(
+                "table ip netd { comment \"netd:old\" ; chain mangle_prerouting { type filter hook prerouting priority mangle ; policy accept ; } ; }",
+            )?;
+            apply(&rules).map_err(|e| format!("{e:#}"))?;
+            let upgraded = table_handles();
+            let again = apply(&rules).map_err(|e| format!("{e:#}"))?.changed;
+            nft_run("delete table ip netd")?;
+            let remade = apply(&rules).map_err(|e| format!("{e:#}"))?.changed;
+            let there = comment_of(&TABLE_IP).map_err(|e| e.to_string())?.is_some();
+            Ok((upgraded, again, remade, there))
+        })
+        .join()
+        .unwrap();
+        let (upgraded, again, remade, there) = got.unwrap();
+        assert_eq!(upgraded.len(), 9, "{upgraded:?}");
+        assert!(
+            !upgraded.iter().any(|c| c.contains("mangle_prerouting")),
+            "{upgraded:?}"
+        );
+        assert!(!again, "made anew more than once");
+        assert!(
+            remade && there,
+            "a tag without its table kept the table away"
+        );
+    }
+
+    #[test]
+    fn an_update_never_removes_netds_table() {
+        let s = Ruleset {
+            untracked_udp: Some(4789),
+            ..Default::default()
+        }
+        .render();
+        assert!(
+            !s.lines().any(|l| l == format!("delete table ip {TABLE}")),
+            "{s}"
+        );
+        for chain in ["prerouting", "output", "postrouting", "forward", "input"] {
+            assert!(
+                s.contains(&format!("flush chain ip {TABLE} {chain}\n")),
+                "{s}"
+            );
+        }
+        assert!(
+            s.contains(&format!("delete table ip {TAG_TABLE_IP}\n")),
+            "{s}"
+        );
+    }
+
     #[test]
     fn nothing_leaves_the_gwbridge_with_a_source_not_of_it() {
         let r = Ruleset {
@@ -665,7 +883,7 @@ mod tests {
             ..Default::default()
         };
         let s = r.render();
-        let fwd = &s[s.find("chain forward").unwrap()..s.find("chain raw_prerouting").unwrap()];
+        let fwd = &s[s.rfind("chain forward").unwrap()..s.rfind("chain raw_prerouting").unwrap()];
         assert!(fwd.contains(
             r#"iifname "netd_gwbridge" ip saddr != 198.18.1.0/24 counter name "mesh_foreign_src" drop"#
         ));
@@ -680,8 +898,8 @@ mod tests {
             ..Default::default()
         };
         let s = r.render();
-        let fwd = &s[s.find("chain forward").unwrap()..s.find("chain raw_prerouting").unwrap()];
-        let input = &s[s.find("chain input").unwrap()..];
+        let fwd = &s[s.rfind("chain forward").unwrap()..s.rfind("chain raw_prerouting").unwrap()];
+        let input = &s[s.rfind("chain input").unwrap()..];
         assert!(fwd.contains(
             r#"iifname "netd_gwbridge" ip daddr 198.18.0.2 tcp dport 2379 counter name "task_to_node" drop"#
         ));
@@ -768,7 +986,7 @@ mod tests {
         assert_eq!(s.matches(by_iif).count(), 1, "{s}");
         let by_addr = "ip daddr 198.18.1.253 udp dport 4568 counter name \"port_flows\" dnat to 198.19.255.5:80";
         assert_eq!(s.matches(by_addr).count(), 2, "{s}");
-        let pre = &s[s.find("chain prerouting").unwrap()..s.find("chain output").unwrap()];
+        let pre = &s[s.rfind("chain prerouting").unwrap()..s.rfind("chain output").unwrap()];
         assert!(pre.find(by_iif).unwrap() < pre.find(rr).unwrap());
         assert!(!s.contains("4569"));
         assert!(s.contains(
@@ -921,7 +1139,7 @@ mod tests {
         };
         let s = r.render();
         let chain = |s: &str, name: &str| {
-            let at = s.find(&format!("chain {name} ")).unwrap();
+            let at = s.rfind(&format!("chain {name} ")).unwrap();
             s[at..at + s[at..].find("\t}").unwrap()].to_string()
         };
         let forward = chain(&s, "forward");

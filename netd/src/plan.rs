@@ -40,6 +40,9 @@ pub struct NodeConfig {
     /// This node's WireGuard for encrypted overlays, or why it has none (an encrypted
     /// overlay's sandbox is then refused with that reason).
     pub wireguard: Result<Wireguard, String>,
+    /// The nodes' lease TTL (`--lease-ttl`): also the grace the mesh flows of a node
+    /// whose lease ended get before they go (see [`ingress_sandboxes`]).
+    pub lease_ttl: std::time::Duration,
 }
 
 impl NodeConfig {
@@ -221,37 +224,68 @@ pub struct GoneEndpoint {
     pub node: String,
 }
 
-/// What went between two states: the endpoints of tasks, and the ingress nodes whose
-/// lease ended (their ingress addresses).
+/// What went between two states: the endpoints of tasks, and the endpoints of tasks whose
+/// node's lease ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gone {
     pub endpoints: BTreeSet<GoneEndpoint>,
-    pub nodes: BTreeSet<Ipv4Addr>,
+    /// The tasks stay in the store, out of every pick, and their node may only be cut off
+    /// from etcd: their established connections stay, but a flow that never got an
+    /// answer must go, or a client that reuses its port meets the dead task again.
+    pub lost: BTreeSet<GoneEndpoint>,
 }
 
 impl Gone {
     pub fn between(prev: &State, next: &State) -> Gone {
         Gone {
             endpoints: gone_endpoints(prev, next),
-            nodes: gone_ingress_nodes(prev, next),
+            lost: lost_endpoints(prev, next),
         }
     }
 }
 
-/// The ingress addresses of the nodes alive in `prev` that are not in `next`: the flows
-/// they brought to this node's tasks are stale (their answers have nowhere to go), and a
-/// client's next flow through another node could otherwise meet them as a clash.
-pub fn gone_ingress_nodes(prev: &State, next: &State) -> BTreeSet<Ipv4Addr> {
-    let Some(net) = prev.ingress() else {
+/// The endpoints, in `next`, of the tasks on nodes alive in `prev` and not in `next` (a
+/// walk of the tasks only when a node was lost).
+pub fn lost_endpoints(prev: &State, next: &State) -> BTreeSet<GoneEndpoint> {
+    let lost: BTreeSet<&String> = prev.alive.iter().filter(|n| !next.node_alive(n)).collect();
+    if lost.is_empty() {
         return BTreeSet::new();
-    };
-    prev.lb_addrs
-        .get(&net.id)
-        .into_iter()
-        .flat_map(|m| m.iter())
-        .filter(|(n, _)| prev.node_alive(n) && !next.node_alive(n))
-        .map(|(_, a)| *a)
+    }
+    next.tasks
+        .values()
+        .filter(|t| lost.contains(&t.node))
+        .flat_map(|t| {
+            t.endpoints.iter().map(|e| GoneEndpoint {
+                ip: e.ip,
+                network: e.network.clone(),
+                node: t.node.clone(),
+            })
+        })
         .collect()
+}
+
+/// The ingress sandboxes' addresses of the nodes whose lease ended (`lost`) and of all
+/// nodes (`all`). The flows a lost node brought to this node's tasks stay for a grace:
+/// the node may be restarting past its lease or cut off from etcd only, and its
+/// connections resume when it is back (datapath/task_port.rs).
+pub fn ingress_sandboxes(st: &State) -> IngressSandboxes {
+    let mut out = IngressSandboxes::default();
+    let Some(net) = st.ingress() else {
+        return out;
+    };
+    for (node, a) in st.lb_addrs.get(&net.id).into_iter().flat_map(|m| m.iter()) {
+        out.all.insert(*a);
+        if !st.node_alive(node) {
+            out.lost.insert(*a);
+        }
+    }
+    out
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct IngressSandboxes {
+    pub all: BTreeSet<Ipv4Addr>,
+    pub lost: BTreeSet<Ipv4Addr>,
 }
 
 /// The endpoints of `prev` that `next` no longer has (a walk of the tasks that differ).
@@ -779,6 +813,12 @@ fn mesh_sandbox(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshSandb
 }
 
 fn mesh_table(st: &State, cfg: &NodeConfig, net: &Network) -> Option<MeshTable> {
+    if net.encrypted {
+        // XDP puts its own VXLAN header on and sends the frame out of the node's
+        // interface: it would pass the sealing by. The kernel path, through the ingress
+        // sandbox's VXLAN, is sealed like any encrypted overlay's.
+        return None;
+    }
     let ports = mesh_ports(st);
     if ports.is_empty() {
         // No program on the interface while nothing is published.
@@ -1017,6 +1057,7 @@ pub(crate) mod tests {
             started_at: 0,
             lb_addresses: false,
             public_key: None,
+            next_public_key: None,
         }
     }
 
@@ -1171,6 +1212,7 @@ pub(crate) mod tests {
                 address: "198.18.0.11".parse().unwrap(),
                 overlay_mtu: 1370,
             }),
+            lease_ttl: std::time::Duration::from_secs(10),
         }
     }
 
@@ -1262,25 +1304,48 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn an_ingress_node_whose_lease_ended_is_gone_by_its_ingress_address() {
-        let mut before = two_nodes();
+    fn an_ingress_node_whose_lease_ended_is_lost_by_its_ingress_address() {
+        let mut st = two_nodes();
+        assert_eq!(ingress_sandboxes(&st), IngressSandboxes::default());
         let ingress = network(INGRESS, "i1", Driver::Overlay, "198.19.255.0/24");
-        before.networks.insert(INGRESS.into(), ingress);
+        st.networks.insert(INGRESS.into(), ingress);
         let mut lb = OrdMap::new();
         lb.insert("n1".to_string(), "198.19.255.201".parse().unwrap());
         lb.insert("n2".to_string(), "198.19.255.202".parse().unwrap());
-        before.lb_addrs.insert("i1".into(), lb);
-        assert!(Gone::between(&before, &before.clone()).nodes.is_empty());
+        st.lb_addrs.insert("i1".into(), lb);
+        let all: BTreeSet<Ipv4Addr> = ["198.19.255.201", "198.19.255.202"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(ingress_sandboxes(&st).all, all);
+        assert!(ingress_sandboxes(&st).lost.is_empty());
+        st.alive.remove("n2");
+        // Its sandbox's address: the MAC its flows arrive from on other nodes.
+        let s = ingress_sandboxes(&st);
+        assert_eq!(s.all, all);
+        assert_eq!(s.lost, BTreeSet::from(["198.19.255.202".parse().unwrap()]));
+    }
+
+    #[test]
+    fn a_lost_nodes_tasks_are_lost_by_their_endpoints_and_nothing_else() {
+        let before = two_nodes();
+        assert!(Gone::between(&before, &before.clone()).lost.is_empty());
         let mut after = before.clone();
         after.alive.remove("n2");
-        // Its sandbox's address: the MAC its flows arrive from on other nodes.
         let gone = Gone::between(&before, &after);
+        // n2's task b, which stays in the store: lost, not gone.
         assert_eq!(
-            gone.nodes,
-            BTreeSet::from(["198.19.255.202".parse().unwrap()])
+            gone.lost,
+            BTreeSet::from([GoneEndpoint {
+                ip: "198.19.1.2".parse().unwrap(),
+                network: "back".into(),
+                node: "n2".into(),
+            }])
         );
-        // Back again: nothing goes.
-        assert!(Gone::between(&after, &before).nodes.is_empty());
+        assert!(gone.endpoints.is_empty());
+        // Back again, or still lost: nothing more.
+        assert!(Gone::between(&after, &before).lost.is_empty());
+        assert!(Gone::between(&after, &after.clone()).lost.is_empty());
     }
 
     #[test]
@@ -1464,6 +1529,15 @@ pub(crate) mod tests {
         assert_eq!(g.ports.len(), 1);
         assert!(!g.ports[0].confined);
         assert_eq!(g.mesh.len(), 2);
+        // An encrypted ingress: the same sandbox on the sealed overlay, and no XDP
+        // table (XDP would send the mesh's VXLAN in the clear).
+        let mut sealed = st.clone();
+        let mut net = sealed.networks[INGRESS].clone();
+        net.encrypted = true;
+        sealed.networks.insert(INGRESS.into(), net);
+        let plan = NodePlan::from_state(&sealed, &cfg("n1"), false);
+        assert!(plan.ingress.as_ref().unwrap().sandbox.is_some());
+        assert!(plan.mesh.is_none());
     }
 
     #[test]

@@ -169,6 +169,10 @@ pub struct Pools {
     /// Subnet of the `ingress` network, made when the first node starts (Docker:
     /// 10.0.0.0/24).
     pub ingress: Ipv4Network,
+    /// Whether the `ingress` network is made encrypted (`--ingress-encrypted`, Docker's
+    /// `docker network create --ingress --opt encrypted`): what published ports carry
+    /// between nodes is then sealed too. Only its maker's setting counts.
+    pub ingress_encrypted: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -885,6 +889,28 @@ pub async fn register_node(view: &View, node: Node) -> Result<()> {
     .map(|_| ())
 }
 
+/// Publishes node `name`'s WireGuard keys: `public`, and `next` while it rotates to it.
+pub async fn publish_node_keys(
+    view: &View,
+    name: &str,
+    public: String,
+    next: Option<String>,
+) -> Result<()> {
+    commit(view, |st| {
+        let k = key("nodes", name);
+        let mut node = st
+            .nodes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("node {name:?} not found")))?;
+        node.public_key = Some(public.clone());
+        node.next_public_key = next.clone();
+        Ok((vec![st.unchanged(&k)], vec![Op::Put(k, encode(&node))], ()))
+    })
+    .await
+    .map(|_| ())
+}
+
 /// Announces that this node's daemon is up, for as long as it lives (see `alive/`).
 pub async fn announce_alive(store: &dyn Store, node: &str, ttl: std::time::Duration) -> Result<()> {
     let since = encode(&model::now_secs());
@@ -1316,7 +1342,7 @@ fn ingress_ops(
         gateway: None,
         attachable: false,
         internal: false,
-        encrypted: false,
+        encrypted: pools.ingress_encrypted,
     };
     network_ops(st, pools, &spec, compares, ops)?;
     ops.push(Op::Put(META_NETWORKS.into(), encode(&st.revision)));
@@ -2062,6 +2088,7 @@ pub(crate) mod fixture {
             ingress: "198.19.255.0/24".parse().unwrap(),
             pool: "198.19.0.0/16".parse().unwrap(),
             size: 24,
+            ingress_encrypted: false,
         }
     }
 
@@ -2076,6 +2103,7 @@ pub(crate) mod fixture {
                 started_at: 0,
                 lb_addresses: false,
                 public_key: None,
+                next_public_key: None,
             },
         )
         .await
@@ -2366,6 +2394,7 @@ mod tests {
                     started_at: 0,
                     lb_addresses: true,
                     public_key: None,
+                    next_public_key: None,
                 },
             )
             .await
@@ -2643,6 +2672,7 @@ mod tests {
                 started_at: 0,
                 lb_addresses: false,
                 public_key: None,
+                next_public_key: None,
             },
         )
         .await

@@ -23,8 +23,11 @@ pub struct Update {
 }
 
 /// How long a reader waits for the view to reach a revision it knows was committed
-/// before it reads the store itself (a watch that stalled must not stall writes).
-const CATCH_UP: Duration = Duration::from_secs(5);
+/// before it reads the store itself (a watch that stalled must not stall writes). A
+/// write's own revision comes through the feed within milliseconds; a CI run saw the
+/// feed of a netd just restarted stall for 10 s, and each of its two start-up writes
+/// waited the 5 s this was then, which kept the node away past its lease for 11 s.
+const CATCH_UP: Duration = Duration::from_secs(2);
 /// Pause between attempts to list the store again after a failed one.
 const RETRY: Duration = Duration::from_millis(500);
 

@@ -72,7 +72,16 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+/// What `ip -j link show DEV` says of link `dev` in `netns` (its MTU, its MAC, …).
+pub fn link_json(netns: &str, dev: &str) -> Result<serde_json::Value> {
+    let out = run(Command::new("ip").args(["-n", netns, "-j", "link", "show", dev]))?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("ip -j link show {dev} in {netns}"))?;
+    Ok(links[0].clone())
+}
+
+/// `ip ARGS`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(|_| ())
 }
 
@@ -255,6 +264,15 @@ impl Lab {
             ..Flavor::default()
         };
         Self::build_full(tag, nodes, true, "auto", "auto", flavor)
+    }
+
+    /// A cluster on etcd whose daemons run `--xdp xdp` and also get `args`.
+    pub fn cluster_xdp_with(tag: &str, nodes: usize, xdp: &str, args: &[&str]) -> Result<Lab> {
+        let flavor = Flavor {
+            daemon_args: args.iter().map(|a| a.to_string()).collect(),
+            ..Flavor::default()
+        };
+        Self::build_full(tag, nodes, true, "auto", xdp, flavor)
     }
 
     /// A lab whose daemons run `--datapath datapath`; a cluster on etcd when `etcd`.
@@ -976,6 +994,38 @@ impl Lab {
             .spawn()
             .context("run netd CLI")
     }
+    /// What node `asking` says of `node` in `netd node ls` ("ready", "down"; "missing"
+    /// when it lists no such node).
+    pub fn node_status(&self, asking: usize, node: &str) -> Result<String> {
+        let nodes = self.cli_json(asking, &["node", "ls"])?;
+        Ok(nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["status"].as_str())
+            .unwrap_or("missing")
+            .to_string())
+    }
+
+    /// Waits until node `asking` says `status` of `node`, for at most `limit`.
+    pub fn await_node_status(
+        &self,
+        asking: usize,
+        node: &str,
+        status: &str,
+        limit: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let now = self.node_status(asking, node)?;
+            if now == status {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("node {asking} still says {node} is {now} after {limit:?}, not {status}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 
     /// Runs the CLI with `--output json` and parses what it printed (also on failure,
     /// where it prints the API error as JSON).
@@ -1365,6 +1415,17 @@ impl Lab {
             let _ = c.wait();
         }
         let _ = cleanup_prefix(&self.prefix);
+        // NETD_LAB_KEEP=DIR keeps the lab's logs (netd's, etcd's) in DIR/PREFIX, for
+        // reading after a failure.
+        if let Some(keep) = std::env::var_os("NETD_LAB_KEEP") {
+            let to = Path::new(&keep).join(&self.prefix);
+            let _ = fs::create_dir_all(&to);
+            let _ = Command::new("cp")
+                .arg("-r")
+                .arg(&self.dir)
+                .arg(&to)
+                .status();
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -185,6 +185,21 @@ impl Report {
         self.failures.values().sum()
     }
 
+    /// An error naming how many of the run's requests failed, when, and the first
+    /// failure, if any did (what every zero-failure test asserts).
+    pub fn no_failures(&self, what: &str) -> anyhow::Result<()> {
+        if self.failed() > 0 {
+            anyhow::bail!(
+                "{what}: {} of {} requests failed ({:?} by second); the first: {}",
+                self.failed(),
+                self.failed() + self.requests,
+                self.failures_per_second,
+                self.first_failure.as_deref().unwrap_or("?")
+            );
+        }
+        Ok(())
+    }
+
     /// Failures by kind as text (`refused 2, timeout 1`), empty without any.
     pub fn kinds(by: &BTreeMap<Failure, u64>) -> String {
         let kinds: Vec<String> = by.iter().map(|(k, n)| format!("{k:?} {n}")).collect();

@@ -63,16 +63,6 @@ fn fdb(lab: &Lab, i: usize, network: &str) -> Result<BTreeSet<String>> {
         .collect())
 }
 
-fn node_status(lab: &Lab, asking: usize, node: &str) -> Result<String> {
-    let nodes = lab.cli_json(asking, &["node", "ls"])?;
-    Ok(nodes
-        .as_array()
-        .and_then(|a| a.iter().find(|n| n["name"] == node))
-        .and_then(|n| n["status"].as_str())
-        .unwrap_or("missing")
-        .to_string())
-}
-
 fn reaches(from: &str, to: Ipv4Addr, name: &str) -> bool {
     http_get_from(from, addr(to))
         .map(|body| field(&body, "Hostname") == Some(name))
@@ -272,7 +262,7 @@ fn a_dead_node_is_withdrawn_and_comes_back_after_restart() -> Result<()> {
     lab.stop_daemon(1, true)?;
     let limit = Duration::from_secs(LEASE_TTL_SECS + 5);
     eventually(limit, "n2 marked down on n1", || {
-        Ok(node_status(&lab, 0, &n2)? == "down")
+        Ok(lab.node_status(0, &n2)? == "down")
     })?;
     eventually(limit, "b withdrawn from n1's vxlan0", || {
         Ok(!fdb(&lab, 0, "front")?
@@ -293,7 +283,7 @@ fn a_dead_node_is_withdrawn_and_comes_back_after_restart() -> Result<()> {
 
     // Restarted, it reconciles and the others take it back.
     lab.start_daemon(1)?;
-    assert_eq!(node_status(&lab, 0, &n2)?, "ready");
+    assert_eq!(lab.node_status(0, &n2)?, "ready");
     eventually(Duration::from_secs(5), "a reaches b again", || {
         Ok(reaches(&a_ns, b, "b"))
     })?;
@@ -303,7 +293,7 @@ fn a_dead_node_is_withdrawn_and_comes_back_after_restart() -> Result<()> {
     eventually(
         Duration::from_secs(2),
         "n2 down right after SIGTERM",
-        || Ok(node_status(&lab, 0, &n2)? == "down"),
+        || Ok(lab.node_status(0, &n2)? == "down"),
     )?;
     Ok(())
 }
@@ -333,7 +323,7 @@ fn an_etcd_restart_loses_nothing() -> Result<()> {
         || Ok(lab.cli_json(2, &["task", "ls"]).is_ok_and(|t| t == before)),
     )?;
     for i in 0..3 {
-        assert_eq!(node_status(&lab, 0, &node_name(&lab, i))?, "ready");
+        assert_eq!(lab.node_status(0, &node_name(&lab, i))?, "ready");
     }
     assert!(lab
         .cli_json(0, &["network", "inspect", "late"])?

@@ -365,3 +365,332 @@ fn replayed_altered_and_foreign_datagrams_are_dropped_and_counted() -> Result<()
     assert!(get_with_marker(&client, to, "after", 0)?.contains("Hostname: s1"));
     Ok(())
 }
+
+/// Encrypted network `sealed` on `subnet` with service `sweb`: a whoami task `s1` on n2
+/// and a client task on n1. Returns the client's namespace and s1's address.
+fn sealed_pair(lab: &mut Lab, subnet: &str) -> Result<(String, SocketAddr)> {
+    lab.cli(
+        0,
+        &[
+            "network",
+            "create",
+            "sealed",
+            "--subnet",
+            subnet,
+            "--opt",
+            "encrypted",
+        ],
+    )?;
+    lab.cli(0, &["service", "create", "sweb", "--network", "sealed"])?;
+    let (n1, n2) = (lab.nodes[0].name.clone(), lab.nodes[1].name.clone());
+    lab.attach_whoami(0, "sweb", "s1", Some(&n2))?;
+    let (client, path) = lab.add_task_netns("client")?;
+    lab.cli(
+        0,
+        &[
+            "task", "attach", "sweb", "--netns", &path, "--name", "client", "--node", &n1,
+        ],
+    )?;
+    Ok((
+        client,
+        SocketAddr::from((lab.task_ip(0, "s1", "sealed")?, 80)),
+    ))
+}
+
+/// One datagram of `size` bytes with DF (`IP_PMTUDISC_DO`: the kernel neither fragments
+/// it nor lets it go when it exceeds the path MTU it knows) from `netns` to `to`; the
+/// answer, or the error of the send.
+fn df_datagram(netns: &str, to: SocketAddr, size: usize) -> Result<std::io::Result<String>> {
+    in_netns(netns, move || {
+        use std::os::fd::AsRawFd;
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let on: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: setsockopt on a socket this closure owns, with a c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "IP_MTU_DISCOVER: {}",
+            std::io::Error::last_os_error()
+        );
+        if let Err(e) = s.send_to(&vec![b'x'; size], to) {
+            return Ok(Err(e));
+        }
+        let mut buf = [0u8; 2048];
+        let (n, _) = s.recv_from(&mut buf).context("UDP answer")?;
+        Ok(Ok(String::from_utf8_lossy(&buf[..n]).into_owned()))
+    })
+}
+
+/// The MTU of `dev` in `netns`.
+/// The packets node `i`'s ndwg received (what netd wrote into it) and sent (what
+/// the kernel handed netd to seal), as `ip -s link` counts them: a super-packet is one.
+fn ndwg_packets(lab: &Lab, i: usize) -> Result<(u64, u64)> {
+    let out = netd_lab::run(Command::new("ip").args([
+        "-n",
+        &lab.nodes[i].netns,
+        "-s",
+        "-j",
+        "link",
+        "show",
+        "ndwg",
+    ]))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
+    let stats = &v[0]["stats64"];
+    match (
+        stats["rx"]["packets"].as_u64(),
+        stats["tx"]["packets"].as_u64(),
+    ) {
+        (Some(rx), Some(tx)) => Ok((rx, tx)),
+        _ => bail!("no packet counts for ndwg: {v}"),
+    }
+}
+
+fn mtu(netns: &str, dev: &str) -> Result<u64> {
+    let link = netd_lab::link_json(netns, dev)?;
+    link["mtu"]
+        .as_u64()
+        .with_context(|| format!("no MTU for {dev} in {netns}: {link}"))
+}
+
+/// On a 1400-byte underlay (`--underlay-mtu 1400`, every link of the lab), an encrypted
+/// network's tasks get 1400 − 130 = 1270 (WireGuard's 60 bytes with padding, then
+/// VXLAN's 50), and `ndwg` 1320: a sealed full-size packet is 1388 bytes on the wire.
+/// A DF datagram of exactly the path MTU crosses and is answered; one byte more is
+/// refused at the sender (EMSGSIZE), never lost on the way; TCP's segments follow the
+/// same MTU through a 1 MB download, which n2 seals from super-packets its kernel hands
+/// over whole and n1 writes back joined (both counted). n2 checks reverse paths strictly
+/// (`all.rp_filter=1`), which dropped everything `ndwg` delivered while it had no
+/// address.
+#[test]
+fn an_encrypted_overlay_follows_the_underlay_mtu_for_udp_and_tcp() -> Result<()> {
+    let mut lab = Lab::build_mtu("em", 2, "auto", 1400)?;
+    let (client, to) = sealed_pair(&mut lab, "198.19.94.0/24")?;
+    // A host that checks reverse paths strictly everywhere (`all` wins over a
+    // device's lower setting): what n2's ndwg delivers must still get in.
+    netd_lab::run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &lab.nodes[1].netns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.rp_filter=1",
+    ]))?;
+    assert_eq!(mtu(&client, "eth0")?, 1270, "the task's MTU");
+    assert_eq!(mtu(&lab.nodes[0].netns, "ndwg")?, 1320, "ndwg's MTU");
+    // IPv4 20 + UDP 8 + payload = the path MTU.
+    let answer = df_datagram(&client, to, 1270 - 28)?.context("a datagram of the MTU")?;
+    assert!(answer.contains("Hostname: s1"), "{answer}");
+    // The download's data goes n2 -> n1: n2 seals it and n1 opens it (n1 seals only
+    // the ACKs, which delayed ACKs make fewer than the segments).
+    let counter = |lab: &Lab, i: usize, what: &str| -> Result<u64> {
+        Ok(lab.cli_json(i, &["status"])?["encryption"][what]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let (sealed_before, opened_before) = (counter(&lab, 1, "sealed")?, counter(&lab, 0, "opened")?);
+    let (handed_before, written_before) = (ndwg_packets(&lab, 1)?.1, ndwg_packets(&lab, 0)?.0);
+    match df_datagram(&client, to, 1270 - 28 + 1)? {
+        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
+        other => bail!("a datagram one byte over the MTU: {other:?}"),
+    }
+    let large = get_with_marker(&client, to, "netd-sealed-mtu", 1_000_000)?;
+    assert!(large.len() > 1_000_000, "{} bytes", large.len());
+    // It went sealed (1 MB is at least 820 segments of 1218 bytes; 750 leaves room
+    // for other TCP options), and neither node refused anything (a packet cut short or
+    // too big).
+    let (sealed, opened) = (counter(&lab, 1, "sealed")?, counter(&lab, 0, "opened")?);
+    assert!(
+        sealed > sealed_before + 750 && opened > opened_before + 750,
+        "n2 sealed {sealed_before} -> {sealed}, n1 opened {opened_before} -> {opened}"
+    );
+    // Batched both ways: n2's kernel handed its ndwg's packets over as super-packets
+    // (45 and more segments in one, on this kernel's UDP tunnel offload for TUN), and
+    // n1 wrote what it opened back joined (what one UDP GRO read brought).
+    let (handed, written) = (ndwg_packets(&lab, 1)?.1, ndwg_packets(&lab, 0)?.0);
+    for i in [0, 1] {
+        let e = &lab.cli_json(i, &["status"])?["encryption"];
+        assert_eq!(
+            (e["super_packets"].as_bool(), e["udp_gso"].as_bool()),
+            (Some(true), Some(true)),
+            "n{}: ndwg super-packets need Linux 6.17's TUN_F_UDP_TUNNEL_GSO: {e}",
+            i + 1
+        );
+    }
+    assert!(
+        (handed - handed_before) * 10 < sealed - sealed_before,
+        "n2's ndwg handed over {} packets for {} sealed",
+        handed - handed_before,
+        sealed - sealed_before
+    );
+    assert!(
+        (written - written_before) * 4 < opened - opened_before,
+        "n1 wrote {} packets into ndwg for {} opened",
+        written - written_before,
+        opened - opened_before
+    );
+    for i in [0, 1] {
+        let dropped = &lab.cli_json(i, &["status"])?["encryption"]["dropped"];
+        for why in ["not_authentic", "wrong_inner", "invalid", "not_cut"] {
+            assert_eq!(
+                dropped[why].as_u64(),
+                Some(0),
+                "n{} dropped {why}: {dropped}",
+                i + 1
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `netd node rotate-key` on n1 under a steady load over an encrypted network (a
+/// client task on n1, a whoami on n2; new connections and keep-alive requests): no
+/// request fails; n2 moved to the new key before the old one went (the answer says
+/// so); n1's key file, its status and its node record hold the new key, n2 seals for it
+/// (a handshake with it), and the network still works afterwards.
+#[test]
+fn a_node_rotates_its_key_under_load_without_a_failed_request() -> Result<()> {
+    let mut lab = Lab::cluster("er", 2)?;
+    let (client, to) = sealed_pair(&mut lab, "198.19.95.0/24")?;
+    let n1 = lab.nodes[0].name.clone();
+    get_with_marker(&client, to, "netd-rotate-before", 0)?;
+    let key_file = lab.nodes[0]
+        .dir
+        .join("state")
+        .join(&n1)
+        .join("wireguard.key");
+    let file_before = std::fs::read_to_string(&key_file)
+        .with_context(|| format!("read {}", key_file.display()))?;
+    let before = lab.cli_json(0, &["status"])?["encryption"]["public_key"]
+        .as_str()
+        .context("n1's public key")?
+        .to_string();
+    // What either node refused: a packet sealed for a session the other side had
+    // dropped would show there (TCP would resend it, and the load would not see it).
+    let refused = |lab: &Lab, i: usize| -> Result<u64> {
+        let d = &lab.cli_json(i, &["status"])?["encryption"]["dropped"];
+        Ok([
+            "invalid",
+            "not_authentic",
+            "wrong_inner",
+            "no_peer",
+            "replayed",
+        ]
+        .iter()
+        .map(|k| d[k].as_u64().unwrap_or(0))
+        .sum())
+    };
+    let refused_before = (refused(&lab, 0)?, refused(&lab, 1)?);
+    let load = netd_lab::load::start(&netd_lab::load::Spec {
+        connections: 2,
+        rate: Some(200.0),
+        duration: Duration::from_secs(60),
+        new_connections: true,
+        netns: Some(client.clone()),
+        ..netd_lab::load::Spec::new(netd_lab::load::Target::Http(to, "/".into()))
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rotated = lab.cli_json(0, &["node", "rotate-key"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let report = load.stop();
+    let rotated = rotated?;
+    let after = rotated["public_key"]
+        .as_str()
+        .context("the new key")?
+        .to_string();
+    assert_eq!(rotated["previous_public_key"], before.as_str(), "{rotated}");
+    assert_ne!(after, before, "{rotated}");
+    assert_eq!(rotated["peers"], 1, "{rotated}");
+    assert_eq!(
+        rotated["moved"], 1,
+        "n2 moved before the old key went: {rotated}"
+    );
+    report.no_failures("the load during the rotation")?;
+    assert!(report.requests > 500, "{} requests", report.requests);
+    assert_eq!(
+        (refused(&lab, 0)?, refused(&lab, 1)?),
+        refused_before,
+        "datagrams refused during the rotation (n1, n2)"
+    );
+    // The new key everywhere it belongs.
+    let status = lab.cli_json(0, &["status"])?["encryption"].clone();
+    assert_eq!(status["public_key"], after.as_str(), "{status}");
+    assert!(status["next_public_key"].is_null(), "{status}");
+    assert_eq!(status["rotations"], 1, "{status}");
+    let file_after = std::fs::read_to_string(&key_file)?;
+    assert_ne!(
+        file_after, file_before,
+        "the key file still holds the old key"
+    );
+    assert!(
+        !file_after.contains(&after),
+        "the key file holds the public key"
+    );
+    // n1's record as n2 reads it.
+    let nodes = lab.cli_json(1, &["node", "ls"])?;
+    let record = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == n1.as_str()))
+        .with_context(|| format!("n1 in {nodes}"))?;
+    assert_eq!(record["public_key"], after.as_str(), "{record}");
+    assert!(record["next_public_key"].is_null(), "{record}");
+    // n2 dropped the old key's tunnel and talks to the new one.
+    let peers = &lab.cli_json(1, &["status"])?["encryption"]["peers"];
+    assert_eq!(peers[0]["tunnels"], 1, "{peers}");
+    assert!(peers[0]["last_handshake_s"].is_number(), "{peers}");
+    get_with_marker(&client, to, "netd-rotate-after", 0)?;
+    Ok(())
+}
+
+/// A restarted netd has no WireGuard session, while n2 still seals for the one before:
+/// a task on n2 that sends first (a server pushing, an answer to a request already
+/// delivered) must reach n1's task as soon as n1's netd is back, not once n2's own
+/// timers give the old session up (15 s and more). The new netd opens a session to every
+/// peer at once, and n2's first datagrams after the restart arrive.
+#[test]
+fn a_restarted_node_is_reached_at_once_by_a_peer_that_sends_first() -> Result<()> {
+    let mut lab = Lab::cluster("ew", 2)?;
+    let (client, to) = sealed_pair(&mut lab, "198.19.96.0/24")?;
+    // Sessions both ways, as traffic leaves them.
+    get_with_marker(&client, to, "netd-before-restart", 0)?;
+    let client_ip = lab.task_ip(0, "client", "sealed")?;
+    let server = lab.ns("s1");
+    lab.stop_daemon(0, true)?;
+    lab.start_daemon(0)?;
+    let listener = in_netns(&client, || {
+        let s = UdpSocket::bind("0.0.0.0:7000")?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(s)
+    })?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut sent = 0;
+    let mut buf = [0u8; 64];
+    loop {
+        let to = SocketAddr::from((client_ip, 7000));
+        in_netns(&server, move || {
+            UdpSocket::bind("0.0.0.0:0")?.send_to(b"pushed", to)?;
+            Ok(())
+        })?;
+        sent += 1;
+        if let Ok((n, _)) = listener.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"pushed");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "none of {sent} datagrams from n2 reached n1's task within 3 s of n1's \
+                 restart; n1's encryption: {}",
+                lab.cli_json(0, &["status"])?["encryption"]
+            );
+        }
+    }
+    Ok(())
+}

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use netd_lab::{diff_lines, dig_once, load, Lab};
+use netd_lab::{diff_lines, dig_once, load, Lab, LEASE_TTL_SECS};
 
 const PUBLISHED: u16 = 4567;
 const OUTSIDE_HOST: u8 = 100;
@@ -122,12 +122,28 @@ impl HttpClient {
     }
 }
 
-fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
+/// How long the killed netd stays down.
+#[derive(Clone, Copy, PartialEq)]
+enum Down {
+    /// 1.5 s: every client asks while no netd runs.
+    Briefly,
+    /// Longer than the node's lease: the other node sees it lost (its tasks leave the
+    /// picks) and then back. What runs in the kernel (the eBPF VIP, the XDP mesh, the
+    /// overlay to the other node) must serve throughout; DNS, which netd answers itself,
+    /// is not asked (a resolver gives up after 10 s).
+    PastTheLease,
+}
+
+/// `encrypted`: `front` is an encrypted network, whose traffic between the nodes the
+/// killed netd itself seals: `ndwg`'s queue, kept by the fd store, holds what the tasks
+/// send meanwhile, and the new netd seals it.
+fn restart_under_load(tag: &str, datapath: &str, down: Down, encrypted: bool) -> Result<()> {
     let mut lab = Lab::build(tag, 2, true, datapath)?;
-    lab.cli(
-        0,
-        &["network", "create", "front", "--subnet", "198.19.40.0/24"],
-    )?;
+    let mut front = vec!["network", "create", "front", "--subnet", "198.19.40.0/24"];
+    if encrypted {
+        front.extend(["--opt", "encrypted"]);
+    }
+    lab.cli(0, &front)?;
     let publish = format!("{PUBLISHED}:80");
     lab.cli(
         0,
@@ -179,7 +195,7 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
     let node_ip: Ipv4Addr = lab.nodes[0].ip;
     let before = lab.kernel_snapshot(0)?;
 
-    let dns = {
+    let dns = (down == Down::Briefly).then(|| {
         let (cli, vip) = (cli.clone(), vip.to_string());
         Client::start("dns", move |i| {
             let (answer, _) = dig_once(&cli, "web", i % 2 == 1);
@@ -188,7 +204,7 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
                 other => Err(anyhow!("{other:?}")),
             }
         })
-    };
+    });
     let to_vip = http_client("vip", &cli, SocketAddr::from((vip, 80)))?;
     let to_mesh = http_client(
         "published port",
@@ -198,13 +214,27 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     lab.stop_daemon(0, true)?;
-    // Down for long enough that every client asks while no netd runs.
-    std::thread::sleep(Duration::from_millis(1500));
+    match down {
+        Down::Briefly => std::thread::sleep(Duration::from_millis(1500)),
+        Down::PastTheLease => {
+            // Until the other node has seen the lease end (and for a second more).
+            lab.await_node_status(1, &n1, "down", Duration::from_secs(LEASE_TTL_SECS + 10))?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
     lab.start_daemon(0)?;
     let started = Instant::now();
     let status = lab.cli_json(0, &["status"])?;
     std::thread::sleep(Duration::from_millis(1000));
-    let results = [dns.finish()?, to_vip.finish()?, to_mesh.finish()?];
+    if down == Down::PastTheLease {
+        // Until the other node has it back, and the clients have gone through that.
+        lab.await_node_status(1, &n1, "ready", Duration::from_secs(LEASE_TTL_SECS + 10))?;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let mut results = vec![to_vip.finish()?, to_mesh.finish()?];
+    if let Some(dns) = dns {
+        results.push(dns.finish()?);
+    }
 
     for (what, outcomes) in &results {
         let failed: Vec<String> = outcomes
@@ -260,10 +290,16 @@ fn restart_under_load(tag: &str, datapath: &str) -> Result<()> {
         "the restart changed the kernel:\n{}",
         diff_lines(&before, &after)
     );
-    // Every local task's DNS came from the sockets the fd store kept.
+    // Every local task's DNS came from the sockets the fd store kept; and ndwg, whose
+    // queue held what the tasks sent for n2 meanwhile.
     assert_eq!(
         status["dns"]["handover"]["tasks_held"], status["dns"]["tasks_served"],
         "{status}"
+    );
+    assert_eq!(
+        status["encryption"]["device_taken_over"], true,
+        "the restarted netd opened ndwg afresh: {}",
+        status["encryption"]
     );
     Ok(())
 }
@@ -287,10 +323,24 @@ fn log_since_restart(lab: &Lab) -> String {
 
 #[test]
 fn a_killed_netd_restarts_under_load_without_a_failed_request_ebpf() -> Result<()> {
-    restart_under_load("rke", "auto")
+    restart_under_load("rke", "auto", Down::Briefly, false)
 }
 
 #[test]
 fn a_killed_netd_restarts_under_load_without_a_failed_request_userspace() -> Result<()> {
-    restart_under_load("rku", "userspace")
+    restart_under_load("rku", "userspace", Down::Briefly, false)
+}
+
+/// Over an encrypted network: the VIP's and the published port's connections to n2's
+/// tasks cross sealed, by the netd that is killed.
+#[test]
+fn a_killed_netd_restarts_under_load_without_a_failed_request_encrypted() -> Result<()> {
+    restart_under_load("rkw", "auto", Down::Briefly, true)
+}
+
+/// Down for longer than its lease: the kernel's datapaths (eBPF VIP, XDP mesh to both
+/// nodes' tasks) serve every request while the other node counts it lost and back.
+#[test]
+fn a_killed_netd_down_past_its_lease_fails_no_request_of_the_kernel_datapath() -> Result<()> {
+    restart_under_load("rkl", "auto", Down::PastTheLease, false)
 }

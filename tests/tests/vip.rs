@@ -24,11 +24,14 @@ fn vip_of(lab: &Lab, service: &str) -> Result<Ipv4Addr> {
         .with_context(|| format!("no VIP on front: {v}"))
 }
 
-/// A lab with network `front`, service `web` with `backends` whoami tasks spread over
-/// the nodes round-robin, and a client task `cli` (service `client`) on node 1.
-fn setup(tag: &str, nodes: usize, datapath: &str, backends: usize) -> Result<Lab> {
+/// A lab with network `front` (made with `opts`), service `web` with `backends` whoami
+/// tasks spread over the nodes round-robin, and a client task `cli` (service `client`)
+/// on node 1.
+fn setup(tag: &str, nodes: usize, datapath: &str, backends: usize, opts: &[&str]) -> Result<Lab> {
     let mut lab = Lab::build(tag, nodes, nodes > 1, datapath)?;
-    lab.cli(0, &["network", "create", "front", "--subnet", SUBNET])?;
+    let mut create = vec!["network", "create", "front", "--subnet", SUBNET];
+    create.extend_from_slice(opts);
+    lab.cli(0, &create)?;
     lab.cli(0, &["service", "create", "web", "--network", "front"])?;
     lab.cli(0, &["service", "create", "client", "--network", "front"])?;
     for i in 0..backends {
@@ -134,7 +137,7 @@ fn counters(lab: &Lab) -> Result<Value> {
 }
 
 fn suite_one_node(datapath: &str, tag: &str) -> Result<()> {
-    let mut lab = setup(tag, 1, datapath, 5)?;
+    let mut lab = setup(tag, 1, datapath, 5, &[])?;
     let vip = vip_of(&lab, "web")?;
     let all = ["w0", "w1", "w2", "w3", "w4"];
 
@@ -256,15 +259,31 @@ fn suite_one_node(datapath: &str, tag: &str) -> Result<()> {
     Ok(())
 }
 
-fn suite_cluster(datapath: &str, tag: &str) -> Result<()> {
+/// The cluster suite, on a network made with `opts` (`--opt encrypted`: the same
+/// behaviour, with every packet between nodes sealed by WireGuard).
+fn suite_cluster(datapath: &str, tag: &str, opts: &[&str]) -> Result<()> {
     // Backends w0..w4 on n1, n2, n3, n1, n2; the client on n1.
-    let mut lab = setup(tag, 3, datapath, 5)?;
+    let mut lab = setup(tag, 3, datapath, 5, opts)?;
+    let sealed = |lab: &Lab| -> Result<u64> {
+        Ok(lab.cli_json(0, &["status"])?["encryption"]["sealed"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let sealed_before = sealed(&lab)?;
     let vip = vip_of(&lab, "web")?;
     let all = ["w0", "w1", "w2", "w3", "w4"];
     assert_even(&lab, vip, &all, 2)?;
     let (answer, from) = udp_ask_from(&lab.ns("cli"), SocketAddr::from((vip, PORT)))?;
     if from != SocketAddr::from((vip, PORT)) || field(&answer, "Hostname").is_none() {
         bail!("UDP answer {answer:?} came from {from}, not the VIP");
+    }
+
+    // Over an encrypted network the connections to n2's and n3's tasks went sealed.
+    if opts.contains(&"encrypted") && sealed(&lab)? < sealed_before + 20 {
+        bail!(
+            "n1 sealed {} packets for the whole round",
+            sealed(&lab)? - sealed_before
+        );
     }
 
     // Detach a task on n3 through n1's API: gone from n1's rotation on return.
@@ -303,12 +322,22 @@ fn vip_one_node_userspace() -> Result<()> {
 
 #[test]
 fn vip_cluster_ebpf() -> Result<()> {
-    suite_cluster("ebpf", "ve3")
+    suite_cluster("ebpf", "ve3", &[])
 }
 
 #[test]
 fn vip_cluster_userspace() -> Result<()> {
-    suite_cluster("userspace", "vu3")
+    suite_cluster("userspace", "vu3", &[])
+}
+
+#[test]
+fn vip_cluster_ebpf_encrypted() -> Result<()> {
+    suite_cluster("ebpf", "vx3", &["--opt", "encrypted"])
+}
+
+#[test]
+fn vip_cluster_userspace_encrypted() -> Result<()> {
+    suite_cluster("userspace", "vy3", &["--opt", "encrypted"])
 }
 
 /// `--datapath auto` on a kernel that refuses eBPF (here: bpf(2) denied by seccomp)

@@ -4,7 +4,10 @@
 //! spoofed-source SYNs; spoofed-source SYNs each followed by a blind ACK (the SYN-ACK
 //! went to the spoofed address, so the ACK's number is a guess: before the program
 //! checked it against the SYN-ACK's, such pairs were confirmed and evicted established
-//! flows); and UDP datagrams from random source ports.
+//! flows); and UDP datagrams from random source ports. And an idle connection outlives
+//! many more closed connections than the table holds: the established table never
+//! evicts (it was an LRU map, which lost the idle connection to them), and the sweep
+//! removes the closed ones.
 //!
 //! A 2-node cluster: the service's only task runs on n1, the client connects to n2, so
 //! every flow crosses n2's XDP fast path (generic mode on the lab's veths). The daemons
@@ -90,8 +93,10 @@ print(sent)
 /// 4567:80 and 4568:80/udp with one whoami task on n1; a client and a flooder on the
 /// underlay. Returns the lab, the client's and the flooder's namespaces.
 fn flood_mesh(tag: &str) -> Result<(Lab, String, String)> {
-    // Inherited by the daemons the lab starts (and only read by them).
+    // Inherited by the daemons the lab starts (and only read by them). Closed flows are
+    // swept after 1 s of quiet, not 120.
     std::env::set_var("NETD_XDP_FLOW_ENTRIES", TABLE.to_string());
+    std::env::set_var("NETD_XDP_CLOSED_SECS", "1");
     let mut lab = Lab::build_with(tag, 2, true, "auto", "auto")?;
     lab.cli(
         0,
@@ -331,5 +336,71 @@ fn established_flows_survive_a_udp_flood() -> Result<()> {
     }
     still_the_same(&mut conn, &first, "after a UDP flood")?;
     flood_counted(&lab, &before)?;
+    Ok(())
+}
+
+/// An idle keep-alive connection through n2, then 8 × TABLE short connections through
+/// n2, each closed with FINs both ways after one request: the idle one still answers
+/// (same task, same translation), and n2's sweep removed the closed flows.
+#[test]
+fn an_idle_connection_outlives_more_closed_connections_than_the_table_holds() -> Result<()> {
+    let (lab, client, _) = flood_mesh("flc")?;
+    let (mut conn, first) = open_connection(&lab, &client)?;
+    if remote_port(&first)? < 32768 {
+        bail!("the connection did not take the XDP path: {first:?}");
+    }
+    let before = n2_xdp(&lab)?;
+    let to = SocketAddr::from((lab.nodes[1].ip, PUBLISHED));
+    let closed = 8 * TABLE;
+    for i in 0..closed {
+        let body = netd_lab::http_get_from(&client, to)
+            .with_context(|| format!("short connection {i} of {closed}"))?;
+        anyhow::ensure!(field(&body, "Hostname").is_some(), "{body}");
+    }
+    let after = n2_xdp(&lab)?;
+    let confirmed =
+        after.1["confirmed"].as_u64().unwrap_or(0) - before.1["confirmed"].as_u64().unwrap_or(0);
+    // They filled the established table (the idle connection holds one entry) and more
+    // wanted in than it held (an LRU table would have made room by evicting).
+    if confirmed < TABLE as u64 - 1 || confirmed >= closed as u64 {
+        bail!(
+            "{confirmed} of {closed} short connections entered the established table: \
+             it was not filled and overflowed"
+        );
+    }
+    // Still through the fast path: its flow is still there (the kernel path would take
+    // the request too, at another pick when the service has several tasks).
+    let passed = |lab: &Lab| -> Result<u64> {
+        let x = &lab.cli_json(1, &["status"])?["routing_mesh"]["xdp"];
+        Ok(x["packets"]["passed_to_kernel"].as_u64().unwrap_or(0))
+    };
+    let passed_before = passed(&lab)?;
+    still_the_same(&mut conn, &first, "after the closed connections")?;
+    let passed_after = passed(&lab)?;
+    if passed_after != passed_before {
+        bail!(
+            "the idle connection's flow was gone: {} packets of it went to the kernel path",
+            passed_after - passed_before
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let x = &lab.cli_json(1, &["status"])?["routing_mesh"]["xdp"];
+        let swept = x["flows_swept"].as_u64().unwrap_or(0);
+        if swept >= TABLE as u64 - 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("n2 swept {swept} closed flows in 30 s: {x}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    still_the_same(&mut conn, &first, "after the sweep")?;
+    // Real clients that found the table full are not counted as blind ACKs.
+    let bad = n2_xdp(&lab)?.1["bad_ack"].as_u64().unwrap_or(0);
+    let bad_before = before.1["bad_ack"].as_u64().unwrap_or(0);
+    if bad > bad_before {
+        bail!("{} ACKs of real clients counted as blind", bad - bad_before);
+    }
     Ok(())
 }

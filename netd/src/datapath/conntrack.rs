@@ -532,13 +532,19 @@ impl Conntrack {
         }
     }
 
-    /// Ends the UDP flows whose (VIP, backend) `gone` picks (the backend left the VIP);
-    /// how many. Their next datagram makes a new pick.
-    pub fn forget_udp(&mut self, gone: impl Fn(Ipv4Addr, Ipv4Addr) -> bool) -> usize {
+    /// Ends the flows whose (VIP, backend) `gone` picks (the backend left the VIP) that
+    /// no connection depends on; how many. A UDP flow's next datagram makes a new pick; a
+    /// TCP handshake the backend never completed must not meet it again when the client
+    /// reuses its port (a lost node's task). Established connections keep theirs.
+    pub fn forget_left(&mut self, gone: impl Fn(Ipv4Addr, Ipv4Addr) -> bool) -> usize {
         let stale: Vec<FwdKey> = self
             .fwd
             .iter()
-            .filter(|(k, e)| k.proto == UDP && gone(k.vip, e.backend))
+            .filter(|(k, e)| {
+                let unpinned =
+                    k.proto == UDP || matches!(e.state, TcpState::SynSent | TcpState::SynRecv);
+                unpinned && gone(k.vip, e.backend)
+            })
             .map(|(k, _)| *k)
             .collect();
         for k in &stale {
@@ -666,24 +672,32 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_udp_flow_whose_backend_left_makes_a_new_pick() {
+    fn a_udp_flow_or_handshake_whose_backend_left_makes_a_new_pick() {
         let mut ct = table();
         let (b, _) = opened(&mut ct, &udp(C, 40000, VIP, 53), 0);
         let tcp_port = established(&mut ct, 40001, 0);
+        // A SYN the backend never answered (its node was lost).
+        opened(&mut ct, &tcp(C, 40002, VIP, 80, "S"), 0);
         assert_eq!(
-            ct.forget_udp(|_, backend| backend != b),
+            ct.forget_left(|_, backend| backend != b),
             0,
             "it still serves"
         );
         assert_eq!(
-            ct.forget_udp(|_, backend| backend == b),
-            1,
-            "only the UDP flow"
+            ct.forget_left(|_, backend| backend == b),
+            2,
+            "the UDP flow and the handshake"
         );
         let next = ct.outbound(&udp(C, 40000, VIP, 53), 1, || Some(a("198.18.9.8")));
         assert!(
             matches!(next, Outbound::Translate { backend, new: true, .. } if backend == a("198.18.9.8")),
             "a new pick: {next:?}"
+        );
+        // The client's port comes round again: its SYN makes a new pick.
+        let again = ct.outbound(&tcp(C, 40002, VIP, 80, "S"), 1, || Some(a("198.18.9.8")));
+        assert!(
+            matches!(again, Outbound::Translate { backend, new: true, .. } if backend == a("198.18.9.8")),
+            "a new pick: {again:?}"
         );
         // The TCP connection keeps its backend.
         assert!(ct.inbound(&tcp(B, 80, LB, tcp_port, "A"), 1).is_some());

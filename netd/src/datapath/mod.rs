@@ -294,6 +294,8 @@ mod tests {
         // Checked when the tests are built: a shorter timer does not compile.
         const { assert!(conntrack::TCP_ESTABLISHED_TIMEOUT >= TWENTY_MINUTES) };
         const { assert!(task_port::TCP_IDLE.as_secs() >= TWENTY_MINUTES) };
+        // The XDP path's sweep of established flows without a FIN.
+        const { assert!(xdp::TCP_IDLE.as_secs() >= TWENTY_MINUTES) };
     }
 
     #[tokio::test]

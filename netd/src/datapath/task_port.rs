@@ -9,10 +9,11 @@
 //! Pins live in /sys/fs/bpf/netd-mesh/NODE/ (maps by name). The filters belong to the
 //! ports: they stay while netd restarts (a restarted netd puts its own program in) and
 //! go with the port. The flows have owners: a task that goes takes its flows, a node
-//! whose lease ends takes the flows it brought, and idle ones expire
-//! ([`TaskPorts::sweep`]), all counted in `netd status`.
+//! whose lease ended takes the flows it brought once it has stayed lost for a grace
+//! ([`TaskPorts::forget_lost`]), and idle ones expire ([`TaskPorts::sweep`]), all
+//! counted in `netd status`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -59,6 +60,7 @@ struct Inner {
     removed: u64,
     expired: u64,
     last_sweep: Option<Instant>,
+    lost: Lost,
     /// The ports this netd put the programs on: (namespace, name, index). Only asked
     /// when the maps are new (a port that runs the same code may run it on the maps
     /// before, unless this netd put it there).
@@ -251,6 +253,60 @@ fn idle(proto: u8, f: &ReturnFlow, now: u64) -> bool {
     now.saturating_sub(f.seen) > limit.as_nanos() as u64
 }
 
+/// The ingress sandboxes (by address) of nodes whose lease ended, since when, and
+/// whether their flows went. What a lost node brought stays for a grace: a node that
+/// restarts past its lease, or whose keep-alives to etcd broke while its links did not,
+/// still carries those connections, and a task's answer with no flow would go to its
+/// own node, never to the client (the client's next packet would record the flow
+/// again, but a client that sent its request and waits sends none). A dead node's flows
+/// go after the grace; a new connection never needs that, as a SYN that meets a stale
+/// open flow gets a port of its own.
+#[derive(Debug, Default)]
+struct Lost {
+    since: BTreeMap<Ipv4Addr, (Instant, bool)>,
+}
+
+impl Lost {
+    /// Notes the sandboxes lost `now` (any other came back, or went with its network);
+    /// whether one of them is newly lost.
+    fn note(&mut self, lost: &BTreeSet<Ipv4Addr>, now: Instant) -> bool {
+        self.keep_only(lost);
+        let before = self.since.len();
+        for a in lost {
+            self.since.entry(*a).or_insert((now, false));
+        }
+        self.since.len() > before
+    }
+
+    /// Forgets the sandboxes not in `lost` (they came back), adding none: a sandbox
+    /// first seen lost here would get no wake of its own at its grace's end.
+    fn keep_only(&mut self, lost: &BTreeSet<Ipv4Addr>) {
+        self.since.retain(|a, _| lost.contains(a));
+    }
+
+    /// Marks `sandboxes` as not gone after all (their flows' walk failed).
+    fn undo(&mut self, sandboxes: &BTreeSet<Ipv4Addr>) {
+        for a in sandboxes {
+            if let Some((_, gone)) = self.since.get_mut(a) {
+                *gone = false;
+            }
+        }
+    }
+
+    /// The sandboxes lost for `grace` or longer at `now` whose flows have not gone yet,
+    /// marked gone.
+    fn due(&mut self, grace: Duration, now: Instant) -> BTreeSet<Ipv4Addr> {
+        let mut due = BTreeSet::new();
+        for (a, (since, gone)) in self.since.iter_mut() {
+            if !*gone && now.saturating_duration_since(*since) >= grace {
+                *gone = true;
+                due.insert(*a);
+            }
+        }
+        due
+    }
+}
+
 impl TaskPorts {
     /// The priority of netd's filters on a port.
     pub const PRIORITY: u16 = 1;
@@ -315,9 +371,9 @@ impl TaskPorts {
     }
 
     /// Forgets the flows to `tasks` (ingress addresses of tasks that went) and those
-    /// brought by the sandboxes of `nodes` (ingress addresses of nodes whose lease ended):
-    /// their answers would go to a task or node that is gone, and a client's next flow
-    /// could meet them as a clash. Nothing to do before the first port needed the program.
+    /// brought by the sandboxes of `nodes` (ingress addresses of nodes lost past their
+    /// grace): their answers would go to a task or node that is gone. Nothing to do
+    /// before the first port needed the program.
     pub fn forget(&self, tasks: &BTreeSet<Ipv4Addr>, nodes: &BTreeSet<Ipv4Addr>) -> Result<u64> {
         if (tasks.is_empty() && nodes.is_empty()) || !self.active() {
             return Ok(0);
@@ -329,6 +385,38 @@ impl TaskPorts {
             inner.removed += n;
             Ok(n)
         })
+    }
+
+    /// Notes which nodes' ingress sandboxes are lost now (`lost`, by address: their
+    /// node's lease ended). Whether one is newly lost: its flows are due for
+    /// [`TaskPorts::forget_lost`] a grace later.
+    pub fn note_lost(&self, lost: &BTreeSet<Ipv4Addr>) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|mut i| i.lost.note(lost, Instant::now()))
+    }
+
+    /// Drops from the lost sandboxes those not in `lost` (back since they were noted).
+    pub fn note_back(&self, lost: &BTreeSet<Ipv4Addr>) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.lost.keep_only(lost);
+        }
+    }
+
+    /// Forgets the flows brought by the sandboxes lost (as last noted) for `grace` or
+    /// longer, once each (again at the next call if the walk failed).
+    pub fn forget_lost(&self, grace: Duration) -> Result<u64> {
+        let lock = || {
+            self.inner
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned lock"))
+        };
+        let due = lock()?.lost.due(grace, Instant::now());
+        let forgot = self.forget(&BTreeSet::new(), &due);
+        if forgot.is_err() {
+            lock()?.lost.undo(&due);
+        }
+        forgot
     }
 
     /// After a restart (no step before to tell what went): forgets the flows to tasks
@@ -412,6 +500,42 @@ mod tests {
             seen,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_lost_sandbox_is_due_once_after_its_grace_unless_it_came_back() {
+        let (a, b): (Ipv4Addr, Ipv4Addr) = (
+            "198.19.255.2".parse().unwrap(),
+            "198.19.255.3".parse().unwrap(),
+        );
+        let grace = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut lost = Lost::default();
+        assert!(!lost.note(&BTreeSet::new(), at(0)));
+        assert!(lost.note(&BTreeSet::from([a]), at(0)));
+        // Still lost: not new, and its grace counts from when it was first lost.
+        assert!(!lost.note(&BTreeSet::from([a]), at(3)));
+        assert!(lost.due(grace, at(4)).is_empty());
+        assert!(lost.note(&BTreeSet::from([a, b]), at(4)));
+        assert_eq!(lost.due(grace, at(5)), BTreeSet::from([a]));
+        // Once, unless its walk failed.
+        assert!(lost.due(grace, at(6)).is_empty());
+        lost.undo(&BTreeSet::from([a]));
+        assert_eq!(lost.due(grace, at(6)), BTreeSet::from([a]));
+        // b came back before its grace ran out: never due.
+        assert!(!lost.note(&BTreeSet::from([a]), at(7)));
+        assert!(lost.due(grace, at(20)).is_empty());
+        // Back, as the wake sees it: gone from the set, and nothing added.
+        assert!(lost.note(&BTreeSet::from([a, b]), at(21)));
+        lost.keep_only(&BTreeSet::from([b]));
+        assert_eq!(lost.due(grace, at(40)), BTreeSet::from([b]));
+        lost.keep_only(&BTreeSet::from([a]));
+        assert!(lost.since.is_empty());
+        // Lost again: a grace of its own.
+        assert!(lost.note(&BTreeSet::from([a, b]), at(41)));
+        assert!(lost.due(grace, at(45)).is_empty());
+        assert_eq!(lost.due(grace, at(46)), BTreeSet::from([a, b]));
     }
 
     #[test]

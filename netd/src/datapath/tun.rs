@@ -56,8 +56,10 @@ fn check_len(ret: isize) -> io::Result<usize> {
 }
 
 /// Opens TUN device `name` in the calling thread's namespace, creating it (persistent,
-/// so that it and its routes stay while netd restarts) if it is not there.
-pub fn open(name: &str) -> io::Result<OwnedFd> {
+/// so that it and its routes stay while netd restarts) if it is not there. With
+/// `vnet_hdr`, every packet read or written has a virtio-net header before it (what
+/// lets a writer hand the kernel a super-packet to segment).
+pub fn open(name: &str, vnet_hdr: bool) -> io::Result<OwnedFd> {
     // SAFETY: a plain open(2) of a constant, NUL-terminated path.
     let fd = check(unsafe {
         libc::open(
@@ -67,7 +69,11 @@ pub fn open(name: &str) -> io::Result<OwnedFd> {
     })?;
     // SAFETY: open just returned this descriptor; nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = ifreq(name, (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short)?;
+    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    let mut req = ifreq(name, flags as libc::c_short)?;
     // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is (and outlives the call).
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
     // SAFETY: TUNSETPERSIST takes an integer argument by value.
@@ -75,8 +81,61 @@ pub fn open(name: &str) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// The name of the TUN device a descriptor is attached to (to check a held one).
-pub fn name_of(fd: BorrowedFd) -> io::Result<String> {
+/// Sets the virtio-net header size of a device opened with `vnet_hdr`, and the
+/// offloads it offers its reader (`TUN_F_*`): the kernel then hands over super-packets
+/// it would otherwise have cut. False if the kernel refused the offloads (the device
+/// then offers none).
+pub fn set_offloads(fd: BorrowedFd, hdr_len: usize, offloads: libc::c_uint) -> io::Result<bool> {
+    let len = libc::c_int::try_from(hdr_len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "header size"))?;
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &len) })?;
+    // SAFETY: TUNSETOFFLOAD takes its flags by value.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            offloads as libc::c_ulong,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    // SAFETY: as above.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) })?;
+    Ok(false)
+}
+
+/// The descriptor of TUN device `name` the netd before left in the fd store under `id`
+/// (opened in `netns`), if it is one descriptor of that device still, opened with
+/// `vnet_hdr` or without as asked; anything else left under `id` is let go (the store
+/// closes its copy before this returns, so the device can be opened again).
+pub fn take_held(
+    h: &crate::fdstore::Handover,
+    id: &str,
+    netns: &str,
+    name: &str,
+    vnet_hdr: bool,
+) -> Option<(crate::fdstore::Key, OwnedFd)> {
+    let (key, fds) = h.take_left(id, netns)?;
+    let wanted = |fd: &OwnedFd| {
+        attached(fd.as_fd()).is_ok_and(|(n, flags)| {
+            n == name && (flags & libc::IFF_VNET_HDR as libc::c_short != 0) == vnet_hdr
+        })
+    };
+    match <[OwnedFd; 1]>::try_from(fds) {
+        Ok([fd]) if wanted(&fd) => Some((key, fd)),
+        _ => {
+            // Ours closes as it goes out of scope, the store's now.
+            h.release(Some(&key));
+            None
+        }
+    }
+}
+
+/// The name of the TUN device a descriptor is attached to, and its flags (to check a
+/// held one).
+pub fn attached(fd: BorrowedFd) -> io::Result<(String, libc::c_short)> {
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         flags: 0,
@@ -90,7 +149,7 @@ pub fn name_of(fd: BorrowedFd) -> io::Result<String> {
         .take_while(|c| **c != 0)
         .map(|c| *c as u8)
         .collect();
-    Ok(String::from_utf8_lossy(&name).into_owned())
+    Ok((String::from_utf8_lossy(&name).into_owned(), req.flags))
 }
 
 impl Tun {
@@ -116,6 +175,46 @@ impl Tun {
             });
             if let Ok(r) = r {
                 return r;
+            }
+        }
+    }
+
+    /// Waits for a packet, then reads those waiting, up to one per buffer of `bufs`
+    /// (each one's length into `lens`) and `budget` bytes in all, without waiting
+    /// again; returns how many.
+    pub async fn recv_many(
+        &self,
+        bufs: &mut [Vec<u8>],
+        lens: &mut [usize],
+        budget: usize,
+    ) -> io::Result<usize> {
+        loop {
+            let mut guard = self.io.readable().await?;
+            let (mut n, mut bytes) = (0, 0);
+            while let (Some(buf), Some(len), true) =
+                (bufs.get_mut(n), lens.get_mut(n), bytes < budget)
+            {
+                // SAFETY: read(2) into `buf`, at most its length.
+                let r = guard.try_io(|fd| {
+                    check_len(unsafe {
+                        libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                    })
+                });
+                match r {
+                    Ok(Ok(read)) => {
+                        *len = read;
+                        bytes += read;
+                        n += 1;
+                    }
+                    Ok(Err(e)) if n == 0 => return Err(e),
+                    // What was read goes first; the error comes again at the next read.
+                    Ok(Err(_)) => return Ok(n),
+                    // Nothing more waiting (the readiness is cleared).
+                    Err(_) => break,
+                }
+            }
+            if n > 0 {
+                return Ok(n);
             }
         }
     }

@@ -203,7 +203,8 @@ impl UserspaceDatapath {
                 // The device is made in the sandbox; its descriptor is served by the
                 // daemon's runtime.
                 let fd = netns::run_in(&sb.netns, || {
-                    tun::open(SANDBOX_TUN).map_err(|e| anyhow!("create TUN {SANDBOX_TUN}: {e}"))
+                    tun::open(SANDBOX_TUN, false)
+                        .map_err(|e| anyhow!("create TUN {SANDBOX_TUN}: {e}"))
                 })
                 .await?;
                 let held = path.and_then(|p| self.hold(&sb.network, &p, &fd));
@@ -260,17 +261,7 @@ impl UserspaceDatapath {
     /// The TUN descriptor the netd before left for `network`, if it is still that
     /// sandbox's device (else the store closes it).
     fn take_left(&self, network: &str, netns: Option<&str>) -> Option<(Key, OwnedFd)> {
-        let h = self.handover.as_ref()?;
-        let (key, fds) = h.take_left(network, netns?)?;
-        let is_lb0 = |f: &OwnedFd| tun::name_of(f.as_fd()).ok().as_deref() == Some(SANDBOX_TUN);
-        match <[OwnedFd; 1]>::try_from(fds) {
-            Ok([fd]) if is_lb0(&fd) => Some((key, fd)),
-            _ => {
-                // Ours closes as it goes out of scope, the store's now.
-                h.release(Some(&key));
-                None
-            }
-        }
+        tun::take_held(self.handover.as_ref()?, network, netns?, SANDBOX_TUN, false)
     }
 
     /// Gives the fd store a duplicate of the sandbox's TUN descriptor.
@@ -428,13 +419,14 @@ async fn serve(
                         continue;
                     }
                 };
-                // The table changed: UDP flows to backends that left make a new pick
-                // with their next datagram (a socket that keeps sending would keep
-                // reaching a gone backend); TCP connections keep theirs.
+                // The table changed: UDP flows and unanswered handshakes to backends
+                // that left make a new pick with their next packet (a socket that keeps
+                // sending, or a client port that comes round again, would keep reaching
+                // a gone backend); established TCP connections keep theirs.
                 let generation = shared.generation.load(Ordering::Relaxed);
                 if generation != seen_generation {
                     seen_generation = generation;
-                    ct.forget_udp(|vip, backend| !shared.serves(vip, backend));
+                    ct.forget_left(|vip, backend| !shared.serves(vip, backend));
                 }
                 if let Some(out) = handle(&mut buf[..n], lb, &mut ct, &shared, &stats, &mut refusal) {
                     if let Err(e) = tun.send(out).await {

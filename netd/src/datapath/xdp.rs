@@ -10,15 +10,17 @@
 //! Pins live in /sys/fs/bpf/netd-xdp/NODE/ (maps by name, `link_netd_ingress`): the
 //! program keeps working while netd restarts, and goes with the routing mesh.
 //!
-//! Flow state is two tables of two LRU maps each (netd_ebpf::INGRESS_XDP_FLOW_MAPS): new
-//! flows enter the unconfirmed table and move to the established one once the client
+//! Flow state is two tables of two maps each (netd_ebpf::INGRESS_XDP_FLOW_MAPS): new
+//! flows enter the unconfirmed table (LRU maps) and move to the established one (plain
+//! hashes, which never evict: netd's sweep removes their closed and idle flows, see
+//! [`FlowMaps::sweep`]) once the client
 //! sends again after the task answered (from its node's VTEP: answers from any other
 //! outer source are dropped). TCP needs the client's ACK of the task's SYN-ACK (ack_seq
 //! = its ISN + 1), which a spoofed source never sees; UDP, which has no sequence numbers,
 //! only needs a second datagram from the same 4-tuple after the answer. So floods of
 //! spoofed SYNs (with blind ACKs or without) or of datagrams nobody sends twice never
-//! evict an established flow; spoofed UDP flows that the task answers and that are sent
-//! twice are confirmed and can. `netd status` counts flows opened, confirmed, refused (no
+//! touch the established table; spoofed UDP flows that the task answers and that are
+//! sent twice are confirmed and take room in it (never an entry in use). `netd status` counts flows opened, confirmed, refused (no
 //! free port that keeps the flow apart from the others), lost (a flow found with its reverse half evicted: forgotten),
 //! answers from a wrong VTEP (dropped) and bad ACKs (a client ACK that does not
 //! acknowledge the task's SYN-ACK: not confirmed). Each map holds 131072 flows;
@@ -41,7 +43,8 @@ use netd_ebpf::maps::{
     BackendKey, FlowFwd, FlowFwdNew, FlowKey, FlowRev, FlowTuple, IngressConfig, MeshBackend,
     PortKey, PortValue, XdpStats, FLOWS_BAD_ACK, FLOWS_CONFIRMED, FLOWS_EXPIRED,
     FLOWS_ICMP_RELAYED, FLOWS_LOST, FLOWS_NO_ROUTE, FLOWS_OPENED, FLOWS_REFUSED, FLOWS_TOO_BIG,
-    FLOWS_WRONG_VTEP, MESH_CLIENT_SOURCE,
+    FLOWS_WRONG_VTEP, FLOW_CLIENT, FLOW_FIN, FLOW_KERNEL, FLOW_SEEN_MASK, FLOW_SEEN_SHIFT,
+    MESH_CLIENT_SOURCE,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -129,6 +132,45 @@ fn env_count(var: &str, what: &str) -> Result<Option<u32>> {
     }
 }
 
+/// Seconds an established TCP flow a FIN of which passed may stay quiet before the
+/// sweep removes it (120 by default: longer than Linux's FIN_WAIT2 and TIME_WAIT, 60 s
+/// each, so a closing connection's last packets still find their flow): for tests that
+/// watch closed flows go, as [`FLOW_ENTRIES_ENV`] is.
+pub const CLOSED_ENV: &str = "NETD_XDP_CLOSED_SECS";
+
+/// How long an established TCP flow without a FIN may stay quiet before the sweep
+/// removes it: a client gone without a word. Five days, the kernel conntrack's
+/// established timeout, which the kernel path keeps.
+pub(crate) const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(5 * 24 * 3600);
+
+/// What [`FlowMaps::sweep`] removes: quiet times in the program's units (2^30 ns).
+struct Quiet {
+    closed: u32,
+    tcp: u32,
+    udp: u32,
+}
+
+impl Quiet {
+    fn from_env() -> Result<Quiet> {
+        let closed = env_count(CLOSED_ENV, "seconds")?.unwrap_or(120);
+        let udp = udp_idle()?.map_or(netd_ebpf::UDP_IDLE_UNITS, netd_ebpf::seen_units);
+        Ok(Quiet {
+            closed: netd_ebpf::seen_units(std::time::Duration::from_secs(closed.into())),
+            tcp: netd_ebpf::seen_units(TCP_IDLE),
+            udp,
+        })
+    }
+}
+
+/// Now, in the program's units of its flows' last-seen stamps (bpf_ktime_get_ns, the
+/// monotonic clock, >> 30).
+fn seen_now() -> Result<u32> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .context("read the monotonic clock")?;
+    let ns = t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
+    Ok((ns >> 30) as u32 & FLOW_SEEN_MASK)
+}
+
 /// The idle time from [`UDP_IDLE_ENV`], if it is set.
 fn udp_idle() -> Result<Option<std::time::Duration>> {
     Ok(env_count(UDP_IDLE_ENV, "seconds")?.map(|n| std::time::Duration::from_secs(n.into())))
@@ -147,7 +189,16 @@ pub struct XdpMesh {
     inner: Mutex<Inner>,
     /// The highest `other` drop count `/metrics` showed (see [`XdpMesh::metrics`]).
     other_drops: AtomicU64,
+    /// The `no_route` drops already seen by [`XdpMesh::dropped_for_want_of_neighbours`].
+    no_route_seen: AtomicU64,
+    /// Next hops the kernel was asked to resolve for the fast path (see
+    /// [`XdpMesh::unresolved_next_hops`]).
+    neighbours_asked: AtomicU64,
 }
+
+/// The most addresses one look at the flow tables returns: a flood of new (spoofed)
+/// clients must not turn into as many ARP requests; established clients come first.
+const MAX_UNRESOLVED: usize = 1024;
 
 #[derive(Default)]
 struct Inner {
@@ -171,6 +222,9 @@ struct Loaded {
     flows: FlowMaps,
     /// Flows removed because their task left (since this netd started).
     flows_removed: u64,
+    /// What the sweep removes, and how many flows it removed (since this netd started).
+    quiet: Quiet,
+    flows_swept: u64,
     /// Port -> (slot, value, backends) as programmed.
     slots: BTreeMap<(u8, u16), (u32, PortValue, Vec<MeshBackend>)>,
     /// (protocol, port, backend) of the tasks being drained as last synced: their flows
@@ -188,6 +242,10 @@ struct FlowMaps {
     fwd_new: HashMap<MapData, FlowKey, FlowFwdNew>,
     rev: HashMap<MapData, FlowTuple, FlowRev>,
     rev_new: HashMap<MapData, FlowTuple, FlowRev>,
+    /// Reverse halves the last sweep found without their forward half: the next sweep
+    /// removes those it finds so again (a flow being confirmed has its reverse half in
+    /// place a moment before its forward half).
+    orphans: std::collections::HashSet<FlowTuple>,
 }
 
 impl FlowMaps {
@@ -234,6 +292,90 @@ impl FlowMaps {
     }
 }
 
+impl FlowMaps {
+    /// Removes what the established table's plain hashes would otherwise keep for
+    /// ever: TCP flows a FIN of which passed, quiet for `quiet.closed`; TCP flows quiet
+    /// for `quiet.tcp`; UDP flows quiet for longer than the program's idle time (which
+    /// it only ever noticed on the client's next datagram); and reverse halves that lead
+    /// to no forward half. `now` in the program's units, `ingress_ip` as in its config.
+    /// Walks of both established maps: every [`SWEEP_EVERY`]. How many flows went.
+    fn sweep(&mut self, now: u32, ingress_ip: u32, quiet: &Quiet) -> u64 {
+        let stale: Vec<(FlowKey, FlowFwd)> = self
+            .fwd
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, f)| {
+                let q = now.wrapping_sub(f.flags >> FLOW_SEEN_SHIFT) & FLOW_SEEN_MASK;
+                match k.proto {
+                    TCP => (f.flags & FLOW_FIN != 0 && q > quiet.closed) || q > quiet.tcp,
+                    _ => q > quiet.udp,
+                }
+            })
+            .collect();
+        let mut removed = 0;
+        for (k, f) in &stale {
+            // Unless a packet moved it on since the walk, or the client's next SYN made
+            // a new flow under its key.
+            if self.fwd.get(k, 0).ok().as_ref() != Some(f) {
+                continue;
+            }
+            if f.flags & FLOW_KERNEL == 0 {
+                let _ = self.rev.remove(&reverse_key(ingress_ip, k, f));
+            }
+            if self.fwd.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        let orphans: std::collections::HashSet<FlowTuple> = self
+            .rev
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(rk, rv)| {
+                let fk = FlowKey {
+                    addr: rv.client,
+                    port_a: rv.client_port,
+                    port_b: rv.published_port,
+                    proto: rk.proto,
+                    pad: [0; 3],
+                };
+                !self
+                    .fwd
+                    .get(&fk, 0)
+                    .is_ok_and(|f| reverse_key(ingress_ip, &fk, &f) == *rk)
+            })
+            .map(|(rk, _)| rk)
+            .collect();
+        for rk in orphans.intersection(&self.orphans) {
+            let _ = self.rev.remove(rk);
+        }
+        self.orphans = orphans;
+        removed
+    }
+}
+
+/// How often the established flow tables are swept ([`FlowMaps::sweep`]).
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+const TCP: u8 = 6;
+
+/// The reverse key of established flow `k` -> `f` (ingress_xdp.c's `reverse_key`): the
+/// task's answer, from its address and target port to the client's side as the task
+/// sees it.
+fn reverse_key(ingress_ip: u32, k: &FlowKey, f: &FlowFwd) -> FlowTuple {
+    FlowTuple {
+        src: f.backend,
+        dst: if f.flags & FLOW_CLIENT != 0 {
+            k.addr
+        } else {
+            ingress_ip
+        },
+        sport: f.target_port,
+        dport: f.snat_port,
+        proto: k.proto,
+        pad: [0; 3],
+    }
+}
+
 fn be(a: Ipv4Addr) -> u32 {
     u32::from(a).to_be()
 }
@@ -264,8 +406,11 @@ impl Loaded {
                 fwd_new: take_map(&mut obj, "netd_flows_fwd_new")?,
                 rev: take_map(&mut obj, "netd_flows_rev")?,
                 rev_new: take_map(&mut obj, "netd_flows_rev_new")?,
+                orphans: Default::default(),
             },
             flows_removed: 0,
+            quiet: Quiet::from_env()?,
+            flows_swept: 0,
             obj,
             slots: BTreeMap::new(),
             draining: BTreeSet::new(),
@@ -555,6 +700,8 @@ impl XdpMesh {
                 .join("xdp-mode"),
             inner: Mutex::new(Inner::default()),
             other_drops: AtomicU64::new(0),
+            no_route_seen: AtomicU64::new(0),
+            neighbours_asked: AtomicU64::new(0),
         }
     }
 
@@ -638,6 +785,9 @@ impl XdpMesh {
                 "dropped": s.dropped,
             })),
             "flows": flows,
+            "neighbours_asked": self.neighbours_asked.load(Ordering::Relaxed),
+            // Closed and idle flows the sweep removed from the established table.
+            "flows_swept": inner.loaded.as_ref().map(|l| l.flows_swept),
             // Entries in the flow maps now (each flow has two: one per direction).
             "flow_entries": entries,
         })
@@ -677,6 +827,86 @@ impl XdpMesh {
             drops,
             flows: f.opened,
         })
+    }
+
+    /// The addresses the fast path may have dropped answers to for want of a neighbour
+    /// entry (ask [`XdpMesh::dropped_for_want_of_neighbours`] first): the clients of its
+    /// flows and the VTEPs of its unconfirmed ones. Blocking (walks of the maps). The
+    /// program reads the kernel's neighbour table but cannot fill it, and the node's own
+    /// kernel never talks to a client, so an entry collected or flushed would otherwise
+    /// stay missing, and every answer to that client dropped, for good (seen in
+    /// `netd-bench ingress` with native XDP). The caller has the kernel resolve their
+    /// next hops ([`crate::netlink::resolve_neighbour`]).
+    pub fn unresolved_next_hops(&self) -> Vec<Ipv4Addr> {
+        let Ok(inner) = self.lock() else {
+            return vec![];
+        };
+        let Some(l) = inner.loaded.as_ref() else {
+            return vec![];
+        };
+        let addr = |a: u32| Ipv4Addr::from(u32::from_be(a));
+        // Established clients first: they are real (a flood of spoofed sources fills the
+        // unconfirmed table, and must not crowd them out of the look).
+        let established = l
+            .flows
+            .fwd
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| addr(k.addr));
+        let unconfirmed = l
+            .flows
+            .fwd_new
+            .iter()
+            .filter_map(|r| r.ok())
+            .flat_map(|(k, n)| [addr(n.fwd.vtep), addr(k.addr)]);
+        let mut hops = BTreeSet::new();
+        for a in established.chain(unconfirmed) {
+            hops.insert(a);
+            if hops.len() >= MAX_UNRESOLVED {
+                break;
+            }
+        }
+        hops.into_iter().collect()
+    }
+
+    /// Whether the fast path dropped packets for want of a neighbour entry since the
+    /// last call (a read of one counter): then [`XdpMesh::unresolved_next_hops`] is worth
+    /// its walk.
+    pub fn dropped_for_want_of_neighbours(&self) -> bool {
+        let Ok(inner) = self.lock() else {
+            return false;
+        };
+        let Some(l) = inner.loaded.as_ref() else {
+            return false;
+        };
+        let dropped = l.flow_stats().no_route;
+        dropped > self.no_route_seen.swap(dropped, Ordering::Relaxed)
+    }
+
+    /// Sweeps the established flow tables ([`FlowMaps::sweep`]); how many flows went.
+    /// Blocking (walks of the maps).
+    pub fn sweep_flows(&self) -> Result<u64> {
+        let mut inner = self.lock()?;
+        let Some(l) = inner.loaded.as_mut() else {
+            return Ok(0);
+        };
+        // Without the config the snat flows' reverse keys are unknown: no sweep.
+        let ingress_ip = l
+            .cfg
+            .get(&0, 0)
+            .context("read the XDP config for the sweep")?
+            .ingress_ip;
+        let swept = l.flows.sweep(seen_now()?, ingress_ip, &l.quiet);
+        l.flows_swept += swept;
+        if swept > 0 {
+            tracing::debug!(swept, "closed and idle XDP flows removed");
+        }
+        Ok(swept)
+    }
+
+    /// Counts next hops the caller asked the kernel to resolve (`netd status`).
+    pub fn asked_neighbours(&self, n: u64) {
+        self.neighbours_asked.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Flows removed because their task left the port (0 while nothing is loaded).

@@ -1,7 +1,8 @@
 //! The firewall applier: the node's nftables table (masquerade, isolation, published
 //! ports, VXLAN from members only, tasks kept off the node), the ingress sandbox's DNAT,
-//! and the port security of every overlay sandbox. Each table is replaced whole and
-//! atomically (`nftables`); a step after a change trusts the tag it applied last and
+//! and the port security of every overlay sandbox. Each `ip` table's rules are filled
+//! anew in one transaction, its hooked chains kept (`nftables::in_place`); a sandbox's
+//! bridge table is replaced whole; a step after a change trusts the tag it applied last and
 //! runs no `nft` for a table whose rules did not change, while the periodic step reads
 //! the kernel again and repairs drift. Connection tracking is netfilter's too: the
 //! flows translated to a task that went away are deleted here.
@@ -23,8 +24,8 @@ use crate::nftables::{self, Ruleset, SandboxGuards};
 pub struct KernelFirewall {
     /// The tag last applied per (namespace inode, table).
     tags: std::sync::Mutex<HashMap<(u64, &'static str), String>>,
-    /// VXLAN datagrams from non-members dropped by node rulesets that were replaced
-    /// since start (each new ruleset counts from zero).
+    /// VXLAN datagrams from non-members dropped by node tables that were removed
+    /// since start (a table made again counts from zero).
     vxlan_foreign: AtomicU64,
     /// The same for tasks' connections to the node or the store.
     task_to_node: AtomicU64,
@@ -32,10 +33,10 @@ pub struct KernelFirewall {
     mesh_foreign_src: AtomicU64,
     /// Tracked flows deleted because their task went away.
     flows_removed: AtomicU64,
-    /// Published-port flows counted by ingress sandbox tables that were replaced since
+    /// Published-port flows counted by ingress sandbox tables that were removed since
     /// start.
     port_flows: AtomicU64,
-    /// The highest count of them shown: a scrape between a table's replacement and the
+    /// The highest count of them shown: a scrape between a table's removal and the
     /// sum's update must not see the counter go down.
     port_flows_shown: AtomicU64,
 }
@@ -51,7 +52,7 @@ fn netns_inode(ns: &Netns) -> Option<u64> {
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
 }
 
-/// A named counter of the node's netd table, plus what the tables it replaced counted.
+/// A named counter of the node's netd table, plus what the tables it removed counted.
 async fn counted(name: &'static str, replaced: &AtomicU64) -> u64 {
     let now = tokio::task::spawn_blocking(move || nftables::counter(name))
         .await
@@ -85,6 +86,21 @@ impl KernelFirewall {
         if let (Some(ino), Ok(mut m)) = (netns_inode(ns), self.tags.lock()) {
             m.insert((ino, table), tag);
         }
+    }
+
+    /// Runs `forget` for each address of `to` in `ns`, and counts what it deleted.
+    async fn forget_each(
+        &self,
+        ns: &Netns,
+        to: Vec<Ipv4Addr>,
+        forget: fn(Ipv4Addr) -> Result<u64>,
+    ) -> Result<u64> {
+        let n = netns::run_in(ns, move || {
+            to.iter().map(|a| forget(*a)).sum::<Result<u64>>()
+        })
+        .await?;
+        self.flows_removed.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
     }
 }
 
@@ -156,14 +172,13 @@ impl Firewall for KernelFirewall {
     }
 
     async fn forget_flows(&self, ns: &Netns, to: Vec<Ipv4Addr>) -> Result<u64> {
-        let n = netns::run_in(ns, move || {
-            to.iter()
-                .map(|a| conntrack::forget_replies_from(*a))
-                .sum::<Result<u64>>()
-        })
-        .await?;
-        self.flows_removed.fetch_add(n, Ordering::Relaxed);
-        Ok(n)
+        self.forget_each(ns, to, conntrack::forget_replies_from)
+            .await
+    }
+
+    async fn forget_unanswered(&self, ns: &Netns, to: Vec<Ipv4Addr>) -> Result<u64> {
+        self.forget_each(ns, to, conntrack::forget_unanswered_by)
+            .await
     }
 
     async fn forget_flows_except(

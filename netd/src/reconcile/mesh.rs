@@ -11,7 +11,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 
 use super::Mesh;
-use crate::datapath::xdp::{MeshTable, XdpMesh};
+use crate::datapath::xdp::{MeshTable, XdpMesh, SWEEP_EVERY};
 use crate::netlink;
 use crate::netns::{NetlinkPool, Netns};
 
@@ -49,11 +49,96 @@ impl KernelMesh {
         if let Err(e) = warmer {
             tracing::warn!("no neighbour warmer for the XDP fast path: {e}");
         }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(tend_fast_path(Arc::downgrade(&xdp), netlink.clone()));
+            }
+            Err(e) => tracing::warn!("nothing tends the XDP fast path: {e}"),
+        }
         KernelMesh {
             xdp,
             netlink,
             vteps,
         }
+    }
+}
+
+/// How often the fast path's drops for want of a neighbour are checked (a read of one
+/// counter): well within a TCP client's first SYN retransmission (1 s), which then gets
+/// through.
+const RESOLVE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// The least time between two looks at the flow tables for the next hops to resolve.
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tends the fast path between reconcile steps, until it goes: has the kernel resolve
+/// the next hops of its flows whenever it dropped packets for want of a neighbour entry
+/// ([`XdpMesh::unresolved_next_hops`]), and sweeps its established flow tables every
+/// [`SWEEP_EVERY`] ([`XdpMesh::sweep_flows`]).
+async fn tend_fast_path(xdp: std::sync::Weak<XdpMesh>, netlink: Arc<NetlinkPool>) {
+    let mut tick = tokio::time::interval(RESOLVE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut swept = std::time::Instant::now();
+    let mut looked = std::time::Instant::now() - LOOK_EVERY;
+    loop {
+        tick.tick().await;
+        let Some(xdp) = xdp.upgrade() else {
+            return;
+        };
+        if swept.elapsed() >= SWEEP_EVERY {
+            swept = std::time::Instant::now();
+            let x = xdp.clone();
+            match tokio::task::spawn_blocking(move || x.sweep_flows()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("sweep the XDP flow tables: {e:#}"),
+                Err(e) => tracing::warn!("sweep the XDP flow tables: {e}"),
+            }
+        }
+        // At most once a second, and only after drops: a look walks the flow tables (off
+        // the async workers).
+        if looked.elapsed() < LOOK_EVERY || !xdp.dropped_for_want_of_neighbours() {
+            continue;
+        }
+        let x = xdp.clone();
+        let hops = match tokio::task::spawn_blocking(move || x.unresolved_next_hops()).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("look for the XDP path's missing neighbours: {e}");
+                continue;
+            }
+        };
+        if hops.is_empty() {
+            continue;
+        }
+        looked = std::time::Instant::now();
+        let handle = match netlink.handle(&Netns::Home).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("resolve the XDP path's neighbours: {e:#}");
+                continue;
+            }
+        };
+        // Many clients behind one router share their next hop: asked once.
+        let mut vias = BTreeSet::new();
+        for dst in hops {
+            match netlink::next_hop(&handle, dst).await {
+                Ok(v) => {
+                    vias.insert(v);
+                }
+                Err(e) => tracing::debug!("{e:#}"),
+            }
+        }
+        let mut asked = 0;
+        for (via, oif) in vias {
+            match netlink::resolve_neighbour(&handle, oif, via).await {
+                Ok(()) => asked += 1,
+                Err(e) => tracing::debug!("{e:#}"),
+            }
+        }
+        tracing::info!(
+            asked,
+            "the XDP path dropped packets for want of a neighbour: resolving its next hops"
+        );
+        xdp.asked_neighbours(asked);
     }
 }
 

@@ -103,6 +103,11 @@ pub trait Firewall: Send + Sync {
     async fn forget_flows(&self, _ns: &Netns, _to: Vec<Ipv4Addr>) -> Result<u64> {
         Ok(0)
     }
+    /// Deletes the tracked flows of `ns` translated to one of `to` (tasks of a lost node)
+    /// that no connection depends on: unanswered TCP handshakes and UDP flows; how many.
+    async fn forget_unanswered(&self, _ns: &Netns, _to: Vec<Ipv4Addr>) -> Result<u64> {
+        Ok(0)
+    }
     /// Deletes the tracked flows of `ns` translated to an address of `within` that is not
     /// in `keep` (after a restart: the tasks that went while no netd watched); how many.
     async fn forget_flows_except(
@@ -744,7 +749,8 @@ impl Reconciler {
     }
 
     /// Deletes the tracked flows translated to endpoints that went: in the ingress
-    /// sandbox, those to a task's ingress address (cluster-wide unique: from any node);
+    /// sandbox, those to a task's ingress address (cluster-wide unique: from any node),
+    /// and the unanswered ones to a lost node's tasks;
     /// in the node's namespace, those to a gwbridge address of the node's own (host-mode
     /// ports). With no step before (a restart), the ingress sandbox's flows to any
     /// address of the ingress network that no task or node holds now.
@@ -792,6 +798,15 @@ impl Reconciler {
             if !to.is_empty() {
                 fw.forget_flows(&ns, to).await?;
             }
+            let lost: Vec<Ipv4Addr> = gone
+                .lost
+                .iter()
+                .filter(|g| g.network == INGRESS)
+                .map(|g| g.ip)
+                .collect();
+            if !lost.is_empty() {
+                fw.forget_unanswered(&ns, lost).await?;
+            }
         }
         let host = to(crate::model::GWBRIDGE, Some(&self.cfg.name));
         if !host.is_empty() {
@@ -800,48 +815,63 @@ impl Reconciler {
         Ok(())
     }
 
-    /// The way back's flows that went with their task or node (with no step before, a
-    /// restart: those of tasks and nodes that are no more), and its idle ones: walks of
-    /// its maps, off the async workers.
+    /// The way back's flows that went with their task (with no step before, a restart:
+    /// those of tasks and sandboxes that are no more), those of nodes lost for longer
+    /// than a lease TTL, and its idle ones: walks of its maps, off the async workers.
     async fn forget_way_back(&self, st: &State, gone: Option<&Gone>) -> Result<()> {
         let Some(ports) = self.appliers.way_back.clone() else {
             return Ok(());
         };
-        let Some(net) = st.ingress() else {
+        let sandboxes = crate::plan::ingress_sandboxes(st);
+        if st.ingress().is_none() {
+            // Its addresses may come back in another ingress network, lost or not.
+            ports.note_lost(&sandboxes.lost);
             return Ok(());
+        }
+        let tasks: BTreeSet<Ipv4Addr> = match gone {
+            Some(gone) => gone
+                .endpoints
+                .iter()
+                .filter(|g| g.network == INGRESS)
+                .map(|g| g.ip)
+                .collect(),
+            None => st
+                .tasks
+                .values()
+                .flat_map(|t| t.endpoints.iter())
+                .filter(|e| e.network == INGRESS)
+                .map(|e| e.ip)
+                .collect(),
         };
-        let sandboxes = st.lb_addrs.get(&net.id);
-        let (tasks, nodes, except): (BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>, bool) = match gone {
-            Some(gone) => {
-                let tasks = gone.endpoints.iter().filter(|g| g.network == INGRESS);
-                (tasks.map(|g| g.ip).collect(), gone.nodes.clone(), false)
-            }
-            None => {
-                let tasks = st.tasks.values().flat_map(|t| t.endpoints.iter());
-                let live = sandboxes
-                    .into_iter()
-                    .flat_map(|m| m.iter())
-                    .filter(|(n, _)| st.node_alive(n));
-                (
-                    tasks
-                        .filter(|e| e.network == INGRESS)
-                        .map(|e| e.ip)
-                        .collect(),
-                    live.map(|(_, a)| *a).collect(),
-                    true,
-                )
-            }
-        };
+        let newly_lost = ports.note_lost(&sandboxes.lost);
+        let grace = self.cfg.lease_ttl;
+        let walk = ports.clone();
+        let restart = gone.is_none();
         tokio::task::spawn_blocking(move || {
-            if except {
-                ports.forget_except(&tasks, &nodes)?;
+            if restart {
+                walk.forget_except(&tasks, &sandboxes.all)?;
             } else {
-                ports.forget(&tasks, &nodes)?;
+                walk.forget(&tasks, &BTreeSet::new())?;
             }
-            ports.sweep()
+            walk.forget_lost(grace)?;
+            walk.sweep()
         })
         .await
         .map_err(|e| anyhow!("{e}"))??;
+        if newly_lost {
+            // No step may come when its grace ends (a quiet cluster): a wake of its own,
+            // which looks at the node's view then (a node back meanwhile is not lost,
+            // even if no step has run since).
+            let view = self.view.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace + Duration::from_millis(100)).await;
+                ports.note_back(&crate::plan::ingress_sandboxes(&view.state()).lost);
+                let forgot = tokio::task::spawn_blocking(move || ports.forget_lost(grace)).await;
+                if let Ok(Err(e)) = forgot {
+                    tracing::warn!("flows of the way back from lost nodes: {e:#}");
+                }
+            });
+        }
         Ok(())
     }
 
@@ -1008,6 +1038,61 @@ mod tests {
             self.calls
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             BTreeMap::new()
+        }
+    }
+
+    /// The XDP applier's side: the tables it was asked to run (None: to remove).
+    #[derive(Default)]
+    struct FakeMesh {
+        synced: std::sync::Mutex<Vec<Option<MeshTable>>>,
+    }
+
+    #[async_trait]
+    impl Mesh for FakeMesh {
+        async fn sync(&self, table: Option<&MeshTable>) -> Result<Option<String>> {
+            self.synced.lock().unwrap().push(table.cloned());
+            Ok(table.map(|_| "eth0".to_string()))
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+    }
+
+    /// The VIP load balancer's node side: the local tasks it was asked to serve.
+    #[derive(Default)]
+    struct FakeDatapath {
+        local: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    #[async_trait]
+    impl Datapath for FakeDatapath {
+        fn apply(
+            &self,
+            _: &crate::datapath::LbTable,
+            _: Option<&BTreeSet<Ipv4Addr>>,
+        ) -> Result<()> {
+            Ok(())
+        }
+        async fn sync_local(
+            &self,
+            tasks: &[&Task],
+            _: &[crate::datapath::SandboxLb],
+        ) -> Result<BTreeMap<String, String>> {
+            let mut names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
+            names.sort();
+            self.local.lock().unwrap().push(names);
+            Ok(BTreeMap::new())
+        }
+        fn counters(&self) -> crate::datapath::Counters {
+            BTreeMap::new()
+        }
+        fn status(&self) -> crate::datapath::DatapathStatus {
+            crate::datapath::DatapathStatus {
+                requested: crate::datapath::Mode::Auto,
+                active: "fake".into(),
+                reason: String::new(),
+                detail: serde_json::Value::Null,
+            }
         }
     }
 
@@ -1195,6 +1280,85 @@ mod tests {
             calls(),
             before + 1,
             "a step skipped a waiting handoff's listeners"
+        );
+    }
+
+    /// The mesh and VIP appliers get what the plan says, step by step: the published
+    /// port with the local task's ingress address (and XDP's interface reaches the node's
+    /// rules), the local tasks that are up; and nothing of a service once it is gone.
+    #[tokio::test]
+    async fn the_mesh_and_the_load_balancer_get_the_tables_of_the_plan() {
+        let (_dir, v) = fixture::setup().await;
+        fixture::web_on_front(&v).await;
+        api_on_back(&v, &["8080:80"]).await;
+        state::ensure_ingress(&v, &fixture::pools(), "n1")
+            .await
+            .unwrap();
+        for (svc, name) in [("web", "w1"), ("api", "a1")] {
+            attach_named(&v, svc, name, "n1").await;
+        }
+        let (mesh, datapath) = (
+            Arc::new(FakeMesh::default()),
+            Arc::new(FakeDatapath::default()),
+        );
+        let firewall = Arc::new(FakeFirewall::default());
+        let appliers = Appliers {
+            links: Arc::new(FakeLinks::default()),
+            firewall: firewall.clone(),
+            mesh: Some(mesh.clone()),
+            dns: Some(Arc::new(FakeDns::default())),
+            datapath: Some(datapath.clone()),
+            way_back: None,
+        };
+        let r = Reconciler::with_appliers(v.clone(), cfg(), appliers);
+        // The tasks up, as the node's first step reports them.
+        let ids: Vec<String> = ["w1", "a1"]
+            .iter()
+            .map(|n| v.state().task(n).unwrap().id.clone())
+            .collect();
+        fixture::report_up(&v, &[&ids[0], &ids[1]]).await;
+        r.run_once().await.unwrap();
+        let a1 = v.state().task("a1").unwrap().clone();
+        let ingress_ip = a1
+            .endpoints
+            .iter()
+            .find(|e| e.network == INGRESS)
+            .map(|e| e.ip)
+            .unwrap();
+        let table = mesh
+            .synced
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .flatten()
+            .unwrap();
+        assert_eq!(table.ports.len(), 1, "{table:?}");
+        assert_eq!(table.ports[0].port, 8080);
+        assert_eq!(table.ports[0].target_port, 80);
+        assert_eq!(table.ports[0].backends.len(), 1, "{table:?}");
+        assert_eq!(table.ports[0].backends[0].0, ingress_ip);
+        assert_eq!(
+            datapath.local.lock().unwrap().last().unwrap(),
+            &vec!["a1".to_string(), "w1".to_string()]
+        );
+        // XDP runs on eth0: the node's rules leave it the published port there.
+        let rules = firewall.node.lock().unwrap().last().cloned().unwrap();
+        assert!(
+            rules
+                .ports
+                .iter()
+                .any(|p| p.port == 8080 && p.iif.as_deref() == Some("eth0")),
+            "{rules:?}"
+        );
+        // The service goes: its task with it, and nothing is published any more, so the
+        // fast path is asked to go too.
+        state::remove_service(&v, "api").await.unwrap();
+        r.run_once().await.unwrap();
+        assert_eq!(mesh.synced.lock().unwrap().last().cloned(), Some(None));
+        assert_eq!(
+            datapath.local.lock().unwrap().last().unwrap(),
+            &vec!["w1".to_string()]
         );
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod device;
 pub mod keys;
+pub mod offload;
 
 /// The node's WireGuard interface.
 pub const IFNAME: &str = "ndwg";
@@ -32,6 +33,12 @@ pub const DEFAULT_PORT: u16 = 51821;
 /// goes into [`IFNAME`].
 pub const MARK: u32 = 0x6e77_0001;
 pub const TABLE: u32 = 0x6e77;
+/// `ndwg`'s own address (/32, link-local, "nw" again): the kernel's reverse-path check
+/// drops whatever arrives on a device without an address unless the check is off, and a
+/// host's `net.ipv4.conf.all.rp_filter=1` would turn it on for `ndwg` too (the kernel
+/// takes the larger of `all` and the device's). With an address, `ndwg`'s loose check
+/// (2) lets in what it opens, whatever `all` says.
+pub const LINK_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 110, 119);
 /// The preference of the rule that sends marked packets to [`TABLE`], and (one above)
 /// of the one that drops them when the table has no route (outside the range of the
 /// mesh's rules, `mesh_return::PREFS`).
