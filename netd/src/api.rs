@@ -220,8 +220,33 @@ pub fn router(d: Arc<Daemon>) -> Router {
                 "method not allowed on this endpoint",
             )
         })
+        .layer(axum::middleware::from_fn(read_whole_body))
         .layer(axum::middleware::from_fn(count_request))
         .with_state(d)
+}
+
+/// The most a request body may hold (axum's own default for its body extractors).
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// Reads a request's whole body before its handler runs. A handler that takes no body
+/// (`rotate-key`) would otherwise leave bytes that arrived after the head unread, and
+/// closing a connection with unread bytes resets it: the client lost the answer of a
+/// request that was carried out (seen in CI when the CLI's body came a moment after its
+/// head).
+async fn read_whole_body(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(bytes) => {
+            next.run(axum::extract::Request::from_parts(parts, bytes.into()))
+                .await
+        }
+        Err(e) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "bad_request",
+            format!("the request body could not be read (at most {BODY_LIMIT} bytes): {e}"),
+        )
+        .into_response(),
+    }
 }
 
 /// Counts each request for `/metrics` by its route's pattern (not its path: an id in
@@ -1084,4 +1109,61 @@ async fn binding_delete(
 ) -> ApiResult<Value> {
     state::bind(&d.view, &frontend, &id, None).await?;
     Ok(Json(json!({})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A handler that takes no body answers a client whose body comes a moment after
+    /// its head, and the client reads the answer to its end (without the whole body
+    /// read first, the unread bytes reset the connection as it closes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_after_the_head_does_not_reset_the_answer() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        let app: Router = Router::new()
+            .route(
+                "/slow",
+                axum::routing::post(|| async {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    "done"
+                }),
+            )
+            .layer(axum::middleware::from_fn(read_whole_body));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let answer = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+            s.write_all(
+                b"POST /slow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 2\r\n\r\n",
+            )?;
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            s.write_all(b"{}")?;
+            let mut got = String::new();
+            s.read_to_string(&mut got)?;
+            Ok(got)
+        })
+        .await??;
+        server.abort();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("done"), "{answer}");
+        Ok(())
+    }
+
+    /// A body over the limit is refused with a clear error, before any handler runs.
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused() -> anyhow::Result<()> {
+        use tower::ServiceExt;
+        let app: Router = Router::new()
+            .route("/x", axum::routing::post(|| async { "the handler ran" }))
+            .layer(axum::middleware::from_fn(read_whole_body));
+        let req =
+            axum::http::Request::post("/x")
+                .body(axum::body::Body::from(vec![b'x'; BODY_LIMIT + 1]))?;
+        let resp = app.oneshot(req).await?;
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        Ok(())
+    }
 }

@@ -156,13 +156,14 @@ impl Client {
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let mut stream = self.connect()?;
-        let head = format!(
+        // One write: a server that answers once it has the head never sees a body
+        // that arrives later as unread bytes.
+        let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: netd\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
             payload.len()
         );
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(payload.as_bytes())?;
+        stream.write_all(request.as_bytes())?;
         let mut raw = vec![];
         stream
             .read_to_end(&mut raw)

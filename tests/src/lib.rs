@@ -957,6 +957,40 @@ impl Lab {
         fs::read_to_string(self.nodes[i].dir.join("netd.log")).unwrap_or_default()
     }
 
+    /// Why node `i`'s daemon is no longer running (how it ended and the end of its log),
+    /// when it ended without the lab stopping it; None while it runs. Looks without
+    /// reaping it (`WNOWAIT`), so stopping it later still works.
+    pub fn daemon_gone(&self, i: usize) -> Option<String> {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        let pid = self.nodes[i].daemon.as_ref()?.id();
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        let how = match waitid(Id::Pid(nix::unistd::Pid::from_raw(pid as i32)), flags) {
+            Ok(WaitStatus::Exited(_, code)) => format!("exited with code {code}"),
+            Ok(WaitStatus::Signaled(_, sig, core)) => {
+                format!(
+                    "killed by {sig}{}",
+                    if core { " (core dumped)" } else { "" }
+                )
+            }
+            _ => return None,
+        };
+        let log = self.daemon_log(i);
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        Some(format!(
+            "netd on {} {how}; the end of its log:\n{tail}",
+            self.nodes[i].name
+        ))
+    }
+
+    /// `error`, with the story of every daemon that ended on its own: a CLI call that
+    /// fails because its netd died says so, with the daemon's last words.
+    fn with_gone_daemons(&self, error: anyhow::Error) -> anyhow::Error {
+        (0..self.nodes.len())
+            .filter_map(|i| self.daemon_gone(i))
+            .fold(error, |e, gone| e.context(gone))
+    }
+
     /// Stops node `i`'s daemon: gracefully (SIGTERM) or with SIGKILL.
     pub fn stop_daemon(&mut self, i: usize, kill: bool) -> Result<()> {
         if let Some(child) = self.nodes[i].daemon.take() {
@@ -973,12 +1007,12 @@ impl Lab {
             .output()
             .context("run netd CLI")?;
         if !out.status.success() {
-            bail!(
+            return Err(self.with_gone_daemons(anyhow!(
                 "netd {}: {}{}",
                 args.join(" "),
                 String::from_utf8_lossy(&out.stderr).trim(),
                 String::from_utf8_lossy(&out.stdout).trim()
-            );
+            )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -1039,11 +1073,11 @@ impl Lab {
             .context("run netd CLI")?;
         let text = String::from_utf8_lossy(&out.stdout);
         let v: Value = serde_json::from_str(&text).map_err(|e| {
-            anyhow!(
+            self.with_gone_daemons(anyhow!(
                 "netd {} printed no JSON ({e}): {text} {}",
                 args.join(" "),
                 String::from_utf8_lossy(&out.stderr)
-            )
+            ))
         })?;
         if !out.status.success() && v.get("error").is_none() {
             bail!("netd {} failed without an API error: {v}", args.join(" "));
@@ -1407,6 +1441,11 @@ impl Lab {
         }
         self.torn_down = true;
         for i in 0..self.nodes.len() {
+            // A daemon that died under a test is news even when the test passed or
+            // failed for another reason (libtest shows it with a failure's output).
+            if let Some(gone) = self.daemon_gone(i) {
+                eprintln!("{gone}");
+            }
             let _ = self.stop_daemon(i, true);
         }
         let _ = self.stop_etcd(true);
