@@ -22,6 +22,11 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 pub const TOTAL_BUDGET: Duration = Duration::from_secs(3);
 /// Docker forwards to at most 3 servers.
 pub const MAX_SERVERS: usize = 3;
+/// How long a query over UDP waits for its answer before it goes again, within its
+/// server's share of the budget: one datagram lost on the way (a neighbour still being
+/// resolved, a port of the path just coming up) must not make the answer SERVFAIL, as
+/// a stub resolver also asks again.
+pub const RESEND_AFTER: Duration = Duration::from_secs(1);
 
 /// The node's resolver settings, as read from resolv.conf.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,10 +100,19 @@ async fn over_udp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<(
     let sock = UdpSocket::bind(bind).await.ok()?;
     sock.connect(server).await.ok()?;
     sock.send(bytes).await.ok()?;
+    let mut resend = Instant::now() + RESEND_AFTER;
     let mut buf = vec![0u8; 65535];
     loop {
         // A refused port (ICMP) fails the receive at once: next server.
-        let n = sock.recv(&mut buf).await.ok()?;
+        let n = match tokio::time::timeout_at(resend, sock.recv(&mut buf)).await {
+            Ok(received) => received.ok()?,
+            Err(_) => {
+                // The same query again (same id: a late answer to either matches).
+                sock.send(bytes).await.ok()?;
+                resend = Instant::now() + RESEND_AFTER;
+                continue;
+            }
+        };
         if let Ok(reply) = Message::from_vec(&buf[..n]) {
             if answers(&reply, query) {
                 let truncated = reply.metadata.truncation;
@@ -202,5 +216,76 @@ mod tests {
         );
         assert_eq!(conf.search, vec!["lab.example", "corp"]);
         assert_eq!(ResolvConf::parse(""), ResolvConf::default());
+    }
+
+    /// A server whose first query is lost still answers within the budget: the query
+    /// goes again after `RESEND_AFTER`, with the same id. Real sockets, in a network
+    /// namespace of the test's own (root needed, as for the lab).
+    #[test]
+    fn a_lost_query_is_asked_again_and_answered() {
+        use hickory_proto::op::Query;
+        use hickory_proto::rr::{Name, RData, Record, RecordType};
+        let got = std::thread::spawn(|| -> Result<(Vec<u16>, Vec<String>), String> {
+            // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "unshare a network namespace (needs root): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !up.success() {
+                return Err("ip link set lo up".into());
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let server = UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let addr = server.local_addr().map_err(|e| e.to_string())?;
+                let serve = async move {
+                    let mut buf = vec![0u8; 512];
+                    let mut ids = vec![];
+                    // The first query is dropped; the second answered.
+                    for _ in 0..2 {
+                        let (n, from) = server.recv_from(&mut buf).await.ok()?;
+                        let q = Message::from_vec(&buf[..n]).ok()?;
+                        ids.push(q.metadata.id);
+                        if ids.len() == 2 {
+                            let mut a = q.clone();
+                            a.metadata.message_type = hickory_proto::op::MessageType::Response;
+                            let name = q.queries[0].name().clone();
+                            a.answers.push(Record::from_rdata(
+                                name,
+                                60,
+                                RData::A(std::net::Ipv4Addr::new(198, 18, 0, 100).into()),
+                            ));
+                            server.send_to(&a.to_vec().ok()?, from).await.ok()?;
+                        }
+                    }
+                    Some(ids)
+                };
+                let name = Name::from_ascii("outside.example.org.").map_err(|e| e.to_string())?;
+                let mut request = Message::query();
+                request.add_query(Query::query(name, RecordType::A));
+                let upstream = Upstream::new(vec![addr]);
+                let (ids, reply) = tokio::join!(serve, upstream.forward(&request));
+                let reply = reply.map_err(|e| format!("{e:?}"))?;
+                let answers = reply.answers.iter().map(|r| r.data.to_string()).collect();
+                Ok((ids.ok_or("the server")?, answers))
+            })
+        })
+        .join()
+        .expect("the test's thread");
+        let (ids, answers) = got.expect("in a namespace of its own");
+        assert_eq!(ids.len(), 2, "asked twice");
+        assert_eq!(ids[0], ids[1], "with the same id");
+        assert_eq!(answers, vec!["198.18.0.100".to_string()]);
     }
 }

@@ -37,6 +37,9 @@ pub struct Link {
     pub alias: Option<String>,
     /// Bridge port flag: an isolated port cannot forward to another isolated port.
     pub isolated: bool,
+    /// The link resolves no neighbours (`IFF_NOARP`): every frame goes to its own
+    /// address.
+    pub noarp: bool,
 }
 
 impl Link {
@@ -48,6 +51,7 @@ impl Link {
             controller: None,
             mtu: 0,
             up: msg.header.flags.contains(LinkFlags::Up),
+            noarp: msg.header.flags.contains(LinkFlags::Noarp),
             mac: vec![],
             alias: None,
             isolated: false,
@@ -157,6 +161,21 @@ pub async fn set_mtu(handle: &Handle, link: &Link, mtu: u32) -> Result<()> {
             handle,
             LinkUnspec::new_with_index(link.index).mtu(mtu).build(),
             &format!("set mtu {mtu} on {}", link.name),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Turns neighbour resolution off on `link`: a TAP device whose reader is netd
+/// itself has no neighbours to ask, and the kernel addresses every frame to the
+/// device's own MAC.
+pub async fn set_noarp(handle: &Handle, link: &Link) -> Result<()> {
+    if !link.noarp {
+        set(
+            handle,
+            LinkUnspec::new_with_index(link.index).arp(false).build(),
+            &format!("set {} noarp", link.name),
         )
         .await?;
     }

@@ -808,10 +808,16 @@ impl Lab {
             &["-d", "-c", &path.display().to_string()],
         )?;
         let server = format!("@{}", underlay_ip(UPSTREAM_DNS_HOST));
+        // Asked from where netd asks it (the first node), so that the hub's new port
+        // and the node's neighbour entry are up before a test's first query.
+        let asking = self
+            .nodes
+            .first()
+            .map_or_else(|| name.clone(), |n| n.netns.clone());
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let out = self.exec_in(
-                &name,
+                &asking,
                 &[
                     "dig",
                     &server,

@@ -513,15 +513,21 @@ fn an_encrypted_overlay_follows_the_underlay_mtu_for_udp_and_tcp() -> Result<()>
         "n2 sealed {sealed_before} -> {sealed}, n1 opened {opened_before} -> {opened}"
     );
     // Batched both ways: n2's kernel handed its ndwg's packets over as super-packets
-    // (45 and more segments in one, on this kernel's UDP tunnel offload for TUN), and
-    // n1 wrote what it opened back joined (what one UDP GRO read brought).
+    // (45 and more segments in one, on this kernel's UDP tunnel offload for TAP), and
+    // n1 wrote what it opened back joined into TCP super-packets (what one UDP GRO read
+    // brought), which its kernel took (a refused one turns `tcp_joins` off).
     let (handed, written) = (ndwg_packets(&lab, 1)?.1, ndwg_packets(&lab, 0)?.0);
     for i in [0, 1] {
         let e = &lab.cli_json(i, &["status"])?["encryption"];
         assert_eq!(
-            (e["super_packets"].as_bool(), e["udp_gso"].as_bool()),
-            (Some(true), Some(true)),
-            "n{}: ndwg super-packets need Linux 6.17's TUN_F_UDP_TUNNEL_GSO: {e}",
+            (
+                e["super_packets"].as_bool(),
+                e["udp_gso"].as_bool(),
+                e["tcp_joins"].as_bool()
+            ),
+            (Some(true), Some(true), Some(true)),
+            "n{}: ndwg super-packets and TCP joins need Linux 6.17's UDP tunnel offload \
+             for TUN/TAP: {e}",
             i + 1
         );
     }

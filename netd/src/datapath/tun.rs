@@ -55,11 +55,50 @@ fn check_len(ret: isize) -> io::Result<usize> {
     usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
-/// Opens TUN device `name` in the calling thread's namespace, creating it (persistent,
-/// so that it and its routes stay while netd restarts) if it is not there. With
-/// `vnet_hdr`, every packet read or written has a virtio-net header before it (what
-/// lets a writer hand the kernel a super-packet to segment).
-pub fn open(name: &str, vnet_hdr: bool) -> io::Result<OwnedFd> {
+/// What kind of device [`open`] makes or opens, and how its packets are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// A TAP device: every packet has an Ethernet header (a TUN device's start at the
+    /// IP header). The kernel takes a UDP tunnel super-packet only from a TAP device:
+    /// it checks the offsets of one against an Ethernet header.
+    pub tap: bool,
+    /// Every packet read or written has a virtio-net header before it (what lets a
+    /// writer hand the kernel a super-packet to segment).
+    pub vnet_hdr: bool,
+}
+
+impl Mode {
+    /// A plain TUN device: IP packets, no header before them.
+    pub const TUN: Mode = Mode {
+        tap: false,
+        vnet_hdr: false,
+    };
+
+    /// The `ifreq` flags of a device opened in this mode.
+    fn flags(self) -> libc::c_short {
+        let mut flags = libc::IFF_NO_PI;
+        flags |= if self.tap {
+            libc::IFF_TAP
+        } else {
+            libc::IFF_TUN
+        };
+        if self.vnet_hdr {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        flags as libc::c_short
+    }
+
+    /// Whether a device with `flags` (from TUNGETIFF) was opened in this mode.
+    fn matches(self, flags: libc::c_short) -> bool {
+        let mask = (libc::IFF_TUN | libc::IFF_TAP | libc::IFF_VNET_HDR) as libc::c_short;
+        flags & mask == self.flags() & mask
+    }
+}
+
+/// Opens TUN or TAP device `name` in the calling thread's namespace, creating it
+/// (persistent, so that it and its routes stay while netd restarts) if it is not
+/// there. A device of the other kind by that name is refused (EINVAL).
+pub fn open(name: &str, mode: Mode) -> io::Result<OwnedFd> {
     // SAFETY: a plain open(2) of a constant, NUL-terminated path.
     let fd = check(unsafe {
         libc::open(
@@ -69,11 +108,7 @@ pub fn open(name: &str, vnet_hdr: bool) -> io::Result<OwnedFd> {
     })?;
     // SAFETY: open just returned this descriptor; nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
-    if vnet_hdr {
-        flags |= libc::IFF_VNET_HDR;
-    }
-    let mut req = ifreq(name, flags as libc::c_short)?;
+    let mut req = ifreq(name, mode.flags())?;
     // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is (and outlives the call).
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
     // SAFETY: TUNSETPERSIST takes an integer argument by value.
@@ -106,22 +141,20 @@ pub fn set_offloads(fd: BorrowedFd, hdr_len: usize, offloads: libc::c_uint) -> i
     Ok(false)
 }
 
-/// The descriptor of TUN device `name` the netd before left in the fd store under `id`
-/// (opened in `netns`), if it is one descriptor of that device still, opened with
-/// `vnet_hdr` or without as asked; anything else left under `id` is let go (the store
-/// closes its copy before this returns, so the device can be opened again).
+/// The descriptor of device `name` the netd before left in the fd store under `id`
+/// (opened in `netns`), if it is one descriptor of that device still, opened in `mode`;
+/// anything else left under `id` is let go (the store closes its copy before this
+/// returns, so the device can be opened again).
 pub fn take_held(
     h: &crate::fdstore::Handover,
     id: &str,
     netns: &str,
     name: &str,
-    vnet_hdr: bool,
+    mode: Mode,
 ) -> Option<(crate::fdstore::Key, OwnedFd)> {
     let (key, fds) = h.take_left(id, netns)?;
     let wanted = |fd: &OwnedFd| {
-        attached(fd.as_fd()).is_ok_and(|(n, flags)| {
-            n == name && (flags & libc::IFF_VNET_HDR as libc::c_short != 0) == vnet_hdr
-        })
+        attached(fd.as_fd()).is_ok_and(|(n, flags)| n == name && mode.matches(flags))
     };
     match <[OwnedFd; 1]>::try_from(fds) {
         Ok([fd]) if wanted(&fd) => Some((key, fd)),
@@ -133,8 +166,8 @@ pub fn take_held(
     }
 }
 
-/// The name of the TUN device a descriptor is attached to, and its flags (to check a
-/// held one).
+/// The name of the TUN or TAP device a descriptor is attached to, and its flags (to
+/// check a held one).
 pub fn attached(fd: BorrowedFd) -> io::Result<(String, libc::c_short)> {
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],

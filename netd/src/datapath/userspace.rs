@@ -203,7 +203,7 @@ impl UserspaceDatapath {
                 // The device is made in the sandbox; its descriptor is served by the
                 // daemon's runtime.
                 let fd = netns::run_in(&sb.netns, || {
-                    tun::open(SANDBOX_TUN, false)
+                    tun::open(SANDBOX_TUN, tun::Mode::TUN)
                         .map_err(|e| anyhow!("create TUN {SANDBOX_TUN}: {e}"))
                 })
                 .await?;
@@ -261,7 +261,7 @@ impl UserspaceDatapath {
     /// The TUN descriptor the netd before left for `network`, if it is still that
     /// sandbox's device (else the store closes it).
     fn take_left(&self, network: &str, netns: Option<&str>) -> Option<(Key, OwnedFd)> {
-        tun::take_held(self.handover.as_ref()?, network, netns?, SANDBOX_TUN, false)
+        tun::take_held(self.handover.as_ref()?, network, netns?, SANDBOX_TUN, tun::Mode::TUN)
     }
 
     /// Gives the fd store a duplicate of the sandbox's TUN descriptor.

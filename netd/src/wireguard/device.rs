@@ -1,4 +1,4 @@
-//! netd's userspace WireGuard: `ndwg` (a TUN device) on one side, a UDP socket on the
+//! netd's userspace WireGuard: `ndwg` (a TAP device) on one side, a UDP socket on the
 //! underlay on the other, and boringtun `Tunn`s per peer node in between: one per pair
 //! of this node's static keys and the peer's (one pair, two while either rotates).
 //!
@@ -61,9 +61,16 @@ const HANDSHAKE_LEN: usize = 148;
 const SOCKET_BUFFER: usize = 4 << 20;
 /// The fd store's kind for `ndwg`'s descriptor.
 pub const HELD_KIND: &str = "wireguard";
-/// The fd store's id for it: the device opened with the virtio-net header (a netd
-/// before this one held it as `ndwg`, without: it is let go, not taken).
-const HELD_ID: &str = "ndwg.vnet";
+/// The fd store's id for it: the TAP device with the virtio-net header (netds before
+/// this one held a TUN device as `ndwg` and `ndwg.vnet`: it is let go, not taken, and
+/// the device made anew).
+const HELD_ID: &str = "ndwg.tap";
+/// How `ndwg` is opened: a TAP device (the kernel takes a UDP tunnel super-packet only
+/// with an Ethernet header) with the virtio-net header.
+const DEVICE_MODE: tun::Mode = tun::Mode {
+    tap: true,
+    vnet_hdr: true,
+};
 
 /// A node this one exchanges encrypted overlay traffic with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +228,10 @@ pub struct Status {
     pub super_packets: bool,
     /// The datagrams of one read go to a peer in one send (UDP GSO).
     pub udp_gso: bool,
+    /// The TCP segments a peer sent go into `ndwg` joined again, as TCP super-packets
+    /// in one VXLAN packet (Linux 6.17's UDP tunnel offload on a TAP device); else as
+    /// UDP super-packets the kernel cuts.
+    pub tcp_joins: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -272,6 +283,9 @@ pub struct Sealer {
     /// Whether what one read opened is written into `ndwg` joined (off once the kernel
     /// refused a UDP super-packet).
     joins: AtomicBool,
+    /// Whether the TCP segments in it are joined (off once the kernel refused a TCP
+    /// super-packet).
+    tcp_joins: AtomicBool,
     /// Whether `ndwg` hands over VXLAN super-packets (the kernel took
     /// `TUN_F_UDP_TUNNEL_GSO`), which netd cuts itself.
     super_packets: bool,
@@ -293,7 +307,7 @@ impl Sealer {
         why: String,
         handover: Option<&crate::fdstore::Handover>,
     ) -> Result<Arc<Sealer>> {
-        let (fd, device_taken_over, held) = open_device(handover)?;
+        let (fd, device_taken_over, held) = open_device(handover).await?;
         let serving = async {
             let super_packets =
                 tun::set_offloads(fd.as_fd(), offload::VNET_HDR_LEN, offload::TUN_OFFLOADS)
@@ -343,6 +357,7 @@ impl Sealer {
             device_taken_over,
             gso: AtomicBool::new(true),
             joins: AtomicBool::new(true),
+            tcp_joins: AtomicBool::new(true),
             super_packets,
             unsupported: AtomicU64::new(0),
         });
@@ -546,8 +561,14 @@ impl Sealer {
                 let Some(b) = buf.get_mut(..len) else {
                     continue;
                 };
-                let (head, packet) = b.split_at_mut(offload::VNET_HDR_LEN.min(b.len()));
+                let (head, frame) = b.split_at_mut(offload::VNET_HDR_LEN.min(b.len()));
                 let Some(hdr) = offload::VnetHdr::decode(head) else {
+                    continue;
+                };
+                // Not IPv4: the kernel's own chatter on the link (nothing routed
+                // into ndwg is other than the encrypted overlays' VXLAN).
+                let Some((packet, hdr)) = offload::strip_ethernet(frame, &hdr) else {
+                    tracing::debug!("a frame from {IFNAME} without an IPv4 packet ({hdr:?})");
                     continue;
                 };
                 if let Err(e) = offload::unpack(packet, &hdr, &mut plain, &mut plain_ends) {
@@ -759,10 +780,18 @@ impl Sealer {
         match self.tun.send(packet).await {
             Ok(_) => {}
             Err(e) if pieces > 1 && e.raw_os_error() == Some(libc::EINVAL) => {
-                // This kernel's TUN takes no UDP super-packet from its writer (Linux
-                // before 6.2): each packet alone from now on, this one's too.
-                tracing::warn!("{IFNAME} refused a UDP super-packet ({e}): packets go one by one");
-                self.joins.store(false, Ordering::Relaxed);
+                // This kernel's TAP takes no TCP super-packet in a UDP tunnel from its
+                // writer (before Linux 6.17, or the offload was refused): UDP
+                // super-packets from now on. None at all (before 6.2): each packet
+                // alone. This one's pieces go one by one.
+                if joined.joins_segments() {
+                    tracing::warn!("{IFNAME} refused a TCP super-packet ({e}): UDP ones from now on");
+                    self.tcp_joins.store(false, Ordering::Relaxed);
+                    joined.tcp = false;
+                } else {
+                    tracing::warn!("{IFNAME} refused a UDP super-packet ({e}): packets go one by one");
+                    self.joins.store(false, Ordering::Relaxed);
+                }
                 for piece in joined.pieces() {
                     if let Err(e) = self.tun.send(&piece).await {
                         self.dropped.not_written.fetch_add(1, Ordering::Relaxed);
@@ -956,6 +985,7 @@ impl Sealer {
             rotations: self.rotations.load(Ordering::Relaxed),
             device_taken_over: self.device_taken_over,
             super_packets: self.super_packets,
+            tcp_joins: self.tcp_joins.load(Ordering::Relaxed),
             udp_gso: self.gso.load(Ordering::Relaxed),
         }
     }
@@ -968,20 +998,41 @@ impl Sealer {
 /// copy of another must be closed before the device is opened again.
 ///
 /// Also whether it was taken over, and the store's key for it.
-fn open_device(
+async fn open_device(
     handover: Option<&crate::fdstore::Handover>,
 ) -> Result<(std::os::fd::OwnedFd, bool, Option<crate::fdstore::Key>)> {
     use std::os::fd::AsFd;
     if let Some(h) = handover {
-        if let Some((key, fd)) = tun::take_held(h, HELD_ID, OWN_NETNS, IFNAME, true) {
+        if let Some((key, fd)) = tun::take_held(h, HELD_ID, OWN_NETNS, IFNAME, DEVICE_MODE) {
             tracing::info!("{IFNAME} taken over from the netd before");
             return Ok((fd, true, Some(key)));
         }
         h.release_unclaimed();
     }
-    let fd = tun::open(IFNAME, true).with_context(|| format!("open TUN device {IFNAME}"))?;
+    let fd = match tun::open(IFNAME, DEVICE_MODE) {
+        // A TUN device an older netd left: made anew as a TAP device (the encrypted
+        // overlays' packets are dropped meanwhile, by rule 31001: none in the clear).
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::info!("{IFNAME} is a TUN device of an older netd: made anew as a TAP device");
+            delete_device().await?;
+            tun::open(IFNAME, DEVICE_MODE)
+        }
+        opened => opened,
+    }
+    .with_context(|| format!("open TAP device {IFNAME}"))?;
     let key = handover.and_then(|h| h.hold(HELD_ID, OWN_NETNS, &[fd.as_fd()]));
     Ok((fd, false, key))
+}
+
+/// Deletes `ndwg` (its routes go with it; `configure_interface` puts them back).
+async fn delete_device() -> Result<()> {
+    netns::with_netlink(&Netns::Home, |h| async move {
+        if let Some(link) = netlink::link_by_name(&h, IFNAME).await? {
+            netlink::delete_link(&h, link.index).await?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Whether `p` is an IPv4 UDP packet from `src` to `me` on the sealed VXLAN port: the
@@ -1002,15 +1053,21 @@ fn is_sealed_vxlan(p: &[u8], src: Ipv4Addr, me: Ipv4Addr) -> bool {
     from == src && to == me && dport == SEALED_VXLAN_PORT
 }
 
-/// `ndwg` up at `mtu`, without IPv6 (it carries IPv4 VXLAN only), with its link
-/// address and loose reverse-path filtering: what it delivers comes from peers'
+/// `ndwg` up at `mtu`, without IPv6 (it carries IPv4 VXLAN only), with its MAC
+/// ([`offload::DEVICE_MAC`], which the frames netd writes are addressed to) and no ARP
+/// (the kernel addresses every frame to that MAC, asking no one), its link address and
+/// loose reverse-path filtering: what it delivers comes from peers'
 /// underlay addresses, which the routes put on the underlay interface (a strict check
 /// would drop it; see [`super::LINK_ADDRESS`]). What the firewall marks (the encrypted
 /// overlays' VXLAN) is routed into it.
 async fn configure_interface(mtu: u32) -> Result<()> {
+    // Before it is up: IPv6 would greet the link (router solicitations, MLD) first.
+    netns::disable_ipv6(IFNAME)?;
     netns::with_netlink(&Netns::Home, move |h| async move {
         let link = netlink::require_link(&h, IFNAME).await?;
         netlink::set_mtu(&h, &link, mtu).await?;
+        netlink::ensure_mac(&h, &link, offload::DEVICE_MAC).await?;
+        netlink::set_noarp(&h, &link).await?;
         netlink::ensure_address(&h, &link, super::LINK_ADDRESS, 32).await?;
         netlink::set_up(&h, &link).await?;
         // Marked packets look up the table; if its route is gone (ndwg down or
@@ -1043,7 +1100,6 @@ async fn configure_interface(mtu: u32) -> Result<()> {
         Ok(())
     })
     .await?;
-    netns::disable_ipv6(IFNAME)?;
     netns::write_sysctl(&format!("net.ipv4.conf.{IFNAME}.rp_filter"), "2")
 }
 

@@ -8,11 +8,13 @@
 //!
 //! In: the socket has `UDP_GRO` on, so such a run arrives whole again, with its segment
 //! size beside it ([`recv_gro`]). What the datagrams hold, once opened, are VXLAN packets
-//! of one stream: same addresses, same ports, same size. [`Coalescer`] joins them back
-//! into one UDP super-packet and `ndwg` takes it with a virtio-net header asking for UDP
-//! segmentation (`GSO_UDP_L4`): the kernel cuts it at its UDP layer and hands the pieces
-//! to the VXLAN device in one go, whose GRO joins the task's TCP segments again. The
-//! task's TCP then receives 64 KB at a time, as on a plain overlay, not 1370 bytes.
+//! of one stream. [`Coalescer`] joins the TCP segments inside them back into one TCP
+//! super-packet in one VXLAN packet and `ndwg` (a TAP device) takes it with a
+//! virtio-net header naming it a UDP tunnel super-packet (`GSO_UDP_TUNNEL | TCPV4`):
+//! the VXLAN device takes it whole, as it takes what its own GRO joined, and the task's
+//! TCP receives 64 KB at a time, as on a plain overlay, with no layer below it cutting
+//! and joining again. Other datagrams of one stream and one size become one UDP
+//! super-packet (`GSO_UDP_L4`), which the kernel cuts at its UDP layer.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddrV4;
@@ -49,6 +51,40 @@ const UDP_HEADER: usize = 8;
 /// VXLAN's header and the inner Ethernet header, between the outer UDP header and the
 /// inner IP header.
 const VXLAN_AND_ETHERNET: usize = 8 + 14;
+
+/// `ndwg` is a TAP device: every frame has an Ethernet header before its IP packet
+/// (the kernel takes a UDP tunnel super-packet from a writer only with one).
+pub const ETHERNET: usize = 14;
+/// `ndwg`'s own address (netd sets it; the device has no ARP, so the kernel sends every
+/// frame to it): what a frame netd writes is addressed to, or the kernel drops it as
+/// another host's.
+pub const DEVICE_MAC: [u8; 6] = [0x02, 0x6e, 0x77, 0x00, 0x00, 0x01];
+/// The source of the frames netd writes (no device has it).
+const PEER_MAC: [u8; 6] = [0x02, 0x6e, 0x77, 0x00, 0x00, 0x02];
+const ETHERTYPE_IPV4: u16 = 0x0800;
+
+/// The IP packet of a frame read from `ndwg` (after its virtio-net header `hdr`), and
+/// the header with its offsets moved to count from that packet: what [`unpack`] takes.
+/// None for a frame that holds no IPv4 packet or whose offsets point into the Ethernet
+/// header.
+pub fn strip_ethernet<'a>(frame: &'a mut [u8], hdr: &VnetHdr) -> Option<(&'a mut [u8], VnetHdr)> {
+    if frame.len() < ETHERNET || be16(frame, 12) != ETHERTYPE_IPV4 {
+        return None;
+    }
+    let e = ETHERNET as u16;
+    // An offset the header does not use is 0 and stays so.
+    let moved = |at: u16, used: bool| if used { at.checked_sub(e) } else { Some(at) };
+    let gso = hdr.gso_type != VNET_GSO_NONE;
+    let tunnel = hdr.gso_type & VNET_GSO_UDP_TUNNEL_IPV4 != 0;
+    let unframed = VnetHdr {
+        hdr_len: moved(hdr.hdr_len, gso)?,
+        csum_start: moved(hdr.csum_start, hdr.needs_csum())?,
+        outer_th_offset: moved(hdr.outer_th_offset, tunnel)?,
+        inner_nh_offset: moved(hdr.inner_nh_offset, tunnel)?,
+        ..*hdr
+    };
+    Some((&mut frame[ETHERNET..], unframed))
+}
 
 /// The virtio-net header of a packet, as far as netd reads or writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -328,123 +364,354 @@ fn stream_key(p: &[u8]) -> Option<StreamKey> {
     })
 }
 
-/// Opened VXLAN packets on their way into `ndwg`, joined into UDP super-packets where
-/// they are datagrams of one stream and of one size (the last may be smaller), in
-/// order.
-///
-/// (Joining the TCP segments inside instead, into one VXLAN packet the kernel would
-/// pass whole to the task as on a plain overlay, needs a TAP device: the kernel checks
-/// a written UDP tunnel super-packet's offsets against an Ethernet header, which a TUN
-/// device's packets do not have, and refuses it.)
+/// Where the inner IPv4 header of a VXLAN packet without IP options starts (outer IPv4,
+/// UDP, VXLAN, Ethernet before it), and its TCP header (no inner IP options either).
+const INNER_IP: usize = IPV4_HEADER + UDP_HEADER + VXLAN_AND_ETHERNET;
+const INNER_TCP: usize = INNER_IP + IPV4_HEADER;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+const TCP_CWR: u8 = 0x80;
+
+/// A TCP segment inside a VXLAN packet, as far as joining it needs: where its payload
+/// starts, its sequence number and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    headers: usize,
+    seq: u32,
+    flags: u8,
+}
+
+/// The segment a VXLAN packet carries, if a TCP super-packet can hold it: IPv4 without
+/// options or fragments outside and inside, lengths that agree, an ACK with data and no
+/// SYN, RST or URG (those go alone, as the kernel's GRO lets them).
+fn tcp_segment(p: &[u8]) -> Option<Segment> {
+    stream_key(p)?;
+    // The inner Ethernet header's type (the two bytes before the inner IP header).
+    if p.len() <= INNER_TCP + 20 || be16(p, INNER_IP - 2) != ETHERTYPE_IPV4 {
+        return None;
+    }
+    let ip = &p[INNER_IP..];
+    if ip[0] != 0x45 || ip[9] != 6 || be16(ip, 6) & !0x4000 != 0 {
+        return None;
+    }
+    if usize::from(be16(ip, 2)) != ip.len() {
+        return None;
+    }
+    let doff = usize::from(p[INNER_TCP + 12] >> 4) * 4;
+    let headers = INNER_TCP + doff;
+    let flags = p[INNER_TCP + 13];
+    if doff < 20 || headers >= p.len() {
+        return None;
+    }
+    if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST | TCP_URG) != 0 {
+        return None;
+    }
+    let seq = &p[INNER_TCP + 4..INNER_TCP + 8];
+    Some(Segment {
+        headers,
+        seq: u32::from_be_bytes([seq[0], seq[1], seq[2], seq[3]]),
+        flags,
+    })
+}
+
+/// Whether VXLAN packet `p` (without IP options) carries TCP over IPv4.
+fn carries_tcp(p: &[u8]) -> bool {
+    p.len() > INNER_IP + 9 && be16(p, INNER_IP - 2) == ETHERTYPE_IPV4 && p[INNER_IP + 9] == 6
+}
+
+/// The header bytes every piece of a TCP super-packet has of its own: IPv4 length and
+/// identification (2..6) and checksum (10..12) outside and inside, UDP length and
+/// checksum, TCP sequence number and checksum. (The flags are compared apart.)
+const OWN_FIELDS: [(usize, usize); 7] = [
+    (2, 6),
+    (10, 12),
+    (IPV4_HEADER + 4, IPV4_HEADER + 8),
+    (INNER_IP + 2, INNER_IP + 6),
+    (INNER_IP + 10, INNER_IP + 12),
+    (INNER_TCP + 4, INNER_TCP + 8),
+    (INNER_TCP + 13, INNER_TCP + 14),
+];
+
+/// Whether the headers of two segments (each `headers` long) are of one stream and may
+/// be one super-packet: equal but for [`OWN_FIELDS`], the TCP checksum, and the flags
+/// PSH, FIN and CWR (the kernel's GRO asks the same: ACK number, window and options
+/// equal).
+fn same_stream(a: &[u8], b: &[u8], headers: usize) -> bool {
+    let csum = (INNER_TCP + 16, INNER_TCP + 18);
+    let mut at = 0;
+    for (from, to) in OWN_FIELDS.iter().copied().chain([csum]) {
+        if a[at..from] != b[at..from] {
+            return false;
+        }
+        at = to;
+    }
+    let loose = TCP_PSH | TCP_FIN | TCP_CWR;
+    a[at..headers] == b[at..headers]
+        && (a[INNER_TCP + 13] ^ b[INNER_TCP + 13]) & !loose == 0
+}
+
+/// How the packets pending in a [`Coalescer`] are joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// Not at all: one packet, which nothing may join.
+    Alone,
+    /// UDP datagrams of one stream (the VXLAN packets themselves): the kernel cuts them
+    /// at its UDP layer (`GSO_UDP_L4`) and the VXLAN device's GRO joins what they hold.
+    Datagrams(StreamKey),
+    /// The TCP segments inside: one VXLAN packet holding one TCP super-packet, which
+    /// the VXLAN device takes whole as from its own GRO (`GSO_UDP_TUNNEL | TCPV4`).
+    /// `next`: the sequence number the next segment must have; `headers` the first's.
+    Segments { next: u32, headers: usize },
+}
+
+/// Opened VXLAN packets on their way into `ndwg` (a TAP device: each gets an Ethernet
+/// header), joined where they are of one stream: the TCP segments inside one into a
+/// TCP super-packet in one VXLAN packet, as the kernel's own GRO would have made it
+/// (then no layer below the task's socket sees 1370-byte pieces); other datagrams of
+/// one stream and one size (the last may be smaller) into a UDP super-packet.
 pub struct Coalescer {
-    /// The virtio-net header, then the first packet's headers, then every payload.
+    /// The virtio-net header, the Ethernet header, then the first packet's headers and
+    /// every payload.
     buf: Vec<u8>,
-    key: Option<StreamKey>,
+    join: Join,
     /// The payload size of every piece (the first's).
     size: usize,
     pieces: usize,
-    /// A smaller piece ended the run.
+    /// A smaller piece, or a TCP segment with PSH or FIN, ended the run.
     closed: bool,
+    /// Whether TCP segments are joined (off once the kernel refused such a packet).
+    pub tcp: bool,
 }
 
 impl Default for Coalescer {
     fn default() -> Self {
         Coalescer {
-            buf: Vec::with_capacity(VNET_HDR_LEN + MAX_IP_PACKET),
-            key: None,
+            buf: Vec::with_capacity(VNET_HDR_LEN + ETHERNET + MAX_IP_PACKET),
+            join: Join::Alone,
             size: 0,
             pieces: 0,
             closed: false,
+            tcp: true,
         }
     }
 }
+
+/// Where the packet starts in a [`Coalescer`]'s buffer.
+const FRAMED: usize = VNET_HDR_LEN + ETHERNET;
 
 impl Coalescer {
     /// Takes `packet` into the pending super-packet; false (nothing taken) if it cannot
     /// join it: write out [`Coalescer::finish`] and add it again, which always takes it.
     pub fn add(&mut self, packet: &[u8]) -> bool {
-        let key = stream_key(packet);
         if self.buf.is_empty() {
-            self.buf.resize(VNET_HDR_LEN, 0);
-            self.buf.extend_from_slice(packet);
-            self.key = key;
-            self.size = packet.len().saturating_sub(IPV4_HEADER + UDP_HEADER);
-            self.pieces = 1;
-            self.closed = false;
+            self.start(packet);
             return true;
         }
-        let payload = &packet[(IPV4_HEADER + UDP_HEADER).min(packet.len())..];
-        let joins = key.is_some()
-            && key == self.key
-            && !self.closed
-            && self.pieces < MAX_SEGMENTS
-            && payload.len() <= self.size
-            && self.buf.len() - VNET_HDR_LEN + payload.len() <= MAX_IP_PACKET;
-        if !joins {
+        if self.closed {
             return false;
+        }
+        // The payload `packet` adds, and the flags it ends the run with.
+        let (payload, tail) = match self.join {
+            Join::Alone => return false,
+            Join::Datagrams(key) => {
+                let payload = &packet[(IPV4_HEADER + UDP_HEADER).min(packet.len())..];
+                if stream_key(packet) != Some(key) || self.pieces >= MAX_SEGMENTS {
+                    return false;
+                }
+                (payload, 0)
+            }
+            Join::Segments { next, headers } => {
+                let Some(seg) = tcp_segment(packet) else {
+                    return false;
+                };
+                let joins = seg.headers == headers
+                    && seg.seq == next
+                    && seg.flags & TCP_CWR == 0
+                    && same_stream(&self.buf[FRAMED..], packet, headers);
+                if !joins {
+                    return false;
+                }
+                // What ends the stream's burst ends the run, and the super-packet
+                // carries it (as GRO's does).
+                (&packet[seg.headers..], seg.flags & (TCP_PSH | TCP_FIN))
+            }
+        };
+        if payload.len() > self.size || self.buf.len() - FRAMED + payload.len() > MAX_IP_PACKET {
+            return false;
+        }
+        if let Join::Segments { next, headers } = self.join {
+            self.join = Join::Segments {
+                next: next.wrapping_add(payload.len() as u32),
+                headers,
+            };
+            self.buf[FRAMED + INNER_TCP + 13] |= tail;
         }
         self.buf.extend_from_slice(payload);
         self.pieces += 1;
-        self.closed = payload.len() < self.size;
+        self.closed = tail != 0 || payload.len() < self.size;
         true
     }
 
+    /// A new pending packet: `packet` after its virtio-net and Ethernet headers.
+    fn start(&mut self, packet: &[u8]) {
+        self.buf.resize(VNET_HDR_LEN, 0);
+        self.buf.extend_from_slice(&DEVICE_MAC);
+        self.buf.extend_from_slice(&PEER_MAC);
+        self.buf.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        self.buf.extend_from_slice(packet);
+        self.pieces = 1;
+        self.closed = false;
+        let segment = tcp_segment(packet).filter(|_| self.tcp);
+        (self.join, self.size) = match (segment, stream_key(packet)) {
+            (Some(seg), _) => {
+                let size = packet.len() - seg.headers;
+                self.closed = seg.flags & (TCP_PSH | TCP_FIN) != 0;
+                let next = seg.seq.wrapping_add(size as u32);
+                let headers = seg.headers;
+                (Join::Segments { next, headers }, size)
+            }
+            // A TCP segment that cannot be part of a TCP super-packet (a SYN, say)
+            // goes alone, as the kernel's GRO would let it.
+            (None, Some(_)) if self.tcp && carries_tcp(packet) => (Join::Alone, 0),
+            (None, Some(key)) => (
+                Join::Datagrams(key),
+                packet.len() - IPV4_HEADER - UDP_HEADER,
+            ),
+            (None, None) => (Join::Alone, 0),
+        };
+    }
+
     /// The pending packet with its virtio-net header, ready to write, and how many
-    /// packets it holds; [`Coalescer::clear`] once written. A super-packet has its
-    /// IPv4 and UDP lengths and its IPv4 checksum set, and its UDP checksum left for the
-    /// kernel (the pseudo-header's sum in place).
+    /// packets it holds; [`Coalescer::clear`] once written. A super-packet has its IPv4
+    /// and UDP lengths and its IPv4 checksums set, and the checksum of its UDP (or
+    /// inner TCP) left for the kernel (the pseudo-header's sum in place). A TCP
+    /// super-packet has no outer UDP checksum (none was on the way either: WireGuard's
+    /// tag covered every byte).
     pub fn finish(&mut self) -> Option<(&[u8], usize)> {
         if self.buf.is_empty() {
             return None;
         }
         let pieces = self.pieces;
-        let hdr = if pieces == 1 {
-            VnetHdr::default()
-        } else {
-            let p = &mut self.buf[VNET_HDR_LEN..];
-            let total = p.len();
-            let id = be16(p, 4);
-            rewrite_ipv4(p, 0, IPV4_HEADER, total, id);
-            let udp_len = (total - IPV4_HEADER) as u16;
-            put16(p, 24, udp_len);
-            put16(p, 26, fold(sum(&p[12..20], 17 + u64::from(udp_len))));
-            VnetHdr {
-                flags: VNET_F_NEEDS_CSUM,
-                gso_type: VNET_GSO_UDP_L4,
-                hdr_len: (IPV4_HEADER + UDP_HEADER) as u16,
-                gso_size: self.size as u16,
-                csum_start: IPV4_HEADER as u16,
-                csum_offset: 6,
-                ..VnetHdr::default()
+        let p = &mut self.buf[FRAMED..];
+        let total = p.len();
+        let hdr = match self.join {
+            _ if pieces == 1 => VnetHdr::default(),
+            Join::Alone => VnetHdr::default(),
+            Join::Datagrams(_) => {
+                rewrite_ipv4(p, 0, IPV4_HEADER, total, be16(p, 4));
+                let udp_len = (total - IPV4_HEADER) as u16;
+                put16(p, 24, udp_len);
+                put16(p, 26, fold(sum(&p[12..20], 17 + u64::from(udp_len))));
+                VnetHdr {
+                    flags: VNET_F_NEEDS_CSUM,
+                    gso_type: VNET_GSO_UDP_L4,
+                    hdr_len: (ETHERNET + IPV4_HEADER + UDP_HEADER) as u16,
+                    gso_size: self.size as u16,
+                    csum_start: (ETHERNET + IPV4_HEADER) as u16,
+                    csum_offset: 6,
+                    ..VnetHdr::default()
+                }
+            }
+            Join::Segments { headers, .. } => {
+                rewrite_ipv4(p, 0, IPV4_HEADER, total, be16(p, 4));
+                put16(p, IPV4_HEADER + 4, (total - IPV4_HEADER) as u16);
+                put16(p, IPV4_HEADER + 6, 0);
+                let inner_id = be16(p, INNER_IP + 4);
+                rewrite_ipv4(p, INNER_IP, IPV4_HEADER, total - INNER_IP, inner_id);
+                let tcp_len = (total - INNER_TCP) as u64;
+                let pseudo = fold(sum(&p[INNER_IP + 12..INNER_IP + 20], 6 + tcp_len));
+                put16(p, INNER_TCP + 16, pseudo);
+                let ecn = if p[INNER_TCP + 13] & TCP_CWR != 0 {
+                    VNET_GSO_ECN
+                } else {
+                    0
+                };
+                VnetHdr {
+                    flags: VNET_F_NEEDS_CSUM,
+                    gso_type: VNET_GSO_UDP_TUNNEL_IPV4 | VNET_GSO_TCPV4 | ecn,
+                    hdr_len: (ETHERNET + headers) as u16,
+                    gso_size: self.size as u16,
+                    csum_start: (ETHERNET + INNER_TCP) as u16,
+                    csum_offset: 16,
+                    outer_th_offset: (ETHERNET + IPV4_HEADER) as u16,
+                    inner_nh_offset: (ETHERNET + INNER_IP) as u16,
+                }
             }
         };
         hdr.encode(&mut self.buf[..VNET_HDR_LEN]);
         // Nothing joins a finished packet.
-        self.key = None;
+        self.closed = true;
         Some((&self.buf, pieces))
     }
 
-    /// The packets a finished super-packet holds, each whole again (its IPv4 length,
-    /// identification and checksum, its UDP length, no UDP checksum): what is written
-    /// instead where the kernel refused the super-packet.
+    /// Whether the pending packet joins TCP segments (for a caller whose write of it
+    /// the kernel refused: the kernel then takes no such packet).
+    pub fn joins_segments(&self) -> bool {
+        self.pieces > 1 && matches!(self.join, Join::Segments { .. })
+    }
+
+    /// The packets a finished super-packet holds, each whole again with its virtio-net
+    /// and Ethernet headers: datagrams with their IPv4 length, identification and
+    /// checksum, their UDP length and no UDP checksum; TCP segments cut as [`unpack`]
+    /// cuts what `ndwg` hands over. What is written instead where the kernel refused
+    /// the super-packet.
     pub fn pieces(&self) -> Vec<Vec<u8>> {
-        let Some(p) = self.buf.get(VNET_HDR_LEN..) else {
+        let Some(hdr) = self.buf.get(..VNET_HDR_LEN).and_then(VnetHdr::decode) else {
             return vec![];
         };
+        let Some(p) = self.buf.get(FRAMED..) else {
+            return vec![];
+        };
+        let frame = |packet: &[u8]| {
+            let mut q = Vec::with_capacity(FRAMED + packet.len());
+            q.extend_from_slice(&self.buf[..FRAMED]);
+            q[..VNET_HDR_LEN].fill(0);
+            q.extend_from_slice(packet);
+            q
+        };
+        if self.pieces <= 1 || self.size == 0 {
+            return vec![frame(p)];
+        }
+        if hdr.gso_type & !VNET_GSO_ECN == VNET_GSO_UDP_TUNNEL_IPV4 | VNET_GSO_TCPV4 {
+            // The header as `ndwg` would have handed such a packet over: offsets from
+            // the IP header, the inner TCP checksum to finish.
+            let unframed = VnetHdr {
+                hdr_len: hdr.hdr_len - ETHERNET as u16,
+                csum_start: hdr.csum_start - ETHERNET as u16,
+                outer_th_offset: hdr.outer_th_offset - ETHERNET as u16,
+                inner_nh_offset: hdr.inner_nh_offset - ETHERNET as u16,
+                ..hdr
+            };
+            let (mut out, mut ends) = (vec![], vec![]);
+            if unpack(&mut p.to_vec(), &unframed, &mut out, &mut ends).is_err() {
+                return vec![];
+            }
+            let mut start = 0;
+            return ends
+                .into_iter()
+                .map(|end| {
+                    let q = frame(&out[start..end]);
+                    start = end;
+                    q
+                })
+                .collect();
+        }
         let head = IPV4_HEADER + UDP_HEADER;
-        if self.pieces <= 1 || p.len() <= head || self.size == 0 {
-            return vec![self.buf.clone()];
+        if p.len() <= head {
+            return vec![frame(p)];
         }
         let id = be16(p, 4);
         p[head..]
             .chunks(self.size)
             .enumerate()
             .map(|(i, payload)| {
-                let mut q = Vec::with_capacity(VNET_HDR_LEN + head + payload.len());
-                q.resize(VNET_HDR_LEN, 0);
-                q.extend_from_slice(&p[..head]);
+                let mut q = frame(&p[..head]);
                 q.extend_from_slice(payload);
-                let packet = &mut q[VNET_HDR_LEN..];
+                let packet = &mut q[FRAMED..];
                 let len = packet.len();
                 rewrite_ipv4(packet, 0, IPV4_HEADER, len, id.wrapping_add(i as u16));
                 put16(packet, 24, (len - IPV4_HEADER) as u16);
@@ -458,7 +725,7 @@ impl Coalescer {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.pieces = 0;
-        self.key = None;
+        self.join = Join::Alone;
     }
 }
 
@@ -796,14 +1063,17 @@ mod tests {
             VnetHdr {
                 flags: VNET_F_NEEDS_CSUM,
                 gso_type: VNET_GSO_UDP_L4,
-                hdr_len: 28,
+                hdr_len: 14 + 28,
                 gso_size: 1000,
-                csum_start: 20,
+                csum_start: 14 + 20,
                 csum_offset: 6,
                 ..VnetHdr::default()
             }
         );
-        let p = &out[VNET_HDR_LEN..];
+        // An Ethernet frame to ndwg's own address.
+        let eth = &out[VNET_HDR_LEN..FRAMED];
+        assert_eq!((&eth[..6], &eth[12..]), (&DEVICE_MAC[..], &[0x08, 0x00][..]));
+        let p = &out[FRAMED..];
         assert_eq!(p.len(), 28 + 2400);
         assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len());
         assert_eq!(fold(sum(&p[..20], 0)), 0xffff, "IPv4 checksum");
@@ -833,7 +1103,7 @@ mod tests {
             .enumerate()
         {
             assert_eq!(VnetHdr::decode(q), Some(VnetHdr::default()));
-            let p = &q[VNET_HDR_LEN..];
+            let p = &q[FRAMED..];
             assert_eq!(p.len(), 28 + payload);
             assert_eq!(usize::from(be16(p, 2)), p.len());
             assert_eq!(be16(p, 4), 1 + i as u16, "identification");
@@ -849,7 +1119,7 @@ mod tests {
         assert!(one.finish().is_some());
         let back = one.pieces();
         assert_eq!(back.len(), 1);
-        assert_eq!(&back[0][VNET_HDR_LEN..], &a[..]);
+        assert_eq!(&back[0][FRAMED..], &a[..]);
     }
 
     #[test]
@@ -869,13 +1139,13 @@ mod tests {
         let (out, pieces) = c.finish().expect("a packet");
         assert_eq!(pieces, 1);
         assert_eq!(VnetHdr::decode(out), Some(VnetHdr::default()));
-        assert_eq!(&out[VNET_HDR_LEN..], &a[..]);
+        assert_eq!(&out[FRAMED..], &a[..]);
         c.clear();
         // A packet that cannot join anything still goes, alone.
         assert!(c.add(&frag));
         assert_eq!(
             c.finish().map(|(o, n)| (o.len(), n)),
-            Some((VNET_HDR_LEN + frag.len(), 1))
+            Some((FRAMED + frag.len(), 1))
         );
     }
 
@@ -890,6 +1160,169 @@ mod tests {
         assert_eq!(n, 46);
         let (out, pieces) = c.finish().expect("a packet");
         assert_eq!(pieces, 46);
-        assert!(out.len() - VNET_HDR_LEN <= MAX_IP_PACKET);
+        assert!(out.len() - FRAMED <= MAX_IP_PACKET);
+    }
+
+    /// A TCP segment in a VXLAN packet as a peer sends it: [`super_packet`]'s headers
+    /// with `payload` bytes (each `fill`), sequence number `seq`, flags `flags`, and
+    /// every length set.
+    fn segment(seq: u32, payload: usize, flags: u8, fill: u8) -> Vec<u8> {
+        let mut p = super_packet(0, flags);
+        p.resize(p.len() + payload, fill);
+        let len = p.len();
+        put16(&mut p, 2, len as u16);
+        put16(&mut p, 24, (len - 20) as u16);
+        put16(&mut p, 52, (len - 50) as u16);
+        p[74..78].copy_from_slice(&seq.to_be_bytes());
+        p
+    }
+
+    /// Whether the TCP segment in VXLAN packet `s` has a valid checksum.
+    fn tcp_checksum_valid(s: &[u8]) -> bool {
+        let pseudo = sum(&s[62..70], 6 + (s.len() - 70) as u64);
+        fold(sum(&s[70..], pseudo)) == 0xffff
+    }
+
+    #[test]
+    fn segments_of_one_stream_become_one_tcp_super_packet_in_one_vxlan_packet() {
+        let mut c = Coalescer::default();
+        let base = 0xffff_fc00u32; // the sequence numbers wrap on the way
+        assert!(c.add(&segment(base, 1000, 0x10, 1)));
+        assert!(c.add(&segment(base.wrapping_add(1000), 1000, 0x10, 2)));
+        assert!(c.add(&segment(base.wrapping_add(2000), 400, 0x18, 3)));
+        // PSH (and a smaller one) ended the run.
+        assert!(!c.add(&segment(base.wrapping_add(2400), 1000, 0x10, 4)));
+        assert!(c.joins_segments());
+        let (out, pieces) = c.finish().expect("a packet");
+        assert_eq!(pieces, 3);
+        assert_eq!(
+            VnetHdr::decode(out),
+            Some(VnetHdr {
+                flags: VNET_F_NEEDS_CSUM,
+                gso_type: VNET_GSO_UDP_TUNNEL_IPV4 | VNET_GSO_TCPV4,
+                hdr_len: 14 + 102,
+                gso_size: 1000,
+                csum_start: 14 + 70,
+                csum_offset: 16,
+                outer_th_offset: 14 + 20,
+                inner_nh_offset: 14 + 50,
+            })
+        );
+        let p = &out[FRAMED..];
+        let len = p.len();
+        assert_eq!(len, 102 + 2400);
+        // Outer IPv4 and UDP: the whole length, a valid checksum, no UDP checksum.
+        assert_eq!(usize::from(be16(p, 2)), len);
+        assert_eq!(fold(sum(&p[..20], 0)), 0xffff);
+        assert_eq!(usize::from(be16(p, 24)), len - 20);
+        assert_eq!(be16(p, 26), 0);
+        // Inner IPv4: its whole length, a valid checksum, the first's identification.
+        assert_eq!(usize::from(be16(p, 52)), len - 50);
+        assert_eq!(fold(sum(&p[50..70], 0)), 0xffff);
+        assert_eq!(be16(p, 54), 0x10);
+        // TCP: the first's sequence number, the last's PSH, and the pseudo-header's
+        // sum over the whole TCP length where the kernel finishes the checksum.
+        assert_eq!(u32::from_be_bytes([p[74], p[75], p[76], p[77]]), base);
+        assert_eq!(p[83], 0x18);
+        assert_eq!(be16(p, 86), fold(sum(&p[62..70], 6 + (len - 70) as u64)));
+        assert!(p[102..1102].iter().all(|b| *b == 1));
+        assert!(p[1102..2102].iter().all(|b| *b == 2));
+        assert!(p[2102..].iter().all(|b| *b == 3));
+
+        // Refused by the kernel: the segments again, each whole with valid checksums.
+        let pieces = c.pieces();
+        assert_eq!(pieces.len(), 3);
+        for (i, (q, (payload, fill))) in pieces
+            .iter()
+            .zip([(1000, 1u8), (1000, 2), (400, 3)])
+            .enumerate()
+        {
+            assert_eq!(VnetHdr::decode(q), Some(VnetHdr::default()));
+            let s = &q[FRAMED..];
+            assert_eq!(s.len(), 102 + payload);
+            assert_eq!(usize::from(be16(s, 2)), s.len());
+            assert_eq!(fold(sum(&s[..20], 0)), 0xffff);
+            assert_eq!(fold(sum(&s[50..70], 0)), 0xffff);
+            let seq = u32::from_be_bytes([s[74], s[75], s[76], s[77]]);
+            assert_eq!(seq, base.wrapping_add(1000 * i as u32));
+            assert_eq!(s[83] & 0x08 != 0, i == 2, "PSH on the last only");
+            assert!(tcp_checksum_valid(s), "TCP checksum of piece {i}");
+            assert!(s[102..].iter().all(|b| *b == fill));
+        }
+    }
+
+    #[test]
+    fn segments_the_kernel_would_not_join_stay_apart() {
+        let first = segment(1000, 1000, 0x10, 1);
+        let next = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut p = segment(2000, 1000, 0x10, 2);
+            f(&mut p);
+            p
+        };
+        let apart: Vec<(&str, Vec<u8>)> = vec![
+            ("a gap", segment(2001, 1000, 0x10, 2)),
+            ("another ACK number", next(&|p| p[78] ^= 1)),
+            ("another window", next(&|p| p[84] ^= 1)),
+            ("other options (a timestamp)", next(&|p| p[95] ^= 1)),
+            ("another inner source", next(&|p| p[62] ^= 1)),
+            ("another VNI", next(&|p| p[33] ^= 1)),
+            ("CWR after the first", next(&|p| p[83] |= 0x80)),
+            ("RST", next(&|p| p[83] |= 0x04)),
+            ("a larger segment", segment(2000, 1001, 0x10, 2)),
+        ];
+        for (why, p) in apart {
+            let mut c = Coalescer::default();
+            assert!(c.add(&first));
+            assert!(!c.add(&p), "{why} joined");
+        }
+        // A SYN, or a segment without data, goes alone: nothing joins it.
+        for lone in [segment(1000, 1000, 0x02, 1), segment(1000, 0, 0x10, 1)] {
+            let mut c = Coalescer::default();
+            assert!(c.add(&lone));
+            assert!(!c.add(&segment(1000 + 1000, 1000, 0x10, 2)));
+        }
+        // With TCP joins off, the same segments join as datagrams (UDP GSO).
+        let mut c = Coalescer {
+            tcp: false,
+            ..Coalescer::default()
+        };
+        assert!(c.add(&first));
+        assert!(c.add(&segment(2000, 1000, 0x10, 2)));
+        assert!(!c.joins_segments());
+        let (out, _) = c.finish().expect("a packet");
+        assert_eq!(
+            VnetHdr::decode(out).map(|h| h.gso_type),
+            Some(VNET_GSO_UDP_L4)
+        );
+    }
+
+    #[test]
+    fn a_frame_from_the_tap_device_loses_its_ethernet_header() {
+        let mut frame = vec![0u8; 14];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame.extend(super_packet(100, 0x10));
+        let framed = VnetHdr {
+            hdr_len: 14 + 102,
+            csum_start: 14 + 70,
+            outer_th_offset: 14 + 20,
+            inner_nh_offset: 14 + 50,
+            ..tunnel_hdr(1000)
+        };
+        let (packet, hdr) = strip_ethernet(&mut frame, &framed).expect("IPv4");
+        assert_eq!(packet[0], 0x45);
+        assert_eq!(hdr, tunnel_hdr(1000));
+        // A plain frame: nothing to move; the offsets stay 0.
+        let (_, plain) = strip_ethernet(&mut frame, &VnetHdr::default()).expect("IPv4");
+        assert_eq!(plain, VnetHdr::default());
+        // Offsets into the Ethernet header, another protocol, a short frame.
+        let short = VnetHdr {
+            csum_start: 10,
+            ..framed
+        };
+        assert!(strip_ethernet(&mut frame, &short).is_none());
+        let mut arp = frame.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(strip_ethernet(&mut arp, &framed).is_none());
+        assert!(strip_ethernet(&mut frame[..13], &VnetHdr::default()).is_none());
     }
 }
