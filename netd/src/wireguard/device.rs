@@ -576,6 +576,9 @@ impl Sealer {
                     tracing::debug!("a packet from {IFNAME} not taken: {e:?} ({hdr:?})");
                 }
             }
+            // The packets, each with its destination; consecutive ones to one peer are
+            // sealed under one lock of its state.
+            let mut packets = Vec::with_capacity(plain_ends.len());
             let mut start = 0;
             for &end in &plain_ends {
                 let packet = &plain[start..end];
@@ -585,10 +588,10 @@ impl Sealer {
                     continue;
                 }
                 let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-                if let Some(d) = self.seal(packet, dst, &mut sealed).await {
-                    self.sealed.fetch_add(1, Ordering::Relaxed);
-                    ends.push((dst, d));
-                }
+                packets.push((dst, packet));
+            }
+            for run in packets.chunk_by(|a, b| a.0 == b.0) {
+                self.seal_run(run, &mut sealed, &mut ends).await;
             }
             // Consecutive datagrams to one peer, in runs UDP GSO takes.
             let mut i = 0;
@@ -609,32 +612,49 @@ impl Sealer {
         }
     }
 
-    /// Seals `packet` for the peer at `dst` onto the end of `sealed`; the new end, or
-    /// None (no such peer, or nothing to send yet).
-    async fn seal(&self, packet: &[u8], dst: Ipv4Addr, sealed: &mut Vec<u8>) -> Option<usize> {
+    /// Seals `run` (packets, each to the same peer's address) onto the end of `sealed`,
+    /// each one's peer and end into `ends` (what has nothing to send yet, as a packet
+    /// the tunnel queues behind its handshake, adds nothing).
+    async fn seal_run(
+        &self,
+        run: &[(Ipv4Addr, &[u8])],
+        sealed: &mut Vec<u8>,
+        ends: &mut Vec<(Ipv4Addr, usize)>,
+    ) {
+        let Some(&(dst, _)) = run.first() else {
+            return;
+        };
+        let no_peer = || {
+            self.dropped
+                .no_peer
+                .fetch_add(run.len() as u64, Ordering::Relaxed);
+        };
         let Some(peer) = self.peer(dst) else {
-            self.dropped.no_peer.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return no_peer();
         };
         let mut st = peer.state.lock().await;
         let Some(t) = st.outbound() else {
-            self.dropped.no_peer.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return no_peer();
         };
-        let start = sealed.len();
-        // Room for a data message (the packet, its header and tag: 32 bytes more) or a
-        // handshake initiation, whichever the tunnel makes.
-        sealed.resize(start + packet.len() + HANDSHAKE_LEN, 0);
-        let len = match t.tunn.encapsulate(packet, &mut sealed[start..]) {
-            TunnResult::WriteToNetwork(d) => Some(d.len()),
-            TunnResult::Err(e) => {
-                tracing::debug!(node = peer.name, "seal: {e:?}");
-                None
+        for (_, packet) in run {
+            let start = sealed.len();
+            // Room for a data message (the packet, its header and tag: 32 bytes more)
+            // or a handshake initiation, whichever the tunnel makes.
+            sealed.resize(start + packet.len() + HANDSHAKE_LEN, 0);
+            let len = match t.tunn.encapsulate(packet, &mut sealed[start..]) {
+                TunnResult::WriteToNetwork(d) => Some(d.len()),
+                TunnResult::Err(e) => {
+                    tracing::debug!(node = peer.name, "seal: {e:?}");
+                    None
+                }
+                _ => None,
+            };
+            sealed.truncate(start + len.unwrap_or(0));
+            if let Some(len) = len {
+                self.sealed.fetch_add(1, Ordering::Relaxed);
+                ends.push((dst, start + len));
             }
-            _ => None,
-        };
-        sealed.truncate(start + len.unwrap_or(0));
-        len.map(|l| start + l)
+        }
     }
 
     /// A peer -> `ndwg`: opens each datagram with the sending node's tunnel its
@@ -703,22 +723,25 @@ impl Sealer {
             self.dropped.unknown_sender.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // All of a read is from one peer: its state is locked once for it.
+        let mut st = peer.state.lock().await;
         for datagram in data.chunks(segment.unwrap_or(data.len()).max(1)) {
-            self.open(&peer, *from.ip(), datagram, out, joined).await;
+            self.open(&mut st, &peer.name, *from.ip(), datagram, out, joined)
+                .await;
         }
     }
 
-    /// Opens one datagram from `peer` (at `from`): what it holds joins `joined`, an
-    /// answer it asks for (a handshake's) is sent.
+    /// Opens one datagram from peer `name` (at `from`, its state `st`): what it holds
+    /// joins `joined`, an answer it asks for (a handshake's) is sent.
     async fn open(
         &self,
-        peer: &Peer,
+        st: &mut PeerState,
+        name: &str,
         from: Ipv4Addr,
         datagram: &[u8],
         out: &mut [u8],
         joined: &mut offload::Coalescer,
     ) {
-        let mut st = peer.state.lock().await;
         let candidates = st.candidates(datagram);
         let Some(&last) = candidates.last() else {
             self.dropped.invalid.fetch_add(1, Ordering::Relaxed);
@@ -763,7 +786,7 @@ impl Sealer {
                     TunnResult::WriteToTunnelV6(..) => {
                         self.dropped.wrong_inner.fetch_add(1, Ordering::Relaxed);
                     }
-                    TunnResult::Err(e) => self.count_refused(&peer.name, e),
+                    TunnResult::Err(e) => self.count_refused(name, e),
                     TunnResult::Done => {}
                 }
                 break;
