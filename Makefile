@@ -6,7 +6,7 @@ APT_PACKAGES := nftables conntrack iproute2 ethtool iputils-ping procps util-lin
   dnsutils unbound clang-19 libbpf-dev python3 prometheus chromium chromium-driver tcpdump \
   containerd runc podman conmon containernetworking-plugins busybox-static iptables docker.io
 # Only `make bench` needs these.
-BENCH_PACKAGES := iperf3 dnsperf haproxy netavark
+BENCH_PACKAGES := iperf3 dnsperf haproxy netavark openssl
 CARGO ?= cargo
 TEST_THREADS ?= 2
 

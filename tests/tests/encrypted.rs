@@ -700,3 +700,34 @@ fn a_restarted_node_is_reached_at_once_by_a_peer_that_sends_first() -> Result<()
     }
     Ok(())
 }
+
+/// A netd before this one made `ndwg` a TUN device (a persistent one stays across
+/// restarts); this netd needs a TAP device, so it deletes and makes it anew (the
+/// encrypted overlays' packets are dropped meanwhile, none leaves in the clear), and
+/// the network works with TCP joins on.
+#[test]
+fn an_older_netds_tun_device_is_made_anew_as_a_tap_device() -> Result<()> {
+    let mut lab = Lab::cluster("et", 2)?;
+    let (client, to) = sealed_pair(&mut lab, "198.19.97.0/24")?;
+    get_with_marker(&client, to, "netd-before-upgrade", 0)?;
+    let ns = lab.nodes[0].netns.clone();
+    lab.stop_daemon(0, false)?;
+    // What an older netd left: `ndwg` as a persistent TUN device.
+    netd_lab::run(Command::new("ip").args(["-n", &ns, "link", "del", "ndwg"]))?;
+    netd_lab::run(
+        Command::new("ip").args(["-n", &ns, "tuntap", "add", "dev", "ndwg", "mode", "tun"]),
+    )?;
+    lab.start_daemon(0)?;
+    let link = netd_lab::run(Command::new("ip").args(["-n", &ns, "-d", "link", "show", "ndwg"]))?;
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    assert!(link.contains("tun type tap"), "{link}");
+    assert!(link.contains("NOARP"), "{link}");
+    assert!(
+        get_with_marker(&client, to, "netd-after-upgrade", 200_000)?.len() >= 200_000,
+        "the download after the upgrade"
+    );
+    let e = &lab.cli_json(0, &["status"])?["encryption"];
+    assert_eq!(e["device_taken_over"], false, "{e}");
+    assert_eq!(e["tcp_joins"], true, "{e}");
+    Ok(())
+}

@@ -261,7 +261,13 @@ impl UserspaceDatapath {
     /// The TUN descriptor the netd before left for `network`, if it is still that
     /// sandbox's device (else the store closes it).
     fn take_left(&self, network: &str, netns: Option<&str>) -> Option<(Key, OwnedFd)> {
-        tun::take_held(self.handover.as_ref()?, network, netns?, SANDBOX_TUN, tun::Mode::TUN)
+        tun::take_held(
+            self.handover.as_ref()?,
+            network,
+            netns?,
+            SANDBOX_TUN,
+            tun::Mode::TUN,
+        )
     }
 
     /// Gives the fd store a duplicate of the sandbox's TUN descriptor.

@@ -808,11 +808,15 @@ impl Sealer {
                 // super-packets from now on. None at all (before 6.2): each packet
                 // alone. This one's pieces go one by one.
                 if joined.joins_segments() {
-                    tracing::warn!("{IFNAME} refused a TCP super-packet ({e}): UDP ones from now on");
+                    tracing::warn!(
+                        "{IFNAME} refused a TCP super-packet ({e}): UDP ones from now on"
+                    );
                     self.tcp_joins.store(false, Ordering::Relaxed);
                     joined.tcp = false;
                 } else {
-                    tracing::warn!("{IFNAME} refused a UDP super-packet ({e}): packets go one by one");
+                    tracing::warn!(
+                        "{IFNAME} refused a UDP super-packet ({e}): packets go one by one"
+                    );
                     self.joins.store(false, Ordering::Relaxed);
                 }
                 for piece in joined.pieces() {

@@ -450,8 +450,7 @@ fn same_stream(a: &[u8], b: &[u8], headers: usize) -> bool {
         at = to;
     }
     let loose = TCP_PSH | TCP_FIN | TCP_CWR;
-    a[at..headers] == b[at..headers]
-        && (a[INNER_TCP + 13] ^ b[INNER_TCP + 13]) & !loose == 0
+    a[at..headers] == b[at..headers] && (a[INNER_TCP + 13] ^ b[INNER_TCP + 13]) & !loose == 0
 }
 
 /// How the packets pending in a [`Coalescer`] are joined.
@@ -1072,7 +1071,10 @@ mod tests {
         );
         // An Ethernet frame to ndwg's own address.
         let eth = &out[VNET_HDR_LEN..FRAMED];
-        assert_eq!((&eth[..6], &eth[12..]), (&DEVICE_MAC[..], &[0x08, 0x00][..]));
+        assert_eq!(
+            (&eth[..6], &eth[12..]),
+            (&DEVICE_MAC[..], &[0x08, 0x00][..])
+        );
         let p = &out[FRAMED..];
         assert_eq!(p.len(), 28 + 2400);
         assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, p.len());
