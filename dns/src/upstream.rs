@@ -22,8 +22,8 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 pub const TOTAL_BUDGET: Duration = Duration::from_secs(3);
 /// Docker forwards to at most 3 servers.
 pub const MAX_SERVERS: usize = 3;
-/// How long a query over UDP waits for its answer before it goes again, within its
-/// server's share of the budget: one datagram lost on the way (a neighbour still being
+/// How long a query over UDP waits for its answer before it goes again (at most half
+/// its server's share of the budget): one datagram lost on the way (a neighbour still being
 /// resolved, a port of the path just coming up) must not make the answer SERVFAIL, as
 /// a stub resolver also asks again.
 pub const RESEND_AFTER: Duration = Duration::from_secs(1);
@@ -91,7 +91,13 @@ fn answers(reply: &Message, query: &Message) -> bool {
         })
 }
 
-async fn over_udp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<(Message, bool)> {
+/// Asks `server` over UDP, the same query again each `resend` without an answer.
+async fn over_udp(
+    server: SocketAddr,
+    bytes: &[u8],
+    query: &Message,
+    resend: Duration,
+) -> Option<(Message, bool)> {
     let bind: SocketAddr = if server.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -100,16 +106,16 @@ async fn over_udp(server: SocketAddr, bytes: &[u8], query: &Message) -> Option<(
     let sock = UdpSocket::bind(bind).await.ok()?;
     sock.connect(server).await.ok()?;
     sock.send(bytes).await.ok()?;
-    let mut resend = Instant::now() + RESEND_AFTER;
+    let mut again = Instant::now() + resend;
     let mut buf = vec![0u8; 65535];
     loop {
         // A refused port (ICMP) fails the receive at once: next server.
-        let n = match tokio::time::timeout_at(resend, sock.recv(&mut buf)).await {
+        let n = match tokio::time::timeout_at(again, sock.recv(&mut buf)).await {
             Ok(received) => received.ok()?,
             Err(_) => {
                 // The same query again (same id: a late answer to either matches).
                 sock.send(bytes).await.ok()?;
-                resend = Instant::now() + RESEND_AFTER;
+                again = Instant::now() + resend;
                 continue;
             }
         };
@@ -179,7 +185,9 @@ impl Upstream {
         for server in &self.servers {
             let left = deadline.saturating_duration_since(Instant::now());
             let wait = share.min(left);
-            match timeout(wait, over_udp(*server, &bytes, &query)).await {
+            // At least once within the share, however many servers split the budget.
+            let resend = RESEND_AFTER.min(wait / 2);
+            match timeout(wait, over_udp(*server, &bytes, &query, resend)).await {
                 Ok(Some((reply, false))) => return Ok(reply),
                 Ok(Some((udp_reply, true))) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -275,7 +283,10 @@ mod tests {
                 let mut request = Message::query();
                 request.add_query(Query::query(name, RecordType::A));
                 let upstream = Upstream::new(vec![addr]);
+                // Bounded: without the resend, the second query never comes.
+                let serve = tokio::time::timeout(Duration::from_secs(5), serve);
                 let (ids, reply) = tokio::join!(serve, upstream.forward(&request));
+                let ids = ids.map_err(|_| "the server got one query: none was sent again")?;
                 let reply = reply.map_err(|e| format!("{e:?}"))?;
                 let answers = reply.answers.iter().map(|r| r.data.to_string()).collect();
                 Ok((ids.ok_or("the server")?, answers))

@@ -240,12 +240,26 @@ async fn read_whole_body(req: axum::extract::Request, next: axum::middleware::Ne
             next.run(axum::extract::Request::from_parts(parts, bytes.into()))
                 .await
         }
-        Err(e) => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "bad_request",
-            format!("the request body could not be read (at most {BODY_LIMIT} bytes): {e}"),
-        )
-        .into_response(),
+        Err(e) => {
+            let too_large = e
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("a request body holds at most {BODY_LIMIT} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "the request body could not be read to its end",
+                )
+            }
+            .into_response()
+        }
     }
 }
 

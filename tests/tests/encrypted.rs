@@ -718,6 +718,10 @@ fn an_older_netds_tun_device_is_made_anew_as_a_tap_device() -> Result<()> {
         Command::new("ip").args(["-n", &ns, "tuntap", "add", "dev", "ndwg", "mode", "tun"]),
     )?;
     lab.start_daemon(0)?;
+    let opened_before = lab.cli_json(0, &["status"])?["encryption"]["opened"]
+        .as_u64()
+        .unwrap_or(0);
+    let written_before = ndwg_packets(&lab, 0)?.0;
     let link = netd_lab::run(Command::new("ip").args(["-n", &ns, "-d", "link", "show", "ndwg"]))?;
     let link = String::from_utf8_lossy(&link.stdout).into_owned();
     assert!(link.contains("tun type tap"), "{link}");
@@ -729,5 +733,12 @@ fn an_older_netds_tun_device_is_made_anew_as_a_tap_device() -> Result<()> {
     let e = &lab.cli_json(0, &["status"])?["encryption"];
     assert_eq!(e["device_taken_over"], false, "{e}");
     assert_eq!(e["tcp_joins"], true, "{e}");
+    // The download's segments went into the new device joined.
+    let opened = e["opened"].as_u64().unwrap_or(0) - opened_before;
+    let written = ndwg_packets(&lab, 0)?.0 - written_before;
+    assert!(
+        opened > 100 && written * 4 < opened,
+        "n1 wrote {written} packets into ndwg for {opened} opened"
+    );
     Ok(())
 }

@@ -44,7 +44,8 @@ use crate::view::View;
 
 /// How often every peer's timers run (handshakes, re-keys, keepalives).
 const TICK: Duration = Duration::from_millis(250);
-/// The largest packet `ndwg` hands over, and the largest datagram taken in.
+/// The largest IP packet `ndwg` hands over (its frame has an Ethernet header more), and
+/// the largest datagram taken in.
 const MAX_PACKET: usize = 65535;
 /// How long a session lives without a new handshake (WireGuard's REJECT_AFTER_TIME).
 const SESSION_LIFE: Duration = Duration::from_secs(180);
@@ -229,8 +230,8 @@ pub struct Status {
     /// The datagrams of one read go to a peer in one send (UDP GSO).
     pub udp_gso: bool,
     /// The TCP segments a peer sent go into `ndwg` joined again, as TCP super-packets
-    /// in one VXLAN packet (Linux 6.17's UDP tunnel offload on a TAP device); else as
-    /// UDP super-packets the kernel cuts.
+    /// in one VXLAN packet (Linux 6.17's UDP tunnel offload on a TAP device); false once
+    /// the kernel refused one: then as UDP super-packets the kernel cuts.
     pub tcp_joins: bool,
 }
 
@@ -535,7 +536,7 @@ impl Sealer {
     /// UDP GSO allows ([`offload::gso_runs`]).
     async fn outbound(self: Arc<Self>) {
         let mut bufs: Vec<Vec<u8>> = (0..BATCH)
-            .map(|_| vec![0u8; offload::VNET_HDR_LEN + MAX_PACKET])
+            .map(|_| vec![0u8; offload::VNET_HDR_LEN + offload::ETHERNET + MAX_PACKET])
             .collect();
         let mut lens = [0usize; BATCH];
         // The sealed datagrams of one batch, back to back, and each one's peer and end.
@@ -566,9 +567,13 @@ impl Sealer {
                     continue;
                 };
                 // Not IPv4: the kernel's own chatter on the link (nothing routed
-                // into ndwg is other than the encrypted overlays' VXLAN).
+                // into ndwg is other than the encrypted overlays' VXLAN); offsets
+                // into the Ethernet header: not a frame netd can cut.
                 let Some((packet, hdr)) = offload::strip_ethernet(frame, &hdr) else {
-                    tracing::debug!("a frame from {IFNAME} without an IPv4 packet ({hdr:?})");
+                    tracing::debug!(
+                        "a frame from {IFNAME} without an IPv4 packet, or with offsets \
+                         into its Ethernet header ({hdr:?})"
+                    );
                     continue;
                 };
                 if let Err(e) = offload::unpack(packet, &hdr, &mut plain, &mut plain_ends) {
@@ -1039,9 +1044,9 @@ async fn open_device(
     let fd = match tun::open(IFNAME, DEVICE_MODE) {
         // A TUN device an older netd left: made anew as a TAP device (the encrypted
         // overlays' packets are dropped meanwhile, by rule 31001: none in the clear).
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::info!("{IFNAME} is a TUN device of an older netd: made anew as a TAP device");
-            delete_device().await?;
+        // Anything else of that name stays, and netd says why it cannot open it.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && delete_tun_device().await? => {
+            tracing::info!("{IFNAME} was a TUN device of an older netd: made anew as a TAP device");
             tun::open(IFNAME, DEVICE_MODE)
         }
         opened => opened,
@@ -1051,13 +1056,17 @@ async fn open_device(
     Ok((fd, false, key))
 }
 
-/// Deletes `ndwg` (its routes go with it; `configure_interface` puts them back).
-async fn delete_device() -> Result<()> {
+/// Deletes `ndwg` if it is a TUN/TAP device (its routes go with it;
+/// `configure_interface` puts them back); whether it did.
+async fn delete_tun_device() -> Result<bool> {
     netns::with_netlink(&Netns::Home, |h| async move {
-        if let Some(link) = netlink::link_by_name(&h, IFNAME).await? {
-            netlink::delete_link(&h, link.index).await?;
+        match netlink::link_by_name(&h, IFNAME).await? {
+            Some(link) if link.kind.as_deref() == Some("tun") => {
+                netlink::delete_link(&h, link.index).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        Ok(())
     })
     .await
 }

@@ -71,19 +71,7 @@ pub fn strip_ethernet<'a>(frame: &'a mut [u8], hdr: &VnetHdr) -> Option<(&'a mut
     if frame.len() < ETHERNET || be16(frame, 12) != ETHERTYPE_IPV4 {
         return None;
     }
-    let e = ETHERNET as u16;
-    // An offset the header does not use is 0 and stays so.
-    let moved = |at: u16, used: bool| if used { at.checked_sub(e) } else { Some(at) };
-    let gso = hdr.gso_type != VNET_GSO_NONE;
-    let tunnel = hdr.gso_type & VNET_GSO_UDP_TUNNEL_IPV4 != 0;
-    let unframed = VnetHdr {
-        hdr_len: moved(hdr.hdr_len, gso)?,
-        csum_start: moved(hdr.csum_start, hdr.needs_csum())?,
-        outer_th_offset: moved(hdr.outer_th_offset, tunnel)?,
-        inner_nh_offset: moved(hdr.inner_nh_offset, tunnel)?,
-        ..*hdr
-    };
-    Some((&mut frame[ETHERNET..], unframed))
+    Some((&mut frame[ETHERNET..], hdr.unframed()?))
 }
 
 /// The virtio-net header of a packet, as far as netd reads or writes it.
@@ -133,6 +121,23 @@ impl VnetHdr {
 
     fn needs_csum(&self) -> bool {
         self.flags & VNET_F_NEEDS_CSUM != 0
+    }
+
+    /// The header of a frame's IP packet: the offsets it uses counted from the packet,
+    /// not from the Ethernet header before it (those it does not use are 0 and stay
+    /// so). None if one points into the Ethernet header.
+    fn unframed(&self) -> Option<VnetHdr> {
+        let e = ETHERNET as u16;
+        let moved = |at: u16, used: bool| if used { at.checked_sub(e) } else { Some(at) };
+        let gso = self.gso_type != VNET_GSO_NONE;
+        let tunnel = self.gso_type & VNET_GSO_UDP_TUNNEL_IPV4 != 0;
+        Some(VnetHdr {
+            hdr_len: moved(self.hdr_len, gso)?,
+            csum_start: moved(self.csum_start, self.needs_csum())?,
+            outer_th_offset: moved(self.outer_th_offset, tunnel)?,
+            inner_nh_offset: moved(self.inner_nh_offset, tunnel)?,
+            ..*self
+        })
     }
 }
 
@@ -472,6 +477,12 @@ enum Join {
 /// TCP super-packet in one VXLAN packet, as the kernel's own GRO would have made it
 /// (then no layer below the task's socket sees 1370-byte pieces); other datagrams of
 /// one stream and one size (the last may be smaller) into a UDP super-packet.
+///
+/// Unlike the kernel's GRO, the segments' own TCP checksums are not checked before they
+/// are joined (that would be another pass over every byte): WireGuard's tag has
+/// authenticated every byte end to end, and the checksums were made by the sending
+/// node's kernel or its netd's cutting. The joined packet's checksum is left partial,
+/// which the receiving stack trusts.
 pub struct Coalescer {
     /// The virtio-net header, the Ethernet header, then the first packet's headers and
     /// every payload.
@@ -504,7 +515,8 @@ const FRAMED: usize = VNET_HDR_LEN + ETHERNET;
 
 impl Coalescer {
     /// Takes `packet` into the pending super-packet; false (nothing taken) if it cannot
-    /// join it: write out [`Coalescer::finish`] and add it again, which always takes it.
+    /// join it: write out [`Coalescer::finish`], [`Coalescer::clear`], and add it
+    /// again, which always takes it.
     pub fn add(&mut self, packet: &[u8]) -> bool {
         if self.buf.is_empty() {
             self.start(packet);
@@ -678,15 +690,11 @@ impl Coalescer {
         if hdr.gso_type & !VNET_GSO_ECN == VNET_GSO_UDP_TUNNEL_IPV4 | VNET_GSO_TCPV4 {
             // The header as `ndwg` would have handed such a packet over: offsets from
             // the IP header, the inner TCP checksum to finish.
-            let unframed = VnetHdr {
-                hdr_len: hdr.hdr_len - ETHERNET as u16,
-                csum_start: hdr.csum_start - ETHERNET as u16,
-                outer_th_offset: hdr.outer_th_offset - ETHERNET as u16,
-                inner_nh_offset: hdr.inner_nh_offset - ETHERNET as u16,
-                ..hdr
-            };
             let (mut out, mut ends) = (vec![], vec![]);
-            if unpack(&mut p.to_vec(), &unframed, &mut out, &mut ends).is_err() {
+            let cut = hdr
+                .unframed()
+                .is_some_and(|h| unpack(&mut p.to_vec(), &h, &mut out, &mut ends).is_ok());
+            if !cut {
                 return vec![];
             }
             let mut start = 0;
@@ -1277,6 +1285,13 @@ mod tests {
             assert!(c.add(&first));
             assert!(!c.add(&p), "{why} joined");
         }
+        // The next segment unchanged joins; a FIN on it joins and ends the run.
+        let mut c = Coalescer::default();
+        assert!(c.add(&first));
+        assert!(c.add(&next(&|p| p[83] |= 0x01)));
+        assert!(!c.add(&segment(3000, 1000, 0x10, 3)), "after a FIN");
+        let (out, _) = c.finish().expect("a packet");
+        assert_eq!(out[FRAMED + 83], 0x11, "the FIN on the super-packet");
         // A SYN, or a segment without data, goes alone: nothing joins it.
         for lone in [segment(1000, 1000, 0x02, 1), segment(1000, 0, 0x10, 1)] {
             let mut c = Coalescer::default();
@@ -1296,6 +1311,28 @@ mod tests {
             VnetHdr::decode(out).map(|h| h.gso_type),
             Some(VNET_GSO_UDP_L4)
         );
+    }
+
+    #[test]
+    fn a_tcp_super_packet_says_ecn_and_stays_within_one_ipv4_packet() {
+        // CWR on the first: the super-packet is marked ECN, as GRO marks it.
+        let mut c = Coalescer::default();
+        assert!(c.add(&segment(1, 1000, 0x90, 1)));
+        assert!(c.add(&segment(1001, 1000, 0x10, 2)));
+        let (out, _) = c.finish().expect("a packet");
+        assert_eq!(
+            VnetHdr::decode(out).map(|h| h.gso_type),
+            Some(VNET_GSO_UDP_TUNNEL_IPV4 | VNET_GSO_TCPV4 | VNET_GSO_ECN)
+        );
+        // 102 bytes of headers + 65 * 1000 fit in 65535; a 66th would not.
+        let mut c = Coalescer::default();
+        let mut n = 0u32;
+        while c.add(&segment(1 + n * 1000, 1000, 0x10, 0)) {
+            n += 1;
+        }
+        assert_eq!(n, 65);
+        let (out, pieces) = c.finish().expect("a packet");
+        assert_eq!((out.len() - FRAMED, pieces), (102 + 65_000, 65));
     }
 
     #[test]
