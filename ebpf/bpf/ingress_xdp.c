@@ -228,12 +228,17 @@ static __always_inline __u32 seen_at(__u32 flags, __u32 now)
 }
 
 /* Whether a UDP flow with `flags` has gone without a packet for longer than allowed
- * (modulo the stamp's range, so a wrap of the clock's units is no expiry). */
+ * (modulo the stamp's range, so a wrap of the clock's units is no expiry). A stamp ahead
+ * of `now` (another CPU's packet, stamped after this one read the clock) is fresh: read
+ * as most of the range, it would make the flow look idle and pick again. */
 static __always_inline int idle_udp(__u8 proto, __u32 flags, __u32 now)
 {
 	__u32 seen = flags >> NETD_FLOW_SEEN_SHIFT;
+	__u32 quiet = (now - seen) & NETD_FLOW_SEEN_MASK;
 
-	return proto == IPPROTO_UDP && ((now - seen) & NETD_FLOW_SEEN_MASK) > udp_idle_units;
+	if (quiet > NETD_FLOW_SEEN_MASK / 2)
+		return 0;
+	return proto == IPPROTO_UDP && quiet > udp_idle_units;
 }
 
 /* An established flow's packet (`f` in the map): its stamp moves on, written only when

@@ -164,6 +164,19 @@ impl Quiet {
 
 /// Now, in the program's units of its flows' last-seen stamps (bpf_ktime_get_ns, the
 /// monotonic clock, >> 30).
+/// How long a flow stamped `seen` has been quiet at `now` (both in the program's units,
+/// modulo their range). A stamp ahead of `now` (a packet since the clock was read: the
+/// walk of a large table can outlast a unit) is no time at all, not most of the range:
+/// read as the latter, every flow seen during the walk was removed as long quiet.
+fn quiet_for(now: u32, seen: u32) -> u32 {
+    let q = now.wrapping_sub(seen) & FLOW_SEEN_MASK;
+    if q > FLOW_SEEN_MASK / 2 {
+        0
+    } else {
+        q
+    }
+}
+
 fn seen_now() -> Result<u32> {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .context("read the monotonic clock")?;
@@ -305,7 +318,7 @@ impl FlowMaps {
             .iter()
             .filter_map(|r| r.ok())
             .filter(|(k, f)| {
-                let q = now.wrapping_sub(f.flags >> FLOW_SEEN_SHIFT) & FLOW_SEEN_MASK;
+                let q = quiet_for(now, f.flags >> FLOW_SEEN_SHIFT);
                 match k.proto {
                     TCP => (f.flags & FLOW_FIN != 0 && q > quiet.closed) || q > quiet.tcp,
                     _ => q > quiet.udp,
@@ -752,6 +765,14 @@ impl XdpMesh {
         result
     }
 
+    /// The interface the program runs on now, if the last sync attached it.
+    pub fn running_on(&self) -> Option<String> {
+        self.lock()
+            .ok()
+            .filter(|i| i.loaded.is_some() && i.mode.is_some() && i.error.is_none())
+            .and_then(|i| i.interface.clone())
+    }
+
     /// Whether the program runs on an interface now (the last sync attached it).
     pub fn attached(&self) -> bool {
         self.lock()
@@ -915,5 +936,31 @@ impl XdpMesh {
             .ok()
             .and_then(|i| i.loaded.as_ref().map(|l| l.flows_removed))
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flow stamped after the sweep read the clock is fresh, not quiet for most of
+    /// the stamp's range (the sweep removed such live flows, and their clients waited);
+    /// stamps before it count as before, across the range's wrap too.
+    #[test]
+    fn a_flow_seen_since_the_clock_was_read_is_not_quiet() {
+        assert_eq!(quiet_for(100, 101), 0, "stamped one unit after now");
+        assert_eq!(quiet_for(100, 100), 0);
+        assert_eq!(quiet_for(100, 40), 60);
+        assert_eq!(quiet_for(2, FLOW_SEEN_MASK), 3, "across the wrap");
+        assert_eq!(
+            quiet_for(FLOW_SEEN_MASK, 0),
+            0,
+            "0 is one unit ahead of the last"
+        );
+        // What the sweep removes: TCP quiet for 5 days (402,000 units) is, just ahead
+        // of now is not.
+        let five_days = (TCP_IDLE.as_nanos() >> 30) as u32;
+        assert!(quiet_for(five_days + 10, 5) > five_days);
+        assert!(quiet_for(5, 6) < five_days);
     }
 }

@@ -202,6 +202,10 @@ impl Mesh for KernelMesh {
         Ok(ifname.filter(|_| self.xdp.attached()))
     }
 
+    fn running_on(&self) -> Option<String> {
+        self.xdp.running_on()
+    }
+
     fn status(&self) -> serde_json::Value {
         self.xdp.status()
     }

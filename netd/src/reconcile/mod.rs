@@ -129,6 +129,10 @@ pub trait Firewall: Send + Sync {
 pub trait Mesh: Send + Sync {
     /// Runs the fast path for `table` (None: removes it); the interface it runs on.
     async fn sync(&self, table: Option<&MeshTable>) -> Result<Option<String>>;
+    /// The interface the fast path runs on now (None: not running).
+    fn running_on(&self) -> Option<String> {
+        None
+    }
     fn status(&self) -> serde_json::Value;
     /// Flows removed because their task left its port, since netd started.
     fn flows_removed(&self) -> u64 {
@@ -668,11 +672,20 @@ impl Reconciler {
         // node's rules send what it leaves to the kernel on a path of their own.
         let mut xdp_iface = None;
         if let Some(m) = &a.mesh {
-            match m.sync(plan.mesh.as_ref().filter(|_| isbox_up)).await {
-                Ok(i) => xdp_iface = i,
-                Err(e) => report
-                    .errors
-                    .push(format!("XDP fast path (kernel path in use): {e:#}")),
+            // A step that failed to check the ingress sandbox (a netlink timeout, say)
+            // leaves the fast path as it is: removing it would lose every flow it holds
+            // (their answers would then be dropped, and the clients wait) for what the
+            // next step most likely finds right. The mesh gone removes it.
+            let running = m.running_on().filter(|_| plan.mesh.is_some() && !isbox_up);
+            if let Some(iface) = running {
+                xdp_iface = Some(iface);
+            } else {
+                match m.sync(plan.mesh.as_ref().filter(|_| isbox_up)).await {
+                    Ok(i) => xdp_iface = i,
+                    Err(e) => report
+                        .errors
+                        .push(format!("XDP fast path (kernel path in use): {e:#}")),
+                }
             }
         }
         phases.end("xdp");
