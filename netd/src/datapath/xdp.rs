@@ -162,8 +162,6 @@ impl Quiet {
     }
 }
 
-/// Now, in the program's units of its flows' last-seen stamps (bpf_ktime_get_ns, the
-/// monotonic clock, >> 30).
 /// How long a flow stamped `seen` has been quiet at `now` (both in the program's units,
 /// modulo their range). A stamp ahead of `now` (a packet since the clock was read: the
 /// walk of a large table can outlast a unit) is no time at all, not most of the range:
@@ -177,6 +175,8 @@ fn quiet_for(now: u32, seen: u32) -> u32 {
     }
 }
 
+/// Now, in the program's units of its flows' last-seen stamps (bpf_ktime_get_ns, the
+/// monotonic clock, >> 30).
 fn seen_now() -> Result<u32> {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .context("read the monotonic clock")?;
