@@ -1041,17 +1041,16 @@ async fn open_device(
         }
         h.release_unclaimed();
     }
-    let fd = match tun::open(IFNAME, DEVICE_MODE) {
-        // A TUN device an older netd left: made anew as a TAP device (the encrypted
-        // overlays' packets are dropped meanwhile, by rule 31001: none in the clear).
-        // Anything else of that name stays, and netd says why it cannot open it.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && delete_tun_device().await? => {
-            tracing::info!("{IFNAME} was a TUN device of an older netd: made anew as a TAP device");
-            tun::open(IFNAME, DEVICE_MODE)
-        }
-        opened => opened,
+    let mut opened = tun::open(IFNAME, DEVICE_MODE);
+    // A TUN device an older netd left: made anew as a TAP device (the encrypted
+    // overlays' packets are dropped meanwhile, by rule 31001: none in the clear).
+    // Anything else of that name stays, and netd says why it cannot open it.
+    let refused = matches!(&opened, Err(e) if e.raw_os_error() == Some(libc::EINVAL));
+    if refused && delete_tun_device().await? {
+        tracing::info!("{IFNAME} was a TUN device of an older netd: made anew as a TAP device");
+        opened = tun::open(IFNAME, DEVICE_MODE);
     }
-    .with_context(|| format!("open TAP device {IFNAME}"))?;
+    let fd = opened.with_context(|| format!("open TAP device {IFNAME}"))?;
     let key = handover.and_then(|h| h.hold(HELD_ID, OWN_NETNS, &[fd.as_fd()]));
     Ok((fd, false, key))
 }

@@ -576,23 +576,23 @@ impl Coalescer {
         self.buf.extend_from_slice(packet);
         self.pieces = 1;
         self.closed = false;
-        let segment = tcp_segment(packet).filter(|_| self.tcp);
-        (self.join, self.size) = match (segment, stream_key(packet)) {
-            (Some(seg), _) => {
-                let size = packet.len() - seg.headers;
-                self.closed = seg.flags & (TCP_PSH | TCP_FIN) != 0;
-                let next = seg.seq.wrapping_add(size as u32);
-                let headers = seg.headers;
-                (Join::Segments { next, headers }, size)
-            }
+        if let Some(seg) = tcp_segment(packet).filter(|_| self.tcp) {
+            let size = packet.len() - seg.headers;
+            self.closed = seg.flags & (TCP_PSH | TCP_FIN) != 0;
+            let next = seg.seq.wrapping_add(size as u32);
+            let headers = seg.headers;
+            (self.join, self.size) = (Join::Segments { next, headers }, size);
+            return;
+        }
+        (self.join, self.size) = match stream_key(packet) {
             // A TCP segment that cannot be part of a TCP super-packet (a SYN, say)
             // goes alone, as the kernel's GRO would let it.
-            (None, Some(_)) if self.tcp && carries_tcp(packet) => (Join::Alone, 0),
-            (None, Some(key)) => (
+            Some(_) if self.tcp && carries_tcp(packet) => (Join::Alone, 0),
+            Some(key) => (
                 Join::Datagrams(key),
                 packet.len() - IPV4_HEADER - UDP_HEADER,
             ),
-            (None, None) => (Join::Alone, 0),
+            None => (Join::Alone, 0),
         };
     }
 
