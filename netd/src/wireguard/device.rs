@@ -147,22 +147,46 @@ impl PeerState {
         self.tunnels.get_mut(i)
     }
 
-    /// The tunnels a datagram may be for: the one its receiver index names, or (a
-    /// handshake initiation, which names none) every one, newest keys first.
-    fn candidates(&self, datagram: &[u8]) -> Vec<usize> {
+    /// The tunnels a datagram may be for: the one its receiver index names (every data
+    /// message: nothing allocated on that path), or (a handshake initiation, which
+    /// names none) every one, newest keys first.
+    fn candidates(&self, datagram: &[u8]) -> Candidates {
         match receiver_index(datagram) {
-            Some(idx) => self
-                .tunnels
-                .iter()
-                .position(|t| t.base == idx >> 8)
-                .into_iter()
-                .collect(),
+            Some(idx) => Candidates::Named(self.tunnels.iter().position(|t| t.base == idx >> 8)),
             None => {
                 let mut all: Vec<usize> = (0..self.tunnels.len()).collect();
                 all.sort_by_key(|i| std::cmp::Reverse(self.rank(&self.tunnels[*i])));
-                all
+                Candidates::All(all)
             }
         }
+    }
+}
+
+/// What [`PeerState::candidates`] finds: tunnel indexes, in the order to try them.
+#[derive(Debug)]
+enum Candidates {
+    Named(Option<usize>),
+    All(Vec<usize>),
+}
+
+impl Candidates {
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Candidates::Named(one) => one.as_slice(),
+            Candidates::All(all) => all,
+        }
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+}
+
+#[cfg(test)]
+impl PartialEq<Vec<usize>> for Candidates {
+    fn eq(&self, other: &Vec<usize>) -> bool {
+        self.as_slice() == other.as_slice()
     }
 }
 
@@ -748,11 +772,12 @@ impl Sealer {
         joined: &mut offload::Coalescer,
     ) {
         let candidates = st.candidates(datagram);
+        let candidates = candidates.as_slice();
         let Some(&last) = candidates.last() else {
             self.dropped.invalid.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        for i in candidates {
+        for &i in candidates {
             let t = &mut st.tunnels[i];
             let mut result = t.tunn.decapsulate(Some(from.into()), datagram, out);
             // An initiation made for another of this node's keys (its MAC fails), or
