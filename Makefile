@@ -2,9 +2,11 @@
 # need first (a fresh machine has none of them) and must run as root: netd creates
 # network namespaces, links and nftables rules.
 
+# libssl-dev and pkg-config: the bench (built with the workspace) links OpenSSL.
 APT_PACKAGES := nftables conntrack iproute2 ethtool iputils-ping procps util-linux curl etcd-server protobuf-compiler \
   dnsutils unbound clang-19 libbpf-dev python3 prometheus chromium chromium-driver tcpdump \
-  containerd runc podman conmon containernetworking-plugins busybox-static iptables docker.io
+  containerd runc podman conmon containernetworking-plugins busybox-static iptables docker.io \
+  libssl-dev pkg-config
 # Only `make bench` needs these.
 BENCH_PACKAGES := iperf3 dnsperf haproxy netavark openssl
 CARGO ?= cargo

@@ -1210,7 +1210,7 @@ pub(crate) mod tests {
             wireguard: Ok(Wireguard {
                 port: 51821,
                 address: "198.18.0.11".parse().unwrap(),
-                overlay_mtu: 1370,
+                overlay_mtu: 1390,
             }),
             lease_ttl: std::time::Duration::from_secs(10),
         }

@@ -462,8 +462,8 @@ fn mtu(netns: &str, dev: &str) -> Result<u64> {
 }
 
 /// On a 1400-byte underlay (`--underlay-mtu 1400`, every link of the lab), an encrypted
-/// network's tasks get 1400 − 130 = 1270 (WireGuard's 60 bytes with padding, then
-/// VXLAN's 50), and `ndwg` 1320: a sealed full-size packet is 1388 bytes on the wire.
+/// network's tasks get 1400 − 110 = 1290 (WireGuard's 60 bytes, then VXLAN's 50), and
+/// `ndwg` 1340: a sealed full-size packet is exactly 1400 bytes on the wire.
 /// A DF datagram of exactly the path MTU crosses and is answered; one byte more is
 /// refused at the sender (EMSGSIZE), never lost on the way; TCP's segments follow the
 /// same MTU through a 1 MB download, which n2 seals from super-packets its kernel hands
@@ -484,10 +484,10 @@ fn an_encrypted_overlay_follows_the_underlay_mtu_for_udp_and_tcp() -> Result<()>
         "-qw",
         "net.ipv4.conf.all.rp_filter=1",
     ]))?;
-    assert_eq!(mtu(&client, "eth0")?, 1270, "the task's MTU");
-    assert_eq!(mtu(&lab.nodes[0].netns, "ndwg")?, 1320, "ndwg's MTU");
+    assert_eq!(mtu(&client, "eth0")?, 1290, "the task's MTU");
+    assert_eq!(mtu(&lab.nodes[0].netns, "ndwg")?, 1340, "ndwg's MTU");
     // IPv4 20 + UDP 8 + payload = the path MTU.
-    let answer = df_datagram(&client, to, 1270 - 28)?.context("a datagram of the MTU")?;
+    let answer = df_datagram(&client, to, 1290 - 28)?.context("a datagram of the MTU")?;
     assert!(answer.contains("Hostname: s1"), "{answer}");
     // The download's data goes n2 -> n1: n2 seals it and n1 opens it (n1 seals only
     // the ACKs, which delayed ACKs make fewer than the segments).
@@ -498,7 +498,7 @@ fn an_encrypted_overlay_follows_the_underlay_mtu_for_udp_and_tcp() -> Result<()>
     };
     let (sealed_before, opened_before) = (counter(&lab, 1, "sealed")?, counter(&lab, 0, "opened")?);
     let (handed_before, written_before) = (ndwg_packets(&lab, 1)?.1, ndwg_packets(&lab, 0)?.0);
-    match df_datagram(&client, to, 1270 - 28 + 1)? {
+    match df_datagram(&client, to, 1290 - 28 + 1)? {
         Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
         other => bail!("a datagram one byte over the MTU: {other:?}"),
     }

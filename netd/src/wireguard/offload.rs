@@ -475,7 +475,7 @@ enum Join {
 /// Opened VXLAN packets on their way into `ndwg` (a TAP device: each gets an Ethernet
 /// header), joined where they are of one stream: the TCP segments inside one into a
 /// TCP super-packet in one VXLAN packet, as the kernel's own GRO would have made it
-/// (then no layer below the task's socket sees 1370-byte pieces); other datagrams of
+/// (then no layer below the task's socket sees 1390-byte pieces); other datagrams of
 /// one stream and one size (the last may be smaller) into a UDP super-packet.
 ///
 /// Unlike the kernel's GRO, the segments' own TCP checksums are not checked before they
