@@ -427,13 +427,17 @@ fn encrypted_reading(
              with this cipher: the bound itself is {bound_ratio:.2}×."
         )
     } else {
-        // What the rest may cost for 0.4×: (cpus / (0.4 × plain GB/s)) - cipher.
-        let allowed = cpus / (0.4 * median(&plain.gbps) / 8.0) - c_cpu;
+        // At the CPU use the path had, 0.4× of the plain overlay's GB/s must cost at most
+        // busy / GB/s per GB; the cipher's share of that is fixed.
+        let allowed = e_busy / (0.4 * median(&plain.gbps) / 8.0) - c_cpu;
         format!(
-            "0.4× would need everything but the cipher to cost at most {allowed:.2} CPU·s \
-             per GB, {:.0} % of what it costs now ({:.2}).",
+            "At the {e_busy:.2} CPUs it kept busy, 0.4× would need everything but the cipher \
+             to cost at most {allowed:.2} CPU·s per GB, {:.0} % of what it costs now \
+             ({:.2}); at today's cost with all {cpus:.0} CPUs busy all the time it would be \
+             {:.2}×.",
             100.0 * allowed / (e_cpu - c_cpu).max(1e-9),
-            e_cpu - c_cpu
+            e_cpu - c_cpu,
+            ratio * cpus / e_busy.max(1e-9),
         )
     };
     // The same cipher, OpenSSL's code, packet by packet: what the path would cost with
@@ -494,8 +498,7 @@ fn encrypted_reading(
          underlay, system calls and wakeups) is what keeps it at {ratio:.2}×. During the runs \
          the encrypted path kept {e_busy:.2} of the {cpus:.0} CPUs busy, the plain overlay \
          {o_busy:.2}: neither is bound by the CPUs alone (one TCP stream; the plain overlay \
-         least), so the ratio also moves with the plain path's own limits, and the \
-         figures below that assume every CPU busy are a floor of what it takes. \
+         least), so the ratio also moves with the plain path's own limits. \
          {target}{faster} A \
          kernel WireGuard is not measurable on this kernel; published figures put it at the \
          order of 10 Gbit/s for one TCP stream on bare-metal Linux (Tailscale's wireguard-go \

@@ -448,6 +448,7 @@ pub async fn run(args: DaemonArgs, api_spec: &str, tls: &TlsFiles) -> Result<()>
         // A rotation a restart cut short is dropped: the other nodes go back to the
         // key the node has (their sessions to it never ended).
         next_public_key: None,
+        wireguard_port: wg_key.is_ok().then_some(args.wireguard_port),
     };
     let lease_ttl = Duration::from_secs(args.lease_ttl.max(2));
     join_cluster(&view, me, &pools, lease_ttl, STORE_WAIT).await?;
@@ -771,6 +772,7 @@ async fn follow_peers(view: Arc<crate::view::View>, sealer: Arc<crate::wireguard
                 Some(crate::wireguard::device::PeerNode {
                     name: n.name.clone(),
                     address: n.address?,
+                    port: n.wireguard_port,
                     public_key: n.public_key.clone()?,
                     next_public_key: n.next_public_key.clone(),
                 })
@@ -819,6 +821,7 @@ mod tests {
             lb_addresses: false,
             public_key: None,
             next_public_key: None,
+            wireguard_port: None,
         }
     }
 

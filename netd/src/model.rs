@@ -256,6 +256,11 @@ pub struct Node {
     /// node makes it its `public_key` once they have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<String>,
+    /// The port the node's WireGuard listens on (its `--wireguard-port`), with its
+    /// key: the other nodes send there. None from a netd before this field: the other
+    /// nodes assume their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_port: Option<u16>,
 }
 
 /// Why a name was refused; the text goes to the user as is.

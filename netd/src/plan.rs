@@ -1058,6 +1058,7 @@ pub(crate) mod tests {
             lb_addresses: false,
             public_key: None,
             next_public_key: None,
+            wireguard_port: None,
         }
     }
 

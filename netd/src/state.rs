@@ -2104,6 +2104,7 @@ pub(crate) mod fixture {
                 lb_addresses: false,
                 public_key: None,
                 next_public_key: None,
+                wireguard_port: None,
             },
         )
         .await
@@ -2395,6 +2396,7 @@ mod tests {
                     lb_addresses: true,
                     public_key: None,
                     next_public_key: None,
+                    wireguard_port: None,
                 },
             )
             .await
@@ -2673,6 +2675,7 @@ mod tests {
                 lb_addresses: false,
                 public_key: None,
                 next_public_key: None,
+                wireguard_port: None,
             },
         )
         .await

@@ -366,6 +366,35 @@ fn replayed_altered_and_foreign_datagrams_are_dropped_and_counted() -> Result<()
     Ok(())
 }
 
+/// Nodes need not share a WireGuard port: each publishes its own (`--wireguard-port`)
+/// in its node record with its key, and the other nodes send there. n2 restarts on
+/// another port than n1's; a request and its answer cross the encrypted network (a
+/// handshake each way, from both ports), and n1's status names n2's port.
+#[test]
+fn nodes_on_different_wireguard_ports_reach_each_other() -> Result<()> {
+    let mut lab = Lab::cluster("ep", 2)?;
+    lab.stop_daemon(1, false)?;
+    lab.daemon_args = vec!["--wireguard-port".into(), "51900".into()];
+    lab.start_daemon(1)?;
+    lab.daemon_args.clear();
+    let (client, to) = sealed_pair(&mut lab, "198.19.97.0/24")?;
+    let answer = get_with_marker(&client, to, "netd-another-port", 0)?;
+    assert!(answer.contains("Hostname: s1"), "{answer}");
+    let encryption = lab.cli_json(0, &["status"])?["encryption"].clone();
+    let ports: Vec<_> = encryption["peers"]
+        .as_array()
+        .context("n1's peers")?
+        .iter()
+        .map(|p| p["port"].as_u64())
+        .collect();
+    assert_eq!(ports, vec![Some(51900)], "{encryption}");
+    assert_eq!(
+        lab.cli_json(1, &["status"])?["encryption"]["port"].as_u64(),
+        Some(51900)
+    );
+    Ok(())
+}
+
 /// Encrypted network `sealed` on `subnet` with service `sweb`: a whoami task `s1` on n2
 /// and a client task on n1. Returns the client's namespace and s1's address.
 fn sealed_pair(lab: &mut Lab, subnet: &str) -> Result<(String, SocketAddr)> {

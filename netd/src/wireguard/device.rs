@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -78,6 +78,9 @@ const DEVICE_MODE: tun::Mode = tun::Mode {
 pub struct PeerNode {
     pub name: String,
     pub address: Ipv4Addr,
+    /// The port its WireGuard listens on (its `--wireguard-port`); None from a netd that
+    /// did not say (before nodes published it): this node's own.
+    pub port: Option<u16>,
     pub public_key: String,
     /// The key the node rotates to, while it does.
     pub next_public_key: Option<String>,
@@ -111,7 +114,18 @@ impl Tunnel {
 
 struct Peer {
     name: String,
+    address: Ipv4Addr,
+    /// Its WireGuard port (it may change with the node's record: a restart with
+    /// another `--wireguard-port`).
+    port: AtomicU16,
     state: Mutex<PeerState>,
+}
+
+impl Peer {
+    /// Where its WireGuard listens: what this node sends it goes there.
+    fn endpoint(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.address, self.port.load(Ordering::Relaxed))
+    }
 }
 
 #[derive(Default)]
@@ -190,6 +204,9 @@ impl PartialEq<Vec<usize>> for Candidates {
     }
 }
 
+/// The first byte of a WireGuard transport data message (its type, 4, little-endian).
+const DATA_MESSAGE: u8 = 4;
+
 /// The receiver index of a WireGuard message (little-endian, after the 4-byte type):
 /// at bytes 8..12 of a handshake response (behind the sender's), at 4..8 of a cookie
 /// reply or a data message; None for a handshake initiation or anything too short.
@@ -241,6 +258,7 @@ pub struct Status {
     pub next_public_key: Option<String>,
     pub peers: Vec<PeerStatus>,
     pub dropped: HashMap<&'static str, u64>,
+    /// Packets sealed into data messages (handshakes not counted).
     pub sealed: u64,
     pub opened: u64,
     /// Key rotations this node completed since it started.
@@ -263,6 +281,8 @@ pub struct Status {
 pub struct PeerStatus {
     pub node: String,
     pub address: Ipv4Addr,
+    /// The port its WireGuard listens on, which this node sends to.
+    pub port: u16,
     /// Seconds since the last completed handshake of any of its sessions (none yet:
     /// null).
     pub last_handshake_s: Option<f64>,
@@ -413,13 +433,17 @@ impl Sealer {
         if let Ok(mut peers) = self.peers.write() {
             peers.retain(|addr, _| wanted.contains_key(addr));
             for (addr, (n, _)) in &wanted {
+                let port = n.port.unwrap_or(self.port);
                 let peer = peers.entry(*addr).or_insert_with(|| {
-                    tracing::info!(node = n.name, %addr, "WireGuard peer");
+                    tracing::info!(node = n.name, %addr, port, "WireGuard peer");
                     Arc::new(Peer {
                         name: n.name.clone(),
+                        address: *addr,
+                        port: AtomicU16::new(port),
                         state: Mutex::new(PeerState::default()),
                     })
                 });
+                peer.port.store(port, Ordering::Relaxed);
                 add.push((peer.clone(), wanted[addr].1.clone()));
             }
         }
@@ -505,17 +529,15 @@ impl Sealer {
             .unwrap_or_default()
     }
 
-    async fn send_to(&self, datagram: &[u8], addr: Ipv4Addr) {
-        let to = SocketAddrV4::new(addr, self.port);
+    async fn send_to(&self, datagram: &[u8], to: SocketAddrV4) {
         if let Err(e) = self.sock.send_to(datagram, to).await {
             tracing::debug!(%to, "WireGuard send: {e}");
         }
     }
 
     /// Sends `buf`, datagrams of `segment` bytes each (the last may be shorter), to
-    /// `addr` in one system call where the kernel takes UDP GSO, else one by one.
-    async fn send_run(&self, buf: &[u8], segment: usize, addr: Ipv4Addr) {
-        let to = SocketAddrV4::new(addr, self.port);
+    /// `to` in one system call where the kernel takes UDP GSO, else one by one.
+    async fn send_run(&self, buf: &[u8], segment: usize, to: SocketAddrV4) {
         let one_call = segment == buf.len() || self.gso.load(Ordering::Relaxed);
         if one_call {
             let sent = loop {
@@ -551,7 +573,7 @@ impl Sealer {
             }
         }
         for d in buf.chunks(segment) {
-            self.send_to(d, addr).await;
+            self.send_to(d, to).await;
         }
     }
 
@@ -565,7 +587,7 @@ impl Sealer {
         let mut lens = [0usize; BATCH];
         // The sealed datagrams of one batch, back to back, and each one's peer and end.
         let mut sealed: Vec<u8> = Vec::with_capacity(2 * READ_BUDGET);
-        let mut ends: Vec<(Ipv4Addr, usize)> = Vec::with_capacity(BATCH);
+        let mut ends: Vec<(SocketAddrV4, usize)> = Vec::with_capacity(BATCH);
         // The packets read, cut where they were super-packets, back to back.
         let mut plain: Vec<u8> = Vec::with_capacity(2 * READ_BUDGET);
         let mut plain_ends: Vec<usize> = Vec::with_capacity(BATCH);
@@ -648,7 +670,7 @@ impl Sealer {
         &self,
         run: &[(Ipv4Addr, &[u8])],
         sealed: &mut Vec<u8>,
-        ends: &mut Vec<(Ipv4Addr, usize)>,
+        ends: &mut Vec<(SocketAddrV4, usize)>,
     ) {
         let Some(&(dst, _)) = run.first() else {
             return;
@@ -665,13 +687,21 @@ impl Sealer {
         let Some(t) = st.outbound() else {
             return no_peer();
         };
+        let to = peer.endpoint();
         for (_, packet) in run {
             let start = sealed.len();
             // Room for a data message (the packet, its header and tag: 32 bytes more)
             // or a handshake initiation, whichever the tunnel makes.
             sealed.resize(start + packet.len() + HANDSHAKE_LEN, 0);
             let len = match t.tunn.encapsulate(packet, &mut sealed[start..]) {
-                TunnResult::WriteToNetwork(d) => Some(d.len()),
+                TunnResult::WriteToNetwork(d) => {
+                    // A data message holds the packet (else a handshake initiation
+                    // goes first and the tunnel queued the packet behind it).
+                    if d.first() == Some(&DATA_MESSAGE) {
+                        self.sealed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(d.len())
+                }
                 TunnResult::Err(e) => {
                     tracing::debug!(node = peer.name, "seal: {e:?}");
                     None
@@ -680,8 +710,7 @@ impl Sealer {
             };
             sealed.truncate(start + len.unwrap_or(0));
             if let Some(len) = len {
-                self.sealed.fetch_add(1, Ordering::Relaxed);
-                ends.push((dst, start + len));
+                ends.push((to, start + len));
             }
         }
     }
@@ -755,18 +784,16 @@ impl Sealer {
         // All of a read is from one peer: its state is locked once for it.
         let mut st = peer.state.lock().await;
         for datagram in data.chunks(segment.unwrap_or(data.len()).max(1)) {
-            self.open(&mut st, &peer.name, *from.ip(), datagram, out, joined)
-                .await;
+            self.open(&mut st, &peer, datagram, out, joined).await;
         }
     }
 
-    /// Opens one datagram from peer `name` (at `from`, its state `st`): what it holds
-    /// joins `joined`, an answer it asks for (a handshake's) is sent.
+    /// Opens one datagram from `peer` (its state `st`): what it holds joins `joined`, an
+    /// answer it asks for (a handshake's) is sent.
     async fn open(
         &self,
         st: &mut PeerState,
-        name: &str,
-        from: Ipv4Addr,
+        peer: &Peer,
         datagram: &[u8],
         out: &mut [u8],
         joined: &mut offload::Coalescer,
@@ -779,7 +806,7 @@ impl Sealer {
         };
         for &i in candidates {
             let t = &mut st.tunnels[i];
-            let mut result = t.tunn.decapsulate(Some(from.into()), datagram, out);
+            let mut result = t.tunn.decapsulate(Some(peer.address.into()), datagram, out);
             // An initiation made for another of this node's keys (its MAC fails), or
             // from another of the peer's keys (the MAC is this node's key's, the
             // sender's key is not the tunnel's): the next tunnel.
@@ -795,12 +822,12 @@ impl Sealer {
             loop {
                 match result {
                     TunnResult::WriteToNetwork(d) => {
-                        self.send_to(d, from).await;
+                        self.send_to(d, peer.endpoint()).await;
                         result = t.tunn.decapsulate(None, &[], out);
                         continue;
                     }
                     TunnResult::WriteToTunnelV4(p, src) => {
-                        if src != from || !is_sealed_vxlan(p, src, self.me) {
+                        if src != peer.address || !is_sealed_vxlan(p, src, self.me) {
                             self.dropped.wrong_inner.fetch_add(1, Ordering::Relaxed);
                         } else {
                             self.opened.fetch_add(1, Ordering::Relaxed);
@@ -816,7 +843,7 @@ impl Sealer {
                     TunnResult::WriteToTunnelV6(..) => {
                         self.dropped.wrong_inner.fetch_add(1, Ordering::Relaxed);
                     }
-                    TunnResult::Err(e) => self.count_refused(name, e),
+                    TunnResult::Err(e) => self.count_refused(&peer.name, e),
                     TunnResult::Done => {}
                 }
                 break;
@@ -885,19 +912,20 @@ impl Sealer {
         let mut out = vec![0u8; 256];
         loop {
             tokio::time::sleep(TICK).await;
-            for (addr, peer) in self.all_peers() {
+            for (_, peer) in self.all_peers() {
+                let to = peer.endpoint();
                 let mut st = peer.state.lock().await;
                 let their_next = st.theirs.get(1).copied();
                 for t in st.tunnels.iter_mut() {
                     if let TunnResult::WriteToNetwork(d) = t.tunn.update_timers(&mut out) {
-                        self.send_to(d, addr).await;
+                        self.send_to(d, to).await;
                     }
                     let greet = std::mem::take(&mut t.greet);
                     if (greet || Some(t.theirs) == their_next) && !t.live() {
                         if let TunnResult::WriteToNetwork(d) =
                             t.tunn.format_handshake_initiation(&mut out, false)
                         {
-                            self.send_to(d, addr).await;
+                            self.send_to(d, to).await;
                         }
                     }
                 }
@@ -1002,6 +1030,7 @@ impl Sealer {
             peers.push(PeerStatus {
                 node: p.name.clone(),
                 address,
+                port: p.port.load(Ordering::Relaxed),
                 last_handshake_s: stats
                     .iter()
                     .filter_map(|s| s.0)
