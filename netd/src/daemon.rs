@@ -109,8 +109,9 @@ pub struct DaemonArgs {
     /// (`DIR/NODE/wireguard.key`, readable by root only).
     #[arg(long, default_value = "/var/lib/netd")]
     pub state_dir: PathBuf,
-    /// MTU of the underlay; overlays get 50 bytes less for the VXLAN header. At least
-    /// 118, so that an overlay keeps IPv4's minimum of 68 bytes (and a TCP MSS above 0).
+    /// MTU of the underlay; overlays get 50 bytes less for the VXLAN header, encrypted
+    /// ones 110 (WireGuard's 60 more). At least 118, so that an overlay keeps IPv4's
+    /// minimum of 68 bytes (and a TCP MSS above 0); encrypted overlays need 178.
     #[arg(
         long,
         default_value_t = 1500,
@@ -744,6 +745,7 @@ async fn start_wireguard(
                 .into(),
         ));
     };
+    crate::wireguard::fits_underlay(args.underlay_mtu).map_err(give_up)?;
     let why = crate::wireguard::why_userspace().await;
     crate::wireguard::device::Sealer::start(
         key,

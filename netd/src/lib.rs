@@ -33,6 +33,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod state;
 pub mod store;
+pub mod supervise;
 pub mod tls;
 pub mod verify;
 pub mod view;

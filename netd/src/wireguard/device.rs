@@ -275,6 +275,8 @@ pub struct Status {
     /// in one VXLAN packet (Linux 6.17's UDP tunnel offload on a TAP device); false once
     /// the kernel refused one: then as UDP super-packets the kernel cuts.
     pub tcp_joins: bool,
+    /// Times one of its loops panicked and was started again (0 unless netd has a bug).
+    pub loop_restarts: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -336,6 +338,8 @@ pub struct Sealer {
     super_packets: bool,
     /// Packets read from `ndwg` that could not be cut ([`offload::Unpack`]).
     unsupported: AtomicU64,
+    /// Times one of its loops stopped (a panic) and was started again.
+    loop_restarts: Arc<AtomicU64>,
 }
 
 impl Sealer {
@@ -405,10 +409,25 @@ impl Sealer {
             tcp_joins: AtomicBool::new(true),
             super_packets,
             unsupported: AtomicU64::new(0),
+            loop_restarts: Arc::new(AtomicU64::new(0)),
         });
-        tokio::spawn(sealer.clone().outbound());
-        tokio::spawn(sealer.clone().inbound());
-        tokio::spawn(sealer.clone().timers());
+        // A loop that panics (a packet it mishandles) runs again: else that direction of
+        // every encrypted overlay would stop while the node goes on.
+        use crate::supervise::keep_running;
+        let (restarts, s) = (sealer.loop_restarts.clone(), sealer.clone());
+        keep_running(
+            "WireGuard's ndwg -> peers loop",
+            restarts.clone(),
+            move || s.clone().outbound(),
+        );
+        let s = sealer.clone();
+        keep_running(
+            "WireGuard's peers -> ndwg loop",
+            restarts.clone(),
+            move || s.clone().inbound(),
+        );
+        let s = sealer.clone();
+        keep_running("WireGuard's timers", restarts, move || s.clone().timers());
         Ok(sealer)
     }
 
@@ -1073,6 +1092,7 @@ impl Sealer {
             super_packets: self.super_packets,
             tcp_joins: self.tcp_joins.load(Ordering::Relaxed),
             udp_gso: self.gso.load(Ordering::Relaxed),
+            loop_restarts: self.loop_restarts.load(Ordering::Relaxed),
         }
     }
 }

@@ -91,9 +91,35 @@ pub fn overlay_mtu(underlay_mtu: u32) -> u32 {
     tunnel_mtu(underlay_mtu).saturating_sub(VXLAN_OVERHEAD)
 }
 
+/// Whether an encrypted overlay fits an underlay of `underlay_mtu`: its tasks must get
+/// IPv4's minimum of 68 bytes once WireGuard and VXLAN took theirs; else why not (the
+/// node then runs without encrypted overlays, and `netd status` says this).
+pub fn fits_underlay(underlay_mtu: u32) -> Result<(), String> {
+    const IPV4_MIN_MTU: u32 = 68;
+    let least = IPV4_MIN_MTU + OVERHEAD + VXLAN_OVERHEAD;
+    if underlay_mtu < least {
+        return Err(format!(
+            "--underlay-mtu {underlay_mtu} leaves an encrypted overlay {} bytes, less than \
+             IPv4's {IPV4_MIN_MTU}: encrypted overlays need an underlay MTU of at least {least}",
+            overlay_mtu(underlay_mtu)
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_underlay_too_small_for_an_encrypted_overlay_says_how_small() {
+        assert_eq!(fits_underlay(178), Ok(()));
+        assert_eq!(overlay_mtu(178), 68);
+        let e = fits_underlay(177).unwrap_err();
+        assert!(e.contains("leaves an encrypted overlay 67 bytes"), "{e}");
+        assert!(e.contains("at least 178"), "{e}");
+        assert!(fits_underlay(118).is_err());
+    }
 
     #[test]
     fn an_encrypted_overlay_leaves_room_for_both_headers() {
