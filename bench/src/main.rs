@@ -447,14 +447,22 @@ fn encrypted_reading(
         // At the CPU use the path had, 0.4× of the plain overlay's GB/s must cost at most
         // busy / GB/s per GB; the cipher's share of that is fixed.
         let allowed = e_busy / (0.4 * median(&plain.gbps) / 8.0) - c_cpu;
+        // The most the encrypted path could move at today's cost per GB with every CPU
+        // busy, against the plain overlay's median.
+        let ceiling = cpus / e_cpu.max(1e-9) * 8.0 / median(&plain.gbps).max(1e-9);
+        let budget = if allowed > 0.0 {
+            format!(
+                "0.4× would need everything but the cipher to cost at most {allowed:.2} \
+                 CPU·s per GB, {:.0} % of what it costs now ({:.2})",
+                100.0 * allowed / (e_cpu - c_cpu).max(1e-9),
+                e_cpu - c_cpu,
+            )
+        } else {
+            "0.4× is out of reach even if everything but the cipher cost nothing".into()
+        };
         format!(
-            "At the {e_busy:.2} CPUs it kept busy, 0.4× would need everything but the cipher \
-             to cost at most {allowed:.2} CPU·s per GB, {:.0} % of what it costs now \
-             ({:.2}); at today's cost with all {cpus:.0} CPUs busy all the time it would be \
-             {:.2}×.",
-            100.0 * allowed / (e_cpu - c_cpu).max(1e-9),
-            e_cpu - c_cpu,
-            ratio * cpus / e_busy.max(1e-9),
+            "At the {e_busy:.2} CPUs it kept busy, {budget}; at today's cost per GB with all \
+             {cpus:.0} CPUs busy all the time it could reach at most {ceiling:.2}×."
         )
     };
     // The same cipher, OpenSSL's code, packet by packet: what the path would cost with
@@ -471,7 +479,7 @@ fn encrypted_reading(
             )
         });
         let per_packet = format!(
-            " {version}'s ChaCha20-Poly1305 (AVX-512 code where the CPUs have it) {bulk}packet \
+            " {version}'s ChaCha20-Poly1305 {bulk}packet \
              by packet, as WireGuard's data messages need it (a nonce and a tag each), seals \
              the same packet in {:.0} ns and opens it in {:.0} ns, {:.2}× the time of \
              boringtun's (ring's code)",
@@ -482,7 +490,7 @@ fn encrypted_reading(
         if o_ns >= cipher_ns {
             format!(
                 "{per_packet}: what OpenSSL spends setting up each packet outweighs its faster \
-                 code, so no faster cipher is within reach."
+                 code, so OpenSSL offers no faster per-packet cipher here."
             )
         } else {
             let new_cpu = e_cpu - c_cpu + c_cpu * o_ns / cipher_ns;

@@ -102,7 +102,8 @@ pub struct DaemonArgs {
     /// UDP port of VXLAN.
     #[arg(long, default_value_t = 4789)]
     pub vxlan_port: u16,
-    /// UDP port of WireGuard between nodes, for encrypted overlays.
+    /// UDP port this node's WireGuard listens on, for encrypted overlays; published in
+    /// its node record, so the other nodes send there (nodes may use different ones).
     #[arg(long, default_value_t = crate::wireguard::DEFAULT_PORT)]
     pub wireguard_port: u16,
     /// Where the node keeps what must outlive a reboot: its WireGuard private key

@@ -299,6 +299,16 @@ impl Ruleset {
             .chain(&sealed)
             .map(|p| format!("udp dport {p} notrack"))
             .collect();
+        // What this node's WireGuard sends goes to each peer's own port (nodes may
+        // differ): untracked by the port it leaves from.
+        let raw_output: Vec<String> = raw
+            .iter()
+            .cloned()
+            .chain(
+                self.wireguard_port
+                    .map(|p| format!("udp sport {p} notrack")),
+            )
+            .collect();
         // What an encrypted overlay's VXLAN device sends goes into WireGuard, or nowhere:
         // without a running WireGuard (it failed at this start) it is dropped, never
         // sent in the clear.
@@ -349,7 +359,7 @@ impl Ruleset {
                 "filter hook prerouting priority raw",
                 &raw,
             ),
-            ("raw_output", "filter hook output priority raw", &raw),
+            ("raw_output", "filter hook output priority raw", &raw_output),
             ("route_output", "route hook output priority mangle", &route),
             ("input", "filter hook input priority filter", &input),
         ];
@@ -1042,6 +1052,8 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("udp dport 51821 notrack"), "{s}");
+        // Sent to a peer's port, which may be another: untracked by the port it leaves.
+        assert!(s.contains("udp sport 51821 notrack"), "{s}");
         // Without a running WireGuard: dropped on the way out, still only from ndwg in.
         r.wireguard_port = None;
         let s = r.render();

@@ -533,7 +533,7 @@ fn an_encrypted_overlay_follows_the_underlay_mtu_for_udp_and_tcp() -> Result<()>
     }
     let large = get_with_marker(&client, to, "netd-sealed-mtu", 1_000_000)?;
     assert!(large.len() > 1_000_000, "{} bytes", large.len());
-    // It went sealed (1 MB is at least 820 segments of 1218 bytes; 750 leaves room
+    // It went sealed (1 MB is at least 808 segments of 1238 bytes; 750 leaves room
     // for other TCP options), and neither node refused anything (a packet cut short or
     // too big).
     let (sealed, opened) = (counter(&lab, 1, "sealed")?, counter(&lab, 0, "opened")?);

@@ -204,8 +204,12 @@ impl PartialEq<Vec<usize>> for Candidates {
     }
 }
 
-/// The first byte of a WireGuard transport data message (its type, 4, little-endian).
-const DATA_MESSAGE: u8 = 4;
+/// Whether WireGuard message `m` is a transport data message holding a packet (type 4,
+/// little-endian, in its first byte; more than the 32 bytes of header and tag, which
+/// alone are a keepalive).
+fn is_data(m: &[u8]) -> bool {
+    m.first() == Some(&4) && m.len() > 32
+}
 
 /// The receiver index of a WireGuard message (little-endian, after the 4-byte type):
 /// at bytes 8..12 of a handshake response (behind the sender's), at 4..8 of a cookie
@@ -716,7 +720,7 @@ impl Sealer {
                 TunnResult::WriteToNetwork(d) => {
                     // A data message holds the packet (else a handshake initiation
                     // goes first and the tunnel queued the packet behind it).
-                    if d.first() == Some(&DATA_MESSAGE) {
+                    if is_data(d) {
                         self.sealed.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(d.len())
@@ -803,16 +807,17 @@ impl Sealer {
         // All of a read is from one peer: its state is locked once for it.
         let mut st = peer.state.lock().await;
         for datagram in data.chunks(segment.unwrap_or(data.len()).max(1)) {
-            self.open(&mut st, &peer, datagram, out, joined).await;
+            self.open(&mut st, &peer, from, datagram, out, joined).await;
         }
     }
 
-    /// Opens one datagram from `peer` (its state `st`): what it holds joins `joined`, an
-    /// answer it asks for (a handshake's) is sent.
+    /// Opens one datagram from `peer` (its state `st`), sent from `from`: what it holds
+    /// joins `joined`, an answer it asks for (a handshake's) is sent back there.
     async fn open(
         &self,
         st: &mut PeerState,
         peer: &Peer,
+        from: SocketAddrV4,
         datagram: &[u8],
         out: &mut [u8],
         joined: &mut offload::Coalescer,
@@ -837,11 +842,17 @@ impl Sealer {
             {
                 continue;
             }
-            // A handshake answered: what was queued behind it goes too.
+            // A handshake answered: what was queued behind it goes too. Both go where the
+            // handshake came from (authenticated: WireGuard's own rule), which is the
+            // peer's port even before its new node record (a restart on another port)
+            // reaches this node.
             loop {
                 match result {
                     TunnResult::WriteToNetwork(d) => {
-                        self.send_to(d, peer.endpoint()).await;
+                        if is_data(d) {
+                            self.sealed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.send_to(d, from).await;
                         result = t.tunn.decapsulate(None, &[], out);
                         continue;
                     }
@@ -1240,6 +1251,17 @@ mod tests {
         assert_eq!(receiver_index(&m), Some(0x00ab_cd01));
         assert_eq!(receiver_index(&m[..6]), None, "cut short");
         assert_eq!(receiver_index(&[]), None);
+    }
+
+    #[test]
+    fn only_a_data_message_with_a_packet_counts_as_sealed() {
+        let mut m = vec![0u8; 33];
+        m[0] = 4;
+        assert!(is_data(&m));
+        assert!(!is_data(&m[..32]), "a keepalive: header and tag alone");
+        m[0] = 1;
+        assert!(!is_data(&m), "a handshake initiation");
+        assert!(!is_data(&[]));
     }
 
     fn tunnel(mine: &NodeKey, theirs: &NodeKey, base: u32) -> Tunnel {

@@ -25,8 +25,9 @@ pub const IFNAME: &str = "ndwg";
 /// The UDP port the encrypted overlays' VXLAN devices use (the plain ones use
 /// `--vxlan-port`, 4789): only ever seen inside `ndwg`.
 pub const SEALED_VXLAN_PORT: u16 = 4790;
-/// The UDP port nodes exchange WireGuard messages on (one above WireGuard's own
-/// default, which a host may use for its own tunnels).
+/// The default of `--wireguard-port`, the UDP port a node takes WireGuard messages on
+/// (one above WireGuard's own default, which a host may use for its own tunnels); each
+/// node publishes its own in its node record.
 pub const DEFAULT_PORT: u16 = 51821;
 /// The mark netd's node firewall puts on what the encrypted overlays' VXLAN devices
 /// send ("nw" and 1), and the routing table ("nw") that mark looks up: its one route
