@@ -23,9 +23,9 @@ pub const TOTAL_BUDGET: Duration = Duration::from_secs(3);
 /// Docker forwards to at most 3 servers.
 pub const MAX_SERVERS: usize = 3;
 /// How long a query over UDP waits for its answer before it goes again (at most half
-/// its server's share of the budget): one datagram lost on the way (a neighbour still being
-/// resolved, a port of the path just coming up) must not make the answer SERVFAIL, as
-/// a stub resolver also asks again.
+/// its server's share of the budget): one datagram lost on the way (a neighbour still
+/// being resolved, a port of the path just coming up) must not make the answer
+/// SERVFAIL, as a stub resolver also asks again.
 pub const RESEND_AFTER: Duration = Duration::from_secs(1);
 
 /// The node's resolver settings, as read from resolv.conf.

@@ -775,9 +775,7 @@ impl XdpMesh {
 
     /// Whether the program runs on an interface now (the last sync attached it).
     pub fn attached(&self) -> bool {
-        self.lock()
-            .map(|i| i.loaded.is_some() && i.mode.is_some() && i.error.is_none())
-            .unwrap_or(false)
+        self.running_on().is_some()
     }
 
     pub fn status(&self) -> Value {
